@@ -1,0 +1,138 @@
+"""The built-in synthetic dataset: texture classes told apart only by co-occurrences.
+
+Every image is a grid of cells. Each cell shows a stripe pattern of one of ``K``
+orientations plus a constant colour from a ``K``-colour palette, both zero-mean. A class
+is a pairing of orientations with colours (a permutation): in a class-``k`` image, a cell
+with orientation ``o`` has colour ``pi_k(o)`` (with probability ``1 - cell_noise``).
+Orientations are drawn uniformly, so every class has the same orientation histogram and
+the same colour histogram: first-order statistics are shared. Only which orientation
+co-occurs with which colour at the same place tells the classes apart, which is what a
+bilinear (second-order) descriptor captures and an average-pooled one mostly misses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+
+class SyntheticDataset(Dataset):
+    """In-memory, seeded texture dataset; no download and nothing written to disk.
+
+    Args:
+        root: Ignored (accepted so every dataset takes the same arguments).
+        split: ``train``, ``val``, ``trainval`` or ``test``. ``train`` and ``val`` are a
+            deterministic partition of ``trainval``; ``test`` is drawn independently.
+        transform: Ignored: images are generated as normalized tensors, and flips would
+            change stripe orientations and hence labels.
+        num_classes: Number of pairings (at most ``num_textons!``).
+        num_textons: Orientations and colours in the palette (``K``).
+        image_size: Side of the square images in pixels; a multiple of ``cell_size``.
+        cell_size: Side of one cell in pixels.
+        trainval_size: Images in ``trainval``.
+        test_size: Images in ``test``.
+        val_fraction: Part of ``trainval`` held out as ``val``.
+        val_seed: Seed of the train/val partition.
+        cell_noise: Probability that a cell's colour is drawn at random instead.
+        pixel_noise: Standard deviation of the Gaussian noise added to every pixel.
+        seed: Seed of the palette, the classes and the images.
+
+    Items are ``(image, label)`` with ``image`` a float32 tensor (3, S, S).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        split: str = "train",
+        transform: Any = None,
+        num_classes: int = 12,
+        num_textons: int = 4,
+        image_size: int = 32,
+        cell_size: int = 8,
+        trainval_size: int = 2400,
+        test_size: int = 1200,
+        val_fraction: float = 0.2,
+        val_seed: int = 0,
+        cell_noise: float = 0.1,
+        pixel_noise: float = 0.3,
+        seed: int = 0,
+    ) -> None:
+        if num_classes > math.factorial(num_textons):
+            raise ValueError(
+                f"synthetic: num_classes={num_classes} exceeds num_textons!="
+                f"{math.factorial(num_textons)} distinct pairings; raise dataset.num_textons"
+            )
+        if image_size % cell_size:
+            raise ValueError(
+                f"synthetic: image_size={image_size} must be a multiple of cell_size={cell_size}"
+            )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"synthetic: val_fraction must be in [0, 1), got {val_fraction}")
+        self.split = split
+        gen = torch.Generator().manual_seed(seed)
+        perms = list(itertools.permutations(range(num_textons)))
+        chosen = torch.randperm(len(perms), generator=gen)[:num_classes]
+        self.pairings = torch.tensor([perms[i] for i in chosen.tolist()])  # (classes, K)
+        self.classes = ["pairing_" + "".join(map(str, p)) for p in self.pairings.tolist()]
+        palette = torch.randn(num_textons, 3, generator=gen)
+        palette = palette - palette.mean(0)  # the palette's mean colour is grey
+        self.palette = palette / palette.norm(dim=1, keepdim=True)
+        yy, xx = torch.meshgrid(
+            torch.arange(cell_size, dtype=torch.float32),
+            torch.arange(cell_size, dtype=torch.float32),
+            indexing="ij",
+        )
+        angles = [math.pi * k / num_textons for k in range(num_textons)]
+        self.stripes = torch.stack(
+            [torch.cos(math.pi / 2 * (xx * math.cos(a) + yy * math.sin(a))) for a in angles]
+        )  # (K, cell, cell), period of 4 pixels
+        self._cfg = dict(
+            image_size=image_size,
+            cell_size=cell_size,
+            cell_noise=cell_noise,
+            pixel_noise=pixel_noise,
+        )
+
+        if split == "test":
+            images, labels = self._generate(test_size, seed * 1000 + 2)
+        else:
+            images, labels = self._generate(trainval_size, seed * 1000 + 1)
+            order = torch.randperm(trainval_size, generator=torch.Generator().manual_seed(val_seed))
+            n_val = round(val_fraction * trainval_size)
+            if split == "val":
+                keep = order[:n_val]
+            elif split == "train":
+                keep = order[n_val:]
+            elif split == "trainval":
+                keep = torch.arange(trainval_size)
+            else:
+                raise ValueError(f"synthetic: unknown split {split!r}")
+            images, labels = images[keep], labels[keep]
+        self.images = images
+        self.targets = labels.tolist()
+
+    def _generate(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        size, cell = self._cfg["image_size"], self._cfg["cell_size"]
+        gen = torch.Generator().manual_seed(seed)
+        k = self.palette.shape[0]
+        grid = size // cell
+        labels = torch.randint(len(self.classes), (n,), generator=gen)
+        orient = torch.randint(k, (n, grid, grid), generator=gen)
+        colour = self.pairings[labels][torch.arange(n)[:, None, None], orient]
+        noisy = torch.rand(n, grid, grid, generator=gen) < self._cfg["cell_noise"]
+        colour = torch.where(noisy, torch.randint(k, (n, grid, grid), generator=gen), colour)
+        # (n, g, g, 1, cell, cell) + (n, g, g, 3, 1, 1) -> (n, 3, g*cell, g*cell)
+        cells = self.stripes[orient][:, :, :, None] + self.palette[colour][..., None, None]
+        images = cells.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, size, size)
+        images = images + self._cfg["pixel_noise"] * torch.randn(images.shape, generator=gen)
+        return images.contiguous(), labels
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.targets[index]

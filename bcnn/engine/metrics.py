@@ -1,0 +1,42 @@
+"""Classification metrics accumulated over batches."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ConfusionMeter:
+    """Accumulates a confusion matrix; gives top-1 and mean per-class accuracy.
+
+    Args:
+        num_classes: Number of classes.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Adds a batch: logits (B, num_classes), integer targets (B,)."""
+        pred = logits.argmax(dim=1).cpu()
+        idx = targets.cpu() * self.num_classes + pred
+        self.matrix += torch.bincount(idx, minlength=self.num_classes**2).view_as(self.matrix)
+
+    @property
+    def count(self) -> int:
+        """Number of samples seen."""
+        return int(self.matrix.sum())
+
+    def accuracy(self) -> float:
+        """Top-1 accuracy in percent (NaN before any update)."""
+        n = self.count
+        return float(self.matrix.diag().sum()) * 100.0 / n if n else float("nan")
+
+    def mean_class_accuracy(self) -> float:
+        """Mean over the classes present of per-class accuracy, in percent."""
+        per_class = self.matrix.sum(dim=1)
+        present = per_class > 0
+        if not present.any():
+            return float("nan")
+        acc = self.matrix.diag()[present].double() / per_class[present].double()
+        return float(acc.mean()) * 100.0

@@ -1,0 +1,49 @@
+"""A small CNN for tests, smoke runs and the built-in synthetic dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from bcnn.data.spec import InputSpec
+from bcnn.models.backbones.base import Backbone
+
+
+class SmallCNN(Backbone):
+    """Stack of 3x3 conv + ReLU blocks, max-pooling between blocks, any input size.
+
+    With ``channels=(32, 64)`` a 32x32 image gives a (B, 64, 16, 16) map (one pooling
+    per block except the last). Randomly initialized; there are no pretrained weights.
+
+    Args:
+        channels: Output channels of each block.
+        in_chans: Input channels.
+        batch_norm: Insert BatchNorm after each convolution.
+    """
+
+    def __init__(
+        self, channels: Sequence[int] = (32, 64), in_chans: int = 3, batch_norm: bool = False
+    ) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("SmallCNN: backbone.channels must name at least one block")
+        layers: list[nn.Module] = []
+        prev = in_chans
+        for i, ch in enumerate(channels):
+            if i > 0:
+                layers.append(nn.MaxPool2d(2))
+            layers.append(nn.Conv2d(prev, ch, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(ch))
+            layers.append(nn.ReLU(inplace=True))
+            prev = ch
+        self.features = nn.Sequential(*layers)
+        self.out_channels = int(channels[-1])
+        # The synthetic data is generated already standardized: identity normalization.
+        self.input_spec = InputSpec(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Maps images (B, in_chans, H, W) to features (B, C, H / 2^(k-1), W / 2^(k-1))."""
+        return self.features(x)

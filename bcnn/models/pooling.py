@@ -1,0 +1,313 @@
+"""Pooling heads: feature map(s) (B, C, H, W) -> (B, d, d) matrix or (B, D) vector.
+
+Every head takes ``in_channels`` from ``build_model`` (the backbone's ``out_channels``: an
+int, or a pair for two-stream backbones) and an optional 1x1 projection applied to each
+stream first (``proj_dim``; DenseNet-201's 1920 channels -> 128 in the public code):
+
+=============  ===========  ==================================================  ===========
+head           output       what                                                two streams
+=============  ===========  ==================================================  ===========
+``avg``        (B, C)       mean feature (first-order baseline)                 concatenated
+``sum``        (B, d, d)    (1/n) sum_x x x^T (B-CNN)                           x_a x_b^T
+``democratic`` (B, d, d)    sum_x alpha_x x x^T, gamma-democratic (ECCV 2018)   error
+``spectral``   (B, d, d)    ((1/n) sum_x x x^T + eps I)^p                       error
+``compact``    (B, D)       Tensor Sketch / Random Maclaurin of the sum (CVPR16) two-input
+=============  ===========  ==================================================  ===========
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from bcnn.models.normalization import MatrixPower
+from bcnn.ops import RandomMaclaurin, TensorSketch, democratic_pool
+
+Features = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+def _as_streams(in_channels: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(in_channels, Sequence):
+        streams = tuple(int(c) for c in in_channels)
+        if len(streams) not in (1, 2):
+            raise ValueError(f"pooling: expected 1 or 2 streams, got in_channels={in_channels}")
+        return streams
+    return (int(in_channels),)
+
+
+def locations(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, n, C) with n = H W, the layout of ``bcnn.ops``."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class Projection(nn.Sequential):
+    """1x1 convolution without bias (+ BatchNorm, + ReLU): (B, C, H, W) -> (B, k, H, W).
+
+    Args:
+        in_channels: C.
+        out_channels: k.
+        bn: Append BatchNorm2d.
+        relu: Append ReLU (after the BatchNorm).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bn: bool = False, relu: bool = False):
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 1, bias=False)]
+        if bn:
+            layers.append(nn.BatchNorm2d(out_channels))
+        if relu:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class PoolingHead(nn.Module):
+    """Base of the pooling heads.
+
+    Subclasses set ``is_matrix`` (output (B, d1, d2) when True, (B, D) otherwise) and
+    ``out_dim``: d for symmetric (B, d, d) matrices, the pair (d_a, d_b) for two-stream
+    x_a x_b^T, D for vectors. ``two_streams_ok`` says whether the head accepts the pair of
+    maps of a two-stream backbone.
+
+    Args:
+        in_channels: Channels of the backbone's map, or a pair for two streams.
+        proj_dim: Output channels of an optional 1x1 projection of each stream (None: no
+            projection).
+        proj_bn: BatchNorm after the projection.
+        proj_relu: ReLU after the projection (and BatchNorm).
+        proj_lr_scale: Learning rate of the projection relative to the head's learning
+            rate (its own optimizer group, see ``BilinearModel.param_groups``).
+    """
+
+    is_matrix: bool
+    out_dim: int | tuple[int, int]
+    two_streams_ok: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        in_channels: int | Sequence[int],
+        proj_dim: int | None = None,
+        proj_bn: bool = False,
+        proj_relu: bool = False,
+        proj_lr_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        streams = _as_streams(in_channels)
+        if len(streams) == 2 and not self.two_streams_ok:
+            raise ValueError(
+                f"{type(self).__name__} does not combine two feature maps (two-stream "
+                "backbone such as vgg_dm); use pooling=sum, compact or avg"
+            )
+        if proj_lr_scale < 0:
+            raise ValueError(f"pooling.proj_lr_scale must be >= 0, got {proj_lr_scale}")
+        self.proj: nn.ModuleList | None = None
+        if proj_dim:
+            self.proj = nn.ModuleList(
+                Projection(c, int(proj_dim), proj_bn, proj_relu) for c in streams
+            )
+            streams = (int(proj_dim),) * len(streams)
+        self.channels = streams
+        self.proj_lr_scale = float(proj_lr_scale)
+
+    def streams(self, x: Features) -> list[torch.Tensor]:
+        """The input map(s) as a list, projected when the head has a projection."""
+        xs = list(x) if isinstance(x, (tuple, list)) else [x]
+        if len(xs) != len(self.channels):
+            raise ValueError(
+                f"{type(self).__name__} was built for {len(self.channels)} feature map(s) "
+                f"but got {len(xs)}"
+            )
+        if self.proj is not None:
+            xs = [p(t) for p, t in zip(self.proj, xs, strict=True)]
+        return xs
+
+    def projection_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the 1x1 projection (empty without one)."""
+        return [] if self.proj is None else list(self.proj.parameters())
+
+
+class AvgPool(PoolingHead):
+    """First-order baseline: the mean feature over locations, (B, C, H, W) -> (B, C).
+
+    Two streams give the concatenation of both means, (B, C_a + C_b).
+    """
+
+    is_matrix = False
+    two_streams_ok = True
+
+    def __init__(self, in_channels: int | Sequence[int], **proj) -> None:
+        super().__init__(in_channels, **proj)
+        self.out_dim = sum(self.channels)
+
+    def forward(self, x: Features) -> torch.Tensor:
+        """(B, C, H, W) or a pair -> (B, out_dim)."""
+        return torch.cat([t.mean(dim=(2, 3)) for t in self.streams(x)], dim=1)
+
+
+def bilinear(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """(1/n) sum_x a_x b_x^T over the n = H W locations, in float32 (float64 stays).
+
+    Args:
+        a: (B, C_a, H, W).
+        b: (B, C_b, H, W), or None for a itself.
+
+    Returns:
+        (B, C_a, C_b). Accumulated in float32 even under autocast: the result feeds matrix
+        functions, and the sum of n squared activations overflows float16.
+    """
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        fa = a.flatten(2)
+        if fa.dtype not in (torch.float32, torch.float64):
+            fa = fa.float()
+        if b is None:
+            fb = fa
+        else:
+            if b.shape[2:] != a.shape[2:]:
+                raise ValueError(
+                    f"bilinear pooling of two streams needs equal spatial sizes, got "
+                    f"{tuple(a.shape[2:])} and {tuple(b.shape[2:])}"
+                )
+            fb = b.flatten(2).to(fa.dtype)
+        return fa @ fb.transpose(1, 2) / fa.shape[-1]
+
+
+class BilinearPool(PoolingHead):
+    """Sum (bilinear) pooling: A = (1/n) sum_x x x^T over the n = H W locations.
+
+    Two streams give the asymmetric x_a x_b^T (B, C_a, C_b) of B-CNN [D, M]; ``out_dim`` is
+    then the pair (C_a, C_b). Output float32 (float64 for float64 features).
+    """
+
+    is_matrix = True
+    two_streams_ok = True
+
+    def __init__(self, in_channels: int | Sequence[int], **proj) -> None:
+        super().__init__(in_channels, **proj)
+        self.out_dim = self.channels[0] if len(self.channels) == 1 else self.channels
+
+    def forward(self, x: Features) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, C); a pair -> (B, C_a, C_b)."""
+        return bilinear(*self.streams(x))
+
+
+class DemocraticPool(PoolingHead):
+    """gamma-democratic aggregation (Lin et al., ECCV 2018): A = sum_x alpha_x x x^T.
+
+    The weights equalize each location's contribution to the second-order kernel (see
+    ``bcnn.ops.democratic_pool``); normalized by sum alpha so that gamma = 1 is ``sum``.
+
+    Args:
+        in_channels: C (one stream).
+        gamma: 1 = sum pooling, 0 = fully democratic (CUB/Cars 0.5, Aircraft 0.0).
+        tau: Damping of the Sinkhorn updates.
+        iters: Sinkhorn iterations (10 in the paper).
+        detach: No gradient through the weights (the authors' code).
+        **proj: Projection options of ``PoolingHead``.
+    """
+
+    is_matrix = True
+
+    def __init__(
+        self,
+        in_channels: int | Sequence[int],
+        gamma: float = 0.5,
+        tau: float = 0.5,
+        iters: int = 10,
+        detach: bool = False,
+        **proj,
+    ) -> None:
+        super().__init__(in_channels, **proj)
+        self.gamma, self.tau, self.iters, self.detach = float(gamma), float(tau), int(iters), detach
+        self.out_dim = self.channels[0]
+
+    def forward(self, x: Features) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, C), float32."""
+        (t,) = self.streams(x)
+        return democratic_pool(
+            locations(t), gamma=self.gamma, tau=self.tau, iters=self.iters, detach=self.detach
+        )
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, tau={self.tau}, iters={self.iters}, detach={self.detach}"
+
+
+class SpectralPool(PoolingHead):
+    """Sum pooling followed by a matrix power: (A + eps I)^p, A = (1/n) sum_x x x^T.
+
+    p = 0.5 goes through ``bcnn.ops.sqrtm`` (``method``, ``iters``, ``backward``), other p
+    through ``bcnn.ops.powm`` (ECCV 2018's best p: 0.3 to 0.7 per dataset).
+
+    Args:
+        in_channels: C (one stream).
+        p: Exponent in (0, 1].
+        method, iters, backward: ``sqrtm`` options for p = 0.5.
+        eps, eps_mode: Ridge added before the power (see ``bcnn.models.normalization``).
+        **proj: Projection options of ``PoolingHead``.
+    """
+
+    is_matrix = True
+
+    def __init__(
+        self,
+        in_channels: int | Sequence[int],
+        p: float = 0.5,
+        method: str = "newton_schulz",
+        iters: int = 5,
+        backward: str = "auto",
+        eps: float = 1e-4,
+        eps_mode: str = "trace",
+        **proj,
+    ) -> None:
+        super().__init__(in_channels, **proj)
+        self.power = MatrixPower(
+            p=p, method=method, iters=iters, backward=backward, eps=eps, eps_mode=eps_mode
+        )
+        self.out_dim = self.channels[0]
+
+    def forward(self, x: Features) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, C), float32."""
+        (t,) = self.streams(x)
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            return self.power(bilinear(t))
+
+
+COMPACT_KINDS = {"tensor_sketch": TensorSketch, "random_maclaurin": RandomMaclaurin}
+
+
+class CompactPool(PoolingHead):
+    """Compact bilinear pooling (Gao et al., CVPR 2016): (B, C, H, W) -> (B, out_dim).
+
+    A random feature map of the averaged outer product whose inner products approximate
+    those of the full (1/n) sum_x x x^T (two streams: of x_a x_b^T).
+
+    Args:
+        in_channels: C, or (C_a, C_b) for two streams.
+        kind: ``tensor_sketch`` (count sketches + FFT) or ``random_maclaurin``.
+        out_dim: Output dimension (8192 in the paper).
+        seed: Seed of the random projections (buffers, saved in the state dict).
+        **proj: Projection options of ``PoolingHead``.
+    """
+
+    is_matrix = False
+    two_streams_ok = True
+
+    def __init__(
+        self,
+        in_channels: int | Sequence[int],
+        kind: str = "tensor_sketch",
+        out_dim: int = 8192,
+        seed: int = 0,
+        **proj,
+    ) -> None:
+        super().__init__(in_channels, **proj)
+        if kind not in COMPACT_KINDS:
+            raise ValueError(f"pooling.kind must be one of {sorted(COMPACT_KINDS)}, got {kind!r}")
+        c2 = self.channels[1] if len(self.channels) == 2 else None
+        self.sketch = COMPACT_KINDS[kind](self.channels[0], int(out_dim), int(seed), in_dim2=c2)
+        self.kind = kind
+        self.out_dim = int(out_dim)
+
+    def forward(self, x: Features) -> torch.Tensor:
+        """(B, C, H, W) or a pair -> (B, out_dim), float32."""
+        return self.sketch(*(locations(t) for t in self.streams(x)))

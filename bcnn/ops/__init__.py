@@ -1,0 +1,24 @@
+"""Differentiable matrix functions and pooling operators (no model code).
+
+Matrix functions take batched symmetric PSD matrices ``(..., d, d)`` and compute in float32
+(float64 for float64 inputs) whatever the autocast state. See ``docs/ops.md``.
+"""
+
+from bcnn.ops.compact import RandomMaclaurin, TensorSketch
+from bcnn.ops.democratic import democratic_pool, democratic_weights
+from bcnn.ops.elementwise import signed_sqrt
+from bcnn.ops.spectral import logm, powm
+from bcnn.ops.sqrtm import SQRTM_AUTO_TABLE, resolve_sqrtm, sqrtm
+
+__all__ = [
+    "SQRTM_AUTO_TABLE",
+    "RandomMaclaurin",
+    "TensorSketch",
+    "democratic_pool",
+    "democratic_weights",
+    "logm",
+    "powm",
+    "resolve_sqrtm",
+    "signed_sqrt",
+    "sqrtm",
+]
