@@ -32,7 +32,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, Dataset
 
-from bcnn.config import StageConfig, validate
+from bcnn.config import StageConfig, TrainConfig, validate
 from bcnn.engine.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
@@ -75,7 +75,8 @@ def _seed_everything(seed: int) -> None:
 
 
 def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any], path: Path) -> DictConfig:
-    saved = OmegaConf.create(ckpt["config"])
+    # Merged into the schema so the resumed config is typed exactly like a composed one.
+    saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
     with open_dict(saved):
         for key in RUNTIME_KEYS:
             saved.trainer[key] = cfg.trainer[key]

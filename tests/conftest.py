@@ -1,0 +1,42 @@
+"""Shared test helpers: composing configs and running train.py in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+import bcnn.config  # noqa: F401  (registers the schema)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def compose_config(overrides: Sequence[str] = (), output_dir: Path | None = None) -> DictConfig:
+    """Composes ``configs/train.yaml`` like ``train.py`` would, with ``overrides``."""
+    extra = [f"output_dir={output_dir}"] if output_dir is not None else []
+    with initialize_config_module("bcnn.configs", version_base="1.3"):
+        return compose("train", overrides=[*overrides, *extra])
+
+
+def run_train(
+    args: Sequence[str], cwd: Path = REPO_ROOT, timeout: float = 300, script: Sequence[str] = ()
+) -> subprocess.CompletedProcess:
+    """Runs ``python train.py *args`` (or ``script``) and captures its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    cmd = [*(script or [sys.executable, str(REPO_ROOT / "train.py")]), *args]
+    return subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def smoke_overrides() -> list[str]:
+    """Overrides that make a full two-stage run take a second or two."""
+    return ["trainer=smoke", "dataset.trainval_size=120", "dataset.test_size=60"]

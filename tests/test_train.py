@@ -1,0 +1,153 @@
+"""End-to-end training runs on the built-in dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcnn.engine import train
+from bcnn.engine.checkpoint import load_checkpoint
+from tests.conftest import REPO_ROOT, compose_config, run_train
+
+RESULT_KEYS = {"test_acc", "test_mean_class_acc", "val_acc", "val_mean_class_acc"}
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_bilinear_beats_average_pooling_on_frozen_features(tmp_path: Path) -> None:
+    acc = {}
+    for pooling in ("avg", "sum"):
+        cfg = compose_config(
+            [f"pooling={pooling}", "trainer.stages=[linear]", "trainer.progress=false"],
+            tmp_path / pooling,
+        )
+        acc[pooling] = train(cfg)["test_acc"]
+    assert acc["sum"] >= acc["avg"] + 25, acc
+
+
+@pytest.mark.parametrize("stages", ["[linear]", "[finetune]", "[linear,finetune]"])
+def test_each_stage_setting_runs_and_writes_outputs(
+    stages: str, tmp_path: Path, smoke_overrides: list[str]
+) -> None:
+    results = train(compose_config([*smoke_overrides, f"trainer.stages={stages}"], tmp_path))
+    names = stages.strip("[]").split(",")
+    assert list(results["stages"]) == names
+    assert RESULT_KEYS <= results.keys()
+    for key in RESULT_KEYS:
+        assert 0.0 <= results[key] <= 100.0
+        assert all(0.0 <= results["stages"][n][key] <= 100.0 for n in names)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["test_acc"] == results["test_acc"]
+    rows = _rows(tmp_path)
+    epochs = {"linear": 2, "finetune": 1}
+    assert [r["stage"] for r in rows] == [n for n in names for _ in range(epochs[n])]
+    assert set(rows[0]) == {
+        "stage", "epoch", "lr", "train_loss", "train_acc", "val_acc",
+        "val_mean_class_acc", "seconds",
+    }  # fmt: skip
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "train.log").is_file()
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert last["stage_index"] == len(names) and last["config"]["trainer"]["stages"] == names
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "best_metric"):
+        assert key in best
+    assert best["optimizer"] is not None
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_linear_stage_freezes_the_backbone(tmp_path: Path, smoke_overrides: list[str]) -> None:
+    cfg = compose_config([*smoke_overrides, "trainer.stages=[linear]"], tmp_path)
+    torch.manual_seed(cfg.seed)
+    from bcnn.models import build_model
+
+    initial = build_model(cfg, 12).state_dict()
+    train(cfg)
+    trained = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    for key, value in initial.items():
+        if key.startswith("backbone."):
+            assert torch.equal(value, trained[key]), key
+    assert not torch.equal(initial["classifier.weight"], trained["classifier.weight"])
+
+
+def test_optimizer_options_and_flip_test(tmp_path: Path, smoke_overrides: list[str]) -> None:
+    overrides = [
+        *smoke_overrides,
+        "trainer.finetune.optimizer=adamw",
+        "trainer.finetune.lr=1e-3",
+        "trainer.finetune.backbone_lr=1e-4",
+        "trainer.finetune.grad_accum=2",
+        "trainer.finetune.schedule=step",
+        "trainer.finetune.step_size=1",
+        "trainer.linear.grad_clip=1.0",
+        "trainer.linear.schedule=constant",
+        "trainer.test_flip=true",
+        "trainer.precision=bf16",
+        "dataset.val_fraction=0",
+    ]
+    results = train(compose_config(overrides, tmp_path))
+    assert results["val_acc"] is None  # no validation split: trained on trainval
+    assert 0 <= results["test_acc"] <= 100
+    rows = _rows(tmp_path)
+    assert float(rows[0]["lr"]) == float(rows[1]["lr"]) == 10.0  # constant schedule
+
+
+def _strip(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k != "output_dir"}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_results(tmp_path: Path) -> None:
+    args = [
+        "trainer.linear.epochs=3",
+        "trainer.finetune.epochs=2",
+        "trainer.progress=false",
+        "dataset.trainval_size=400",
+        "dataset.test_size=100",
+    ]
+    reference = run_train([*args, f"hydra.run.dir={tmp_path / 'full'}"])
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    expected = json.loads((tmp_path / "full" / "results.json").read_text())
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "results.json").exists()
+
+    resumed = run_train(["trainer.progress=false", f"trainer.resume={run_dir}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = json.loads((run_dir / "results.json").read_text())
+    assert _strip(got) == _strip(expected)
+    assert _rows(run_dir) == [
+        {**r, "seconds": s["seconds"]}
+        for r, s in zip(_rows(tmp_path / "full"), _rows(run_dir), strict=True)
+    ]
+
+
+def test_resume_with_missing_checkpoint_fails_clearly(tmp_path: Path) -> None:
+    cfg = compose_config([f"trainer.resume={tmp_path / 'nowhere'}"], tmp_path)
+    with pytest.raises(FileNotFoundError, match="checkpoints/last.pt"):
+        train(cfg)
