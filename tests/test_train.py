@@ -45,7 +45,7 @@ def test_each_stage_setting_runs_and_writes_outputs(
     results = train(compose_config([*smoke_overrides, f"trainer.stages={stages}"], tmp_path))
     names = stages.strip("[]").split(",")
     assert list(results["stages"]) == names
-    assert RESULT_KEYS <= results.keys()
+    assert results.keys() >= RESULT_KEYS
     for key in RESULT_KEYS:
         assert 0.0 <= results[key] <= 100.0
         assert all(0.0 <= results["stages"][n][key] <= 100.0 for n in names)
@@ -149,5 +149,5 @@ def test_killed_run_resumes_to_the_same_results(tmp_path: Path) -> None:
 
 def test_resume_with_missing_checkpoint_fails_clearly(tmp_path: Path) -> None:
     cfg = compose_config([f"trainer.resume={tmp_path / 'nowhere'}"], tmp_path)
-    with pytest.raises(FileNotFoundError, match="checkpoints/last.pt"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoints/last\.pt"):
         train(cfg)
