@@ -79,6 +79,11 @@ class TrainerConfig:
     resume: str | None = None
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
+    channels_last: bool = False
+    compile: bool = False
+    cache_features: str = "auto"
+    cache_dir: str | None = None
+    cache_dtype: str = "float32"
 
     def validate(self) -> None:
         """Raises ValueError naming ``trainer.<key>`` for out-of-range values."""
@@ -101,6 +106,16 @@ class TrainerConfig:
             f"use auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
         _check(self.num_workers >= 0, "trainer.num_workers", "must be >= 0")
+        _check(
+            self.cache_features.lower() in ("true", "false", "auto"),
+            "trainer.cache_features",
+            f"use true, false or auto, got {self.cache_features!r}",
+        )
+        _check(
+            self.cache_dtype in ("float32", "float16"),
+            "trainer.cache_dtype",
+            "use float32 or float16",
+        )
         for key in ("eval_batch_size", "limit_train_batches", "limit_eval_batches"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"trainer.{key}", "must be >= 1 or null")

@@ -33,10 +33,21 @@ def _limited(loader: Iterable, limit: int | None) -> tuple[Iterable, int]:
 
 @dataclass
 class EpochStats:
-    """Mean training loss and accuracy (percent) of one epoch."""
+    """Sums over the batches of one training epoch (summable across processes)."""
 
-    loss: float
-    acc: float
+    loss_sum: float
+    correct: int
+    seen: int
+
+    @property
+    def loss(self) -> float:
+        """Mean loss per image (NaN when no image was seen)."""
+        return self.loss_sum / self.seen if self.seen else math.nan
+
+    @property
+    def acc(self) -> float:
+        """Top-1 accuracy in percent (NaN when no image was seen)."""
+        return 100.0 * self.correct / self.seen if self.seen else math.nan
 
 
 def train_one_epoch(
@@ -70,11 +81,11 @@ def train_one_epoch(
         desc: The bar's label.
 
     Returns:
-        The epoch's mean loss and top-1 accuracy.
+        The epoch's summed loss, correct predictions and images seen.
     """
     model.train()
     if frozen_backbone:
-        model.backbone.eval()
+        getattr(model, "module", model).backbone.eval()
     batches, total = _limited(loader, limit)
     loss_sum, correct, seen = 0.0, 0, 0
     optimizer.zero_grad(set_to_none=True)
@@ -85,8 +96,12 @@ def train_one_epoch(
         with autocast(device, precision):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels)
-        scaler.scale(loss / grad_accum).backward()
-        if (step + 1) % grad_accum == 0 or step + 1 == total:
+        sync = (step + 1) % grad_accum == 0 or step + 1 == total
+        # Under DistributedDataParallel, gradients are all-reduced only on the last
+        # micro-batch of an accumulation.
+        with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
+            scaler.scale(loss / grad_accum).backward()
+        if sync:
             if grad_clip is not None:
                 scaler.unscale_(optimizer)
                 params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -100,9 +115,7 @@ def train_one_epoch(
         seen += n
         if progress:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-    if seen == 0:
-        return EpochStats(math.nan, math.nan)
-    return EpochStats(loss_sum / seen, 100.0 * correct / seen)
+    return EpochStats(loss_sum, correct, seen)
 
 
 @torch.no_grad()

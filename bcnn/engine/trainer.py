@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from bcnn.config import StageConfig, TrainConfig, validate
+from bcnn.engine import distributed as D
+from bcnn.engine.cache import CachedViews, ViewAverage, build_cache
 from bcnn.engine.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
@@ -62,10 +67,13 @@ def _output_dir(cfg: DictConfig) -> Path:
     )
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, env: D.DistEnv) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and env.enabled:
+        return torch.device("cuda", env.local_rank)
+    return device
 
 
 def _seed_everything(seed: int) -> None:
@@ -126,72 +134,164 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         path = resolve_checkpoint(cfg.trainer.resume)
         ckpt = load_checkpoint(path)
         cfg = _resumed_config(cfg, ckpt, path)
-    output_dir = _output_dir(cfg)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    file_log = _FileLog(output_dir)
+    env = D.init()
+    for name in cfg.trainer.stages:
+        if cfg.trainer[name].batch_size % env.world_size:
+            raise ValueError(
+                f"Invalid config value for 'trainer.{name}.batch_size': the global batch "
+                f"{cfg.trainer[name].batch_size} must be divisible by the {env.world_size} "
+                "processes"
+            )
+    # Every process writes into rank 0's directory (Hydra's ${now:...} may differ).
+    output_dir = Path(D.broadcast_object(str(_output_dir(cfg))))
+    file_log = None
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        file_log = _FileLog(output_dir)
     try:
-        return _Run(cfg, output_dir, ckpt).run()
+        return _Run(cfg, output_dir, ckpt, env).run()
     finally:
-        file_log.close()
+        if file_log is not None:
+            file_log.close()
 
 
 class _Run:
     """State of one run; ``run()`` executes it from the start or from a checkpoint."""
 
-    def __init__(self, cfg: DictConfig, output_dir: Path, ckpt: dict[str, Any] | None) -> None:
+    def __init__(
+        self, cfg: DictConfig, output_dir: Path, ckpt: dict[str, Any] | None, env: D.DistEnv
+    ) -> None:
         self.cfg = cfg
         self.out = output_dir
         self.ckpt = ckpt
+        self.env = env
         self.tcfg = cfg.trainer
-        self.device = _device(self.tcfg.device)
+        self.device = _device(self.tcfg.device, env)
         self.precision = str(self.tcfg.precision)
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
         self.history: list[dict[str, Any]] = []
         self.stage_results: dict[str, dict[str, Any]] = {}
+        self.logger = None
 
     # ---- set-up ---------------------------------------------------------------------
     def _datasets(self) -> dict[str, Dataset]:
         val_fraction = float(self.cfg.dataset.get("val_fraction", 0.0) or 0.0)
-        names = {"train": "train", "val": "val"} if val_fraction > 0 else {"train": "trainval"}
-        names["test"] = "test"
+        self.split_names = {"train": "train", "val": "val"} if val_fraction > 0 else {}
+        self.split_names.setdefault("train", "trainval")
+        self.split_names["test"] = "test"
         # Built before the model, without transforms: a missing or malformed dataset
         # fails here, before any weights are loaded.
         datasets = {
             role: instantiate(self.cfg.dataset, split=split, transform=None, _convert_="all")
-            for role, split in names.items()
+            for role, split in self.split_names.items()
         }
         for role, ds in datasets.items():
-            log.info("%s split (%s): %d images", role, names[role], len(ds))
+            split = self.split_names[role]
+            log.info("%s split (%s): %d images", role, split, len(ds))
             if len(ds) == 0 and role != "val":
-                raise ValueError(f"dataset split '{names[role]}' is empty ({self.cfg.dataset})")
-            if hasattr(ds, "write_samples"):
-                ds.write_samples(self.out / "splits" / f"{names[role]}.txt")
+                raise ValueError(f"dataset split '{split}' is empty ({self.cfg.dataset})")
+            if hasattr(ds, "write_samples") and self.env.is_main:
+                ds.write_samples(self.out / "splits" / f"{split}.txt")
         return datasets
+
+    def _recipe(self) -> dict[str, Any] | None:
+        recipe = self.cfg.dataset.get("transform")
+        return OmegaConf.to_container(recipe, resolve=True) if recipe is not None else None
 
     def _attach_transforms(self, datasets: dict[str, Dataset], model: BilinearModel) -> None:
         if not any(hasattr(ds, "transform") for ds in datasets.values()):
             return
         from bcnn.data.transforms import build_transforms
 
-        recipe = self.cfg.dataset.get("transform")
-        recipe = OmegaConf.to_container(recipe, resolve=True) if recipe is not None else None
         for role, ds in datasets.items():
             if hasattr(ds, "transform"):
-                ds.transform = build_transforms(recipe, model.input_spec, train=role == "train")
+                ds.transform = build_transforms(
+                    self._recipe(), model.input_spec, train=role == "train"
+                )
 
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-        workers = self.tcfg.num_workers
-        gen = torch.Generator().manual_seed(seed) if shuffle else None
+    def _build_model(self, num_classes: int) -> BilinearModel:
+        torch.manual_seed(self.cfg.seed)
+        model = build_model(self.cfg, num_classes)
+        if self.env.enabled and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        ):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
+        if self.tcfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.tcfg.compile:
+            # In place, so state_dict keys (and checkpoints) stay those of the plain model.
+            model.backbone.compile()
+        return model
+
+    def _eval_loader(self, ds: Dataset, batch_size: int, workers: int | None = None) -> DataLoader:
+        # Each process evaluates every world_size-th image: each image is counted once.
+        shard = Subset(ds, range(self.env.rank, len(ds), self.env.world_size))
+        workers = self.tcfg.num_workers if workers is None else workers
         return DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=gen,
+            shard,
+            batch_size=max(1, batch_size // self.env.world_size),
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            drop_last=False,
         )
+
+    def _evaluate(self, model: nn.Module, loader: DataLoader, flip: bool, desc: str):
+        meter = evaluate(
+            model, loader, self.num_classes, self.device, self.precision, flip=flip,
+            limit=self.tcfg.limit_eval_batches, progress=self.tcfg.progress and self.env.is_main,
+            desc=desc,
+        )  # fmt: skip
+        meter.matrix = D.all_reduce_sum(meter.matrix)
+        return meter
+
+    # ---- the feature cache -----------------------------------------------------------
+    def _use_cache(self, model: BilinearModel) -> bool:
+        mode = str(self.tcfg.cache_features).lower()
+        if mode == "false":
+            return False
+        extra = [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad and not n.startswith(("backbone.", "classifier."))
+        ]
+        possible = not extra and hasattr(model.classifier, "in_features")
+        possible = possible and not getattr(model.classifier, "wants_matrix", False)
+        if mode == "true" and not possible:
+            raise ValueError(
+                "Invalid config value for 'trainer.cache_features': true needs a model whose "
+                f"only trainable layer after the backbone is a linear classifier (found {extra}"
+                "); use trainer.cache_features=auto or false"
+            )
+        return possible
+
+    def _cached_sets(self, model, datasets, batch_size) -> dict[str, Dataset]:
+        folder = Path(self.tcfg.cache_dir) if self.tcfg.cache_dir else self.out / "feature_cache"
+        recipe = self._recipe()
+        cached = {}
+        for role, ds in datasets.items():
+            if role == "val" and len(ds) == 0:
+                continue
+            if role == "train":
+                views = 2 if recipe and recipe.get("hflip") else 1
+                if hasattr(ds, "transform"):
+                    # Descriptors of the deterministic (centre-crop) view; flips add a view.
+                    from bcnn.data.transforms import build_transforms
+
+                    ds.transform = build_transforms(recipe, model.input_spec, train=False)
+            else:
+                views = 2 if role == "test" and self.tcfg.test_flip else 1
+            identity = {
+                "dataset": self.resolved["dataset"],
+                "split": self.split_names[role],
+                "precision": self.precision,
+            }
+            feats, labels = build_cache(
+                model, ds, folder, identity, views, self.tcfg.cache_dtype, batch_size,
+                self.device, self.precision, self.tcfg.num_workers, self.env,
+            )  # fmt: skip
+            cached[role] = CachedViews(feats, labels, train=role == "train")
+        self._attach_transforms(datasets, model)  # restore the training transform
+        return cached
 
     # ---- checkpoints ------------------------------------------------------------------
     def _state(self, model, optimizer, scheduler, scaler, cursor, best, best_epoch) -> dict:
@@ -212,45 +312,35 @@ class _Run:
 
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg, tcfg = self.cfg, self.tcfg
-        OmegaConf.save(self.resolved, self.out / "config.yaml")
+        cfg, tcfg, main = self.cfg, self.tcfg, self.env.is_main
+        if main:
+            OmegaConf.save(self.resolved, self.out / "config.yaml")
         _seed_everything(cfg.seed)
         datasets = self._datasets()
-        num_classes = len(datasets["train"].classes)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, num_classes).to(self.device)
+        self.num_classes = num_classes = len(datasets["train"].classes)
+        model = self._build_model(num_classes)
         self._attach_transforms(datasets, model)
         n_params = sum(p.numel() for p in model.parameters())
         log.info("Model: %d parameters, %d classes, device %s", n_params, num_classes, self.device)
-        logger = instantiate(
-            cfg.logger, output_dir=self.out, run_config=self.resolved, _recursive_=False
-        )
+        if main:
+            self.logger = instantiate(
+                cfg.logger, output_dir=self.out, run_config=self.resolved, _recursive_=False
+            )
         start_stage, start_epoch = 0, 0
         if self.ckpt is not None:
             model.load_state_dict(self.ckpt["model"])
             self.history = list(self.ckpt["history"])
             self.stage_results = dict(self.ckpt["stage_results"])
             start_stage, start_epoch = self.ckpt["stage_index"], self.ckpt["next_epoch"]
-            logger.restore(self.history)
-        eval_bs = tcfg.eval_batch_size
+            if main:
+                self.logger.restore(self.history)
         t_start = time.time()
         for index, name in enumerate(tcfg.stages):
             if index < start_stage:
                 continue
             stage: StageConfig = OmegaConf.to_object(tcfg[name])
             resume = self.ckpt if (index == start_stage and self.ckpt is not None) else None
-            self._run_stage(
-                index,
-                name,
-                stage,
-                model,
-                datasets,
-                num_classes,
-                logger,
-                resume,
-                start_epoch if resume else 0,
-                eval_bs or stage.batch_size,
-            )
+            self._run_stage(index, name, stage, model, datasets, resume, start_epoch)
         final = self.stage_results[tcfg.stages[-1]]
         results = {
             "test_acc": final["test_acc"],
@@ -261,38 +351,37 @@ class _Run:
             "num_classes": num_classes,
             "num_parameters": n_params,
             "dataset": cfg.dataset.get("name"),
+            "world_size": self.env.world_size,
             "output_dir": str(self.out),
         }
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=2, allow_nan=True))
-        os.replace(tmp, self.out / "results.json")
-        logger.log_summary(results)
-        logger.close()
+        if main:
+            tmp = self.out / "results.json.tmp"
+            tmp.write_text(json.dumps(results, indent=2, allow_nan=True))
+            os.replace(tmp, self.out / "results.json")
+            self.logger.log_summary(results)
+            self.logger.close()
         log.info(
             "Test accuracy %.2f%% (mean per class %.2f%%) in %.0f s; outputs in %s",
-            results["test_acc"],
-            results["test_mean_class_acc"],
-            time.time() - t_start,
-            self.out,
-        )
+            results["test_acc"], results["test_mean_class_acc"], time.time() - t_start, self.out,
+        )  # fmt: skip
         return results
 
-    def _run_stage(
-        self,
-        index,
-        name,
-        stage,
-        model,
-        datasets,
-        num_classes,
-        logger,
-        resume,
-        start_epoch,
-        eval_bs,
-    ) -> None:
-        tcfg, ckdir = self.tcfg, self.out / "checkpoints"
+    def _run_stage(self, index, name, stage, model, datasets, resume, start_epoch) -> None:
+        tcfg, env, ckdir = self.tcfg, self.env, self.out / "checkpoints"
         finetune = name == "finetune"
         model.backbone.requires_grad_(finetune)
+        eval_bs = tcfg.eval_batch_size or stage.batch_size
+        cached = not finetune and self._use_cache(model)
+        if cached:
+            sets = self._cached_sets(model, datasets, eval_bs)
+            net: nn.Module = ViewAverage(model.classifier)
+            workers, test_flip = 0, False  # memory maps are read in-process; views hold flips
+        else:
+            sets, net, workers, test_flip = datasets, model, tcfg.num_workers, tcfg.test_flip
+        train_net = net
+        if env.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_net = DistributedDataParallel(net, device_ids=ids)
         optimizer = build_optimizer(model, stage, train_backbone=finetune)
         scheduler = build_scheduler(optimizer, stage)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -304,45 +393,43 @@ class _Run:
                 scaler.load_state_dict(resume["scaler"])
                 best, best_epoch = resume["best_metric"], resume["best_epoch"]
             set_rng_state(resume["rng"])
-        val_ds = datasets.get("val")
-        has_val = val_ds is not None and len(val_ds) > 0
-        val_loader = self._loader(val_ds, eval_bs, False) if has_val else None
-        common = dict(device=self.device, precision=self.precision, progress=tcfg.progress)
+        # Every process shuffles with the same seed and takes its share of each global
+        # batch, so N processes see exactly the batches one process would.
+        sampler = DistributedSampler(
+            sets["train"], num_replicas=env.world_size, rank=env.rank, shuffle=True,
+            seed=self.cfg.seed * 1_000_003 + index,
+        )  # fmt: skip
+        train_loader = DataLoader(
+            sets["train"],
+            batch_size=stage.batch_size // env.world_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+        has_val = "val" in sets and len(sets["val"]) > 0
+        val_loader = self._eval_loader(sets["val"], eval_bs, workers) if has_val else None
+        progress = tcfg.progress and env.is_main
         for epoch in range(start_epoch, stage.epochs):
             t0 = time.time()
-            # A generator seeded per (seed, stage, epoch) makes the shuffle order independent
-            # of whether the run was interrupted.
-            loader = self._loader(
-                datasets["train"],
-                stage.batch_size,
-                True,
-                seed=self.cfg.seed * 1_000_003 + index * 10_007 + epoch,
-            )
+            sampler.set_epoch(epoch)
             lr = optimizer.param_groups[-1]["lr"]
             stats = train_one_epoch(
-                model,
-                loader,
-                optimizer,
-                scaler,
-                grad_accum=stage.grad_accum,
-                grad_clip=stage.grad_clip,
-                frozen_backbone=not finetune,
-                limit=tcfg.limit_train_batches,
-                desc=f"{name} {epoch + 1}/{stage.epochs}",
-                **common,
+                train_net, train_loader, optimizer, scaler, self.device, self.precision,
+                grad_accum=stage.grad_accum, grad_clip=stage.grad_clip,
+                frozen_backbone=not finetune and not cached, limit=tcfg.limit_train_batches,
+                progress=progress, desc=f"{name} {epoch + 1}/{stage.epochs}",
+            )  # fmt: skip
+            sums = D.all_reduce_sum(
+                torch.tensor([stats.loss_sum, stats.correct, stats.seen], dtype=torch.float64)
+            )
+            stats.loss_sum, stats.correct, stats.seen = (
+                sums[0].item(),
+                sums[1].item(),
+                sums[2].item(),
             )
             scheduler.step()
-            val = None
-            if has_val:
-                val = evaluate(
-                    model,
-                    val_loader,
-                    num_classes,
-                    flip=False,
-                    limit=tcfg.limit_eval_batches,
-                    desc="val",
-                    **common,
-                )
+            val = self._evaluate(net, val_loader, False, "val") if has_val else None
             row = {
                 "stage": name,
                 "epoch": epoch + 1,
@@ -354,61 +441,47 @@ class _Run:
                 "seconds": round(time.time() - t0, 3),
             }
             self.history.append(row)
-            logger.log_epoch(row)
             log.info(
                 "%s epoch %d/%d: loss %.4f, train acc %.2f, val acc %.2f",
-                name,
-                epoch + 1,
-                stage.epochs,
-                stats.loss,
-                stats.acc,
-                row["val_acc"],
-            )
+                name, epoch + 1, stage.epochs, stats.loss, stats.acc, row["val_acc"],
+            )  # fmt: skip
             # Without a validation split the latest epoch is the selected one.
             metric = row["val_acc"] if has_val else float(epoch)
-            state = None
-            if metric > best:
+            improved = metric > best
+            if improved:
                 best, best_epoch = metric, epoch
+            if env.is_main:
+                self.logger.log_epoch(row)
                 state = self._state(
                     model, optimizer, scheduler, scaler, (index, epoch + 1), best, best_epoch
                 )
-                save_atomic(state, ckdir / "best.pt")
-            state = state or self._state(
-                model, optimizer, scheduler, scaler, (index, epoch + 1), best, best_epoch
-            )
-            save_atomic(state, ckdir / "last.pt")
+                if improved:
+                    save_atomic(state, ckdir / "best.pt")
+                save_atomic(state, ckdir / "last.pt")
+            D.barrier()
 
         # The selected (best-validation) weights are evaluated once on the test split.
         if best_epoch != stage.epochs - 1 and (ckdir / "best.pt").exists():
             model.load_state_dict(load_checkpoint(ckdir / "best.pt")["model"])
-        result = {"best_epoch": best_epoch + 1, "epochs": stage.epochs}
+        result: dict[str, Any] = {"best_epoch": best_epoch + 1, "epochs": stage.epochs}
         if has_val:
-            val = evaluate(
-                model,
-                val_loader,
-                num_classes,
-                flip=False,
-                limit=tcfg.limit_eval_batches,
-                desc="val",
-                **common,
-            )
+            val = self._evaluate(net, val_loader, False, "val")
             result.update(val_acc=val.accuracy(), val_mean_class_acc=val.mean_class_accuracy())
         else:
             result.update(val_acc=None, val_mean_class_acc=None)
-        test = evaluate(
-            model,
-            self._loader(datasets["test"], eval_bs, False),
-            num_classes,
-            flip=tcfg.test_flip,
-            limit=tcfg.limit_eval_batches,
-            desc="test",
-            **common,
+        test = self._evaluate(
+            net, self._eval_loader(sets["test"], eval_bs, workers), test_flip, "test"
         )
         result.update(test_acc=test.accuracy(), test_mean_class_acc=test.mean_class_accuracy())
         self.stage_results[name] = result
         log.info("Stage %s done: %s", name, result)
-        # The next stage starts from these weights; a resume after this point skips ahead.
-        save_atomic(
-            self._state(model, None, None, None, (index + 1, 0), -math.inf, -1),
-            ckdir / "last.pt",
-        )
+        if env.is_main:
+            # The next stage starts from these weights; a resume after this point skips ahead.
+            save_atomic(
+                self._state(model, None, None, None, (index + 1, 0), -math.inf, -1),
+                ckdir / "last.pt",
+            )
+            if cached and not tcfg.cache_dir:
+                # A cache inside the run directory has served its purpose: free the disk.
+                shutil.rmtree(self.out / "feature_cache", ignore_errors=True)
+        D.barrier()
