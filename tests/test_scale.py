@@ -48,7 +48,7 @@ def test_cached_linear_stage_matches_uncached(tmp_path: Path) -> None:
         cfg = compose_config([*LINEAR, f"trainer.cache_features={mode}"], tmp_path / mode)
         acc[mode] = train(cfg)["test_acc"]
     assert abs(acc["true"] - acc["false"]) <= 2.0, acc
-    assert acc["true"] > 50  # chance is 8.3%
+    assert acc["true"] > 20  # chance is 8.3%
     # The run-directory cache is removed once the linear stage is done.
     assert not (tmp_path / "true" / "feature_cache").exists()
 
