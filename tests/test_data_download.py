@@ -1,0 +1,300 @@
+"""Downloads from a loopback HTTP server, checksums, safe extraction and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import shutil
+import tarfile
+import threading
+import zipfile
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from fixtures.datasets import make_dtd
+
+from bcnn.data.download import (
+    SOURCES,
+    Archive,
+    ChecksumError,
+    ExtractionError,
+    UnsafeArchiveError,
+    fetch,
+    install_local,
+    prepare,
+    safe_extract,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTP server on 127.0.0.1 serving ``tmp_path/www``; yields (base URL, folder)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(www)))
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", www
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def tgz(members: dict[str, bytes], links: dict[str, tuple[bytes, str]] | None = None) -> bytes:
+    """A gzipped tar of regular files, plus ``name -> (type, target)`` links."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, (kind, target) in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def zipped(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def tree(folder: Path) -> list[str]:
+    """Everything below ``folder`` (hidden entries too), as sorted relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+# Incompressible members, so a truncated archive fails after some members were written.
+GOOD = {"toy/a.txt": b"alpha\n", **{f"toy/img/{i}.bin": os.urandom(40_000) for i in range(4)}}
+
+
+def test_fetch_good_archive_extracts_and_cleans_up(server, tmp_path: Path) -> None:
+    base, www = server
+    data = tgz(GOOD)
+    (www / "toy").mkdir()
+    (www / "toy" / "toy.tgz").write_bytes(data)
+    archive = Archive("https://example.invalid/toy.tgz", md5(data), creates="toy/a.txt")
+    root = tmp_path / "data" / "toy"
+    assert fetch(archive, root, "toy", base_url=base, progress=False)
+    assert (root / "toy" / "a.txt").read_bytes() == b"alpha\n"
+    assert tree(root) == sorted(
+        ["toy", "toy/a.txt", "toy/img", *(f"toy/img/{i}.bin" for i in range(4))]
+    )
+    assert not fetch(archive, root, "toy", base_url=base, progress=False)  # already there
+    # A plain file (the MIT Indoor lists) is placed as it is.
+    (www / "toy" / "List.txt").write_bytes(b"a/b.jpg\n")
+    plain = Archive("https://example.invalid/List.txt", md5(b"a/b.jpg\n"), extract=False)
+    assert fetch(plain, root, "toy", base_url=base, progress=False)
+    assert (root / "List.txt").read_bytes() == b"a/b.jpg\n"
+
+
+def test_fetch_zip_without_top_folder(server, tmp_path: Path, monkeypatch) -> None:
+    base, www = server
+    data = zipped({"image/fabric/x_new.jpg": b"jpg", "image/glass/y_new.jpg": b"jpg"})
+    (www / "fmd").mkdir()
+    (www / "fmd" / "FMD.zip").write_bytes(data)
+    monkeypatch.setenv("BCNN_DATA_MIRROR", base)  # the mirror can come from the environment
+    fetch(
+        Archive("https://example.invalid/FMD.zip", md5(data), creates="image"),
+        tmp_path / "fmd",
+        "fmd",
+        progress=False,
+    )
+    assert tree(tmp_path / "fmd") == [
+        "image",
+        "image/fabric",
+        "image/fabric/x_new.jpg",
+        "image/glass",
+        "image/glass/y_new.jpg",
+    ]
+
+
+BAD_ARCHIVES = {
+    "corrupt": (lambda: tgz(GOOD)[: len(tgz(GOOD)) // 2], ExtractionError, "cannot extract"),
+    "not-an-archive": (
+        lambda: b"<html>Not found</html>",
+        ExtractionError,
+        "neither a tar nor a zip",
+    ),
+    "dotdot": (
+        lambda: tgz({"toy/a.txt": b"a", "../evil.txt": b"evil"}),
+        UnsafeArchiveError,
+        "outside",
+    ),
+    "absolute": (
+        lambda: tgz({"toy/a.txt": b"a", "/tmp/evil.txt": b"evil"}),
+        UnsafeArchiveError,
+        "absolute",
+    ),
+    "symlink": (
+        lambda: tgz({"toy/a.txt": b"a"}, {"toy/link": (tarfile.SYMTYPE, "../../evil")}),
+        UnsafeArchiveError,
+        "symlink",
+    ),
+    "hardlink": (
+        lambda: tgz({"toy/a.txt": b"a"}, {"toy/hard": (tarfile.LNKTYPE, "../evil.txt")}),
+        UnsafeArchiveError,
+        "hard link",
+    ),
+    "zip-dotdot": (
+        lambda: zipped({"ok.txt": b"a", "../evil.txt": b"evil"}),
+        UnsafeArchiveError,
+        "outside",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
+def test_bad_archives_fail_cleanly_and_leave_nothing(server, tmp_path: Path, case: str) -> None:
+    base, www = server
+    make, error, message = BAD_ARCHIVES[case]
+    data = make()
+    (www / "toy").mkdir()
+    (www / "toy" / "toy.tgz").write_bytes(data)
+    before = tree(tmp_path)
+    with pytest.raises(error, match=message):
+        fetch(
+            Archive("https://example.invalid/toy.tgz", md5(data)),
+            tmp_path / "data" / "toy",
+            "toy",
+            base,
+            progress=False,
+        )
+    assert tree(tmp_path) == before  # no archive, no .partial folder, no data/ folders
+    assert not list(tmp_path.parent.glob("evil*")) and not Path("/tmp/evil.txt").exists()
+
+
+def test_wrong_checksum_fails_cleanly(server, tmp_path: Path) -> None:
+    base, www = server
+    (www / "toy").mkdir()
+    (www / "toy" / "toy.tgz").write_bytes(tgz(GOOD))
+    root = tmp_path / "existing"
+    root.mkdir()
+    with pytest.raises(ChecksumError, match="expected 0123"):
+        fetch(
+            Archive("https://example.invalid/toy.tgz", "0123" * 8),
+            root,
+            "toy",
+            base,
+            progress=False,
+        )
+    assert tree(root) == []  # the existing root stays, empty
+    with pytest.raises(OSError):  # 404 from the mirror
+        fetch(Archive("https://example.invalid/nope.tgz", None), root, "toy", base, progress=False)
+    assert tree(root) == []
+
+
+def test_safe_extract_never_overwrites(tmp_path: Path) -> None:
+    archive = tmp_path / "a.tgz"
+    archive.write_bytes(tgz({"toy/a.txt": b"new"}))
+    (tmp_path / "out" / "toy").mkdir(parents=True)
+    (tmp_path / "out" / "toy" / "a.txt").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="toy"):
+        safe_extract(archive, tmp_path / "out", progress=False)
+    assert tree(tmp_path / "out") == ["toy", "toy/a.txt"]
+    assert (tmp_path / "out" / "toy" / "a.txt").read_bytes() == b"old"
+
+
+def test_prepare_uses_the_mirror_and_checks_the_published_md5(server, tmp_path: Path) -> None:
+    base, www = server
+    (www / "cub").mkdir()
+    (www / "cub" / "CUB_200_2011.tgz").write_bytes(tgz({"CUB_200_2011/images.txt": b"1 a.jpg\n"}))
+    with pytest.raises(ChecksumError, match=SOURCES["cub"].variants["default"][0].md5):
+        prepare("cub", tmp_path / "cub", base_url=base, progress=False)
+    assert not (tmp_path / "cub").exists()
+    with pytest.raises(ValueError, match="no public download"):
+        prepare("nabirds", tmp_path / "nabirds")
+    with pytest.raises(ValueError, match="variant"):
+        prepare("inat", tmp_path / "inat", variant="2019")
+
+
+def test_install_local_checks_known_files(tmp_path: Path) -> None:
+    fake = tmp_path / "nabirds.tar.gz"
+    fake.write_bytes(tgz({"nabirds/images.txt": b""}))
+    with pytest.raises(ChecksumError, match="df21a9e4db349a14e2b08adfd45873bd"):
+        install_local("nabirds", fake, tmp_path / "nabirds", progress=False)
+    assert not (tmp_path / "nabirds").exists()
+    kaggle = tmp_path / "stanford-cars.zip"
+    kaggle.write_bytes(zipped({"cars_train/cars_train/00001.jpg": b"x"}))
+    assert install_local("cars", kaggle, tmp_path / "cars", progress=False) is None
+    assert (tmp_path / "cars" / "cars_train" / "cars_train" / "00001.jpg").is_file()
+
+
+# ------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location(
+        "prepare_data", REPO / "scripts" / "prepare_data.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_help_lists_every_dataset(cli, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for name, source in SOURCES.items():
+        assert f"{name}: {source.title}" in out and f"data/{name}" in out
+    assert "nabirds.tar.gz  md5 df21a9e4db349a14e2b08adfd45873bd" in out
+    assert "cars_test_annos_withlabels.mat" in out and "Kaggle" in out
+    assert "fff73e5086ae6bdbea199a49dfb8a4c1" in out  # DTD
+
+
+def test_cli_download_failure_and_manual_datasets(cli, server, tmp_path: Path, capsys) -> None:
+    base, www = server
+    (www / "dtd").mkdir()
+    (www / "dtd" / "dtd-r1.0.1.tar.gz").write_bytes(tgz({"dtd/labels/train1.txt": b""}))
+    root = tmp_path / "dtd"
+    assert cli(["dataset=dtd", f"root={root}", "--base-url", base, "--no-progress"]) == 1
+    assert "MD5" in capsys.readouterr().err and not root.exists()
+    assert cli(["--dataset", "nabirds", "--root", str(tmp_path / "nb")]) == 1
+    out = capsys.readouterr().out
+    assert "dl.allaboutbirds.org" in out and "--archive" in out and not (tmp_path / "nb").exists()
+
+
+def test_cli_verify_reports_missing_and_unreadable_files(cli, tmp_path: Path, capsys) -> None:
+    truth = make_dtd(tmp_path / "dtd")
+    assert (
+        cli(["--dataset", "dtd", "--root", str(tmp_path / "dtd"), "--verify", "--no-progress"]) == 0
+    )
+    assert "18 images, 0 missing, 0 unreadable" in capsys.readouterr().out
+    folder = tmp_path / "dtd" / "dtd"
+    missing, broken = folder / truth.train[0][0], folder / truth.test[0][0]
+    missing.unlink()
+    broken.write_bytes(broken.read_bytes()[:100])
+    assert (
+        cli(["dataset=dtd", f"root={tmp_path / 'dtd'}", "--verify", "--no-progress", "partition=2"])
+        == 1
+    )
+    out = capsys.readouterr().out
+    assert f"{missing}: missing" in out and f"{broken}: unreadable" in out
+    assert "1 missing, 1 unreadable" in out
+    shutil.rmtree(folder / "labels")
+    assert cli(["dataset=dtd", f"root={tmp_path / 'dtd'}", "--verify"]) == 1
+    assert "labels/train1.txt" in capsys.readouterr().err

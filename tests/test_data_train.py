@@ -1,0 +1,46 @@
+"""One short training run per dataset, on its miniature fixture, through ``train.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures.datasets import MAKERS
+
+from bcnn.data import build_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_smoke_training_run(tmp_path: Path, name: str) -> None:
+    truth = MAKERS[name](tmp_path / "data")
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "train.py",
+        f"dataset={name}",
+        f"dataset.root={truth.root}",
+        "trainer=smoke",
+        "backbone=small",
+        "dataset.transform.size=32",
+        f"hydra.run.dir={run_dir}",
+    ]
+    # One thread per run: the tests run two at a time on two cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results
+    # The trainer saves each split's image list: the test list is the official test set
+    # (FMD has none: its seeded split is the loader's own).
+    expected = truth.test or build_dataset(name, root=str(truth.root), split="test").records
+    lines = (run_dir / "splits" / "test.txt").read_text().splitlines()
+    assert sorted(line.rsplit(" ", 1) for line in lines) == sorted(
+        [p, str(label)] for p, label, *_ in expected
+    )
