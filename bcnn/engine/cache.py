@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,7 @@ def build_cache(
     precision: str,
     num_workers: int,
     env: D.DistEnv,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Computes (or reuses) the descriptors of ``dataset`` under ``model.features``.
 
@@ -126,6 +127,7 @@ def build_cache(
         precision: Autocast setting for the backbone.
         num_workers: DataLoader workers.
         env: The distributed environment: each process computes its share of images.
+        prepare: Applied to each batch on the device (e.g. uint8 -> normalized float).
 
     Returns:
         Read-only memory maps: features (N, views, D) and labels (N,).
@@ -157,6 +159,8 @@ def build_cache(
         done = 0
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
+            if prepare is not None:
+                images = prepare(images)
             idx = rows[done : done + len(targets)]
             with autocast(device, precision):
                 feats = [model.features(images)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +63,7 @@ def train_one_epoch(
     limit: int | None = None,
     progress: bool = False,
     desc: str = "train",
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochStats:
     """Trains ``model`` for one pass over ``loader``.
 
@@ -79,6 +80,7 @@ def train_one_epoch(
         limit: Stop after this many batches.
         progress: Show a tqdm bar.
         desc: The bar's label.
+        prepare: Applied to each batch on the device (e.g. uint8 -> normalized float).
 
     Returns:
         The epoch's summed loss, correct predictions and images seen.
@@ -92,6 +94,8 @@ def train_one_epoch(
     bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
     for step, (images, labels) in enumerate(bar):
         images = images.to(device, non_blocking=True)
+        if prepare is not None:
+            images = prepare(images)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(images)
@@ -129,6 +133,7 @@ def evaluate(
     limit: int | None = None,
     progress: bool = False,
     desc: str = "eval",
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ConfusionMeter:
     """Evaluates ``model`` on ``loader``.
 
@@ -142,6 +147,7 @@ def evaluate(
         limit: Stop after this many batches.
         progress: Show a tqdm bar.
         desc: The bar's label.
+        prepare: Applied to each batch on the device (e.g. uint8 -> normalized float).
 
     Returns:
         The accumulated confusion matrix.
@@ -151,6 +157,8 @@ def evaluate(
     batches, total = _limited(loader, limit)
     for images, labels in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
         images = images.to(device, non_blocking=True)
+        if prepare is not None:
+            images = prepare(images)
         with autocast(device, precision):
             scores = model(images).float().softmax(dim=1)
             if flip:

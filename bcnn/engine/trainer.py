@@ -198,16 +198,37 @@ class _Run:
         recipe = self.cfg.dataset.get("transform")
         return OmegaConf.to_container(recipe, resolve=True) if recipe is not None else None
 
-    def _attach_transforms(self, datasets: dict[str, Dataset], model: BilinearModel) -> None:
-        if not any(hasattr(ds, "transform") for ds in datasets.values()):
-            return
+    def _attach_transforms(
+        self, datasets: dict[str, Dataset], model: BilinearModel, train_role: str = "train"
+    ) -> None:
+        # Workers hand over uint8 images (4x fewer bytes than float32); ``_prepare``
+        # normalizes each batch on the device.
         from bcnn.data.transforms import build_transforms
 
         for role, ds in datasets.items():
             if hasattr(ds, "transform"):
                 ds.transform = build_transforms(
-                    self._recipe(), model.input_spec, train=role == "train"
+                    self._recipe(), model.input_spec, train=role == train_role, normalize=False
                 )
+
+    def _prepare(self, datasets: dict[str, Dataset], model: BilinearModel):
+        from bcnn.data.transforms import ToNormalizedFloat
+
+        normalize = (
+            ToNormalizedFloat(model.input_spec)
+            if any(hasattr(ds, "transform") for ds in datasets.values())
+            else None
+        )
+        channels_last = self.tcfg.channels_last
+
+        def prepare(images: torch.Tensor) -> torch.Tensor:
+            if normalize is not None:
+                images = normalize(images)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            return images
+
+        return prepare
 
     def _build_model(self, num_classes: int) -> BilinearModel:
         torch.manual_seed(self.cfg.seed)
@@ -235,11 +256,11 @@ class _Run:
             pin_memory=self.device.type == "cuda",
         )
 
-    def _evaluate(self, model: nn.Module, loader: DataLoader, flip: bool, desc: str):
+    def _evaluate(self, model: nn.Module, loader: DataLoader, flip: bool, desc: str, prepare):
         meter = evaluate(
             model, loader, self.num_classes, self.device, self.precision, flip=flip,
             limit=self.tcfg.limit_eval_batches, progress=self.tcfg.progress and self.env.is_main,
-            desc=desc,
+            desc=desc, prepare=prepare,
         )  # fmt: skip
         meter.matrix = D.all_reduce_sum(meter.matrix)
         return meter
@@ -267,17 +288,14 @@ class _Run:
     def _cached_sets(self, model, datasets, batch_size) -> dict[str, Dataset]:
         folder = Path(self.tcfg.cache_dir) if self.tcfg.cache_dir else self.out / "feature_cache"
         recipe = self._recipe()
+        self._attach_transforms(datasets, model, train_role="none")  # all deterministic
         cached = {}
         for role, ds in datasets.items():
             if role == "val" and len(ds) == 0:
                 continue
             if role == "train":
-                views = 2 if recipe and recipe.get("hflip") else 1
-                if hasattr(ds, "transform"):
-                    # Descriptors of the deterministic (centre-crop) view; flips add a view.
-                    from bcnn.data.transforms import build_transforms
-
-                    ds.transform = build_transforms(recipe, model.input_spec, train=False)
+                # Descriptors of the deterministic (centre-crop) view; flips add a view.
+                views = 2 if recipe and recipe.get("hflip", True) else 1
             else:
                 views = 2 if role == "test" and self.tcfg.test_flip else 1
             identity = {
@@ -288,6 +306,7 @@ class _Run:
             feats, labels = build_cache(
                 model, ds, folder, identity, views, self.tcfg.cache_dtype, batch_size,
                 self.device, self.precision, self.tcfg.num_workers, self.env,
+                self._prepare(datasets, model),
             )  # fmt: skip
             cached[role] = CachedViews(feats, labels, train=role == "train")
         self._attach_transforms(datasets, model)  # restore the training transform
@@ -340,7 +359,8 @@ class _Run:
                 continue
             stage: StageConfig = OmegaConf.to_object(tcfg[name])
             resume = self.ckpt if (index == start_stage and self.ckpt is not None) else None
-            self._run_stage(index, name, stage, model, datasets, resume, start_epoch)
+            first = start_epoch if resume is not None else 0
+            self._run_stage(index, name, stage, model, datasets, resume, first)
         final = self.stage_results[tcfg.stages[-1]]
         results = {
             "test_acc": final["test_acc"],
@@ -376,8 +396,10 @@ class _Run:
             sets = self._cached_sets(model, datasets, eval_bs)
             net: nn.Module = ViewAverage(model.classifier)
             workers, test_flip = 0, False  # memory maps are read in-process; views hold flips
+            prepare = None
         else:
             sets, net, workers, test_flip = datasets, model, tcfg.num_workers, tcfg.test_flip
+            prepare = self._prepare(datasets, model)
         train_net = net
         if env.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -418,7 +440,7 @@ class _Run:
                 train_net, train_loader, optimizer, scaler, self.device, self.precision,
                 grad_accum=stage.grad_accum, grad_clip=stage.grad_clip,
                 frozen_backbone=not finetune and not cached, limit=tcfg.limit_train_batches,
-                progress=progress, desc=f"{name} {epoch + 1}/{stage.epochs}",
+                progress=progress, desc=f"{name} {epoch + 1}/{stage.epochs}", prepare=prepare,
             )  # fmt: skip
             sums = D.all_reduce_sum(
                 torch.tensor([stats.loss_sum, stats.correct, stats.seen], dtype=torch.float64)
@@ -429,7 +451,7 @@ class _Run:
                 sums[2].item(),
             )
             scheduler.step()
-            val = self._evaluate(net, val_loader, False, "val") if has_val else None
+            val = self._evaluate(net, val_loader, False, "val", prepare) if has_val else None
             row = {
                 "stage": name,
                 "epoch": epoch + 1,
@@ -465,12 +487,12 @@ class _Run:
             model.load_state_dict(load_checkpoint(ckdir / "best.pt")["model"])
         result: dict[str, Any] = {"best_epoch": best_epoch + 1, "epochs": stage.epochs}
         if has_val:
-            val = self._evaluate(net, val_loader, False, "val")
+            val = self._evaluate(net, val_loader, False, "val", prepare)
             result.update(val_acc=val.accuracy(), val_mean_class_acc=val.mean_class_accuracy())
         else:
             result.update(val_acc=None, val_mean_class_acc=None)
         test = self._evaluate(
-            net, self._eval_loader(sets["test"], eval_bs, workers), test_flip, "test"
+            net, self._eval_loader(sets["test"], eval_bs, workers), test_flip, "test", prepare
         )
         result.update(test_acc=test.accuracy(), test_mean_class_acc=test.mean_class_accuracy())
         self.stage_results[name] = result
