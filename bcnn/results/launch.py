@@ -1,0 +1,325 @@
+"""Launch a table: one Hydra multirun of ``train.py`` with exactly one job per row.
+
+Hydra's basic sweeper takes the cartesian product of its sweeps, but the rows of a table
+are not a product (``CUB+box`` exists only for CUB, the ECCV 2018 gamma differs per
+dataset). So every row becomes a small generated config of the ``experiment`` group: it
+includes the row's own ``experiment=`` preset and sets the row's other overrides. The
+generated files live in ``<sweep_dir>/.rows/``, which joins Hydra's search path, and the
+multirun sweeps over them::
+
+    python -m bcnn.train --multirun experiment=<row id>,<row id>,... \\
+        hydra.searchpath=[file://<sweep_dir>/.rows] hydra.sweep.dir=<sweep_dir> \\
+        hydra.sweep.subdir=${hydra.runtime.choices.experiment} [hydra/launcher=...] [extra]
+
+Each job's directory is named by its row id. ``reproduce.json`` in the sweep directory
+records the table, the rows and the command.
+
+Smoke mode keeps every row's pooling, normalization, classifier and stages but swaps the
+data for the built-in synthetic dataset, the backbone for the small CNN (two small CNNs
+for two-stream rows, so that x_a x_b^T pooling still runs) and the training for a few
+CPU batches. Backbone and dataset nodes are first reset to null (``reproduce/
+smoke_reset.yaml``) because a preset's keys for the real backbone (``pretrained``,
+``weights``) or dataset (``partition``) would otherwise be merged into the small ones.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+import bcnn.config  # noqa: F401  (registers the schema that configs/train.yaml names)
+from bcnn.results.tables import Row, Table
+
+ROWS_DIR = ".rows"
+MANIFEST = "reproduce.json"
+RESET_CONFIG = "reproduce/smoke_reset"
+
+# Smoke settings: tiny synthetic data, a one-block CNN, one epoch of two batches per stage.
+SMOKE_DATASET: dict[str, Any] = {
+    "num_classes": 4,
+    "trainval_size": 48,
+    "test_size": 24,
+    "image_size": 16,
+    "val_fraction": 0.25,
+}
+SMOKE_CHANNELS = [8]
+SMOKE_TRAINER: dict[str, Any] = {
+    "device": "cpu",
+    "precision": "32",
+    "num_workers": 0,
+    "progress": False,
+    "limit_train_batches": 2,
+    "limit_eval_batches": 2,
+    "linear": {"epochs": 1, "batch_size": 8, "grad_accum": 1},
+    "finetune": {"epochs": 1, "batch_size": 8, "grad_accum": 1},
+}
+TWO_STREAM_TARGET = "bcnn.models.backbones.TwoStream"
+
+
+def config_groups() -> frozenset[str]:
+    """The config groups of ``bcnn.configs`` (folders such as ``dataset``, ``backbone``)."""
+    root = resources.files("bcnn.configs")
+    return frozenset(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def split_overrides(overrides: Iterable[str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Splits a row's overrides into group choices and a nested dict of key values.
+
+    Args:
+        overrides: Hydra overrides: ``group=option`` or ``a.b.c=value``.
+
+    Returns:
+        ``(choices, body)``: ``{"dataset": "cub", ...}`` and e.g.
+        ``{"trainer": {"stages": ["linear"]}}``.
+
+    Raises:
+        ValueError: a sweep, deletion, addition or list-index override, which a config
+            file cannot express.
+    """
+    parser = OverridesParser.create()
+    groups = config_groups()
+    choices: dict[str, str] = {}
+    body: dict[str, Any] = {}
+    for text in overrides:
+        o = parser.parse_override(text)
+        key = o.key_or_group
+        if o.is_sweep_override() or o.is_delete() or o.is_add() or o.package:
+            raise ValueError(f"row override {text!r}: use plain group=option or key=value")
+        if key in groups:
+            choices[key] = str(o.value())
+            continue
+        parts = key.split(".")
+        if any(p.isdigit() for p in parts):
+            raise ValueError(
+                f"row override {text!r} indexes a list, which a config file cannot merge: "
+                "put the whole list in an experiment file"
+            )
+        node = body
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = o.value()
+    return choices, body
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _group_node(group: str, option: str) -> dict[str, Any]:
+    path = resources.files("bcnn.configs").joinpath(group, f"{option}.yaml")
+    with path.open() as f:
+        node = OmegaConf.to_container(OmegaConf.load(f))
+    assert isinstance(node, dict)
+    return node
+
+
+def smoke_backbone(two_stream: bool) -> dict[str, Any]:
+    """The small CNN's config node, or a two-stream pair of them."""
+    small = _group_node("backbone", "small")
+    small["channels"] = list(SMOKE_CHANNELS)
+    if not two_stream:
+        return small
+    return {"_target_": TWO_STREAM_TARGET, "stream_a": small, "stream_b": dict(small)}
+
+
+def smoke_dataset() -> dict[str, Any]:
+    """The synthetic dataset's config node at smoke sizes."""
+    return _merge(_group_node("dataset", "synthetic"), SMOKE_DATASET)
+
+
+def row_config(row: Row, table: Table, smoke: bool = False, two_stream: bool = False) -> str:
+    """The YAML text of a row's generated experiment config.
+
+    Args:
+        row: The row.
+        table: Its table (named in the header comment).
+        smoke: Write the smoke version (see the module docstring).
+        two_stream: Smoke only: the row's backbone gives two feature maps.
+    """
+    choices, body = split_overrides(row.overrides)
+    experiment = choices.pop("experiment", None)
+    if smoke:
+        choices.update(backbone="small", dataset="synthetic")
+        body.pop("backbone", None)
+        body.pop("dataset", None)
+        body = _merge(
+            body,
+            {
+                "backbone": smoke_backbone(two_stream),
+                "dataset": smoke_dataset(),
+                "trainer": SMOKE_TRAINER,
+            },
+        )
+    defaults: list[Any] = []
+    if experiment:
+        defaults.append(f"/experiment/{experiment}")
+    if smoke:
+        defaults.append(f"/{RESET_CONFIG}")
+    defaults.append("_self_")
+    defaults += [{f"override /{g}": o} for g, o in choices.items()]
+    kind = "SMOKE: synthetic data, small CNN" if smoke else "full run"
+    header = [
+        "# @package _global_",
+        f"# Generated by scripts/reproduce.py ({kind}).",
+        f"# {table.title}: {row.label} | {' | '.join(row.columns)}",
+        f"# Row overrides: {' '.join(row.overrides)}",
+    ]
+    text = OmegaConf.to_yaml(OmegaConf.create({"defaults": defaults, **body}))
+    return "\n".join(header) + "\n" + text
+
+
+def _quote(text: str) -> str:
+    """A Hydra override value quoted so that spaces, commas or brackets stay literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def searchpath_override(rows_dir: Path) -> str:
+    """``hydra.searchpath=['file://<rows_dir>']``: adds the generated configs to Hydra's path."""
+    return f"hydra.searchpath=[{_quote('file://' + str(Path(rows_dir).resolve()))}]"
+
+
+def _compose(overrides: Sequence[str]) -> DictConfig:
+    with initialize_config_module("bcnn.configs", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def select_rows(table: Table, patterns: Sequence[str] = ()) -> list[Row]:
+    """The rows of ``table`` whose id matches one of the fnmatch ``patterns`` (all if none)."""
+    if not patterns:
+        return list(table.rows)
+    rows = [r for r in table.rows if any(fnmatch.fnmatch(r.id, p) for p in patterns)]
+    if not rows:
+        raise ValueError(f"no row of {table.name} matches {list(patterns)}")
+    return rows
+
+
+def write_rows(table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool) -> list[str]:
+    """Writes one config per row into ``rows_dir/experiment/`` and checks each composes.
+
+    Returns:
+        The generated config names (the row ids), in row order.
+
+    Raises:
+        hydra.errors.HydraException: a row does not compose (before anything runs).
+    """
+    exp_dir = rows_dir / "experiment"
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if smoke:
+        reset = rows_dir / f"{RESET_CONFIG}.yaml"
+        reset.parent.mkdir(parents=True, exist_ok=True)
+        reset.write_text("# @package _global_\nbackbone: null\ndataset: null\n")
+    names = []
+    search = searchpath_override(rows_dir)
+    for row in rows:
+        two_stream = False
+        if smoke:
+            real = _compose(row.overrides)
+            two_stream = real.backbone.get("_target_") == TWO_STREAM_TARGET
+        (exp_dir / f"{row.id}.yaml").write_text(row_config(row, table, smoke, two_stream))
+        _compose([f"experiment={row.id}", search])
+        names.append(row.id)
+    return names
+
+
+def multirun_command(
+    names: Sequence[str],
+    rows_dir: Path,
+    sweep_dir: Path,
+    launcher: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``python -m bcnn.train --multirun ...`` command that runs the generated rows."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "bcnn.train",
+        "--multirun",
+        f"experiment={','.join(names)}",
+        searchpath_override(rows_dir),
+        f"hydra.sweep.dir={_quote(str(sweep_dir.resolve()))}",
+        "hydra.sweep.subdir=${hydra.runtime.choices.experiment}",
+    ]
+    if launcher:
+        cmd.append(f"hydra/launcher={launcher}")
+    return cmd + list(extra)
+
+
+def launch_table(
+    table: Table,
+    sweep_dir: Path,
+    smoke: bool = False,
+    launcher: str | None = None,
+    extra: Sequence[str] = (),
+    patterns: Sequence[str] = (),
+    dry_run: bool = False,
+) -> int:
+    """Writes the rows of ``table`` and runs them as one Hydra multirun.
+
+    Rows whose feature is missing (``Row.missing``) are skipped with a message.
+
+    Args:
+        table: The table spec.
+        sweep_dir: Where the jobs write (``<sweep_dir>/<row id>/``).
+        smoke: Smoke mode (synthetic data, small CNN, CPU).
+        launcher: A ``hydra/launcher`` option (``joblib``, ``submitit_slurm``, ``slurm``...).
+        extra: Further overrides for every job (``trainer.device=cuda:1``, ``hydra.launcher.
+            partition=gpu``, ...).
+        patterns: Only the rows whose id matches one of these fnmatch patterns.
+        dry_run: Write the configs and print the command without running it.
+
+    Returns:
+        The exit status of the multirun (0 when every job succeeded).
+    """
+    rows = select_rows(table, patterns)
+    runnable, skipped = [], []
+    for row in rows:
+        why = row.missing()
+        if why:
+            print(f"[reproduce] skipping {row.id}: {why}", file=sys.stderr)
+            skipped.append({"id": row.id, "reason": why})
+        else:
+            runnable.append(row)
+    rows_dir = sweep_dir / ROWS_DIR
+    names = write_rows(table, runnable, rows_dir, smoke)
+    cmd = multirun_command(names, rows_dir, sweep_dir, launcher, extra)
+    manifest = {
+        "table": table.name,
+        "smoke": smoke,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rows": [
+            {
+                "id": r.id,
+                "label": r.label,
+                "columns": list(r.columns),
+                "overrides": list(r.overrides),
+            }
+            for r in runnable
+        ],
+        "skipped": skipped,
+        "command": cmd,
+    }
+    (sweep_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    print("[reproduce] " + " ".join(cmd), file=sys.stderr)
+    if dry_run or not names:
+        return 0
+    return subprocess.run(cmd, check=False).returncode
+
+
+def read_manifest(sweep_dir: Path) -> dict[str, Any] | None:
+    """``reproduce.json`` of a sweep directory, or None if there is none."""
+    path = Path(sweep_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,154 @@
+"""Collecting sweeps, table reports and plots, on fake sweep directories (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pandas as pd
+import pytest
+
+from bcnn.results import collect_runs, plot_training_curves, summarize_sweep, table_report
+from bcnn.results.tables import TABLES, published
+from tests.conftest import REPO_ROOT
+
+
+def _script(name: str) -> ModuleType:
+    """Imports ``scripts/<name>.py`` as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reproduce = _script("reproduce")
+summarize_script = _script("summarize_sweep")
+
+
+def _job(root: Path, name: str, overrides: list[str], results: dict | None = None) -> Path:
+    """A job folder as Hydra and the trainer leave it."""
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if results is not None:
+        (job / "results.json").write_text(json.dumps(results))
+        pd.DataFrame(
+            {"stage": ["linear", "linear"], "epoch": [1, 2], "seconds": [1.5, 2.5]}
+        ).to_csv(job / "metrics.csv", index=False)
+    return job
+
+
+def _results(test: float, val: float | None = 50.0) -> dict:
+    stage = {"test_acc": test, "test_mean_class_acc": test - 1, "val_acc": val, "best_epoch": 2}
+    return {
+        "test_acc": test,
+        "test_mean_class_acc": test - 1,
+        "val_acc": val,
+        "val_mean_class_acc": val,
+        "stages": {"linear": stage},
+        "num_classes": 12,
+        "dataset": "synthetic",
+        "output_dir": "/elsewhere",
+    }
+
+
+def test_summarize_sweep_gives_one_row_per_job(tmp_path: Path) -> None:
+    _job(tmp_path, "0", ["pooling=sum", "trainer.linear.lr=1.0"], _results(80.0))
+    _job(tmp_path, "1", ["pooling=avg", "trainer.linear.lr=1.0"], _results(60.5, val=None))
+    _job(tmp_path, "10", ["pooling=democratic", "+pooling.gamma=0.5"], _results(82.25))
+    _job(tmp_path, "2", ["pooling=spectral"])  # failed: no results.json
+    (tmp_path / "multirun.yaml").write_text("{}\n")
+
+    df = summarize_sweep(tmp_path)
+
+    assert list(df["job"]) == ["0", "1", "2", "10"]  # numeric job order
+    assert list(df["status"]) == ["completed", "completed", "no results", "completed"]
+    assert list(df["pooling"]) == ["sum", "avg", "spectral", "democratic"]
+    assert df.loc[df["job"] == "10", "pooling.gamma"].item() == "0.5"
+    assert df["test_acc"].tolist()[:2] == [80.0, 60.5] and math.isnan(df["test_acc"][2])
+    assert df.loc[0, "stages.linear.test_acc"] == 80.0 and df.loc[0, "dataset_name"] == "synthetic"
+    assert df.loc[0, "train_seconds"] == 4.0 and df.loc[0, "epochs_run"] == 2
+    assert "output_dir" not in df.columns
+    assert list(df.columns[:5]) == ["job", "status", "overrides", "pooling", "trainer.linear.lr"]
+    assert pd.read_csv(tmp_path / "summary.csv")["test_acc"].notna().sum() == 3
+    md = (tmp_path / "summary.md").read_text()
+    assert "3 of 4 jobs completed" in md and "| 82.25 |" in md
+
+    out = tmp_path / "elsewhere"
+    assert summarize_script.main([str(tmp_path), str(out)]) == 0
+    assert (out / "summary.csv").is_file()
+
+
+def test_collect_runs_of_an_empty_directory(tmp_path: Path) -> None:
+    df = collect_runs(tmp_path)
+    assert df.empty and list(df.columns) == ["job", "status", "overrides"]
+
+
+def test_table_report_puts_ours_next_to_published(tmp_path: Path) -> None:
+    table = TABLES["bmvc17_table2"]
+    first, second = table.rows[0], table.rows[4]
+    # Jobs are matched to rows by folder name (the row id) ...
+    _job(tmp_path, first.id, [f"experiment={first.id}"], _results(80.0))
+    # ... or by the experiment override; a failed job leaves no results.
+    _job(tmp_path, "7", [f"experiment={second.id}"], _results(91.0))
+    _job(tmp_path, table.rows[1].id, [f"experiment={table.rows[1].id}"])
+
+    report = table_report(table, tmp_path)
+
+    assert len(report) == len(table.rows)
+    assert {"ours", "published", "difference"} <= set(report.columns)
+    by_id = report.set_index("row_id")
+    assert by_id.loc[first.id, "ours"] == 80.0
+    assert by_id.loc[first.id, "published"] == published(first.key)[0] == 78.1
+    assert by_id.loc[first.id, "difference"] == pytest.approx(80.0 - 78.1)
+    assert by_id.loc[second.id, "ours"] == 91.0 and by_id.loc[second.id, "job"] == "7"
+    assert by_id.loc[table.rows[1].id, "status"] == "failed"
+    assert (by_id["status"] == "not run").sum() == len(table.rows) - 3
+    assert report["published"].notna().all()
+
+    out = tmp_path / "report"
+    md = (out / "bmvc17_table2.md").read_text()
+    assert "| method | VGG-M CUB ours | VGG-M CUB paper | VGG-M CUB diff |" in md.replace("  ", " ")
+    assert "| B-CNN | 80.0 | 78.1 | +1.9 |" in md
+    for value in report["published"]:
+        assert f"{value:.1f}" in md
+    assert pd.read_csv(out / "bmvc17_table2.csv")["published"].notna().all()
+    tex = (out / "bmvc17_table2.tex").read_text()
+    assert r"\multicolumn{3}{c}{VGG-D Aircraft}" in tex and "+1.9" in tex
+    assert (out / "bmvc17_table2.png").stat().st_size > 1000
+
+
+def test_plot_training_curves_handles_stages_resumes_and_no_validation(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.csv"
+    pd.DataFrame(
+        {
+            "stage": ["linear", "linear", "linear", "finetune", "finetune"],
+            "epoch": [1, 2, 2, 1, 2],  # epoch 2 logged twice: a resumed run
+            "lr": [1.0, 1.0, 1.0, 0.1, 0.1],
+            "train_loss": [2.0, 1.5, 1.4, 1.0, 0.8],
+            "train_acc": [30.0, 50.0, 51.0, 60.0, 70.0],
+            "val_acc": [float("nan")] * 3 + [55.0, 65.0],
+            "val_mean_class_acc": [float("nan")] * 3 + [54.0, 64.0],
+            "seconds": [1.0] * 5,
+        }
+    ).to_csv(metrics, index=False)
+    out = plot_training_curves(metrics, tmp_path / "plots" / "curves.png")
+    assert out.is_file() and out.stat().st_size > 1000
+
+
+def test_reproduce_cli_lists_tables_and_rejects_bad_input(capsys, tmp_path: Path) -> None:
+    assert reproduce.main(["list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in TABLES)
+    assert reproduce.main(["--help"]) == 0
+    assert "smoke" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown table"):
+        reproduce.main(["table=nope"])
+    with pytest.raises(SystemExit, match="sweep_dir"):
+        reproduce.main(["table=nabirds", "launch=false"])
+    options, extra = reproduce.parse_args(["table=nabirds", "smoke=true", "trainer.device=cuda"])
+    assert options == {"table": "nabirds", "smoke": "true"} and extra == ["trainer.device=cuda"]
