@@ -121,3 +121,6 @@ def test_multirun_sweep_returns_one_result_per_job(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.parent.name for p in tmp_path.glob("*/results.json")) == ["0", "1"]
+    # The sweep-summary callback gathers both jobs.
+    summary = (tmp_path / "summary.csv").read_text()
+    assert len(summary.strip().splitlines()) == 3 and "test_acc" in summary

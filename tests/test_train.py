@@ -60,6 +60,7 @@ def test_each_stage_setting_runs_and_writes_outputs(
     }  # fmt: skip
     assert all(math.isfinite(float(r["train_loss"])) for r in rows)
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "train.log").is_file()
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
     assert last["stage_index"] == len(names) and last["config"]["trainer"]["stages"] == names

@@ -9,6 +9,7 @@ everything into its output directory::
     train.log               the log
     metrics.csv             one row per stage and epoch
     results.json            final and per-stage accuracies
+    curves.png              loss and accuracy per epoch
     splits/<split>.txt      the image lists of each split (datasets read from files)
     checkpoints/last.pt     everything needed to resume (written atomically)
     checkpoints/best.pt     the best-validation model of the current stage
@@ -48,6 +49,7 @@ from bcnn.engine.checkpoint import (
 from bcnn.engine.loops import evaluate, train_one_epoch
 from bcnn.engine.optim import build_optimizer, build_scheduler
 from bcnn.models import BilinearModel, build_model
+from bcnn.results.plots import plot_training_curves
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +380,7 @@ class _Run:
             tmp = self.out / "results.json.tmp"
             tmp.write_text(json.dumps(results, indent=2, allow_nan=True))
             os.replace(tmp, self.out / "results.json")
+            plot_training_curves(self.out / "metrics.csv", self.out / "curves.png")
             self.logger.log_summary(results)
             self.logger.close()
         log.info(
