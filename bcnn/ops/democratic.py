@@ -1,0 +1,112 @@
+"""gamma-democratic aggregation of second-order features (Lin, Maji, Koniusz, ECCV 2018).
+
+Weights alpha_i > 0 make every location's contribution to the pooled matrix equal to
+(K 1)_i^gamma up to a constant, where K_ij = (x_i^T x_j)^2 is the second-order kernel:
+gamma = 1 is sum pooling, gamma = 0 fully democratic. K is the elementwise square of the
+n x n Gram matrix of the raw features, so the d^2-dimensional outer products are never
+formed: O(n^2) per iteration of the dampened Sinkhorn solver.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bcnn.ops._utils import autocast_disabled, to_compute
+
+
+def _check_features(X: Tensor, name: str) -> None:
+    if X.dim() < 2:
+        raise ValueError(f"{name}: expected features (..., n, d), got shape {tuple(X.shape)}")
+
+
+def _sinkhorn(X: Tensor, gamma: float, tau: float, iters: int, eps: float) -> Tensor:
+    G = X @ X.mT
+    K = G * G  # (..., n, n), the kernel of the outer products x_i x_i^T
+    K1 = K.sum(-1)
+    # Locations with (almost) no energy (dead ReLU columns, padding) have K1 ~ 0 and would
+    # blow up or divide 0 by 0; they keep alpha = 1, which is harmless as their x x^T ~ 0.
+    # The floor is relative so that it does not depend on the feature scale.
+    floor = (K1.amax(-1, keepdim=True) * eps).clamp_min(torch.finfo(K.dtype).tiny).detach()
+    active = torch.gt(K1, floor)
+    denom = K1.clamp_min(floor) ** gamma
+    tiny = torch.finfo(K.dtype).tiny
+    alpha = torch.ones_like(K1)
+    for _ in range(iters):
+        sigma = alpha * (K @ alpha[..., None])[..., 0] / denom
+        # Clamp before the power: pow's backward at 0 is infinite for tau < 1.
+        sigma = torch.where(active, sigma.clamp_min(tiny), torch.ones_like(sigma))
+        alpha = alpha / sigma**tau
+    return alpha
+
+
+def democratic_weights(
+    X: Tensor,
+    gamma: float = 0.5,
+    tau: float = 0.5,
+    iters: int = 10,
+    eps: float = 1e-6,
+    detach: bool = False,
+) -> Tensor:
+    """Weights of gamma-democratic aggregation by the dampened Sinkhorn iteration.
+
+    K = (X X^T) o (X X^T); alpha = 1; repeat ``iters`` times:
+    sigma = alpha o (K alpha) / (K 1)^gamma, alpha = alpha / sigma^tau. At convergence
+    (tau = 0.5 converges to sigma = 1) alpha_i (K alpha)_i = (K 1)_i^gamma.
+
+    Args:
+        X: ``(..., n, d)`` features: n locations (e.g. H*W) of d channels, channels last.
+        gamma: 1 = sum pooling (alpha constant), 0 = every location contributes equally.
+        tau: Damping exponent in (0, 1].
+        iters: Sinkhorn iterations (the paper uses 10).
+        eps: Relative floor on (K 1)_i: locations with (K 1)_i <= eps * max_j (K 1)_j keep
+            alpha_i = 1 (their features are ~0, so their weight does not matter).
+        detach: Compute alpha without gradient (as the authors' code does).
+
+    Returns:
+        ``(..., n)`` alpha > 0; float32, or float64 for float64 input.
+    """
+    _check_features(X, "democratic_weights")
+    if iters < 0:
+        raise ValueError(f"democratic_weights: iters must be >= 0, got {iters}")
+    with autocast_disabled(X.device.type):
+        X = to_compute(X)
+        if detach:
+            with torch.no_grad():
+                return _sinkhorn(X.detach(), gamma, tau, iters, eps)
+        return _sinkhorn(X, gamma, tau, iters, eps)
+
+
+def democratic_pool(
+    X: Tensor,
+    gamma: float = 0.5,
+    tau: float = 0.5,
+    iters: int = 10,
+    detach: bool = False,
+    normalize: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """gamma-democratic second-order pooling: sum_i alpha_i x_i x_i^T.
+
+    Args:
+        X: ``(..., n, d)`` features, n locations, d channels (channels last).
+        gamma: Democracy exponent (see :func:`democratic_weights`).
+        tau: Damping exponent.
+        iters: Sinkhorn iterations.
+        detach: Stop the gradient through alpha (authors' code); the gradient then flows
+            only through the outer products.
+        normalize: Divide by sum_i alpha_i (a weighted mean, invariant to the overall scale
+            of alpha; gamma = 1 then equals the B-CNN average (1/n) sum_i x_i x_i^T).
+            False returns the plain weighted sum.
+        eps: Relative floor of :func:`democratic_weights`.
+
+    Returns:
+        ``(..., d, d)`` symmetric pooled matrix; float32, or float64 for float64 input.
+    """
+    _check_features(X, "democratic_pool")
+    alpha = democratic_weights(X, gamma=gamma, tau=tau, iters=iters, eps=eps, detach=detach)
+    with autocast_disabled(X.device.type):
+        X = to_compute(X)
+        if normalize:
+            alpha = alpha / alpha.sum(-1, keepdim=True)
+        return (X * alpha[..., None]).mT @ X
