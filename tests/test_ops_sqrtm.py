@@ -251,3 +251,17 @@ def test_auto_resolution() -> None:
         resolve_sqrtm("cholesky", "auto", "cpu", 512)
     with pytest.raises(ValueError):
         sqrtm(torch.eye(3), scale="max")
+
+
+def test_identity_backward_passes_the_gradient_through() -> None:
+    # BMVC 2017 Table 3's baseline: the square root is ignored in the backward pass.
+    torch.manual_seed(0)
+    x = torch.randn(3, 20, 6, dtype=torch.float64)
+    A = (x.transpose(1, 2) @ x / 20).requires_grad_()
+    upstream = torch.randn(3, 6, 6, dtype=torch.float64)
+    upstream = upstream + upstream.transpose(1, 2)
+    out = sqrtm(A, method="newton_schulz", iters=20, backward="identity")
+    out.backward(upstream)
+    assert torch.allclose(A.grad, upstream)
+    exact = sqrtm(A.detach(), method="eigh")
+    assert torch.allclose(out.detach(), exact, atol=1e-6)

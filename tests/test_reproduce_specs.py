@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from bcnn.config import validate
 from bcnn.results import launch
-from bcnn.results.collect import report_frame
-from bcnn.results.tables import CAPABILITIES, TABLES, experiments_of, published
+from bcnn.results.tables import TABLES, experiments_of, published
 from tests.conftest import CONFIG_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -144,7 +142,6 @@ def test_tables_have_the_published_rows() -> None:
         assert len(set(ids)) == len(ids), table.name
         for row in table.rows:
             assert len(row.columns) == len(table.column_names)
-            assert row.requires is None or row.requires in CAPABILITIES
             top1, _ = published(row.key)
             assert top1 is not None, (table.name, row.key)
 
@@ -210,16 +207,3 @@ def test_smoke_rows_keep_the_head_and_swap_data_and_backbone(tmp_path: Path) -> 
 def test_row_overrides_a_config_file_cannot_hold_are_rejected(override: str) -> None:
     with pytest.raises(ValueError, match="row override"):
         launch.split_overrides([override])
-
-
-def test_unsupported_rows_are_skipped_and_reported(tmp_path: Path, monkeypatch) -> None:
-    _, message = CAPABILITIES["sqrtm_backward_identity"]
-    monkeypatch.setitem(CAPABILITIES, "sqrtm_backward_identity", (lambda: False, message))
-    table = TABLES["bmvc17_table3"]
-    status = launch.launch_table(table, tmp_path, patterns=["ft_gradient_none*"], dry_run=True)
-    assert status == 0
-    manifest = launch.read_manifest(tmp_path)
-    assert manifest["rows"] == [] and len(manifest["skipped"]) == 3
-    report = report_frame(table, pd.DataFrame(columns=["job", "status"]))
-    skipped = report[report["status"].str.startswith("unsupported")]
-    assert len(skipped) == 3 and skipped["published"].notna().all()

@@ -33,11 +33,11 @@ from bcnn.ops._utils import (
 )
 
 Method = Literal["auto", "newton_schulz", "eigh", "svd"]
-Backward = Literal["auto", "lyapunov_iterative", "lyapunov_eig", "autograd", "svd"]
+Backward = Literal["auto", "lyapunov_iterative", "lyapunov_eig", "autograd", "svd", "identity"]
 Scale = Literal["fro", "trace"]
 
 METHODS = ("auto", "newton_schulz", "eigh", "svd")
-BACKWARDS = ("auto", "lyapunov_iterative", "lyapunov_eig", "autograd", "svd")
+BACKWARDS = ("auto", "lyapunov_iterative", "lyapunov_eig", "autograd", "svd", "identity")
 SCALES = ("fro", "trace")
 
 # What ``method="auto"`` / ``backward="auto"`` resolve to, per device type: a list of
@@ -250,6 +250,8 @@ class _SqrtmFunction(torch.autograd.Function):
         ctx.want_inverse = want_inverse
         if backward == "lyapunov_iterative":
             ctx.save_for_backward(Y, W)
+        elif backward == "identity":
+            pass  # the gradient passes through unchanged: nothing to keep
         elif V is not None:
             ctx.decomposed = True
             ctx.save_for_backward(V, s)
@@ -269,7 +271,10 @@ class _SqrtmFunction(torch.autograd.Function):
         if gY is None:
             gY = torch.zeros_like(gW)
         with autocast_disabled(gY.device.type):
-            if ctx.backward_mode == "lyapunov_iterative":
+            if ctx.backward_mode == "identity":
+                # BMVC 2017 Table 3's "ignore the square root in the backward" baseline.
+                gA = symmetrize(gY if gW is None else gY + gW)
+            elif ctx.backward_mode == "lyapunov_iterative":
                 Y, W = ctx.saved_tensors
                 G = gY
                 if gW is not None:
@@ -339,7 +344,9 @@ def sqrtm(
             pass an explicit method where results must not depend on the device).
         iters: Newton-Schulz iterations (ignored by eigh and svd).
         backward: ``"lyapunov_iterative"``, ``"lyapunov_eig"``, ``"autograd"`` (Newton-Schulz
-            only), ``"svd"`` or ``"auto"`` (see :func:`resolve_sqrtm`).
+            only), ``"svd"``, ``"identity"`` (passes the output gradient on unchanged, as if
+            the square root were the identity: BMVC 2017's "ignore" baseline, not a
+            gradient of the root) or ``"auto"`` (see :func:`resolve_sqrtm`).
         scale: Newton-Schulz normalisation c: ``"fro"`` (Frobenius norm, the authors' code)
             or ``"trace"`` (iSQRT-COV).
         return_inverse: Also return A^(-1/2) (Newton-Schulz: Z / sqrt(c); spectral methods:

@@ -263,8 +263,7 @@ def report_frame(table: Table, runs: pd.DataFrame) -> pd.DataFrame:
     Columns: ``table, row_id, label, <table.column_names>, cell, ours, published,
     difference, published_std, ours_mean_class_acc, ours_val_acc, status, job``.
     ``ours`` is the test accuracy (%) of the run, ``difference`` = ours - published.
-    ``status`` is ``ok``, ``failed`` (the job left no results), ``not run`` or
-    ``unsupported: <what the code lacks>``.
+    ``status`` is ``ok``, ``failed`` (the job left no results) or ``not run``.
     """
     records = []
     for row in table.rows:
@@ -278,13 +277,7 @@ def report_frame(table: Table, runs: pd.DataFrame) -> pd.DataFrame:
             ours = float(job["test_acc"])
             rec["ours_mean_class_acc"] = job.get("test_mean_class_acc")
             rec["ours_val_acc"] = job.get("val_acc")
-        missing = row.missing()
-        if missing:
-            status = f"unsupported: {missing}"
-        elif job is None:
-            status = "not run"
-        else:
-            status = "ok" if ours is not None else "failed"
+        status = "not run" if job is None else ("ok" if ours is not None else "failed")
         rec.update(
             ours=ours,
             published=top1,

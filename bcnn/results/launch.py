@@ -269,8 +269,6 @@ def launch_table(
 ) -> int:
     """Writes the rows of ``table`` and runs them as one Hydra multirun.
 
-    Rows whose feature is missing (``Row.missing``) are skipped with a message.
-
     Args:
         table: The table spec.
         sweep_dir: Where the jobs write (``<sweep_dir>/<row id>/``).
@@ -284,15 +282,7 @@ def launch_table(
     Returns:
         The exit status of the multirun (0 when every job succeeded).
     """
-    rows = select_rows(table, patterns)
-    runnable, skipped = [], []
-    for row in rows:
-        why = row.missing()
-        if why:
-            print(f"[reproduce] skipping {row.id}: {why}", file=sys.stderr)
-            skipped.append({"id": row.id, "reason": why})
-        else:
-            runnable.append(row)
+    runnable = select_rows(table, patterns)
     rows_dir = sweep_dir / ROWS_DIR
     names = write_rows(table, runnable, rows_dir, smoke)
     cmd = multirun_command(names, rows_dir, sweep_dir, launcher, extra)
@@ -309,7 +299,6 @@ def launch_table(
             }
             for r in runnable
         ],
-        "skipped": skipped,
         "command": cmd,
     }
     (sweep_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))

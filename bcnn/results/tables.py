@@ -12,9 +12,8 @@ Only rows this code can train are listed: the hand-crafted baselines of the pape
 
 from __future__ import annotations
 
-import importlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -36,26 +35,6 @@ class PaperKey(NamedTuple):
     setting: str
 
 
-def _has_sqrtm_backward(*names: str) -> Callable[[], bool]:
-    def check() -> bool:
-        # The module, not the function ``bcnn.ops.sqrtm`` that the package exports.
-        backwards = importlib.import_module("bcnn.ops.sqrtm").BACKWARDS
-        return any(n in backwards for n in names)
-
-    return check
-
-
-# Features some rows need that the code may lack: name -> (check, what is missing). A row
-# whose feature is missing is listed in the report as unsupported and never launched.
-CAPABILITIES: dict[str, tuple[Callable[[], bool], str]] = {
-    "sqrtm_backward_identity": (
-        _has_sqrtm_backward("identity"),
-        "bcnn.ops.sqrtm has no backward='identity' (pass the gradient through the square "
-        "root unchanged, BMVC 2017 Table 3 'gradient: none')",
-    ),
-}
-
-
 def slug(text: str) -> str:
     """Lower-case ``[a-z0-9_]`` version of ``text`` (for file and config names)."""
     text = text.lower().replace("+", "_plus_").replace("=", "_")
@@ -74,14 +53,12 @@ class Row:
             (``group=option``) and key assignments (``a.b=value``) only: no ``~``/``+``,
             no list indices (the launcher writes them into a config file).
         key: Where the published number is in ``paper_results.csv``; None if unpublished.
-        requires: A key of ``CAPABILITIES`` the job needs, or None.
     """
 
     label: str
     columns: tuple[str, ...]
     overrides: tuple[str, ...]
     key: PaperKey | None
-    requires: str | None = None
 
     @property
     def id(self) -> str:
@@ -95,13 +72,6 @@ class Row:
             if o.startswith("experiment="):
                 return o.split("=", 1)[1]
         return None
-
-    def missing(self) -> str | None:
-        """Why the row cannot run with this code (None if it can)."""
-        if self.requires is None:
-            return None
-        check, message = CAPABILITIES[self.requires]
-        return None if check() else message
 
 
 @dataclass(frozen=True)
@@ -247,21 +217,20 @@ def _bmvc17_table2() -> Table:
 
 
 def _bmvc17_table3() -> Table:
-    families = [  # label, experiment, method in paper_results.csv, setting, requires
-        ("Newton-Schulz, 0 iterations", "bmvc17_t3_ns0", "NS-0iter", "nf", None),
-        ("Newton-Schulz, 1 iteration", "bmvc17_t3_ns1", "NS-1iter", "nf", None),
-        ("Newton-Schulz, 5 iterations", "bmvc17_t3_ns5", "NS-5iter", "nf", None),
-        ("Newton-Schulz, 10 iterations", "bmvc17_t3_ns10", "NS-10iter", "nf", None),
-        ("Newton-Schulz, 20 iterations", "bmvc17_t3_ns20", "NS-20iter", "nf", None),
-        ("SVD", "bmvc17_t1_vgg_d_sqrt_signsqrt", "SVD", "nf", None),
-        ("ft, gradient: Lyapunov", "bmvc17_t2_improved_vgg_d", "ft-grad-LYAP", "ft", None),
-        ("ft, gradient: SVD", "bmvc17_t3_ft_grad_svd", "ft-grad-SVD", "ft", None),
+    families = [  # label, experiment, method in paper_results.csv, setting
+        ("Newton-Schulz, 0 iterations", "bmvc17_t3_ns0", "NS-0iter", "nf"),
+        ("Newton-Schulz, 1 iteration", "bmvc17_t3_ns1", "NS-1iter", "nf"),
+        ("Newton-Schulz, 5 iterations", "bmvc17_t3_ns5", "NS-5iter", "nf"),
+        ("Newton-Schulz, 10 iterations", "bmvc17_t3_ns10", "NS-10iter", "nf"),
+        ("Newton-Schulz, 20 iterations", "bmvc17_t3_ns20", "NS-20iter", "nf"),
+        ("SVD", "bmvc17_t1_vgg_d_sqrt_signsqrt", "SVD", "nf"),
+        ("ft, gradient: Lyapunov", "bmvc17_t2_improved_vgg_d", "ft-grad-LYAP", "ft"),
+        ("ft, gradient: SVD", "bmvc17_t3_ft_grad_svd", "ft-grad-SVD", "ft"),
         (
             "ft, gradient: none (faster)",
             "bmvc17_t3_ft_grad_ignore",
             "ft-ignore-sqrt(Faster)",
             "ft",
-            "sqrtm_backward_identity",
         ),
     ]
     rows = [
@@ -270,9 +239,8 @@ def _bmvc17_table3() -> Table:
             (ds,),
             (f"experiment={exp}", *FINE_GRAINED[ds]),
             PaperKey(*BMVC17, "Table 3", ds, method, "VGG-D", setting),
-            requires,
         )
-        for label, exp, method, setting, requires in families
+        for label, exp, method, setting in families
         for ds in BMVC_DATASETS
     ]
     return Table(
@@ -465,7 +433,6 @@ def experiments_of(tables: Iterable[Table]) -> list[str]:
 
 
 __all__: Sequence[str] = [
-    "CAPABILITIES",
     "TABLES",
     "PaperKey",
     "Row",
