@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
@@ -16,6 +17,19 @@ import bcnn.config  # noqa: F401  (registers the schema)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
+# Under ``pytest -n N`` each worker, and each process a test starts, would otherwise use
+# one thread per core: N times oversubscribed, where OpenMP's spinning threads run many
+# times slower.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads_per_worker():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: Path | None = None) -> DictConfig:
@@ -29,7 +43,12 @@ def run_train(
     args: Sequence[str], cwd: Path = REPO_ROOT, timeout: float = 300, script: Sequence[str] = ()
 ) -> subprocess.CompletedProcess:
     """Runs ``python train.py *args`` (or ``script``) and captures its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HYDRA_FULL_ERROR": "1",
+        "OMP_NUM_THREADS": str(THREADS),
+    }
     cmd = [*(script or [sys.executable, str(REPO_ROOT / "train.py")]), *args]
     return subprocess.run(
         cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False

@@ -16,8 +16,8 @@ class BilinearModel(nn.Module):
     Args:
         backbone: Feature extractor (declares ``out_channels`` and ``input_spec``).
         pooling: Pooling head applied to the feature map.
-        normalization: Normalization chain turning the pooled output into a vector.
-        classifier: Module mapping descriptors (B, D) to logits (B, num_classes).
+        normalization: Normalization chain turning the pooled output into the descriptor.
+        classifier: Module mapping descriptors to logits (B, num_classes).
     """
 
     def __init__(
@@ -68,15 +68,16 @@ class BilinearModel(nn.Module):
             groups. The 1x1 projection of the pooling head (``pooling.proj_dim``), when
             there is one, is its own group ``"proj"`` at ``lr * pooling.proj_lr_scale``.
         """
-        proj = list(getattr(self.pooling, "projection_parameters", list)())
+        proj = self.pooling.projection_parameters()
         proj_ids = {id(p) for p in proj}
         head = [p for p in self.head_parameters() if id(p) not in proj_ids]
         groups = [
-            {"params": proj, "lr": lr * getattr(self.pooling, "proj_lr_scale", 1.0), "name": "proj"},
+            {"params": proj, "lr": lr * self.pooling.proj_lr_scale, "name": "proj"},
             {"params": head, "lr": lr, "name": "head"},
         ]
         if backbone_lr is not None:
             groups.insert(
-                0, {"params": list(self.backbone.parameters()), "lr": backbone_lr, "name": "backbone"}
+                0,
+                {"params": list(self.backbone.parameters()), "lr": backbone_lr, "name": "backbone"},
             )
         return [g for g in groups if g["params"]]

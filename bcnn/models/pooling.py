@@ -4,15 +4,15 @@ Every head takes ``in_channels`` from ``build_model`` (the backbone's ``out_chan
 int, or a pair for two-stream backbones) and an optional 1x1 projection applied to each
 stream first (``proj_dim``; DenseNet-201's 1920 channels -> 128 in the public code):
 
-=============  ===========  ==================================================  ===========
-head           output       what                                                two streams
-=============  ===========  ==================================================  ===========
-``avg``        (B, C)       mean feature (first-order baseline)                 concatenated
-``sum``        (B, d, d)    (1/n) sum_x x x^T (B-CNN)                           x_a x_b^T
-``democratic`` (B, d, d)    sum_x alpha_x x x^T, gamma-democratic (ECCV 2018)   error
-``spectral``   (B, d, d)    ((1/n) sum_x x x^T + eps I)^p                       error
-``compact``    (B, D)       Tensor Sketch / Random Maclaurin of the sum (CVPR16) two-input
-=============  ===========  ==================================================  ===========
+==============  =========  ================================================  ============
+head            output     what                                              two streams
+==============  =========  ================================================  ============
+``avg``         (B, C)     mean feature (first-order baseline)               concatenated
+``sum``         (B, d, d)  (1/n) sum_x x x^T (B-CNN)                         x_a x_b^T
+``democratic``  (B, d, d)  sum_x alpha_x x x^T, democratic (ECCV 2018)       error
+``spectral``    (B, d, d)  ((1/n) sum_x x x^T + eps I)^p                     error
+``compact``     (B, D)     Tensor Sketch / Random Maclaurin (CVPR 2016)      two-input
+==============  =========  ================================================  ============
 """
 
 from __future__ import annotations

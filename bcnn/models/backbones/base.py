@@ -122,6 +122,16 @@ def input_spec_to_meta(spec: InputSpec) -> dict[str, Any]:
     }
 
 
+def _numpy_safe_globals() -> list[Any]:
+    """numpy array reconstruction, allowed under ``weights_only``: bcnn training checkpoints
+    hold numpy's RNG state (a uint32 array). Data types only, no callable code."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Reads a state dict and its metadata from a local file.
 
@@ -150,7 +160,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         if SAFETENSORS_SPEC_KEY in header:
             meta["input_spec"] = json.loads(header[SAFETENSORS_SPEC_KEY])
         return load_file(str(path)), meta
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     meta = {}
     if isinstance(obj, Mapping) and "state_dict" in obj:
         meta = dict(obj.get("meta") or {})

@@ -1,0 +1,159 @@
+"""VGG backbones of the B-CNN papers: VGG-D (VGG-16, torchvision) and VGG-M (our module)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import vgg as tv_vgg
+
+from bcnn.data.spec import IMAGENET, InputSpec
+from bcnn.models.backbones.base import (
+    Backbone,
+    WeightsUnavailableError,
+    check_weight_source,
+    download_hint,
+    hub_cache_path,
+    input_spec_from_meta,
+    load_weights,
+)
+
+# relu5_3 is index 29 of torchvision's VGG-16 ``features``; index 30 is pool5, dropped so
+# that a 448 input gives the 28x28 map of the papers.
+_VGG16_RELU5_3 = 30
+
+# MatConvNet's VGG-M expects RGB in [0, 255] minus the average image of its training set;
+# the converter records the exact colour from the .mat, this is the usual ImageNet mean.
+MATCONVNET_IMAGENET = InputSpec(
+    mean=(123.68, 116.78, 103.94), std=(1.0, 1.0, 1.0), color="RGB", scale=255.0
+)
+
+
+def _init_like_torchvision(module: nn.Module) -> None:
+    """torchvision's VGG initialization (He normal, fan out; zero biases)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class VGG16(Backbone):
+    """VGG-D (VGG-16) up to relu5_3, pool5 dropped: (B, 3, 448, 448) -> (B, 512, 28, 28).
+
+    The module is torchvision's ``vgg16().features[:30]`` (keys ``features.0.weight`` ...),
+    so torchvision's checkpoint file loads as it is through ``weights``.
+
+    Args:
+        pretrained: Load torchvision's ImageNet weights (``IMAGENET1K_V1``) through its
+            download cache.
+        weights: A local state dict or ``.safetensors`` file instead (torchvision's
+            ``vgg16-397923af.pth``, a bcnn checkpoint, or a file converted from MatConvNet's
+            ``imagenet-vgg-verydeep-16.mat``, whose input convention is then adopted).
+    """
+
+    def __init__(self, pretrained: bool = False, weights: str | None = None) -> None:
+        super().__init__()
+        check_weight_source("vgg_d", pretrained, weights)
+        if pretrained:
+            tv_weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+            with download_hint(
+                "VGG-16 (torchvision)", tv_weights.url, hub_cache_path(tv_weights.url)
+            ):
+                features = torchvision.models.vgg16(weights=tv_weights).features
+        else:
+            # Only the convolutional part: building torchvision's whole vgg16() would also
+            # initialize its 120M-parameter classifier (seconds on a CPU) to throw it away.
+            features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=False)
+            _init_like_torchvision(features)
+        self.features = features[:_VGG16_RELU5_3]
+        self.out_channels = 512
+        self.input_spec = IMAGENET
+        if weights:
+            meta = load_weights(self, weights)
+            self.input_spec = input_spec_from_meta(meta) or IMAGENET
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 512, H / 16, W / 16)."""
+        return self.features(x)
+
+
+class VGGM(Backbone):
+    """VGG-M (Chatfield et al., BMVC 2014) up to relu5: (B, 3, 448, 448) -> (B, 512, 27, 27).
+
+    Layer for layer the ``imagenet-vgg-m.mat`` network of MatConvNet (named like its
+    layers, so that the converter maps them one to one)::
+
+        conv1 96 7x7 s2, relu, LRN, maxpool 3x3 s2
+        conv2 256 5x5 s2 pad 1, relu, LRN, maxpool 3x3 s2 pad [0 1 0 1]
+        conv3 512 3x3 pad 1, relu; conv4 512 3x3 pad 1, relu; conv5 512 3x3 pad 1, relu
+
+    MatConvNet pads pool2 by one row and column at the bottom/right; with a 3x3 window and
+    stride 2 that is exactly ``ceil_mode=True`` (448: 221 -> 110 -> 54 -> 27).
+    There are no torchvision weights: convert the MatConvNet file with
+    ``scripts/convert_matconvnet.py`` and pass it as ``weights``.
+
+    Args:
+        pretrained: Must be False (raises with instructions otherwise).
+        weights: A state dict or ``.safetensors`` file, e.g. converted from
+            ``imagenet-vgg-m.mat``; its recorded input convention is adopted.
+        lrn: LRN parameters in MatConvNet's convention ``[N, kappa, alpha, beta]``:
+            y = x / (kappa + alpha * sum over N channels of x^2)^beta (alpha is *not*
+            divided by N, unlike Caffe and ``torch.nn.LocalResponseNorm``).
+    """
+
+    def __init__(
+        self,
+        pretrained: bool = False,
+        weights: str | None = None,
+        lrn: Sequence[float] = (5, 2.0, 1e-4, 0.75),
+    ) -> None:
+        super().__init__()
+        if pretrained:
+            raise WeightsUnavailableError(
+                "vgg_m: there are no torchvision/timm weights for VGG-M. Download "
+                "imagenet-vgg-m.mat from https://www.vlfeat.org/matconvnet/pretrained/, "
+                "convert it with `python scripts/convert_matconvnet.py imagenet-vgg-m.mat "
+                "-o vgg_m.safetensors` and pass backbone.weights=vgg_m.safetensors "
+                "(backbone.pretrained=false)."
+            )
+        n, kappa, alpha, beta = lrn
+        n = int(n)
+
+        def norm() -> nn.LocalResponseNorm:
+            # torch divides alpha by the window size; MatConvNet does not.
+            return nn.LocalResponseNorm(n, alpha=alpha * n, beta=beta, k=kappa)
+
+        self.features = nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(3, 96, 7, stride=2)),
+                    ("relu1", nn.ReLU(inplace=True)),
+                    ("norm1", norm()),
+                    ("pool1", nn.MaxPool2d(3, stride=2)),
+                    ("conv2", nn.Conv2d(96, 256, 5, stride=2, padding=1)),
+                    ("relu2", nn.ReLU(inplace=True)),
+                    ("norm2", norm()),
+                    ("pool2", nn.MaxPool2d(3, stride=2, ceil_mode=True)),
+                    ("conv3", nn.Conv2d(256, 512, 3, padding=1)),
+                    ("relu3", nn.ReLU(inplace=True)),
+                    ("conv4", nn.Conv2d(512, 512, 3, padding=1)),
+                    ("relu4", nn.ReLU(inplace=True)),
+                    ("conv5", nn.Conv2d(512, 512, 3, padding=1)),
+                    ("relu5", nn.ReLU(inplace=True)),
+                ]
+            )
+        )
+        _init_like_torchvision(self.features)
+        self.out_channels = 512
+        self.input_spec = MATCONVNET_IMAGENET
+        if weights:
+            meta = load_weights(self, weights)
+            self.input_spec = input_spec_from_meta(meta) or MATCONVNET_IMAGENET
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 512, H', W'); 448 -> 27, 224 -> 13."""
+        return self.features(x)

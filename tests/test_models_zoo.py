@@ -1,0 +1,220 @@
+"""Every backbone x pooling x normalization x classifier option, built from the configs.
+
+The full cross-product of pooling x normalization x classifier runs on the small backbone;
+every real backbone runs with every pooling (random weights, 64x64 inputs). Incompatible
+combinations must fail at build time with a ValueError that says what to change.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+
+import bcnn.config  # noqa: F401  (registers the train_schema the root config extends)
+from bcnn.models import build_model
+
+NUM_CLASSES = 3
+POOLINGS = ["avg", "sum", "democratic", "spectral", "compact"]
+NORMALIZATIONS = [
+    "none",
+    "l2",
+    "signsqrt_l2",
+    "log_l2",
+    "sqrt_l2",
+    "log_signsqrt_l2",
+    "sqrt_signsqrt_l2",
+]
+CLASSIFIERS = ["linear", "lowrank"]
+VECTOR_POOLINGS = {"avg", "compact"}
+MATRIX_NORMALIZATIONS = {"log_l2", "sqrt_l2", "log_signsqrt_l2", "sqrt_signsqrt_l2"}
+# Per backbone: overrides that keep it fast, the input size, the channels after pooling
+# (projection included) and the normalization used with each pooling.
+BACKBONES = {
+    "vgg_d": ([], 64, 512),
+    "vgg_m": ([], 64, 512),
+    "densenet201": (["pooling.proj_dim=24"], 64, 24),
+    "timm": (["backbone.name=resnet18"], 64, 512),
+    "vgg_dm": ([], 64, (512, 512)),
+}
+REAL_NORM = {
+    "avg": "l2",
+    "sum": "sqrt_signsqrt_l2",
+    "democratic": "log_l2",
+    "spectral": "signsqrt_l2",
+    "compact": "signsqrt_l2",
+}
+
+
+def _options(group: str) -> set[str]:
+    return {
+        p.name[: -len(".yaml")]
+        for p in files("bcnn.configs").joinpath(group).iterdir()
+        if p.name.endswith(".yaml")
+    }
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_module("bcnn.configs", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def _expected_error(
+    pooling: str, normalization: str, classifier: str, two_stream: bool
+) -> str | None:
+    """The regex of the build error for an incompatible combination, None if it works."""
+    if two_stream and pooling in ("democratic", "spectral"):
+        return "does not combine two feature maps"
+    if pooling in VECTOR_POOLINGS and normalization in MATRIX_NORMALIZATIONS:
+        return "matrix steps .* pooling head gives vectors"
+    if pooling in VECTOR_POOLINGS and classifier == "lowrank":
+        return "classifier reads the pooled matrix"
+    if two_stream and normalization in MATRIX_NORMALIZATIONS:
+        return "matrix functions .* two-stream"
+    return None
+
+
+def _descriptor_shape(pooling: str, classifier: str, channels, cfg) -> tuple[int, ...]:
+    if pooling == "avg":
+        return (sum(channels) if isinstance(channels, tuple) else channels,)
+    if pooling == "compact":
+        return (cfg.pooling.out_dim,)
+    d1, d2 = channels if isinstance(channels, tuple) else (channels, channels)
+    return (d1, d2) if classifier == "lowrank" else (d1 * d2,)
+
+
+def _check_model(overrides: list[str], size: int, channels, pooling: str, norm: str, clf: str):
+    cfg = _compose(overrides)
+    error = _expected_error(pooling, norm, clf, isinstance(channels, tuple))
+    if error is not None:
+        with pytest.raises(ValueError, match=error):
+            build_model(cfg, NUM_CLASSES)
+        return
+    torch.manual_seed(0)
+    model = build_model(cfg, NUM_CLASSES).train()
+    if clf == "linear":
+        # The zero-initialized classifier would pass no gradient back to the features.
+        torch.nn.init.normal_(model.classifier.weight, std=0.1)
+    x = torch.randn(2, 3, size, size)
+    desc = model.features(x)
+    assert desc.shape == (2, *_descriptor_shape(pooling, clf, channels, cfg))
+    assert torch.isfinite(desc).all()
+    logits = model(x)
+    assert logits.shape == (2, NUM_CLASSES)
+    assert torch.isfinite(logits).all()
+    F.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+    # The signal reaches the input layer and every head parameter. (Not every backbone
+    # parameter: timm's ResNets zero-init the last BatchNorm of each residual branch.)
+    for p in [next(model.backbone.parameters()), *model.head_parameters()]:
+        assert p.grad.abs().sum() > 0
+    # Every parameter is in exactly one optimizer group.
+    groups = model.param_groups(lr=0.1, backbone_lr=0.01)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+
+
+def test_every_option_is_tested():
+    assert _options("pooling") == set(POOLINGS)
+    assert _options("normalization") == set(NORMALIZATIONS)
+    assert _options("classifier") == set(CLASSIFIERS)
+    assert _options("backbone") == {"small", *BACKBONES}
+
+
+@pytest.mark.parametrize("classifier", CLASSIFIERS)
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_small_backbone_all_heads(pooling, normalization, classifier):
+    overrides = [
+        "backbone=small",
+        "backbone.channels=[8,12]",
+        f"pooling={pooling}",
+        f"normalization={normalization}",
+        f"classifier={classifier}",
+    ]
+    if pooling == "compact":
+        overrides.append("pooling.out_dim=64")
+    _check_model(overrides, 16, 12, pooling, normalization, classifier)
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_real_backbones_every_pooling(backbone, pooling):
+    extra, size, channels = BACKBONES[backbone]
+    norm = REAL_NORM[pooling]
+    overrides = [f"backbone={backbone}", f"pooling={pooling}", f"normalization={norm}", *extra]
+    if pooling == "compact":
+        overrides.append("pooling.out_dim=1024")
+    _check_model(overrides, size, channels, pooling, norm, "linear")
+
+
+def test_two_stream_bilinear_with_lowrank_classifier():
+    cfg = _compose(
+        [
+            "backbone=vgg_dm",
+            "pooling=sum",
+            "normalization=signsqrt_l2",
+            "classifier=lowrank",
+            "classifier.rank=2",
+        ]
+    )
+    model = build_model(cfg, NUM_CLASSES)
+    x = torch.randn(1, 3, 64, 64)
+    assert model.features(x).shape == (1, 512, 512)
+    assert model(x).shape == (1, NUM_CLASSES)
+
+
+def test_two_stream_rejects_matrix_functions_and_triu():
+    cfg = _compose(["backbone=vgg_dm", "pooling=sum", "normalization=sqrt_l2"])
+    with pytest.raises(ValueError, match="two-stream"):
+        build_model(cfg, NUM_CLASSES)
+    cfg = _compose(
+        ["backbone=vgg_dm", "pooling=sum", "normalization=l2", "normalization.triu=true"]
+    )
+    with pytest.raises(ValueError, match="triu"):
+        build_model(cfg, NUM_CLASSES)
+
+
+def test_step_options_override_from_the_command_line():
+    cfg = _compose(
+        [
+            "backbone=small",
+            "pooling=spectral",
+            "pooling.p=0.3",
+            "normalization=sqrt_l2",
+            "normalization.steps.0.iters=9",
+            "normalization.steps.0.method=eigh",
+            "normalization.steps.0.eps_mode=abs",
+            "normalization.steps.0.eps=1.0",
+        ]
+    )
+    model = build_model(cfg, NUM_CLASSES)
+    step = model.normalization.matrix_steps[0]
+    assert (step.iters, step.method, step.eps_mode, step.eps) == (9, "eigh", "abs", 1.0)
+    assert model.pooling.power.p == 0.3
+
+
+def test_projection_has_its_own_learning_rate():
+    cfg = _compose(
+        [
+            "backbone=small",
+            "pooling=sum",
+            "pooling.proj_dim=4",
+            "pooling.proj_bn=true",
+            "pooling.proj_lr_scale=0.5",
+        ]
+    )
+    model = build_model(cfg, NUM_CLASSES)
+    groups = {g["name"]: g for g in model.param_groups(lr=2.0, backbone_lr=None)}
+    assert set(groups) == {"proj", "head"}
+    assert groups["proj"]["lr"] == 1.0 and groups["head"]["lr"] == 2.0
+    # conv weight + BN weight and bias
+    assert len(groups["proj"]["params"]) == 3
+    assert model.features(torch.randn(2, 3, 16, 16)).shape == (2, 16)
+    # The projection trains in the linear stage: it is not part of the backbone.
+    assert {id(p) for p in groups["proj"]["params"]} <= {id(p) for p in model.head_parameters()}
