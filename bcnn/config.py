@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 STAGES = ("linear", "finetune")
@@ -135,6 +137,22 @@ class TrainConfig:
     experiment: Any = None
     seed: int = 0
     output_dir: str | None = None
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` (with ``_convert_="all"``) that lets our errors through.
+
+    Hydra wraps whatever the target raises in an ``InstantiationException`` and shows its
+    repr; the constructors' ValueError / FileNotFoundError / WeightsUnavailableError
+    already name the config key or file and the fix, and callers catch them by type.
+    """
+    kwargs.setdefault("_convert_", "all")
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise
 
 
 def register_configs() -> None:

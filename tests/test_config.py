@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from hydra.utils import instantiate
 
-from bcnn.config import validate
+from bcnn.config import instantiate, validate
 from bcnn.engine import train
 from bcnn.models import build_model
 from tests.conftest import CONFIG_DIR, REPO_ROOT, compose_config, run_train
@@ -124,3 +123,16 @@ def test_multirun_sweep_returns_one_result_per_job(tmp_path: Path) -> None:
     # The sweep-summary callback gathers both jobs.
     summary = (tmp_path / "summary.csv").read_text()
     assert len(summary.strip().splitlines()) == 3 and "test_acc" in summary
+
+
+def test_missing_dataset_fails_before_the_model_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = []
+    monkeypatch.setattr("bcnn.engine.trainer.build_model", lambda *a: built.append(a))
+    root = tmp_path / "no_cub_here"
+    cfg = compose_config(["dataset=cub", f"dataset.root={root}"], tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="no_cub_here") as err:
+        train(cfg)
+    assert "prepare_data.py" in str(err.value) or "http" in str(err.value)
+    assert not built and not (tmp_path / "run" / "checkpoints").exists()

@@ -30,13 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from bcnn.config import StageConfig, TrainConfig, validate
+from bcnn.config import StageConfig, TrainConfig, instantiate, validate
 from bcnn.engine import distributed as D
 from bcnn.engine.cache import CachedViews, ViewAverage, build_cache
 from bcnn.engine.checkpoint import (
@@ -184,7 +183,7 @@ class _Run:
         # Built before the model, without transforms: a missing or malformed dataset
         # fails here, before any weights are loaded.
         datasets = {
-            role: instantiate(self.cfg.dataset, split=split, transform=None, _convert_="all")
+            role: instantiate(self.cfg.dataset, split=split, transform=None)
             for role, split in self.split_names.items()
         }
         for role, ds in datasets.items():

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
+from hydra.utils import get_object
 from omegaconf import DictConfig
 
+from bcnn.config import instantiate
 from bcnn.models.model import BilinearModel
 
 
@@ -31,32 +29,17 @@ def build_model(cfg: DictConfig, num_classes: int) -> BilinearModel:
         A ``BilinearModel`` whose ``forward`` gives logits (B, num_classes) and whose
         ``features`` gives the normalized descriptor (B, D) (or (B, d1, d2)).
     """
-    backbone = _instantiate(cfg.backbone)
-    pooling = _instantiate(cfg.pooling, in_channels=backbone.out_channels)
+    backbone = instantiate(cfg.backbone)
+    pooling = instantiate(cfg.pooling, in_channels=backbone.out_channels)
     wants_matrix = bool(getattr(get_object(cfg.classifier._target_), "wants_matrix", False))
-    normalization = _instantiate(cfg.normalization, keep_matrix=wants_matrix)
+    normalization = instantiate(cfg.normalization, keep_matrix=wants_matrix)
     dim = normalization.out_dim(pooling.out_dim, pooling.is_matrix)
-    classifier = _instantiate(
+    classifier = instantiate(
         cfg.classifier,
         in_features=pooling.out_dim if wants_matrix else dim,
         num_classes=num_classes,
     )
     return BilinearModel(backbone, pooling, normalization, classifier)
-
-
-def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that lets our own errors through unwrapped.
-
-    Hydra wraps whatever the target raises in an ``InstantiationException``; the
-    constructors' ValueError / FileNotFoundError / WeightsUnavailableError already name the
-    config key and the fix, and callers (and tests) catch them by type.
-    """
-    try:
-        return instantiate(node, _convert_="all", **kwargs)
-    except InstantiationException as err:
-        if err.__cause__ is not None:
-            raise err.__cause__ from None
-        raise
 
 
 __all__ = ["BilinearModel", "build_model"]
