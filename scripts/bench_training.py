@@ -70,6 +70,16 @@ def _time(fn: Callable[[], None], device: torch.device, steps: int, warmup: int)
     return (time.perf_counter() - start) / steps
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -199,7 +209,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    label = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    label = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     rows = [bench_model(m, MODELS[m], args) for m in args.models]
     for row in rows:
         print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
@@ -217,7 +227,7 @@ def main() -> None:
     lines = [
         f"# Training throughput ({device.type})",
         "",
-        f"- Device: {label or device.type} ({threads} torch threads); torch {torch.__version__}",
+        f"- Device: {label} ({threads} torch threads); torch {torch.__version__}",
         f"- Date: {date}",
         f"- Command: `{command}`",
         "",
