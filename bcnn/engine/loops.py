@@ -118,7 +118,7 @@ def train_one_epoch(
         correct += int((logits.detach().argmax(1) == labels).sum())
         seen += n
         if progress:
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
     return EpochStats(loss_sum, correct, seen)
 
 
