@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bcnn.ops import democratic_pool, logm, powm, signed_sqrt, sqrtm
+from bcnn.ops import democratic_pool, logm, powm, signed_power, signed_sqrt, sqrtm
 
 SQRTM_MODES = [
     ("newton_schulz", "lyapunov_iterative"),
@@ -135,3 +135,15 @@ def test_signed_sqrt_is_finite_at_zero() -> None:
     x = torch.zeros(5, requires_grad=True)
     signed_sqrt(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_signed_power_is_guarded_at_zero_and_exact_away_from_it() -> None:
+    x = torch.tensor([-4.0, -1e-3, 0.0, 1e-3, 9.0], dtype=torch.float64, requires_grad=True)
+    y = signed_power(x, 0.3, eps=1e-12)
+    exact = torch.sign(x) * x.abs() ** 0.3
+    assert torch.allclose(y, exact.detach(), atol=1e-3)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad[2] == pytest.approx(0.3 * 1e-12 ** (0.3 - 1.0))
+    with pytest.raises(ValueError, match="p must be in"):
+        signed_power(x, 1.5)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bcnn.ops import logm, powm, signed_sqrt, sqrtm
+from bcnn.ops import logm, powm, signed_power, signed_sqrt, sqrtm
 
 EPS_MODES = ("abs", "trace")
 
@@ -177,22 +177,6 @@ class MatrixPower(_MatrixStep):
         return f"p={self.p}, " + super().extra_repr()
 
 
-class _GuardedPower(torch.autograd.Function):
-    """sign(z) ((|z| + eps)^p - eps^p); derivative p (|z| + eps)^(p - 1), finite at 0."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, p: float, eps: float) -> torch.Tensor:
-        base = z.abs() + eps
-        ctx.save_for_backward(base)
-        ctx.p = p
-        return torch.sign(z) * (base.pow(p) - eps**p)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (base,) = ctx.saved_tensors
-        return grad * ctx.p * base.pow(ctx.p - 1.0), None, None
-
-
 class ElementwisePower(nn.Module):
     """Elementwise sign(z) |z|^p, 0 < p <= 1, with a bounded gradient at 0.
 
@@ -207,14 +191,14 @@ class ElementwisePower(nn.Module):
     def __init__(self, p: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__()
         if not 0.0 < p <= 1.0:
-            raise ValueError(f"ElementwisePower: p must be in (0, 1], got {p}")
+            raise ValueError(f"normalization power step: p must be in (0, 1], got {p}")
         if eps <= 0:
-            raise ValueError(f"ElementwisePower: eps must be > 0, got {eps}")
+            raise ValueError(f"normalization power step: eps must be > 0, got {eps}")
         self.p, self.eps = float(p), float(eps)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Any shape -> same shape."""
-        return _GuardedPower.apply(z, self.p, self.eps)
+        return signed_power(z, self.p, self.eps)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, eps={self.eps}"

@@ -6,7 +6,7 @@ Matrix functions take batched symmetric PSD matrices ``(..., d, d)`` and compute
 
 from bcnn.ops.compact import RandomMaclaurin, TensorSketch
 from bcnn.ops.democratic import democratic_pool, democratic_weights
-from bcnn.ops.elementwise import signed_sqrt
+from bcnn.ops.elementwise import signed_power, signed_sqrt
 from bcnn.ops.spectral import logm, powm
 from bcnn.ops.sqrtm import SQRTM_AUTO_TABLE, resolve_sqrtm, sqrtm
 
@@ -19,6 +19,7 @@ __all__ = [
     "logm",
     "powm",
     "resolve_sqrtm",
+    "signed_power",
     "signed_sqrt",
     "sqrtm",
 ]

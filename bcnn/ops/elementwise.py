@@ -5,29 +5,52 @@ from __future__ import annotations
 import torch
 
 
-class _SignedSqrt(torch.autograd.Function):
-    """sign(x) * sqrt(|x| + eps) - sign(x) * sqrt(eps) with a bounded derivative at 0."""
+class _SignedPower(torch.autograd.Function):
+    """sign(x) ((|x| + eps)^p - eps^p) with the derivative p (|x| + eps)^(p - 1)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        root = torch.sqrt(x.abs() + eps)
-        ctx.save_for_backward(root)
-        return torch.sign(x) * (root - eps**0.5)
+    def forward(ctx, x: torch.Tensor, p: float, eps: float) -> torch.Tensor:
+        base = x.abs() + eps
+        ctx.save_for_backward(base)
+        ctx.p = p
+        return torch.sign(x) * (base.pow(p) - eps**p)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (root,) = ctx.saved_tensors
-        # d/dx sqrt(|x| + eps) = 1 / (2 sqrt(|x| + eps)); at x = 0 this is 1 / (2 sqrt(eps)),
-        # finite, where the unguarded 1 / (2 sqrt(|x|)) is infinite and gives NaN downstream.
-        return grad / (2.0 * root), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (base,) = ctx.saved_tensors
+        # At x = 0 the unguarded derivative p |x|^(p - 1) is infinite and turns the whole
+        # backward pass into NaN; the guarded one is p eps^(p - 1), finite.
+        return grad * ctx.p * base.pow(ctx.p - 1.0), None, None
+
+
+def signed_power(x: torch.Tensor, p: float, eps: float = 1e-8) -> torch.Tensor:
+    """Signed power ``sign(x) |x|^p`` for 0 < p <= 1 with a guarded gradient.
+
+    The forward value is ``sign(x) ((|x| + eps)^p - eps^p)``: 0 at 0, continuous and close
+    to the exact signed power; its derivative ``p (|x| + eps)^(p - 1)`` is at most
+    ``p eps^(p - 1)``.
+
+    Args:
+        x: Any shape, any floating dtype.
+        p: Exponent in (0, 1].
+        eps: Guard added inside the power; must be > 0.
+
+    Returns:
+        Tensor of the same shape and dtype as ``x``.
+    """
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"signed_power: p must be in (0, 1], got {p}")
+    if eps <= 0:
+        raise ValueError(f"signed_power: eps must be > 0, got {eps}")
+    return _SignedPower.apply(x, float(p), float(eps))
 
 
 def signed_sqrt(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Signed square root ``sign(x) * sqrt(|x|)`` with a guarded gradient.
+    """Signed square root ``sign(x) sqrt(|x|)`` with a guarded gradient.
 
-    The forward value is ``sign(x) * (sqrt(|x| + eps) - sqrt(eps))``, which is 0 at 0,
-    continuous and within ``sqrt(eps)`` of the exact signed square root; its derivative is
-    ``1 / (2 sqrt(|x| + eps))``, at most ``1 / (2 sqrt(eps))``.
+    ``signed_power(x, 0.5, eps)``: the value is ``sign(x) (sqrt(|x| + eps) - sqrt(eps))``,
+    within ``sqrt(eps)`` of the exact signed square root, and the derivative
+    ``1 / (2 sqrt(|x| + eps))`` is at most ``1 / (2 sqrt(eps))``.
 
     Args:
         x: Any shape, any floating dtype.
@@ -38,4 +61,4 @@ def signed_sqrt(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """
     if eps <= 0:
         raise ValueError(f"signed_sqrt: eps must be > 0, got {eps}")
-    return _SignedSqrt.apply(x, eps)
+    return signed_power(x, 0.5, eps)
