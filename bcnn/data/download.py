@@ -124,6 +124,21 @@ class DatasetSource:
 
 
 _INAT = "https://ml-inat-competition-datasets.s3.amazonaws.com"
+# The 2021 validation images and annotations, shared by the full and the mini train sets.
+_INAT_2021_VAL = (
+    Archive(
+        f"{_INAT}/2021/val.tar.gz",
+        "f6f6e0e242e3d4c9569ba56400938afc",
+        subdir="2021",
+        creates="2021/val",
+    ),
+    Archive(
+        f"{_INAT}/2021/val.json.tar.gz",
+        "4d761e0f6a86cc63e8f7afc91f6a8f0b",
+        subdir="2021",
+        creates="2021/val.json",
+    ),
+)
 _CARS = "http://ai.stanford.edu/~jkrause"
 
 SOURCES: dict[str, DatasetSource] = {
@@ -316,18 +331,7 @@ access is gated: fill in the form at https://dl.allaboutbirds.org/nabirds to get
                         subdir="2021",
                         creates="2021/train.json",
                     ),
-                    Archive(
-                        f"{_INAT}/2021/val.tar.gz",
-                        "f6f6e0e242e3d4c9569ba56400938afc",
-                        subdir="2021",
-                        creates="2021/val",
-                    ),
-                    Archive(
-                        f"{_INAT}/2021/val.json.tar.gz",
-                        "4d761e0f6a86cc63e8f7afc91f6a8f0b",
-                        subdir="2021",
-                        creates="2021/val.json",
-                    ),
+                    *_INAT_2021_VAL,
                 ),
                 "2021_mini": (
                     Archive(
@@ -342,18 +346,7 @@ access is gated: fill in the form at https://dl.allaboutbirds.org/nabirds to get
                         subdir="2021",
                         creates="2021/train_mini.json",
                     ),
-                    Archive(
-                        f"{_INAT}/2021/val.tar.gz",
-                        "f6f6e0e242e3d4c9569ba56400938afc",
-                        subdir="2021",
-                        creates="2021/val",
-                    ),
-                    Archive(
-                        f"{_INAT}/2021/val.json.tar.gz",
-                        "4d761e0f6a86cc63e8f7afc91f6a8f0b",
-                        subdir="2021",
-                        creates="2021/val.json",
-                    ),
+                    *_INAT_2021_VAL,
                 ),
             },
         ),
