@@ -17,8 +17,6 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 STAGES = ("linear", "finetune")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = ("32", "bf16", "fp16")
 
 
@@ -33,35 +31,28 @@ class StageConfig:
 
     ``lr`` is the learning rate of everything after the backbone (pooling projection and
     classifier); ``backbone_lr`` that of the backbone (used only when it trains).
+    ``optimizer`` and ``scheduler`` are ``_partial_`` Hydra nodes (config groups
+    ``optimizer`` and ``scheduler``): ``optimizer(param_groups, lr=lr)`` and
+    ``scheduler(optimizer)`` build them; schedules step once per epoch.
     ``batch_size`` is the micro-batch; the optimizer steps every ``grad_accum`` of them.
     """
 
-    optimizer: str = "sgd"
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
     lr: float = 1.0
     backbone_lr: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 0.0
     epochs: int = 10
     batch_size: int = 64
     grad_accum: int = 1
-    schedule: str = "cosine"
-    step_size: int = 25
-    gamma: float = 0.1
     grad_clip: float | None = None
 
     def validate(self, prefix: str) -> None:
         """Raises ValueError naming ``prefix.<key>`` for out-of-range values."""
-        _check(self.optimizer in OPTIMIZERS, f"{prefix}.optimizer", f"choose one of {OPTIMIZERS}")
-        _check(self.schedule in SCHEDULES, f"{prefix}.schedule", f"choose one of {SCHEDULES}")
         _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
         _check(self.backbone_lr >= 0, f"{prefix}.backbone_lr", "must be >= 0")
-        _check(0 <= self.momentum < 1, f"{prefix}.momentum", "must be in [0, 1)")
-        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
         _check(self.epochs >= 1, f"{prefix}.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
         _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
-        _check(self.step_size >= 1, f"{prefix}.step_size", "must be >= 1")
-        _check(0 < self.gamma <= 1, f"{prefix}.gamma", "must be in (0, 1]")
         _check(self.grad_clip is None or self.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0")
 
 
@@ -124,6 +115,14 @@ class TrainerConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Where data is read and the run writes (``paths.*``)."""
+
+    data_dir: str = "data"
+    output_dir: str | None = None
+
+
+@dataclass
 class TrainConfig:
     """The root config. Group nodes are free-form here; each has its own ``_target_``."""
 
@@ -134,9 +133,10 @@ class TrainConfig:
     dataset: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: Any = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
     experiment: Any = None
+    debug: Any = None
     seed: int = 0
-    output_dir: str | None = None
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -176,6 +176,33 @@ def validate(cfg: DictConfig) -> None:
     trainer = OmegaConf.to_object(cfg.trainer)
     assert isinstance(trainer, TrainerConfig)
     trainer.validate()
+    for name in trainer.stages:
+        _check_schedule(cfg.trainer[name], f"trainer.{name}")
+
+
+def _check_schedule(stage: DictConfig, prefix: str) -> None:
+    """Builds the stage's optimizer and scheduler on a dummy parameter.
+
+    torch checks its own arguments (a negative momentum, betas outside [0, 1), an unknown
+    keyword): this surfaces those errors, with the key, before any data is read.
+    """
+    import torch
+
+    for key in ("optimizer", "scheduler"):
+        _check(
+            isinstance(stage.get(key), DictConfig) and "_target_" in stage[key],
+            f"{prefix}.{key}",
+            f"select a {key} config with a _target_ (e.g. {key}@{prefix}.{key}=<option>)",
+        )
+    param = torch.zeros(1, requires_grad=True)
+    try:
+        optimizer = instantiate(stage.optimizer)([param], lr=float(stage.lr))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Invalid config value for '{prefix}.optimizer': {err}") from None
+    try:
+        instantiate(stage.scheduler)(optimizer)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Invalid config value for '{prefix}.scheduler': {err}") from None
 
 
 register_configs()

@@ -44,7 +44,6 @@ from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg, read_file
 
 from bcnn.data.base import Record, RecordDataset
-from bcnn.data.spec import IMAGENET
 from bcnn.data.transforms import build_transforms
 
 RECIPES = {
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
         records = [Record(p.name, 0) for p in paths]
         for name, recipe in RECIPES.items():
-            transform = build_transforms(recipe, IMAGENET, train=True)
+            transform = build_transforms(recipe, augment=True)
             dataset = RecordDataset(tmp, records, ["x"], transform=transform)
             add(
                 "decode+augment",
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.repeats,
                 ),
             )
-        eval_transform = build_transforms(RECIPES["short_side"], IMAGENET, train=False)
+        eval_transform = build_transforms(RECIPES["short_side"], augment=False)
         dataset = RecordDataset(tmp, records, ["x"], transform=eval_transform)
         add(
             "decode+eval",
@@ -208,24 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             *rate(lambda i: dataset[i], len(paths), args.repeats),
         )
 
-        short_side = build_transforms(RECIPES["short_side"], IMAGENET, train=True)
+        short_side = build_transforms(RECIPES["short_side"], augment=True)
         train_set = RecordDataset(tmp, records, ["x"], transform=short_side)
         for workers in sorted({1, 2, args.max_workers}):
             per_s = loader_rate(train_set, workers, passes=max(2, 128 * workers // len(paths)))
             add("DataLoader", "PIL", "short_side", float("nan"), per_s, workers)
-        # The same crops left as uint8, to be normalized on the device: 4x fewer bytes to
-        # pass from the workers to the main process.
-        uint8_out = build_transforms(RECIPES["short_side"], IMAGENET, train=True, normalize=False)
-        train_set.transform = uint8_out
-        add(
-            "decode+augment uint8",
-            "PIL",
-            "short_side",
-            *rate(train_set.__getitem__, len(paths), args.repeats),
-        )
-        for workers in sorted({1, args.max_workers}):
-            per_s = loader_rate(train_set, workers, passes=max(2, 128 * workers // len(paths)))
-            add("DataLoader uint8 out", "PIL", "short_side", float("nan"), per_s, workers)
 
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = args.out / "data_loading_cpu.csv", args.out / "data_loading_cpu.md"
@@ -253,19 +239,16 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     ours, loader = row("decode+augment"), row("DataLoader")
-    u8, u8_loader = row("decode+augment uint8"), row("DataLoader uint8 out")
     aircraft = row("decode+augment", recipe="resize_crop")
     pil, tv = row("decode", recipe="-"), row("decode", "decode_jpeg", "-")
     headline = (
         f"One worker decodes and augments {ours['images_per_s']} images/s (CUB recipe, PIL, "
-        f"448 float output): at least {ours['workers_for_target']} workers for "
-        f"{args.target:.0f} images/s ({aircraft['workers_for_target']} for Aircraft's "
-        f"resize_crop). Through a real DataLoader, which also moves the float32 tensors to "
-        f"the main process, one worker delivered {loader['images_per_s']} images/s: "
-        f"{loader['workers_for_target']} workers. Returning uint8 and normalizing on the GPU "
-        f"(`build_transforms(..., normalize=False)` + `ToNormalizedFloat`): "
-        f"{u8['images_per_s']} images/s in-process, {u8_loader['images_per_s']} through the "
-        f"DataLoader. Decoding alone: PIL {pil['images_per_s']} vs `torchvision.io.decode_jpeg` "
+        f"448 uint8 output; the model normalizes batches on its device): at least "
+        f"{ours['workers_for_target']} workers for {args.target:.0f} images/s "
+        f"({aircraft['workers_for_target']} for Aircraft's resize_crop). Through a real "
+        f"DataLoader, which also moves the tensors to the main process, one worker delivered "
+        f"{loader['images_per_s']} images/s: {loader['workers_for_target']} workers. "
+        f"Decoding alone: PIL {pil['images_per_s']} vs `torchvision.io.decode_jpeg` "
         f"{tv['images_per_s']} images/s."
     )
     table = [

@@ -57,7 +57,7 @@ HEADS: dict[str, tuple[list[str], str]] = {
         "spectral p=0.5 (Newton-Schulz, the config default) + signed sqrt + L2",
     ),
     "spectral_p03": (
-        ["pooling=spectral", "pooling.p=0.3", "normalization=signsqrt_l2"],
+        ["pooling=spectral", "normalization.mpow.p=0.3", "normalization=signsqrt_l2"],
         "spectral p=0.3 (eigh, powm) + signed sqrt + L2",
     ),
     "compact": (
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         with initialize_config_module("bcnn.configs", version_base="1.3"):
             return compose("train", overrides=["backbone=vgg_d", *overrides])
 
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    x = torch.rand(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(NUM_CLASSES, (args.batch,), device=device)
     backbone = build_model(configured(HEADS["avg"][0]), NUM_CLASSES).backbone.to(device)
 
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(configured(HEADS[name][0]), NUM_CLASSES).to(device)
         model.backbone = backbone
         torch.nn.init.normal_(model.classifier.weight, std=0.01)
-        dims[name] = model.normalization.out_dim(model.pooling.out_dim, model.pooling.is_matrix)
+        dims[name] = model.descriptor_shape.numel
         fns[name] = head_functions(model, fmap.clone().requires_grad_(True), x, y, autocast)
 
     # Every head's functions are timed round-robin, so that all heads see the same mix of

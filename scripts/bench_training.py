@@ -96,9 +96,10 @@ def bench_model(name: str, overrides: list[str], args: argparse.Namespace) -> di
     model = build_model(cfg, args.classes).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    x = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
+    x = x.to(device)
     if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        model.channels_last = True
     y = torch.randint(args.classes, (args.batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
@@ -111,7 +112,7 @@ def bench_model(name: str, overrides: list[str], args: argparse.Namespace) -> di
 
     def backbone_step() -> None:
         with autocast(device, args.precision):
-            out = model.backbone(x)
+            out = model.backbone(model.normalize_input(x))
         out.float().square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -159,25 +160,27 @@ def bench_cache(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg, args.classes).to(device).eval()
     n = args.cache_images
-    images = torch.randn(n, 3, args.cache_size, args.cache_size)
+    images = torch.randint(0, 256, (n, 3, args.cache_size, args.cache_size), dtype=torch.uint8)
     labels = torch.randint(args.classes, (n,))
     data = TensorDataset(images, labels)
     with tempfile.TemporaryDirectory() as tmp:
         _sync(device)
         start = time.perf_counter()
         feats, labs = build_cache(
-            model, data, Path(tmp), {"bench": True}, 1, "float16", args.batch, device,
-            args.precision, 0, D.DistEnv(),
+            model, data, Path(tmp), {"bench": True}, views=1, dtype="float16",
+            batch_size=args.batch, device=device, precision=args.precision, num_workers=0,
+            env=D.DistEnv(),
         )  # fmt: skip
         _sync(device)
         t_extract = time.perf_counter() - start
         head = ViewAverage(model.classifier)
         opt = torch.optim.SGD(head.parameters(), lr=1.0, momentum=0.9)
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
-        loader = DataLoader(CachedViews(feats, labs, train=True), batch_size=64, shuffle=True)
+        shape = model.descriptor_shape.dims
+        cached = CachedViews(feats, labs, train=True, shape=shape)
+        loader = DataLoader(cached, batch_size=64, shuffle=True)
         start = time.perf_counter()
         for _ in range(25):
-            train_one_epoch(head, loader, opt, scaler, device, args.precision)
+            train_one_epoch(head, loader, opt, device, precision=args.precision)
         _sync(device)
         t_epochs = time.perf_counter() - start
     return {

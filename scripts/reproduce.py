@@ -34,9 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-from bcnn.results.collect import table_report
-from bcnn.results.launch import launch_table
-from bcnn.results.tables import TABLES, get_table
+from bcnn.reproduce.collect import table_report
+from bcnn.reproduce.launch import launch_table
+from bcnn.reproduce.tables import TABLES, get_table
 
 OPTIONS = ("table", "smoke", "collect", "launch", "launcher", "sweep_dir", "rows", "dry_run")
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bcnn.results.collect import summarize_sweep
+from bcnn.reproduce.collect import summarize_sweep
 
 
 def main(argv: list[str]) -> int:

@@ -34,7 +34,7 @@ def _threads_per_worker():
 
 def compose_config(overrides: Sequence[str] = (), output_dir: Path | None = None) -> DictConfig:
     """Composes ``configs/train.yaml`` like ``train.py`` would, with ``overrides``."""
-    extra = [f"output_dir={output_dir}"] if output_dir is not None else []
+    extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
     with initialize_config_module("bcnn.configs", version_base="1.3"):
         return compose("train", overrides=[*overrides, *extra])
 
@@ -58,4 +58,4 @@ def run_train(
 @pytest.fixture
 def smoke_overrides() -> list[str]:
     """Overrides that make a full two-stage run take a second or two."""
-    return ["trainer=smoke", "dataset.trainval_size=120", "dataset.test_size=60"]
+    return ["debug=smoke", "dataset.trainval_size=120", "dataset.test_size=60"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from bcnn.config import instantiate, validate
@@ -12,21 +13,39 @@ from bcnn.engine import train
 from bcnn.models import build_model
 from tests.conftest import CONFIG_DIR, REPO_ROOT, compose_config, run_train
 
-GROUPS = ("backbone", "pooling", "normalization", "classifier", "dataset", "trainer", "logger")
+GROUPS = (
+    "backbone", "pooling", "normalization", "classifier", "dataset", "trainer", "logger",
+    "optimizer", "scheduler", "paths", "debug",
+)  # fmt: skip
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    # Files starting with "_" are shared parts of the options, not options.
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if p.stem[0] != "_")
 
 
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g in GROUPS for o in _options(g)], ids=lambda x: str(x)
 )
 def test_every_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
+    if group in ("optimizer", "scheduler"):
+        # Placed inside each stage; validate() builds both on a dummy parameter.
+        stages = ("linear", "finetune")
+        cfg = compose_config([f"{group}@trainer.{s}.{group}={option}" for s in stages], tmp_path)
+        validate(cfg)
+        expected = {"cosine": "CosineAnnealingLR", "step": "StepLR", "constant": "ConstantLR"}
+        expected.update(plateau="ReduceLROnPlateau", sgd="SGD", adam="Adam", adamw="AdamW")
+        param = torch.zeros(1, requires_grad=True)
+        for stage in stages:
+            built = instantiate(cfg.trainer[stage].optimizer)([param], lr=0.1)
+            if group == "scheduler":
+                built = instantiate(cfg.trainer[stage].scheduler)(built)
+            assert type(built).__name__ == expected[option]
+        return
     cfg = compose_config([f"{group}={option}"], tmp_path)
     validate(cfg)
-    if group == "trainer":
-        return  # validated above; the trainer is not instantiated
+    if group in ("trainer", "paths", "debug"):
+        return  # validated above; nothing to instantiate
     if group == "logger":
         if option == "wandb":
             pytest.importorskip("wandb")
@@ -34,7 +53,7 @@ def test_every_option_composes_and_instantiates(group: str, option: str, tmp_pat
         logger = instantiate(cfg.logger, output_dir=tmp_path, run_config={}, _recursive_=False)
         logger.log_epoch({"stage": "linear", "epoch": 1})
         logger.close()
-        assert (tmp_path / "metrics.csv").is_file()
+        assert (tmp_path / "metrics.csv").is_file() and (tmp_path / "curves.png").is_file()
     elif group == "dataset":
         if option == "synthetic":
             ds = instantiate(cfg.dataset, split="test", test_size=8)
@@ -112,7 +131,7 @@ def test_multirun_sweep_returns_one_result_per_job(tmp_path: Path) -> None:
         [
             "-m",
             "pooling=avg,sum",
-            "trainer=smoke",
+            "debug=smoke",
             "dataset.trainval_size=100",
             "dataset.test_size=40",
             f"hydra.sweep.dir={tmp_path}",

@@ -26,7 +26,7 @@ def test_smoke_training_run(tmp_path: Path, name: str) -> None:
         "train.py",
         f"dataset={name}",
         f"dataset.root={truth.root}",
-        "trainer=smoke",
+        "debug=smoke",
         "backbone=small",
         "dataset.transform.size=32",
         f"hydra.run.dir={run_dir}",

@@ -11,7 +11,6 @@ from hydra import compose, initialize_config_module
 from safetensors.torch import save_file
 
 import bcnn.config  # noqa: F401  (registers the train_schema the root config extends)
-from bcnn.data.spec import IMAGENET, InputSpec
 from bcnn.models import build_model
 from bcnn.models.backbones import (
     VGG16,
@@ -24,6 +23,7 @@ from bcnn.models.backbones import (
 )
 from bcnn.models.backbones.densenet import _rename_legacy_keys
 from bcnn.models.backbones.vgg import MATCONVNET_IMAGENET
+from bcnn.models.inputs import IMAGENET, InputSpec
 
 
 @pytest.mark.parametrize(

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from bcnn.models.classifier import LowRankBilinearClassifier
 from bcnn.models.normalization import (
-    ElementwisePower,
+    L2Normalize,
     MatrixLog,
     MatrixPower,
     MatrixSqrt,
     NormalizationChain,
+    SignedPower,
+    SignedSqrt,
+    Vectorize,
     add_ridge,
 )
-from bcnn.models.pooling import AvgPool, BilinearPool, CompactPool, DemocraticPool, SpectralPool
+from bcnn.models.pooling import AvgPool, BilinearPool, CompactPool, DemocraticPool
+from bcnn.models.shapes import FeatureShape
+from bcnn.ops import RandomMaclaurin
 
 
 def _gram(b: int = 2, d: int = 6, n: int = 20, seed: int = 0) -> torch.Tensor:
@@ -27,8 +34,9 @@ def test_bilinear_pool_one_and_two_streams():
     xa, xb = torch.randn(2, 4, 3, 5), torch.randn(2, 6, 3, 5)
     sym = BilinearPool(4)(xa)
     torch.testing.assert_close(sym, torch.einsum("bchw,bdhw->bcd", xa, xa) / 15)
+    assert BilinearPool(4).output_shape == FeatureShape((4, 4), symmetric=True)
     two = BilinearPool((4, 6))
-    assert two.out_dim == (4, 6)
+    assert two.output_shape == FeatureShape((4, 6), symmetric=False)
     torch.testing.assert_close(two((xa, xb)), torch.einsum("bchw,bdhw->bcd", xa, xb) / 15)
     with pytest.raises(ValueError, match="built for 2 feature map"):
         two(xa)
@@ -39,14 +47,13 @@ def test_bilinear_pool_one_and_two_streams():
 def test_avg_pool_concatenates_streams():
     xa, xb = torch.randn(2, 4, 3, 5), torch.randn(2, 6, 3, 5)
     pool = AvgPool((4, 6))
-    assert pool.out_dim == 10
+    assert pool.output_shape == FeatureShape((10,))
     torch.testing.assert_close(pool((xa, xb)), torch.cat([xa.mean((2, 3)), xb.mean((2, 3))], 1))
 
 
-@pytest.mark.parametrize("cls", [DemocraticPool, SpectralPool])
-def test_single_stream_heads_reject_two_streams(cls):
+def test_single_stream_heads_reject_two_streams():
     with pytest.raises(ValueError, match="does not combine two feature maps"):
-        cls((4, 4))
+        DemocraticPool((4, 4))
 
 
 def test_democratic_gamma_one_is_sum_pooling():
@@ -54,24 +61,24 @@ def test_democratic_gamma_one_is_sum_pooling():
     torch.testing.assert_close(DemocraticPool(5, gamma=1.0)(x), BilinearPool(5)(x))
 
 
-def test_spectral_pool_is_a_matrix_power():
+def test_matrix_power_step_after_sum_pooling():
     x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
     a = BilinearPool(5)(x)
     for p in (0.3, 0.5):
-        pool = SpectralPool(5, p=p, method="eigh", eps=0.0)
-        out = pool(x)
+        out = MatrixPower(p=p, method="eigh", eps=0.0)(a)
         vals, vecs = torch.linalg.eigh(a)
         want = vecs @ torch.diag_embed(vals.clamp_min(0) ** p) @ vecs.mT
         torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
 
 
 def test_compact_pool_two_streams_and_projection():
-    pool = CompactPool((4, 6), kind="random_maclaurin", out_dim=32, proj_dim=3)
+    sketch = functools.partial(RandomMaclaurin, out_dim=32, seed=0)
+    pool = CompactPool((4, 6), sketch=sketch, proj_dim=3)
+    assert pool.output_shape == FeatureShape((32,))
     out = pool((torch.randn(2, 4, 3, 3), torch.randn(2, 6, 3, 3)))
     assert out.shape == (2, 32) and out.dtype == torch.float32
     assert len(pool.projection_parameters()) == 2
-    with pytest.raises(ValueError, match="kind"):
-        CompactPool(4, kind="fft")
+    assert pool.sketch.in_dim == 3 and pool.sketch.in_dim2 == 3  # after the projection
 
 
 def test_ridge_modes():
@@ -101,39 +108,54 @@ def test_matrix_steps_match_eigendecomposition():
 
 def test_elementwise_power_guarded_gradient():
     z = torch.tensor([-4.0, -1e-12, 0.0, 1e-12, 9.0], requires_grad=True)
-    out = ElementwisePower(p=0.5, eps=1e-8)(z)
+    out = SignedPower(p=0.5, eps=1e-8)(z)
     torch.testing.assert_close(out[[0, 4]], torch.tensor([-2.0, 3.0]), rtol=1e-4, atol=1e-4)
     out.sum().backward()
     assert torch.isfinite(z.grad).all()
     assert z.grad.max() <= 0.5 * (1e-8) ** -0.5 + 1e-3
     with pytest.raises(ValueError, match="p must be"):
-        ElementwisePower(p=1.5)
+        SignedPower(p=1.5)
+    with pytest.raises(ValueError, match="eps must be"):
+        SignedSqrt(eps=float("nan"))
 
 
-def test_chain_keep_matrix_applies_vector_steps_elementwise():
+def test_chain_without_vectorize_applies_elementwise_steps_to_the_matrix():
     chain = NormalizationChain(
-        [{"name": "sqrt", "method": "eigh"}, {"name": "signsqrt"}, {"name": "l2"}], keep_matrix=True
+        sqrt=MatrixSqrt(method="eigh"), signsqrt=SignedSqrt(), l2=L2Normalize()
     )
     out = chain(_gram().float())
     assert out.shape == (2, 6, 6)
     torch.testing.assert_close(out.flatten(1).norm(dim=1), torch.ones(2))
     torch.testing.assert_close(out, out.mT)
-    assert chain.out_dim(6, True) == 36
-    with pytest.raises(ValueError, match="classifier reads the pooled matrix"):
-        NormalizationChain([{"name": "l2"}], keep_matrix=True).out_dim(6, False)
+    assert chain.output_shape(FeatureShape((6, 6), True)) == FeatureShape((6, 6), True)
 
 
-def test_chain_rejects_bad_orders_and_names():
-    with pytest.raises(ValueError, match="put matrix steps first"):
-        NormalizationChain([{"name": "l2"}, {"name": "log"}])
-    with pytest.raises(ValueError, match="not a known step"):
-        NormalizationChain([{"name": "logm"}])
+def test_chain_orders_steps_by_phase_and_reports_shapes():
+    chain = NormalizationChain(l2=L2Normalize(), vec=Vectorize(triu=True), log=MatrixLog())
+    assert list(chain.steps) == ["log", "vec", "l2"]
+    assert chain.output_shape(FeatureShape((6, 6), True)) == FeatureShape((21,))
+    out = chain(_gram())
+    assert out.shape == (2, 21)
+    # The upper triangle with sqrt(2) off the diagonal keeps Frobenius inner products.
+    m = MatrixLog()(_gram())
+    torch.testing.assert_close(out, Vectorize(True)(m) / m.flatten(1).norm(dim=1, keepdim=True))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2, dtype=out.dtype))
+    with pytest.raises(ValueError, match=r"normalization\.log: MatrixLog acts on matrices"):
+        chain.output_shape(FeatureShape((12,)))
+
+
+def test_chain_rejects_non_steps_and_bad_values():
+    with pytest.raises(ValueError, match=r"normalization\.l2 must be a normalization step"):
+        NormalizationChain(l2="yes")
     with pytest.raises(ValueError, match="eps_mode"):
-        NormalizationChain([{"name": "sqrt", "eps_mode": "relative"}])
+        MatrixSqrt(eps_mode="relative")
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        MatrixLog(eps=float("nan"))
+    assert list(NormalizationChain(l2=None, vectorize=Vectorize()).steps) == ["vectorize"]
 
 
 def test_matrix_steps_stay_float32_under_autocast():
-    chain = NormalizationChain([{"name": "sqrt"}, {"name": "signsqrt"}, {"name": "l2"}])
+    chain = NormalizationChain(sqrt=MatrixSqrt(), vectorize=Vectorize(), signsqrt=SignedSqrt())
     x = torch.randn(2, 8, 4, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pooled = BilinearPool(8)(torch.nn.Conv2d(8, 8, 1)(x))
@@ -144,7 +166,8 @@ def test_matrix_steps_stay_float32_under_autocast():
 @pytest.mark.parametrize("shape", [6, (6, 4)])
 def test_lowrank_classifier_matches_explicit_weight_matrices(shape):
     torch.manual_seed(0)
-    clf = LowRankBilinearClassifier(shape, num_classes=3, rank=3)
+    dims = (shape, shape) if isinstance(shape, int) else shape
+    clf = LowRankBilinearClassifier(FeatureShape(dims, isinstance(shape, int)), 3, rank=3)
     with torch.no_grad():
         clf.bias.normal_()
     d1, d2 = (shape, shape) if isinstance(shape, int) else shape

@@ -50,10 +50,11 @@ REAL_NORM = {
 
 
 def _options(group: str) -> set[str]:
+    # Files starting with "_" are shared parts of the options, not options.
     return {
         p.name[: -len(".yaml")]
         for p in files("bcnn.configs").joinpath(group).iterdir()
-        if p.name.endswith(".yaml")
+        if p.name.endswith(".yaml") and not p.name.startswith("_")
     }
 
 
@@ -66,14 +67,14 @@ def _expected_error(
     pooling: str, normalization: str, classifier: str, two_stream: bool
 ) -> str | None:
     """The regex of the build error for an incompatible combination, None if it works."""
-    if two_stream and pooling in ("democratic", "spectral"):
+    if two_stream and pooling == "democratic":
         return "does not combine two feature maps"
     if pooling in VECTOR_POOLINGS and normalization in MATRIX_NORMALIZATIONS:
-        return "matrix steps .* pooling head gives vectors"
+        return r"normalization\.(sqrt|log): .* acts on matrices but receives vectors"
     if pooling in VECTOR_POOLINGS and classifier == "lowrank":
-        return "classifier reads the pooled matrix"
-    if two_stream and normalization in MATRIX_NORMALIZATIONS:
-        return "matrix functions .* two-stream"
+        return "lowrank reads the pooled matrix"
+    if two_stream and (normalization in MATRIX_NORMALIZATIONS or pooling == "spectral"):
+        return r"normalization\.\w+: .* needs the symmetric x x\^T of one stream"
     return None
 
 
@@ -81,7 +82,7 @@ def _descriptor_shape(pooling: str, classifier: str, channels, cfg) -> tuple[int
     if pooling == "avg":
         return (sum(channels) if isinstance(channels, tuple) else channels,)
     if pooling == "compact":
-        return (cfg.pooling.out_dim,)
+        return (cfg.pooling.sketch.out_dim,)
     d1, d2 = channels if isinstance(channels, tuple) else (channels, channels)
     return (d1, d2) if classifier == "lowrank" else (d1 * d2,)
 
@@ -98,7 +99,7 @@ def _check_model(overrides: list[str], size: int, channels, pooling: str, norm: 
     if clf == "linear":
         # The zero-initialized classifier would pass no gradient back to the features.
         torch.nn.init.normal_(model.classifier.weight, std=0.1)
-    x = torch.randn(2, 3, size, size)
+    x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     desc = model.features(x)
     assert desc.shape == (2, *_descriptor_shape(pooling, clf, channels, cfg))
     assert torch.isfinite(desc).all()
@@ -137,8 +138,10 @@ def test_small_backbone_all_heads(pooling, normalization, classifier):
         f"normalization={normalization}",
         f"classifier={classifier}",
     ]
+    if classifier == "lowrank":
+        overrides.append("~normalization.vectorize")  # it reads the matrix
     if pooling == "compact":
-        overrides.append("pooling.out_dim=64")
+        overrides.append("pooling.sketch.out_dim=64")
     _check_model(overrides, 16, 12, pooling, normalization, classifier)
 
 
@@ -149,7 +152,7 @@ def test_real_backbones_every_pooling(backbone, pooling):
     norm = REAL_NORM[pooling]
     overrides = [f"backbone={backbone}", f"pooling={pooling}", f"normalization={norm}", *extra]
     if pooling == "compact":
-        overrides.append("pooling.out_dim=1024")
+        overrides.append("pooling.sketch.out_dim=1024")
     _check_model(overrides, size, channels, pooling, norm, "linear")
 
 
@@ -159,14 +162,24 @@ def test_two_stream_bilinear_with_lowrank_classifier():
             "backbone=vgg_dm",
             "pooling=sum",
             "normalization=signsqrt_l2",
+            "~normalization.vectorize",
             "classifier=lowrank",
             "classifier.rank=2",
         ]
     )
     model = build_model(cfg, NUM_CLASSES)
-    x = torch.randn(1, 3, 64, 64)
+    # Square but not symmetric: x_a x_b^T of two 512-channel streams needs U V^T.
+    assert not model.classifier.symmetric and model.classifier.V is not None
+    x = torch.rand(1, 3, 64, 64)
     assert model.features(x).shape == (1, 512, 512)
     assert model(x).shape == (1, NUM_CLASSES)
+
+
+def test_matrix_classifier_rejects_a_vectorizing_chain_and_vice_versa():
+    with pytest.raises(ValueError, match=r"~normalization\.vectorize"):
+        build_model(_compose(["classifier=lowrank"]), NUM_CLASSES)
+    with pytest.raises(ValueError, match="add a vectorize step"):
+        build_model(_compose(["~normalization.vectorize"]), NUM_CLASSES)
 
 
 def test_two_stream_rejects_matrix_functions_and_triu():
@@ -174,9 +187,9 @@ def test_two_stream_rejects_matrix_functions_and_triu():
     with pytest.raises(ValueError, match="two-stream"):
         build_model(cfg, NUM_CLASSES)
     cfg = _compose(
-        ["backbone=vgg_dm", "pooling=sum", "normalization=l2", "normalization.triu=true"]
+        ["backbone=vgg_dm", "pooling=sum", "normalization=l2", "normalization.vectorize.triu=true"]
     )
-    with pytest.raises(ValueError, match="triu"):
+    with pytest.raises(ValueError, match=r"normalization\.vectorize: .*triu"):
         build_model(cfg, NUM_CLASSES)
 
 
@@ -185,18 +198,37 @@ def test_step_options_override_from_the_command_line():
         [
             "backbone=small",
             "pooling=spectral",
-            "pooling.p=0.3",
+            "normalization.mpow.p=0.3",
             "normalization=sqrt_l2",
-            "normalization.steps.0.iters=9",
-            "normalization.steps.0.method=eigh",
-            "normalization.steps.0.eps_mode=abs",
-            "normalization.steps.0.eps=1.0",
+            "normalization.sqrt.iters=9",
+            "normalization.sqrt.method=eigh",
+            "normalization.sqrt.eps_mode=abs",
+            "normalization.sqrt.eps=1.0",
+            "normalization.l2=null",
         ]
     )
     model = build_model(cfg, NUM_CLASSES)
-    step = model.normalization.matrix_steps[0]
+    steps = model.normalization.steps
+    assert list(steps) == ["mpow", "sqrt", "vectorize"]  # matrix steps, then vectorize
+    step = steps["sqrt"]
     assert (step.iters, step.method, step.eps_mode, step.eps) == (9, "eigh", "abs", 1.0)
-    assert model.pooling.power.p == 0.3
+    assert steps["mpow"].p == 0.3 and type(model.pooling).__name__ == "BilinearPool"
+
+
+def test_a_step_added_on_the_command_line_runs_in_its_phase():
+    cfg = _compose(
+        [
+            "normalization=l2",
+            "+normalization.root={_target_:bcnn.models.normalization.MatrixSqrt,iters:3}",
+        ]
+    )
+    model = build_model(cfg, NUM_CLASSES)
+    assert list(model.normalization.steps) == ["root", "vectorize", "l2"]
+    a = torch.rand(2, 4, 4)
+    a = a @ a.mT
+    out = model.normalization(a)
+    expected = model.normalization.steps["root"](a).flatten(1)
+    assert torch.allclose(out, F.normalize(expected, dim=1))
 
 
 def test_projection_has_its_own_learning_rate():
@@ -215,6 +247,6 @@ def test_projection_has_its_own_learning_rate():
     assert groups["proj"]["lr"] == 1.0 and groups["head"]["lr"] == 2.0
     # conv weight + BN weight and bias
     assert len(groups["proj"]["params"]) == 3
-    assert model.features(torch.randn(2, 3, 16, 16)).shape == (2, 16)
+    assert model.features(torch.rand(2, 3, 16, 16)).shape == (2, 16)
     # The projection trains in the linear stage: it is not part of the backbone.
     assert {id(p) for p in groups["proj"]["params"]} <= {id(p) for p in model.head_parameters()}

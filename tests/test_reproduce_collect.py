@@ -11,8 +11,9 @@ from types import ModuleType
 import pandas as pd
 import pytest
 
-from bcnn.results import collect_runs, plot_training_curves, summarize_sweep, table_report
-from bcnn.results.tables import TABLES, published
+from bcnn.engine.curves import plot_training_curves
+from bcnn.reproduce import collect_runs, summarize_sweep, table_report
+from bcnn.reproduce.tables import TABLES, published
 from tests.conftest import REPO_ROOT
 
 

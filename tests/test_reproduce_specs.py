@@ -8,8 +8,8 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from bcnn.config import validate
-from bcnn.results import launch
-from bcnn.results.tables import TABLES, experiments_of, published
+from bcnn.reproduce import launch
+from bcnn.reproduce.tables import TABLES, experiments_of, published
 from tests.conftest import CONFIG_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -47,7 +47,8 @@ def _target(node: DictConfig) -> str:
 
 
 def _steps(cfg: DictConfig) -> list[str]:
-    return [s.name for s in cfg.normalization.steps]
+    """The chain's steps (vectorize aside), in config order."""
+    return [k for k, v in cfg.normalization.items() if k not in ("_target_", "vectorize") and v]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -61,19 +62,13 @@ def test_experiment_composes_with_the_published_protocol(name: str) -> None:
     t = cfg.trainer
     # The authors' PyTorch recipe: 25 linear epochs (256 images per step), then 45 Adam
     # epochs (128 per step, lr x0.1 every 25), flip-averaged test scores.
-    assert (t.linear.optimizer, t.linear.epochs, t.linear.batch_size * t.linear.grad_accum) == (
-        "sgd",
-        25,
-        256,
-    )
-    assert (t.finetune.optimizer, t.finetune.epochs, t.finetune.backbone_lr, t.finetune.lr) == (
-        "adamw",
-        45,
-        1e-4,
-        1e-2,
-    )
+    linear = (_target(t.linear.optimizer), t.linear.epochs)
+    assert linear == ("SGD", 25) and t.linear.batch_size * t.linear.grad_accum == 256
+    finetune = (_target(t.finetune.optimizer), t.finetune.epochs, t.finetune.backbone_lr)
+    assert finetune == ("AdamW", 45, 1e-4) and t.finetune.lr == 1e-2
     assert t.finetune.batch_size * t.finetune.grad_accum == 128
-    assert (t.finetune.schedule, t.finetune.step_size) == ("step", 25) and t.test_flip
+    assert _target(t.finetune.scheduler) == "StepLR" and t.finetune.scheduler.step_size == 25
+    assert t.test_flip
     if name in BASES:
         return
     assert cfg.dataset.transform.size == 448  # every published row uses 448x448 inputs
@@ -91,11 +86,12 @@ def test_eccv18_presets_use_the_published_gamma_p_and_start(dataset: str) -> Non
     power = compose_config([f"experiment=eccv18_t1_mpow_{dataset}"])
     assert _target(demo.pooling) == "DemocraticPool" and demo.pooling.gamma == gamma
     assert (demo.pooling.tau, demo.pooling.iters) == (0.5, 10)
-    assert _target(power.pooling) == "SpectralPool" and power.pooling.p == p
-    assert power.pooling.method == "eigh"  # exact matrix power, as the paper
+    assert _target(power.pooling) == "BilinearPool" and power.normalization.mpow.p == p
+    assert power.normalization.mpow.method == "eigh"  # exact matrix power, as the paper
+    assert _steps(power) == ["mpow", "signsqrt", "l2"]
+    assert _steps(demo) == ["signsqrt", "l2"]
     for cfg in (demo, power):
         assert cfg.dataset.name == option and _target(cfg.backbone) == "VGG16"
-        assert _steps(cfg) == ["signsqrt", "l2"]
         if fine_grained:  # starts from the B-CNN fine-tuned on the same dataset
             assert not cfg.backbone.pretrained
             assert cfg.backbone.weights.endswith(f"bcnn_vgg_d_ft_{dataset}.pt")
@@ -108,21 +104,21 @@ def test_eccv18_presets_use_the_published_gamma_p_and_start(dataset: str) -> Non
 @pytest.mark.parametrize("name", sorted(NS_ITERS))
 def test_bmvc17_table3_newton_schulz_iterations(name: str) -> None:
     cfg = compose_config([f"experiment={name}"])
-    sqrt = cfg.normalization.steps[0]
-    assert (sqrt.name, sqrt.method, sqrt.iters) == ("sqrt", "newton_schulz", NS_ITERS[name])
+    sqrt = cfg.normalization.sqrt
+    assert (sqrt.method, sqrt.iters) == ("newton_schulz", NS_ITERS[name])
     assert _steps(cfg) == ["sqrt", "signsqrt", "l2"]
 
 
 def test_bmvc17_matrix_function_choices() -> None:
     exact = compose_config(["experiment=bmvc17_t1_vgg_d_sqrt_signsqrt"])  # Table 3 "SVD"
-    assert exact.normalization.steps[0].method == "svd"
+    assert exact.normalization.sqrt.method == "svd"
     improved = compose_config(["experiment=bmvc17_t2_improved_vgg_m"])
-    sqrt = improved.normalization.steps[0]
+    sqrt = improved.normalization.sqrt
     assert (sqrt.method, sqrt.iters, sqrt.backward) == ("newton_schulz", 5, "lyapunov_iterative")
     assert _target(improved.backbone) == "VGGM" and improved.backbone.weights.endswith(
         "vgg_m.safetensors"
     )
-    grad_svd = compose_config(["experiment=bmvc17_t3_ft_grad_svd"]).normalization.steps[0]
+    grad_svd = compose_config(["experiment=bmvc17_t3_ft_grad_svd"]).normalization.sqrt
     assert (grad_svd.method, grad_svd.backward) == ("svd", "svd")
     log = compose_config(["experiment=bmvc17_t1_vgg_m_log_signsqrt"])
     assert _steps(log) == ["log", "signsqrt", "l2"]
@@ -191,7 +187,7 @@ def test_smoke_rows_keep_the_head_and_swap_data_and_backbone(tmp_path: Path) -> 
         assert smoke.pooling == direct.pooling and smoke.normalization == direct.normalization
         assert smoke.trainer.stages == direct.trainer.stages
         assert smoke.dataset.name == "synthetic" and "bbox_crop" not in smoke.dataset
-        assert smoke.trainer.device == "cpu" and smoke.trainer.linear.epochs == 1
+        assert smoke.trainer.device == "cpu" and smoke.trainer.linear.epochs == 2  # debug=smoke
         if _target(direct.backbone) == "TwoStream":  # two small CNNs: x_a x_b^T still runs
             assert (
                 _target(smoke.backbone.stream_a) == _target(smoke.backbone.stream_b) == "SmallCNN"
@@ -202,7 +198,7 @@ def test_smoke_rows_keep_the_head_and_swap_data_and_backbone(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     "override",
-    ["~dataset.bbox_crop", "+foo=1", "dataset=cub,cars", "normalization.steps.0.iters=1"],
+    ["~dataset.bbox_crop", "+foo=1", "dataset=cub,cars", "trainer.stages.0=linear"],
 )
 def test_row_overrides_a_config_file_cannot_hold_are_rejected(override: str) -> None:
     with pytest.raises(ValueError, match="row override"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from bcnn.engine import cache, train
 from bcnn.models import build_model
@@ -95,7 +96,7 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
     args = [
-        "trainer=smoke",
+        "debug=smoke",
         "trainer.limit_train_batches=null",
         "trainer.limit_eval_batches=null",
         "trainer.cache_features=false",
@@ -120,7 +121,9 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
     for key in ("test_acc", "val_acc", "test_mean_class_acc"):
         assert r1[key] == pytest.approx(r2[key], abs=1e-6)
     for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
-        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-4)
+        # The same arithmetic up to the order of float32 sums, which the linear stage's lr 10
+        # amplifies over the epochs.
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-3)
         assert float(a["val_acc"]) == pytest.approx(float(b["val_acc"]), abs=1e-6)
 
 
@@ -132,7 +135,7 @@ def test_joblib_multirun_runs_two_jobs(tmp_path: Path) -> None:
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
             "pooling=avg,sum",
-            "trainer=smoke",
+            "debug=smoke",
             "dataset.trainval_size=100",
             "dataset.test_size=40",
             f"hydra.sweep.dir={tmp_path}",
@@ -141,11 +144,8 @@ def test_joblib_multirun_runs_two_jobs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     configs = sorted(tmp_path.glob("*/config.yaml"))
     assert len(list(tmp_path.glob("*/results.json"))) == 2
-    targets = {c.read_text().split("pooling:")[1].split("\n")[1].strip() for c in configs}
-    assert targets == {
-        "_target_: bcnn.models.pooling.AvgPool",
-        "_target_: bcnn.models.pooling.BilinearPool",
-    }
+    targets = {OmegaConf.load(c).pooling._target_ for c in configs}
+    assert targets == {"bcnn.models.pooling.AvgPool", "bcnn.models.pooling.BilinearPool"}
 
 
 @pytest.mark.slow
@@ -156,7 +156,7 @@ def test_submitit_local_launcher_runs_a_job(tmp_path: Path) -> None:
             "-m",
             "hydra/launcher=submitit_local",
             "hydra.launcher.timeout_min=5",
-            "trainer=smoke",
+            "debug=smoke",
             "dataset.trainval_size=100",
             "dataset.test_size=40",
             f"hydra.sweep.dir={tmp_path}",

@@ -7,8 +7,6 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from bcnn.data.spec import IMAGENET, InputSpec
-
 # name -> "module:attribute". Imported lazily so one dataset's optional parser
 # dependencies never slow down or break another's.
 DATASETS: dict[str, str] = {
@@ -59,4 +57,4 @@ def build_dataset(
     return dataset_class(name)(root=root, split=split, **options)
 
 
-__all__ = ["DATASETS", "IMAGENET", "SPLITS", "InputSpec", "build_dataset", "dataset_class"]
+__all__ = ["DATASETS", "SPLITS", "build_dataset", "dataset_class"]

@@ -9,7 +9,7 @@ trains on) and ``test`` is ``_test.txt``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PIL import Image
@@ -48,7 +48,9 @@ class FGVCAircraft(RecordDataset):
         root: ``data/aircraft`` (holding ``fgvc-aircraft-2013b/data``) or the ``data``
             folder itself.
         split: ``train``, ``val``, ``trainval`` or ``test``.
-        transform: Callable applied to the PIL RGB image.
+        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
+            applied to the PIL RGB image.
+        augment: Random crops and flips of the recipe (training) or not (evaluation).
         val_fraction: Unused: Aircraft has an official val set. Accepted so every
             dataset has the same signature.
         val_seed: Unused, as ``val_fraction``.
@@ -66,7 +68,8 @@ class FGVCAircraft(RecordDataset):
         self,
         root: str | os.PathLike | None,
         split: str,
-        transform: Callable[[Image.Image], Any] | None = None,
+        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
+        augment: bool = False,
         val_fraction: float = 0.1,
         val_seed: int = 0,
         on_bad_image: str = "fail",
@@ -110,7 +113,7 @@ class FGVCAircraft(RecordDataset):
             return records
 
         records = select_split(split, train=parse("train"), val=parse("val"), test=parse("test"))
-        super().__init__(folder, records, classes, transform, on_bad_image, box_crop=bbox_crop)
+        super().__init__(folder, records, classes, transform, augment, on_bad_image, box_crop=bbox_crop)
         self.level = level
         self.crop_banner = crop_banner
         self.banner_height = banner_height

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from bcnn.data import SPLITS
+from bcnn.data.transforms import build_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class RecordDataset(Dataset):
         root: The dataset folder record paths are relative to.
         records: The records of this split.
         classes: Class names; ``classes[label]`` names a label.
-        transform: Callable applied to the PIL RGB image, or ``None``.
+        transform: Callable applied to the PIL RGB image, or ``None`` (PIL images out).
         on_bad_image: ``"fail"`` or ``"skip"``.
         box_crop: Whether images are cropped to their record's box.
     """
@@ -257,7 +258,8 @@ class RecordDataset(Dataset):
         root: str | os.PathLike,
         records: Sequence[Record],
         classes: Sequence[str],
-        transform: Callable[[Image.Image], Any] | None = None,
+        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
+        augment: bool = False,
         on_bad_image: str = "fail",
         box_crop: bool = False,
     ) -> None:
@@ -268,7 +270,10 @@ class RecordDataset(Dataset):
         self.root = Path(root)
         self.records = list(records)
         self.classes = list(classes)
-        self.transform = transform
+        # A recipe (the dataset config's ``transform`` mapping) gives uint8 tensors.
+        self.transform = (
+            build_transforms(transform, augment) if isinstance(transform, Mapping) else transform
+        )
         self.on_bad_image = on_bad_image
         self.box_crop = box_crop
         bad = [r for r in self.records if not 0 <= r.label < len(self.classes)]

@@ -9,7 +9,7 @@ of ``cars_annos.mat``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,9 @@ class StanfordCars(RecordDataset):
     Args:
         root: ``data/cars``.
         split: ``train``, ``val``, ``trainval`` or ``test``.
-        transform: Callable applied to the PIL RGB image.
+        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
+            applied to the PIL RGB image.
+        augment: Random crops and flips of the recipe (training) or not (evaluation).
         val_fraction: Share of each class of the official train set held out as ``val``.
         val_seed: Seed of that hold-out.
         on_bad_image: ``"fail"`` or ``"skip"`` (see :class:`RecordDataset`).
@@ -72,7 +74,8 @@ class StanfordCars(RecordDataset):
         self,
         root: str | os.PathLike | None,
         split: str,
-        transform: Callable[[Image.Image], Any] | None = None,
+        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
+        augment: bool = False,
         val_fraction: float = 0.1,
         val_seed: int = 0,
         on_bad_image: str = "fail",
@@ -116,7 +119,7 @@ class StanfordCars(RecordDataset):
         records = select_split(
             split, train=train, test=test, val_fraction=val_fraction, val_seed=val_seed
         )
-        super().__init__(folder, records, classes, transform, on_bad_image, box_crop=bbox_crop)
+        super().__init__(folder, records, classes, transform, augment, on_bad_image, box_crop=bbox_crop)
 
     @staticmethod
     def _devkit_records(folder: Path, annos: str, image_dir: str) -> list[Record]:

@@ -8,7 +8,7 @@ official train set (what the B-CNN papers train on), ``train``/``val`` carve a s
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PIL import Image
@@ -34,7 +34,9 @@ class CUB200(RecordDataset):
     Args:
         root: ``data/cub`` (holding ``CUB_200_2011/``) or ``CUB_200_2011/`` itself.
         split: ``train``, ``val``, ``trainval`` or ``test``.
-        transform: Callable applied to the PIL RGB image.
+        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
+            applied to the PIL RGB image.
+        augment: Random crops and flips of the recipe (training) or not (evaluation).
         val_fraction: Share of each class of the official train set held out as ``val``.
         val_seed: Seed of that hold-out.
         on_bad_image: ``"fail"`` or ``"skip"`` (see :class:`RecordDataset`).
@@ -48,7 +50,8 @@ class CUB200(RecordDataset):
         self,
         root: str | os.PathLike | None,
         split: str,
-        transform: Callable[[Image.Image], Any] | None = None,
+        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
+        augment: bool = False,
         val_fraction: float = 0.1,
         val_seed: int = 0,
         on_bad_image: str = "fail",
@@ -87,4 +90,4 @@ class CUB200(RecordDataset):
             val_seed=val_seed,
         )
         classes = [name.split(".", 1)[-1] for _, name in class_rows]
-        super().__init__(folder, records, classes, transform, on_bad_image, box_crop=bbox_crop)
+        super().__init__(folder, records, classes, transform, augment, on_bad_image, box_crop=bbox_crop)

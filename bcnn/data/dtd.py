@@ -9,7 +9,7 @@ trains on) and ``test`` is ``test{k}``. Papers report the mean over partitions 1
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PIL import Image
@@ -34,7 +34,9 @@ class DTD(RecordDataset):
     Args:
         root: ``data/dtd`` (holding ``dtd/``) or ``dtd/`` itself.
         split: ``train``, ``val``, ``trainval`` or ``test``.
-        transform: Callable applied to the PIL RGB image.
+        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
+            applied to the PIL RGB image.
+        augment: Random crops and flips of the recipe (training) or not (evaluation).
         val_fraction: Unused: DTD has official val lists. Accepted so every dataset has
             the same signature.
         val_seed: Unused, as ``val_fraction``.
@@ -49,7 +51,8 @@ class DTD(RecordDataset):
         self,
         root: str | os.PathLike | None,
         split: str,
-        transform: Callable[[Image.Image], Any] | None = None,
+        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
+        augment: bool = False,
         val_fraction: float = 0.1,
         val_seed: int = 0,
         on_bad_image: str = "fail",
@@ -75,5 +78,5 @@ class DTD(RecordDataset):
             for s, ps in paths.items()
         }
         records = select_split(split, **official)
-        super().__init__(folder, records, classes, transform, on_bad_image)
+        super().__init__(folder, records, classes, transform, augment, on_bad_image)
         self.partition = partition

@@ -11,7 +11,7 @@ record each trial's split.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,9 @@ class FMD(RecordDataset):
     Args:
         root: ``data/fmd`` (holding ``image/``).
         split: ``train``, ``val``, ``trainval`` or ``test``.
-        transform: Callable applied to the PIL RGB image.
+        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
+            applied to the PIL RGB image.
+        augment: Random crops and flips of the recipe (training) or not (evaluation).
         val_fraction: Share of each class of the train half held out as ``val``.
         val_seed: Seed of that hold-out.
         on_bad_image: ``"fail"`` or ``"skip"`` (see :class:`RecordDataset`).
@@ -53,7 +55,8 @@ class FMD(RecordDataset):
         self,
         root: str | os.PathLike | None,
         split: str,
-        transform: Callable[[Image.Image], Any] | None = None,
+        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
+        augment: bool = False,
         val_fraction: float = 0.1,
         val_seed: int = 0,
         on_bad_image: str = "fail",
@@ -89,5 +92,5 @@ class FMD(RecordDataset):
         records = select_split(
             split, train=train, test=test, val_fraction=val_fraction, val_seed=val_seed
         )
-        super().__init__(folder, records, classes, transform, on_bad_image)
+        super().__init__(folder, records, classes, transform, augment, on_bad_image)
         self.trial = int(trial)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,9 @@ class INaturalist(RecordDataset):
         root: ``data/inat`` holding one folder per version (``2018/``...), or the
             version folder itself. Image paths are the JSON ``file_name`` relative to it.
         split: ``train``, ``val``, ``trainval`` or ``test`` (see the module docstring).
-        transform: Callable applied to the PIL RGB image.
+        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
+            applied to the PIL RGB image.
+        augment: Random crops and flips of the recipe (training) or not (evaluation).
         val_fraction: Share of each class of the official train set held out as ``val``.
         val_seed: Seed of that hold-out.
         on_bad_image: ``"fail"`` or ``"skip"`` (see :class:`RecordDataset`).
@@ -104,7 +106,8 @@ class INaturalist(RecordDataset):
         self,
         root: str | os.PathLike | None,
         split: str,
-        transform: Callable[[Image.Image], Any] | None = None,
+        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
+        augment: bool = False,
         val_fraction: float = 0.1,
         val_seed: int = 0,
         on_bad_image: str = "fail",
@@ -150,7 +153,7 @@ class INaturalist(RecordDataset):
                 split, train=records, test=[], val_fraction=val_fraction, val_seed=val_seed
             )
         classes = [str(c["name"]) for c in self.categories]
-        super().__init__(folder, records, classes, transform, on_bad_image)
+        super().__init__(folder, records, classes, transform, augment, on_bad_image)
 
     @staticmethod
     def _real_names(categories: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ list names (about 9,000) are ignored.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PIL import Image
@@ -37,7 +37,9 @@ class MITIndoor67(RecordDataset):
         root: ``data/mit_indoor`` holding ``TrainImages.txt``, ``TestImages.txt`` and
             ``Images/`` (or Kaggle's ``indoorCVPR_09/Images/``).
         split: ``train``, ``val``, ``trainval`` or ``test``.
-        transform: Callable applied to the PIL RGB image.
+        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
+            applied to the PIL RGB image.
+        augment: Random crops and flips of the recipe (training) or not (evaluation).
         val_fraction: Share of each class of ``TrainImages`` held out as ``val``.
         val_seed: Seed of that hold-out.
         on_bad_image: ``"fail"`` or ``"skip"`` (see :class:`RecordDataset`).
@@ -50,7 +52,8 @@ class MITIndoor67(RecordDataset):
         self,
         root: str | os.PathLike | None,
         split: str,
-        transform: Callable[[Image.Image], Any] | None = None,
+        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
+        augment: bool = False,
         val_fraction: float = 0.1,
         val_seed: int = 0,
         on_bad_image: str = "fail",
@@ -81,4 +84,4 @@ class MITIndoor67(RecordDataset):
             val_fraction=val_fraction,
             val_seed=val_seed,
         )
-        super().__init__(folder, records, classes, transform, on_bad_image)
+        super().__init__(folder, records, classes, transform, augment, on_bad_image)

@@ -8,7 +8,7 @@ official test set.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from PIL import Image
@@ -36,7 +36,9 @@ class NABirds(RecordDataset):
     Args:
         root: ``data/nabirds`` (holding ``nabirds/``) or ``nabirds/`` itself.
         split: ``train``, ``val``, ``trainval`` or ``test``.
-        transform: Callable applied to the PIL RGB image.
+        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
+            applied to the PIL RGB image.
+        augment: Random crops and flips of the recipe (training) or not (evaluation).
         val_fraction: Share of each class of the official train set held out as ``val``.
         val_seed: Seed of that hold-out.
         on_bad_image: ``"fail"`` or ``"skip"`` (see :class:`RecordDataset`).
@@ -55,7 +57,8 @@ class NABirds(RecordDataset):
         self,
         root: str | os.PathLike | None,
         split: str,
-        transform: Callable[[Image.Image], Any] | None = None,
+        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
+        augment: bool = False,
         val_fraction: float = 0.1,
         val_seed: int = 0,
         on_bad_image: str = "fail",
@@ -107,7 +110,7 @@ class NABirds(RecordDataset):
             val_seed=val_seed,
         )
         classes = [self.node_names.get(cid, str(cid)) for cid in self.class_ids]
-        super().__init__(folder, records, classes, transform, on_bad_image, box_crop=bbox_crop)
+        super().__init__(folder, records, classes, transform, augment, on_bad_image, box_crop=bbox_crop)
 
     def ancestors(self, label: int) -> list[int]:
         """Taxonomy node ids above a label's class, nearest first, up to the root."""

@@ -8,6 +8,11 @@ Orientations are drawn uniformly, so every class has the same orientation histog
 the same colour histogram: first-order statistics are shared. Only which orientation
 co-occurs with which colour at the same place tells the classes apart, which is what a
 bilinear (second-order) descriptor captures and an average-pooled one mostly misses.
+
+Images are generated as zero-mean floats x and stored as uint8 images like any decoded
+photograph, ``round(255 (x / 8 + 1/2))`` (x stays within about +-3, far inside the range;
+the quantization step, 0.03, is a tenth of the pixel noise). The small CNN's input
+convention (mean 0.5, std 0.125 on [0, 1] pixels) maps them back to x.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ class SyntheticDataset(Dataset):
         root: Ignored (accepted so every dataset takes the same arguments).
         split: ``train``, ``val``, ``trainval`` or ``test``. ``train`` and ``val`` are a
             deterministic partition of ``trainval``; ``test`` is drawn independently.
-        transform: Ignored: images are generated as normalized tensors, and flips would
-            change stripe orientations and hence labels.
+        transform: Ignored: images are generated at their final size.
+        augment: Ignored: flips would change stripe orientations and hence labels.
         num_classes: Number of pairings (at most ``num_textons!``).
         num_textons: Orientations and colours in the palette (``K``).
         image_size: Side of the square images in pixels; a multiple of ``cell_size``.
@@ -41,7 +46,7 @@ class SyntheticDataset(Dataset):
         pixel_noise: Standard deviation of the Gaussian noise added to every pixel.
         seed: Seed of the palette, the classes and the images.
 
-    Items are ``(image, label)`` with ``image`` a float32 tensor (3, S, S).
+    Items are ``(image, label)`` with ``image`` a uint8 tensor (3, S, S).
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class SyntheticDataset(Dataset):
         root: str | None = None,
         split: str = "train",
         transform: Any = None,
+        augment: bool = False,
         num_classes: int = 12,
         num_textons: int = 4,
         image_size: int = 32,
@@ -129,7 +135,8 @@ class SyntheticDataset(Dataset):
         cells = self.stripes[orient][:, :, :, None] + self.palette[colour][..., None, None]
         images = cells.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, size, size)
         images = images + self._cfg["pixel_noise"] * torch.randn(images.shape, generator=gen)
-        return images.contiguous(), labels
+        encoded = (images / 8 + 0.5).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+        return encoded.contiguous(), labels
 
     def __len__(self) -> int:
         return len(self.targets)

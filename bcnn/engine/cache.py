@@ -3,7 +3,8 @@
 With the backbone frozen, every epoch of the linear stage would recompute the same
 descriptors. Instead they are computed once per image, and once more for its mirror
 image when flips are on, and stored as a memory-mapped ``.npy`` array
-``(images, views, D)``. The classifier then trains from the array. The cache lives in a
+``(images, views, D)`` (matrix descriptors are stored flattened). The classifier then
+trains from the array. The cache lives in a
 folder named by a hash of everything that determines the descriptors (the weights, the
 dataset config, the split, the views and the storage dtype), so a second run with the
 same setting reuses it.
@@ -15,7 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from bcnn.engine import distributed as D
 from bcnn.engine.loops import autocast
+from bcnn.models import BilinearModel
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,11 @@ def cache_key(model: nn.Module, identity: Mapping[str, Any]) -> str:
     for name, tensor in model.state_dict().items():
         if name.startswith("classifier."):
             continue
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be viewed
+        # as bytes directly.
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        h.update(data.numpy().tobytes())
     return h.hexdigest()[:24]
 
 
@@ -66,33 +71,47 @@ def check_disk(folder: Path, needed: int) -> None:
 class CachedViews(Dataset):
     """Items of a feature cache.
 
-    In training, each item is one randomly chosen view (B, D) (the image or its mirror,
-    as random flipping would give); in evaluation, all views (B, V, D).
+    In training, each item is one randomly chosen view (*shape) (the image or its mirror,
+    as random flipping would give); in evaluation, all views (V, *shape).
+
+    Args:
+        features: (N, V, D) descriptors (D = prod(shape)).
+        labels: (N,) labels.
+        train: Training items (one view) or evaluation items (all views).
+        shape: Per-sample descriptor shape, (D,) or (d1, d2).
     """
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, train: bool) -> None:
-        self.features, self.labels, self.train = features, labels, train
+    def __init__(
+        self, features: np.ndarray, labels: np.ndarray, train: bool, shape: tuple[int, ...]
+    ) -> None:
+        self.features, self.labels, self.train, self.shape = features, labels, train, shape
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        views = self.features[index]
+        views = torch.tensor(self.features[index], dtype=torch.float32)
         if self.train:
-            views = views[int(torch.randint(len(views), ()))]
-        return torch.tensor(views, dtype=torch.float32), int(self.labels[index])
+            return views[int(torch.randint(len(views), ()))].view(self.shape), int(
+                self.labels[index]
+            )
+        return views.view(len(views), *self.shape), int(self.labels[index])
 
 
 class ViewAverage(nn.Module):
-    """Classifier over cached views: (B, D) -> logits; (B, V, D) -> log mean softmax."""
+    """The classifier on cached descriptors.
+
+    In training mode it maps one view (B, *shape) to logits; in eval mode all views
+    (B, V, *shape) to the log of their averaged softmax (flip-averaged test scores).
+    """
 
     def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
         self.classifier = classifier
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, C) logits, or (B, V, D) -> (B, C) log of view-averaged softmax."""
-        if z.dim() == 2:
+        """(B, *shape) -> (B, C) logits (training), (B, V, *shape) -> (B, C) (eval)."""
+        if self.training:
             return self.classifier(z)
         probs = self.classifier(z.flatten(0, 1)).float().softmax(-1)
         return probs.view(*z.shape[:2], -1).mean(1).log()
@@ -100,10 +119,11 @@ class ViewAverage(nn.Module):
 
 @torch.no_grad()
 def build_cache(
-    model: nn.Module,
+    model: BilinearModel,
     dataset: Dataset,
     folder: Path,
     identity: Mapping[str, Any],
+    *,
     views: int,
     dtype: str,
     batch_size: int,
@@ -111,13 +131,12 @@ def build_cache(
     precision: str,
     num_workers: int,
     env: D.DistEnv,
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Computes (or reuses) the descriptors of ``dataset`` under ``model.features``.
 
     Args:
-        model: A ``BilinearModel`` (unwrapped); only its ``features`` are used.
-        dataset: The split, with its deterministic (evaluation) transform attached.
+        model: The model (unwrapped); only its ``features`` are used.
+        dataset: The split, built with its deterministic (evaluation) transform.
         folder: Parent folder of the caches.
         identity: What besides the weights determines the descriptors (hashed).
         views: 1, or 2 to add the mirror image of every image.
@@ -127,7 +146,6 @@ def build_cache(
         precision: Autocast setting for the backbone.
         num_workers: DataLoader workers.
         env: The distributed environment: each process computes its share of images.
-        prepare: Applied to each batch on the device (e.g. uint8 -> normalized float).
 
     Returns:
         Read-only memory maps: features (N, views, D) and labels (N,).
@@ -137,7 +155,7 @@ def build_cache(
     if not (final / "meta.json").exists():
         model.eval()
         n = len(dataset)
-        dim = model.classifier.in_features
+        dim = model.descriptor_shape.numel
         size = n * views * dim * np.dtype(DTYPES[dtype]).itemsize
         tmp = folder / f".{key}.partial"
         if env.is_main:
@@ -159,14 +177,13 @@ def build_cache(
         done = 0
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
-            if prepare is not None:
-                images = prepare(images)
             idx = rows[done : done + len(targets)]
             with autocast(device, precision):
                 feats = [model.features(images)]
                 if views == 2:
                     feats.append(model.features(images.flip(-1)))
-            store[idx] = torch.stack(feats, 1).float().cpu().numpy().astype(DTYPES[dtype])
+            stacked = torch.stack(feats, 1).flatten(2).float().cpu().numpy()
+            store[idx] = stacked.astype(DTYPES[dtype])
             labels[idx] = targets.numpy()
             done += len(targets)
         store.flush()

@@ -1,4 +1,4 @@
-"""Metric loggers. ``metrics.csv`` is always written; wandb is optional."""
+"""Metric loggers. ``metrics.csv`` and ``curves.png`` are always written; wandb is optional."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from bcnn.engine.curves import plot_training_curves
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,8 @@ COLUMNS = (
 
 
 class CSVLogger:
-    """Writes one row per stage and epoch to ``<output_dir>/metrics.csv``.
+    """Writes one row per stage and epoch to ``<output_dir>/metrics.csv``; on ``close``,
+    draws the training curves into ``<output_dir>/curves.png``.
 
     Args:
         output_dir: The run directory.
@@ -32,6 +35,7 @@ class CSVLogger:
 
     def __init__(self, output_dir: str | Path, run_config: Mapping[str, Any] | None = None) -> None:
         self.path = Path(output_dir) / "metrics.csv"
+        self.curves = Path(output_dir) / "curves.png"
 
     def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Rewrites the file with ``rows`` (the history a resumed checkpoint carries)."""
@@ -55,7 +59,9 @@ class CSVLogger:
         """Records the final results (the CSV logger leaves them to results.json)."""
 
     def close(self) -> None:
-        """Flushes and releases resources."""
+        """Draws ``curves.png`` from the rows written so far."""
+        if self.path.exists():
+            plot_training_curves(self.path, self.curves)
 
 
 class WandbLogger(CSVLogger):
@@ -108,4 +114,5 @@ class WandbLogger(CSVLogger):
                 self.run.summary[key] = value
 
     def close(self) -> None:
+        super().close()
         self.run.finish()

@@ -1,10 +1,17 @@
-"""One training epoch and one evaluation pass, as plain functions."""
+"""One training epoch and one evaluation pass, as plain functions.
+
+Shaped like torchvision's classification references: a model, a loader, an optimizer
+and a few settings. The model owns its input convention and its frozen parts
+(``BilinearModel.normalize_input``, ``freeze_backbone``), so the loops only move batches
+to the device and step. Loss sums and correct counts stay on the device and are read once
+per epoch: no host synchronisation per step.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from bcnn.engine import distributed as D
 from bcnn.engine.metrics import ConfusionMeter
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -24,11 +32,11 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def _limited(loader: Iterable, limit: int | None) -> tuple[Iterable, int]:
+def _batches(loader: Iterable, max_batches: int | None, desc: str | None) -> tuple[Iterable, int]:
     total = len(loader)  # type: ignore[arg-type]
-    if limit is not None and limit < total:
-        return (b for i, b in zip(range(limit), loader)), limit
-    return loader, total
+    if max_batches is not None and max_batches < total:
+        loader, total = (b for _, b in zip(range(max_batches), loader)), max_batches
+    return tqdm(loader, total=total, desc=desc, disable=desc is None, leave=False), total
 
 
 @dataclass
@@ -49,53 +57,56 @@ class EpochStats:
         """Top-1 accuracy in percent (NaN when no image was seen)."""
         return 100.0 * self.correct / self.seen if self.seen else math.nan
 
+    def all_reduce(self) -> EpochStats:
+        """The sums over every process of a distributed run (itself when single-process)."""
+        sums = D.all_reduce_sum(
+            torch.tensor([self.loss_sum, self.correct, self.seen], dtype=torch.float64)
+        )
+        return EpochStats(float(sums[0]), int(sums[1]), int(sums[2]))
+
 
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
     device: torch.device,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
     precision: str = "32",
     grad_accum: int = 1,
     grad_clip: float | None = None,
-    frozen_backbone: bool = False,
-    limit: int | None = None,
-    progress: bool = False,
-    desc: str = "train",
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    max_batches: int | None = None,
+    desc: str | None = None,
 ) -> EpochStats:
     """Trains ``model`` for one pass over ``loader``.
 
+    The optimizer steps every ``grad_accum`` batches on the mean of their losses: with
+    batches of B / k images, ``grad_accum=k`` takes the step one batch of B images would.
+
     Args:
-        model: A ``BilinearModel``; only parameters with ``requires_grad`` change.
-        loader: Yields ``(images (B, 3, H, W), labels (B,))``.
+        model: Maps images (B, 3, H, W) to logits (B, C); only parameters with
+            ``requires_grad`` change. May be wrapped in ``DistributedDataParallel``.
+        loader: Yields ``(images, labels (B,))``.
         optimizer: Optimizer over the trainable parameters.
-        scaler: Loss scaler (enabled for fp16 only).
         device: Where the model lives.
+        scaler: Loss scaler (fp16); ``None`` for none.
         precision: ``32``, ``bf16`` or ``fp16`` (autocast dtype).
-        grad_accum: Micro-batches per optimizer step.
+        grad_accum: Batches per optimizer step.
         grad_clip: Max global gradient norm, applied to unscaled gradients.
-        frozen_backbone: Keep the backbone in eval mode (batch-norm statistics frozen).
-        limit: Stop after this many batches.
-        progress: Show a tqdm bar.
-        desc: The bar's label.
-        prepare: Applied to each batch on the device (e.g. uint8 -> normalized float).
+        max_batches: Stop after this many batches.
+        desc: Label of a progress bar; ``None`` shows none.
 
     Returns:
-        The epoch's summed loss, correct predictions and images seen.
+        The epoch's summed loss, correct predictions and images seen (this process).
     """
     model.train()
-    if frozen_backbone:
-        getattr(model, "module", model).backbone.eval()
-    batches, total = _limited(loader, limit)
-    loss_sum, correct, seen = 0.0, 0, 0
+    batches, total = _batches(loader, max_batches, desc)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
-    for step, (images, labels) in enumerate(bar):
+    for step, (images, labels) in enumerate(batches):
         images = images.to(device, non_blocking=True)
-        if prepare is not None:
-            images = prepare(images)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = model(images)
@@ -103,23 +114,32 @@ def train_one_epoch(
         sync = (step + 1) % grad_accum == 0 or step + 1 == total
         # Under DistributedDataParallel, gradients are all-reduced only on the last
         # micro-batch of an accumulation.
-        with contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync():
-            scaler.scale(loss / grad_accum).backward()
+        no_sync = getattr(model, "no_sync", None)
+        with contextlib.nullcontext() if sync or no_sync is None else no_sync():
+            scaled = loss / grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if sync:
-            if grad_clip is not None:
-                scaler.unscale_(optimizer)
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        n = labels.shape[0]
-        loss_sum += loss.detach().item() * n
-        correct += int((logits.detach().argmax(1) == labels).sum())
-        seen += n
-        if progress:
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", refresh=False)
-    return EpochStats(loss_sum, correct, seen)
+            _step(optimizer, scaler, grad_clip)
+        loss_sum += loss.detach() * labels.shape[0]
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.shape[0]
+    return EpochStats(float(loss_sum), int(correct), seen)
+
+
+def _step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, grad_clip: float | None
+) -> None:
+    if grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -128,12 +148,11 @@ def evaluate(
     loader: Iterable,
     num_classes: int,
     device: torch.device,
+    *,
     precision: str = "32",
     flip: bool = False,
-    limit: int | None = None,
-    progress: bool = False,
-    desc: str = "eval",
-    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    max_batches: int | None = None,
+    desc: str | None = None,
 ) -> ConfusionMeter:
     """Evaluates ``model`` on ``loader``.
 
@@ -143,25 +162,21 @@ def evaluate(
         num_classes: Size of the confusion matrix.
         device: Where the model lives.
         precision: Autocast setting, as in training.
-        flip: Average the softmax of each image and its horizontal mirror.
-        limit: Stop after this many batches.
-        progress: Show a tqdm bar.
-        desc: The bar's label.
-        prepare: Applied to each batch on the device (e.g. uint8 -> normalized float).
+        flip: Average the softmax of each image and of its horizontal mirror.
+        max_batches: Stop after this many batches.
+        desc: Label of a progress bar; ``None`` shows none.
 
     Returns:
-        The accumulated confusion matrix.
+        The confusion matrix of this process's batches (on ``device``).
     """
     model.eval()
-    meter = ConfusionMeter(num_classes)
-    batches, total = _limited(loader, limit)
-    for images, labels in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+    meter = ConfusionMeter(num_classes, device)
+    batches, _ = _batches(loader, max_batches, desc)
+    for images, labels in batches:
         images = images.to(device, non_blocking=True)
-        if prepare is not None:
-            images = prepare(images)
         with autocast(device, precision):
             scores = model(images).float().softmax(dim=1)
             if flip:
                 scores = (scores + model(images.flip(-1)).float().softmax(dim=1)) / 2
-        meter.update(scores, labels)
+        meter.update(scores, labels.to(device, non_blocking=True))
     return meter

@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import torch
 
+from bcnn.engine import distributed as D
+
 
 class ConfusionMeter:
     """Accumulates a confusion matrix; gives top-1 and mean per-class accuracy.
 
+    The matrix stays on the device of the predictions: updates cost no host
+    synchronisation; the accuracies read it once.
+
     Args:
         num_classes: Number of classes.
+        device: Where the matrix lives.
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
         self.num_classes = num_classes
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
 
-    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """Adds a batch: logits (B, num_classes), integer targets (B,)."""
-        pred = logits.argmax(dim=1).cpu()
-        idx = targets.cpu() * self.num_classes + pred
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        """Adds a batch: scores (B, num_classes), integer targets (B,)."""
+        pred = scores.argmax(dim=1).to(self.matrix.device)
+        idx = targets.to(self.matrix.device) * self.num_classes + pred
         self.matrix += torch.bincount(idx, minlength=self.num_classes**2).view_as(self.matrix)
+
+    def all_reduce(self) -> ConfusionMeter:
+        """Sums the matrix over the processes of a distributed run (in place)."""
+        self.matrix = D.all_reduce_sum(self.matrix)
+        return self
 
     @property
     def count(self) -> int:

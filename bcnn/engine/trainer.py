@@ -9,10 +9,16 @@ everything into its output directory::
     train.log               the log
     metrics.csv             one row per stage and epoch
     results.json            final and per-stage accuracies
-    curves.png              loss and accuracy per epoch
+    curves.png              loss and accuracy per epoch (drawn by the logger)
     splits/<split>.txt      the image lists of each split (datasets read from files)
     checkpoints/last.pt     everything needed to resume (written atomically)
     checkpoints/best.pt     the best-validation model of the current stage
+
+The parts: datasets are built once, with their final uint8 transforms; the model
+normalizes its own input and owns freezing; a stage gets its inputs (live images
+through the model, or cached descriptors through the classifier) from
+``_stage_inputs``, runs its epochs in ``_run_stage`` and picks its epoch and tests it in
+``_finish_stage``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from bcnn.config import StageConfig, TrainConfig, instantiate, validate
@@ -45,10 +53,9 @@ from bcnn.engine.checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from bcnn.engine.loops import evaluate, train_one_epoch
-from bcnn.engine.optim import build_optimizer, build_scheduler
+from bcnn.engine.loops import EpochStats, evaluate, train_one_epoch
+from bcnn.engine.metrics import ConfusionMeter
 from bcnn.models import BilinearModel, build_model
-from bcnn.results.plots import plot_training_curves
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +65,13 @@ RUNTIME_KEYS = ("device", "num_workers", "progress")
 
 
 def _output_dir(cfg: DictConfig) -> Path:
-    if cfg.get("output_dir"):
-        return Path(cfg.output_dir)
+    if cfg.paths.get("output_dir"):
+        return Path(cfg.paths.output_dir)
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     raise ValueError(
-        "output_dir is not set: run through train.py (Hydra picks the directory) or pass "
-        "output_dir=<folder> when calling bcnn.engine.train directly"
+        "paths.output_dir is not set: run through train.py (Hydra picks the directory) or "
+        "pass paths.output_dir=<folder> when calling bcnn.engine.train directly"
     )
 
 
@@ -90,7 +97,7 @@ def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any], path: Path) -> DictCo
         for key in RUNTIME_KEYS:
             saved.trainer[key] = cfg.trainer[key]
         saved.trainer.resume = str(path)
-        saved.output_dir = str(path.parent.parent)
+        saved.paths.output_dir = str(path.parent.parent)
     log.info("Resuming from %s with the config it was started with", path)
     return saved
 
@@ -156,6 +163,35 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             file_log.close()
 
 
+@dataclass
+class _StageInputs:
+    """What a stage trains and evaluates: live images through the model, or cached
+    descriptors through the classifier alone."""
+
+    net: nn.Module
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    workers: int
+    test_flip: bool
+    cache_folder: Path | None = None
+
+
+@dataclass
+class _Selection:
+    """The best epoch so far of a stage (by validation accuracy, else the latest)."""
+
+    metric: float = -math.inf
+    epoch: int = -1
+
+    def offer(self, metric: float, epoch: int) -> bool:
+        """Records ``epoch`` if its ``metric`` beats the best so far; returns whether it did."""
+        if metric > self.metric:
+            self.metric, self.epoch = metric, epoch
+            return True
+        return False
+
+
 class _Run:
     """State of one run; ``run()`` executes it from the start or from a checkpoint."""
 
@@ -164,6 +200,7 @@ class _Run:
     ) -> None:
         self.cfg = cfg
         self.out = output_dir
+        self.ckdir = output_dir / "checkpoints"
         self.ckpt = ckpt
         self.env = env
         self.tcfg = cfg.trainer
@@ -172,18 +209,19 @@ class _Run:
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
         self.history: list[dict[str, Any]] = []
         self.stage_results: dict[str, dict[str, Any]] = {}
-        self.logger = None
+        self.logger: Any = None
 
     # ---- set-up ---------------------------------------------------------------------
     def _datasets(self) -> dict[str, Dataset]:
+        """Every split, built once with its final transform (random crops for training)."""
         val_fraction = float(self.cfg.dataset.get("val_fraction", 0.0) or 0.0)
         self.split_names = {"train": "train", "val": "val"} if val_fraction > 0 else {}
         self.split_names.setdefault("train", "trainval")
         self.split_names["test"] = "test"
-        # Built before the model, without transforms: a missing or malformed dataset
-        # fails here, before any weights are loaded.
+        # Built before the model: a missing or malformed dataset fails here, before any
+        # weights are loaded.
         datasets = {
-            role: instantiate(self.cfg.dataset, split=split, transform=None)
+            role: instantiate(self.cfg.dataset, split=split, augment=role == "train")
             for role, split in self.split_names.items()
         }
         for role, ds in datasets.items():
@@ -195,42 +233,6 @@ class _Run:
                 ds.write_samples(self.out / "splits" / f"{split}.txt")
         return datasets
 
-    def _recipe(self) -> dict[str, Any] | None:
-        recipe = self.cfg.dataset.get("transform")
-        return OmegaConf.to_container(recipe, resolve=True) if recipe is not None else None
-
-    def _attach_transforms(
-        self, datasets: dict[str, Dataset], model: BilinearModel, train_role: str = "train"
-    ) -> None:
-        # Workers hand over uint8 images (4x fewer bytes than float32); ``_prepare``
-        # normalizes each batch on the device.
-        from bcnn.data.transforms import build_transforms
-
-        for role, ds in datasets.items():
-            if hasattr(ds, "transform"):
-                ds.transform = build_transforms(
-                    self._recipe(), model.input_spec, train=role == train_role, normalize=False
-                )
-
-    def _prepare(self, datasets: dict[str, Dataset], model: BilinearModel):
-        from bcnn.data.transforms import ToNormalizedFloat
-
-        normalize = (
-            ToNormalizedFloat(model.input_spec)
-            if any(hasattr(ds, "transform") for ds in datasets.values())
-            else None
-        )
-        channels_last = self.tcfg.channels_last
-
-        def prepare(images: torch.Tensor) -> torch.Tensor:
-            if normalize is not None:
-                images = normalize(images)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            return images
-
-        return prepare
-
     def _build_model(self, num_classes: int) -> BilinearModel:
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg, num_classes)
@@ -241,15 +243,15 @@ class _Run:
         model = model.to(self.device)
         if self.tcfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+            model.channels_last = True
         if self.tcfg.compile:
             # In place, so state_dict keys (and checkpoints) stay those of the plain model.
             model.backbone.compile()
         return model
 
-    def _eval_loader(self, ds: Dataset, batch_size: int, workers: int | None = None) -> DataLoader:
-        # Each process evaluates every world_size-th image: each image is counted once.
+    def _loader(self, ds: Dataset, batch_size: int, workers: int) -> DataLoader:
+        """An evaluation loader: each process evaluates every world_size-th image."""
         shard = Subset(ds, range(self.env.rank, len(ds), self.env.world_size))
-        workers = self.tcfg.num_workers if workers is None else workers
         return DataLoader(
             shard,
             batch_size=max(1, batch_size // self.env.world_size),
@@ -257,17 +259,21 @@ class _Run:
             pin_memory=self.device.type == "cuda",
         )
 
-    def _evaluate(self, model: nn.Module, loader: DataLoader, flip: bool, desc: str, prepare):
+    def _evaluate(self, inputs: _StageInputs, ds: Dataset, batch_size: int, flip: bool, desc: str):
         meter = evaluate(
-            model, loader, self.num_classes, self.device, self.precision, flip=flip,
-            limit=self.tcfg.limit_eval_batches, progress=self.tcfg.progress and self.env.is_main,
-            desc=desc, prepare=prepare,
-        )  # fmt: skip
-        meter.matrix = D.all_reduce_sum(meter.matrix)
-        return meter
+            inputs.net,
+            self._loader(ds, batch_size, inputs.workers),
+            self.num_classes,
+            self.device,
+            precision=self.precision,
+            flip=flip,
+            max_batches=self.tcfg.limit_eval_batches,
+            desc=desc if self.tcfg.progress and self.env.is_main else None,
+        )
+        return meter.all_reduce()
 
-    # ---- the feature cache -----------------------------------------------------------
-    def _use_cache(self, model: BilinearModel) -> bool:
+    # ---- a stage's inputs -------------------------------------------------------------
+    def _cacheable(self, model: BilinearModel) -> bool:
         mode = str(self.tcfg.cache_features).lower()
         if mode == "false":
             return False
@@ -276,26 +282,35 @@ class _Run:
             for n, p in model.named_parameters()
             if p.requires_grad and not n.startswith(("backbone.", "classifier."))
         ]
-        possible = not extra and hasattr(model.classifier, "in_features")
-        possible = possible and not getattr(model.classifier, "wants_matrix", False)
-        if mode == "true" and not possible:
+        if mode == "true" and extra:
             raise ValueError(
                 "Invalid config value for 'trainer.cache_features': true needs a model whose "
-                f"only trainable layer after the backbone is a linear classifier (found {extra}"
-                "); use trainer.cache_features=auto or false"
+                f"only trainable layer after the backbone is the classifier (found {extra}); "
+                "use trainer.cache_features=auto or false"
             )
-        return possible
+        return not extra
 
-    def _cached_sets(self, model, datasets, batch_size) -> dict[str, Dataset]:
+    def _stage_inputs(self, finetune: bool, batch_size: int) -> _StageInputs:
+        live = _StageInputs(
+            net=self.model,
+            train=self.datasets["train"],
+            val=self.datasets.get("val"),
+            test=self.datasets["test"],
+            workers=self.tcfg.num_workers,
+            test_flip=self.tcfg.test_flip,
+        )
+        if finetune or not self._cacheable(self.model):
+            return live
         folder = Path(self.tcfg.cache_dir) if self.tcfg.cache_dir else self.out / "feature_cache"
-        recipe = self._recipe()
-        self._attach_transforms(datasets, model, train_role="none")  # all deterministic
+        recipe = self.cfg.dataset.get("transform")
         cached = {}
-        for role, ds in datasets.items():
+        for role, ds in self.datasets.items():
             if role == "val" and len(ds) == 0:
                 continue
             if role == "train":
-                # Descriptors of the deterministic (centre-crop) view; flips add a view.
+                # Descriptors of the deterministic (centre-crop) view of the training
+                # images, built for the purpose; flips add a view.
+                ds = instantiate(self.cfg.dataset, split=self.split_names["train"], augment=False)
                 views = 2 if recipe and recipe.get("hflip", True) else 1
             else:
                 views = 2 if role == "test" and self.tcfg.test_flip else 1
@@ -305,25 +320,49 @@ class _Run:
                 "precision": self.precision,
             }
             feats, labels = build_cache(
-                model, ds, folder, identity, views, self.tcfg.cache_dtype, batch_size,
-                self.device, self.precision, self.tcfg.num_workers, self.env,
-                self._prepare(datasets, model),
-            )  # fmt: skip
-            cached[role] = CachedViews(feats, labels, train=role == "train")
-        self._attach_transforms(datasets, model)  # restore the training transform
-        return cached
+                self.model,
+                ds,
+                folder,
+                identity,
+                views=views,
+                dtype=self.tcfg.cache_dtype,
+                batch_size=batch_size,
+                device=self.device,
+                precision=self.precision,
+                num_workers=self.tcfg.num_workers,
+                env=self.env,
+            )
+            shape = self.model.descriptor_shape.dims
+            cached[role] = CachedViews(feats, labels, train=role == "train", shape=shape)
+        # Memory maps are read in-process; the cached views already hold the flips.
+        return _StageInputs(
+            net=ViewAverage(self.model.classifier),
+            train=cached["train"],
+            val=cached.get("val"),
+            test=cached["test"],
+            workers=0,
+            test_flip=False,
+            cache_folder=None if self.tcfg.cache_dir else folder,
+        )
 
     # ---- checkpoints ------------------------------------------------------------------
-    def _state(self, model, optimizer, scheduler, scaler, cursor, best, best_epoch) -> dict:
+    def _state(
+        self,
+        cursor: tuple[int, int],
+        selection: _Selection,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> dict[str, Any]:
         return {
-            "model": model.state_dict(),
+            "model": self.model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "stage_index": cursor[0],
             "next_epoch": cursor[1],
-            "best_metric": best,
-            "best_epoch": best_epoch,
+            "best_metric": selection.metric,
+            "best_epoch": selection.epoch,
             "history": list(self.history),
             "stage_results": dict(self.stage_results),
             "rng": rng_state(),
@@ -336,19 +375,20 @@ class _Run:
         if main:
             OmegaConf.save(self.resolved, self.out / "config.yaml")
         _seed_everything(cfg.seed)
-        datasets = self._datasets()
-        self.num_classes = num_classes = len(datasets["train"].classes)
-        model = self._build_model(num_classes)
-        self._attach_transforms(datasets, model)
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("Model: %d parameters, %d classes, device %s", n_params, num_classes, self.device)
+        self.datasets = self._datasets()
+        self.num_classes = len(self.datasets["train"].classes)
+        self.model = self._build_model(self.num_classes)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "Model: %d parameters, %d classes, device %s", n_params, self.num_classes, self.device
+        )
         if main:
             self.logger = instantiate(
                 cfg.logger, output_dir=self.out, run_config=self.resolved, _recursive_=False
             )
         start_stage, start_epoch = 0, 0
         if self.ckpt is not None:
-            model.load_state_dict(self.ckpt["model"])
+            self.model.load_state_dict(self.ckpt["model"])
             self.history = list(self.ckpt["history"])
             self.stage_results = dict(self.ckpt["stage_results"])
             start_stage, start_epoch = self.ckpt["stage_index"], self.ckpt["next_epoch"]
@@ -356,12 +396,9 @@ class _Run:
                 self.logger.restore(self.history)
         t_start = time.time()
         for index, name in enumerate(tcfg.stages):
-            if index < start_stage:
-                continue
-            stage: StageConfig = OmegaConf.to_object(tcfg[name])
-            resume = self.ckpt if (index == start_stage and self.ckpt is not None) else None
-            first = start_epoch if resume is not None else 0
-            self._run_stage(index, name, stage, model, datasets, resume, first)
+            if index >= start_stage:
+                resume = self.ckpt if index == start_stage else None
+                self._run_stage(index, name, resume, start_epoch if resume else 0)
         final = self.stage_results[tcfg.stages[-1]]
         results = {
             "test_acc": final["test_acc"],
@@ -369,7 +406,7 @@ class _Run:
             "val_acc": final["val_acc"],
             "val_mean_class_acc": final["val_mean_class_acc"],
             "stages": self.stage_results,
-            "num_classes": num_classes,
+            "num_classes": self.num_classes,
             "num_parameters": n_params,
             "dataset": cfg.dataset.get("name"),
             "world_size": self.env.world_size,
@@ -379,7 +416,6 @@ class _Run:
             tmp = self.out / "results.json.tmp"
             tmp.write_text(json.dumps(results, indent=2, allow_nan=True))
             os.replace(tmp, self.out / "results.json")
-            plot_training_curves(self.out / "metrics.csv", self.out / "curves.png")
             self.logger.log_summary(results)
             self.logger.close()
         log.info(
@@ -388,124 +424,143 @@ class _Run:
         )  # fmt: skip
         return results
 
-    def _run_stage(self, index, name, stage, model, datasets, resume, start_epoch) -> None:
-        tcfg, env, ckdir = self.tcfg, self.env, self.out / "checkpoints"
+    def _run_stage(self, index: int, name: str, resume: dict | None, start_epoch: int) -> None:
+        stage: StageConfig = OmegaConf.to_object(self.tcfg[name])
         finetune = name == "finetune"
-        model.backbone.requires_grad_(finetune)
-        eval_bs = tcfg.eval_batch_size or stage.batch_size
-        cached = not finetune and self._use_cache(model)
-        if cached:
-            sets = self._cached_sets(model, datasets, eval_bs)
-            net: nn.Module = ViewAverage(model.classifier)
-            workers, test_flip = 0, False  # memory maps are read in-process; views hold flips
-            prepare = None
-        else:
-            sets, net, workers, test_flip = datasets, model, tcfg.num_workers, tcfg.test_flip
-            prepare = self._prepare(datasets, model)
-        train_net = net
-        if env.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            train_net = DistributedDataParallel(net, device_ids=ids)
-        optimizer = build_optimizer(model, stage, train_backbone=finetune)
-        scheduler = build_scheduler(optimizer, stage)
+        self.model.freeze_backbone(not finetune)
+        eval_bs = self.tcfg.eval_batch_size or stage.batch_size
+        inputs = self._stage_inputs(finetune, eval_bs)
+        optimizer, scheduler, scaler, selection = self._optimization(
+            name, stage, resume, start_epoch
+        )
+        net, sampler, loader = self._train_loader(inputs, stage, index)
+        has_val = inputs.val is not None and len(inputs.val) > 0
+        for epoch in range(start_epoch, stage.epochs):
+            t0, lr = time.time(), optimizer.param_groups[-1]["lr"]
+            sampler.set_epoch(epoch)
+            stats = train_one_epoch(
+                net, loader, optimizer, self.device, scaler=scaler, precision=self.precision,
+                grad_accum=stage.grad_accum, grad_clip=stage.grad_clip,
+                max_batches=self.tcfg.limit_train_batches,
+                desc=f"{name} {epoch + 1}/{stage.epochs}" if self._progress else None,
+            ).all_reduce()  # fmt: skip
+            val = self._evaluate(inputs, inputs.val, eval_bs, False, "val") if has_val else None
+            row = self._log_epoch(name, epoch, stage.epochs, lr, stats, val, time.time() - t0)
+            if isinstance(scheduler, ReduceLROnPlateau):
+                scheduler.step(row["val_acc"] if has_val else stats.acc)
+            else:
+                scheduler.step()
+            # Without a validation split the latest epoch is the selected one.
+            improved = selection.offer(row["val_acc"] if has_val else float(epoch), epoch)
+            if self.env.is_main:
+                state = self._state((index, epoch + 1), selection, optimizer, scheduler, scaler)
+                if improved:
+                    save_atomic(state, self.ckdir / "best.pt")
+                save_atomic(state, self.ckdir / "last.pt")
+            D.barrier()
+        self._finish_stage(index, name, stage, inputs, selection, eval_bs)
+
+    def _optimization(
+        self, name: str, stage: StageConfig, resume: dict | None, start_epoch: int
+    ) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler, _Selection]:
+        """The stage's optimizer, schedule, loss scaler and epoch selection (resumed)."""
+        finetune = name == "finetune"
+        groups = self.model.param_groups(stage.lr, stage.backbone_lr if finetune else None)
+        optimizer = instantiate(self.tcfg[name].optimizer)(groups, lr=stage.lr)
+        scheduler = instantiate(self.tcfg[name].scheduler)(optimizer)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        best, best_epoch = -math.inf, -1
+        selection = _Selection()
         if resume is not None:
             if start_epoch > 0:
                 optimizer.load_state_dict(resume["optimizer"])
                 scheduler.load_state_dict(resume["scheduler"])
                 scaler.load_state_dict(resume["scaler"])
-                best, best_epoch = resume["best_metric"], resume["best_epoch"]
+                selection = _Selection(resume["best_metric"], resume["best_epoch"])
             set_rng_state(resume["rng"])
+        return optimizer, scheduler, scaler, selection
+
+    def _train_loader(
+        self, inputs: _StageInputs, stage: StageConfig, index: int
+    ) -> tuple[nn.Module, DistributedSampler, DataLoader]:
+        """The network to train (DDP-wrapped when distributed), its sampler and loader."""
+        net = inputs.net
+        if self.env.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = DistributedDataParallel(inputs.net, device_ids=ids)
         # Every process shuffles with the same seed and takes its share of each global
         # batch, so N processes see exactly the batches one process would.
         sampler = DistributedSampler(
-            sets["train"], num_replicas=env.world_size, rank=env.rank, shuffle=True,
+            inputs.train, num_replicas=self.env.world_size, rank=self.env.rank, shuffle=True,
             seed=self.cfg.seed * 1_000_003 + index,
         )  # fmt: skip
-        train_loader = DataLoader(
-            sets["train"],
-            batch_size=stage.batch_size // env.world_size,
+        loader = DataLoader(
+            inputs.train,
+            batch_size=stage.batch_size // self.env.world_size,
             sampler=sampler,
-            num_workers=workers,
+            num_workers=inputs.workers,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0,
+            persistent_workers=inputs.workers > 0,
         )
-        has_val = "val" in sets and len(sets["val"]) > 0
-        val_loader = self._eval_loader(sets["val"], eval_bs, workers) if has_val else None
-        progress = tcfg.progress and env.is_main
-        for epoch in range(start_epoch, stage.epochs):
-            t0 = time.time()
-            sampler.set_epoch(epoch)
-            lr = optimizer.param_groups[-1]["lr"]
-            stats = train_one_epoch(
-                train_net, train_loader, optimizer, scaler, self.device, self.precision,
-                grad_accum=stage.grad_accum, grad_clip=stage.grad_clip,
-                frozen_backbone=not finetune and not cached, limit=tcfg.limit_train_batches,
-                progress=progress, desc=f"{name} {epoch + 1}/{stage.epochs}", prepare=prepare,
-            )  # fmt: skip
-            sums = D.all_reduce_sum(
-                torch.tensor([stats.loss_sum, stats.correct, stats.seen], dtype=torch.float64)
-            )
-            stats.loss_sum, stats.correct, stats.seen = (
-                sums[0].item(),
-                sums[1].item(),
-                sums[2].item(),
-            )
-            scheduler.step()
-            val = self._evaluate(net, val_loader, False, "val", prepare) if has_val else None
-            row = {
-                "stage": name,
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": stats.loss,
-                "train_acc": stats.acc,
-                "val_acc": val.accuracy() if val else math.nan,
-                "val_mean_class_acc": val.mean_class_accuracy() if val else math.nan,
-                "seconds": round(time.time() - t0, 3),
-            }
-            self.history.append(row)
-            log.info(
-                "%s epoch %d/%d: loss %.4f, train acc %.2f, val acc %.2f",
-                name, epoch + 1, stage.epochs, stats.loss, stats.acc, row["val_acc"],
-            )  # fmt: skip
-            # Without a validation split the latest epoch is the selected one.
-            metric = row["val_acc"] if has_val else float(epoch)
-            improved = metric > best
-            if improved:
-                best, best_epoch = metric, epoch
-            if env.is_main:
-                self.logger.log_epoch(row)
-                state = self._state(
-                    model, optimizer, scheduler, scaler, (index, epoch + 1), best, best_epoch
-                )
-                if improved:
-                    save_atomic(state, ckdir / "best.pt")
-                save_atomic(state, ckdir / "last.pt")
-            D.barrier()
+        return net, sampler, loader
 
-        # The selected (best-validation) weights are evaluated once on the test split.
-        if best_epoch != stage.epochs - 1 and (ckdir / "best.pt").exists():
-            model.load_state_dict(load_checkpoint(ckdir / "best.pt")["model"])
-        result: dict[str, Any] = {"best_epoch": best_epoch + 1, "epochs": stage.epochs}
-        if has_val:
-            val = self._evaluate(net, val_loader, False, "val", prepare)
+    @property
+    def _progress(self) -> bool:
+        return bool(self.tcfg.progress) and self.env.is_main
+
+    def _log_epoch(
+        self,
+        name: str,
+        epoch: int,
+        epochs: int,
+        lr: float,
+        stats: EpochStats,
+        val: ConfusionMeter | None,
+        seconds: float,
+    ) -> dict[str, Any]:
+        row = {
+            "stage": name,
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": stats.loss,
+            "train_acc": stats.acc,
+            "val_acc": val.accuracy() if val else math.nan,
+            "val_mean_class_acc": val.mean_class_accuracy() if val else math.nan,
+            "seconds": round(seconds, 3),
+        }
+        self.history.append(row)
+        log.info(
+            "%s epoch %d/%d: loss %.4f, train acc %.2f, val acc %.2f",
+            name, epoch + 1, epochs, stats.loss, stats.acc, row["val_acc"],
+        )  # fmt: skip
+        if self.env.is_main:
+            self.logger.log_epoch(row)
+        return row
+
+    def _finish_stage(
+        self,
+        index: int,
+        name: str,
+        stage: StageConfig,
+        inputs: _StageInputs,
+        selection: _Selection,
+        eval_bs: int,
+    ) -> None:
+        """Loads the selected epoch's weights, evaluates them once, records the stage."""
+        if selection.epoch != stage.epochs - 1 and (self.ckdir / "best.pt").exists():
+            self.model.load_state_dict(load_checkpoint(self.ckdir / "best.pt")["model"])
+        result: dict[str, Any] = {"best_epoch": selection.epoch + 1, "epochs": stage.epochs}
+        result.update(val_acc=None, val_mean_class_acc=None)
+        if inputs.val is not None and len(inputs.val) > 0:
+            val = self._evaluate(inputs, inputs.val, eval_bs, False, "val")
             result.update(val_acc=val.accuracy(), val_mean_class_acc=val.mean_class_accuracy())
-        else:
-            result.update(val_acc=None, val_mean_class_acc=None)
-        test = self._evaluate(
-            net, self._eval_loader(sets["test"], eval_bs, workers), test_flip, "test", prepare
-        )
+        test = self._evaluate(inputs, inputs.test, eval_bs, inputs.test_flip, "test")
         result.update(test_acc=test.accuracy(), test_mean_class_acc=test.mean_class_accuracy())
         self.stage_results[name] = result
         log.info("Stage %s done: %s", name, result)
-        if env.is_main:
+        if self.env.is_main:
             # The next stage starts from these weights; a resume after this point skips ahead.
-            save_atomic(
-                self._state(model, None, None, None, (index + 1, 0), -math.inf, -1),
-                ckdir / "last.pt",
-            )
-            if cached and not tcfg.cache_dir:
+            save_atomic(self._state((index + 1, 0), _Selection()), self.ckdir / "last.pt")
+            if inputs.cache_folder is not None:
                 # A cache inside the run directory has served its purpose: free the disk.
-                shutil.rmtree(self.out / "feature_cache", ignore_errors=True)
+                shutil.rmtree(inputs.cache_folder, ignore_errors=True)
         D.barrier()

@@ -1,33 +1,40 @@
-"""Classifiers on top of the normalized descriptor (vector) or pooled matrix.
+"""Classifiers on top of the normalized descriptor (vector) or the normalized matrix.
 
-A classifier class with ``wants_matrix = True`` receives the normalized (B, d1, d2)
-matrix instead of the vector: ``build_model`` then passes ``in_features=(d1, d2)`` (or d
-for symmetric matrices) and tells the normalization chain to keep the matrix.
+``build_model`` passes ``in_features``, the per-sample ``FeatureShape`` the normalization
+chain produces: vectors (D,) when the chain vectorizes (the linear classifier), (d1, d2)
+matrices when it ends before that (the low-rank bilinear classifier reads the matrix).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
 from torch import nn
+
+from bcnn.models.shapes import FeatureShape
 
 
 class LinearClassifier(nn.Linear):
     """A linear layer (softmax classifier): (B, D) -> (B, num_classes).
 
     Args:
-        in_features: Descriptor length D, supplied by ``build_model``.
+        in_features: The descriptor shape (vectors (D,)), or the int D; supplied by
+            ``build_model``.
         num_classes: Number of classes, supplied by ``build_model``.
         bias: Learn a bias.
     """
 
-    wants_matrix: ClassVar[bool] = False
-
-    def __init__(self, in_features: int, num_classes: int, bias: bool = True) -> None:
-        super().__init__(in_features, num_classes, bias=bias)
+    def __init__(self, in_features: int | FeatureShape, num_classes: int, bias: bool = True):
+        if isinstance(in_features, FeatureShape):
+            if in_features.is_matrix:
+                raise ValueError(
+                    f"classifier=linear needs vectors but the normalization chain gives "
+                    f"{in_features}: add a vectorize step (normalization.vectorize="
+                    "{_target_: bcnn.models.normalization.Vectorize})"
+                )
+            in_features = in_features.dims[0]
+        super().__init__(int(in_features), num_classes, bias=bias)
         # Zero init: descriptors are L2-normalized and the linear stage uses lr ~ 1,
         # where a random init only adds noise to the first epochs.
         nn.init.zeros_(self.weight)
@@ -55,23 +62,28 @@ class LowRankBilinearClassifier(nn.Module):
     A U): for thousands of classes reduce d first with ``pooling.proj_dim``.
 
     Args:
-        in_features: d (symmetric) or (d_a, d_b), supplied by ``build_model``.
+        in_features: The matrix shape: symmetric (d, d) or two-stream (d_a, d_b); supplied
+            by ``build_model``.
         num_classes: K, supplied by ``build_model``.
         rank: r per class (8 in the paper); for symmetric A, ceil(r/2) positive terms.
         bias: Learn a per-class bias.
     """
 
-    wants_matrix: ClassVar[bool] = True
-
     def __init__(
-        self, in_features: int | Sequence[int], num_classes: int, rank: int = 8, bias: bool = True
+        self, in_features: FeatureShape, num_classes: int, rank: int = 8, bias: bool = True
     ) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"classifier.rank must be >= 1, got {rank}")
-        self.symmetric = not isinstance(in_features, Sequence)
-        d1, d2 = (in_features, in_features) if self.symmetric else tuple(in_features)
-        self.shape = (int(d1), int(d2))
+        if not in_features.is_matrix:
+            raise ValueError(
+                f"classifier=lowrank reads the pooled matrix but the normalization chain gives "
+                f"{in_features}: use a matrix pooling (sum, democratic) and a chain that ends "
+                "before vectorizing (~normalization.vectorize)"
+            )
+        d1, d2 = in_features.dims
+        self.symmetric = in_features.symmetric
+        self.shape = (d1, d2)
         self.num_classes, self.rank = int(num_classes), int(rank)
         # Random init (a zero U has zero gradient); unit-norm columns on average, so a
         # Frobenius-normalized A gives scores of order 1/d at the start.

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bcnn.data.spec import InputSpec
 from bcnn.models.backbones.base import SAFETENSORS_SPEC_KEY, input_spec_to_meta
+from bcnn.models.inputs import InputSpec
 
 ARCHS = ("vgg_m", "vgg_d")
 

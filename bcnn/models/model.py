@@ -1,4 +1,5 @@
-"""The assembled model: backbone -> pooling -> normalization -> classifier."""
+"""The assembled model: images -> input normalization -> backbone -> pooling -> normalization
+chain -> classifier."""
 
 from __future__ import annotations
 
@@ -6,12 +7,24 @@ import torch
 from torch import nn
 
 from bcnn.models.backbones.base import Backbone
+from bcnn.models.inputs import InputNormalizer, InputSpec
 from bcnn.models.normalization import NormalizationChain
 from bcnn.models.pooling import PoolingHead
+from bcnn.models.shapes import FeatureShape
 
 
 class BilinearModel(nn.Module):
     """A second-order (or first-order baseline) classification model.
+
+    The model owns its input convention: it takes uint8 images (B, 3, H, W) (0-255) or
+    floats in [0, 1] and normalizes them for its backbone itself (``input_norm``, whose
+    constants are non-persistent buffers). It also owns freezing: after
+    ``freeze_backbone()`` the backbone receives no gradient and stays in eval mode (frozen
+    batch-norm statistics) whatever ``train()`` is called with.
+
+    Attributes:
+        channels_last: Convert the normalized images to channels-last memory format (set
+            together with ``model.to(memory_format=torch.channels_last)``).
 
     Args:
         backbone: Feature extractor (declares ``out_channels`` and ``input_spec``).
@@ -32,24 +45,50 @@ class BilinearModel(nn.Module):
         self.pooling = pooling
         self.normalization = normalization
         self.classifier = classifier
+        self.input_norm = InputNormalizer(backbone.input_spec)
+        self.backbone_frozen = False
+        self.channels_last = False
 
     @property
-    def input_spec(self):
-        """The pixel convention the backbone expects (see ``bcnn.data.InputSpec``)."""
+    def descriptor_shape(self) -> FeatureShape:
+        """Per-sample shape of ``features``' output (what the classifier reads)."""
+        return self.normalization.output_shape(self.pooling.output_shape)
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The pixel convention the backbone expects."""
         return self.backbone.input_spec
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> normalized descriptors (B, D).
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Freezes (or unfreezes) the backbone: no gradients, and eval mode while frozen."""
+        self.backbone_frozen = frozen
+        self.backbone.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> BilinearModel:
+        """Sets training mode; a frozen backbone stays in eval mode."""
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def normalize_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) or float in [0, 1] -> the backbone's float convention."""
+        x = self.input_norm(images)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W), uint8 or float in [0, 1] -> normalized descriptors (B, D).
 
         Matrix heads give float32 (matrix steps run with autocast off); with a classifier
         that reads matrices (``wants_matrix``) the descriptor is the normalized matrix
         (B, d1, d2).
         """
-        return self.normalization(self.pooling(self.backbone(x)))
+        return self.normalization(self.pooling(self.backbone(self.normalize_input(images))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> logits (B, num_classes)."""
-        return self.classifier(self.features(x))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W), uint8 or float in [0, 1] -> logits (B, num_classes)."""
+        return self.classifier(self.features(images))
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters trained in the linear stage: everything except the backbone."""

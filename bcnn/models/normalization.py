@@ -1,13 +1,18 @@
-"""Normalization chains: matrix steps on (B, d, d), vectorization, then vector steps.
+"""Normalization chains: matrix functions, vectorization, then elementwise steps.
 
-Steps (``STEPS``: name -> (class, acts on matrices)):
+A chain is a set of named steps (the keys of the ``normalization`` config node, so a step
+is addressable on the command line: ``normalization.sqrt.iters=20``,
+``normalization.signsqrt=null`` drops it). Steps run in three phases, in config order
+within each phase: matrix steps on the pooled (B, d, d) matrix (``MatrixSqrt``,
+``MatrixLog``, ``MatrixPower``), then ``Vectorize`` (B, d, d) -> (B, D), then elementwise
+steps (``SignedPower``/``SignedSqrt``, ``L2Normalize``). A classifier that reads the
+matrix itself (``classifier=lowrank``) takes a chain without ``vectorize``: the
+elementwise steps then act on the matrix (``l2`` is the Frobenius normalization).
 
-* ``sqrt``: matrix square root (A + eps I)^(1/2) through ``bcnn.ops.sqrtm``.
-* ``log``: matrix logarithm log(A + eps I) through ``bcnn.ops.logm``.
-* ``mpow``: matrix power (A + eps I)^p through ``bcnn.ops.powm`` (``sqrtm`` for p = 0.5).
-* ``power``: elementwise sign(z) |z|^p with a bounded gradient at 0.
-* ``signsqrt``: elementwise sign(z) sqrt(|z|) (``power`` with p = 0.5, guarded).
-* ``l2``: division by the L2 norm (the Frobenius norm for a matrix).
+Each step reports the shape it produces (``output_shape``), so the chain and the model
+builder need no shape arithmetic of their own, and a step that cannot act on its input
+(a matrix function after a vector pooling, a square root of x_a x_b^T) says so when the
+model is built.
 
 The ridge ``eps`` of the matrix steps is either absolute (``eps_mode="abs"``, in the units
 of A: BMVC 2017 uses eps = 1 for MatConvNet VGG-D features, whose largest eigenvalue is
@@ -19,14 +24,15 @@ that of MatConvNet's (0-255 input) and an absolute eps = 1 would swamp it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bcnn.ops import logm, powm, signed_power, signed_sqrt, sqrtm
+from bcnn.models.shapes import FeatureShape
+from bcnn.ops import logm, powm, signed_power, sqrtm
 
 EPS_MODES = ("abs", "trace")
 
@@ -45,31 +51,77 @@ def add_ridge(a: torch.Tensor, eps: float, eps_mode: str) -> torch.Tensor:
     raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
 
 
-class _MatrixStep(nn.Module):
-    """Common ridge handling of the matrix steps."""
+class Step(nn.Module):
+    """A normalization step. ``phase`` orders steps: ``matrix``, ``vectorize``, ``elementwise``."""
+
+    phase: ClassVar[str] = "elementwise"
+
+    def output_shape(self, shape: FeatureShape) -> FeatureShape:
+        """The per-sample output shape for a per-sample input ``shape``; elementwise: same."""
+        return shape
+
+
+class MatrixStep(Step):
+    """A function of symmetric PSD (B, d, d) matrices, applied to A + ridge.
+
+    Runs in float32 (float64 stays float64) with autocast off: the pooled matrices are
+    ill-conditioned and half precision would lose them.
+
+    Args:
+        eps: Ridge added before the function (see the module docstring); >= 0.
+        eps_mode: ``abs`` or ``trace``.
+    """
+
+    phase = "matrix"
 
     def __init__(self, eps: float, eps_mode: str) -> None:
         super().__init__()
-        if eps < 0:
+        if not eps >= 0:  # also rejects NaN
             raise ValueError(f"{type(self).__name__}: eps must be >= 0, got {eps}")
         if eps_mode not in EPS_MODES:
             raise ValueError(f"{type(self).__name__}: eps_mode must be one of {EPS_MODES}")
         self.eps = float(eps)
         self.eps_mode = eps_mode
 
+    def output_shape(self, shape: FeatureShape) -> FeatureShape:
+        if not shape.is_matrix:
+            raise ValueError(
+                f"{type(self).__name__} acts on matrices but receives {shape} (avg and "
+                "compact pooling give vectors): pick a matrix pooling (sum, democratic) or "
+                "drop the matrix step"
+            )
+        if not shape.symmetric:
+            raise ValueError(
+                f"{type(self).__name__} needs the symmetric x x^T of one stream; two-stream "
+                f"bilinear pooling gives x_a x_b^T ({shape}). Use an elementwise chain "
+                "(signsqrt_l2, l2, none) or a symmetric backbone"
+            )
+        return shape
+
+    def function(self, a: torch.Tensor) -> torch.Tensor:
+        """The matrix function of the ridged (B, d, d) ``a`` (float32 or float64)."""
+        raise NotImplementedError
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """(B, d, d) -> (B, d, d), float32 (float64 for float64 input)."""
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            a = a if a.dtype == torch.float64 else a.float()
+            return self.function(add_ridge(a, self.eps, self.eps_mode))
+
     def extra_repr(self) -> str:
         return f"eps={self.eps}, eps_mode={self.eps_mode}"
 
 
-class MatrixSqrt(_MatrixStep):
-    """(A + eps I)^(1/2) of symmetric PSD (B, d, d) matrices via ``bcnn.ops.sqrtm``.
+class MatrixSqrt(MatrixStep):
+    """(A + eps I)^(1/2) through ``bcnn.ops.sqrtm``.
 
     Args:
         method: ``newton_schulz`` (the paper: approximate on purpose at 5 iterations),
             ``eigh``, ``svd`` or ``auto`` (device-dependent: avoid where results must not
             depend on the device).
         iters: Newton-Schulz iterations.
-        backward: ``lyapunov_iterative``, ``lyapunov_eig``, ``autograd``, ``svd``, ``auto``.
+        backward: ``lyapunov_iterative``, ``lyapunov_eig``, ``autograd``, ``svd``,
+            ``identity`` or ``auto`` (the one that matches ``method``).
         scale: Newton-Schulz pre-scaling, ``fro`` or ``trace``.
         eps: Ridge added before the root (see the module docstring).
         eps_mode: ``abs`` or ``trace``.
@@ -87,14 +139,9 @@ class MatrixSqrt(_MatrixStep):
         super().__init__(eps, eps_mode)
         self.method, self.iters, self.backward, self.scale = method, iters, backward, scale
 
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        """(B, d, d) -> (B, d, d)."""
+    def function(self, a: torch.Tensor) -> torch.Tensor:
         out = sqrtm(
-            add_ridge(a, self.eps, self.eps_mode),
-            method=self.method,
-            iters=self.iters,
-            backward=self.backward,
-            scale=self.scale,
+            a, method=self.method, iters=self.iters, backward=self.backward, scale=self.scale
         )
         assert isinstance(out, torch.Tensor)
         return out
@@ -106,8 +153,8 @@ class MatrixSqrt(_MatrixStep):
         )
 
 
-class MatrixLog(_MatrixStep):
-    """log(A + eps I) of symmetric PSD (B, d, d) matrices via ``bcnn.ops.logm``.
+class MatrixLog(MatrixStep):
+    """log(A + eps I) through ``bcnn.ops.logm``.
 
     Args:
         method: ``eigh`` (exact, Daleckii-Krein gradient) or ``iterative`` (repeated
@@ -124,16 +171,15 @@ class MatrixLog(_MatrixStep):
         self.method = method
         self.floor = floor
 
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        """(B, d, d) -> (B, d, d)."""
-        return logm(add_ridge(a, self.eps, self.eps_mode), method=self.method, eps=self.floor)
+    def function(self, a: torch.Tensor) -> torch.Tensor:
+        return logm(a, method=self.method, eps=self.floor)
 
     def extra_repr(self) -> str:
         return f"method={self.method}, " + super().extra_repr()
 
 
-class MatrixPower(_MatrixStep):
-    """(A + eps I)^p of symmetric PSD (B, d, d) matrices, 0 < p <= 1.
+class MatrixPower(MatrixStep):
+    """(A + eps I)^p, 0 < p <= 1 (ECCV 2018's matrix power normalization).
 
     ``p = 0.5`` goes through ``sqrtm`` (``method``, ``iters``, ``backward``), any other p
     through the eigendecomposition of ``powm``.
@@ -161,23 +207,63 @@ class MatrixPower(_MatrixStep):
             raise ValueError(f"MatrixPower: p must be in (0, 1], got {p}")
         self.p = float(p)
         self.floor = floor
-        self.sqrt = (
-            MatrixSqrt(method=method, iters=iters, backward=backward, eps=eps, eps_mode=eps_mode)
-            if self.p == 0.5
-            else None
-        )
+        self.method, self.iters, self.backward = method, iters, backward
 
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        """(B, d, d) -> (B, d, d)."""
-        if self.sqrt is not None:
-            return self.sqrt(a)
-        return powm(add_ridge(a, self.eps, self.eps_mode), self.p, eps=self.floor)
+    def function(self, a: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.5:
+            out = sqrtm(a, method=self.method, iters=self.iters, backward=self.backward)
+            assert isinstance(out, torch.Tensor)
+            return out
+        return powm(a, self.p, eps=self.floor)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, " + super().extra_repr()
 
 
-class ElementwisePower(nn.Module):
+class Vectorize(Step):
+    """(B, d1, d2) matrices -> (B, d1 d2) vectors; vectors pass unchanged.
+
+    Args:
+        triu: Keep the upper triangle of symmetric matrices, (B, d(d+1)/2), with the
+            off-diagonal entries scaled by sqrt(2) so that inner products of the vectors
+            equal the Frobenius inner products of the matrices.
+    """
+
+    phase = "vectorize"
+
+    def __init__(self, triu: bool = False) -> None:
+        super().__init__()
+        self.triu = triu
+
+    def output_shape(self, shape: FeatureShape) -> FeatureShape:
+        if not shape.is_matrix:
+            return shape
+        if not self.triu:
+            return FeatureShape((shape.numel,))
+        if not shape.symmetric:
+            raise ValueError(
+                f"Vectorize(triu=true) needs symmetric matrices; two-stream pooling gives "
+                f"x_a x_b^T ({shape}): set the vectorize step's triu=false"
+            )
+        d = shape.dims[0]
+        return FeatureShape((d * (d + 1) // 2,))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """(B, d1, d2) -> (B, D); (B, D) unchanged."""
+        if a.dim() == 2:
+            return a
+        if not self.triu:
+            return a.flatten(1)
+        d = a.shape[-1]
+        rows, cols = torch.triu_indices(d, d, device=a.device)
+        scale = torch.where(rows == cols, 1.0, math.sqrt(2.0)).to(a.dtype)
+        return a[:, rows, cols] * scale
+
+    def extra_repr(self) -> str:
+        return f"triu={self.triu}"
+
+
+class SignedPower(Step):
     """Elementwise sign(z) |z|^p, 0 < p <= 1, with a bounded gradient at 0.
 
     The value is sign(z) ((|z| + eps)^p - eps^p): 0 at 0, continuous, and its derivative
@@ -191,9 +277,9 @@ class ElementwisePower(nn.Module):
     def __init__(self, p: float = 0.5, eps: float = 1e-8) -> None:
         super().__init__()
         if not 0.0 < p <= 1.0:
-            raise ValueError(f"normalization power step: p must be in (0, 1], got {p}")
-        if eps <= 0:
-            raise ValueError(f"normalization power step: eps must be > 0, got {eps}")
+            raise ValueError(f"{type(self).__name__}: p must be in (0, 1], got {p}")
+        if not 0 < eps < math.inf:
+            raise ValueError(f"{type(self).__name__}: eps must be > 0 and finite, got {eps}")
         self.p, self.eps = float(p), float(eps)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -204,166 +290,69 @@ class ElementwisePower(nn.Module):
         return f"p={self.p}, eps={self.eps}"
 
 
-class SignedSqrt(nn.Module):
-    """Elementwise sign(z) sqrt(|z|) with a guarded gradient at 0 (see ``ops.signed_sqrt``)."""
+class SignedSqrt(SignedPower):
+    """Elementwise sign(z) sqrt(|z|) with a guarded gradient at 0 (``SignedPower``, p = 0.5).
+
+    Args:
+        eps: Guard added under the root; > 0.
+    """
 
     def __init__(self, eps: float = 1e-8) -> None:
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, D)."""
-        return signed_sqrt(z, self.eps)
+        super().__init__(0.5, eps)
 
 
-class L2Normalize(nn.Module):
-    """Divides each descriptor by its L2 norm (floored at ``eps``)."""
+class L2Normalize(Step):
+    """Divides each sample by its L2 norm (Frobenius for matrices), floored at ``eps``."""
 
     def __init__(self, eps: float = 1e-12) -> None:
         super().__init__()
         self.eps = eps
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B, D)."""
-        return F.normalize(z, dim=-1, eps=self.eps)
+        """(B, ...) -> (B, ...)."""
+        return F.normalize(z.flatten(1), dim=1, eps=self.eps).view_as(z)
 
 
-# step name -> (class, acts on matrices).
-STEPS: dict[str, tuple[type[nn.Module], bool]] = {
-    "sqrt": (MatrixSqrt, True),
-    "log": (MatrixLog, True),
-    "mpow": (MatrixPower, True),
-    "power": (ElementwisePower, False),
-    "signsqrt": (SignedSqrt, False),
-    "l2": (L2Normalize, False),
-}
-
-
-def vectorize(a: torch.Tensor, triu: bool) -> torch.Tensor:
-    """Flattens symmetric matrices (B, d, d) to (B, d*d) or, with ``triu``, (B, d(d+1)/2).
-
-    The upper triangle scales off-diagonal entries by sqrt(2) so that inner products of
-    the vectors equal the Frobenius inner products of the matrices.
-    """
-    if not triu:
-        return a.flatten(1)
-    d = a.shape[-1]
-    rows, cols = torch.triu_indices(d, d, device=a.device)
-    scale = torch.where(rows == cols, 1.0, 2.0**0.5).to(a.dtype)
-    return a[:, rows, cols] * scale
+PHASES = ("matrix", "vectorize", "elementwise")
 
 
 class NormalizationChain(nn.Module):
-    """An ordered list of normalization steps.
-
-    Matrix steps (``sqrt``, ``log``, ``mpow``) act on the pooled (B, d, d) matrix in
-    float32 (float64 stays) with autocast off, then the matrix is vectorized, then vector
-    steps (``signsqrt``, ``power``, ``l2``) apply to the (B, D) vector.
-
-    With ``keep_matrix`` (set by ``build_model`` for classifiers that read the matrix, such
-    as the low-rank bilinear classifier) the output stays (B, d1, d2): the vector steps
-    act on the flattened matrix (``l2`` is then the Frobenius normalization) and it is
-    reshaped back.
+    """Named normalization steps, run phase by phase (see the module docstring).
 
     Args:
-        steps: Each a mapping with ``name`` (a key of ``STEPS``) and that step's keyword
-            arguments, e.g. ``[{"name": "signsqrt", "eps": 1e-8}, {"name": "l2"}]``.
-        triu: Vectorize matrices by their upper triangle (see ``vectorize``).
-        keep_matrix: Output the normalized matrix instead of a vector.
+        **steps: The steps by name (the config keys); ``None`` values are dropped, so a
+            preset's step can be switched off with ``normalization.<name>=null``.
     """
 
-    def __init__(
-        self,
-        steps: Sequence[Mapping[str, Any]] = (),
-        triu: bool = False,
-        keep_matrix: bool = False,
-    ) -> None:
+    def __init__(self, **steps: Step | None) -> None:
         super().__init__()
-        self.triu = triu
-        self.keep_matrix = keep_matrix
-        matrix, vector = [], []
-        for i, step in enumerate(steps):
-            kwargs = dict(step)
-            name = kwargs.pop("name", None)
-            if name not in STEPS:
+        for name, step in steps.items():
+            if step is not None and not isinstance(step, Step):
                 raise ValueError(
-                    f"normalization.steps[{i}].name={name!r} is not a known step; "
-                    f"choose one of {sorted(STEPS)}"
+                    f"normalization.{name} must be a normalization step (a config with a "
+                    f"_target_ such as bcnn.models.normalization.L2Normalize), got {step!r}"
                 )
-            cls, on_matrix = STEPS[name]
-            if on_matrix and vector:
-                raise ValueError(
-                    f"normalization.steps[{i}] ({name}) acts on matrices but follows a "
-                    "vector step; put matrix steps first"
-                )
-            (matrix if on_matrix else vector).append(cls(**kwargs))
-        self.matrix_steps = nn.ModuleList(matrix)
-        self.vector_steps = nn.ModuleList(vector)
+        ordered = sorted(
+            ((n, s) for n, s in steps.items() if s is not None),
+            key=lambda item: PHASES.index(item[1].phase),
+        )
+        self.steps = nn.ModuleDict(ordered)
 
-    def out_dim(self, pool_dim: int | Sequence[int], is_matrix: bool) -> int:
-        """Descriptor length for a pooling output, checking that the two fit together.
-
-        Args:
-            pool_dim: d for a symmetric (B, d, d) matrix, (d1, d2) for a two-stream
-                (B, d1, d2) matrix x_a x_b^T, or D for a (B, D) vector.
-            is_matrix: Whether the pooling gives matrices.
+    def output_shape(self, shape: FeatureShape) -> FeatureShape:
+        """Per-sample shape after every step, for a pooled per-sample ``shape``.
 
         Raises:
-            ValueError: the chain cannot act on that pooling output.
+            ValueError: a step cannot act on what reaches it, naming the step's key.
         """
-        if not is_matrix:
-            if len(self.matrix_steps):
-                names = [type(s).__name__ for s in self.matrix_steps]
-                raise ValueError(
-                    f"normalization has matrix steps {names} but the pooling head gives "
-                    "vectors (avg, compact); pick a matrix pooling (sum, democratic, "
-                    "spectral) or a vector-only chain (signsqrt_l2, l2, none)"
-                )
-            if self.keep_matrix:
-                raise ValueError(
-                    "the classifier reads the pooled matrix, but the pooling head gives "
-                    "vectors (avg, compact); use a matrix pooling or classifier=linear"
-                )
-            return int(pool_dim)  # type: ignore[arg-type]
-        if isinstance(pool_dim, Sequence):
-            d1, d2 = (int(v) for v in pool_dim)
-            if len(self.matrix_steps):
-                raise ValueError(
-                    "matrix functions (sqrt, log, mpow) need the symmetric x x^T of one "
-                    f"stream; two-stream bilinear pooling gives x_a x_b^T ({d1}x{d2}). Use "
-                    "an elementwise chain (signsqrt_l2, l2, none) or a symmetric backbone"
-                )
-            if self.triu:
-                raise ValueError(
-                    "normalization.triu=true needs symmetric matrices; two-stream pooling "
-                    f"gives {d1}x{d2} x_a x_b^T: set normalization.triu=false"
-                )
-            return d1 * d2
-        d = int(pool_dim)
-        if self.keep_matrix:
-            if self.triu:
-                raise ValueError(
-                    "normalization.triu=true vectorizes the matrix, but the classifier "
-                    "reads the matrix itself: set normalization.triu=false"
-                )
-            return d * d
-        return d * (d + 1) // 2 if self.triu else d * d
+        for name, step in self.steps.items():
+            try:
+                shape = step.output_shape(shape)
+            except ValueError as err:
+                raise ValueError(f"normalization.{name}: {err}") from None
+        return shape
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, d1, d2) or (B, D) -> (B, descriptor length), or (B, d1, d2) with keep_matrix."""
-        if pooled.dim() == 3:
-            with torch.autocast(device_type=pooled.device.type, enabled=False):
-                a = pooled if pooled.dtype == torch.float64 else pooled.float()
-                for step in self.matrix_steps:
-                    a = step(a)
-                if self.keep_matrix:
-                    z = a.flatten(1)
-                    for step in self.vector_steps:
-                        z = step(z)
-                    return z.view_as(a)
-            z = vectorize(a, self.triu)
-        else:
-            z = pooled
-        for step in self.vector_steps:
-            z = step(z)
-        return z
+        """(B, d1, d2) or (B, D) -> the normalized descriptor (shape: ``output_shape``)."""
+        for step in self.steps.values():
+            pooled = step(pooled)
+        return pooled

@@ -10,21 +10,23 @@ head            output     what                                              two
 ``avg``         (B, C)     mean feature (first-order baseline)               concatenated
 ``sum``         (B, d, d)  (1/n) sum_x x x^T (B-CNN)                         x_a x_b^T
 ``democratic``  (B, d, d)  sum_x alpha_x x x^T, democratic (ECCV 2018)       error
-``spectral``    (B, d, d)  ((1/n) sum_x x x^T + eps I)^p                     error
 ``compact``     (B, D)     Tensor Sketch / Random Maclaurin (CVPR 2016)      two-input
 ==============  =========  ================================================  ============
+
+``pooling=spectral`` is a preset, not a head: ``sum`` followed by the normalization
+chain's matrix-power step (``normalization.mpow``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from bcnn.models.normalization import MatrixPower
-from bcnn.ops import RandomMaclaurin, TensorSketch, democratic_pool
+from bcnn.models.shapes import FeatureShape
+from bcnn.ops import democratic_pool
 
 Features = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -65,10 +67,10 @@ class Projection(nn.Sequential):
 class PoolingHead(nn.Module):
     """Base of the pooling heads.
 
-    Subclasses set ``is_matrix`` (output (B, d1, d2) when True, (B, D) otherwise) and
-    ``out_dim``: d for symmetric (B, d, d) matrices, the pair (d_a, d_b) for two-stream
-    x_a x_b^T, D for vectors. ``two_streams_ok`` says whether the head accepts the pair of
-    maps of a two-stream backbone.
+    Subclasses set ``output_shape``, the per-sample shape of their output: symmetric (d, d)
+    matrices, (d_a, d_b) for two-stream x_a x_b^T, or (D,) vectors.
+    ``two_streams_ok`` says whether the head accepts the pair of maps of a two-stream
+    backbone.
 
     Args:
         in_channels: Channels of the backbone's map, or a pair for two streams.
@@ -80,8 +82,7 @@ class PoolingHead(nn.Module):
             rate (its own optimizer group, see ``BilinearModel.param_groups``).
     """
 
-    is_matrix: bool
-    out_dim: int | tuple[int, int]
+    output_shape: FeatureShape
     two_streams_ok: ClassVar[bool] = False
 
     def __init__(
@@ -99,8 +100,10 @@ class PoolingHead(nn.Module):
                 f"{type(self).__name__} does not combine two feature maps (two-stream "
                 "backbone such as vgg_dm); use pooling=sum, compact or avg"
             )
-        if proj_lr_scale < 0:
+        if not proj_lr_scale >= 0:
             raise ValueError(f"pooling.proj_lr_scale must be >= 0, got {proj_lr_scale}")
+        if proj_dim is not None and (isinstance(proj_dim, bool) or not proj_dim >= 1):
+            raise ValueError(f"pooling.proj_dim must be a positive integer or null, got {proj_dim}")
         self.proj: nn.ModuleList | None = None
         if proj_dim:
             self.proj = nn.ModuleList(
@@ -133,12 +136,11 @@ class AvgPool(PoolingHead):
     Two streams give the concatenation of both means, (B, C_a + C_b).
     """
 
-    is_matrix = False
     two_streams_ok = True
 
     def __init__(self, in_channels: int | Sequence[int], **proj) -> None:
         super().__init__(in_channels, **proj)
-        self.out_dim = sum(self.channels)
+        self.output_shape = FeatureShape((sum(self.channels),))
 
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) or a pair -> (B, out_dim)."""
@@ -175,16 +177,17 @@ def bilinear(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
 class BilinearPool(PoolingHead):
     """Sum (bilinear) pooling: A = (1/n) sum_x x x^T over the n = H W locations.
 
-    Two streams give the asymmetric x_a x_b^T (B, C_a, C_b) of B-CNN [D, M]; ``out_dim`` is
-    then the pair (C_a, C_b). Output float32 (float64 for float64 features).
+    Two streams give the asymmetric x_a x_b^T (B, C_a, C_b) of B-CNN [D, M]. Output
+    float32 (float64 for float64 features).
     """
 
-    is_matrix = True
     two_streams_ok = True
 
     def __init__(self, in_channels: int | Sequence[int], **proj) -> None:
         super().__init__(in_channels, **proj)
-        self.out_dim = self.channels[0] if len(self.channels) == 1 else self.channels
+        self.output_shape = FeatureShape(
+            (self.channels[0], self.channels[-1]), symmetric=len(self.channels) == 1
+        )
 
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, C); a pair -> (B, C_a, C_b)."""
@@ -206,8 +209,6 @@ class DemocraticPool(PoolingHead):
         **proj: Projection options of ``PoolingHead``.
     """
 
-    is_matrix = True
-
     def __init__(
         self,
         in_channels: int | Sequence[int],
@@ -219,7 +220,7 @@ class DemocraticPool(PoolingHead):
     ) -> None:
         super().__init__(in_channels, **proj)
         self.gamma, self.tau, self.iters, self.detach = float(gamma), float(tau), int(iters), detach
-        self.out_dim = self.channels[0]
+        self.output_shape = FeatureShape((self.channels[0],) * 2, symmetric=True)
 
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, C), float32."""
@@ -232,82 +233,33 @@ class DemocraticPool(PoolingHead):
         return f"gamma={self.gamma}, tau={self.tau}, iters={self.iters}, detach={self.detach}"
 
 
-class SpectralPool(PoolingHead):
-    """Sum pooling followed by a matrix power: (A + eps I)^p, A = (1/n) sum_x x x^T.
-
-    p = 0.5 goes through ``bcnn.ops.sqrtm`` (``method``, ``iters``, ``backward``), other p
-    through ``bcnn.ops.powm`` (ECCV 2018's best p: 0.3 to 0.7 per dataset).
-
-    Args:
-        in_channels: C (one stream).
-        p: Exponent in (0, 1].
-        method, iters, backward: ``sqrtm`` options for p = 0.5.
-        eps, eps_mode: Ridge added before the power (see ``bcnn.models.normalization``).
-        **proj: Projection options of ``PoolingHead``.
-    """
-
-    is_matrix = True
-
-    def __init__(
-        self,
-        in_channels: int | Sequence[int],
-        p: float = 0.5,
-        method: str = "newton_schulz",
-        iters: int = 5,
-        backward: str = "auto",
-        eps: float = 1e-4,
-        eps_mode: str = "trace",
-        **proj,
-    ) -> None:
-        super().__init__(in_channels, **proj)
-        self.power = MatrixPower(
-            p=p, method=method, iters=iters, backward=backward, eps=eps, eps_mode=eps_mode
-        )
-        self.out_dim = self.channels[0]
-
-    def forward(self, x: Features) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, C), float32."""
-        (t,) = self.streams(x)
-        with torch.autocast(device_type=t.device.type, enabled=False):
-            return self.power(bilinear(t))
-
-
-COMPACT_KINDS = {"tensor_sketch": TensorSketch, "random_maclaurin": RandomMaclaurin}
-
-
 class CompactPool(PoolingHead):
-    """Compact bilinear pooling (Gao et al., CVPR 2016): (B, C, H, W) -> (B, out_dim).
+    """Compact bilinear pooling (Gao et al., CVPR 2016): (B, C, H, W) -> (B, D).
 
     A random feature map of the averaged outer product whose inner products approximate
     those of the full (1/n) sum_x x x^T (two streams: of x_a x_b^T).
 
     Args:
         in_channels: C, or (C_a, C_b) for two streams.
-        kind: ``tensor_sketch`` (count sketches + FFT) or ``random_maclaurin``.
-        out_dim: Output dimension (8192 in the paper).
-        seed: Seed of the random projections (buffers, saved in the state dict).
+        sketch: Builds the random feature map from the channel counts:
+            ``sketch(in_dim, in_dim2=...)`` -> a module mapping (B, n, C) (and (B, n, C_b))
+            to (B, D) with an ``out_dim`` attribute. In the config, a ``_partial_`` of
+            ``bcnn.ops.TensorSketch`` or ``bcnn.ops.RandomMaclaurin`` with ``out_dim``
+            (8192 in the paper) and ``seed`` (the random projections are buffers, saved in
+            the state dict).
         **proj: Projection options of ``PoolingHead``.
     """
 
-    is_matrix = False
     two_streams_ok = True
 
     def __init__(
-        self,
-        in_channels: int | Sequence[int],
-        kind: str = "tensor_sketch",
-        out_dim: int = 8192,
-        seed: int = 0,
-        **proj,
+        self, in_channels: int | Sequence[int], sketch: Callable[..., nn.Module], **proj
     ) -> None:
         super().__init__(in_channels, **proj)
-        if kind not in COMPACT_KINDS:
-            raise ValueError(f"pooling.kind must be one of {sorted(COMPACT_KINDS)}, got {kind!r}")
         c2 = self.channels[1] if len(self.channels) == 2 else None
-        self.sketch = COMPACT_KINDS[kind](self.channels[0], int(out_dim), int(seed), in_dim2=c2)
-        self.kind = kind
-        self.out_dim = int(out_dim)
+        self.sketch = sketch(self.channels[0], in_dim2=c2)
+        self.output_shape = FeatureShape((int(self.sketch.out_dim),))
 
     def forward(self, x: Features) -> torch.Tensor:
-        """(B, C, H, W) or a pair -> (B, out_dim), float32."""
+        """(B, C, H, W) or a pair -> (B, D), float32."""
         return self.sketch(*(locations(t) for t in self.streams(x)))

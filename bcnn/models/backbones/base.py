@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bcnn.data.spec import IMAGENET, InputSpec
+from bcnn.models.inputs import IMAGENET, InputSpec
 
 # Network errors of urllib (URLError), requests/huggingface_hub (OSError subclasses) and
 # httpx (not an OSError) when the weights are neither cached nor downloadable.

@@ -8,7 +8,6 @@ import torch
 import torchvision
 from torch import nn
 
-from bcnn.data.spec import IMAGENET
 from bcnn.models.backbones.base import (
     Backbone,
     check_weight_source,
@@ -17,6 +16,7 @@ from bcnn.models.backbones.base import (
     input_spec_from_meta,
     load_weights,
 )
+from bcnn.models.inputs import IMAGENET
 
 # torchvision's own DenseNet checkpoints still use the pre-1.0 layer names
 # ("denselayer1.norm.1.weight" for "denselayer1.norm1.weight"); torchvision renames them

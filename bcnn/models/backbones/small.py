@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bcnn.data.spec import InputSpec
 from bcnn.models.backbones.base import Backbone
+from bcnn.models.inputs import InputSpec
 
 
 class SmallCNN(Backbone):
@@ -41,8 +41,9 @@ class SmallCNN(Backbone):
             prev = ch
         self.features = nn.Sequential(*layers)
         self.out_channels = int(channels[-1])
-        # The synthetic data is generated already standardized: identity normalization.
-        self.input_spec = InputSpec(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        # Maps the built-in dataset's uint8 encoding round(255 (x / 8 + 1/2)) back to the
+        # values x it generated (bcnn.data.synthetic); other [0, 1] images land in [-4, 4].
+        self.input_spec = InputSpec(mean=(0.5, 0.5, 0.5), std=(0.125, 0.125, 0.125))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps images (B, in_chans, H, W) to features (B, C, H / 2^(k-1), W / 2^(k-1))."""

@@ -9,7 +9,6 @@ from typing import Any
 import timm
 import torch
 
-from bcnn.data.spec import InputSpec
 from bcnn.models.backbones.base import (
     NETWORK_ERRORS,
     Backbone,
@@ -18,6 +17,7 @@ from bcnn.models.backbones.base import (
     input_spec_from_meta,
     load_weights,
 )
+from bcnn.models.inputs import InputSpec
 
 
 def _hf_cache_dir() -> str:

@@ -10,7 +10,6 @@ import torchvision
 from torch import nn
 from torchvision.models import vgg as tv_vgg
 
-from bcnn.data.spec import IMAGENET, InputSpec
 from bcnn.models.backbones.base import (
     Backbone,
     WeightsUnavailableError,
@@ -20,6 +19,7 @@ from bcnn.models.backbones.base import (
     input_spec_from_meta,
     load_weights,
 )
+from bcnn.models.inputs import IMAGENET, InputSpec
 
 # relu5_3 is index 29 of torchvision's VGG-16 ``features``; index 30 is pool5, dropped so
 # that a 448 input gives the 28x28 map of the papers.

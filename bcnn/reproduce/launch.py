@@ -39,13 +39,13 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 import bcnn.config  # noqa: F401  (registers the schema that configs/train.yaml names)
-from bcnn.results.tables import Row, Table
+from bcnn.reproduce.tables import Row, Table
 
 ROWS_DIR = ".rows"
 MANIFEST = "reproduce.json"
 RESET_CONFIG = "reproduce/smoke_reset"
 
-# Smoke settings: tiny synthetic data, a one-block CNN, one epoch of two batches per stage.
+# Smoke settings: tiny synthetic data, a one-block CNN, the debug=smoke training budget.
 SMOKE_DATASET: dict[str, Any] = {
     "num_classes": 4,
     "trainval_size": 48,
@@ -54,15 +54,14 @@ SMOKE_DATASET: dict[str, Any] = {
     "val_fraction": 0.25,
 }
 SMOKE_CHANNELS = [8]
+# The epochs, batches and limits are the debug=smoke preset's (configs/debug/smoke.yaml);
+# these make a row's own settings CPU-friendly.
 SMOKE_TRAINER: dict[str, Any] = {
     "device": "cpu",
     "precision": "32",
     "num_workers": 0,
-    "progress": False,
-    "limit_train_batches": 2,
-    "limit_eval_batches": 2,
-    "linear": {"epochs": 1, "batch_size": 8, "grad_accum": 1},
-    "finetune": {"epochs": 1, "batch_size": 8, "grad_accum": 1},
+    "linear": {"grad_accum": 1},
+    "finetune": {"grad_accum": 1},
 }
 TWO_STREAM_TARGET = "bcnn.models.backbones.TwoStream"
 
@@ -168,7 +167,7 @@ def row_config(row: Row, table: Table, smoke: bool = False, two_stream: bool = F
     if experiment:
         defaults.append(f"/experiment/{experiment}")
     if smoke:
-        defaults.append(f"/{RESET_CONFIG}")
+        defaults += [f"/{RESET_CONFIG}", "/debug/smoke"]
     defaults.append("_self_")
     defaults += [{f"override /{g}": o} for g, o in choices.items()]
     kind = "SMOKE: synthetic data, small CNN" if smoke else "full run"

@@ -5,7 +5,7 @@ Works on any multirun directory of ``train.py`` (one sub-folder per job, each wi
 
 * :func:`collect_runs`: one row per job with its overrides and metrics.
 * :func:`summarize_sweep`: the same, written as ``summary.csv`` and ``summary.md``.
-* :func:`table_report`: a published table (``bcnn.results.tables``) filled in with our
+* :func:`table_report`: a published table (``bcnn.reproduce.tables``) filled in with our
   numbers next to the published ones, as Markdown, CSV, LaTeX and a PNG bar chart.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from bcnn.results.launch import ROWS_DIR, read_manifest
-from bcnn.results.plots import plot_comparison
-from bcnn.results.tables import Table, published
+from bcnn.reproduce.launch import ROWS_DIR, read_manifest
+from bcnn.reproduce.plots import plot_comparison
+from bcnn.reproduce.tables import Table, published
 
 RESULT_KEYS = ("test_acc", "test_mean_class_acc", "val_acc", "val_mean_class_acc")
 COMPLETED, NO_RESULTS = "completed", "no results"

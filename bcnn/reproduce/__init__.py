@@ -3,12 +3,12 @@
 * ``tables``: the published tables as rows of Hydra overrides plus paper keys.
 * ``launch``: one Hydra multirun per table, exactly one job per row (and smoke mode).
 * ``collect``: gather any sweep into a DataFrame, summaries, paper-style reports.
-* ``plots``: training curves of a run and ours-vs-published bar charts.
+* ``plots``: ours-vs-published bar charts.
 """
 
-from bcnn.results.collect import collect_runs, summarize_sweep, table_report
-from bcnn.results.plots import plot_comparison, plot_training_curves
-from bcnn.results.tables import TABLES, PaperKey, Row, Table, get_table, published
+from bcnn.reproduce.collect import collect_runs, summarize_sweep, table_report
+from bcnn.reproduce.plots import plot_comparison
+from bcnn.reproduce.tables import TABLES, PaperKey, Row, Table, get_table, published
 
 __all__ = [
     "TABLES",
@@ -18,7 +18,6 @@ __all__ = [
     "collect_runs",
     "get_table",
     "plot_comparison",
-    "plot_training_curves",
     "published",
     "summarize_sweep",
     "table_report",

@@ -1,4 +1,4 @@
-"""Figures: training curves of one run and ours-vs-published bars of a table.
+"""Training curves of one run (``curves.png``), drawn by the loggers.
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
 switch), so they work on headless machines and inside training processes.
@@ -7,12 +7,17 @@ switch), so they work on headless machines and inside training processes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _figure(width: float, height: float):
+
+def figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure of ``width`` x ``height`` inches on its own Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -40,7 +45,7 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
     # A resumed run may log an epoch twice: the last entry is the one that counts.
     df = df.drop_duplicates(["stage", "epoch"], keep="last").reset_index(drop=True)
     df["step"] = np.arange(1, len(df) + 1)
-    fig = _figure(10, 3.8)
+    fig = figure(10, 3.8)
     ax_loss, ax_acc = fig.subplots(1, 2)
     colors = {}
     for i, (stage, part) in enumerate(df.groupby("stage", sort=False)):
@@ -61,39 +66,6 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
-
-
-def plot_comparison(report: pd.DataFrame, out_png: str | Path, title: str = "") -> Path:
-    """Horizontal bars of our accuracy next to the published one for every table cell.
-
-    Args:
-        report: ``table_report``'s long DataFrame (columns ``cell``, ``ours``,
-            ``published``); cells without a value get no bar.
-        out_png: Where to write the figure; its folder is created.
-        title: Figure title.
-
-    Returns:
-        ``out_png`` as a Path.
-    """
-    n = len(report)
-    fig = _figure(8, 1.2 + 0.28 * max(n, 1))
-    ax = fig.subplots()
-    y = np.arange(n)
-    h = 0.4
-    ax.barh(y - h / 2, report["published"].astype(float), h, label="published", color="C7")
-    ax.barh(y + h / 2, report["ours"].astype(float), h, label="ours", color="C0")
-    ax.set_yticks(y, report["cell"], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("top-1 accuracy (%)")
-    ax.set_xlim(0, 100)
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

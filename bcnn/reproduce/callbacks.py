@@ -8,7 +8,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from bcnn.results.collect import summarize_sweep
+from bcnn.reproduce.collect import summarize_sweep
 
 log = logging.getLogger(__name__)
 
