@@ -59,10 +59,12 @@ DEFAULT_FLOOR = {"power": 1e-8, "log": 1e-6}
 EIGH_FLOPS = 14.0
 # The small side is chosen only when its modelled cost times this margin is still below the
 # d x d route's: the n x n eigh and the many small matmuls run further from peak than their
-# d x d counterparts. Checked against scripts/bench_small_side.py (docs/ops.md).
+# d x d counterparts, and elementwise passes over the d x d output (same on both routes) are
+# not counted. Checked against scripts/bench_small_side.py (docs/ops.md).
 COST_MARGIN = 2.0
-# Below this many channels both routes take well under a millisecond per batch, dominated by
-# per-call overheads that the flop count does not model (not calibrated): keep d x d.
+# Below this many channels per-call overheads (Newton-Schulz: a dozen small n x n products)
+# weigh more than the flop count says and the absolute gain is small: not calibrated, so
+# keep d x d there.
 MIN_CHANNELS = 128
 
 
@@ -484,8 +486,10 @@ def small_side_cheaper(n: int, d: int, method: str = "eigh", iters: int = 5) -> 
     A flop count of forward + backward (:func:`small_side_flops` vs :func:`dxd_flops`) with
     a safety margin (:data:`COST_MARGIN`): the small side is chosen only when it is modelled
     to be ``COST_MARGIN`` times cheaper, never when n >= d, and never below
-    :data:`MIN_CHANNELS` channels. Measured on CPU at
-    (n, d) = (196, 512), (196, 768), (196, 1920), (784, 512) (docs/ops.md).
+    :data:`MIN_CHANNELS` channels. Checked on CPU (batch 32, float32, forward + backward)
+    at (n, d) = (196, 256), (196, 384), (196, 512), (196, 768), (196, 1920), (392, 512) and
+    (784, 512): it picks the small side only where it was measured >= 2.6x faster
+    (docs/ops.md, benchmarks/results/small_side_cpu.md).
 
     Args:
         n: Locations (H W).
