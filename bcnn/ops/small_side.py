@@ -238,8 +238,7 @@ def _ns_product(
 def _newton_schulz_small(X: Tensor, r: Tensor, iters: int, scale: str) -> Tensor:
     """``sqrtm``'s coupled Newton-Schulz on M = X^T X / n + r I, run on n x n coefficients."""
     n, d = X.shape[-2], X.shape[-1]
-    G = (X @ X.mT) / n
-    G = symmetrize(G)
+    G = symmetrize(X @ X.mT) / n
     trace = G.diagonal(dim1=-2, dim2=-1).sum(-1)
     eps = machine_eps(X.dtype)
     # The normalisation of ``sqrtm._scale_of`` applied to M, from G: same floors.
@@ -263,12 +262,12 @@ def _newton_schulz_small(X: Tensor, r: Tensor, iters: int, scale: str) -> Tensor
         ya, yP = _ns_product(ya, yP, ta, tP, G)
         if k < iters - 1:
             za, zP = (ta, tP) if za is None else _ns_product(ta, tP, za, zP, G)
+    # Y = (ya I + X^T yP X / n) sqrt(c); yP is never 0 (Y0 has P = I / c).
+    assert yP is not None
     root_c = c.sqrt()
-    ya = ya * root_c
-    F = X.mT @ ((yP * (root_c / n)[..., None, None]) @ X) if yP is not None else None
-    if F is None:
-        F = torch.zeros(*X.shape[:-2], d, d, dtype=X.dtype, device=X.device)
-    return F + ya[..., None, None] * torch.eye(d, dtype=X.dtype, device=X.device)
+    F = X.mT @ ((yP * (root_c / n)[..., None, None]) @ X)
+    F.diagonal(dim1=-2, dim2=-1).add_((ya * root_c)[..., None])
+    return F
 
 
 # ----------------------------------------------------------------------------------------
