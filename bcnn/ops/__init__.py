@@ -7,6 +7,13 @@ Matrix functions take batched symmetric PSD matrices ``(..., d, d)`` and compute
 from bcnn.ops.compact import RandomMaclaurin, TensorSketch
 from bcnn.ops.democratic import democratic_pool, democratic_weights
 from bcnn.ops.elementwise import signed_power, signed_sqrt
+from bcnn.ops.small_side import (
+    logm_from_features,
+    matrix_function_from_features,
+    powm_from_features,
+    small_side_cheaper,
+    sqrtm_from_features,
+)
 from bcnn.ops.spectral import logm, powm
 from bcnn.ops.sqrtm import SQRTM_AUTO_TABLE, resolve_sqrtm, sqrtm
 
@@ -17,9 +24,14 @@ __all__ = [
     "democratic_pool",
     "democratic_weights",
     "logm",
+    "logm_from_features",
+    "matrix_function_from_features",
     "powm",
+    "powm_from_features",
     "resolve_sqrtm",
     "signed_power",
     "signed_sqrt",
+    "small_side_cheaper",
     "sqrtm",
+    "sqrtm_from_features",
 ]

@@ -27,23 +27,24 @@ from bcnn.ops._utils import (
 from bcnn.ops.sqrtm import sqrtm
 
 
-def _divided_differences(L: Tensor, eps: float, p: float | None) -> Tensor:
-    """D_ij for f = log (p is None) or f = l^p, at eigenvalues clamped at eps.
+def divided_difference(a: Tensor, b: Tensor, eps: float, p: float | None) -> Tensor:
+    """f[a, b] = (f(a) - f(b)) / (a - b) elementwise (broadcasting), f'(a) where a == b.
 
-    This is the exact derivative of A -> V f(max(L, eps)) V^T: pairs of clamped eigenvalues
-    get 0 and a clamped/unclamped pair is scaled by (lc_i - lc_j) / (l_i - l_j).
+    f is x -> log(max(x, eps)) (p is None) or x -> max(x, eps)^p. This is the exact divided
+    difference of the clamped function: a pair of clamped values gets 0 and a
+    clamped/unclamped pair is scaled by (max(a, eps) - max(b, eps)) / (a - b).
 
     Args:
-        L: ``(..., d)`` eigenvalues (unclamped).
+        a: Values (unclamped), broadcastable with ``b``.
+        b: Values (unclamped).
         eps: Clamp.
         p: Power, or None for the logarithm.
 
     Returns:
-        ``(..., d, d)`` divided differences.
+        The divided differences, of the broadcast shape of a and b.
     """
-    lc = L.clamp_min(eps)
-    li, lj = lc[..., :, None], lc[..., None, :]
-    hi, lo = torch.maximum(li, lj), torch.minimum(li, lj)
+    lc_a, lc_b = a.clamp_min(eps), b.clamp_min(eps)
+    hi, lo = torch.maximum(lc_a, lc_b), torch.minimum(lc_a, lc_b)
     gap = hi - lo
     x = gap / hi  # in [0, 1)
     equal = x == 0
@@ -56,14 +57,30 @@ def _divided_differences(L: Tensor, eps: float, p: float | None) -> Tensor:
     else:
         dd = torch.where(equal, p * hi ** (p - 1), hi ** (p - 1) * -torch.expm1(p * u) / x_safe)
     # Chain rule through the clamp.
-    raw_gap = L[..., :, None] - L[..., None, :]
-    clamped = torch.lt(L, eps)
-    both = clamped[..., :, None] & clamped[..., None, :]
+    raw_gap = a - b
+    both = torch.lt(a, eps) & torch.lt(b, eps)
     same = raw_gap == 0
-    ratio = (li - lj) / torch.where(same, torch.ones_like(raw_gap), raw_gap)
+    ratio = (lc_a - lc_b) / torch.where(same, torch.ones_like(raw_gap), raw_gap)
     ratio = torch.where(same, torch.ones_like(ratio), ratio)
     ratio = torch.where(both, torch.zeros_like(ratio), ratio)
     return dd * ratio
+
+
+def _divided_differences(L: Tensor, eps: float, p: float | None) -> Tensor:
+    """D_ij = f[l_i, l_j] for f = log (p is None) or f = l^p, at eigenvalues clamped at eps.
+
+    This is the exact derivative of A -> V f(max(L, eps)) V^T: pairs of clamped eigenvalues
+    get 0 and a clamped/unclamped pair is scaled by (lc_i - lc_j) / (l_i - l_j).
+
+    Args:
+        L: ``(..., d)`` eigenvalues (unclamped).
+        eps: Clamp.
+        p: Power, or None for the logarithm.
+
+    Returns:
+        ``(..., d, d)`` divided differences.
+    """
+    return divided_difference(L[..., :, None], L[..., None, :], eps, p)
 
 
 class _SpectralFunction(torch.autograd.Function):
