@@ -2,28 +2,32 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Written once the environment is complete: an interrupted setup runs again.
+READY := $(VENV)/.ready
 ARGS ?=
 
-.PHONY: train test lint format clean
+.PHONY: train test lint clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	# torchvision needs the torch build it was compiled against: install them as a pair.
-	$(BIN)/pip install "torch>=2.2" "torchvision>=0.17"
-	$(BIN)/pip install -e ".[dev]"
+# torch and torchvision first, as a pair of the same build (the CPU build where no NVIDIA
+# GPU is present, see scripts/install_torch.py), then bcnn with its dev tools.
+$(READY): pyproject.toml setup.py scripts/install_torch.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python scripts/install_torch.py
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
 
-train: $(BIN)/python
+train: $(READY)
 	$(BIN)/python train.py $(ARGS)
 
-test: $(BIN)/python
+test: $(READY)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 $(ARGS)
 
-lint: $(BIN)/python
+lint: $(READY)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun .pytest_cache build dist *.egg-info
