@@ -23,6 +23,7 @@ through the model, or cached descriptors through the classifier) from
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -367,6 +368,8 @@ class _Run:
             "stage_results": dict(self.stage_results),
             "rng": rng_state(),
             "config": self.resolved,
+            "classes": list(self.datasets["train"].classes),
+            "input_spec": dataclasses.asdict(self.model.input_spec),
         }
 
     # ---- the run ------------------------------------------------------------------------

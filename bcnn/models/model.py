@@ -59,6 +59,11 @@ class BilinearModel(nn.Module):
         """The pixel convention the backbone expects."""
         return self.backbone.input_spec
 
+    def set_input_spec(self, spec: InputSpec) -> None:
+        """Adopts another input convention (a trained checkpoint's), for the whole model."""
+        self.backbone.input_spec = spec
+        self.input_norm = InputNormalizer(spec).to(self.input_norm.pixel_mean.device)
+
     def freeze_backbone(self, frozen: bool = True) -> None:
         """Freezes (or unfreezes) the backbone: no gradients, and eval mode while frozen."""
         self.backbone_frozen = frozen
