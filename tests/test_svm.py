@@ -148,12 +148,14 @@ def test_deterministic_and_view_order_free(data: dict[str, np.ndarray]) -> None:
     torch.testing.assert_close(W1, W2, rtol=0, atol=0)
     torch.testing.assert_close(b1, b2, rtol=0, atol=0)
     # Views are samples like any other: a (N V, D) cache gives the same optimum.
-    tol = 1e-4
-    flat = train_linear_svm(Xtr.reshape(-1, DIM), np.repeat(ytr, VIEWS), N_CLASSES, tol=tol)
-    views = train_linear_svm(Xtr, ytr, N_CLASSES, tol=tol)
+    tol, sq = 1e-5, "squared_hinge"
+    flat = train_linear_svm(
+        Xtr.reshape(-1, DIM), np.repeat(ytr, VIEWS), N_CLASSES, loss=sq, tol=tol
+    )
+    views = train_linear_svm(Xtr, ytr, N_CLASSES, loss=sq, tol=tol)
     np.testing.assert_allclose(flat[2]["primal"], views[2]["primal"], rtol=tol)
-    torch.testing.assert_close(flat[0], views[0], atol=1e-2, rtol=0)
-    torch.testing.assert_close(flat[1], views[1], atol=1e-2, rtol=0)
+    torch.testing.assert_close(flat[0], views[0], atol=5e-4, rtol=0)
+    torch.testing.assert_close(flat[1], views[1], atol=5e-4, rtol=0)
 
 
 def test_median_calibration(data: dict[str, np.ndarray]) -> None:

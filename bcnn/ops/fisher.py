@@ -97,9 +97,9 @@ class GMM(nn.Module):
     def extra_repr(self) -> str:
         return f"num_components={self.num_components}, dim={self.dim}"
 
-    def _params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Weights, means, variances in ``dtype`` and the centre sum_k w_k mu_k."""
-        w, mu, var = (t.to(dtype) for t in (self.weights, self.means, self.variances))
+    def _params(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Weights, means, variances on ``like``'s device and dtype; centre sum_k w_k mu_k."""
+        w, mu, var = (t.to(like) for t in (self.weights, self.means, self.variances))
         return w, mu, var, w @ mu
 
     def log_joint(self, X: Tensor) -> Tensor:
@@ -107,7 +107,7 @@ class GMM(nn.Module):
         _check_descriptors(X, self.dim, "GMM.log_joint")
         with autocast_disabled(X.device.type):
             X = to_compute(X)
-            w, mu, var, c = self._params(X.dtype)
+            w, mu, var, c = self._params(X)
             return _log_joint(X - c, w.log(), mu - c, var)
 
     def log_likelihood(self, X: Tensor) -> Tensor:
@@ -152,8 +152,10 @@ def fisher_vector(
     Args:
         X: ``(..., n, d)`` local descriptors (n locations, channels last).
         gmm: The mixture.
-        improved: Also apply the signed square root and L2 normalization (the "improved"
-            Fisher vector). Off by default: bcnn's normalization chain does both.
+        improved: Also apply the signed square root (bcnn's ``signed_sqrt``, whose
+            gradient guard moves values by at most 1e-4) and L2 normalization: the
+            "improved" Fisher vector. Off by default: bcnn's normalization chain has both
+            as steps (``signsqrt``, ``l2``).
         min_posterior: Posteriors below this are set to zero. VLFeat skips terms with
             gamma_ik < 1e-6 (an efficiency shortcut); 0 keeps every term.
         eps: Floor on the L2 norm when ``improved`` (VLFeat: 1e-12).
@@ -167,7 +169,7 @@ def fisher_vector(
         raise ValueError("fisher_vector: X has no descriptors (n = 0)")
     with autocast_disabled(X.device.type):
         X = to_compute(X)
-        w, mu, var, c = gmm._params(X.dtype)
+        w, mu, var, c = gmm._params(X)
         Xc, muc = X - c, mu - c
         gamma = torch.softmax(_log_joint(Xc, w.log(), muc, var), dim=-1)  # (..., n, K)
         if min_posterior > 0:
