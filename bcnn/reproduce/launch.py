@@ -21,7 +21,7 @@ the small CNN (two small CNNs for two-stream rows, so that x_a x_b^T pooling sti
 and the budget for the ``debug=smoke`` preset's: its epochs and batch sizes, on CPU. It
 runs those epochs whole on a 384-image synthetic training set and tests 512 images (the
 preset alone caps an epoch at three batches, which leaves every classifier at its zero
-initialization and every row of a table at one score): about 5-15 s per row on 2 CPU
+initialization and every row of a table at one score): a few seconds per row on 2 CPU
 cores, and rows that differ in pooling or normalization score differently. Backbone and
 dataset nodes are first reset to null (``reproduce/smoke_reset.yaml``) because a preset's
 keys for the real backbone (``pretrained``, ``weights``) or dataset (``partition``) would
