@@ -39,6 +39,9 @@ BACKBONES = {
     "densenet201": (["pooling.proj_dim=24"], 64, 24),
     "timm": (["backbone.name=resnet18"], 64, 512),
     "vgg_dm": ([], 64, (512, 512)),
+    # fc6 needs the 7x7 (6x6) pool5 map of a 224 image; narrow fc layers keep it fast.
+    "vgg_d_fc7": (["backbone.fc_dim=32"], 224, 32),
+    "vgg_m_fc7": (["backbone.fc_dim=32"], 224, 32),
 }
 REAL_NORM = {
     "avg": "l2",
