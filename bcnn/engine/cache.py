@@ -102,19 +102,23 @@ class ViewAverage(nn.Module):
     """The classifier on cached descriptors.
 
     In training mode it maps one view (B, *shape) to logits; in eval mode all views
-    (B, V, *shape) to the log of their averaged softmax (flip-averaged test scores).
+    (B, V, *shape) to the log of their averaged softmax (flip-averaged test scores), or to
+    their averaged scores for a classifier whose ``average_views`` is ``"scores"`` (SVMs).
     """
 
     def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
         self.classifier = classifier
+        self.average = getattr(classifier, "average_views", "softmax")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, *shape) -> (B, C) logits (training), (B, V, *shape) -> (B, C) (eval)."""
         if self.training:
             return self.classifier(z)
-        probs = self.classifier(z.flatten(0, 1)).float().softmax(-1)
-        return probs.view(*z.shape[:2], -1).mean(1).log()
+        scores = self.classifier(z.flatten(0, 1)).float()
+        if self.average == "scores":
+            return scores.view(*z.shape[:2], -1).mean(1)
+        return scores.softmax(-1).view(*z.shape[:2], -1).mean(1).log()
 
 
 @torch.no_grad()
