@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures.datasets import MAKERS
-
-from bcnn.data import build_dataset
+from fixtures.datasets import MAKERS, build
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +37,7 @@ def test_smoke_training_run(tmp_path: Path, name: str) -> None:
     assert results
     # The trainer saves each split's image list: the test list is the official test set
     # (FMD has none: its seeded split is the loader's own).
-    expected = truth.test or build_dataset(name, root=str(truth.root), split="test").records
+    expected = truth.test or build(name, root=str(truth.root), split="test").records
     lines = (run_dir / "splits" / "test.txt").read_text().splitlines()
     assert sorted(line.rsplit(" ", 1) for line in lines) == sorted(
         [p, str(label)] for p, label, *_ in expected
