@@ -393,7 +393,8 @@ class RecordDataset(Dataset):
 
     def _skip(self, index: int, err: BadImageError) -> None:
         self._bad.add(index)
-        logger.warning("Skipping unreadable image (on_bad_image=skip): %s", err)
+        # The message, not the error: a record holding its traceback would keep the dataset.
+        logger.warning("Skipping unreadable image (on_bad_image=skip): %s", str(err))
         assert self._skip_log is not None
         try:
             self._skip_log.mkdir(exist_ok=True)
