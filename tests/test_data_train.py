@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures.datasets import MAKERS, build
+from fixtures.datasets import MAKERS, build, make_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,3 +42,36 @@ def test_smoke_training_run(tmp_path: Path, name: str) -> None:
     assert sorted(line.rsplit(" ", 1) for line in lines) == sorted(
         [p, str(label)] for p, label, *_ in expected
     )
+
+
+@pytest.mark.slow
+def test_smoke_training_run_on_own_folder(tmp_path: Path) -> None:
+    """dataset=folder on a single class-folder tree: test and val are carved and recorded."""
+    truth = make_folder(tmp_path / "photos", "tree")
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "train.py",
+        "dataset=folder",
+        f"dataset.root={truth.root}",
+        "dataset.name=my_birds",
+        "debug=smoke",
+        "backbone=small",
+        "dataset.transform.size=32",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["dataset"] == "my_birds" and results["num_classes"] == len(truth.classes)
+    written = {
+        split: [
+            tuple(line.rsplit(" ", 1))
+            for line in (run_dir / "splits" / f"{split}.txt").read_text().splitlines()
+        ]
+        for split in ("train", "val", "test")
+    }
+    listed = [pair for pairs in written.values() for pair in pairs]
+    assert sorted(listed) == sorted((p, str(label)) for p, label in truth.train)  # a partition
+    assert {label for _, label in written["test"]} == {"0", "1", "2"}  # stratified

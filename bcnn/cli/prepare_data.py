@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=dataset_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--dataset", help="dataset to prepare (a configs/dataset name)")
+    parser.add_argument("--dataset", choices=sorted(loaders()), help="dataset to prepare")
     parser.add_argument(
         "--root", help=f"dataset folder (default ${DATA_ENV}/<dataset> or data/<dataset>)"
     )

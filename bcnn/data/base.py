@@ -502,7 +502,8 @@ class FileDataset(RecordDataset):
         check_options(split, val_fraction, on_bad_image)
         if bbox_crop and self.box_file is None:
             raise ValueError(f"{self.source.title} has no object boxes: set bbox_crop=false")
-        self.split, self.box_crop = split, bool(bbox_crop)
+        # Set before parsing, which may read them (iNat reads one split's file).
+        self.split, self.box_crop, self.on_bad_image = split, bool(bbox_crop), on_bad_image
         folder = self.locate(root)
         folder = require_files(folder, self.required_files(folder), self.source)
         parsed = self.parse(folder)
