@@ -53,6 +53,7 @@ def test_fisher_pool_fits_its_gmm_then_encodes_with_it() -> None:
 
 def test_fisher_vector_and_svm_train_in_the_linear_stage(tmp_path: Path) -> None:
     results = train(compose_config(FISHER_SVM, tmp_path))
+    assert torch.is_grad_enabled()  # fitting the GMM leaves no grad mode behind
     # Second-order statistics of the Fisher vector separate the built-in classes.
     assert results["test_acc"] > 80
     with (tmp_path / "metrics.csv").open() as f:

@@ -441,11 +441,13 @@ class _Run:
         self.model.eval()
 
         def maps() -> Iterator[torch.Tensor]:
-            with torch.no_grad(), autocast(self.device, self.precision):
-                for images, _ in loader:
-                    yield self.model.backbone(self.model.normalize_input(images.to(self.device)))
+            # No context manager in here: fit() may stop the generator early, and a
+            # suspended no_grad/autocast block would leak into the caller.
+            for images, _ in loader:
+                yield self.model.backbone(self.model.normalize_input(images.to(self.device)))
 
-        info = pooling.fit(maps())
+        with torch.no_grad(), autocast(self.device, self.precision):
+            info = pooling.fit(maps())
         log.info(
             "Fitted the pooling head on %d local features (%d EM iterations)",
             info["samples"], info.get("iterations", -1),
