@@ -78,6 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-model", default="vgg_d_bcnn", choices=sorted(MODELS))
     parser.add_argument("--cache-images", type=int, default=512)
     parser.add_argument("--cache-size", type=int, default=448)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--clock",
+        choices=bench.CLOCKS,
+        default="wall",
+        help="wall time, or the process's CPU time (CPU only; with --threads 1 it does not "
+        "depend on other jobs of a shared machine)",
+    )
     parser.add_argument(
         "--deadline-s",
         type=float,
@@ -86,7 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "first model always run)",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.clock == "cpu" and not args.device.startswith("cpu"):
+        parser.error("--clock cpu counts this process's CPU time: use --clock wall on a GPU")
+    return args
 
 
 def peak_flops(device: torch.device) -> float:
@@ -136,7 +147,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
             model(x)
 
     def mean_seconds(fn) -> float:
-        timing = bench.time_runs(fn, device, runs=1, number=args.steps, warmup=args.warmup)
+        timing = bench.time_runs(
+            fn, device, runs=1, number=args.steps, warmup=args.warmup, clock_kind=args.clock
+        )
         return timing.mean
 
     model.train()
@@ -186,7 +199,7 @@ def bench_cache(args: argparse.Namespace) -> dict:
     images = torch.randint(0, 256, (n, 3, args.cache_size, args.cache_size), dtype=torch.uint8)
     labels = torch.randint(args.classes, (n,))
     data = TensorDataset(images, labels)
-    now = bench.clock(device)
+    now = bench.clock(device, args.clock)
     with tempfile.TemporaryDirectory() as tmp:
 
         def cache() -> tuple:
@@ -273,14 +286,15 @@ CACHE_COLUMNS = {
 def report(args: argparse.Namespace, info: bench.RunInfo, rows: list[dict], cache: dict) -> None:
     """Writes the CSV and Markdown files and the README's "Training throughput" section."""
     stem = args.out / f"training_{info.device.type}"
-    meta = {k: v for k, v in info.meta().items() if k in ("device", "date", "command")}
+    meta = {k: v for k, v in info.meta().items() if k != "versions"} | {"clock": args.clock}
     bench.write_csv(f"{stem}.csv", rows, MODEL_FIELDS, meta)
     bench.write_csv(f"{stem}_cache.csv", [cache], CACHE_FIELDS, meta)
     channels_last = ", channels_last" if args.channels_last else ""
     body = [
         f"Random weights and uint8 images; {args.steps} timed steps after {args.warmup} "
-        f"warm-up steps (mean){channels_last}. Training step: forward, cross-entropy, backward "
-        "and an SGD step of every parameter; head share = 1 - backbone-only step / full step; "
+        f"warm-up steps (mean, {args.clock} clock){channels_last}. Training step: forward, "
+        "cross-entropy, backward and an SGD step of every parameter; head share = 1 - "
+        "backbone-only step / full step; "
         "MFU = model FLOPs of a training step (torch.utils.flop_counter) / step time / the "
         "device's dense bf16 peak (known GPUs only).",
         "",
@@ -322,8 +336,14 @@ def readme_section(out: Path) -> str:
             )
             for r in rows
         )
+        setting = (
+            f"{meta.get('device', '?')}, {meta.get('torch threads', '?')} torch threads, "
+            f"{meta.get('clock', 'wall')} clock, load average "
+            f"{meta.get('load average at start (1/5/15 min)', '?').split(' / ')[0]} at start, "
+            f"{meta.get('date', '?')}"
+        )
         parts.append(
-            f"{device.upper()} ({meta.get('device', '?')}, {meta.get('date', '?')}): {models}. "
+            f"{device.upper()} ({setting}): {models}. "
             f"The cached linear stage on {cache['images']} images of {cache['size']} px "
             f"({cache['model']}): one extraction pass {float(cache['extract_pass_s']):.1f} s, "
             f"{CACHED_EPOCHS} epochs from the cache {float(cache['cached_25_epochs_s']):.1f} s, "
@@ -349,6 +369,8 @@ def readme_section(out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     info = bench.RunInfo.start(__file__, argv, device)
     rows, cache = measure(args)
     report(args, info.finish(), rows, cache)
