@@ -402,17 +402,13 @@ def read_csv(path: str | Path) -> tuple[dict[str, str], list[dict[str, str]]]:
 
 
 def cell(value: Any, spec: str = ".2f") -> str:
-    """A number formatted with ``spec``; ``—`` for None, NaN and empty; other text as is."""
+    """A table cell: floats formatted with ``spec``, ``—`` for None, NaN and empty strings,
+    anything else (ints, text, numbers read back as text) as it is."""
     if value is None or value == "":
         return "—"
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return value
-    if isinstance(value, int):  # bool included
-        return str(value)
-    return "—" if math.isnan(value) else format(value, spec)
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else format(value, spec)
+    return str(value)
 
 
 def markdown_table(

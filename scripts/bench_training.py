@@ -326,7 +326,8 @@ def readme_section(out: Path) -> str:
         meta, rows = bench.read_csv(out / f"training_{device}.csv")
         _, (cache,) = bench.read_csv(out / f"training_{device}_cache.csv")
         models = "; ".join(
-            f"{r['model']} ({r['precision']}, batch {r['batch']}, {r['size']} px) trains at "
+            f"{r['model']} (precision {r['precision']}, batch {r['batch']}, {r['size']} px) "
+            "trains at "
             f"{float(r['train_img_s']):.2f} images/s and infers at "
             f"{float(r['infer_img_s']):.2f}, head {float(r['head_share_pct']):.1f}% of a step"
             + (
@@ -337,7 +338,7 @@ def readme_section(out: Path) -> str:
             for r in rows
         )
         setting = (
-            f"{meta.get('device', '?')}, {meta.get('torch threads', '?')} torch threads, "
+            f"{meta.get('device', '?')}, torch threads {meta.get('torch threads', '?')}, "
             f"{meta.get('clock', 'wall')} clock, load average "
             f"{meta.get('load average at start (1/5/15 min)', '?').split(' / ')[0]} at start, "
             f"{meta.get('date', '?')}"
@@ -349,7 +350,9 @@ def readme_section(out: Path) -> str:
             f"{CACHED_EPOCHS} epochs from the cache {float(cache['cached_25_epochs_s']):.1f} s, "
             f"so the whole cached stage costs **{float(cache['cached_stage_over_one_pass']):.2f}x "
             f"one pass** (target <= 1.5x; uncached it costs {CACHED_EPOCHS} passes). "
-            f"Command: `{meta.get('command', '?')}`.\n"
+            f"Command: `{meta.get('command', '?')}`. The head share is the difference of two "
+            "step times (full and backbone-only), within their noise when small: "
+            "`bench_model.py` times the head alone.\n"
         )
         parts.append(
             f"Tables: [training_{device}.md](training_{device}.md), raw numbers: "

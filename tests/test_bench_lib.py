@@ -61,10 +61,10 @@ def test_csv_round_trip_with_meta(tmp_path: Path) -> None:
 
 
 def test_markdown_table_formats_numbers_and_missing_values() -> None:
-    rows = [{"n": 3, "t": 1.23456, "e": 1.5e-7, "s": "text"}, {"n": 4, "t": math.nan, "e": ""}]
+    rows = [{"n": 3, "t": 1.23456, "e": 1.5e-7, "s": "32"}, {"n": 4, "t": math.nan, "e": ""}]
     lines = bench.markdown_table(rows, {"n": "N", "t": "T", "e": "E", "s": "S"}, {"e": ".1e"})
     assert lines[:2] == ["| N | T | E | S |", "|---|---|---|---|"]
-    assert lines[2] == "| 3 | 1.23 | 1.5e-07 | text |"
+    assert lines[2] == "| 3 | 1.23 | 1.5e-07 | 32 |"  # text stays text
     assert lines[3] == "| 4 | — | — | — |"
 
 
