@@ -130,10 +130,10 @@ def measure(
 ) -> Timing:
     """Times ``fn()`` with ``torch.utils.benchmark.Timer.adaptive_autorange``.
 
-    The Timer warms up while it picks the calls per run (so that the timer and the
-    synchronisation cost well under 1% of a run), then repeats runs until their
-    interquartile range is below ``threshold`` times the median (at least 4 runs), or
-    until ``budget_s`` of timed runs, or ``max_runs`` runs.
+    The Timer warms up while it picks how many calls make one run (enough to make the timer
+    and the CUDA synchronisation negligible, or a run of ``min(0.05, budget_s / 4)`` s),
+    then repeats runs until their interquartile range is below ``threshold`` times the
+    median (at least 4 runs), until ``budget_s`` of timed runs, or until ``max_runs`` runs.
 
     Args:
         fn: The call to time (its result is discarded).
