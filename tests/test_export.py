@@ -68,6 +68,14 @@ CASES: dict[str, list[str]] = {
         "~normalization.vectorize",
         "classifier=lowrank",
     ],
+    # x_a x_b^T of two streams whose maps are aligned by subsampling (as B-CNN [D, M]).
+    "two_stream-sum": [
+        "~backbone.channels",
+        "~backbone.batch_norm",
+        "backbone._target_=bcnn.models.backbones.TwoStream",
+        "+backbone.stream_a={_target_: bcnn.models.backbones.SmallCNN, channels: [8, 16]}",
+        "+backbone.stream_b={_target_: bcnn.models.backbones.SmallCNN, channels: [8, 8, 12]}",
+    ],
 }
 APPROXIMATED = {"sum-sqrt_eigh", "sum-sqrt_svd", "sum-sqrt_auto_trace", "sum-log_eigh"}
 APPROXIMATED |= {"sum-log_iterative", "sum-log_abs_eps", "spectral-p0.3"}

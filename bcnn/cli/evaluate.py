@@ -273,7 +273,10 @@ def summary(metrics: dict[str, Any]) -> str:
     if len(confused):
         confused["share_of_true_class"] = confused["share_of_true_class"].map("{:.1f}%".format)
         lines += ["most confused pairs:", confused.to_string(index=False)]
-    lines.append(f"written to {metrics['output_dir']}")
+    out = Path(metrics["output_dir"])
+    lines.append(
+        f"written to {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}"
+    )
     return "\n".join(lines)
 
 
