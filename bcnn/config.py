@@ -136,6 +136,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment: Any = None
     debug: Any = None
+    hparams_search: Any = None
     seed: int = 0
 
 

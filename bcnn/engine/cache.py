@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from bcnn.engine import distributed as D
 from bcnn.engine.loops import autocast
@@ -135,6 +136,7 @@ def build_cache(
     precision: str,
     num_workers: int,
     env: D.DistEnv,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Computes (or reuses) the descriptors of ``dataset`` under ``model.features``.
 
@@ -150,6 +152,7 @@ def build_cache(
         precision: Autocast setting for the backbone.
         num_workers: DataLoader workers.
         env: The distributed environment: each process computes its share of images.
+        progress: Show a progress bar over the batches (this process's share).
 
     Returns:
         Read-only memory maps: features (N, views, D) and labels (N,).
@@ -179,7 +182,8 @@ def build_cache(
         rows = list(range(env.rank, n, env.world_size))
         loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers)
         done = 0
-        for images, targets in loader:
+        desc = f"caching {identity.get('split', '')} descriptors"
+        for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
             images = images.to(device, non_blocking=True)
             idx = rows[done : done + len(targets)]
             with autocast(device, precision):

@@ -333,6 +333,7 @@ class _Run:
                 precision=self.precision,
                 num_workers=self.tcfg.num_workers,
                 env=self.env,
+                progress=self._progress,
             )
             shape = self.model.descriptor_shape.dims
             cached[role] = CachedViews(feats, labels, train=role == "train", shape=shape)
@@ -371,6 +372,8 @@ class _Run:
             "config": self.resolved,
             "classes": list(self.datasets["train"].classes),
             "input_spec": dataclasses.asdict(self.model.input_spec),
+            # What the logger needs to continue on resume (e.g. the wandb run id).
+            "logger": self.logger.state_dict() if self.logger is not None else None,
         }
 
     # ---- the run ------------------------------------------------------------------------
@@ -397,6 +400,7 @@ class _Run:
             self.stage_results = dict(self.ckpt["stage_results"])
             start_stage, start_epoch = self.ckpt["stage_index"], self.ckpt["next_epoch"]
             if main:
+                self.logger.load_state_dict(self.ckpt.get("logger"))
                 self.logger.restore(self.history)
         self._fit_pooling()
         t_start = time.time()
