@@ -219,7 +219,7 @@ def load_safetensors_model(folder: Path, meta: Mapping[str, Any]) -> torch.nn.Mo
     from safetensors.torch import load_model
 
     from bcnn.config import TrainConfig
-    from bcnn.engine.runs import _without_weight_sources
+    from bcnn.engine.runs import without_weight_sources
     from bcnn.models import build_model
     from bcnn.models.inputs import InputSpec
 
@@ -227,7 +227,7 @@ def load_safetensors_model(folder: Path, meta: Mapping[str, Any]) -> torch.nn.Mo
         OmegaConf.structured(TrainConfig), OmegaConf.load(folder / "config.yaml")
     )
     assert isinstance(config, DictConfig)
-    with _without_weight_sources(config):
+    with without_weight_sources(config):
         model = build_model(config, len(meta["classes"]))
     spec = meta["input"]["normalized_inside"]
     model.set_input_spec(
