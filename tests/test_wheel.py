@@ -23,7 +23,7 @@ from tests.conftest import REPO_ROOT, THREADS
 
 # What the build reads; copied so that building leaves nothing in the checkout.
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "bcnn", "configs")
-COMMANDS = ("bcnn-train", "bcnn-prepare-data", "bcnn-reproduce")
+COMMANDS = ("bcnn-train", "bcnn-prepare-data", "bcnn-reproduce", "bcnn-viz")
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120):
