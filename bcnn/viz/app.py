@@ -186,7 +186,19 @@ def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
         "initial_loss": result.losses[0],
         "final_loss": result.losses[-1],
         "reduction": result.losses[0] / max(result.losses[-1], 1e-30),
+        "per_scale": [
+            {
+                "size": list(size),
+                "initial_loss": result.losses[a],
+                "final_loss": result.losses[b - 1],
+            }
+            for size, (a, b) in zip(
+                result.sizes, itertools.pairwise([*result.scale_starts, len(result.losses)])
+            )
+        ],
     }
+    if runs:
+        summary["classified"] = _classify_texture(runs[0], exemplar, result.image, device)
     _write_json(out / "texture.json", summary)
     log.info(
         "Texture: Gram loss %.4g -> %.4g (%.1fx) at %s; written to %s",
@@ -197,6 +209,25 @@ def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
         out,
     )
     return summary
+
+
+@torch.no_grad()
+def _classify_texture(
+    run: TrainedModel, exemplar: torch.Tensor, texture: torch.Tensor, device: torch.device
+) -> dict[str, Any]:
+    """What the run's model makes of the exemplar and of its texture: does the texture keep
+    what the classifier uses?"""
+    model = run.model.eval()
+    probs = [
+        model(image[None].to(device)).float().softmax(1)[0].cpu() for image in (exemplar, texture)
+    ]
+    c = int(probs[0].argmax())
+    return {
+        "exemplar_class": run.classes[c],
+        "exemplar_prob": float(probs[0][c]),
+        "texture_prob": float(probs[1][c]),
+        "texture_class": run.classes[int(probs[1].argmax())],
+    }
 
 
 def _write_losses(result: TextureResult, path: Path) -> None:

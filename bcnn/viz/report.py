@@ -178,7 +178,7 @@ def _pair_figure(
     pred_maps = class_contributions(model, images, torch.full((b,), predicted))
     true_maps = class_contributions(model, images, torch.full((b,), true_class))
     probs = pred_maps.logits.float().softmax(1)
-    fig = figure(4.8, 1.75 * b)
+    fig = figure(6.0, 2.2 * b)
     axes = np.asarray(fig.subplots(b, 3)).reshape(b, 3)
     names = trained.classes
     for i in range(b):

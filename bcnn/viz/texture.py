@@ -164,7 +164,6 @@ def synthesize_texture(
             x = _resize(start, hw).clamp(0, 1)
         else:
             x = _resize(x, hw).clamp(0, 1)
-        x = x.detach().requires_grad_(True)
         result.scale_starts.append(len(result.losses))
         result.sizes.append(hw)
         x = _optimize(taps, x, targets, layer_weights, optimizer, steps, lr, result.losses)
@@ -183,15 +182,41 @@ def _optimize(
     lr: float | None,
     losses: list[float],
 ) -> torch.Tensor:
-    def objective() -> torch.Tensor:
-        return gram_loss(gram_matrices(taps(x)), targets, weights).sum()
+    """Runs ``steps`` iterations from ``x`` (1, 3, H, W) in [0, 1]; returns the result.
 
+    Adam steps the pixels and clamps them into [0, 1] after each step. L-BFGS optimizes
+    logits z with I = sigmoid(z) instead, an unconstrained problem: a projection after each
+    step would make its curvature pairs (step, change of gradient) inconsistent.
+    """
     if optimizer == "lbfgs":
+        eps = 1e-3
+        param = torch.logit(x.detach().clamp(eps, 1 - eps)).requires_grad_(True)
+        # One iteration per call, but a full line search in it (max_eval defaults to
+        # max_iter * 5 // 4 = 1, which leaves the line search no evaluation). No
+        # tolerance-based stop: the pixel gradients of the (relative, location-averaged) loss
+        # shrink with the image size and fall below the default 1e-7 at 64x64 already.
         opt: torch.optim.Optimizer = torch.optim.LBFGS(
-            [x], lr=lr or 1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe"
+            [param],
+            lr=lr or 1.0,
+            max_iter=1,
+            max_eval=25,
+            history_size=20,
+            line_search_fn="strong_wolfe",
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
         )
+
+        def image() -> torch.Tensor:
+            return torch.sigmoid(param)
     else:
-        opt = torch.optim.Adam([x], lr=lr or 0.02)
+        param = x.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([param], lr=lr or 0.02)
+
+        def image() -> torch.Tensor:
+            return param
+
+    def objective() -> torch.Tensor:
+        return gram_loss(gram_matrices(taps(image())), targets, weights).sum()
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -200,14 +225,15 @@ def _optimize(
         return loss
 
     for _ in range(steps):
-        # One L-BFGS iteration per call (its curvature history persists in the optimizer's
-        # state), so that the pixels can be projected back into [0, 1] after each one.
+        # One iteration per call (L-BFGS keeps its curvature history in its state), so that
+        # every iteration's loss is recorded.
         loss = opt.step(closure)
         losses.append(float(loss.detach()))
-        with torch.no_grad():
-            x.clamp_(0, 1)
+        if optimizer == "adam":
+            with torch.no_grad():
+                param.clamp_(0, 1)
     with torch.no_grad():
         final = float(objective())
     if math.isfinite(final):
         losses.append(final)
-    return x
+    return image().detach()
