@@ -360,6 +360,7 @@ def test_inverse_command_from_textures_and_several_runs(tiny_run: Path, tmp_path
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        ([], "kind is not set"),
         (["kind=movie"], "kind must be one of texture, inverse, maps, report"),
         (["kind=texture"], "kind=texture needs a network"),
         (["kind=maps"], r"kind=maps needs run="),

@@ -454,6 +454,10 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         FileNotFoundError: a missing run or image file.
     """
     kind = cfg.get("kind")
+    if kind is None:
+        raise ValueError(
+            "kind is not set: bcnn-viz kind=<texture|inverse|maps|report> run=<training run dir>"
+        )
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)} (kind=maps ...), got {kind!r}")
     out = output_dir(cfg)
