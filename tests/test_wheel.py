@@ -30,6 +30,7 @@ COMMANDS = (
     "bcnn-eval",
     "bcnn-predict",
     "bcnn-export",
+    "bcnn-viz",
 )
 
 
