@@ -49,7 +49,7 @@ def test_every_option_composes_and_instantiates(group: str, option: str, tmp_pat
     if group == "logger":
         if option == "wandb":
             pytest.importorskip("wandb")
-            cfg.logger.mode = "disabled"
+            cfg.logger.wandb.mode = "disabled"
         logger = instantiate(cfg.logger, output_dir=tmp_path, run_config={}, _recursive_=False)
         logger.log_epoch({"stage": "linear", "epoch": 1})
         logger.close()

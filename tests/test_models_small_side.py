@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bcnn.models import build_model
+from bcnn.ops import resolve_sqrtm
 from tests.conftest import compose_config
 
 # Two blocks of the small CNN on 16x16 images: an 8x8 map (n = 64) of d = 160 channels.
@@ -58,3 +59,18 @@ def test_published_backward_choices_keep_the_dxd_route() -> None:
     # More locations than channels: never the small side.
     model = _model(CASES["sqrt_eigh"])
     assert model.normalization.leading_matrix_step().small_side(256, 160, "cpu") is None
+
+
+def test_shipped_chains_let_the_backward_follow_the_method() -> None:
+    # Issue 16.2: normalization.sqrt.method=eigh must not keep the iterative backward.
+    for chain in ("sqrt_l2", "sqrt_signsqrt_l2"):
+        cfg = compose_config([f"normalization={chain}", "normalization.sqrt.method=eigh"])
+        model = build_model(cfg, 3)
+        step = model.normalization.steps["sqrt"]
+        assert resolve_sqrtm(step.method, step.backward, "cpu", 512) == ("eigh", "lyapunov_eig")
+        default = build_model(compose_config([f"normalization={chain}"]), 3)
+        step = default.normalization.steps["sqrt"]
+        assert resolve_sqrtm(step.method, step.backward, "cpu", 512) == (
+            "newton_schulz",
+            "lyapunov_iterative",
+        )

@@ -8,10 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from sklearn import svm as sklearn_svm
 
 from bcnn.engine.svm import median_calibration, svm_scores, train_linear_svm
-
-sklearn_svm = pytest.importorskip("sklearn.svm")
 
 N_CLASSES, DIM, VIEWS = 5, 64, 2
 

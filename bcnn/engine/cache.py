@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from bcnn.engine import distributed as D
 from bcnn.engine.loops import autocast
@@ -102,19 +103,23 @@ class ViewAverage(nn.Module):
     """The classifier on cached descriptors.
 
     In training mode it maps one view (B, *shape) to logits; in eval mode all views
-    (B, V, *shape) to the log of their averaged softmax (flip-averaged test scores).
+    (B, V, *shape) to the log of their averaged softmax (flip-averaged test scores), or to
+    their averaged scores for a classifier whose ``average_views`` is ``"scores"`` (SVMs).
     """
 
     def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
         self.classifier = classifier
+        self.average = getattr(classifier, "average_views", "softmax")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, *shape) -> (B, C) logits (training), (B, V, *shape) -> (B, C) (eval)."""
         if self.training:
             return self.classifier(z)
-        probs = self.classifier(z.flatten(0, 1)).float().softmax(-1)
-        return probs.view(*z.shape[:2], -1).mean(1).log()
+        scores = self.classifier(z.flatten(0, 1)).float()
+        if self.average == "scores":
+            return scores.view(*z.shape[:2], -1).mean(1)
+        return scores.softmax(-1).view(*z.shape[:2], -1).mean(1).log()
 
 
 @torch.no_grad()
@@ -131,6 +136,7 @@ def build_cache(
     precision: str,
     num_workers: int,
     env: D.DistEnv,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Computes (or reuses) the descriptors of ``dataset`` under ``model.features``.
 
@@ -146,6 +152,7 @@ def build_cache(
         precision: Autocast setting for the backbone.
         num_workers: DataLoader workers.
         env: The distributed environment: each process computes its share of images.
+        progress: Show a progress bar over the batches (this process's share).
 
     Returns:
         Read-only memory maps: features (N, views, D) and labels (N,).
@@ -175,7 +182,8 @@ def build_cache(
         rows = list(range(env.rank, n, env.world_size))
         loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers)
         done = 0
-        for images, targets in loader:
+        desc = f"caching {identity.get('split', '')} descriptors"
+        for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
             images = images.to(device, non_blocking=True)
             idx = rows[done : done + len(targets)]
             with autocast(device, precision):

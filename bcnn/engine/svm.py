@@ -270,7 +270,7 @@ def train_linear_svm(
         relative duality gap), ``objective`` (sum of ``primal``), ``train_accuracy`` (per
         view), ``seconds``.
     """
-    N, V, D = _check_features(features, "train_linear_svm")
+    N, V, _ = _check_features(features, "train_linear_svm")
     y = _check_labels(labels, N, num_classes, "train_linear_svm")
     if loss not in LOSSES:
         raise ValueError(f"train_linear_svm: loss must be one of {LOSSES}, got {loss!r}")
@@ -278,65 +278,32 @@ def train_linear_svm(
         raise ValueError(f"train_linear_svm: C must be > 0, got {C}")
     if batch_rows < 1 or max_epochs < 1 or inner_sweeps < 1:
         raise ValueError("train_linear_svm: batch_rows, max_epochs and inner_sweeps must be >= 1")
-    device = torch.device(device)
-    K = num_classes
-    squared = loss == "squared_hinge"
-    s2 = float(intercept_scaling) ** 2 if bias else 0.0
-    upper, diag = (math.inf, 0.5 / C) if squared else (C, 0.0)
-
     start = time.perf_counter()
-    Ysign = np.where(y[:, None] == np.arange(K)[None, :], 1.0, -1.0)  # (N, K)
-    alpha = np.zeros((N, V, K))
-    W = torch.zeros(K, D, device=device, dtype=dtype)
-    b = np.zeros(K)  # float64 on the host: s times the weight of the bias feature
+    state = _DualState(
+        features, y, num_classes, C, loss, intercept_scaling if bias else 0.0,
+        batch_rows, torch.device(device), dtype,
+    )  # fmt: skip
     rng = np.random.default_rng(seed)
-
-    def objectives(loss_sum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        wsq = (W.double() ** 2).sum(1).cpu().numpy() + (b * b / s2 if s2 > 0 else 0.0)
-        a = alpha.reshape(-1, K)
-        dual = a.sum(0) - 0.5 * wsq - 0.5 * diag * (a * a).sum(0)
-        return 0.5 * wsq + C * loss_sum, dual
-
-    def exact_pass() -> tuple[np.ndarray, int]:
-        bt = torch.from_numpy(b).to(device=device, dtype=dtype)
-        loss_sum, correct = np.zeros(K), 0
-        for idx, X in _blocks(features, np.arange(N), batch_rows, device, dtype):
-            fT = (W @ X.T + bt[:, None]).double().cpu().numpy()
-            loss_sum += _loss(fT, np.repeat(Ysign[idx], V, axis=0), squared)
-            correct += int((fT.argmax(0) == np.repeat(y[idx], V)).sum())
-        return loss_sum, correct
-
     converged, reads, epoch, gap = False, 0, 0, math.inf
     exact: tuple[np.ndarray, int] | None = None
     for epoch in range(1, max_epochs + 1):
-        stale = np.zeros(K)
-        for idx, X in _blocks(features, rng.permutation(N), batch_rows, device, dtype):
-            bt = torch.from_numpy(b).to(device=device, dtype=dtype)
-            fT = (W @ X.T + bt[:, None]).double().cpu().numpy()  # (K, m)
-            G = (X @ X.T).double().cpu().numpy() + s2
-            A = alpha[idx].reshape(-1, K)
-            Y = np.repeat(Ysign[idx], V, axis=0)
-            stale += _loss(fT, Y, squared)
-            delta = _cd_block(fT, G, A, Y, upper, diag, inner_sweeps, rng)
-            alpha[idx] = A.reshape(len(idx), V, K)
-            W += torch.from_numpy(delta.T).to(device=device, dtype=dtype) @ X
-            b += s2 * delta.sum(0)
+        stale = state.epoch(rng, inner_sweeps)
         reads += 1
-        gap = _relative_gap(*objectives(stale))
+        gap = _relative_gap(*state.objectives(stale))
         log.debug("svm epoch %d: estimated relative duality gap %.3g", epoch, gap)
         if gap <= tol:
-            exact = exact_pass()
+            exact = state.exact_pass()
             reads += 1
-            gap = _relative_gap(*objectives(exact[0]))
+            gap = _relative_gap(*state.objectives(exact[0]))
             log.debug("svm epoch %d: relative duality gap %.3g", epoch, gap)
             if gap <= tol:
                 converged = True
                 break
             exact = None
     if exact is None:
-        exact = exact_pass()
+        exact = state.exact_pass()
         reads += 1
-    primal, dual = objectives(exact[0])
+    primal, dual = state.objectives(exact[0])
     gap = _relative_gap(primal, dual)
     if not converged:
         log.warning(
@@ -355,7 +322,79 @@ def train_linear_svm(
         "train_accuracy": exact[1] / (N * V),
         "seconds": time.perf_counter() - start,
     }
-    return W, torch.from_numpy(b).to(device=device, dtype=dtype), info
+    return state.W, torch.from_numpy(state.b).to(device=state.device, dtype=dtype), info
+
+
+class _DualState:
+    """The dual variables and primal weights of K one-vs-all SVMs over a feature cache.
+
+    ``alpha`` (N, V, K) on the host, ``W`` (K, D) on the device, ``b`` (K,) float64 on the
+    host (s times the weight of the bias feature of value s, as LinearSVC).
+    """
+
+    def __init__(
+        self,
+        features: RowArray,
+        y: np.ndarray,
+        num_classes: int,
+        C: float,
+        loss: str,
+        intercept_scaling: float,
+        batch_rows: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        N, V, D = _check_features(features, "train_linear_svm")
+        self.features, self.y, self.C, self.V = features, y, C, V
+        self.batch_rows, self.device, self.dtype = batch_rows, device, dtype
+        self.squared = loss == "squared_hinge"
+        self.s2 = float(intercept_scaling) ** 2
+        self.upper, self.diag = (math.inf, 0.5 / C) if self.squared else (C, 0.0)
+        self.Ysign = np.where(y[:, None] == np.arange(num_classes)[None, :], 1.0, -1.0)
+        self.alpha = np.zeros((N, V, num_classes))
+        self.W = torch.zeros(num_classes, D, device=device, dtype=dtype)
+        self.b = np.zeros(num_classes)
+
+    def _scores(self, X: Tensor) -> np.ndarray:
+        """(K, m) float64 decision values of the rows of block X."""
+        bt = torch.from_numpy(self.b).to(device=self.device, dtype=self.dtype)
+        return (self.W @ X.T + bt[:, None]).double().cpu().numpy()
+
+    def epoch(self, rng: np.random.Generator, inner_sweeps: int) -> np.ndarray:
+        """One pass of block coordinate descent; returns the losses seen on the way."""
+        stale = np.zeros(self.W.shape[0])
+        N = len(self.y)
+        for idx, X in _blocks(self.features, rng.permutation(N), self.batch_rows, self.device,
+                              self.dtype):  # fmt: skip
+            fT = self._scores(X)
+            G = (X @ X.T).double().cpu().numpy() + self.s2
+            A = self.alpha[idx].reshape(-1, self.W.shape[0])
+            Y = np.repeat(self.Ysign[idx], self.V, axis=0)
+            stale += _loss(fT, Y, self.squared)
+            delta = _cd_block(fT, G, A, Y, self.upper, self.diag, inner_sweeps, rng)
+            self.alpha[idx] = A.reshape(len(idx), self.V, -1)
+            self.W += torch.from_numpy(delta.T).to(device=self.device, dtype=self.dtype) @ X
+            self.b += self.s2 * delta.sum(0)
+        return stale
+
+    def objectives(self, loss_sum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Primal and dual objectives per class, given the primal's loss sums."""
+        b_sq = self.b * self.b / self.s2 if self.s2 > 0 else 0.0
+        wsq = (self.W.double() ** 2).sum(1).cpu().numpy() + b_sq
+        a = self.alpha.reshape(-1, self.W.shape[0])
+        dual = a.sum(0) - 0.5 * wsq - 0.5 * self.diag * (a * a).sum(0)
+        return 0.5 * wsq + self.C * loss_sum, dual
+
+    def exact_pass(self) -> tuple[np.ndarray, int]:
+        """Loss sums and correct training views at the current solution (one read)."""
+        loss_sum, correct = np.zeros(self.W.shape[0]), 0
+        N = len(self.y)
+        for idx, X in _blocks(self.features, np.arange(N), self.batch_rows, self.device,
+                              self.dtype):  # fmt: skip
+            fT = self._scores(X)
+            loss_sum += _loss(fT, np.repeat(self.Ysign[idx], self.V, axis=0), self.squared)
+            correct += int((fT.argmax(0) == np.repeat(self.y[idx], self.V)).sum())
+        return loss_sum, correct
 
 
 @torch.no_grad()

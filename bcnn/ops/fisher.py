@@ -286,6 +286,55 @@ def fit_gmm(
         of the returned parameters last; non-decreasing unless a re-seed happened),
         ``reseeded`` (number of re-seeded components).
     """
+    N, d = _check_fit_args(samples, num_components, init, var_floor)
+    K = int(num_components)
+    dtype = compute_dtype(samples.dtype)
+    with torch.no_grad(), autocast_disabled(samples.device.type):
+        X64 = samples.to(torch.float64)
+        center = X64.mean(0)
+        data_var = X64.var(0, unbiased=False)
+        del X64
+        top = float(data_var.max())
+        floor = var_floor * top if top > 0 else var_floor
+        data_var = data_var.clamp_min(floor)
+        X = (samples.to(dtype) - center.to(dtype)).contiguous()  # EM in centred coordinates
+        gen = torch.Generator().manual_seed(int(seed))
+        w, mu, var = _initial_params(X, init, K, gen, center, data_var, floor, kmeans_iters)
+
+        history: list[float] = []
+        reseeded, iterations = 0, 0
+        converged = just_reseeded = False
+        for it in range(max_iters):
+            ll, S0, S1, S2, worst = _e_step(X, w, mu, var, chunk_size)
+            history.append(ll)
+            gain = history[-1] - history[-2] if it > 0 else math.inf
+            if not just_reseeded and gain <= tol * abs(history[-1]):
+                converged = True
+                break
+            iterations += 1
+            w, mu, var, n_reseeded = _m_step(S0, S1, S2, N, X[worst], data_var, floor, min_weight)
+            just_reseeded = n_reseeded > 0
+            reseeded += n_reseeded
+        if not converged:
+            history.append(_e_step(X, w, mu, var, chunk_size)[0])
+
+        gmm = GMM(K, d, dtype=dtype).to(samples.device)
+        gmm.weights.copy_(w.to(dtype))
+        gmm.means.copy_((mu + center).to(dtype))
+        gmm.variances.copy_(var.to(dtype))
+    info = {
+        "iterations": iterations,
+        "converged": converged,
+        "log_likelihood": history,
+        "reseeded": reseeded,
+    }
+    return gmm, info
+
+
+def _check_fit_args(
+    samples: Tensor, num_components: int, init: str | GMM, var_floor: float
+) -> tuple[int, int]:
+    """Validates ``fit_gmm``'s arguments; returns (N, d)."""
     if samples.dim() != 2:
         raise ValueError(f"fit_gmm: samples must be (N, d), got shape {tuple(samples.shape)}")
     N, d = samples.shape
@@ -311,98 +360,89 @@ def fit_gmm(
         raise ValueError("fit_gmm: samples contain NaN or Inf")
     if var_floor <= 0:
         raise ValueError(f"fit_gmm: var_floor must be > 0, got {var_floor}")
+    return N, d
 
-    dtype = compute_dtype(samples.dtype)
-    f64 = torch.float64
-    dev = samples.device
-    with torch.no_grad(), autocast_disabled(dev.type):
-        X64 = samples.to(f64)
-        center = X64.mean(0)
-        data_var = X64.var(0, unbiased=False)
-        del X64
-        top = float(data_var.max())
-        floor = var_floor * top if top > 0 else var_floor
-        data_var = data_var.clamp_min(floor)
-        X = (samples.to(dtype) - center.to(dtype)).contiguous()  # EM in centred coordinates
-        gen = torch.Generator().manual_seed(int(seed))
 
-        if isinstance(init, GMM):
-            w = init.weights.to(dev, f64) / init.weights.to(f64).sum()
-            mu = init.means.to(dev, f64) - center
-            var = init.variances.to(dev, f64).clamp_min(floor)
-        elif init == "random":
-            idx = torch.randperm(N, generator=gen)[:K].to(dev)
-            mu = X[idx].to(f64)
-            var = data_var.expand(K, d).clone()
-            w = torch.full((K,), 1.0 / K, dtype=f64, device=dev)
-        else:
-            centers, assign = _lloyd(X, _kmeanspp(X, K, gen), kmeans_iters, chunk_size)
-            counts = torch.bincount(assign, minlength=K).to(f64)
-            Xd = X.to(f64)
-            sq = torch.zeros(K, d, dtype=f64, device=dev).index_add_(0, assign, Xd * Xd)
-            del Xd
-            mu = centers.to(f64)
-            var = sq / counts.clamp_min(1)[:, None] - mu * mu
-            var = torch.where((counts >= 2)[:, None], var, data_var).clamp_min(floor)
-            w = counts.clamp_min(1) / counts.clamp_min(1).sum()
+def _initial_params(
+    X: Tensor,
+    init: str | GMM,
+    K: int,
+    gen: torch.Generator,
+    center: Tensor,
+    data_var: Tensor,
+    floor: float,
+    kmeans_iters: int,
+    chunk: int = 65536,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Initial float64 (weights (K,), centred means (K, d), variances (K, d))."""
+    f64, dev = torch.float64, X.device
+    N, d = X.shape
+    if isinstance(init, GMM):
+        w = init.weights.to(dev, f64) / init.weights.to(f64).sum()
+        return w, init.means.to(dev, f64) - center, init.variances.to(dev, f64).clamp_min(floor)
+    if init == "random":
+        idx = torch.randperm(N, generator=gen)[:K].to(dev)
+        w = torch.full((K,), 1.0 / K, dtype=f64, device=dev)
+        return w, X[idx].to(f64), data_var.expand(K, d).clone()
+    centers, assign = _lloyd(X, _kmeanspp(X, K, gen), kmeans_iters, chunk)
+    counts = torch.bincount(assign, minlength=K).to(f64)
+    Xd = X.to(f64)
+    sq = torch.zeros(K, d, dtype=f64, device=dev).index_add_(0, assign, Xd * Xd)
+    mu = centers.to(f64)
+    var = sq / counts.clamp_min(1)[:, None] - mu * mu
+    var = torch.where((counts >= 2)[:, None], var, data_var).clamp_min(floor)
+    return counts.clamp_min(1) / counts.clamp_min(1).sum(), mu, var
 
-        def e_step() -> tuple[float, Tensor, Tensor, Tensor, int]:
-            log_w, mu_c, var_c = w.log().to(dtype), mu.to(dtype), var.to(dtype)
-            S0 = torch.zeros(K, dtype=f64, device=dev)
-            S1 = torch.zeros(K, d, dtype=f64, device=dev)
-            S2 = torch.zeros(K, d, dtype=f64, device=dev)
-            ll = torch.zeros((), dtype=f64, device=dev)
-            worst_val, worst_idx = math.inf, 0
-            for s in range(0, N, chunk_size):
-                x = X[s : s + chunk_size]
-                lj = _log_joint(x, log_w, mu_c, var_c)
-                lse = torch.logsumexp(lj, -1)
-                gamma = torch.exp(lj - lse[:, None])
-                ll += lse.to(f64).sum()
-                S0 += gamma.to(f64).sum(0)
-                S1 += (gamma.T @ x).to(f64)
-                S2 += (gamma.T @ (x * x)).to(f64)
-                m, i = lse.min(0)
-                if float(m) < worst_val:
-                    worst_val, worst_idx = float(m), s + int(i)
-            return float(ll) / N, S0, S1, S2, worst_idx
 
-        history: list[float] = []
-        reseeded, iterations = 0, 0
-        converged = just_reseeded = False
-        for it in range(max_iters):
-            ll, S0, S1, S2, worst = e_step()
-            history.append(ll)
-            gain = history[-1] - history[-2] if it > 0 else math.inf
-            if not just_reseeded and gain <= tol * abs(history[-1]):
-                converged = True
-                break
-            iterations += 1
-            denom = S0.clamp_min(torch.finfo(f64).tiny)[:, None]
-            mu = S1 / denom
-            var = (S2 / denom - mu * mu).clamp_min(floor)
-            w = S0 / N
-            empty = w < min_weight
-            just_reseeded = bool(empty.any())
-            if just_reseeded:
-                # Re-seed at the worst-explained sample: deterministic, and the component
-                # then covers what the others fit worst.
-                reseeded += int(empty.sum())
-                mu = torch.where(empty[:, None], X[worst].to(f64), mu)
-                var = torch.where(empty[:, None], data_var, var)
-                w = torch.where(empty, torch.full_like(w, 1.0 / N), w)
-            w = w / w.sum()
-        if not converged:
-            history.append(e_step()[0])
+def _e_step(
+    X: Tensor, w: Tensor, mu: Tensor, var: Tensor, chunk: int
+) -> tuple[float, Tensor, Tensor, Tensor, int]:
+    """Posteriors in row chunks: the mean log-likelihood, the float64 sufficient statistics
+    S0 (K,), S1 (K, d), S2 (K, d), and the index of the worst-explained sample."""
+    f64, dev = torch.float64, X.device
+    N, d = X.shape
+    K = w.shape[0]
+    log_w, mu_c, var_c = w.log().to(X.dtype), mu.to(X.dtype), var.to(X.dtype)
+    S0 = torch.zeros(K, dtype=f64, device=dev)
+    S1 = torch.zeros(K, d, dtype=f64, device=dev)
+    S2 = torch.zeros(K, d, dtype=f64, device=dev)
+    ll = torch.zeros((), dtype=f64, device=dev)
+    worst_val, worst_idx = math.inf, 0
+    for s in range(0, N, chunk):
+        x = X[s : s + chunk]
+        lj = _log_joint(x, log_w, mu_c, var_c)
+        lse = torch.logsumexp(lj, -1)
+        gamma = torch.exp(lj - lse[:, None])
+        ll += lse.to(f64).sum()
+        S0 += gamma.to(f64).sum(0)
+        S1 += (gamma.T @ x).to(f64)
+        S2 += (gamma.T @ (x * x)).to(f64)
+        m, i = lse.min(0)
+        if float(m) < worst_val:
+            worst_val, worst_idx = float(m), s + int(i)
+    return float(ll) / N, S0, S1, S2, worst_idx
 
-        gmm = GMM(K, d, dtype=dtype).to(dev)
-        gmm.weights.copy_(w.to(dtype))
-        gmm.means.copy_((mu + center).to(dtype))
-        gmm.variances.copy_(var.to(dtype))
-    info = {
-        "iterations": iterations,
-        "converged": converged,
-        "log_likelihood": history,
-        "reseeded": reseeded,
-    }
-    return gmm, info
+
+def _m_step(
+    S0: Tensor,
+    S1: Tensor,
+    S2: Tensor,
+    N: int,
+    worst: Tensor,
+    data_var: Tensor,
+    floor: float,
+    min_weight: float,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The floored maximizer; components lighter than ``min_weight`` re-seeded at ``worst``
+    (the worst-explained sample: deterministic, and it then covers what the others fit
+    worst). Returns weights, means, variances and the number re-seeded."""
+    denom = S0.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+    mu = S1 / denom
+    var = (S2 / denom - mu * mu).clamp_min(floor)
+    w = S0 / N
+    empty = w < min_weight
+    if empty.any():
+        mu = torch.where(empty[:, None], worst.to(torch.float64), mu)
+        var = torch.where(empty[:, None], data_var, var)
+        w = torch.where(empty, torch.full_like(w, 1.0 / N), w)
+    return w / w.sum(), mu, var, int(empty.sum())

@@ -54,6 +54,8 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
+from bcnn.ops import resolve_sqrtm
+
 PROTOCOLS = "protocols.csv"
 COLUMNS = ("preset", "dataset", "field", "value", "source", "deviation")
 STAGE_FIELDS = (
@@ -251,7 +253,10 @@ def _matrix_fields(cfg: DictConfig) -> dict[str, str]:
             return f"newton_schulz {iters}" if method == "newton_schulz" else method
 
         method, iters = step.get("method", "newton_schulz"), int(step.get("iters", 5))
-        out["matrix.train"] = f"{describe(method, iters)}, backward {step.get('backward', 'auto')}"
+        backward = step.get("backward", "auto")
+        if method != "auto":  # what "auto" resolves to (device-independent for a method)
+            backward = resolve_sqrtm(method, backward)[1]
+        out["matrix.train"] = f"{describe(method, iters)}, backward {backward}"
         test_method = step.get("eval_method") or method
         test_iters = iters if step.get("eval_iters") is None else int(step.eval_iters)
         out["matrix.test"] = describe(test_method, test_iters)
