@@ -6,6 +6,7 @@
 * ``plots``: ours-vs-published bar charts.
 * ``protocols``: the protocol table of the presets (``docs/protocols.md``) and its checks.
 * ``optim``: per-group optimizer settings for presets that follow the authors' code.
+* ``sketch``: gamma-democratic aggregation in Tensor Sketch space (ECCV 2018, ResNet-101).
 """
 
 from bcnn.reproduce.collect import collect_runs, summarize_sweep, table_report

@@ -1,0 +1,82 @@
+"""gamma-democratic aggregation in Tensor Sketch space (ECCV 2018, Tables 2-5).
+
+With ResNet-101 features (2048 channels at 14x14) the full second-order matrix has 4.2M
+entries, so the paper aggregates in an 8192-dimensional Tensor Sketch space instead
+(tsungyu/o2dp ``run_experiments_sketcho2dp_resnet.m``: a ``CompactBilinearTSLayer``
+sketch of every location, then ``GammaDemocraticPool``, signed square root and L2).
+
+:class:`DemocraticSketch` is a ``sketch`` for ``pooling=compact``
+(``bcnn.models.pooling.CompactPool``): it returns the Tensor Sketch of the
+gamma-democratic matrix sum_i alpha_i x_i x_i^T / sum_i alpha_i. A Tensor Sketch is linear
+in the outer product, so that sketch is the average of the location sketches with
+weights n alpha_i / sum alpha, i.e. ``TensorSketch`` of the features scaled by
+sqrt(n alpha_i / sum alpha). gamma = 1 gives ``TensorSketch`` itself (the "TS + sum" row).
+
+The weights come from the exact second-order kernel (x_i^T x_j)^2 of the raw features
+(``bcnn.ops.democratic_weights``), whose estimate the sketches' inner products are; the
+authors' code runs the Sinkhorn iteration on the sketched features.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bcnn.ops import TensorSketch, democratic_weights
+
+
+class DemocraticSketch(nn.Module):
+    """Tensor Sketch of the gamma-democratic second-order matrix: (B, n, C) -> (B, D).
+
+    Args:
+        in_dim: Channels C.
+        out_dim: Sketch dimension D (8192 in the paper).
+        seed: Seed of the sketch's hashes and signs.
+        gamma: 1 = sum pooling (plain Tensor Sketch), 0 = fully democratic.
+        tau: Damping of the Sinkhorn updates (0.5, o2dp ``'reg'``).
+        iters: Sinkhorn iterations (10, o2dp ``'iter'``).
+        in_dim2: Must be None or C: democratic aggregation has one stream.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 8192,
+        seed: int = 0,
+        gamma: float = 0.5,
+        tau: float = 0.5,
+        iters: int = 10,
+        in_dim2: int | None = None,
+    ) -> None:
+        super().__init__()
+        if in_dim2 not in (None, in_dim):
+            raise ValueError(
+                "pooling.sketch=DemocraticSketch aggregates one stream; use a one-stream "
+                f"backbone (got channels {in_dim} and {in_dim2})"
+            )
+        self.sketch = TensorSketch(in_dim, out_dim=out_dim, seed=seed)
+        self.out_dim = int(out_dim)
+        self.gamma, self.tau, self.iters = float(gamma), float(tau), int(iters)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Sketch of sum_i alpha_i x_i x_i^T / sum_i alpha_i.
+
+        Args:
+            x: ``(B, n, C)`` local features, channels last.
+            y: Must be None (one stream).
+
+        Returns:
+            ``(B, D)``; float32, or float64 for float64 input.
+        """
+        if y is not None:
+            raise ValueError("DemocraticSketch aggregates one stream: got a second input")
+        alpha = democratic_weights(x, gamma=self.gamma, tau=self.tau, iters=self.iters, detach=True)
+        # n alpha_i / sum alpha: TensorSketch averages over locations.
+        w = alpha * (alpha.shape[-1] / alpha.sum(-1, keepdim=True))
+        return self.sketch(x.to(w.dtype) * torch.sqrt(w)[..., None])
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, tau={self.tau}, iters={self.iters}"
+
+
+__all__ = ["DemocraticSketch"]
