@@ -321,8 +321,16 @@ def _job_for(row_id: str, runs: pd.DataFrame) -> pd.Series | None:
     return None if hit.empty else hit.iloc[-1]
 
 
+def _jobs_for(row: Row, runs: pd.DataFrame) -> list[pd.Series]:
+    """The jobs of a row found in ``runs``: one, or one per split that ran."""
+    found = (_job_for(job_id, runs) for job_id in row.job_ids)
+    return [job for job in found if job is not None]
+
+
 NUMERIC = (
     "ours",
+    "ours_std",
+    "ours_splits",
     "published",
     "difference",
     "second",
@@ -345,14 +353,16 @@ def report_frame(
 ) -> pd.DataFrame:
     """The long report: one row per table row with ours, published and their difference.
 
-    Columns: ``table, row_id, label, <table.column_names>, cell, ours, published,
-    difference, second, published_std, ours_mean_class_acc, ours_val_acc, status, job``.
-    ``ours`` is the test accuracy (%) of the run (a timing row: the benchmark's
-    milliseconds), ``published`` the number ``Row.key`` points at (the talk's, for the
-    talk's tables), ``difference`` = ours - published, ``second`` the ``Row.paper`` number
-    where it differs. ``status`` is ``ok``, ``failed`` (the job left no results), ``not
-    run``, ``not runnable: <reason>``, or for a timing row ``benchmark`` / ``no benchmark
-    results``.
+    Columns: ``table, row_id, label, <table.column_names>, cell, ours, ours_std,
+    ours_splits, published, difference, second, published_std, ours_mean_class_acc,
+    ours_val_acc, status, job``. ``ours`` is the test accuracy (%) of the run (a timing
+    row: the benchmark's milliseconds; a row with splits: the mean over the splits that
+    completed, ``ours_std`` their sample standard deviation and ``ours_splits`` their
+    number), ``published`` the number ``Row.key`` points at (the talk's, for the talk's
+    tables), ``difference`` = ours - published, ``second`` the ``Row.paper`` number where it
+    differs. ``status`` is ``ok`` (for a row with splits: at least one completed), ``failed``
+    (no job left results), ``not run``, ``not runnable: <reason>``, or for a timing row
+    ``benchmark`` / ``no benchmark results``.
 
     Args:
         table: The table spec.
@@ -362,7 +372,8 @@ def report_frame(
     records = []
     for row in table.rows:
         top1, std = published(row.key)
-        job = None if not row.runnable else _job_for(row.id, runs)
+        jobs = _jobs_for(row, runs) if row.runnable else []
+        done = [j for j in jobs if j["status"] == COMPLETED]
         rec: dict[str, Any] = {"table": table.name, "row_id": row.id, "label": row.label}
         rec.update(zip(table.column_names, row.columns))
         rec["cell"] = " | ".join([row.label, *row.columns])
@@ -373,11 +384,19 @@ def report_frame(
             ours = (timings or {}).get(tuple(row.benchmark))
             status = "benchmark" if ours is not None else "no benchmark results"
         else:
-            if job is not None and job["status"] == COMPLETED:
-                ours = float(job["test_acc"])
-                rec["ours_mean_class_acc"] = job.get("test_mean_class_acc")
-                rec["ours_val_acc"] = job.get("val_acc")
-            status = "not run" if job is None else ("ok" if ours is not None else "failed")
+            if done:
+                acc = pd.Series([float(j["test_acc"]) for j in done])
+                ours = float(acc.mean())
+                rec["ours_mean_class_acc"] = float(
+                    pd.Series([j.get("test_mean_class_acc") for j in done], dtype=float).mean()
+                )
+                rec["ours_val_acc"] = pd.Series(
+                    [j.get("val_acc") for j in done], dtype=float
+                ).mean()
+                if row.splits:  # sample standard deviation, as MATLAB's std
+                    rec["ours_std"] = float(acc.std(ddof=1)) if len(acc) > 1 else None
+                    rec["ours_splits"] = len(done)
+            status = "not run" if not jobs else ("ok" if ours is not None else "failed")
         rec.update(
             ours=ours,
             published=top1,
@@ -385,7 +404,7 @@ def report_frame(
             second=_second(row, top1),
             published_std=std,
             status=status,
-            job=None if job is None else job["job"],
+            job=None if not jobs else ";".join(j["job"] for j in jobs),
         )
         records.append(rec)
     df = pd.DataFrame.from_records(records)
@@ -403,16 +422,22 @@ def paper_layout(report: pd.DataFrame, table: Table) -> pd.DataFrame:
     Measures are ``ours``, the reference (``table.reference``: ``paper``, or ``talk``),
     the second reference (``table.second``) when some cell has one that differs, and
     ``diff`` = ours - reference, for every paper column (the row's column labels joined
-    with spaces), in the table's order.
+    with spaces), in the table's order. A table with repeated rows (``Row.splits``) adds
+    ``ours sd`` and ``<reference> sd``, the standard deviations over the splits.
     """
     col = report[list(table.column_names)].astype(str).agg(" ".join, axis=1)
     long = report.assign(column=col)
     labels = list(dict.fromkeys(long["label"]))
     columns = list(dict.fromkeys(col))
-    parts = {
-        "ours": long.pivot(index="label", columns="column", values="ours"),
-        table.reference: long.pivot(index="label", columns="column", values="published"),
-    }
+    parts = {"ours": long.pivot(index="label", columns="column", values="ours")}
+    spread = any(r.splits for r in table.rows)
+    if spread:
+        parts["ours sd"] = long.pivot(index="label", columns="column", values="ours_std")
+    parts[table.reference] = long.pivot(index="label", columns="column", values="published")
+    if spread:
+        parts[f"{table.reference} sd"] = long.pivot(
+            index="label", columns="column", values="published_std"
+        )
     if long["second"].notna().any():
         parts[table.second] = long.pivot(index="label", columns="column", values="second")
     parts["diff"] = long.pivot(index="label", columns="column", values="difference")
@@ -471,9 +496,15 @@ def table_report(
         "last one when the preset trains on trainval, else the best validation epoch); "
         f"{ref}: the {ref}'s top-1 (`bcnn/resources/paper_results.csv`)"
     )
-    if table.second in {m for _, m in wide.columns}:
+    if table.second != ref and table.second in {m for _, m in wide.columns}:
         legend += f"; {table.second}: the other published number where it differs"
     legend += f"; diff = ours - {ref}. Empty: not run, failed, not runnable or not published."
+    if any(r.splits for r in table.rows):
+        legend += (
+            " Rows repeated over splits: ours is the mean over the splits that completed "
+            "(their number: column `ours_splits` of the CSV), sd the sample standard "
+            "deviation; the published sd where the paper prints one."
+        )
     lines += [f"{table.description}. Sweep: `{sweep.resolve()}`.", "", legend, ""]
     if bench_path is not None:
         lines += [f"Time (ms): forward of one 512x512 square root from `{bench_path}`.", ""]

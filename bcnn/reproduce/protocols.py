@@ -10,7 +10,9 @@ so the test suite checks every preset against the table and the docs against the
     python -m bcnn.reproduce.protocols            # presets that differ from the table
     python -m bcnn.reproduce.protocols --markdown # the docs page, from the CSV
 
-Fields (``<stage>`` is ``linear`` or ``finetune``, present when the preset runs it):
+Fields (``<stage>`` is ``linear`` or ``finetune``, present when the preset runs it and
+trains it by gradient descent: the SVMs of ``classifier=svm`` are fitted on the cached
+descriptors instead, and their settings are the ``classifier`` field's):
 
 ========================  ================================================================
 ``dataset``               the dataset the preset composes with (its default)
@@ -34,7 +36,7 @@ Fields (``<stage>`` is ``linear`` or ``finetune``, present when the preset runs 
 ``<stage>.epochs``        epochs
 ``<stage>.batch``         images per optimizer step (micro-batch x accumulation)
 ``<stage>.schedule``      learning-rate schedule
-``classifier``            the classifier
+``classifier``            the classifier (an SVM: its cost, loss and calibration)
 ``matrix.function``       the matrix step (sqrt, log, power p) and its ridge
 ``matrix.train``          its method (and iterations) and backward where a gradient flows
 ``matrix.test``           its method (and iterations) for frozen features and evaluation
@@ -204,19 +206,52 @@ def _augment(cfg: DictConfig, live: str) -> str:
     return "; ".join(parts)
 
 
+def _pooling(node: DictConfig) -> str:
+    name = _name(node._target_)
+    if name == "DemocraticPool":
+        name += f" (gamma {_num(float(node.gamma))})"
+    elif name == "CompactPool":
+        sketch = node.sketch
+        name += f" ({_name(sketch._target_)} {sketch.out_dim}"
+        if "gamma" in sketch:
+            name += f", gamma {_num(float(sketch.gamma))}"
+        name += ")"
+    elif name == "FisherPool":
+        name += (
+            f" ({node.num_components} components, {node.num_samples} samples, at most "
+            f"{node.samples_per_image} per image)"
+        )
+    if node.get("proj_dim"):
+        name = f"1x1 conv to {node.proj_dim}, {name}"
+    return name
+
+
 def _model(cfg: DictConfig) -> str:
     backbone = _name(cfg.backbone._target_)
     if backbone == "TwoStream":
         backbone = (
             f"{_name(cfg.backbone.stream_a._target_)} x {_name(cfg.backbone.stream_b._target_)}"
         )
-    pooling = _name(cfg.pooling._target_)
-    if cfg.pooling.get("proj_dim"):
-        pooling = f"1x1 conv to {cfg.pooling.proj_dim}, {pooling}"
-    if pooling == "DemocraticPool":
-        pooling += f" (gamma {_num(float(cfg.pooling.gamma))})"
+    elif backbone == "TimmBackbone":
+        backbone = f"timm {cfg.backbone.name}"
     steps = [k for k, v in cfg.normalization.items() if k != "_target_" and v]
-    return f"{backbone} | {pooling} | {', '.join(steps)}"
+    return f"{backbone} | {_pooling(cfg.pooling)} | {', '.join(steps)}"
+
+
+def _svm(cfg: DictConfig) -> bool:
+    """Whether the classifier is fitted on cached descriptors (no optimizer, no epochs)."""
+    return _name(cfg.classifier._target_) == "SVMClassifier"
+
+
+def _classifier(cfg: DictConfig) -> str:
+    node = cfg.classifier
+    name = _name(node._target_)
+    if name == "SVMClassifier":
+        calibration = ", median calibration" if node.get("calibrate", True) else ""
+        return f"SVMClassifier (one-vs-all, C {_num(float(node.C))}, {node.loss} loss{calibration})"
+    if name == "LowRankBilinearClassifier":
+        return f"{name} (rank {node.rank})"
+    return name
 
 
 def _matrix_fields(cfg: DictConfig) -> dict[str, str]:
@@ -288,8 +323,10 @@ def protocol_of(cfg: DictConfig) -> dict[str, str]:
     out["epoch_selection"] = "last" if val == 0 else "best validation"
     out["stages"] = ", ".join(cfg.trainer.stages)
     for stage in cfg.trainer.stages:
+        if stage == "linear" and _svm(cfg):
+            continue  # fitted on the cache, not by the stage's optimizer
         out.update(_stage_fields(cfg, stage))
-    out["classifier"] = _name(cfg.classifier._target_)
+    out["classifier"] = _classifier(cfg)
     out.update(_matrix_fields(cfg))
     signsqrt = cfg.normalization.get("signsqrt")
     if signsqrt:
