@@ -123,6 +123,32 @@ def test_table_report_puts_ours_next_to_published(tmp_path: Path) -> None:
     assert (out / "bmvc17_table2.png").stat().st_size > 1000
 
 
+def test_rows_repeated_over_splits_report_mean_and_sd(tmp_path: Path) -> None:
+    # ECCV 2018 Tables 2-5: a DTD cell is ten jobs, one per official partition.
+    table = TABLES["eccv18_tables2_5"]
+    row = table.row("ts_plus_sum__dtd")
+    assert row.job_ids[0] == "ts_plus_sum__dtd__split1" and len(row.job_ids) == 10
+    for job_id, acc in zip(row.job_ids, (70.0, 72.0, 74.0)):
+        _job(tmp_path, job_id, [f"experiment={job_id}"], _results(acc, val=None))
+    _job(tmp_path, row.job_ids[3], [f"experiment={row.job_ids[3]}"])  # failed split
+    mit = table.row("ts_plus_sum__mit_indoor")  # one split: no standard deviation
+    _job(tmp_path, mit.id, [f"experiment={mit.id}"], _results(80.0, val=None))
+
+    report = table_report(table, tmp_path).set_index("row_id")
+
+    dtd = report.loc[row.id]
+    assert (dtd["ours"], dtd["ours_std"], dtd["ours_splits"]) == (72.0, 2.0, 3)
+    assert (dtd["published"], dtd["published_std"]) == (75.8, 0.7)
+    assert dtd["difference"] == pytest.approx(72.0 - 75.8) and dtd["status"] == "ok"
+    assert dtd["job"].split(";") == row.job_ids[:4]
+    assert report.loc[mit.id, "ours"] == 80.0 and math.isnan(report.loc[mit.id, "ours_std"])
+    assert report.loc["ts_plus_sum__fmd", "status"] == "not run"
+    md = (tmp_path / "report" / "eccv18_tables2_5.md").read_text()
+    assert "| method | DTD ours | DTD ours sd | DTD paper | DTD paper sd | DTD diff |" in md
+    assert "| TS + sum | 72.0 | 2.0 | 75.8 | 0.7 | -3.8 |" in md
+    assert "sample standard deviation" in md
+
+
 def test_plot_training_curves_handles_stages_resumes_and_no_validation(tmp_path: Path) -> None:
     metrics = tmp_path / "metrics.csv"
     pd.DataFrame(

@@ -91,6 +91,9 @@ class Row:
         benchmark: ``(method, iters)`` of a timing row: its value is the forward time of
             one 512x512 matrix square root read from the matrix-function benchmark
             results (``benchmarks/results/matrix_functions_<device>.csv``), not a job.
+        splits: Overrides of the row's repeats, one job each (e.g. the ten DTD partitions
+            ``dataset.partition=1`` ... ``=10``); the report gives their mean and standard
+            deviation. Empty: one job.
     """
 
     label: str
@@ -100,6 +103,7 @@ class Row:
     paper: PaperKey | None = None
     reason: str | None = None
     benchmark: tuple[str, int] | None = None
+    splits: tuple[str, ...] = ()
 
     @property
     def runnable(self) -> bool:
@@ -110,6 +114,13 @@ class Row:
     def id(self) -> str:
         """Unique (within a table) name made of the label and columns."""
         return "__".join(slug(p) for p in (self.label, *self.columns))
+
+    @property
+    def job_ids(self) -> list[str]:
+        """The job folder names: ``id``, or ``<id>__split<k>`` (k = 1, 2, ...) per split."""
+        if not self.splits:
+            return [self.id]
+        return [f"{self.id}__split{k}" for k in range(1, len(self.splits) + 1)]
 
     @property
     def experiment(self) -> str | None:
@@ -161,7 +172,28 @@ FINE_GRAINED = {
     "Aircraft": ("dataset=aircraft",),
     "Cars": ("dataset=cars",),
 }
-NF = ("trainer.stages=[linear]",)  # no fine-tuning: the linear stage on frozen features
+# No fine-tuning: the papers' one-vs-all linear SVMs (C = 1) on the frozen features of the
+# training images and their mirror images (tsungyu/bcnn model_train.m); classifier=svm
+# sets the stages too, but the recipe (after it in the defaults) would put fine-tuning back.
+NF = ("trainer.stages=[linear]", "classifier=svm")
+WEIGHTS = "${oc.env:BCNN_WEIGHTS,weights}"
+
+
+def fccnn_weights(short: str, cell: str) -> str:
+    """The fine-tuned FC-CNN checkpoint the FV-CNN "ft" cell starts from (see docs).
+
+    Args:
+        short: ``d`` (VGG-D) or ``m`` (VGG-M).
+        cell: The dataset column label (``CUB``, ``CUB+box``, ``Aircraft``, ``Cars``).
+    """
+    return f"{WEIGHTS}/fccnn_vgg_{short}_ft_{slug(cell)}.pt"
+
+
+def fvcnn_ft(short: str, cell: str) -> tuple[str, ...]:
+    """Overrides of an FV-CNN "ft" cell: the Fisher vector of the conv features of the
+    FC-CNN fine-tuned on the same cell ("indirect fine-tuning")."""
+    pretrained = ("backbone.pretrained=false",) if short == "d" else ()
+    return (*pretrained, f"backbone.weights={fccnn_weights(short, cell)}")
 
 
 def _iccv15_table1() -> Table:
@@ -169,6 +201,8 @@ def _iccv15_table1() -> Table:
     families = [  # label, experiment, method and backbone in paper_results.csv
         ("FC-CNN [M]", "iccv15_t1_fccnn_m", "FC-CNN", "VGG-M"),
         ("FC-CNN [D]", "iccv15_t1_fccnn_d", "FC-CNN", "VGG-D"),
+        ("FV-CNN [M]", "iccv15_t1_fvcnn_m", "FV-CNN", "VGG-M"),
+        ("FV-CNN [D]", "iccv15_t1_fvcnn_d", "FV-CNN", "VGG-D"),
         ("B-CNN [M,M]", "iccv15_t1_bcnn_mm", "B-CNN", "VGG-M+VGG-M"),
         ("B-CNN [D,M]", "iccv15_t1_bcnn_dm", "B-CNN", "VGG-D+VGG-M"),
         ("B-CNN [D,D]", "iccv15_t1_bcnn_dd", "B-CNN", "VGG-D+VGG-D"),
@@ -176,7 +210,13 @@ def _iccv15_table1() -> Table:
     rows = []
     for label, exp, method, backbone in families:
         for ds, ds_over in FINE_GRAINED.items():
-            for setting, extra in (("nf", NF), ("ft", ())):
+            for setting in ("nf", "ft"):
+                if method == "FV-CNN":  # the preset is nf; ft reads the fine-tuned FC-CNN
+                    extra = fvcnn_ft(exp[-1], ds) if setting == "ft" else ()
+                elif setting == "nf":  # FC-CNN: get_rcnn_features.m L2-normalizes fc7
+                    extra = (*NF, "normalization=l2") if method == "FC-CNN" else NF
+                else:
+                    extra = ()
                 rows.append(
                     Row(
                         label,
@@ -188,15 +228,20 @@ def _iccv15_table1() -> Table:
     return Table(
         "iccv15_table1",
         "Lin, RoyChowdhury & Maji, ICCV 2015, Table 1",
-        "B-CNN [M,M], [D,M], [D,D] vs first-order FC-CNN on CUB, CUB+box, Aircraft, Cars; "
-        "nf and ft (40 rows)",
+        "FC-CNN, FV-CNN and B-CNN [M,M], [D,M], [D,D] on CUB, CUB+box, Aircraft, Cars; nf "
+        "and ft (56 rows)",
         ("dataset", "setting"),
         tuple(rows),
         (
-            "FC-CNN rows use average pooling of the same conv features at 448x448 (the "
-            "paper: fc7 of the 224x224 network), the first-order counterpart of B-CNN.",
-            "nf = linear softmax classifier on frozen features (the paper: linear SVM).",
-            "FV-SIFT and FV-CNN rows are not implemented.",
+            "nf = one-vs-all linear SVMs (C = 1) on the frozen features of the training "
+            "images and their mirror images, test scores averaged over an image and its flip.",
+            "FC-CNN: fc7 of the 224x224 network; ft fine-tunes it as the authors' "
+            "imdb_cnn_train.m (no linear stage, softmax tested).",
+            "FV-CNN ft: the Fisher vector of the conv features of the FC-CNN fine-tuned on "
+            "the same cell (indirect fine-tuning): run the FC-CNN ft cells first and copy "
+            "their checkpoints (docs/reproduce.md).",
+            "ft rows test the fine-tuned softmax classifier (the paper: an SVM retrained on "
+            "the fine-tuned features). FV-SIFT rows are not implemented.",
         ),
     )
 
@@ -235,7 +280,11 @@ def _bmvc17_table1() -> Table:
         "VGG-M and VGG-D on CUB, Cars, Aircraft (30 rows)",
         ("backbone", "dataset"),
         tuple(rows),
-        ("Matrix functions are exact (SVD for sqrtA, eigendecomposition for logA).",),
+        (
+            "Matrix functions are exact (SVD for sqrtA, eigendecomposition for logA).",
+            "One-vs-all linear SVMs (C = 1) on the frozen features of the training images and "
+            "their mirror images, flip-averaged test scores.",
+        ),
     )
 
 
@@ -304,6 +353,56 @@ def _bmvc17_table3() -> Table:
     )
 
 
+# Other authors' methods: reported, never trained here.
+OTHERS = "another authors' method: not implemented"
+
+
+def _bmvc17_table4() -> Table:
+    families = [  # label, experiment (None: another authors' method), method, backbone
+        ("B-CNN (VGG-M)", "iccv15_t1_bcnn_mm", "B-CNN", "VGG-M"),
+        ("B-CNN (VGG-D)", "iccv15_t1_bcnn_dd", "B-CNN", "VGG-D"),
+        ("B-CNN (VGG-M + VGG-D)", "iccv15_t1_bcnn_dm", "B-CNN", "VGG-M+VGG-D"),
+        ("Improved B-CNN (VGG-M)", "bmvc17_t2_improved_vgg_m", "ImprovedB-CNN", "VGG-M"),
+        ("Improved B-CNN (VGG-D)", "bmvc17_t2_improved_vgg_d", "ImprovedB-CNN", "VGG-D"),
+        ("CBP, Tensor Sketch 8192 (VGG-D)", "bmvc17_t4_cbp", "CBP(TS-8192)", "VGG-D"),
+        ("LRBP (VGG-D)", "bmvc17_t4_lrbp", "LRBP", "VGG-D"),
+        ("Kernel Pooling (VGG-D)", None, "KernelPooling", "VGG-D"),
+        ("BoostCNN (B-CNN)", None, "BoostCNN", "B-CNN"),
+        ("STN (Inception-BN)", None, "STN", "Inception-BN"),
+        ("Krause et al., box at training (VGG-D)", None, "Krause(box-train)", "VGG-D"),
+        ("PD+SWFV-CNN (VGG-D)", None, "PD+SWFV-CNN", "VGG-D"),
+        ("PD+FC+SWFV-CNN (VGG-D)", None, "PD+FC+SWFV-CNN", "VGG-D"),
+    ]
+    rows = []
+    for label, exp, method, backbone in families:
+        for ds in BMVC_DATASETS:
+            key = PaperKey(*BMVC17, "Table 4", ds, method, backbone, "ft")
+            if published(key)[0] is None:
+                continue  # a "-" in the paper
+            if exp is None:
+                rows.append(Row(label, (ds,), (), key, reason=OTHERS))
+            else:
+                rows.append(Row(label, (ds,), (f"experiment={exp}", *FINE_GRAINED[ds]), key))
+    return Table(
+        "bmvc17_table4",
+        "Lin & Maji, BMVC 2017, Table 4",
+        "fine-tuned B-CNN and Improved B-CNN beside compact (Tensor Sketch 8192) and "
+        "low-rank bilinear pooling and other published methods, on CUB, Cars, Aircraft "
+        "(30 cells)",
+        ("dataset",),
+        tuple(rows),
+        (
+            "CBP and LRBP are the other authors' models (Gao et al., CVPR 2016; Kong & "
+            "Fowlkes, CVPR 2017) trained here with the B-CNN rows' MATLAB recipe; LRBP's "
+            "1x1 projection starts from a random initialization (the authors: PCA), see "
+            "docs/protocols.md.",
+            "B-CNN and Improved B-CNN: the same presets (and runs) as bmvc17_table2; the "
+            "B-CNN Aircraft cells are BMVC 2017's (VGG-M 81.3, VGG-D 86.9; ICCV 2015: 77.9, "
+            "84.1).",
+        ),
+    )
+
+
 ECCV18 = "Lin, Maji & Koniusz ECCV 2018"
 # label -> (file suffix, dataset name in paper_results.csv, published gamma, published p,
 # initial network in paper_results.csv). Fine-grained rows start from a B-CNN VGG-16
@@ -347,7 +446,8 @@ def _eccv18_table1() -> Table:
         ("dataset",),
         tuple(rows),
         (
-            "Linear softmax classifier on frozen features (the paper: linear SVM, C = 1).",
+            "One-vs-all linear SVMs (C = 1) on the frozen features of train+val and their "
+            "mirror images, flip-averaged test scores.",
             "Fine-grained rows need the B-CNN VGG-16 fine-tuned on the same dataset as "
             "backbone weights (see docs/reproduce.md).",
             "DTD: split 1; FMD: trial 1 (the paper's protocol for FMD averages splits).",
@@ -355,12 +455,67 @@ def _eccv18_table1() -> Table:
     )
 
 
+# ECCV 2018 Tables 2-5 (ResNet-101): column label -> (dataset overrides, dataset name in
+# paper_results.csv, the overrides of the repeats: DTD's ten official partitions, FMD's ten
+# random train/test trials (o2dp run_experiments_sketcho2dp_resnet.m: splits = 10), MIT one).
+ECCV18_TEXTURES = {
+    "DTD": (("dataset=dtd",), "DTD", tuple(f"dataset.partition={k}" for k in range(1, 11))),
+    "FMD": (("dataset=fmd",), "FMD", tuple(f"dataset.trial={k}" for k in range(1, 11))),
+    "MIT Indoor": (("dataset=mit_indoor",), "MIT", ()),
+}
+
+
+def _eccv18_tables2_5() -> Table:
+    demo = "eccv18_t25_resnet101_ts_gdemocratic"
+    families = [  # label, experiment (None: not implemented), extra, method, input
+        ("TS + sum", "eccv18_t25_resnet101_ts_sum", (), "TS+sum", "448"),
+        ("TS + gamma-democratic", demo, (), "TS+g-democratic", "448"),
+        (
+            "TS + gamma-democratic, 224x224",
+            demo,
+            ("dataset.transform.size=224",),
+            "TS+g-democratic",
+            "224",
+        ),
+        ("first-order gamma-democratic", None, (), "first-order-g-democratic", "448"),
+    ]
+    rows = []
+    for label, exp, extra, method, size in families:
+        for column, (ds_over, name, splits) in ECCV18_TEXTURES.items():
+            key = PaperKey(ECCV18, "Tables 2-5", name, method, "ResNet-101", f"input {size}")
+            if published(key)[0] is None:
+                continue
+            if exp is None:
+                reason = "first-order gamma-democratic pooling is not implemented"
+                rows.append(Row(label, (column,), (), key, reason=reason))
+            else:
+                over = (f"experiment={exp}", *ds_over, *extra)
+                rows.append(Row(label, (column,), over, key, splits=splits))
+    return Table(
+        "eccv18_tables2_5",
+        "Lin, Maji & Koniusz, ECCV 2018, Tables 2-5 (ResNet-101)",
+        "second-order sum and gamma-democratic aggregation of ImageNet ResNet-101 features "
+        "in an 8192-dimensional Tensor Sketch space, on DTD and FMD (mean and standard "
+        "deviation over 10 splits) and MIT Indoor (11 cells, 62 jobs)",
+        ("dataset",),
+        tuple(rows),
+        (
+            "ResNet-101 through timm (resnet101.tv_in1k, the torchvision weights; the "
+            "paper: MatConvNet's imagenet-resnet-101-dag, the original Caffe model), last "
+            "stage (res5c, 2048 channels), 448x448 unless the row says 224.",
+            "One-vs-all linear SVMs (C = 1) on the frozen descriptors of train+val and their "
+            "mirror images, flip-averaged test scores. gamma = 0.5 for every dataset (the "
+            "script's default; the paper's per-dataset choice for these rows is not in the "
+            "sources read).",
+            "DTD: the mean and sample standard deviation over partitions 1-10; FMD over ten "
+            "seeded 50/50 trials (not the authors' random splits); MIT Indoor: one split.",
+        ),
+    )
+
+
 TALK = "seed talk slides"
 BMVC4 = ("Lin & Maji BMVC 2017", "Table 4")
 ICCV15 = ("Lin et al. ICCV 2015", "Table 1")
-# Other authors' methods on the slides: reported, never trained here.
-OTHERS = "another authors' method: not implemented"
-ISSUE13 = "needs the {what} preset of issue 13 ({how})"
 SLIDE_DATASETS = (("Birds", "CUB"), ("Cars", "Cars"), ("Aircraft", "Aircraft"))
 DS_OVERRIDES = {
     "CUB": ("dataset=cub",),
@@ -377,12 +532,7 @@ def _talk_fine_grained() -> Table:
     table = "Talk: fine-grained classification (VGG-D + VGG-M)"
     families = [  # label, experiment or reason, talk method/backbone, ICCV 2015 method/backbone
         ("FC [D]", "iccv15_t1_fccnn_d", ("FC", "VGG-D"), ("FC-CNN", "VGG-D")),
-        (
-            "FV [D]",
-            ISSUE13.format(what="FV-CNN", how="pooling=fisher"),
-            ("FV", "VGG-D"),
-            ("FV-CNN", "VGG-D"),
-        ),
+        ("FV [D]", "iccv15_t1_fvcnn_d", ("FV", "VGG-D"), ("FV-CNN", "VGG-D")),
         (
             "Bilinear [D+D]",
             "iccv15_t1_bcnn_dd",
@@ -404,13 +554,14 @@ def _talk_fine_grained() -> Table:
             setting = "-" if paper is None else "ft"
             key = _talk_key(table, ds, method, backbone, setting)
             other = PaperKey(*ICCV15, ds, *paper, "ft") if paper else None
-            if exp is None or not exp.startswith("iccv15"):
-                reason = exp or OTHERS + " (STN; Gosselin et al.; Krause et al.)"
+            if exp is None:
+                reason = OTHERS + " (STN; Gosselin et al.; Krause et al.)"
                 rows.append(Row(label, (column,), (), key, other, reason=reason))
-            else:
-                rows.append(
-                    Row(label, (column,), (f"experiment={exp}", *DS_OVERRIDES[ds]), key, other)
-                )
+                continue
+            # FV [D] "ft": the Fisher vector of the fine-tuned FC-CNN's conv features.
+            extra = fvcnn_ft("d", ds) if exp == "iccv15_t1_fvcnn_d" else ()
+            over = (f"experiment={exp}", *DS_OVERRIDES[ds], *extra)
+            rows.append(Row(label, (column,), over, key, other))
     return Table(
         "talk_fine_grained",
         "Talk: fine-grained classification (VGG-D + VGG-M networks)",
@@ -419,8 +570,11 @@ def _talk_fine_grained() -> Table:
         ("dataset",),
         tuple(rows),
         (
-            "FC [D]: average-pooled relu5_3 at 448 (the paper: fc7 at 224), until issue 13's "
-            "backbone=vgg_d_fc7.",
+            "FC [D]: fc7 of VGG-16 at 224x224, fine-tuned as the authors' imdb_cnn_train.m. "
+            "FV [D]: the Fisher vector (64 components) of relu5_3 at 448x448 of that "
+            "fine-tuned network, one-vs-all SVMs: run the FC [D] rows first and copy their "
+            "checkpoints to $BCNN_WEIGHTS/fccnn_vgg_d_ft_<cub|aircraft|cars>.pt "
+            "(docs/reproduce.md).",
             "Published numbers: the talk's; the paper column shows ICCV 2015 Table 1 where it "
             "prints another number (Aircraft).",
         ),
@@ -593,18 +747,8 @@ def _talk_spectral() -> Table:
             "bmvc17_t2_improved_vgg_d",
             ("ImprovedB-CNN", "VGG-D"),
         ),
-        (
-            "CBP [CVPR 16]",
-            "VGG-D",
-            ISSUE13.format(what="compact bilinear pooling", how="pooling=compact, TS 8192"),
-            ("CBP(TS-8192)", "VGG-D"),
-        ),
-        (
-            "LRBP [CVPR 17]",
-            "VGG-D",
-            ISSUE13.format(what="low-rank bilinear pooling", how="classifier=lowrank, PCA init"),
-            ("LRBP", "VGG-D"),
-        ),
+        ("CBP [CVPR 16]", "VGG-D", "bmvc17_t4_cbp", ("CBP(TS-8192)", "VGG-D")),
+        ("LRBP [CVPR 17]", "VGG-D", "bmvc17_t4_lrbp", ("LRBP", "VGG-D")),
         ("BoostCNN [BMVC 16]", "B-CNN", OTHERS, ("BoostCNN", "B-CNN")),
         ("Kernel Pooling [CVPR 17]", "VGG-D", OTHERS, ("KernelPooling", "VGG-D")),
         ("STN [NIPS 15]", "Inception-BN", OTHERS, ("STN", "Inception-BN")),
@@ -630,7 +774,11 @@ def _talk_spectral() -> Table:
         "methods, on Birds, Cars, Aircraft (18 cells)",
         ("dataset",),
         tuple(rows),
-        ("The paper column: BMVC 2017 Table 4, where it prints another number (LRBP Aircraft).",),
+        (
+            "The paper column: BMVC 2017 Table 4, where it prints another number (LRBP Aircraft).",
+            "CBP and LRBP: as in bmvc17_table4 (the B-CNN MATLAB recipe; LRBP's projection "
+            "starts from a random initialization, the authors': PCA).",
+        ),
         reference="talk",
     )
 
@@ -682,8 +830,8 @@ def _talk_democratic() -> Table:
         (
             "Democratic: the gamma-democratic rows of ECCV 2018 Table 1 (published gamma); "
             "Spectral: its matrix power (published p).",
-            "A linear classifier on frozen features of train+val, flip-averaged test scores "
-            "(the paper: a linear SVM, C = 1). Fine-grained rows start from the B-CNN [D,D] "
+            "One-vs-all linear SVMs (C = 1) on frozen features of train+val and their mirror "
+            "images, flip-averaged test scores. Fine-grained rows start from the B-CNN [D,D] "
             "fine-tuned on the same dataset (docs/reproduce.md).",
             "The paper column: ECCV 2018 Table 1 where it prints another number (FMD).",
         ),
@@ -808,7 +956,9 @@ TABLES: dict[str, Table] = {
         _bmvc17_table1(),
         _bmvc17_table2(),
         _bmvc17_table3(),
+        _bmvc17_table4(),
         _eccv18_table1(),
+        _eccv18_tables2_5(),
         _talk_fine_grained(),
         _talk_normalization(),
         _talk_newton_schulz(),
