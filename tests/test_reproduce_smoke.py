@@ -50,11 +50,12 @@ def test_smoke_talk_table_tells_first_from_second_order_and_reports(tmp_path: Pa
         76.6,
         74.1,
     )
-    assert csv.loc["fv_d__cars", "status"].startswith("not runnable: needs the FV-CNN preset")
+    assert csv.loc["fv_d__cars", "status"] == "not run"  # runnable, not selected
+    assert csv.loc["previous_work__cars", "status"].startswith("not runnable: another")
     assert csv.loc["bilinear_d_plus_m__birds", "ours"] == acc["bilinear_d_plus_m__birds"]
     md = (report / "talk_fine_grained.md").read_text()
     assert "SMOKE RUN" in md and "| method | Birds ours | Birds talk |" in md
-    assert "| FC [D] |" in md and "74.1" in md and "issue 13" in md
+    assert "| FC [D] |" in md and "74.1" in md and "issue 13" not in md
     assert json.loads((sweep / "reproduce.json").read_text())["smoke"] is True
     assert (report / "talk_fine_grained.png").stat().st_size > 1000
 
@@ -73,3 +74,38 @@ def test_smoke_rows_with_different_normalizations_score_differently(tmp_path: Pa
         assert cfg.dataset.name == "synthetic" and list(cfg.trainer.stages) == ["linear"]
         scores.append(train(cfg)["test_acc"])
     assert scores[0] != scores[1]
+
+
+@pytest.mark.slow
+def test_smoke_of_the_new_tables_runs_cbp_lrbp_and_splits(tmp_path: Path) -> None:
+    # BMVC 2017 Table 4's CBP and LRBP rows, and one ECCV 2018 Tables 2-5 cell repeated
+    # over two smoke splits (two synthetic datasets): every job runs, the report gives the
+    # split mean and standard deviation.
+    script = [sys.executable, str(REPO_ROOT / "scripts" / "reproduce.py")]
+    t4 = tmp_path / "t4"
+    args = ["table=bmvc17_table4", "smoke=true", "collect=true", f"sweep_dir={t4}"]
+    proc = run_train([*args, "rows=cbp*,lrbp*__cub"], cwd=tmp_path, timeout=400, script=script)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = pd.read_csv(t4 / "report" / "bmvc17_table4.csv").set_index("row_id")
+    for row_id in ("cbp_tensor_sketch_8192_vgg_d__cub", "lrbp_vgg_d__cub"):
+        assert report.loc[row_id, "status"] == "ok"
+        assert 25 < report.loc[row_id, "ours"] <= 100  # 4 classes: above chance
+    config = (t4 / "lrbp_vgg_d__cub" / "config.yaml").read_text()
+    assert "LowRankBilinearClassifier" in config and "proj_dim: 100" in config
+
+    t25 = tmp_path / "t25"
+    args = ["table=eccv18_tables2_5", "smoke=true", "collect=true", f"sweep_dir={t25}"]
+    proc = run_train([*args, "rows=ts_plus_gamma_democratic__dtd"], cwd=tmp_path, timeout=400,
+                     script=script)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    cell = pd.read_csv(t25 / "report" / "eccv18_tables2_5.csv").set_index("row_id")
+    cell = cell.loc["ts_plus_gamma_democratic__dtd"]
+    accs = [
+        json.loads((t25 / f"ts_plus_gamma_democratic__dtd__split{k}" / "results.json").read_text())[
+            "test_acc"
+        ]
+        for k in (1, 2)
+    ]
+    assert cell["ours_splits"] == 2 and cell["ours"] == pytest.approx(sum(accs) / 2)
+    assert cell["ours_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+    assert (cell["published"], cell["published_std"]) == (76.2, 0.7)

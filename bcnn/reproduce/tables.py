@@ -393,9 +393,9 @@ def _bmvc17_table4() -> Table:
         tuple(rows),
         (
             "CBP and LRBP are the other authors' models (Gao et al., CVPR 2016; Kong & "
-            "Fowlkes, CVPR 2017) trained here with the B-CNN rows' MATLAB recipe; LRBP's "
-            "1x1 projection starts from a random initialization (the authors: PCA), see "
-            "docs/protocols.md.",
+            "Fowlkes, CVPR 2017) trained here with the B-CNN rows' MATLAB recipe (LRBP at "
+            "lr 0.1: 1.0 diverges with its quadratic classifier); LRBP's 1x1 projection "
+            "starts from a random initialization (the authors: PCA), see docs/protocols.md.",
             "B-CNN and Improved B-CNN: the same presets (and runs) as bmvc17_table2; the "
             "B-CNN Aircraft cells are BMVC 2017's (VGG-M 81.3, VGG-D 86.9; ICCV 2015: 77.9, "
             "84.1).",
