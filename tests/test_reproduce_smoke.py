@@ -77,19 +77,19 @@ def test_smoke_rows_with_different_normalizations_score_differently(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_smoke_of_the_new_tables_runs_cbp_lrbp_and_splits(tmp_path: Path) -> None:
-    # BMVC 2017 Table 4's CBP and LRBP rows, and one ECCV 2018 Tables 2-5 cell repeated
-    # over two smoke splits (two synthetic datasets): every job runs, the report gives the
-    # split mean and standard deviation.
+def test_smoke_of_the_new_tables_runs_lrbp_and_splits(tmp_path: Path) -> None:
+    # BMVC 2017 Table 4's LRBP row (a projection and a low-rank classifier), and one ECCV
+    # 2018 Tables 2-5 cell (compact pooling) repeated over two smoke splits (two synthetic
+    # datasets): every job runs, the report gives the split mean and standard deviation.
     script = [sys.executable, str(REPO_ROOT / "scripts" / "reproduce.py")]
     t4 = tmp_path / "t4"
     args = ["table=bmvc17_table4", "smoke=true", "collect=true", f"sweep_dir={t4}"]
-    proc = run_train([*args, "rows=cbp*,lrbp*__cub"], cwd=tmp_path, timeout=400, script=script)
+    proc = run_train([*args, "rows=lrbp*__cub"], cwd=tmp_path, timeout=400, script=script)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = pd.read_csv(t4 / "report" / "bmvc17_table4.csv").set_index("row_id")
-    for row_id in ("cbp_tensor_sketch_8192_vgg_d__cub", "lrbp_vgg_d__cub"):
-        assert report.loc[row_id, "status"] == "ok"
-        assert 25 < report.loc[row_id, "ours"] <= 100  # 4 classes: above chance
+    assert report.loc["lrbp_vgg_d__cub", "status"] == "ok"
+    assert 25 < report.loc["lrbp_vgg_d__cub", "ours"] <= 100  # 4 classes: above chance
+    assert report.loc["cbp_tensor_sketch_8192_vgg_d__cub", "status"] == "not run"
     config = (t4 / "lrbp_vgg_d__cub" / "config.yaml").read_text()
     assert "LowRankBilinearClassifier" in config and "proj_dim: 100" in config
 
