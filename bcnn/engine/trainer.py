@@ -11,7 +11,8 @@ everything into its output directory::
     results.json            final and per-stage accuracies
     curves.png              loss and accuracy per epoch (drawn by the logger)
     splits/<split>.txt      the image lists of each split (datasets read from files)
-    checkpoints/last.pt     everything needed to resume (written atomically)
+    checkpoints/last.pt     everything needed to resume (written atomically; the one
+                            before is kept as last.prev.pt)
     checkpoints/best.pt     the best-validation model of the current stage
 
 The parts: datasets are built once, with their final uint8 transforms; the model
@@ -19,6 +20,12 @@ normalizes its own input and owns freezing; a stage gets its inputs (live images
 through the model, or cached descriptors through the classifier) from
 ``_stage_inputs``, runs its epochs in ``_run_stage`` and picks its epoch and tests it in
 ``_finish_stage``.
+
+Failure is loud and leaves the run directory usable: a config error stops the run before
+any data is read (``bcnn.config.validate``); a fresh run refuses a directory that holds
+another run (``claim_run_dir``); a loss or weights that stop being finite raise
+``DivergenceError`` naming the stage, epoch and step and the settings that likely caused
+it, with the last good checkpoint kept and no ``results.json`` written.
 """
 
 from __future__ import annotations
@@ -48,17 +55,54 @@ from bcnn.config import StageConfig, TrainConfig, instantiate, validate
 from bcnn.engine import distributed as D
 from bcnn.engine.cache import CachedViews, ViewAverage, build_cache
 from bcnn.engine.checkpoint import (
+    link_checkpoint,
     load_checkpoint,
+    load_resumable,
     resolve_checkpoint,
     rng_state,
-    save_atomic,
+    save_checkpoint,
     set_rng_state,
 )
 from bcnn.engine.loops import EpochStats, evaluate, train_one_epoch
 from bcnn.engine.metrics import ConfusionMeter
 from bcnn.models import BilinearModel, build_model
+from bcnn.validation import ConfigError
 
 log = logging.getLogger(__name__)
+
+# Files whose presence means a directory already holds a run.
+RUN_FILES = ("config.yaml", "metrics.csv", "results.json", "checkpoints")
+
+
+class DivergenceError(RuntimeError):
+    """The training loss (or the weights) stopped being finite; the message says where and
+    which settings likely caused it."""
+
+
+class RunDirectoryError(FileExistsError):
+    """A fresh run was pointed at a directory that holds another run."""
+
+
+def claim_run_dir(output_dir: Path) -> str | None:
+    """Claims ``output_dir`` for a fresh run; returns why not when it holds another run.
+
+    The claim is the exclusive creation of ``config.yaml``: of two runs started at once
+    into one directory, exactly one gets it.
+    """
+    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not found:
+        try:
+            with (output_dir / "config.yaml").open("x"):
+                pass
+            return None
+        except FileExistsError:
+            found = ["config.yaml"]
+    return (
+        f"{output_dir} already holds a run ({', '.join(found)}): resume it with "
+        f"trainer.resume={output_dir}, or choose another directory (hydra.run.dir=<new "
+        "folder>, or paths.output_dir=<new folder> when calling bcnn.engine.train)."
+    )
+
 
 # Keys of the command line that win over a resumed checkpoint's config: they change
 # where and how fast the run executes, not what it computes.
@@ -83,6 +127,12 @@ def _device(name: str, env: D.DistEnv) -> torch.device:
     if device.type == "cuda" and env.enabled:
         return torch.device("cuda", env.local_rank)
     return device
+
+
+def _finite_parameters(net: nn.Module) -> bool:
+    """Whether every parameter is finite (one host synchronisation)."""
+    flags = [p.detach().isfinite().all() for p in net.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _seed_everything(seed: int) -> None:
@@ -134,15 +184,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (the same keys per stage) and ``output_dir``.
 
     Raises:
-        ValueError: an invalid config value, naming the key.
+        ConfigError: an invalid config value (a ``ValueError``), naming the key.
         FileNotFoundError: a missing dataset file or resume checkpoint.
+        CheckpointError: no usable checkpoint to resume from (a ``ValueError``).
+        RunDirectoryError: a fresh run pointed at another run's directory.
+        DivergenceError: the loss stopped being finite (no ``results.json`` is written).
     """
     validate(cfg)
     ckpt = None
     if cfg.trainer.resume:
-        path = resolve_checkpoint(cfg.trainer.resume)
-        ckpt = load_checkpoint(path)
+        path, ckpt = load_resumable(resolve_checkpoint(cfg.trainer.resume))
         cfg = _resumed_config(cfg, ckpt, path)
+        validate(cfg)
     env = D.init()
     for name in cfg.trainer.stages:
         if cfg.trainer[name].batch_size % env.world_size:
@@ -153,12 +206,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
     # Every process writes into rank 0's directory (Hydra's ${now:...} may differ).
     output_dir = Path(D.broadcast_object(str(_output_dir(cfg))))
-    file_log = None
+    refused = None
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        refused = None if ckpt is not None else claim_run_dir(output_dir)
+    refused = D.broadcast_object(refused)
+    if refused:
+        raise RunDirectoryError(refused)
+    file_log = None
+    if env.is_main:
         file_log = _FileLog(output_dir)
     try:
         return _Run(cfg, output_dir, ckpt, env).run()
+    except BaseException:
+        # A fresh run that failed before writing anything to resume from or to read (a
+        # missing dataset, a batch larger than the split) leaves the directory reusable.
+        if (
+            env.is_main
+            and ckpt is None
+            and not any((output_dir / n).exists() for n in RUN_FILES[1:])
+        ):
+            (output_dir / "config.yaml").unlink(missing_ok=True)
+        raise
     finally:
         if file_log is not None:
             file_log.close()
@@ -234,6 +303,18 @@ class _Run:
                 ds.write_samples(self.out / "splits" / f"{split}.txt")
         return datasets
 
+    def _check_batch_sizes(self) -> None:
+        """A batch larger than the training split is a config error (known only now)."""
+        n = len(self.datasets["train"])
+        for name in self.tcfg.stages:
+            size = self.tcfg[name].batch_size
+            if size > n:
+                raise ConfigError(
+                    f"trainer.{name}.batch_size",
+                    f"{size} exceeds the {n} images of the training split "
+                    f"({self.split_names['train']}); use at most {n}",
+                )
+
     def _build_model(self, num_classes: int) -> BilinearModel:
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg, num_classes)
@@ -291,7 +372,7 @@ class _Run:
             )
         return not extra
 
-    def _stage_inputs(self, finetune: bool, batch_size: int) -> _StageInputs:
+    def _stage_inputs(self, finetune: bool, batch_size: int, train_batch: int) -> _StageInputs:
         live = _StageInputs(
             net=self.model,
             train=self.datasets["train"],
@@ -320,6 +401,15 @@ class _Run:
                 "split": self.split_names[role],
                 "precision": self.precision,
             }
+            # A limited run (trainer.limit_*_batches, debug=smoke) reads only the first
+            # batches: cache only those images.
+            if role == "train":
+                limit, size = self.tcfg.limit_train_batches, train_batch
+            else:
+                limit, size = self.tcfg.limit_eval_batches, batch_size
+            if limit is not None and limit * size < len(ds):
+                ds = Subset(ds, range(limit * size))
+                identity["images"] = len(ds)
             feats, labels = build_cache(
                 self.model,
                 ds,
@@ -379,6 +469,7 @@ class _Run:
             OmegaConf.save(self.resolved, self.out / "config.yaml")
         _seed_everything(cfg.seed)
         self.datasets = self._datasets()
+        self._check_batch_sizes()
         self.num_classes = len(self.datasets["train"].classes)
         self.model = self._build_model(self.num_classes)
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -432,7 +523,7 @@ class _Run:
         finetune = name == "finetune"
         self.model.freeze_backbone(not finetune)
         eval_bs = self.tcfg.eval_batch_size or stage.batch_size
-        inputs = self._stage_inputs(finetune, eval_bs)
+        inputs = self._stage_inputs(finetune, eval_bs, stage.batch_size)
         optimizer, scheduler, scaler, selection = self._optimization(
             name, stage, resume, start_epoch
         )
@@ -447,6 +538,8 @@ class _Run:
                 max_batches=self.tcfg.limit_train_batches,
                 desc=f"{name} {epoch + 1}/{stage.epochs}" if self._progress else None,
             ).all_reduce()  # fmt: skip
+            if stats.diverged or not _finite_parameters(inputs.net):
+                raise DivergenceError(self._divergence(name, epoch, stage, stats))
             val = self._evaluate(inputs, inputs.val, eval_bs, False, "val") if has_val else None
             row = self._log_epoch(name, epoch, stage.epochs, lr, stats, val, time.time() - t0)
             if isinstance(scheduler, ReduceLROnPlateau):
@@ -457,11 +550,53 @@ class _Run:
             improved = selection.offer(row["val_acc"] if has_val else float(epoch), epoch)
             if self.env.is_main:
                 state = self._state((index, epoch + 1), selection, optimizer, scheduler, scaler)
+                # last.pt first: a crash between the two writes leaves a resumable run.
+                save_checkpoint(state, self.ckdir / "last.pt")
                 if improved:
-                    save_atomic(state, self.ckdir / "best.pt")
-                save_atomic(state, self.ckdir / "last.pt")
+                    link_checkpoint(self.ckdir / "last.pt", self.ckdir / "best.pt")
             D.barrier()
         self._finish_stage(index, name, stage, inputs, selection, eval_bs)
+
+    def _divergence(self, name: str, epoch: int, stage: StageConfig, stats: EpochStats) -> str:
+        """Where the run diverged and which settings likely caused it."""
+        where = (
+            f"step {stats.first_nonfinite_step + 1}"
+            if stats.first_nonfinite_step is not None
+            else "a step of another process"
+            if stats.diverged
+            else "its end (the weights are no longer finite)"
+        )
+        lrs = f"trainer.{name}.lr={stage.lr}"
+        if name == "finetune":
+            lrs += f", trainer.finetune.backbone_lr={stage.backbone_lr}"
+        causes = [f"a learning rate too high ({lrs}; or set trainer.{name}.grad_clip)"]
+        matrix = [
+            f"normalization.{step}.{key}={node[key]}"
+            for step, node in self.cfg.normalization.items()
+            if isinstance(node, DictConfig) and ("iters" in node or "eps_mode" in node)
+            for key in ("eps", "iters")
+            if key in node
+        ]
+        if matrix:
+            causes.append(f"a matrix-function setting ({', '.join(matrix)})")
+        if str(self.cfg.pooling.get("_target_", "")).endswith("DemocraticPool"):
+            causes.append(
+                f"democratic pooling (pooling.tau={self.cfg.pooling.tau}, "
+                f"pooling.gamma={self.cfg.pooling.gamma}, pooling.iters={self.cfg.pooling.iters})"
+            )
+        if self.precision == "fp16":
+            causes.append("an fp16 overflow in the forward pass (try trainer.precision=bf16)")
+        last = self.ckdir / "last.pt"
+        kept = (
+            f"The last good checkpoint is kept: {last}."
+            if last.exists()
+            else "No epoch had finished, so there is no checkpoint."
+        )
+        return (
+            f"Training diverged: the loss of the {name} stage is not finite at epoch "
+            f"{epoch + 1}/{stage.epochs}, {where}. Likely causes: {'; '.join(causes)}. "
+            f"{kept} No results.json was written."
+        )
 
     def _optimization(
         self, name: str, stage: StageConfig, resume: dict | None, start_epoch: int
@@ -562,7 +697,7 @@ class _Run:
         log.info("Stage %s done: %s", name, result)
         if self.env.is_main:
             # The next stage starts from these weights; a resume after this point skips ahead.
-            save_atomic(self._state((index + 1, 0), _Selection()), self.ckdir / "last.pt")
+            save_checkpoint(self._state((index + 1, 0), _Selection()), self.ckdir / "last.pt")
             if inputs.cache_folder is not None:
                 # A cache inside the run directory has served its purpose: free the disk.
                 shutil.rmtree(inputs.cache_folder, ignore_errors=True)
