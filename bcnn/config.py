@@ -120,7 +120,8 @@ class TrainerConfig:
         for s in self.stages:
             _check(s in STAGES, "trainer.stages", f"unknown stage {s!r}; choose from {STAGES}")
         _check(len(set(self.stages)) == len(self.stages), "trainer.stages", "a stage is repeated")
-        for s in self.stages:
+        # Both stages, also one that does not run: a value out of range is wrong either way.
+        for s in STAGES:
             getattr(self, s).validate(f"trainer.{s}")
         if "finetune" in self.stages:
             _check(
@@ -326,7 +327,7 @@ def validate(cfg: DictConfig) -> None:
     trainer = OmegaConf.to_object(cfg.trainer)
     assert isinstance(trainer, TrainerConfig)
     trainer.validate()
-    for name in trainer.stages:
+    for name in STAGES:
         _check_schedule(cfg.trainer[name], f"trainer.{name}")
 
 

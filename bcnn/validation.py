@@ -275,6 +275,31 @@ def _rules() -> dict[str, dict[str, Rule]]:
             "pixel_noise": Range(ge=0),
             "seed": SEED,
         },
+        # torch checks most optimizer arguments itself, but only as "Invalid ... value".
+        "torch.optim.optimizer.Optimizer": {
+            "momentum": Range(ge=0),
+            "dampening": Range(ge=0),
+            "weight_decay": Range(ge=0),
+            "eps": Range(ge=0),
+            "betas": Each(Range(ge=0, lt=1), length=2),
+            "alpha": Range(ge=0),
+        },
+        "torch.optim.lr_scheduler.StepLR": {"step_size": Range(ge=1), "gamma": Range(gt=0)},
+        "torch.optim.lr_scheduler.CosineAnnealingLR": {
+            "T_max": Range(ge=1),
+            "eta_min": Range(ge=0),
+        },
+        "torch.optim.lr_scheduler.ConstantLR": {
+            "factor": Range(gt=0, le=1),
+            "total_iters": Range(ge=0),
+        },
+        "torch.optim.lr_scheduler.ReduceLROnPlateau": {
+            "factor": Range(gt=0, lt=1),
+            "patience": Range(ge=0),
+            "cooldown": Range(ge=0),
+            "threshold": Range(ge=0),
+            "eps": Range(ge=0),
+        },
         "bcnn.engine.loggers.WandbLogger": {
             "mode": OneOf(("offline", "online", "disabled")),
             "project": _non_empty_string,

@@ -129,6 +129,23 @@ def _device(name: str, env: D.DistEnv) -> torch.device:
     return device
 
 
+def check_batch_sizes(trainer: DictConfig, train_size: int, split: str = "train") -> None:
+    """A stage's batch larger than the training split is a config error, known once the
+    dataset is (before the model is built or any image is read).
+
+    Raises:
+        ConfigError: naming ``trainer.<stage>.batch_size``, its value and the split's size.
+    """
+    for name in trainer.stages:
+        size = trainer[name].batch_size
+        if size > train_size:
+            raise ConfigError(
+                f"trainer.{name}.batch_size",
+                f"{size} exceeds the {train_size} images of the training split ({split}); "
+                f"use at most {train_size}",
+            )
+
+
 def _finite_parameters(net: nn.Module) -> bool:
     """Whether every parameter is finite (one host synchronisation)."""
     flags = [p.detach().isfinite().all() for p in net.parameters()]
@@ -303,18 +320,6 @@ class _Run:
                 ds.write_samples(self.out / "splits" / f"{split}.txt")
         return datasets
 
-    def _check_batch_sizes(self) -> None:
-        """A batch larger than the training split is a config error (known only now)."""
-        n = len(self.datasets["train"])
-        for name in self.tcfg.stages:
-            size = self.tcfg[name].batch_size
-            if size > n:
-                raise ConfigError(
-                    f"trainer.{name}.batch_size",
-                    f"{size} exceeds the {n} images of the training split "
-                    f"({self.split_names['train']}); use at most {n}",
-                )
-
     def _build_model(self, num_classes: int) -> BilinearModel:
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg, num_classes)
@@ -469,7 +474,7 @@ class _Run:
             OmegaConf.save(self.resolved, self.out / "config.yaml")
         _seed_everything(cfg.seed)
         self.datasets = self._datasets()
-        self._check_batch_sizes()
+        check_batch_sizes(self.tcfg, len(self.datasets["train"]), self.split_names["train"])
         self.num_classes = len(self.datasets["train"].classes)
         self.model = self._build_model(self.num_classes)
         n_params = sum(p.numel() for p in self.model.parameters())
