@@ -270,16 +270,7 @@ REAL_RUNS = [
     # (overrides, the key the error names, or None for a clean run)
     (["pooling=democratic", "pooling.tau=0"], "pooling.tau"),
     (["trainer.linear.batch_size=99999999999"], "trainer.linear.batch_size"),
-    (["+pooling.foo=1", "trainer.linear.lr=inf"], "pooling.foo"),
-    (
-        [
-            "pooling=democratic",
-            "pooling.gamma=0.3",
-            "classifier=lowrank",
-            "~normalization.vectorize",
-        ],
-        None,
-    ),
+    (["pooling=compact", "pooling.sketch.out_dim=256", "trainer.linear.grad_clip=1.0"], None),
 ]
 
 
