@@ -83,25 +83,36 @@ class RunDirectoryError(FileExistsError):
     """A fresh run was pointed at a directory that holds another run."""
 
 
+def run_dir_in_use(output_dir: str | Path) -> str | None:
+    """Why a fresh run may not use ``output_dir`` (it holds another run), or None.
+
+    Also for launchers that want to refuse before Hydra writes its ``.hydra`` folder.
+    """
+    output_dir = Path(output_dir)
+    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not found:
+        return None
+    return (
+        f"{output_dir} already holds a run ({', '.join(found)}): resume it with "
+        f"trainer.resume={output_dir}, or choose another directory (hydra.run.dir=<new "
+        "folder>, or paths.output_dir=<new folder> when calling bcnn.engine.train)."
+    )
+
+
 def claim_run_dir(output_dir: Path) -> str | None:
     """Claims ``output_dir`` for a fresh run; returns why not when it holds another run.
 
     The claim is the exclusive creation of ``config.yaml``: of two runs started at once
     into one directory, exactly one gets it.
     """
-    found = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if not found:
+    problem = run_dir_in_use(output_dir)
+    if problem is None:
         try:
             with (output_dir / "config.yaml").open("x"):
-                pass
-            return None
+                return None
         except FileExistsError:
-            found = ["config.yaml"]
-    return (
-        f"{output_dir} already holds a run ({', '.join(found)}): resume it with "
-        f"trainer.resume={output_dir}, or choose another directory (hydra.run.dir=<new "
-        "folder>, or paths.output_dir=<new folder> when calling bcnn.engine.train)."
-    )
+            problem = run_dir_in_use(output_dir)
+    return problem
 
 
 # Keys of the command line that win over a resumed checkpoint's config: they change
@@ -289,6 +300,7 @@ class _Run:
         self.out = output_dir
         self.ckdir = output_dir / "checkpoints"
         self.ckpt = ckpt
+        self.resumed_from = Path(cfg.trainer.resume) if ckpt is not None else None
         self.env = env
         self.tcfg = cfg.trainer
         self.device = _device(self.tcfg.device, env)
@@ -532,6 +544,12 @@ class _Run:
         optimizer, scheduler, scaler, selection = self._optimization(
             name, stage, resume, start_epoch
         )
+        best = self.ckdir / "best.pt"
+        if resume is not None and selection.epoch == start_epoch - 1 and not best.exists():
+            # Killed between writing last.pt and best.pt: the resumed checkpoint is the best.
+            if self.env.is_main and self.resumed_from is not None:
+                link_checkpoint(self.resumed_from, best)
+            D.barrier()
         net, sampler, loader = self._train_loader(inputs, stage, index)
         has_val = inputs.val is not None and len(inputs.val) > 0
         for epoch in range(start_epoch, stage.epochs):
