@@ -275,31 +275,37 @@ def _unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
             )
 
 
-def _check_group(cfg: DictConfig, group: str) -> None:
+def _check_group(cfg: DictConfig, group: str, files: bool) -> None:
     node = cfg.get(group)
     plain = _plain(node, group)
     provided = GROUP_ARGS[group]
     if isinstance(plain, dict) and "_target_" in plain:
-        check_node(plain, group, provided)
+        check_node(plain, group, provided, files=files)
         return
     if group == "logger" and isinstance(plain, dict) and plain:
         # Several loggers at once: a mapping of named logger nodes.
         for name, sub in plain.items():
             if sub is not None:
-                check_node(sub, f"{group}.{name}", provided)
+                check_node(sub, f"{group}.{name}", provided, files=files)
         return
     raise ConfigError(
         group, f"select a config with a _target_ ({group}=<option>), got {show(plain)}"
     )
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, files: bool = False) -> None:
     """Checks every value of a composed config before any data or model work.
 
     Unknown keys (also those added with ``+``), types, ranges and options of every group
     (by the signature of its ``_target_``, see ``bcnn.validation``), the trainer's
     settings, the device's presence on this machine, the seed, and each stage's optimizer
     and schedule (built on a dummy parameter).
+
+    Args:
+        cfg: The composed config.
+        files: Also check the files the config names (``backbone.weights`` exists and is
+            a torch or safetensors file); ``train`` does, a config prepared for another
+            machine need not.
 
     Raises:
         ConfigError: a ``ValueError`` naming the key, the value and what is allowed.
@@ -323,7 +329,7 @@ def validate(cfg: DictConfig) -> None:
             "must not be empty" + ("" if key == "data_dir" else " (null: Hydra's directory)"),
         )
     for group in GROUP_ARGS:
-        _check_group(cfg, group)
+        _check_group(cfg, group, files)
     trainer = OmegaConf.to_object(cfg.trainer)
     assert isinstance(trainer, TrainerConfig)
     trainer.validate()

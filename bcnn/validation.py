@@ -216,7 +216,8 @@ def _methods() -> dict[str, Rule]:
         "method": OneOf(ops_sqrtm.METHODS),
         "backward": OneOf(ops_sqrtm.BACKWARDS),
         "scale": OneOf(ops_sqrtm.SCALES),
-        "iters": Range(ge=1, le=1000),
+        # 0 Newton-Schulz iterations only scale A: a published setting (BMVC 2017 Table 3).
+        "iters": Range(ge=0, le=1000),
     }
 
 
@@ -226,7 +227,6 @@ def _rules() -> dict[str, dict[str, Rule]]:
     from bcnn.models import normalization as norm
 
     return {
-        "bcnn.models.backbones.base.Backbone": {"weights": _weights_file},
         "bcnn.models.backbones.small.SmallCNN": {
             "channels": Each(CHANNELS, min_length=1),
             "in_chans": CHANNELS,
@@ -250,7 +250,10 @@ def _rules() -> dict[str, dict[str, Rule]]:
             "floor": Range(gt=0),
         },
         "bcnn.models.normalization.MatrixSqrt": _methods(),
-        "bcnn.models.normalization.MatrixPower": {**_methods(), "p": Range(gt=0, le=1)},
+        "bcnn.models.normalization.MatrixPower": {
+            **{k: v for k, v in _methods().items() if k != "scale"},
+            "p": Range(gt=0, le=1),
+        },
         "bcnn.models.normalization.MatrixLog": {"method": OneOf(("eigh", "iterative"))},
         "bcnn.models.normalization.SignedPower": {"p": Range(gt=0, le=1), "eps": Range(gt=0)},
         "bcnn.models.normalization.L2Normalize": {"eps": Range(gt=0)},
@@ -330,6 +333,12 @@ def _weight_source(node: Mapping[str, Any]) -> tuple[str, str] | None:
         )
     return None
 
+
+# Rules about files a config names, applied with ``files=True`` (by ``train``): a config
+# may be checked on a machine without them.
+FILE_RULES: dict[str, dict[str, Rule]] = {
+    "bcnn.models.backbones.base.Backbone": {"weights": _weights_file},
+}
 
 # Rules that involve several keys of one node: node (with defaults) -> (key, problem).
 NODE_RULES: dict[str, Callable[[Mapping[str, Any]], tuple[str, str] | None]] = {
@@ -508,16 +517,17 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def _rules_for(target: Any) -> tuple[dict[str, list[Rule]], list[Callable]]:
+def _rules_for(target: Any, files: bool) -> tuple[dict[str, list[Rule]], list[Callable]]:
     """Parameter rules and node rules of ``target`` and its base classes."""
-    table = rules()
+    tables = [rules(), FILE_RULES] if files else [rules()]
     chain = target.__mro__ if inspect.isclass(target) else (target,)
     by_param: dict[str, list[Rule]] = {}
     node: list[Callable] = []
     for cls in chain:
         name = _qualname(cls)
-        for param, rule in table.get(name, {}).items():
-            by_param.setdefault(param, []).append(rule)
+        for table in tables:
+            for param, rule in table.get(name, {}).items():
+                by_param.setdefault(param, []).append(rule)
         if name in NODE_RULES:
             node.append(NODE_RULES[name])
     return by_param, node
@@ -565,6 +575,7 @@ def check_node(
     key: str,
     provided: Iterable[str] = (),
     base: type | None = None,
+    files: bool = False,
 ) -> None:
     """Checks one resolved config node with a ``_target_`` (and its nested nodes).
 
@@ -573,6 +584,8 @@ def check_node(
         key: Its full dotted key, for messages (``pooling``, ``normalization.sqrt``).
         provided: Parameters bcnn passes itself; setting them in the config is an error.
         base: A class the target must be (or subclass), e.g. a normalization ``Step``.
+        files: Also check the files the node names (backbone weights exist and look like
+            weights); off for configs checked away from the machine that runs them.
 
     Raises:
         ConfigError: the first problem, naming the full key, the value and what is allowed.
@@ -588,7 +601,7 @@ def check_node(
         )
     provided = set(provided)
     partial = bool(node.get("_partial_", False))
-    param_rules, node_rules = _rules_for(target)
+    param_rules, node_rules = _rules_for(target, files)
     values = {k: v for k, v in node.items() if not str(k).startswith("_")}
     for name, value in values.items():
         full = f"{key}.{name}"
@@ -608,9 +621,9 @@ def check_node(
                     f"{', '.join(valid) or '(none)'}",
                     unknown=True,
                 )
-            _check_value(value, sig.var_keyword, full, [])
+            _check_value(value, sig.var_keyword, full, [], files)
             continue
-        _check_value(value, param.annotation, full, param_rules.get(name, []))
+        _check_value(value, param.annotation, full, param_rules.get(name, []), files)
     if not partial:
         missing = [
             n for n, p in sig.params.items() if p.required and n not in values and n not in provided
@@ -646,7 +659,9 @@ def _node_base(ann: Any) -> type | None:
     return None
 
 
-def _check_value(value: Any, ann: Any, key: str, value_rules: list[Rule]) -> None:
+def _check_value(
+    value: Any, ann: Any, key: str, value_rules: list[Rule], files: bool = False
+) -> None:
     if value == "???":
         raise ConfigError(key, "is required but has no value (???)")
     if is_target_node(value):
@@ -655,7 +670,7 @@ def _check_value(value: Any, ann: Any, key: str, value_rules: list[Rule]) -> Non
         base = _node_base(ann)
         if base is not None and base.__module__.startswith("torch"):
             base = None  # nn.Module, Tensor: any target will do
-        check_node(value, key, base=base)
+        check_node(value, key, base=base, files=files)
         return
     if not _matches(value, ann):
         raise ConfigError(key, f"must be {_expected(ann)}, got {show(value)}")

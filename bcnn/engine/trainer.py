@@ -218,19 +218,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         RunDirectoryError: a fresh run pointed at another run's directory.
         DivergenceError: the loss stopped being finite (no ``results.json`` is written).
     """
-    validate(cfg)
+    validate(cfg, files=True)
     ckpt = None
     if cfg.trainer.resume:
         path, ckpt = load_resumable(resolve_checkpoint(cfg.trainer.resume))
         cfg = _resumed_config(cfg, ckpt, path)
-        validate(cfg)
+        validate(cfg, files=True)
     env = D.init()
     for name in cfg.trainer.stages:
         if cfg.trainer[name].batch_size % env.world_size:
-            raise ValueError(
-                f"Invalid config value for 'trainer.{name}.batch_size': the global batch "
-                f"{cfg.trainer[name].batch_size} must be divisible by the {env.world_size} "
-                "processes"
+            raise ConfigError(
+                f"trainer.{name}.batch_size",
+                f"the global batch {cfg.trainer[name].batch_size} must be divisible by the "
+                f"{env.world_size} processes",
             )
     # Every process writes into rank 0's directory (Hydra's ${now:...} may differ).
     output_dir = Path(D.broadcast_object(str(_output_dir(cfg))))
