@@ -9,10 +9,11 @@ A config node with a ``_target_`` is checked against the target's signature:
   ``true``/``false`` for ``bool`` (not ``maybe``), a finite number for ``float``, a list
   for ``Sequence[int]``, a node with a ``_target_`` where a module or callable is expected
   (checked recursively: normalization steps, the compact sketch, two-stream backbones);
-* every value must lie in its range or among its options: :data:`RULES` holds them per
+* every value must lie in its range or among its options: :func:`rules` holds them per
   class and parameter, inherited along the class hierarchy (a rule of ``MatrixStep``
-  covers the ``eps`` of every matrix step), and :data:`NODE_RULES` the few that involve
-  several keys of one node.
+  covers the ``eps`` of every matrix step), :data:`NODE_RULES` the few that involve
+  several keys of one node, and :data:`FILE_RULES` those about files a config names
+  (checked with ``files=True``, as ``train`` does).
 
 Every failure is one :class:`ConfigError` whose message names the full key, the value and
 what is allowed. The structured schema (trainer, paths, root keys) is checked in
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import difflib
+import functools
 import importlib
 import inspect
 import math
@@ -350,7 +352,8 @@ _RULES_CACHE: dict[str, dict[str, Rule]] = {}
 
 
 def rules() -> dict[str, dict[str, Rule]]:
-    """:data:`RULES`, built on first use (it imports the model and data packages)."""
+    """Ranges and options by class and parameter, built on first use (it imports the model
+    and data packages)."""
     if not _RULES_CACHE:
         _RULES_CACHE.update(_rules())
     return _RULES_CACHE
@@ -384,10 +387,9 @@ def _evaluate(annotation: Any, func: Callable) -> Any:
     if not isinstance(annotation, str):
         return annotation
     module = sys.modules.get(getattr(func, "__module__", ""), None)
-    namespace = dict(vars(module)) if module else {}
-    namespace.setdefault("typing", typing)
     try:
-        return eval(annotation, namespace)  # annotations of imported code, not user input
+        # Annotations of imported code, not user input.
+        return eval(annotation, dict(vars(module)) if module else {})
     except Exception:
         return Any  # an annotation that cannot be evaluated is not judged
 
@@ -408,6 +410,7 @@ def _init_chain(cls: type) -> list[Callable]:
     return chain
 
 
+@functools.cache
 def signature(target: Callable) -> Signature:
     """The parameters a target takes from a config node.
 
