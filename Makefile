@@ -31,3 +31,11 @@ lint: $(READY)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache build dist *.egg-info
+
+# Every GPU figure of benchmarks/results/README.md in one run (docs/benchmarks.md). Needs
+# no .venv: the project's Python if it is set up, else $(PYTHON) with torch, torchvision,
+# timm and the wheels the docs list. ARGS="--device cpu --quick" checks it in seconds.
+BENCH_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+.PHONY: bench-gpu
+bench-gpu:
+	$(BENCH_PYTHON) scripts/bench_gpu.py $(ARGS)

@@ -220,6 +220,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     experiment: Any = None
     debug: Any = None
+    hparams_search: Any = None
     seed: int = 0
 
 
@@ -335,6 +336,18 @@ def validate(cfg: DictConfig, files: bool = False) -> None:
     trainer.validate()
     for name in STAGES:
         _check_schedule(cfg.trainer[name], f"trainer.{name}")
+    if str(cfg.classifier._target_).endswith(".SVMClassifier"):
+        # SVMs are fitted on cached descriptors in the linear stage, never fine-tuned.
+        _check(
+            list(trainer.stages) == ["linear"],
+            "trainer.stages",
+            f"classifier=svm trains in the linear stage only: use [linear], got {trainer.stages}",
+        )
+        _check(
+            trainer.cache_features.lower() != "false",
+            "trainer.cache_features",
+            "classifier=svm fits on cached descriptors: use auto or true",
+        )
 
 
 def _check_schedule(stage: DictConfig, prefix: str) -> None:

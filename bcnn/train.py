@@ -2,35 +2,46 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import logging
+import math
 import sys
 import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
 import bcnn.config  # noqa: F401  (registers the structured-config schema)
+from bcnn.cli.errors import user_errors
 from bcnn.engine import distributed as D
 from bcnn.engine import train
 
-# Launcher options -> the plugin module that provides them.
-LAUNCHER_PLUGINS = {
-    "joblib": "hydra_plugins.hydra_joblib_launcher",
-    "slurm": "hydra_plugins.hydra_submitit_launcher",
-    "submitit_local": "hydra_plugins.hydra_submitit_launcher",
-    "submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+log = logging.getLogger(__name__)
+
+# Launcher and sweeper options -> the plugin module that provides them and its extra.
+PLUGINS = {
+    "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "launchers"),
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "launchers"),
+    "hydra/launcher=submitit_local": ("hydra_plugins.hydra_submitit_launcher", "launchers"),
+    "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "launchers"),
+    "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    "hparams_search=": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
 }
+# What the task function may return (``hparams_search.optimized_metric``): validation
+# metrics only, so that a search never selects on the test split.
+OPTIMIZABLE = ("val_acc", "val_mean_class_acc")
 
 
-def _check_launcher(argv: list[str]) -> None:
+def _check_plugins(argv: list[str]) -> None:
     for arg in argv:
-        if arg.startswith("hydra/launcher="):
-            name = arg.split("=", 1)[1]
-            module = LAUNCHER_PLUGINS.get(name)
-            if module and importlib.util.find_spec(module) is None:
+        for prefix, (module, extra) in PLUGINS.items():
+            if arg.startswith(prefix) and importlib.util.find_spec(module) is None:
                 sys.exit(
-                    f"hydra/launcher={name} needs the {module.split('.')[-1]} plugin: "
-                    "pip install 'bcnn[launchers]'"
+                    f"{arg} needs the {module.split('.')[-1]} plugin: pip install 'bcnn[{extra}]'"
                 )
 
 
@@ -48,16 +59,72 @@ def _agree_on_run_dir(argv: list[str]) -> None:
         argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
+def optimized_metric(cfg: DictConfig) -> str:
+    """The results key the task function returns: ``hparams_search.optimized_metric``.
+
+    Raises:
+        ValueError: the key names anything but a validation metric.
+    """
+    search = cfg.get("hparams_search")
+    name = str(search.get("optimized_metric", "val_acc")) if search else "val_acc"
+    if name not in OPTIMIZABLE:
+        raise ValueError(
+            f"Invalid config value for 'hparams_search.optimized_metric': {name!r}; choose "
+            f"one of {OPTIMIZABLE} (tuning on the test split would select on it)"
+        )
+    return name
+
+
+def objective(results: Mapping[str, Any], metric: str = "val_acc") -> float:
+    """The number a sweep optimizes: ``results[metric]``, always a number.
+
+    Without a validation split (``dataset.val_fraction=0``) the validation metrics are
+    None; the last epoch's training accuracy (from ``metrics.csv``) stands in, with a
+    warning, so that a sweep can still rank its runs.
+
+    Args:
+        results: What ``bcnn.engine.train`` returned.
+        metric: A key of ``OPTIMIZABLE``.
+
+    Returns:
+        The metric in percent (NaN only when neither it nor a training epoch exists).
+    """
+    value = results.get(metric)
+    if value is not None and math.isfinite(float(value)):
+        return float(value)
+    train_acc = math.nan
+    metrics = Path(str(results.get("output_dir", ""))) / "metrics.csv"
+    if metrics.is_file():
+        with metrics.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train_acc")]
+        if rows:
+            train_acc = float(rows[-1]["train_acc"])
+    log.warning(
+        "%s is not available (no validation split: dataset.val_fraction=0); returning the "
+        "last epoch's training accuracy %.2f instead, which rewards overfitting: keep a "
+        "validation split for hyper-parameter search",
+        metric,
+        train_acc,
+    )
+    return train_acc
+
+
 @hydra.main(version_base="1.3", config_path="pkg://bcnn.configs", config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    return train(cfg)["val_acc"]
+def _hydra_main(cfg: DictConfig) -> float:
+    with user_errors("bcnn-train"):
+        metric = optimized_metric(cfg)
+        return objective(train(cfg), metric)
 
 
-def main() -> float | None:
-    """Trains one configuration (or a ``-m`` sweep); returns the validation accuracy."""
-    _check_launcher(sys.argv[1:])
+def main() -> None:
+    """Trains one configuration (or a ``-m`` sweep, or an ``hparams_search``).
+
+    The task function returns the optimized metric (``hparams_search.optimized_metric``,
+    default ``val_acc``) to Hydra's sweepers.
+    """
+    _check_plugins(sys.argv[1:])
     _agree_on_run_dir(sys.argv)
-    return _hydra_main()
+    _hydra_main()
 
 
 if __name__ == "__main__":

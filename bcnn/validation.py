@@ -244,6 +244,13 @@ def _rules() -> dict[str, dict[str, Rule]]:
             "tau": Range(gt=0, le=1),
             "iters": Range(ge=1, le=1000),
         },
+        "bcnn.models.pooling.FisherPool": {
+            "num_components": Range(ge=1, le=65536),
+            "num_samples": Range(ge=1),
+            "samples_per_image": Range(ge=1),
+            "em_iters": Range(ge=1, le=100000),
+            "seed": SEED,
+        },
         "bcnn.ops.compact.TensorSketch": {"out_dim": Range(ge=1, le=2**24), "seed": SEED},
         "bcnn.ops.compact.RandomMaclaurin": {"out_dim": Range(ge=1, le=2**24), "seed": SEED},
         "bcnn.models.normalization.MatrixStep": {
@@ -260,12 +267,20 @@ def _rules() -> dict[str, dict[str, Rule]]:
         "bcnn.models.normalization.SignedPower": {"p": Range(gt=0, le=1), "eps": Range(gt=0)},
         "bcnn.models.normalization.L2Normalize": {"eps": Range(gt=0)},
         "bcnn.models.classifier.LowRankBilinearClassifier": {"rank": Range(ge=1, le=4096)},
+        "bcnn.models.classifier.SVMClassifier": {
+            "C": Range(gt=0),
+            "loss": OneOf(("hinge", "squared_hinge")),
+            "tol": Range(gt=0),
+            "max_epochs": Range(ge=1),
+        },
         "bcnn.data.base.RecordDataset": {
             "val_fraction": Range(ge=0, lt=1),
             "val_seed": SEED,
             "on_bad_image": OneOf(data_base.BAD_IMAGE_POLICIES),
             "transform": _recipe,
+            "name": _non_empty_string,
         },
+        "bcnn.data.custom._OwnData": {"test_fraction": Range(gt=0, lt=1), "split_seed": SEED},
         "bcnn.data.synthetic.SyntheticDataset": {
             "num_classes": Range(ge=2),
             # num_textons! pairings are enumerated: 8! = 40320 is plenty.
@@ -279,6 +294,7 @@ def _rules() -> dict[str, dict[str, Rule]]:
             "cell_noise": Range(ge=0, le=1),
             "pixel_noise": Range(ge=0),
             "seed": SEED,
+            "name": _non_empty_string,
         },
         # torch checks most optimizer arguments itself, but only as "Invalid ... value".
         "torch.optim.optimizer.Optimizer": {
@@ -304,6 +320,10 @@ def _rules() -> dict[str, dict[str, Rule]]:
             "cooldown": Range(ge=0),
             "threshold": Range(ge=0),
             "eps": Range(ge=0),
+        },
+        "bcnn.engine.loggers.TensorBoardLogger": {
+            "flush_secs": Range(ge=1),
+            "log_dir": _non_empty_string,
         },
         "bcnn.engine.loggers.WandbLogger": {
             "mode": OneOf(("offline", "online", "disabled")),
@@ -536,32 +556,8 @@ def _rules_for(target: Any, files: bool) -> tuple[dict[str, list[Rule]], list[Ca
     return by_param, node
 
 
-def _dataset_target(node: Mapping[str, Any], key: str) -> tuple[Callable, Signature]:
-    """``bcnn.data.build_dataset`` takes the dataset class's arguments through ``**options``."""
-    from bcnn.data import DATASETS, build_dataset, dataset_class
-
-    name = node.get("name")
-    if name not in DATASETS:
-        raise ConfigError(
-            f"{key}.name", f"must be one of {', '.join(sorted(DATASETS))}; got {show(name)}"
-        )
-    cls = dataset_class(name)
-    outer = signature(build_dataset)
-    inner = signature(cls)
-    params = {**inner.params, **outer.params}
-    return cls, Signature(params, inner.var_keyword, inner.takes_var_keyword)
-
-
-# Targets whose own signature hides the real parameters.
-TARGET_RESOLVERS: dict[str, Callable[[Mapping[str, Any], str], tuple[Callable, Signature]]] = {
-    "bcnn.data.build_dataset": _dataset_target,
-}
-
-
 def _resolve_target(node: Mapping[str, Any], key: str) -> tuple[Any, Signature]:
     path = node["_target_"]
-    if path in TARGET_RESOLVERS:
-        return TARGET_RESOLVERS[path](node, key)
     if not isinstance(path, str):
         raise ConfigError(f"{key}._target_", f"must be a dotted import path, got {show(path)}")
     try:
@@ -624,7 +620,9 @@ def check_node(
                     f"{', '.join(valid) or '(none)'}",
                     unknown=True,
                 )
-            _check_value(value, sig.var_keyword, full, [], files)
+            # Nodes taken through **kwargs are built by the target with what it was given
+            # (the logger backends get the run directory too).
+            _check_value(value, sig.var_keyword, full, [], files, provided)
             continue
         _check_value(value, param.annotation, full, param_rules.get(name, []), files)
     if not partial:
@@ -656,14 +654,20 @@ def _defaults(target: Any) -> dict[str, Any]:
 def _node_base(ann: Any) -> type | None:
     """The class a ``_target_`` node must produce for annotation ``ann`` (Step, Backbone)."""
     candidates = [ann, *typing.get_args(ann)]
+    plain = (NoneType, bool, int, float, str, dict, list, tuple, Any)
     for c in candidates:
-        if isinstance(c, type) and c not in (NoneType, bool, int, float, str, dict, list, tuple):
+        if isinstance(c, type) and c not in plain:
             return c
     return None
 
 
 def _check_value(
-    value: Any, ann: Any, key: str, value_rules: list[Rule], files: bool = False
+    value: Any,
+    ann: Any,
+    key: str,
+    value_rules: list[Rule],
+    files: bool = False,
+    provided: Iterable[str] = (),
 ) -> None:
     if value == "???":
         raise ConfigError(key, "is required but has no value (???)")
@@ -673,7 +677,7 @@ def _check_value(
         base = _node_base(ann)
         if base is not None and base.__module__.startswith("torch"):
             base = None  # nn.Module, Tensor: any target will do
-        check_node(value, key, base=base, files=files)
+        check_node(value, key, provided, base=base, files=files)
         return
     if not _matches(value, ann):
         raise ConfigError(key, f"must be {_expected(ann)}, got {show(value)}")

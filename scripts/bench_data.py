@@ -21,14 +21,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import math
 import os
-import platform
-import re
-import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -38,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
-import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg, read_file
 
+from bcnn import bench
 from bcnn.data.base import Record, RecordDataset
 from bcnn.data.transforms import build_transforms
 
@@ -73,13 +67,12 @@ def make_jpegs(
 def rate(fn: Callable[[int], object], count: int, repeats: int) -> tuple[float, float]:
     """Runs ``fn(i)`` for ``i < count``, ``repeats`` times; returns (median seconds, images/s)."""
     fn(0)  # warm-up: first-call allocations and lazy imports
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def one_pass() -> None:
         for i in range(count):
             fn(i)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+
+    seconds = bench.time_runs(one_pass, torch.device("cpu"), runs=repeats, warmup=0).median
     return seconds, count / seconds
 
 
@@ -101,27 +94,7 @@ def loader_rate(dataset: RecordDataset, workers: int, passes: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"model name\s*:\s*(.+)", text)
-        return match.group(1).strip() if match else platform.processor()
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def write_readme_section(readme: Path, section: str) -> None:
-    """Replaces (or appends) the ``## Data loading`` section, leaving the others alone."""
-    text = readme.read_text() if readme.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"^## Data loading\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    readme.write_text(text.rstrip("\n") + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -132,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         "--max-workers", type=int, default=os.cpu_count() or 1, help="DataLoader check"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    torch.set_num_threads(1)  # what a DataLoader worker runs with
-    load_before = os.getloadavg()[0]
+
+def measure(args: argparse.Namespace) -> tuple[list[dict[str, object]], float]:
+    """The rows (one per pipeline and worker count) and the mean JPEG size in kB."""
     rows: list[dict[str, object]] = []
 
     def add(
@@ -213,20 +187,15 @@ def main(argv: list[str] | None = None) -> int:
             per_s = loader_rate(train_set, workers, passes=max(2, 128 * workers // len(paths)))
             add("DataLoader", "PIL", "short_side", float("nan"), per_s, workers)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = args.out / "data_loading_cpu.csv", args.out / "data_loading_cpu.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    return rows, mean_kb
 
-    command = "python " + " ".join(
-        shlex.quote(a) for a in ["scripts/bench_data.py", *(argv or sys.argv[1:])]
-    )
-    device = f"{cpu_name()}, {os.cpu_count()} logical cores"
-    date = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    versions = f"torch {torch.__version__}, torchvision {torchvision.__version__}"
-    versions += f", Pillow {PIL.__version__}"
+
+def report(
+    args: argparse.Namespace, info: bench.RunInfo, rows: list[dict[str, object]], mean_kb: float
+) -> None:
+    """Writes ``data_loading_cpu.csv`` and ``.md`` and the README's "Data loading" section."""
+    csv_path = bench.write_csv(args.out / "data_loading_cpu.csv", rows)
+    meta = info.meta()
 
     def row(
         pipeline: str, decoder: str = "PIL", recipe: str = "short_side", workers: int = 1
@@ -262,33 +231,53 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['per_worker_images_per_s']} | {r['workers_for_target']} |"
         )
     details = (
-        f"- Device: {device}; {versions}; one torch thread per worker.\n"
-        f"- Date: {date}. Command: `{command}`.\n"
-        f"- Load average (1 min) at start / end: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
-        "(a shared machine: compare rows of one run; DataLoader rows suffer most).\n"
-        f"- Input: {args.images} synthetic {500}x{375} JPEGs (quality 90, {mean_kb:.0f} kB mean), "
-        f"median of {args.repeats} passes. Target: {args.target:.0f} images/s.\n"
+        f"- Device: {meta['device']}; {meta['versions']}.\n"
+        f"- Date: {meta['date']}. Command: `{meta['command']}`.\n"
+        f"- Load average (1/5/15 min) at start: {meta['load average at start (1/5/15 min)']}, "
+        f"at end: {meta['load average at end (1/5/15 min)']} (a shared machine: compare rows "
+        "of one run; DataLoader rows suffer most).\n"
     )
-    md_path.write_text(
-        "# Data loading throughput (CPU)\n\n"
-        f"{headline}\n\n{details}\n" + "\n".join(table) + "\n\n"
-        "`decode+augment` rows run `RecordDataset.__getitem__` (PIL decode, RGB convert, train "
-        "transform to a normalized 448x448 float tensor) or `decode_jpeg` into the same transform. "
-        "`DataLoader` rows time a real loader (batch 16) after its first batch; they cannot scale "
-        "past the machine's free cores.\n"
+    setup = (
+        f"- Input: {args.images} synthetic {500}x{375} JPEGs (quality 90, {mean_kb:.0f} kB mean), "
+        f"median of {args.repeats} passes, Pillow {PIL.__version__}, one torch thread per "
+        f"worker. Target: {args.target:.0f} images/s.\n"
+    )
+    md_path = bench.write_markdown(
+        args.out / "data_loading_cpu.md",
+        "Data loading throughput (CPU)",
+        info,
+        [
+            setup,
+            headline,
+            "",
+            *table,
+            "",
+            "`decode+augment` rows run `RecordDataset.__getitem__` (PIL decode, RGB convert, "
+            "train transform to a 448x448 uint8 tensor) or `decode_jpeg` into the same "
+            "transform. `DataLoader` rows time a real loader (batch 16) after its first batch; "
+            "they cannot scale past the machine's free cores.",
+        ],
     )
     section = (
         "## Data loading\n\n"
-        f"{headline}\n\n{details}\n"
+        f"{headline}\n\n{details}{setup}\n"
         "Tables: [data_loading_cpu.md](data_loading_cpu.md), raw numbers: "
         "[data_loading_cpu.csv](data_loading_cpu.csv). Reproduce with "
         "`python scripts/bench_data.py`.\n\n"
     )
-    write_readme_section(args.out / "README.md", section)
+    bench.update_readme_section(args.out / "README.md", "Data loading", section)
     print(
         f"\n{headline}\nwrote {csv_path}, {md_path} and the Data loading section of "
         f"{args.out / 'README.md'}"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # what a DataLoader worker runs with
+    info = bench.RunInfo.start(__file__, argv, torch.device("cpu"))
+    rows, mean_kb = measure(args)
+    report(args, info.finish(), rows, mean_kb)
     return 0
 
 

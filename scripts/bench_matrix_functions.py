@@ -15,21 +15,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import importlib.resources
 import math
-import os
-import platform
-import shlex
-import statistics
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from bcnn import bench
 from bcnn.ops import SQRTM_AUTO_TABLE, resolve_sqrtm, sqrtm
 from bcnn.ops.sqrtm import lyapunov_iterative_matmuls, newton_schulz_matmuls
 
@@ -85,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="stop repeating a measurement once its timed runs add up to this many seconds",
     )
     p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="start no shape after this many seconds (the target shape comes first and always "
+        "runs); the shapes left out are listed in the report",
+    )
+    p.add_argument(
         "--max-work",
         type=float,
         default=32 * 512**3,
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument(
         "--clock",
-        choices=["wall", "cpu"],
+        choices=bench.CLOCKS,
         default="wall",
         help="wall: wall time; cpu: process CPU time (use with --threads 1 on a shared CPU)",
     )
@@ -120,59 +121,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.out is None:
         args.out = f"benchmarks/results/matrix_functions_{torch.device(args.device).type}"
     return args
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} logical cores, torch threads={torch.get_num_threads()}"
-
-
-def load_average() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(
-    fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float, clock: str
-) -> tuple[float, float, int]:
-    """Best and median time (ms) of ``fn`` and the number of timed runs.
-
-    ``clock="wall"``: wall time (CUDA synchronized around each run). ``clock="cpu"``: CPU time
-    of this process (``time.process_time``): with one torch thread this is the time the work
-    itself takes, whatever else runs on a shared machine (wall time then measures the
-    scheduler). The first run is discarded as warm-up when it is cheap; an expensive first
-    run (after the shape-level warm-up in :func:`warm_up_shape`) is kept, so that slow
-    configurations cost one run, not two. The best run is the estimate least disturbed by
-    other processes; the median is reported beside it.
-    """
-    timer = time.process_time if clock == "cpu" else time.perf_counter
-    times: list[float] = []
-    for i in range(repeats + 1):
-        synchronize(device)
-        t0 = timer()
-        fn()
-        synchronize(device)
-        elapsed = timer() - t0
-        if i == 0 and elapsed < 0.25 * budget_s:
-            continue
-        times.append(elapsed)
-        if sum(times) >= budget_s:
-            break
-    return min(times) * 1e3, statistics.median(times) * 1e3, len(times)
 
 
 def saved_megabytes(fn: Callable[[], object]) -> float:
@@ -193,11 +141,11 @@ def saved_megabytes(fn: Callable[[], object]) -> float:
 def peak_megabytes(fn: Callable[[], object], device: torch.device) -> float:
     if device.type != "cuda":
         return math.nan
-    synchronize(device)
+    bench.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     fn()
-    synchronize(device)
+    bench.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
@@ -250,13 +198,10 @@ def measure_shape(
             value = forward().detach().to(torch.float64).cpu()
         err = (torch.linalg.matrix_norm(value - reference) / ref_norm).mean().item()
         resolved = "+".join(resolve_sqrtm(method, backward, device.type, d))
-        fwd_ms, fwd_med, n1 = time_call(forward, device, args.repeats, args.budget_s, args.clock)
-        fwdbwd_ms, fwdbwd_med, n2 = time_call(
-            forward_backward, device, args.repeats, args.budget_s, args.clock
-        )
+        fwd, fwdbwd = (timed(args, fn, device) for fn in (forward, forward_backward))
         row = Row(**common, method=method, backward=backward, iters=k, resolved=resolved)
-        row.fwd_ms, row.fwdbwd_ms, row.rel_err = fwd_ms, fwdbwd_ms, err
-        row.fwd_median_ms, row.fwdbwd_median_ms = fwd_med, fwdbwd_med
+        row.fwd_ms, row.fwdbwd_ms, row.rel_err = fwd.best * 1e3, fwdbwd.best * 1e3, err
+        row.fwd_median_ms, row.fwdbwd_median_ms = fwd.median * 1e3, fwdbwd.median * 1e3
         row.saved_mb = saved_megabytes(forward)
         row.peak_fwd_mb = peak_megabytes(forward, device)
         row.peak_fwdbwd_mb = peak_megabytes(forward_backward, device)
@@ -264,11 +209,11 @@ def measure_shape(
             row.matmuls_fwd = newton_schulz_matmuls(k)
             if backward == "lyapunov_iterative":
                 row.matmuls_fwdbwd = row.matmuls_fwd + lyapunov_iterative_matmuls(k)
-        row.timed_runs = min(n1, n2)
+        row.timed_runs = min(fwd.runs, fwdbwd.runs)
         rows.append(row)
         print(
-            f"  {method:>13} {backward:>18} k={k:<2} fwd {fwd_ms:9.2f} ms  "
-            f"fwd+bwd {fwdbwd_ms:9.2f} ms  err {err:.2e}",
+            f"  {method:>13} {backward:>18} k={k:<2} fwd {row.fwd_ms:9.2f} ms  "
+            f"fwd+bwd {row.fwdbwd_ms:9.2f} ms  err {err:.2e}",
             flush=True,
         )
 
@@ -283,15 +228,20 @@ def measure_shape(
                 torch.matmul(M, M)
 
         row = Row(**common, method="matmul_floor", backward="lyapunov_iterative", iters=k)
-        row.fwd_ms, row.fwd_median_ms, n1 = time_call(
-            lambda n=n_fwd: chain(n), device, args.repeats, args.budget_s, args.clock
-        )
-        row.fwdbwd_ms, row.fwdbwd_median_ms, n2 = time_call(
-            lambda n=n_all: chain(n), device, args.repeats, args.budget_s, args.clock
-        )
-        row.matmuls_fwd, row.matmuls_fwdbwd, row.timed_runs = n_fwd, n_all, min(n1, n2)
+        fwd, fwdbwd = (timed(args, lambda n=n: chain(n), device) for n in (n_fwd, n_all))
+        row.fwd_ms, row.fwd_median_ms = fwd.best * 1e3, fwd.median * 1e3
+        row.fwdbwd_ms, row.fwdbwd_median_ms = fwdbwd.best * 1e3, fwdbwd.median * 1e3
+        row.matmuls_fwd, row.matmuls_fwdbwd = n_fwd, n_all
+        row.timed_runs = min(fwd.runs, fwdbwd.runs)
         rows.append(row)
     return rows
+
+
+def timed(args: argparse.Namespace, fn: Callable[[], object], device: torch.device) -> bench.Timing:
+    """``fn`` timed as the arguments say (best and median of the runs are reported)."""
+    return bench.measure(
+        fn, device, budget_s=args.budget_s, max_runs=args.repeats, clock_kind=args.clock
+    )
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -529,35 +479,37 @@ def overview(rows: list[Row]) -> list[str]:
     return [*lines, ""]
 
 
-def write_outputs(args, rows, device, header, skipped, started) -> None:
+FIELDS = [f for f in Row.__dataclass_fields__ if f != "extra"]
+
+
+def report(
+    args: argparse.Namespace, rows: list[Row], info: bench.RunInfo, skipped: dict[str, list[str]]
+) -> None:
+    """Writes ``<out>.csv`` and ``<out>.md`` (and ``<out>.png`` unless ``--no-plot``)."""
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fields = [f for f in Row.__dataclass_fields__ if f != "extra"]
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: v for k, v in asdict(r).items() if k in fields})
+    bench.write_csv(out.with_suffix(".csv"), [asdict(r) for r in rows], FIELDS)
+    device = info.device
     auto_lines, _ = auto_check(rows)
-    md = [f"# Matrix square root benchmark ({device.type})", ""]
-    md += [f"- {line}" for line in header]
-    md += [f"- load average at end (1/5/15 min): {load_average()}"]
-    md += [f"- wall time: {time.time() - started:.0f} s"]
-    if skipped:
-        md += [
-            "- shapes skipped (batch*d^3 above --max-work / --max-work-float64): "
-            + ", ".join(skipped)
-        ]
+    auto_row = SQRTM_AUTO_TABLE.get(device.type, SQRTM_AUTO_TABLE["cuda"])
+    md = [
+        f"- auto table in use: {auto_row}",
+        f"- timing: best (and median) {'process CPU' if args.clock == 'cpu' else 'wall'} time "
+        f"per call of up to {args.repeats} runs after warm-up (`bcnn.bench.measure`: "
+        "torch.utils.benchmark's adaptive_autorange; a measurement stops repeating after "
+        f"{args.budget_s} s of timed runs); CUDA synchronized around each run; *_ms columns "
+        "are the best run, *_median_ms the median",
+    ]
+    for reason, shapes in skipped.items():
+        if shapes:
+            md.append(f"- shapes skipped ({reason}): " + ", ".join(shapes))
     md += ["", *target_summary(rows, device), *table3(rows, published_timings(), args.iters)]
     md += [*auto_lines, *suggested_auto_table(rows), *overview(rows)]
     md += [
         "Peak memory is only measured on CUDA (`torch.cuda.max_memory_allocated`); `saved_mb` in "
         "the CSV counts the bytes autograd saves for backward (all devices).",
-        "",
     ]
-    out.with_suffix(".md").write_text("\n".join(md))
-    if not args.no_plot:
-        plot(rows, out.with_suffix(".png"), device)
+    title = f"Matrix square root benchmark ({device.type})"
+    bench.write_markdown(out.with_suffix(".md"), title, info, md)
 
 
 def _pick(values: set, preferred):
@@ -566,7 +518,12 @@ def _pick(values: set, preferred):
 
 
 def plot(rows: list[Row], path: Path, device: torch.device) -> None:
-    import matplotlib
+    """Draws ``path``: time vs iterations, time vs d, and error vs iterations."""
+    try:
+        import matplotlib
+    except ImportError:  # a GPU machine with torch but not the plotting stack
+        print(f"matplotlib is not installed: {path} not drawn (--replot draws it later)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -670,6 +627,47 @@ def read_rows(path: Path) -> list[Row]:
         ]
 
 
+def shapes(args: argparse.Namespace) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """The (dtype, d, batch) grid to measure, the target shape first, and those skipped."""
+    grid, skipped = [], []
+    for dtype_name in args.dtypes:
+        limit = args.max_work_float64 if dtype_name == "float64" else args.max_work
+        for d in args.dims:
+            for batch in args.batches:
+                if batch * d**3 > limit:
+                    skipped.append(f"{dtype_name} d={d} batch={batch}")
+                else:
+                    grid.append((dtype_name, d, batch))
+    target = (TARGET["dtype"], TARGET["d"], TARGET["batch"])
+    return sorted(grid, key=lambda shape: shape != target), skipped
+
+
+def measure_all(
+    args: argparse.Namespace, info: bench.RunInfo, on_shape: Callable[[list[Row], list[str]], None]
+) -> tuple[list[Row], list[str]]:
+    """Measures every shape of the grid until ``--deadline-s``.
+
+    Args:
+        args: The parsed arguments.
+        info: The run (its device).
+        on_shape: Called with the rows so far and the shapes left out by the deadline after
+            each shape (the report is rewritten, so that a killed run keeps what it measured).
+
+    Returns:
+        The rows and the shapes left out by the deadline.
+    """
+    deadline = bench.Deadline(args.deadline_s)
+    grid, _ = shapes(args)
+    rows: list[Row] = []
+    for i, (dtype_name, d, batch) in enumerate(grid):
+        if i and deadline.expired():  # the first (target) shape always runs
+            return rows, [f"{t} d={dd} batch={b}" for t, dd, b in grid[i:]]
+        print(f"[{deadline.elapsed():6.0f}s] {dtype_name} d={d} batch={batch}", flush=True)
+        rows += measure_shape(args, info.device, dtype_name, d, batch)
+        on_shape(rows, [])
+    return rows, []
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -679,41 +677,21 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return rows
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    started = time.time()
-    header = [
-        f"device: {device_description(device)}",
-        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"torch: {torch.__version__}, python {platform.python_version()}",
-        "command: "
-        + shlex.join(
-            [
-                "python",
-                "scripts/bench_matrix_functions.py",
-                *(sys.argv[1:] if argv is None else argv),
-            ]
-        ),
-        f"auto table in use: {SQRTM_AUTO_TABLE.get(device.type, SQRTM_AUTO_TABLE['cuda'])}",
-        f"timing: best (and median) {'process CPU' if args.clock == 'cpu' else 'wall'} time of "
-        f"up to {args.repeats} runs after warm-up (a measurement stops repeating after "
-        f"{args.budget_s} s of timed runs); CUDA synchronized around each run; *_ms columns "
-        "are the best run, *_median_ms the median",
-        f"load average at start (1/5/15 min): {load_average()}",
-    ]
-    rows: list[Row] = []
-    skipped = []
-    for dtype_name in args.dtypes:
-        for d in args.dims:
-            for batch in args.batches:
-                limit = args.max_work_float64 if dtype_name == "float64" else args.max_work
-                if batch * d**3 > limit:
-                    skipped.append(f"{dtype_name} d={d} batch={batch}")
-                    continue
-                print(
-                    f"[{time.time() - started:6.0f}s] {dtype_name} d={d} batch={batch}", flush=True
-                )
-                rows += measure_shape(args, device, dtype_name, d, batch)
-    write_outputs(args, rows, device, header, skipped, started)
-    print(f"wrote {args.out}.csv/.md/.png in {time.time() - started:.0f} s")
+    info = bench.RunInfo.start(__file__, argv, device)
+    _, too_big = shapes(args)
+
+    def write(rows: list[Row], late: list[str]) -> None:
+        skipped = {
+            "batch*d^3 above --max-work / --max-work-float64": too_big,
+            f"not started before --deadline-s {args.deadline_s}": late,
+        }
+        report(args, rows, info.finish(), skipped)
+
+    rows, late = measure_all(args, info, write)
+    write(rows, late)
+    if not args.no_plot:
+        plot(rows, Path(args.out).with_suffix(".png"), device)
+    print(f"wrote {args.out}.csv/.md{'' if args.no_plot else '/.png'} in {info.seconds:.0f} s")
     return rows
 
 

@@ -10,8 +10,9 @@ the configs like a training run) it measures, per image:
 and the backbone alone once. The head's share of a training step is
 head_fwdbwd / (backbone_fwdbwd + head_fwdbwd) (precise: the head is timed on its own) and,
 as a cross-check, 1 - backbone_fwdbwd / model_fwdbwd (noisy on a shared CPU).
-Writes ``<out>/model_heads_<device>.csv`` and ``.md`` and the "Model heads" section of
-``<out>/README.md``.
+Writes ``<out>/model_heads_<cpu|gpu>.csv`` and ``.md`` and the "Model heads" section of
+``<out>/README.md``. ``--deadline-s`` caps the time: every head is measured once, repeats
+stop at the deadline.
 
 Usage:
     python scripts/bench_model.py [--device cpu] [--batch 2] [--repeats 2] [--size 448]
@@ -20,23 +21,17 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import os
-import platform
-import re
-import shlex
 import sys
-import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from hydra import compose, initialize_config_module
 
 import bcnn.config  # noqa: F401  (registers the train_schema the root config extends)
+from bcnn import bench
 from bcnn.models import build_model
 
 # name -> (overrides, description). The sum rows use the published chains.
@@ -66,59 +61,6 @@ HEADS: dict[str, tuple[list[str], str]] = {
     ),
 }
 NUM_CLASSES = 200
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call of ``fn`` (device work included)."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def best_seconds(
-    fn: Callable[[], object], repeats: int, device: torch.device, warmup: bool = True
-) -> float:
-    """Fastest of ``repeats`` runs (after one warm-up run by default).
-
-    The minimum, as ``timeit`` recommends: on a shared machine other processes only ever
-    add time, so the fastest run is the best estimate of the code's own cost.
-    """
-    if warmup:
-        timed(fn, device)
-    return min(timed(fn, device) for _ in range(repeats))
-
-
-def cpu_name() -> str:
-    try:
-        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        return match.group(1).strip() if match else platform.processor()
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} threads"
-
-
-def write_readme_section(readme: Path, heading: str, section: str) -> None:
-    """Replaces (or appends) the ``## <heading>`` section, leaving the others alone."""
-    text = readme.read_text() if readme.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        # The match runs up to the next heading: keep one blank line before it.
-        text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    readme.write_text(text.rstrip("\n") + "\n")
 
 
 def head_functions(
@@ -191,7 +133,10 @@ def head_functions(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+PARTS = ("pool_fwd", "pool_step", "head_fwd", "head_step", "model_fwd", "model_step")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=2)
@@ -206,22 +151,45 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--heads", nargs="*", default=list(HEADS), choices=list(HEADS))
+    parser.add_argument(
+        "--backbone", default="vgg_d", help="backbone config (vgg_d; small for a quick check)"
+    )
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="stop repeating after this many seconds (every head is still measured once)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Measured:
+    """The measurements of one run: per-head rows and the backbone alone (ms per image)."""
+
+    rows: list[dict]
+    backbone_fwd_ms: float
+    backbone_step_ms: float
+    map_shape: tuple[int, ...]
+    head_rounds: int
+    step_rounds: int
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> Measured:
+    """Times the backbone alone and every head (alone and in the whole model)."""
     torch.manual_seed(0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    started = dt.datetime.now(dt.timezone.utc)
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    wall = time.perf_counter()
+    deadline = bench.Deadline(args.deadline_s)
 
     def configured(overrides: list[str]):
         with initialize_config_module("bcnn.configs", version_base="1.3"):
-            return compose("train", overrides=["backbone=vgg_d", *overrides])
+            return compose("train", overrides=[f"backbone={args.backbone}", *overrides])
+
+    def once(fn: Callable[[], object]) -> float:
+        return bench.time_runs(fn, device, runs=1, warmup=0).best
 
     x = torch.rand(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(NUM_CLASSES, (args.batch,), device=device)
@@ -238,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         out.float().mean().backward()
 
     per_image = 1000.0 / args.batch  # seconds per batch -> ms per image
-    bb_fwd = best_seconds(backbone_fwd, args.repeats, device) * per_image
+    bb_fwd = bench.time_runs(backbone_fwd, device, runs=args.repeats).best * per_image
     # Backbone steps are timed again next to every model step (interleaved, so that both
     # see the same machine load); the fastest of all is the backbone's cost.
-    bb_steps = [best_seconds(backbone_step, args.repeats, device)]
+    bb_steps = [bench.time_runs(backbone_step, device, runs=args.repeats).best]
     with torch.no_grad():
         fmap = backbone(x).detach()
     print(f"backbone: fwd {bb_fwd:.1f} ms/img, map {tuple(fmap.shape)}")
@@ -259,57 +227,60 @@ def main(argv: list[str] | None = None) -> int:
     # Every head's functions are timed round-robin, so that all heads see the same mix of
     # machine load; the first round is a warm-up.
     times: dict[tuple[str, str], list[float]] = {}
+    head_rounds = 0
     for round_ in range(args.head_repeats + 1):
+        if round_ > 1 and deadline.expired():
+            break
         for name in args.heads:
-            for part in ("pool_fwd", "pool_step", "head_fwd", "head_step"):
-                elapsed = timed(fns[name][part], device)
+            for part in PARTS[:4]:
+                elapsed = once(fns[name][part])
                 if round_:
                     times.setdefault((name, part), []).append(elapsed)
+        head_rounds = round_
     # Whole-model steps, interleaved with backbone-only steps. No warm-up: the backbone's
     # and the heads' kernels have just run on these shapes, and a VGG-D pass at 448 costs
     # seconds on a CPU.
-    for _ in range(args.fwd_repeats):
+    for round_ in range(args.fwd_repeats):
+        if round_ and deadline.expired():
+            break
         for name in args.heads:
-            times.setdefault((name, "model_fwd"), []).append(timed(fns[name]["model_fwd"], device))
-    for _ in range(args.repeats):
+            times.setdefault((name, "model_fwd"), []).append(once(fns[name]["model_fwd"]))
+    step_rounds = 0
+    for round_ in range(args.repeats):
+        if round_ and deadline.expired():
+            break
         for name in args.heads:
-            bb_steps.append(timed(backbone_step, device))
-            times.setdefault((name, "model_step"), []).append(
-                timed(fns[name]["model_step"], device)
-            )
+            bb_steps.append(once(backbone_step))
+            times.setdefault((name, "model_step"), []).append(once(fns[name]["model_step"]))
+        step_rounds = round_ + 1
 
     def best(name: str, part: str) -> float:
         return min(times[(name, part)]) * per_image
 
-    parts = ("pool_fwd", "pool_step", "head_fwd", "head_step", "model_fwd", "model_step")
-    measured = [
-        (name, *HEADS[name], dims[name], *(best(name, part) for part in parts))
-        for name in args.heads
-    ]
-
     bb_step = min(bb_steps) * per_image
     print(f"backbone: fwd+bwd {bb_step:.1f} ms/img (fastest of {len(bb_steps)})")
-    rows = [
-        {
-            "head": name,
-            "description": description,
-            "overrides": " ".join(overrides),
-            "descriptor_dim": dim,
-            "pool_norm_fwd_ms": round(p_fwd, 2),
-            "pool_norm_fwdbwd_ms": round(p_step, 2),
-            "head_fwd_ms": round(h_fwd, 2),
-            "head_fwdbwd_ms": round(h_step, 2),
-            "model_fwd_ms": round(m_fwd, 1),
-            "model_fwdbwd_ms": round(m_step, 1),
-            "backbone_fwd_ms": round(bb_fwd, 1),
-            "backbone_fwdbwd_ms": round(bb_step, 1),
-            "head_share_pct": round(100 * h_step / (bb_step + h_step), 2),
-            "measured_share_pct": round(100 * (1 - bb_step / m_step), 1),
-        }
-        for name, overrides, description, dim, p_fwd, p_step, h_fwd, h_step, m_fwd, m_step in (
-            measured
+    rows = []
+    for name in args.heads:
+        overrides, description = HEADS[name]
+        p_fwd, p_step, h_fwd, h_step, m_fwd, m_step = (best(name, part) for part in PARTS)
+        rows.append(
+            {
+                "head": name,
+                "description": description,
+                "overrides": " ".join(overrides),
+                "descriptor_dim": dims[name],
+                "pool_norm_fwd_ms": round(p_fwd, 2),
+                "pool_norm_fwdbwd_ms": round(p_step, 2),
+                "head_fwd_ms": round(h_fwd, 2),
+                "head_fwdbwd_ms": round(h_step, 2),
+                "model_fwd_ms": round(m_fwd, 1),
+                "model_fwdbwd_ms": round(m_step, 1),
+                "backbone_fwd_ms": round(bb_fwd, 1),
+                "backbone_fwdbwd_ms": round(bb_step, 1),
+                "head_share_pct": round(100 * h_step / (bb_step + h_step), 2),
+                "measured_share_pct": round(100 * (1 - bb_step / m_step), 1),
+            }
         )
-    ]
     for r in rows:
         print(
             f"{r['head']:>13}: pool+norm fwd {r['pool_norm_fwd_ms']:7.2f} fwd+bwd "
@@ -318,43 +289,35 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['model_fwdbwd_ms']:7.1f} ms/img | share {r['head_share_pct']:.2f}% "
             f"(measured {r['measured_share_pct']:.1f}%)"
         )
+    return Measured(rows, bb_fwd, bb_step, tuple(fmap.shape[1:]), head_rounds, step_rounds)
 
-    elapsed = time.perf_counter() - wall
-    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    command = "python scripts/bench_model.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    tag = "cpu" if device.type == "cpu" else "gpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / f"model_heads_{tag}.csv"
+
+def report(args: argparse.Namespace, info: bench.RunInfo, measured: Measured) -> Path:
+    """Writes ``model_heads_<tag>.csv`` and ``.md`` and the README's "Model heads" section.
+
+    Returns:
+        The CSV file.
+    """
+    tag = "cpu" if info.device.type == "cpu" else "gpu"
     meta = {
-        "device": device_name(device),
-        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        **{k: v for k, v in info.meta().items() if k in ("device", "date", "command")},
+        "versions": info.meta()["versions"],
         "batch": args.batch,
         "size": args.size,
         "precision": args.precision,
+        "backbone": args.backbone,
     }
-    with csv_path.open("w", newline="") as f:
-        for key, value in meta.items():
-            f.write(f"# {key}: {value}\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-    setup = (
-        f"- Device: {meta['device']}; torch {meta['torch']}, torchvision "
-        f"{meta['torchvision']}; precision {args.precision}.\n"
-        f"- Date: {meta['date']}. Command: `{command}` ({elapsed / 60:.1f} min).\n"
-        f"- Load average (1 min) at start / end: {load_start:.2f} / {load_end:.2f} (a shared "
-        "machine: compare rows of one run).\n"
-        f"- VGG-D (random weights) at {args.size}x{args.size}, batch {args.batch}, "
-        f"{NUM_CLASSES}-class linear classifier, cross-entropy loss, gradients zeroed each "
-        f"step; heads timed round-robin, fastest of {args.head_repeats} rounds after a "
-        f"warm-up round (head alone), of {args.repeats} training steps and "
-        f"{args.fwd_repeats} forward pass(es) (whole model; backbone steps interleaved with "
-        "the model's, fastest of all); times in ms per image.\n"
-    )
+    csv_path = bench.write_csv(args.out / f"model_heads_{tag}.csv", measured.rows, meta=meta)
+    rows, bb_fwd, bb_step = measured.rows, measured.backbone_fwd_ms, measured.backbone_step_ms
+    setup = [
+        f"- precision {args.precision}; {args.backbone} (random weights) at "
+        f"{args.size}x{args.size}, batch {args.batch}, {NUM_CLASSES}-class linear classifier, "
+        "cross-entropy loss, gradients zeroed each step; heads timed round-robin, fastest of "
+        f"{measured.head_rounds} rounds after a warm-up round (head alone), of "
+        f"{measured.step_rounds} training steps and {args.fwd_repeats} forward pass(es) (whole "
+        "model; backbone steps interleaved with the model's, fastest of all); times in ms per "
+        "image.",
+    ]
     table = [
         "| head | descriptor | pool+norm fwd | pool+norm fwd+bwd | head fwd | head fwd+bwd | "
         "model fwd | model fwd+bwd | head share of a step | measured share |",
@@ -368,31 +331,39 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['head_fwdbwd_ms']:.1f} | {r['model_fwd_ms']:.0f} | {r['model_fwdbwd_ms']:.0f} | "
             f"{r['head_share_pct']:.1f}% | {r['measured_share_pct']:.1f}% |"
         )
-    legend = "\n".join(f"- `{r['head']}`: {r['description']} (`{r['overrides']}`)" for r in rows)
-    md_path = args.out / f"model_heads_{tag}.md"
-    md_path.write_text(
-        f"# Pooling heads on VGG-D ({tag.upper()})\n\n{setup}\n"
-        + "\n".join(table)
-        + f"\n\nHead = pooling + normalization + the {NUM_CLASSES}-class linear classifier + "
+    legend = [f"- `{r['head']}`: {r['description']} (`{r['overrides']}`)" for r in rows]
+    body = [
+        *setup,
+        "",
+        *table,
+        "",
+        f"Head = pooling + normalization + the {NUM_CLASSES}-class linear classifier + "
         "loss; pool+norm = pooling and normalization alone (backward of a random linear "
         "function of the descriptor). With 262144-dimensional descriptors the head includes "
         "a classifier of 52M weights and their gradient.\nHead share of a step = "
         "head fwd+bwd / (backbone fwd+bwd + head fwd+bwd), the "
-        f"head timed alone on a fixed {'x'.join(map(str, fmap.shape[1:]))} map; measured "
+        f"head timed alone on a fixed {'x'.join(map(str, measured.map_shape))} map; measured "
         "share = 1 - backbone fwd+bwd / model fwd+bwd (the difference of two noisy numbers: "
-        "a cross-check only).\n\n"
-        f"{legend}\n"
-    )
-    write_readme_section(args.out / "README.md", "Model heads", readme_section(args.out))
+        "a cross-check only).",
+        "",
+        *legend,
+    ]
+    title = f"Pooling heads on {args.backbone} ({tag.upper()})"
+    md_path = bench.write_markdown(args.out / f"model_heads_{tag}.md", title, info, body)
+    bench.update_readme_section(args.out / "README.md", "Model heads", readme_section(args.out))
     print(f"wrote {csv_path}, {md_path} and the Model heads section of {args.out / 'README.md'}")
+    return csv_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = bench.RunInfo.start(__file__, argv, device)
+    measured = measure(args, device)
+    report(args, info.finish(), measured)
     return 0
-
-
-def _read_rows(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
-    lines = path.read_text().splitlines()
-    meta = dict(line[2:].split(": ", 1) for line in lines if line.startswith("# "))
-    rows = list(csv.DictReader(line for line in lines if not line.startswith("# ")))
-    return meta, rows
 
 
 def readme_section(out: Path) -> str:
@@ -402,13 +373,14 @@ def readme_section(out: Path) -> str:
         path = out / f"model_heads_{tag}.csv"
         if not path.exists():
             continue
-        meta, rows = _read_rows(path)
+        meta, rows = bench.read_csv(path)
         by = {r["head"]: r for r in rows}
         shares = ", ".join(f"{r['head']} {float(r['head_share_pct']):.1f}%" for r in rows)
         first = rows[0]
+        backbone = {"vgg_d": "VGG-D"}.get(meta.get("backbone", "vgg_d"), meta.get("backbone"))
         parts.append(
             f"{tag.upper()} ({meta['device']}, batch {meta['batch']}, {meta['size']}px, "
-            f"{meta['date']}): VGG-D alone takes {float(first['backbone_fwdbwd_ms']):.0f} ms "
+            f"{meta['date']}): {backbone} alone takes {float(first['backbone_fwdbwd_ms']):.0f} ms "
             "per image for forward+backward; head share of a training step: "
             f"{shares}."
             + (
@@ -424,14 +396,18 @@ def readme_section(out: Path) -> str:
     if not (out / "model_heads_gpu.csv").exists():
         parts.append(
             "GPU targets (batch 32, VGG-D at 448, forward+backward): spectral head <= 5% of "
-            "the training step, sum head <= 2%. **NOT yet measured on a GPU**: run "
-            "`python scripts/bench_model.py --device cuda --batch 32 --repeats 10` (writes "
+            "the training step, sum head <= 2%. **NOT yet measured on a GPU**: `make bench-gpu` "
+            "runs `python scripts/bench_model.py --device cuda --batch 32 --repeats 10` (writes "
             "`model_heads_gpu.*`). On the CPU the matrix functions use LAPACK, whose "
             "relative cost says little about cuSOLVER/GEMM on a GPU.\n"
         )
+    tags = [tag for tag in ("cpu", "gpu") if (out / f"model_heads_{tag}.csv").exists()]
     parts.append(
-        "Tables: [model_heads_cpu.md](model_heads_cpu.md), raw numbers: "
-        "[model_heads_cpu.csv](model_heads_cpu.csv).\n"
+        "Tables: "
+        + ", ".join(f"[model_heads_{t}.md](model_heads_{t}.md)" for t in tags)
+        + "; raw numbers: "
+        + ", ".join(f"[model_heads_{t}.csv](model_heads_{t}.csv)" for t in tags)
+        + ".\n"
     )
     return "\n".join(parts)
 

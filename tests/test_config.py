@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
 import pytest
@@ -9,8 +11,8 @@ import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import get_object
 
+import bcnn.data
 from bcnn.config import instantiate, validate
-from bcnn.data import DATASETS, dataset_class
 from bcnn.engine import train
 from bcnn.models import build_model
 from bcnn.models.backbones.base import read_weights
@@ -46,14 +48,16 @@ def test_every_option_composes_and_instantiates(group: str, option: str, tmp_pat
                 built = instantiate(cfg.trainer[stage].scheduler)(built)
             assert type(built).__name__ == expected[option]
         return
-    cfg = compose_config([f"{group}={option}"], tmp_path)
+    # Datasets of the user's own files have no default root (???): validate() refuses that.
+    own = ["dataset.root=/nowhere"] if group == "dataset" and option in ("folder", "csv") else []
+    cfg = compose_config([f"{group}={option}", *own], tmp_path)
     validate(cfg)
     if group in ("trainer", "paths", "debug"):
         return  # validated above; nothing to instantiate
     if group == "logger":
         if option == "wandb":
             pytest.importorskip("wandb")
-            cfg.logger.mode = "disabled"
+            cfg.logger.wandb.mode = "disabled"
         logger = instantiate(cfg.logger, output_dir=tmp_path, run_config={}, _recursive_=False)
         logger.log_epoch({"stage": "linear", "epoch": 1})
         logger.close()
@@ -256,8 +260,8 @@ def _subclasses(cls: type) -> list[type]:
 def test_every_range_rule_names_a_real_parameter() -> None:
     # Rules are keyed by class and parameter: a renamed parameter must not leave a rule
     # that silently checks nothing.
-    for name in DATASETS:
-        dataset_class(name)
+    for module in pkgutil.iter_modules(bcnn.data.__path__):
+        importlib.import_module(f"bcnn.data.{module.name}")  # every dataset class
     for cls_name, params in [*rules().items(), *FILE_RULES.items()]:
         cls = get_object(cls_name)
         known = {p for c in _subclasses(cls) for p in signature(c).params}

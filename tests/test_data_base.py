@@ -20,6 +20,7 @@ from bcnn.data.base import (
     split_train_val,
 )
 from bcnn.data.cub import CUB200
+from bcnn.data.source import DatasetSource
 
 
 def _records(per_class: dict[int, int]) -> list[Record]:
@@ -72,18 +73,17 @@ def test_select_split_with_and_without_official_val() -> None:
 
 def test_require_files_names_the_missing_file_layout_and_source(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("x")
+    toy = DatasetSource(name="toy", title="Toy", layout="<root>/b.txt", manual="run prepare")
     with pytest.raises(FileNotFoundError) as info:
-        require_files(
-            tmp_path, ["a.txt", "b.txt", "c.txt"], "Toy", "run prepare", layout="<root>/b.txt"
-        )
+        require_files(tmp_path, ["a.txt", "b.txt", "c.txt"], toy)
     message = str(info.value)
-    assert str(tmp_path / "b.txt") in message and "1 more" in message
-    assert "<root>/b.txt" in message and "run prepare" in message
+    assert message.startswith(f"Toy: missing {tmp_path / 'b.txt'}") and "1 more" in message
+    assert "<root>/b.txt" in message and "How to obtain it: run prepare" in message
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        require_files(tmp_path / "nope", ["a.txt"], "Toy", "run prepare")
+        require_files(tmp_path / "nope", ["a.txt"], toy)
     with pytest.raises(FileNotFoundError, match="no dataset root"):
-        require_files(None, ["a.txt"], "Toy", "run prepare")
-    assert require_files(tmp_path, ["a.txt"], "Toy", "x") == tmp_path
+        require_files(None, ["a.txt"], toy)
+    assert require_files(tmp_path, ["a.txt"], toy) == tmp_path
 
 
 def test_odd_image_formats_are_converted_to_rgb(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from fixtures.datasets import (
     MAKERS,
     PALETTE,
     Truth,
+    build,
     make_aircraft,
     make_cars,
     make_cub,
@@ -30,8 +31,6 @@ from fixtures.datasets import (
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bcnn.data import build_dataset
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
 
 
@@ -41,7 +40,7 @@ def pairs(ds) -> list[tuple[str, int]]:
 
 def splits(name: str, root: Path, **options) -> dict:
     return {
-        s: build_dataset(name, root=str(root), split=s, **options)
+        s: build(name, root=str(root), split=s, **options)
         for s in ("train", "val", "trainval", "test")
     }
 
@@ -81,16 +80,16 @@ def test_cub_splits_labels_and_classes(tmp_path: Path) -> None:
     assert_pixels_match_labels(parts["trainval"], truth.special)
     assert_pixels_match_labels(parts["test"])
     # Same split from another instance; val_fraction=0 leaves val empty.
-    assert pairs(build_dataset("cub", root=str(tmp_path), split="val")) == pairs(parts["val"])
-    assert len(build_dataset("cub", root=str(tmp_path), split="val", val_fraction=0.0)) == 0
+    assert pairs(build("cub", root=str(tmp_path), split="val")) == pairs(parts["val"])
+    assert len(build("cub", root=str(tmp_path), split="val", val_fraction=0.0)) == 0
     # The root may also be the extracted folder itself.
-    inner = build_dataset("cub", root=str(tmp_path / "CUB_200_2011"), split="test")
+    inner = build("cub", root=str(tmp_path / "CUB_200_2011"), split="test")
     assert pairs(inner) == pairs(parts["test"])
 
 
 def test_cub_bbox_crop(tmp_path: Path) -> None:
     truth = make_cub(tmp_path, special=False)
-    ds = build_dataset("cub", root=str(tmp_path), split="test", bbox_crop=True)
+    ds = build("cub", root=str(tmp_path), split="test", bbox_crop=True)
     for i, record in enumerate(ds.records):
         image, _ = ds[i]
         x1, y1, x2, y2 = truth.boxes[record.path]
@@ -117,21 +116,21 @@ def test_aircraft_official_splits_and_levels(tmp_path: Path, level: str) -> None
 def test_aircraft_banner_crop(tmp_path: Path) -> None:
     make_aircraft(tmp_path)
     width, height = AIRCRAFT_SIZE
-    cropped, label = build_dataset("aircraft", root=str(tmp_path), split="test")[0]
+    cropped, label = build("aircraft", root=str(tmp_path), split="test")[0]
     assert cropped.size == (width, height - 20)
     assert (
         nearest_label(cropped.getpixel((1, height - 21)), len(PALETTE)) == label
     )  # no banner left
-    kept, _ = build_dataset("aircraft", root=str(tmp_path), split="test", crop_banner=False)[0]
+    kept, _ = build("aircraft", root=str(tmp_path), split="test", crop_banner=False)[0]
     assert kept.size == (width, height)
     assert all(c < 40 for c in kept.getpixel((1, height - 1))) and BANNER_COLOR == (0, 0, 0)
-    other, _ = build_dataset("aircraft", root=str(tmp_path), split="test", banner_height=10)[0]
+    other, _ = build("aircraft", root=str(tmp_path), split="test", banner_height=10)[0]
     assert other.size == (width, height - 10)
 
 
 def test_aircraft_bbox_crop_and_data_root(tmp_path: Path) -> None:
     truth = make_aircraft(tmp_path)
-    ds = build_dataset(
+    ds = build(
         "aircraft", root=str(tmp_path / "fgvc-aircraft-2013b" / "data"), split="val", bbox_crop=True
     )
     for i, record in enumerate(ds.records):
@@ -140,7 +139,7 @@ def test_aircraft_bbox_crop_and_data_root(tmp_path: Path) -> None:
         assert image.size == (x2 - x1, y2 - y1)
         assert_only_box(image)
     with pytest.raises(ValueError, match="level"):
-        build_dataset("aircraft", root=str(tmp_path), split="train", level="model")
+        build("aircraft", root=str(tmp_path), split="train", level="model")
 
 
 # ---------------------------------------------------------------------------- Cars
@@ -157,7 +156,7 @@ def test_cars_layouts(tmp_path: Path, layout: str, where: str) -> None:
     assert pairs(parts["test"]) == sorted(truth.test)
     assert_carved(parts, truth.train)
     assert_pixels_match_labels(parts["trainval"])
-    cropped = build_dataset("cars", root=str(tmp_path), split="test", bbox_crop=True)
+    cropped = build("cars", root=str(tmp_path), split="test", bbox_crop=True)
     for i, record in enumerate(cropped.records):
         x1, y1, x2, y2 = truth.boxes[record.path]
         image, _ = cropped[i]
@@ -168,7 +167,7 @@ def test_cars_layouts(tmp_path: Path, layout: str, where: str) -> None:
 def test_cars_kaggle_nesting_and_missing_test_labels(tmp_path: Path) -> None:
     truth = make_cars(tmp_path, test_labels_in="none")
     with pytest.raises(FileNotFoundError, match=r"cars_test_annos_withlabels\.mat") as info:
-        build_dataset("cars", root=str(tmp_path), split="test")
+        build("cars", root=str(tmp_path), split="test")
     assert "car_ims" in str(info.value)  # the message shows both layouts
     make_cars(tmp_path, test_labels_in="root")
     for split in ("train", "test"):
@@ -176,7 +175,7 @@ def test_cars_kaggle_nesting_and_missing_test_labels(tmp_path: Path) -> None:
         shutil.move(flat, tmp_path / "tmp")
         flat.mkdir()
         shutil.move(tmp_path / "tmp", flat / f"cars_{split}")
-    ds = build_dataset("cars", root=str(tmp_path), split="test")
+    ds = build("cars", root=str(tmp_path), split="test")
     assert pairs(ds) == sorted(
         (p.replace("cars_test/", "cars_test/cars_test/"), label) for p, label in truth.test
     )
@@ -196,7 +195,7 @@ def test_nabirds_sparse_ids_hierarchy_and_boxes(tmp_path: Path) -> None:
     assert ds.hierarchy == truth.extra["parents"]
     assert ds.node_names[2] == "Ducks, Geese, and Swans"
     assert ds.ancestors(ds.class_ids.index(817)) == [1, 0]
-    boxed = build_dataset("nabirds", root=str(tmp_path / "nabirds"), split="test", bbox_crop=True)
+    boxed = build("nabirds", root=str(tmp_path / "nabirds"), split="test", bbox_crop=True)
     for i, record in enumerate(boxed.records):
         x1, y1, x2, y2 = truth.boxes[record.path]
         assert boxed[i][0].size == (x2 - x1, y2 - y1)
@@ -226,16 +225,12 @@ def test_inat_supercategory_is_reindexed_in_list_order(
     tmp_path: Path, version: int, name: str
 ) -> None:
     truth = make_inat(tmp_path, version)
-    ds = build_dataset(
-        "inat", root=str(tmp_path), split="trainval", version=version, supercategory=name
-    )
+    ds = build("inat", root=str(tmp_path), split="trainval", version=version, supercategory=name)
     assert ds.category_ids == [1, 4]
     assert ds.classes == ["Turdus migratorius", "Corvus corax"]
     expected = sorted((p, {1: 0, 4: 1}[c]) for p, c in truth.train if c in (1, 4))
     assert pairs(ds) == expected
-    test = build_dataset(
-        "inat", root=str(tmp_path), split="test", version=version, supercategory=name
-    )
+    test = build("inat", root=str(tmp_path), split="test", version=version, supercategory=name)
     assert {label for _, label in pairs(test)} == {0, 1} and len(test) == 4
     for i, record in enumerate(ds.records):  # label 0/1 but painted with the colour of id 1/4
         assert (
@@ -245,23 +240,21 @@ def test_inat_supercategory_is_reindexed_in_list_order(
 
 def test_inat_options_and_errors(tmp_path: Path) -> None:
     make_inat(tmp_path, 2021, mini=True)
-    mini = build_dataset(
-        "inat", root=str(tmp_path / "2021"), split="trainval", version=2021, mini=True
-    )
+    mini = build("inat", root=str(tmp_path / "2021"), split="trainval", version=2021, mini=True)
     assert len(mini) == 20 and all(r.path.startswith("train_mini/") for r in mini.records)
     assert mini.categories[0]["common_name"] == "Common concolor"
     with pytest.raises(ValueError, match="present: \\['Birds', 'Insects', 'Plants'\\]"):
-        build_dataset("inat", root=str(tmp_path), split="test", version=2021, supercategory="Fungi")
+        build("inat", root=str(tmp_path), split="test", version=2021, supercategory="Fungi")
     with pytest.raises(ValueError, match="mini"):
-        build_dataset("inat", root=str(tmp_path), split="test", version=2018, mini=True)
+        build("inat", root=str(tmp_path), split="test", version=2018, mini=True)
     with pytest.raises(ValueError, match="version"):
-        build_dataset("inat", root=str(tmp_path), split="test", version=2019)
+        build("inat", root=str(tmp_path), split="test", version=2019)
     val = tmp_path / "2021" / "val.json"
     data = json.loads(val.read_text())
     del data["annotations"]
     val.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="no annotations"):
-        build_dataset("inat", root=str(tmp_path), split="test", version=2021)
+        build("inat", root=str(tmp_path), split="test", version=2021)
 
 
 # ---------------------------------------------------------------------------- DTD
@@ -276,7 +269,7 @@ def test_dtd_partitions(tmp_path: Path, partition: int) -> None:
     assert pairs(parts["trainval"]) == sorted(official["train"] + official["val"])
     assert_pixels_match_labels(parts["test"])
     with pytest.raises(ValueError, match="partition"):
-        build_dataset("dtd", root=str(tmp_path), split="test", partition=11)
+        build("dtd", root=str(tmp_path), split="test", partition=11)
 
 
 # ---------------------------------------------------------------------------- FMD
@@ -294,10 +287,10 @@ def test_fmd_seeded_per_class_halves(tmp_path: Path) -> None:
     )
     assert_carved(parts, trainval)
     assert_pixels_match_labels(parts["test"])
-    assert pairs(build_dataset("fmd", root=str(tmp_path), split="test", trial=1)) == test
-    other = [pairs(build_dataset("fmd", root=str(tmp_path), split="test", trial=t)) for t in (2, 3)]
+    assert pairs(build("fmd", root=str(tmp_path), split="test", trial=1)) == test
+    other = [pairs(build("fmd", root=str(tmp_path), split="test", trial=t)) for t in (2, 3)]
     assert test not in other
-    quarter = build_dataset("fmd", root=str(tmp_path), split="trainval", train_fraction=2 / 3)
+    quarter = build("fmd", root=str(tmp_path), split="trainval", train_fraction=2 / 3)
     assert Counter(quarter.targets) == {0: 4, 1: 4, 2: 4}
 
 
@@ -317,7 +310,7 @@ def test_mit_indoor_kaggle_layout(tmp_path: Path) -> None:
     truth = make_mit_indoor(tmp_path)
     (tmp_path / "indoorCVPR_09").mkdir()
     shutil.move(tmp_path / "Images", tmp_path / "indoorCVPR_09" / "Images")
-    ds = build_dataset("mit_indoor", root=str(tmp_path), split="test")
+    ds = build("mit_indoor", root=str(tmp_path), split="test")
     assert pairs(ds) == sorted((f"indoorCVPR_09/{p}", label) for p, label in truth.test)
     assert_pixels_match_labels(ds)
 
@@ -339,19 +332,19 @@ KEY_FILES = {
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_missing_files_raise_one_clear_error(tmp_path: Path, name: str) -> None:
     with pytest.raises(FileNotFoundError) as info:
-        build_dataset(name, root=str(tmp_path / "absent"), split="train")
+        build(name, root=str(tmp_path / "absent"), split="train")
     message = str(info.value)
     assert str(tmp_path / "absent") in message and "Expected layout" in message
     assert "How to obtain" in message and "prepare_data.py" in message
     with pytest.raises(FileNotFoundError, match="no dataset root"):
-        build_dataset(name, root=None, split="train")
+        build(name, root=None, split="train")
 
     MAKERS[name](tmp_path / "data")
     relpath, split = KEY_FILES[name]
     target = tmp_path / "data" / relpath
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(FileNotFoundError) as info:
-        build_dataset(name, root=str(tmp_path / "data"), split=split)
+        build(name, root=str(tmp_path / "data"), split=split)
     assert str(target) in str(info.value)
 
 
@@ -359,7 +352,7 @@ def test_missing_files_raise_one_clear_error(tmp_path: Path, name: str) -> None:
 def test_config_keys_are_constructor_arguments(tmp_path: Path, name: str) -> None:
     """Every key of configs/dataset/<name>.yaml is accepted, and its transform builds."""
     cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
-    assert cfg.name == name and cfg._target_ == "bcnn.data.build_dataset"
+    assert cfg.name == name and cfg._target_.startswith(f"bcnn.data.{name}.")
     assert OmegaConf.to_container(cfg)["root"] == f"${{paths.data_dir}}/{name}"
     truth: Truth = MAKERS[name](tmp_path)
     cfg.root = str(truth.root)

@@ -9,23 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures.datasets import MAKERS
-
-from bcnn.data import build_dataset
+from fixtures.datasets import MAKERS, build, make_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(MAKERS))
-def test_smoke_training_run(tmp_path: Path, name: str) -> None:
-    truth = MAKERS[name](tmp_path / "data")
-    run_dir = tmp_path / "run"
+def smoke_run(run_dir: Path, *overrides: str) -> dict:
+    """Runs ``train.py`` at smoke size with the small CNN on 32-pixel crops; its results."""
     command = [
         sys.executable,
         "train.py",
-        f"dataset={name}",
-        f"dataset.root={truth.root}",
+        *overrides,
         "debug=smoke",
         "backbone=small",
         "dataset.transform.size=32",
@@ -35,12 +29,40 @@ def test_smoke_training_run(tmp_path: Path, name: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_smoke_training_run(tmp_path: Path, name: str) -> None:
+    truth = MAKERS[name](tmp_path / "data")
+    run_dir = tmp_path / "run"
+    results = smoke_run(run_dir, f"dataset={name}", f"dataset.root={truth.root}")
+    assert results["dataset"] == name and results["num_classes"] == len(truth.classes)
     # The trainer saves each split's image list: the test list is the official test set
     # (FMD has none: its seeded split is the loader's own).
-    expected = truth.test or build_dataset(name, root=str(truth.root), split="test").records
+    expected = truth.test or build(name, root=str(truth.root), split="test").records
     lines = (run_dir / "splits" / "test.txt").read_text().splitlines()
     assert sorted(line.rsplit(" ", 1) for line in lines) == sorted(
         [p, str(label)] for p, label, *_ in expected
     )
+
+
+@pytest.mark.slow
+def test_smoke_training_run_on_own_folder(tmp_path: Path) -> None:
+    """dataset=folder on a single class-folder tree: test and val are carved and recorded."""
+    truth = make_folder(tmp_path / "photos", "tree")
+    run_dir = tmp_path / "run"
+    overrides = ("dataset=folder", f"dataset.root={truth.root}", "dataset.name=my_birds")
+    results = smoke_run(run_dir, *overrides)
+    assert results["dataset"] == "my_birds" and results["num_classes"] == len(truth.classes)
+    written = {
+        split: [
+            tuple(line.rsplit(" ", 1))
+            for line in (run_dir / "splits" / f"{split}.txt").read_text().splitlines()
+        ]
+        for split in ("train", "val", "test")
+    }
+    listed = [pair for pairs in written.values() for pair in pairs]
+    assert sorted(listed) == sorted((p, str(label)) for p, label in truth.train)  # a partition
+    assert {label for _, label in written["test"]} == {"0", "1", "2"}  # stratified

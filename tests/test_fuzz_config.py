@@ -113,7 +113,7 @@ KEYS = [
     Key("dataset.val_fraction", (0, 0.2), (1, -0.1, "nan")),
     Key("dataset.cell_noise", (0, 0.3), (-0.1, 2)),
     Key("+dataset.foo", (), (1,)),
-    Key("dataset.name", ("synthetic",), ("cubb", 3)),
+    Key("dataset.name", ("synthetic", "my_set"), (3, "' '")),
     Key("trainer.linear.lr", (0.1, 10), (0, -1, "inf", "nan")),
     Key("trainer.finetune.lr", (0.1,), (0, -1, "inf")),
     Key("trainer.linear.batch_size", (8, 16), (0, -1, 100, 99999999999)),

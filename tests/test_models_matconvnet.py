@@ -12,7 +12,7 @@ import scipy.io
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from bcnn.models.backbones import VGG16, VGGM
+from bcnn.models.backbones import VGG16, VGG16FC7, VGGM, VGGMFC7
 from bcnn.models.matconvnet import convert_matconvnet, read_matconvnet, save_weights
 
 LRN = [5.0, 2.0, 1e-4, 0.75]
@@ -41,8 +41,12 @@ def _filters(rng: np.random.Generator, kh: int, kw: int, cin: int, cout: int) ->
     )
 
 
-def _vggm_layers(rng: np.random.Generator, legacy: bool) -> list[dict]:
-    """simplenn layer structs of VGG-M, plus a (shrunk) classifier that is not converted."""
+def _vggm_layers(rng: np.random.Generator, legacy: bool, fc_dim: int | None = None) -> list[dict]:
+    """simplenn layer structs of VGG-M, plus a (shrunk) classifier that is not converted.
+
+    With ``fc_dim``, also fc6 (6x6) and fc7 (1x1) of that width, with ReLU and dropout, as
+    the real file has (width 4096 there).
+    """
     layers: list[dict] = []
     pools = {
         "conv1": ("pool1", 0.0),
@@ -75,19 +79,30 @@ def _vggm_layers(rng: np.random.Generator, legacy: bool) -> list[dict]:
                     "pad": ppad,
                 }
             )
+    width = 512
+    if fc_dim is not None:
+        for name, k, cin in (("fc6", 6, 512), ("fc7", 1, fc_dim)):
+            w = _filters(rng, k, k, cin, fc_dim)
+            b = (rng.standard_normal((1, fc_dim)) * 0.1).astype(np.float32)
+            layer = {"name": name, "type": "conv", "stride": 1.0, "pad": 0.0}
+            layer.update({"filters": w, "biases": b} if legacy else {"weights": _cell([w, b])})
+            idx = name[-1]
+            layers += [layer, {"name": f"relu{idx}", "type": "relu"}]
+            layers.append({"name": f"dropout{idx}", "type": "dropout", "rate": 0.5})
+        width = fc_dim
     fc = {"name": "fc8", "type": "conv", "stride": 1.0, "pad": 0.0}
-    w, b = _filters(rng, 1, 1, 512, 10), np.zeros((1, 10), np.float32)
+    w, b = _filters(rng, 1, 1, width, 10), np.zeros((1, 10), np.float32)
     fc.update({"filters": w, "biases": b} if legacy else {"weights": _cell([w, b])})
     layers += [fc, {"name": "prob", "type": "softmax"}]
     return layers
 
 
-def write_vggm(path: Path, layout: str, seed: int = 0) -> Path:
+def write_vggm(path: Path, layout: str, seed: int = 0, fc_dim: int | None = None) -> Path:
     """A .mat with VGG-M's structure and real layer shapes, random weights."""
     rng = np.random.default_rng(seed)
     if layout in ("simplenn", "simplenn-legacy"):
         legacy = layout == "simplenn-legacy"
-        layers = _vggm_layers(rng, legacy)
+        layers = _vggm_layers(rng, legacy, fc_dim)
         if legacy:
             # Old files: a full H x W x 3 average image at the top level.
             avg = np.broadcast_to(np.array(AVERAGE_COLOUR, np.float32), (8, 8, 3)).copy()
@@ -232,9 +247,11 @@ def reference_forward(mat_path: Path, x: np.ndarray, last: str) -> np.ndarray:
         kind = layer.type
         if kind == "conv":
             w, b = layer.weights
+            w = np.asarray(w, np.float64)
+            w = w.reshape(1, 1, *w.shape) if w.ndim == 2 else w  # loadmat squeezes 1x1 filters
             x = ref_conv(
                 x,
-                np.asarray(w, np.float64),
+                w,
                 np.asarray(b, np.float64),
                 int(np.ravel(layer.stride)[0]),
                 layer.pad,
@@ -355,3 +372,39 @@ def test_save_weights_round_trip(tmp_path, vggm_mats):
         path = save_weights(state, meta, tmp_path / f"w{suffix}")
         model = VGGM(weights=str(path))
         assert model.input_spec.scale == 255.0
+
+
+def test_vggm_fc7_conversion_reproduces_matconvnet_forward(tmp_path):
+    mat = write_vggm(tmp_path / "vggm_fc.mat", "simplenn", fc_dim=8)
+    state, meta = convert_matconvnet(mat)
+    model = VGGMFC7(fc_dim=8).eval()
+    model.load_state_dict(state, strict=True)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((224, 224, 3)) * 60.0
+    with torch.no_grad():
+        ours = model(torch.from_numpy(x.transpose(2, 0, 1).copy()).float()[None])
+    assert ours.shape == (1, 8, 1, 1)  # fc7 at 224 x 224
+    _compare(ours, reference_forward(mat, x, last="relu7"))
+    # The same file still loads into the convolutional backbone (fc keys ignored).
+    out = save_weights(state, meta, tmp_path / "vgg_m.safetensors")
+    conv_only = VGGM(weights=str(out))
+    torch.testing.assert_close(conv_only.features.conv5.weight, model.features.conv5.weight)
+
+
+def test_vgg16_fc7_reads_torchvision_linear_classifier(tmp_path):
+    torch.manual_seed(0)
+    ours = VGG16FC7(fc_dim=16, dropout=0.0).eval()
+    fc6, fc7 = torch.nn.Linear(512 * 7 * 7, 16), torch.nn.Linear(16, 16)
+    state = {f"features.{k}": v for k, v in ours.features.state_dict().items()}
+    state.update({"classifier.0.weight": fc6.weight.data, "classifier.0.bias": fc6.bias.data})
+    state.update({"classifier.3.weight": fc7.weight.data, "classifier.3.bias": fc7.bias.data})
+    state["classifier.6.weight"] = torch.randn(10, 16)  # fc8: dropped
+    torch.save(state, tmp_path / "vgg16.pth")
+    loaded = VGG16FC7(weights=str(tmp_path / "vgg16.pth"), fc_dim=16).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        pool5 = loaded.fc.pool5(loaded.features(x))
+        expected = fc7(fc6(pool5.flatten(1)).relu()).relu()  # torchvision's classifier
+        got = loaded(x)
+    assert got.shape == (1, 16, 1, 1)
+    torch.testing.assert_close(got.flatten(1), expected, rtol=1e-4, atol=1e-5)

@@ -18,7 +18,7 @@ import bcnn.config  # noqa: F401  (registers the train_schema the root config ex
 from bcnn.models import build_model
 
 NUM_CLASSES = 3
-POOLINGS = ["avg", "sum", "democratic", "spectral", "compact"]
+POOLINGS = ["avg", "sum", "democratic", "spectral", "compact", "fisher"]
 NORMALIZATIONS = [
     "none",
     "l2",
@@ -28,8 +28,8 @@ NORMALIZATIONS = [
     "log_signsqrt_l2",
     "sqrt_signsqrt_l2",
 ]
-CLASSIFIERS = ["linear", "lowrank"]
-VECTOR_POOLINGS = {"avg", "compact"}
+CLASSIFIERS = ["linear", "lowrank", "svm"]
+VECTOR_POOLINGS = {"avg", "compact", "fisher"}
 MATRIX_NORMALIZATIONS = {"log_l2", "sqrt_l2", "log_signsqrt_l2", "sqrt_signsqrt_l2"}
 # Per backbone: overrides that keep it fast, the input size, the channels after pooling
 # (projection included) and the normalization used with each pooling.
@@ -39,6 +39,9 @@ BACKBONES = {
     "densenet201": (["pooling.proj_dim=24"], 64, 24),
     "timm": (["backbone.name=resnet18"], 64, 512),
     "vgg_dm": ([], 64, (512, 512)),
+    # fc6 needs the 7x7 (6x6) pool5 map of a 224 image; narrow fc layers keep it fast.
+    "vgg_d_fc7": (["backbone.fc_dim=32"], 224, 32),
+    "vgg_m_fc7": (["backbone.fc_dim=32"], 224, 32),
 }
 REAL_NORM = {
     "avg": "l2",
@@ -46,6 +49,7 @@ REAL_NORM = {
     "democratic": "log_l2",
     "spectral": "signsqrt_l2",
     "compact": "signsqrt_l2",
+    "fisher": "signsqrt_l2",
 }
 
 
@@ -67,7 +71,7 @@ def _expected_error(
     pooling: str, normalization: str, classifier: str, two_stream: bool
 ) -> str | None:
     """The regex of the build error for an incompatible combination, None if it works."""
-    if two_stream and pooling == "democratic":
+    if two_stream and pooling in ("democratic", "fisher"):
         return "does not combine two feature maps"
     if pooling in VECTOR_POOLINGS and normalization in MATRIX_NORMALIZATIONS:
         return r"normalization\.(sqrt|log): .* acts on matrices but receives vectors"
@@ -83,6 +87,8 @@ def _descriptor_shape(pooling: str, classifier: str, channels, cfg) -> tuple[int
         return (sum(channels) if isinstance(channels, tuple) else channels,)
     if pooling == "compact":
         return (cfg.pooling.sketch.out_dim,)
+    if pooling == "fisher":
+        return (2 * cfg.pooling.num_components * channels,)
     d1, d2 = channels if isinstance(channels, tuple) else (channels, channels)
     return (d1, d2) if classifier == "lowrank" else (d1 * d2,)
 
@@ -96,10 +102,14 @@ def _check_model(overrides: list[str], size: int, channels, pooling: str, norm: 
         return
     torch.manual_seed(0)
     model = build_model(cfg, NUM_CLASSES).train()
-    if clf == "linear":
+    if clf in ("linear", "svm"):
         # The zero-initialized classifier would pass no gradient back to the features.
-        torch.nn.init.normal_(model.classifier.weight, std=0.1)
+        with torch.no_grad():
+            torch.nn.init.normal_(model.classifier.weight, std=0.1)
     x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    if pooling == "fisher":  # the trainer fits the GMM before training
+        with torch.no_grad():
+            model.pooling.fit([model.backbone(model.normalize_input(x))])
     desc = model.features(x)
     assert desc.shape == (2, *_descriptor_shape(pooling, clf, channels, cfg))
     assert torch.isfinite(desc).all()
@@ -108,12 +118,15 @@ def _check_model(overrides: list[str], size: int, channels, pooling: str, norm: 
     assert torch.isfinite(logits).all()
     F.cross_entropy(logits, torch.tensor([0, 1])).backward()
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # the SVM's weights are fitted, not trained by gradients
+            assert name.startswith("classifier.") and clf == "svm", name
+            continue
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
     # The signal reaches the input layer and every head parameter. (Not every backbone
     # parameter: timm's ResNets zero-init the last BatchNorm of each residual branch.)
     for p in [next(model.backbone.parameters()), *model.head_parameters()]:
-        assert p.grad.abs().sum() > 0
+        assert not p.requires_grad or p.grad.abs().sum() > 0
     # Every parameter is in exactly one optimizer group.
     groups = model.param_groups(lr=0.1, backbone_lr=0.01)
     ids = [id(p) for g in groups for p in g["params"]]
@@ -142,6 +155,8 @@ def test_small_backbone_all_heads(pooling, normalization, classifier):
         overrides.append("~normalization.vectorize")  # it reads the matrix
     if pooling == "compact":
         overrides.append("pooling.sketch.out_dim=64")
+    if pooling == "fisher":
+        overrides.append("pooling.num_components=2")
     _check_model(overrides, 16, 12, pooling, normalization, classifier)
 
 
@@ -153,6 +168,8 @@ def test_real_backbones_every_pooling(backbone, pooling):
     overrides = [f"backbone={backbone}", f"pooling={pooling}", f"normalization={norm}", *extra]
     if pooling == "compact":
         overrides.append("pooling.sketch.out_dim=1024")
+    if pooling == "fisher":
+        overrides.append("pooling.num_components=2")
     _check_model(overrides, size, channels, pooling, norm, "linear")
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures.datasets import build
 
-from bcnn.data import build_dataset
 from bcnn.data.synthetic import SyntheticDataset
 
 
 def test_deterministic_and_split_sizes() -> None:
-    a = build_dataset("synthetic", split="train", trainval_size=200, test_size=50)
-    b = build_dataset("synthetic", split="train", trainval_size=200, test_size=50)
-    val = build_dataset("synthetic", split="val", trainval_size=200, test_size=50)
-    trainval = build_dataset("synthetic", split="trainval", trainval_size=200, test_size=50)
-    test = build_dataset("synthetic", split="test", trainval_size=200, test_size=50)
+    a = build("synthetic", split="train", trainval_size=200, test_size=50)
+    b = build("synthetic", split="train", trainval_size=200, test_size=50)
+    val = build("synthetic", split="val", trainval_size=200, test_size=50)
+    trainval = build("synthetic", split="trainval", trainval_size=200, test_size=50)
+    test = build("synthetic", split="test", trainval_size=200, test_size=50)
     assert torch.equal(a.images, b.images) and a.targets == b.targets
     assert (len(a), len(val), len(trainval), len(test)) == (160, 40, 200, 50)
     # train and val partition trainval: every trainval image is in exactly one of them.

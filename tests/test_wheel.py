@@ -23,7 +23,15 @@ from tests.conftest import REPO_ROOT, THREADS
 
 # What the build reads; copied so that building leaves nothing in the checkout.
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "bcnn", "configs")
-COMMANDS = ("bcnn-train", "bcnn-prepare-data", "bcnn-reproduce")
+COMMANDS = (
+    "bcnn-train",
+    "bcnn-prepare-data",
+    "bcnn-reproduce",
+    "bcnn-eval",
+    "bcnn-predict",
+    "bcnn-export",
+    "bcnn-viz",
+)
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120):
@@ -116,6 +124,52 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path: Path, smoke_ov
     assert 0 <= results["test_acc"] <= 100
     assert (run_dir / "checkpoints" / "last.pt").stat().st_size > 0
     assert not list(work.iterdir()), "the run wrote into the working folder"
+
+    # The trained model's users: predict on image files, evaluate, export and predict again.
+    images = tmp_path / "images"
+    images.mkdir()
+    _run(
+        [
+            str(bin_dir / "python"),
+            "-c",
+            "import sys; from bcnn.data.synthetic import SyntheticDataset; "
+            "from torchvision.transforms.functional import to_pil_image; "
+            "ds = SyntheticDataset(split='test', test_size=2); "
+            "[to_pil_image(ds[i][0]).save(f'{sys.argv[1]}/img{i}.png') for i in range(2)]",
+            str(images),
+        ],
+        work,
+        env,
+    )
+    preds = tmp_path / "preds.csv"
+    predicted = _run(
+        [
+            str(bin_dir / "bcnn-predict"),
+            str(run_dir),
+            str(images),
+            "--topk",
+            "3",
+            "--out",
+            str(preds),
+        ],
+        work,
+        env,
+    )
+    assert "img0.png" in predicted.stdout and "img1.png" in predicted.stdout
+    assert len(preds.read_text().splitlines()) == 1 + 2 * 3
+    evaluated = _run(
+        [str(bin_dir / "bcnn-eval"), f"checkpoint={run_dir}", f"hydra.run.dir={tmp_path / 'eval'}"],
+        work,
+        env,
+    )
+    assert "top-1" in evaluated.stdout and (tmp_path / "eval" / "confusion_matrix.png").is_file()
+    export = tmp_path / "export"
+    _run([str(bin_dir / "bcnn-export"), str(run_dir), "--out", str(export)], work, env)
+    again = _run(
+        [str(bin_dir / "bcnn-predict"), str(export / "model.onnx"), str(images)], work, env
+    )
+    assert again.stdout.splitlines()[1].split()[:2] == predicted.stdout.splitlines()[1].split()[:2]
+    assert not list(work.iterdir()), "a command wrote into the working folder"
 
     listing = _run([str(bin_dir / "bcnn-reproduce"), "list"], work, env)
     assert "nabirds" in listing.stdout

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from bcnn.cli.errors import run_command
 from bcnn.reproduce.collect import table_report
 from bcnn.reproduce.launch import launch_table
 from bcnn.reproduce.tables import TABLES, get_table
@@ -74,9 +76,15 @@ def flag(options: dict[str, str], key: str, default: bool) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line (``sys.argv[1:]`` when ``argv`` is None); returns the exit status."""
-    if argv is None:
-        argv = sys.argv[1:]
+    """Runs the command line (``sys.argv[1:]`` when ``argv`` is None); returns the exit status.
+
+    A user error (a missing folder, a bad value) prints one message and returns 1.
+    """
+    return run_command("bcnn-reproduce", _main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__ + "\nTables:\n" + table_list())
         return 0

@@ -1,34 +1,46 @@
-"""One dataset base for every benchmark: records ``(path, label[, box])`` to ``(image, label)``.
+"""One dataset base for every loader: files on disk -> records ``(path, label[, box])`` -> items.
 
-Each dataset module only parses its own annotation files into :class:`Record` lists and
-hands them, with the class names, to :class:`RecordDataset`. Everything else lives here:
-split selection (:func:`select_split`, :func:`split_train_val`), image decoding with the
-bad-image policy, optional box crops, the sample lists written into a run directory, and
-the one clear error raised when files are missing (:func:`require_files`).
+A loader declares where its data comes from and how it sits on disk (class attributes of
+:class:`FileDataset`: ``source``, ``folders``, ``files``, ``box_file``) and implements
+only :meth:`FileDataset.parse`, which reads its own annotation files into
+:class:`Record` lists and class names. Everything else lives here: finding the dataset
+folder below ``root`` and the one clear error when files are missing
+(:func:`require_files`), the shared options, split selection (:func:`select_split`,
+:func:`split_train_val`), image decoding with the bad-image policy and the skip log
+shared by DataLoader workers, optional box crops, and the sample lists written into a
+run directory.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import shutil
+import tempfile
+import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bcnn.data import SPLITS
+from bcnn.data.images import BadImageError, open_rgb
+from bcnn.data.source import DatasetSource
 from bcnn.data.transforms import build_transforms
 
 logger = logging.getLogger(__name__)
 
+SPLITS = ("train", "val", "trainval", "test")
 BAD_IMAGE_POLICIES = ("fail", "skip")
 
 # (left, upper, right, lower) in PIL pixel coordinates: right/lower are exclusive.
 Box = tuple[float, float, float, float]
+Transform = Mapping[str, Any] | Callable[[Image.Image], Any] | None
 
 
 class Record(NamedTuple):
@@ -49,8 +61,21 @@ class Record(NamedTuple):
     box: Box | None = None
 
 
-class BadImageError(OSError):
-    """An image file that is missing, truncated or cannot be decoded."""
+class Splits(NamedTuple):
+    """What a loader's :meth:`FileDataset.parse` returns: the official lists.
+
+    Attributes:
+        classes: Class names; ``classes[label]`` names a label.
+        train: Official training records.
+        test: Official test records.
+        val: Official validation records, or ``None`` when the dataset has none (then
+            ``val`` is carved from ``train``, see :func:`select_split`).
+    """
+
+    classes: list[str]
+    train: list[Record]
+    test: list[Record]
+    val: list[Record] | None = None
 
 
 def find_dataset_dir(
@@ -82,20 +107,14 @@ def find_dataset_dir(
 
 
 def require_files(
-    root: str | os.PathLike | None,
-    relpaths: Iterable[str],
-    dataset_name: str,
-    how_to_obtain: str,
-    layout: str = "",
+    root: str | os.PathLike | None, relpaths: Iterable[str], source: DatasetSource
 ) -> Path:
     """Checks that a dataset's files exist, raising one readable error if not.
 
     Args:
         root: The dataset folder the ``relpaths`` are relative to.
         relpaths: Files (or folders) that must exist.
-        dataset_name: Human-readable dataset name for the message.
-        how_to_obtain: Where to get the data (download command or manual steps).
-        layout: The expected folder layout, shown in the message.
+        source: The dataset's declaration: its title, layout and how to obtain it.
 
     Returns:
         ``root`` as a ``Path``.
@@ -104,27 +123,21 @@ def require_files(
         FileNotFoundError: ``root`` is ``None`` or does not exist, or a file is missing.
             The message names the first missing path, the layout and how to obtain it.
     """
-    parts: list[str] = []
     if root is None:
-        parts.append(f"{dataset_name}: no dataset root given (set dataset.root=... or BCNN_DATA).")
-        root_path = Path(".")
+        parts = [f"{source.title}: no dataset root given (set dataset.root=... or BCNN_DATA)."]
     else:
-        root_path = Path(root)
-        missing = [p for p in relpaths if not (root_path / p).exists()]
-        if root_path.is_dir() and not missing:
-            return root_path
-        if not root_path.is_dir():
-            parts.append(f"{dataset_name}: dataset folder {root_path} does not exist.")
+        root = Path(root)
+        missing = [p for p in relpaths if not (root / p).exists()]
+        if root.is_dir() and not missing:
+            return root
+        if not root.is_dir():
+            parts = [f"{source.title}: dataset folder {root} does not exist."]
         else:
-            more = (
-                f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}...)"
-                if len(missing) > 1
-                else ""
-            )
-            parts.append(f"{dataset_name}: missing {root_path / missing[0]}{more}.")
-    if layout:
-        parts.append(f"Expected layout:\n{layout.rstrip()}")
-    parts.append(f"How to obtain it: {how_to_obtain.strip()}")
+            more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}...)"
+            more = more if len(missing) > 1 else ""
+            parts = [f"{source.title}: missing {root / missing[0]}{more}."]
+    parts.append(f"Expected layout:\n{source.layout.rstrip()}")
+    parts.append(f"How to obtain it: {source.how_to_obtain()}")
     parts.append("Point dataset.root=<folder> (or the BCNN_DATA environment variable) at the data.")
     raise FileNotFoundError("\n".join(parts))
 
@@ -146,21 +159,21 @@ def read_rows(path: str | os.PathLike, maxsplit: int = -1) -> list[list[str]]:
 def split_train_val(
     records: Sequence[Record], fraction: float, seed: int
 ) -> tuple[list[Record], list[Record]]:
-    """Carves a deterministic, class-stratified validation set out of training records.
+    """Carves a deterministic, class-stratified held-out set out of training records.
 
     Each class with ``n >= 2`` images gives ``clamp(round(fraction * n), 1, n - 1)`` of
-    them to val (classes with one image stay in train, so every class can be learned).
-    The choice depends only on ``seed``, the class and the set of paths in that class
-    (paths are sorted first), not on the order of ``records``; its own generator per
-    class means adding a class does not reshuffle the others.
+    them to the held-out set (classes with one image stay in train, so every class can
+    be learned). The choice depends only on ``seed``, the class and the set of paths in
+    that class (paths are sorted first), not on the order of ``records``; its own
+    generator per class means adding a class does not reshuffle the others.
 
     Args:
-        records: The official training records.
-        fraction: Share of each class moved to val, in ``[0, 1)``; 0 gives an empty val.
+        records: The records to split.
+        fraction: Share of each class held out, in ``[0, 1)``; 0 holds out nothing.
         seed: Seed of the split.
 
     Returns:
-        ``(train, val)``, each in the order of ``records``.
+        ``(kept, held_out)``, each in the order of ``records``.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
@@ -169,7 +182,7 @@ def split_train_val(
     by_class: dict[int, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
         by_class[record.label].append(i)
-    val_indices: set[int] = set()
+    held: set[int] = set()
     for label, indices in by_class.items():
         n = len(indices)
         if n < 2:
@@ -177,10 +190,9 @@ def split_train_val(
         k = min(n - 1, max(1, int(fraction * n + 0.5)))
         ordered = sorted(indices, key=lambda i: records[i].path)
         chosen = np.random.default_rng([seed, label]).choice(n, size=k, replace=False)
-        val_indices.update(ordered[j] for j in chosen)
-    train = [r for i, r in enumerate(records) if i not in val_indices]
-    val = [r for i, r in enumerate(records) if i in val_indices]
-    return train, val
+        held.update(ordered[j] for j in chosen)
+    kept = [r for i, r in enumerate(records) if i not in held]
+    return kept, [r for i, r in enumerate(records) if i in held]
 
 
 def select_split(
@@ -232,17 +244,45 @@ def check_options(split: str, val_fraction: float, on_bad_image: str) -> None:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
 
 
+def accepted_options(cls: type) -> set[str]:
+    """The keyword arguments a dataset class accepts (for checking config keys).
+
+    Follows ``**common`` from a loader's ``__init__`` up to the base that takes them.
+    """
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        params = list(inspect.signature(klass.__dict__["__init__"]).parameters.values())[1:]
+        names.update(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def _remove_skip_log(folder: Path, owner_pid: int) -> None:
+    # Forked DataLoader workers inherit this finalizer with their copy of the dataset:
+    # only the process that chose the folder may remove it.
+    if os.getpid() == owner_pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class RecordDataset(Dataset):
     """A map-style dataset over ``(path, label[, box])`` records.
 
-    Images are opened with PIL and converted to RGB whatever their stored mode
-    (grayscale, CMYK, palette, a PNG behind a ``.jpg`` name). An image that cannot be
-    read (missing, truncated, not an image) either raises :class:`BadImageError` naming
-    its path (``on_bad_image="fail"``) or is skipped (``"skip"``): the item is then
-    replaced by the next readable record in index order (wrapping around), together with
-    that record's label, and a warning is logged once per bad file. The replacement is
-    deterministic, so a run is reproducible; bad files are remembered per process (each
-    DataLoader worker keeps its own ``num_skipped``).
+    Images are read by :func:`bcnn.data.images.open_rgb` (8-bit RGB whatever the stored
+    mode: grayscale, CMYK, palette, 16-bit, transparency, a PNG behind a ``.jpg`` name).
+    An image that cannot be read (missing, truncated, not an image) either raises
+    :class:`BadImageError` naming its path (``on_bad_image="fail"``) or is skipped
+    (``"skip"``): the item is then replaced by the next readable record in index order
+    (wrapping around), together with that record's label, and a warning is logged once
+    per bad file and process. The replacement is deterministic, so a run is
+    reproducible.
+
+    Skips are totalled across processes: each one is appended to a small log file (one
+    per process, in a private temporary folder the dataset chooses when it is built and
+    removes when the building process drops it), so :meth:`skipped` in the main process
+    also lists what DataLoader workers skipped.
 
     Attributes:
         root: The dataset folder record paths are relative to.
@@ -258,7 +298,7 @@ class RecordDataset(Dataset):
         root: str | os.PathLike,
         records: Sequence[Record],
         classes: Sequence[str],
-        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
+        transform: Transform = None,
         augment: bool = False,
         on_bad_image: str = "fail",
         box_crop: bool = False,
@@ -286,6 +326,13 @@ class RecordDataset(Dataset):
             missing = next(r for r in self.records if r.box is None)
             raise ValueError(f"{type(self).__name__}: box_crop is on but {missing.path} has no box")
         self._bad: set[int] = set()
+        self._skip_log: Path | None = None
+        if on_bad_image == "skip":
+            # Named now, in the building process, so every worker writes into the same
+            # folder; created only when something is skipped.
+            name = f"bcnn-skipped-{os.getpid()}-{uuid.uuid4().hex}"
+            self._skip_log = Path(tempfile.gettempdir()) / name
+            weakref.finalize(self, _remove_skip_log, self._skip_log, os.getpid())
 
     @property
     def samples(self) -> list[tuple[str, int]]:
@@ -302,10 +349,23 @@ class RecordDataset(Dataset):
         """Number of classes (``len(classes)``, also those absent from this split)."""
         return len(self.classes)
 
+    def skipped(self) -> list[str]:
+        """Paths of the images skipped so far, by this process or any DataLoader worker.
+
+        Returns:
+            Full paths (``root / record.path``), each once, in record order; empty with
+            ``on_bad_image="fail"``.
+        """
+        indices = set(self._bad)
+        if self._skip_log is not None and self._skip_log.is_dir():
+            for log in self._skip_log.glob("*.txt"):
+                indices.update(int(line) for line in log.read_text().split())
+        return [str(self.root / self.records[i].path) for i in sorted(indices)]
+
     @property
     def num_skipped(self) -> int:
-        """Bad images skipped so far in this process."""
-        return len(self._bad)
+        """Number of images skipped so far in any process (``len(skipped())``)."""
+        return len(self.skipped())
 
     def __len__(self) -> int:
         return len(self.records)
@@ -324,15 +384,25 @@ class RecordDataset(Dataset):
             except BadImageError as err:
                 if self.on_bad_image == "fail":
                     raise
-                self._bad.add(i)
-                logger.warning(
-                    "Skipping unreadable image (%d in this process): %s", len(self._bad), err
-                )
+                self._skip(i, err)
                 continue
             if self.transform is not None:
                 image = self.transform(image)
             return image, record.label
         raise BadImageError(f"{type(self).__name__}: no readable image left in this split")
+
+    def _skip(self, index: int, err: BadImageError) -> None:
+        self._bad.add(index)
+        # The message, not the error: a record holding its traceback would keep the dataset.
+        logger.warning("Skipping unreadable image (on_bad_image=skip): %s", str(err))
+        assert self._skip_log is not None
+        try:
+            self._skip_log.mkdir(exist_ok=True)
+            # One small append per skip: whole lines, never interleaved across processes.
+            with open(self._skip_log / f"{os.getpid()}.txt", "a", encoding="utf-8") as f:
+                f.write(f"{index}\n")
+        except OSError as log_err:
+            logger.warning("Cannot record the skip in %s: %s", self._skip_log, log_err)
 
     def load_image(self, record: Record) -> Image.Image:
         """Opens one record's image as RGB, cropped as configured.
@@ -340,16 +410,7 @@ class RecordDataset(Dataset):
         Raises:
             BadImageError: The file is missing, truncated or not a decodable image.
         """
-        path = self.root / record.path
-        try:
-            with Image.open(path) as img:
-                # Decode now: a truncated file must fail here, under the policy, not later
-                # inside the transform where the path is no longer known.
-                img.load()
-                image = img if img.mode == "RGB" else img.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise BadImageError(f"cannot read image {path}: {err}") from err
-        return self.crop(image, record)
+        return self.crop(open_rgb(self.root / record.path), record)
 
     def crop(self, image: Image.Image, record: Record) -> Image.Image:
         """Crops to the record's box when ``box_crop`` is on (box clipped to the image).
@@ -380,12 +441,118 @@ class RecordDataset(Dataset):
         return f"{name}(root={str(self.root)!r}, images={len(self)}, classes={len(self.classes)})"
 
 
+class FileDataset(RecordDataset):
+    """A dataset read from files below a root folder: the base of every loader.
+
+    A subclass declares, as class attributes:
+
+    * ``source``: its :class:`~bcnn.data.source.DatasetSource` (title, layout, how to
+      obtain it, download URLs and MD5s);
+    * ``folders``: where below ``root`` the dataset folder may sit (``"."`` for ``root``
+      itself), the documented one first;
+    * ``files``: files and folders that must exist in it (the first one marks the folder);
+    * ``box_file``: the file of object boxes read when ``bbox_crop`` is on (``""`` when
+      the boxes come with the annotations, ``None`` when the dataset has none);
+
+    and implements :meth:`parse`. Options of its own are keyword arguments of its
+    ``__init__``, stored on ``self`` before it passes ``**common`` on to this one.
+    Constructing one validates the shared options, finds the dataset folder, checks its
+    files (one clear error naming what is missing), parses the official lists and
+    selects the split.
+
+    Args:
+        root: The folder holding the dataset (``dataset.root``).
+        split: ``train``, ``val``, ``trainval`` or ``test`` (see :func:`select_split`).
+        transform: A transform recipe (see :mod:`bcnn.data.transforms`) or a callable
+            applied to the PIL RGB image.
+        augment: Random crops and flips of the recipe (training) or not (evaluation).
+        val_fraction: Share of each class of the official train set held out as ``val``
+            (unused where the dataset has an official val set).
+        val_seed: Seed of that hold-out.
+        on_bad_image: ``"fail"`` or ``"skip"`` (see :class:`RecordDataset`).
+        bbox_crop: Crop every image to its annotated box (datasets with boxes only).
+        name: The dataset's name in results (default: ``source.name``).
+
+    Attributes:
+        name: As given.
+        split: As given.
+
+    Raises:
+        FileNotFoundError: A file the dataset needs is missing.
+        ValueError: An option is out of range, or an annotation file is inconsistent.
+    """
+
+    source: ClassVar[DatasetSource]
+    folders: ClassVar[tuple[str, ...]] = (".",)
+    files: ClassVar[tuple[str, ...]] = ()
+    box_file: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None,
+        split: str,
+        transform: Transform = None,
+        augment: bool = False,
+        val_fraction: float = 0.1,
+        val_seed: int = 0,
+        on_bad_image: str = "fail",
+        bbox_crop: bool = False,
+        name: str | None = None,
+    ) -> None:
+        check_options(split, val_fraction, on_bad_image)
+        if bbox_crop and self.box_file is None:
+            raise ValueError(f"{self.source.title} has no object boxes: set bbox_crop=false")
+        # Set before parsing, which may read them (iNat reads one split's file).
+        self.split, self.box_crop, self.on_bad_image = split, bool(bbox_crop), on_bad_image
+        folder = self.locate(root)
+        folder = require_files(folder, self.required_files(folder), self.source)
+        parsed = self.parse(folder)
+        records = select_split(
+            split,
+            train=parsed.train,
+            test=parsed.test,
+            val=parsed.val,
+            val_fraction=val_fraction,
+            val_seed=val_seed,
+        )
+        super().__init__(
+            folder, records, parsed.classes, transform, augment, on_bad_image, self.box_crop
+        )
+        self.name = name or self.source.name
+
+    def locate(self, root: str | os.PathLike | None) -> Path | None:
+        """The dataset folder below ``root``: the first of ``folders`` holding the first
+        required file (``None`` when ``root`` is)."""
+        return find_dataset_dir(root, self.required_files(None)[0], self.folders)
+
+    def required_files(self, folder: Path | None) -> list[str]:
+        """Files and folders the dataset folder must hold, with the options given.
+
+        Args:
+            folder: The dataset folder, for loaders whose files depend on what is there
+                (``None`` while it is being located).
+        """
+        return [*self.files, *([self.box_file] if self.box_crop and self.box_file else [])]
+
+    def parse(self, folder: Path) -> Splits:
+        """Reads the dataset's own files into its official lists and class names.
+
+        Args:
+            folder: The dataset folder, its required files checked.
+        """
+        raise NotImplementedError
+
+
 __all__ = [
     "BAD_IMAGE_POLICIES",
+    "SPLITS",
     "BadImageError",
     "Box",
+    "FileDataset",
     "Record",
     "RecordDataset",
+    "Splits",
+    "accepted_options",
     "check_options",
     "find_dataset_dir",
     "read_rows",

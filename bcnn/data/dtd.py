@@ -9,24 +9,14 @@ trains on) and ``test`` is ``test{k}``. Papers report the mean over partitions 1
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from bcnn.data.base import (
-    Record,
-    RecordDataset,
-    check_options,
-    find_dataset_dir,
-    read_rows,
-    require_files,
-    select_split,
-)
-from bcnn.data.download import SOURCES
+from bcnn.data.base import FileDataset, Record, Splits, read_rows
+from bcnn.data.source import Archive, DatasetSource
 
 
-class DTD(RecordDataset):
+class DTD(FileDataset):
     """DTD, one partition of its official splits.
 
     Classes are the sorted folder names that appear in the partition's three lists.
@@ -34,49 +24,54 @@ class DTD(RecordDataset):
     Args:
         root: ``data/dtd`` (holding ``dtd/``) or ``dtd/`` itself.
         split: ``train``, ``val``, ``trainval`` or ``test``.
-        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
-            applied to the PIL RGB image.
-        augment: Random crops and flips of the recipe (training) or not (evaluation).
-        val_fraction: Unused: DTD has official val lists. Accepted so every dataset has
-            the same signature.
-        val_seed: Unused, as ``val_fraction``.
-        on_bad_image: ``"fail"`` or ``"skip"`` (see :class:`RecordDataset`).
         partition: Which of the ten official splits, 1-10.
-
-    Raises:
-        FileNotFoundError: A list file or the image folder is missing.
+        **common: The options of :class:`~bcnn.data.base.FileDataset` (``val_fraction``
+            and ``val_seed`` are unused: DTD has official val lists).
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike | None,
-        split: str,
-        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
-        augment: bool = False,
-        val_fraction: float = 0.1,
-        val_seed: int = 0,
-        on_bad_image: str = "fail",
-        partition: int = 1,
-    ) -> None:
-        check_options(split, val_fraction, on_bad_image)
-        partition = int(partition)
-        if not 1 <= partition <= 10:
-            raise ValueError(f"DTD partition must be in 1..10, got {partition}")
-        source = SOURCES["dtd"]
-        lists = {s: f"labels/{s}{partition}.txt" for s in ("train", "val", "test")}
-        folder = find_dataset_dir(root, lists["train"], ("dtd", "."))
-        folder = require_files(
-            folder, [*lists.values(), "images"], source.title, source.how_to_obtain(), source.layout
-        )
+    source = DatasetSource(
+        name="dtd",
+        title="Describable Textures Dataset (DTD)",
+        homepage="https://www.robots.ox.ac.uk/~vgg/data/dtd/",
+        layout="""\
+<root>/                        e.g. data/dtd (root may also be dtd/ itself)
+  dtd/
+    images/<class>/<class>_<NNNN>.jpg
+    labels/{train,val,test}{1..10}.txt""",
+        variants={
+            "default": (
+                Archive(
+                    "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
+                    "fff73e5086ae6bdbea199a49dfb8a4c1",
+                    creates="dtd/labels/train1.txt",
+                ),
+            )
+        },
+    )
+    folders = ("dtd", ".")
 
-        # Lines look like "banded/banded_0002.jpg", relative to images/.
-        paths = {s: [row[0] for row in read_rows(folder / f, 0)] for s, f in lists.items()}
+    def __init__(
+        self, root: str | os.PathLike | None, split: str, *, partition: int = 1, **common: Any
+    ) -> None:
+        self.partition = int(partition)
+        if not 1 <= self.partition <= 10:
+            raise ValueError(f"DTD partition must be in 1..10, got {partition}")
+        super().__init__(root, split, **common)
+
+    def _lists(self) -> dict[str, str]:
+        return {s: f"labels/{s}{self.partition}.txt" for s in ("train", "val", "test")}
+
+    def required_files(self, folder: Path | None) -> list[str]:
+        """The partition's three lists and ``images/``."""
+        return [*self._lists().values(), "images"]
+
+    def parse(self, folder: Path) -> Splits:
+        """Reads the partition's lists (lines such as ``banded/banded_0002.jpg``)."""
+        paths = {s: [row[0] for row in read_rows(folder / f, 0)] for s, f in self._lists().items()}
         classes = sorted({p.split("/", 1)[0] for ps in paths.values() for p in ps})
         index = {name: i for i, name in enumerate(classes)}
         official = {
             s: [Record(f"images/{p}", index[p.split("/", 1)[0]]) for p in ps]
             for s, ps in paths.items()
         }
-        records = select_split(split, **official)
-        super().__init__(folder, records, classes, transform, augment, on_bad_image)
-        self.partition = partition
+        return Splits(classes, **official)

@@ -11,24 +11,16 @@ record each trial's split.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from bcnn.data.base import (
-    Record,
-    RecordDataset,
-    check_options,
-    find_dataset_dir,
-    require_files,
-    select_split,
-)
-from bcnn.data.download import SOURCES
+from bcnn.data.base import FileDataset, Record, Splits
+from bcnn.data.source import Archive, DatasetSource
 
 
-class FMD(RecordDataset):
+class FMD(FileDataset):
     """FMD with a seeded per-class train/test split.
 
     Only ``*.jpg`` files directly under ``image/<material>/`` are used: the archive also
@@ -38,40 +30,48 @@ class FMD(RecordDataset):
     Args:
         root: ``data/fmd`` (holding ``image/``).
         split: ``train``, ``val``, ``trainval`` or ``test``.
-        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
-            applied to the PIL RGB image.
-        augment: Random crops and flips of the recipe (training) or not (evaluation).
-        val_fraction: Share of each class of the train half held out as ``val``.
-        val_seed: Seed of that hold-out.
-        on_bad_image: ``"fail"`` or ``"skip"`` (see :class:`RecordDataset`).
         trial: Seed of the train/test split (trials 1-10 in the usual protocol).
         train_fraction: Share of each class in the train half (0.5: 50 of 100).
-
-    Raises:
-        FileNotFoundError: ``image/`` is missing.
+        **common: The options of :class:`~bcnn.data.base.FileDataset`.
     """
+
+    source = DatasetSource(
+        name="fmd",
+        title="Flickr Material Database (FMD)",
+        homepage="https://people.csail.mit.edu/celiu/CVPR2010/FMD/",
+        layout="""\
+<root>/                        e.g. data/fmd (the zip has no top folder)
+  image/<material>/<material>_<moderate|object|final>_<NNN>_new.jpg
+  mask/...                     (not used)""",
+        variants={
+            "default": (
+                Archive(
+                    "http://people.csail.mit.edu/celiu/CVPR2010/FMD/FMD.zip",
+                    "0721ba72cd981aa9599a81bbfaaebd75",
+                    creates="image",
+                ),
+            )
+        },
+    )
+    folders = (".", "FMD")
+    files = ("image",)
 
     def __init__(
         self,
         root: str | os.PathLike | None,
         split: str,
-        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
-        augment: bool = False,
-        val_fraction: float = 0.1,
-        val_seed: int = 0,
-        on_bad_image: str = "fail",
+        *,
         trial: int = 1,
         train_fraction: float = 0.5,
+        **common: Any,
     ) -> None:
-        check_options(split, val_fraction, on_bad_image)
         if not 0.0 < train_fraction < 1.0:
             raise ValueError(f"FMD train_fraction must be in (0, 1), got {train_fraction}")
-        source = SOURCES["fmd"]
-        folder = find_dataset_dir(root, "image", (".", "FMD"))
-        folder = require_files(
-            folder, ["image"], source.title, source.how_to_obtain(), source.layout
-        )
+        self.trial, self.train_fraction = int(trial), train_fraction
+        super().__init__(root, split, **common)
 
+    def parse(self, folder: Path) -> Splits:
+        """Lists each material's images and splits them with the trial's generators."""
         image_dir = folder / "image"
         classes = sorted(
             d.name for d in image_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
@@ -84,13 +84,9 @@ class FMD(RecordDataset):
                 for f in (image_dir / name).iterdir()
                 if f.suffix.lower() == ".jpg" and not f.name.startswith(".") and f.is_file()
             )
-            order = np.random.default_rng([int(trial), label]).permutation(len(files))
-            n_train = int(train_fraction * len(files) + 0.5)
+            order = np.random.default_rng([self.trial, label]).permutation(len(files))
+            n_train = int(self.train_fraction * len(files) + 0.5)
             records = [Record(f"image/{name}/{files[j]}", label) for j in order]
             train += sorted(records[:n_train])
             test += sorted(records[n_train:])
-        records = select_split(
-            split, train=train, test=test, val_fraction=val_fraction, val_seed=val_seed
-        )
-        super().__init__(folder, records, classes, transform, augment, on_bad_image)
-        self.trial = int(trial)
+        return Splits(classes, train, test)

@@ -16,21 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from bcnn.data.base import (
-    Record,
-    RecordDataset,
-    check_options,
-    find_dataset_dir,
-    require_files,
-    select_split,
-)
-from bcnn.data.download import SOURCES
+from bcnn.data.base import FileDataset, Record, Splits, find_dataset_dir
+from bcnn.data.source import Archive, DatasetSource
 
 # version -> (train JSON, val JSON); the 2021 "mini" train set swaps in train_mini.json.
 ANNOTATIONS = {
@@ -39,6 +29,31 @@ ANNOTATIONS = {
     2021: ("train.json", "val.json"),
 }
 TAXONOMY_FIELDS = ("kingdom", "phylum", "class", "order", "family", "genus")
+
+_S3 = "https://ml-inat-competition-datasets.s3.amazonaws.com"
+
+
+def _archives(version: str, files: dict[str, str | None], creates: str = "") -> tuple[Archive, ...]:
+    """One version's downloads: ``name -> md5`` under ``<_S3>/<version>/``, into ``<version>/``.
+
+    Each creates the file or folder its name starts with (``val.json.tar.gz`` creates
+    ``val.json``), unless ``creates`` names one for all.
+    """
+    return tuple(
+        Archive(
+            f"{_S3}/{version}/{name}",
+            md5,
+            subdir=version,
+            creates=f"{version}/{creates or name.removesuffix('.tar.gz')}",
+        )
+        for name, md5 in files.items()
+    )
+
+
+_VAL_2021 = {
+    "val.tar.gz": "f6f6e0e242e3d4c9569ba56400938afc",
+    "val.json.tar.gz": "4d761e0f6a86cc63e8f7afc91f6a8f0b",
+}
 
 
 def select_categories(
@@ -68,28 +83,25 @@ def select_categories(
     )
 
 
-class INaturalist(RecordDataset):
+class INaturalist(FileDataset):
     """iNaturalist from its JSON annotations, optionally one supercategory.
 
     Images and labels are joined on ``image_id`` (never on list position: the
     ``images`` and ``annotations`` lists need not be aligned). Labels index the kept
     categories in JSON list order. For 2018, an optional ``categories.json`` next to the
     annotations (the un-obfuscated release) replaces category names and taxonomy by id.
+    Only the JSON file of the split asked for is read (the official val JSON for
+    ``test``, the train JSON otherwise).
 
     Args:
         root: ``data/inat`` holding one folder per version (``2018/``...), or the
             version folder itself. Image paths are the JSON ``file_name`` relative to it.
         split: ``train``, ``val``, ``trainval`` or ``test`` (see the module docstring).
-        transform: A transform recipe (see ``bcnn.data.transforms``) or a callable
-            applied to the PIL RGB image.
-        augment: Random crops and flips of the recipe (training) or not (evaluation).
-        val_fraction: Share of each class of the official train set held out as ``val``.
-        val_seed: Seed of that hold-out.
-        on_bad_image: ``"fail"`` or ``"skip"`` (see :class:`RecordDataset`).
         version: 2017, 2018 or 2021.
         supercategory: Keep only this supercategory (``Aves``, ``Plantae``... or the
             2021 English names ``Birds``, ``Plants``...); ``None`` keeps all.
         mini: 2021 only: train on ``train_mini.json`` (50 images per species).
+        **common: The options of :class:`~bcnn.data.base.FileDataset`.
 
     Attributes:
         categories: The kept category dicts; ``categories[label]`` has ``id``, ``name``,
@@ -97,25 +109,67 @@ class INaturalist(RecordDataset):
         category_ids: JSON category id of each label.
 
     Raises:
-        FileNotFoundError: The split's JSON file is missing.
         ValueError: Unknown version, ``mini`` with 2017/2018, an unknown supercategory,
             or a JSON without annotations (a test-set file).
     """
+
+    source = DatasetSource(
+        name="inat",
+        title="iNaturalist 2017 / 2018 / 2021",
+        homepage="https://github.com/visipedia/inat_comp",
+        layout="""\
+<root>/                        e.g. data/inat; one folder per version:
+  2017/  train2017.json  val2017.json   train_val_images/<Super>/<species>/<md5>.jpg
+  2018/  train2018.json  val2018.json  [categories.json: real names]
+         train_val2018/<Super>/<category id>/<md5>.jpg
+  2021/  train.json or train_mini.json  val.json
+         train/ or train_mini/<NNNNN_Kingdom_..._species>/<uuid>.jpg   val/...""",
+        default_variant="2018",
+        variants={
+            "2017": (
+                *_archives("2017", {"train_val_images.tar.gz": "7c784ea5e424efaec655bd392f87301f"}),
+                *_archives("2017", {"train_val2017.zip": None}, creates="train2017.json"),
+            ),
+            "2018": (
+                *_archives("2018", {"train_val2018.tar.gz": "b1c6952ce38f31868cc50ea72d066cc3"}),
+                *_archives(
+                    "2018",
+                    {
+                        "train2018.json.tar.gz": "bfa29d89d629cbf04d826a720c0a68b0",
+                        "val2018.json.tar.gz": "f2ed8bfe3e9901cdefceb4e53cd3775d",
+                        "categories.json.tar.gz": None,
+                    },
+                ),
+            ),
+            "2021": _archives(
+                "2021",
+                {
+                    "train.tar.gz": "e0526d53c7f7b2e3167b2b43bb2690ed",
+                    "train.json.tar.gz": "38a7bb733f7a09214d44293460ec0021",
+                    **_VAL_2021,
+                },
+            ),
+            "2021_mini": _archives(
+                "2021",
+                {
+                    "train_mini.tar.gz": "db6ed8330e634445efc8fec83ae81442",
+                    "train_mini.json.tar.gz": "395a35be3651d86dc3b0d365b8ea5f92",
+                    **_VAL_2021,
+                },
+            ),
+        },
+    )
 
     def __init__(
         self,
         root: str | os.PathLike | None,
         split: str,
-        transform: Mapping[str, Any] | Callable[[Image.Image], Any] | None = None,
-        augment: bool = False,
-        val_fraction: float = 0.1,
-        val_seed: int = 0,
-        on_bad_image: str = "fail",
+        *,
         version: int = 2018,
         supercategory: str | None = None,
         mini: bool = False,
+        **common: Any,
     ) -> None:
-        check_options(split, val_fraction, on_bad_image)
         version = int(version)
         if version not in ANNOTATIONS:
             raise ValueError(
@@ -123,37 +177,36 @@ class INaturalist(RecordDataset):
             )
         if mini and version != 2021:
             raise ValueError("iNaturalist mini=True exists only for version 2021 (train_mini.json)")
-        train_json, val_json = ANNOTATIONS[version]
-        if mini:
-            train_json = "train_mini.json"
-        json_name = val_json if split == "test" else train_json
-        source = SOURCES["inat"]
-        folder = find_dataset_dir(root, json_name, (str(version), "."))
-        folder = require_files(
-            folder, [json_name], source.title, source.how_to_obtain(), source.layout
-        )
-
-        with open(folder / json_name, encoding="utf-8") as f:
-            data = json.load(f)
-        categories = (
-            self._real_names(data["categories"], folder / "categories.json")
-            if version == 2018
-            else data["categories"]
-        )
-        self.categories = select_categories(categories, supercategory)
-        self.category_ids = [c["id"] for c in self.categories]
         self.version, self.supercategory, self.mini = version, supercategory, mini
+        super().__init__(root, split, **common)
 
-        records = self._join(
-            data, folder / json_name, {cid: label for label, cid in enumerate(self.category_ids)}
-        )
-        del data
-        if split != "test":
-            records = select_split(
-                split, train=records, test=[], val_fraction=val_fraction, val_seed=val_seed
-            )
+    def locate(self, root: str | os.PathLike | None) -> Path | None:
+        """The version's folder below ``root``, or ``root`` itself."""
+        return find_dataset_dir(root, self.required_files(None)[0], (str(self.version), "."))
+
+    def required_files(self, folder: Path | None) -> list[str]:
+        """The JSON file of the split: the official val JSON for ``test``."""
+        train_json, val_json = ANNOTATIONS[self.version]
+        if self.split == "test":
+            return [val_json]
+        return ["train_mini.json" if self.mini else train_json]
+
+    def parse(self, folder: Path) -> Splits:
+        """Reads the split's JSON; its records are ``train`` (carved) or ``test``."""
+        path = folder / self.required_files(folder)[0]
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        categories = data["categories"]
+        if self.version == 2018:
+            categories = self._real_names(categories, folder / "categories.json")
+        self.categories = select_categories(categories, self.supercategory)
+        self.category_ids = [c["id"] for c in self.categories]
+        label_of = {cid: label for label, cid in enumerate(self.category_ids)}
+        records = self._join(data, path, label_of)
         classes = [str(c["name"]) for c in self.categories]
-        super().__init__(folder, records, classes, transform, augment, on_bad_image)
+        if self.split == "test":
+            return Splits(classes, train=[], test=records)
+        return Splits(classes, train=records, test=[])
 
     @staticmethod
     def _real_names(categories: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ class SyntheticDataset(Dataset):
         cell_noise: Probability that a cell's colour is drawn at random instead.
         pixel_noise: Standard deviation of the Gaussian noise added to every pixel.
         seed: Seed of the palette, the classes and the images.
+        name: The dataset's name in results.
 
     Items are ``(image, label)`` with ``image`` a uint8 tensor (3, S, S).
     """
@@ -66,6 +67,7 @@ class SyntheticDataset(Dataset):
         cell_noise: float = 0.1,
         pixel_noise: float = 0.3,
         seed: int = 0,
+        name: str = "synthetic",
     ) -> None:
         if num_classes > math.factorial(num_textons):
             raise ValueError(
@@ -78,7 +80,25 @@ class SyntheticDataset(Dataset):
             )
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"synthetic: val_fraction must be in [0, 1), got {val_fraction}")
-        self.split = split
+        self.split, self.name = split, name
+        self._make_textons(num_classes, num_textons, cell_size, seed)
+        self._cfg = dict(
+            image_size=image_size,
+            cell_size=cell_size,
+            cell_noise=cell_noise,
+            pixel_noise=pixel_noise,
+        )
+        if split == "test":
+            images, labels = self._generate(test_size, seed * 1000 + 2)
+        else:
+            images, labels = self._generate(trainval_size, seed * 1000 + 1)
+            keep = self._split_indices(split, trainval_size, val_fraction, val_seed)
+            images, labels = images[keep], labels[keep]
+        self.images = images
+        self.targets = labels.tolist()
+
+    def _make_textons(self, num_classes: int, num_textons: int, cell_size: int, seed: int) -> None:
+        """Draws the class pairings and the palette; builds the stripe patterns."""
         gen = torch.Generator().manual_seed(seed)
         perms = list(itertools.permutations(range(num_textons)))
         chosen = torch.randperm(len(perms), generator=gen)[:num_classes]
@@ -96,30 +116,19 @@ class SyntheticDataset(Dataset):
         self.stripes = torch.stack(
             [torch.cos(math.pi / 2 * (xx * math.cos(a) + yy * math.sin(a))) for a in angles]
         )  # (K, cell, cell), period of 4 pixels
-        self._cfg = dict(
-            image_size=image_size,
-            cell_size=cell_size,
-            cell_noise=cell_noise,
-            pixel_noise=pixel_noise,
-        )
 
-        if split == "test":
-            images, labels = self._generate(test_size, seed * 1000 + 2)
-        else:
-            images, labels = self._generate(trainval_size, seed * 1000 + 1)
-            order = torch.randperm(trainval_size, generator=torch.Generator().manual_seed(val_seed))
-            n_val = round(val_fraction * trainval_size)
-            if split == "val":
-                keep = order[:n_val]
-            elif split == "train":
-                keep = order[n_val:]
-            elif split == "trainval":
-                keep = torch.arange(trainval_size)
-            else:
-                raise ValueError(f"synthetic: unknown split {split!r}")
-            images, labels = images[keep], labels[keep]
-        self.images = images
-        self.targets = labels.tolist()
+    @staticmethod
+    def _split_indices(split: str, n: int, val_fraction: float, val_seed: int) -> torch.Tensor:
+        """Indices into the ``n`` trainval images of ``train``, ``val`` or ``trainval``."""
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(val_seed))
+        n_val = round(val_fraction * n)
+        if split == "val":
+            return order[:n_val]
+        if split == "train":
+            return order[n_val:]
+        if split == "trainval":
+            return torch.arange(n)
+        raise ValueError(f"synthetic: unknown split {split!r}")
 
     def _generate(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         size, cell = self._cfg["image_size"], self._cfg["cell_size"]
@@ -143,3 +152,7 @@ class SyntheticDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], self.targets[index]
+
+    def skipped(self) -> list[str]:
+        """Nothing is ever skipped: the images are generated (the datasets' common API)."""
+        return []

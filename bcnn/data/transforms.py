@@ -26,7 +26,9 @@ RECIPES = ("short_side", "square", "resize_crop")
 _KEYS = {"recipe", "size", "resize", "hflip"}
 
 
-def build_transforms(recipe: Mapping[str, Any] | None, augment: bool) -> Callable[[Any], torch.Tensor]:
+def build_transforms(
+    recipe: Mapping[str, Any] | None, augment: bool
+) -> Callable[[Any], torch.Tensor]:
     """Builds the transform for one split.
 
     Args:

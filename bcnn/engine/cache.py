@@ -37,6 +37,7 @@ import torch
 from filelock import FileLock, Timeout
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from bcnn.engine import distributed as D
 from bcnn.engine.loops import autocast
@@ -225,19 +226,23 @@ class ViewAverage(nn.Module):
     """The classifier on cached descriptors.
 
     In training mode it maps one view (B, *shape) to logits; in eval mode all views
-    (B, V, *shape) to the log of their averaged softmax (flip-averaged test scores).
+    (B, V, *shape) to the log of their averaged softmax (flip-averaged test scores), or to
+    their averaged scores for a classifier whose ``average_views`` is ``"scores"`` (SVMs).
     """
 
     def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
         self.classifier = classifier
+        self.average = getattr(classifier, "average_views", "softmax")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, *shape) -> (B, C) logits (training), (B, V, *shape) -> (B, C) (eval)."""
         if self.training:
             return self.classifier(z)
-        probs = self.classifier(z.flatten(0, 1)).float().softmax(-1)
-        return probs.view(*z.shape[:2], -1).mean(1).log()
+        scores = self.classifier(z.flatten(0, 1)).float()
+        if self.average == "scores":
+            return scores.view(*z.shape[:2], -1).mean(1)
+        return scores.softmax(-1).view(*z.shape[:2], -1).mean(1).log()
 
 
 @torch.no_grad()
@@ -254,6 +259,7 @@ def build_cache(
     precision: str,
     num_workers: int,
     env: D.DistEnv,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Computes (or reuses) the descriptors of ``dataset`` under ``model.features``.
 
@@ -269,6 +275,7 @@ def build_cache(
         precision: Autocast setting for the backbone.
         num_workers: DataLoader workers.
         env: The distributed environment: each process computes its share of images.
+        progress: Show a progress bar over the batches (this process's share).
 
     Returns:
         Read-only memory maps: features (N, views, D) and labels (N,).
@@ -285,7 +292,7 @@ def build_cache(
             log.info("Reusing the feature cache %s", final)
         else:
             _write(model, dataset, folder, key, identity, views, dtype, batch_size, device,
-                   precision, num_workers, env)  # fmt: skip
+                   precision, num_workers, env, progress)  # fmt: skip
     features = np.load(final / "features.npy", mmap_mode="r")
     return features, np.load(final / "labels.npy")
 
@@ -303,6 +310,7 @@ def _write(
     precision: str,
     num_workers: int,
     env: D.DistEnv,
+    progress: bool,
 ) -> None:
     """Computes the descriptors into a partial folder of this run, then renames it into place."""
     model.eval()
@@ -340,7 +348,8 @@ def _write(
         rows = list(range(env.rank, n, env.world_size))
         loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers)
         done = 0
-        for images, targets in loader:
+        desc = f"caching {identity.get('split', '')} descriptors"
+        for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
             images = images.to(device, non_blocking=True)
             idx = rows[done : done + len(targets)]
             with autocast(device, precision):

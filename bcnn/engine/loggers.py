@@ -1,12 +1,33 @@
-"""Metric loggers. ``metrics.csv`` and ``curves.png`` are always written; wandb is optional."""
+"""Metric loggers: ``metrics.csv`` and ``curves.png`` always, TensorBoard and wandb on request.
+
+The trainer builds ``cfg.logger`` with ``output_dir`` and ``run_config`` and talks to the
+result through five calls: ``restore(rows)`` (a resumed run's history), ``log_epoch(row)``,
+``log_summary(results)``, ``close()``, and ``state_dict()`` / ``load_state_dict(state)``
+(what a checkpoint keeps, e.g. the wandb run id, so that a resumed run continues the same
+wandb run).
+
+Every option of the ``logger`` config group is a :class:`Loggers` node with one backend
+under its own key, so selecting several options merges them into one node::
+
+    python train.py logger=tensorboard            # metrics.csv + TensorBoard
+    python train.py logger=[tensorboard,wandb]    # metrics.csv + TensorBoard + wandb
+    python train.py logger=wandb logger.wandb.mode=online
+
+:class:`Loggers` always adds the CSV logger: ``metrics.csv`` and ``curves.png`` are written
+whatever the selection.
+"""
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from bcnn.engine.curves import plot_training_curves
 
@@ -22,6 +43,18 @@ COLUMNS = (
     "val_mean_class_acc",
     "seconds",
 )
+
+
+def _numbers(mapping: Mapping[str, Any], skip: Sequence[str] = ()) -> dict[str, float]:
+    """The finite int/float values of ``mapping`` (NaN means "not measured": left out)."""
+    return {
+        k: float(v)
+        for k, v in mapping.items()
+        if k not in skip
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    }
 
 
 class CSVLogger:
@@ -43,7 +76,7 @@ class CSVLogger:
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: row.get(k) for k in COLUMNS} for row in rows)
         tmp.replace(self.path)
 
     def log_epoch(self, row: Mapping[str, Any]) -> None:
@@ -63,9 +96,102 @@ class CSVLogger:
         if self.path.exists():
             plot_training_curves(self.path, self.curves)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this logger (nothing: the history rebuilds the file)."""
+        return {}
 
-class WandbLogger(CSVLogger):
-    """Weights & Biases logging on top of ``metrics.csv``; offline unless configured.
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Restores ``state_dict()``'s content (nothing to restore)."""
+
+
+class TensorBoardLogger:
+    """TensorBoard event files under ``<output_dir>/<log_dir>``: scalars ``<stage>/<key>``
+    per epoch (x axis: epochs over all stages), the final results under ``final/``, and the
+    run's config as text.
+
+    A resumed run drops the events its previous process wrote after the checkpoint
+    (``purge_step``), so no epoch appears twice.
+
+    Args:
+        output_dir: The run directory.
+        run_config: The resolved config, recorded as text.
+        log_dir: Sub-folder of the event files (``tensorboard --logdir <run dir>``).
+        flush_secs: How often the writer flushes to disk.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        run_config: Mapping[str, Any] | None = None,
+        log_dir: str = "tensorboard",
+        flush_secs: int = 30,
+    ) -> None:
+        try:
+            import tensorboard  # noqa: F401  (what torch.utils.tensorboard writes with)
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError(
+                "logger=tensorboard needs the tensorboard package: pip install "
+                "'bcnn[tensorboard]' (or use logger=csv)"
+            ) from err
+        self._writer_class = SummaryWriter
+        self.dir = Path(output_dir) / log_dir
+        self.flush_secs = flush_secs
+        self.run_config = dict(run_config or {})
+        self.step = 0
+        self._writer: Any = None
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``, opened on first use (after a resume has set ``step``)."""
+        if self._writer is None:
+            self._writer = self._writer_class(
+                str(self.dir), flush_secs=self.flush_secs, purge_step=self.step or None
+            )
+            if self.step == 0 and self.run_config:
+                text = OmegaConf.to_yaml(OmegaConf.create(self.run_config))
+                self._writer.add_text("config", f"```yaml\n{text}\n```", 0)
+        return self._writer
+
+    def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Continues after the ``rows`` a resumed checkpoint carries."""
+        self.step = len(rows)
+
+    def log_epoch(self, row: Mapping[str, Any]) -> None:
+        """Adds one epoch's scalars at the next step."""
+        stage = row.get("stage", "train")
+        for key, value in _numbers(row, skip=("stage", "epoch")).items():
+            self.writer.add_scalar(f"{stage}/{key}", value, self.step)
+        self.step += 1
+
+    def log_summary(self, results: Mapping[str, Any]) -> None:
+        """Adds the final accuracies (``final/<key>``) and those of each stage."""
+        for key, value in _numbers(results, skip=("num_parameters", "world_size")).items():
+            self.writer.add_scalar(f"final/{key}", value, self.step)
+        for stage, values in (results.get("stages") or {}).items():
+            for key, value in _numbers(values).items():
+                self.writer.add_scalar(f"final/{stage}/{key}", value, self.step)
+
+    def close(self) -> None:
+        """Flushes and closes the event file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: ``restore`` sets the step from the checkpoint's history."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Nothing to restore (see ``state_dict``)."""
+
+
+class WandbLogger:
+    """Weights & Biases logging; offline unless configured.
+
+    The run is started on first use with a run id kept in ``state_dict()``: the trainer
+    stores it in every checkpoint and hands it back on resume, so the resumed process
+    continues the same wandb run instead of starting a second one.
 
     Args:
         output_dir: The run directory; wandb's files go under it.
@@ -74,6 +200,7 @@ class WandbLogger(CSVLogger):
         entity: wandb entity (team or user); ``None`` uses the account's default.
         mode: ``offline`` (default: nothing leaves the machine), ``online`` or ``disabled``.
         tags: Run tags.
+        name: Run name shown by wandb (``None``: wandb picks one).
     """
 
     def __init__(
@@ -84,8 +211,8 @@ class WandbLogger(CSVLogger):
         entity: str | None = None,
         mode: str = "offline",
         tags: Sequence[str] = (),
+        name: str | None = None,
     ) -> None:
-        super().__init__(output_dir, run_config)
         try:
             import wandb
         except ImportError as err:
@@ -93,26 +220,127 @@ class WandbLogger(CSVLogger):
                 "logger=wandb needs the wandb package: pip install 'bcnn[wandb]' "
                 "(or use the default logger=csv)"
             ) from err
-        self.run = wandb.init(
+        self._wandb = wandb
+        self.settings = dict(
             project=project,
             entity=entity,
             mode=mode,
             tags=list(tags),
+            name=name,
             dir=str(output_dir),
             config=dict(run_config or {}),
-            resume="allow",
         )
+        # wandb ids are lowercase letters and digits; this one is chosen here so that the
+        # checkpoint can keep it before the run starts.
+        self.run_id: str = secrets.token_hex(6)
+        self._run: Any = None
+
+    @property
+    def run(self) -> Any:
+        """The wandb run, started (or resumed, by ``run_id``) on first use."""
+        if self._run is None:
+            self._run = self._wandb.init(id=self.run_id, resume="allow", **self.settings)
+        return self._run
+
+    def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Nothing to rewrite: the resumed wandb run already holds the earlier epochs."""
 
     def log_epoch(self, row: Mapping[str, Any]) -> None:
-        super().log_epoch(row)
-        stage = row["stage"]
-        self.run.log({f"{stage}/{k}": v for k, v in row.items() if k != "stage"})
+        """Logs ``<stage>/<key>`` for each number of the row."""
+        stage = row.get("stage", "train")
+        self.run.log({f"{stage}/{k}": v for k, v in _numbers(row, skip=("stage",)).items()})
 
     def log_summary(self, results: Mapping[str, Any]) -> None:
-        for key, value in results.items():
-            if isinstance(value, (int, float)):
-                self.run.summary[key] = value
+        """Sets the run's summary to the final results."""
+        for key, value in _numbers(results).items():
+            self.run.summary[key] = value
 
     def close(self) -> None:
-        super().close()
-        self.run.finish()
+        """Finishes the run."""
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"run_id": ...}``: the id a resumed run continues."""
+        return {"run_id": self.run_id}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Adopts a checkpoint's run id (before the run starts)."""
+        if state and state.get("run_id"):
+            if self._run is not None and self._run.id != state["run_id"]:
+                raise RuntimeError("WandbLogger.load_state_dict: the wandb run already started")
+            self.run_id = str(state["run_id"])
+
+
+class Loggers:
+    """Several loggers behind the interface of one; the CSV logger is always among them.
+
+    Args:
+        output_dir: The run directory.
+        run_config: The resolved config.
+        **backends: Logger config nodes by name (``_target_`` plus options), built with
+            ``output_dir`` and ``run_config``; ``None`` values are dropped
+            (``logger.wandb=null``). A ``csv`` key is added when missing.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        run_config: Mapping[str, Any] | None = None,
+        **backends: Any,
+    ) -> None:
+        from bcnn.config import instantiate
+
+        self.loggers: dict[str, Any] = {}
+        if "csv" not in backends:
+            self.loggers["csv"] = CSVLogger(output_dir, run_config)
+        for name, node in backends.items():
+            if node is None:
+                continue
+            if isinstance(node, Mapping) and not isinstance(node, DictConfig):
+                node = OmegaConf.create(dict(node))
+            if not isinstance(node, DictConfig) or "_target_" not in node:
+                raise ValueError(
+                    f"Invalid config value for 'logger.{name}': a logger needs a _target_ "
+                    "(choose logger=csv, tensorboard or wandb, or a list of them)"
+                )
+            self.loggers[name] = instantiate(
+                node, output_dir=output_dir, run_config=run_config, _recursive_=False
+            )
+
+    def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Passes a resumed run's history to every logger."""
+        for logger in self.loggers.values():
+            logger.restore(rows)
+
+    def log_epoch(self, row: Mapping[str, Any]) -> None:
+        """Logs one epoch with every logger."""
+        for logger in self.loggers.values():
+            logger.log_epoch(row)
+
+    def log_summary(self, results: Mapping[str, Any]) -> None:
+        """Logs the final results with every logger."""
+        for logger in self.loggers.values():
+            logger.log_summary(results)
+
+    def close(self) -> None:
+        """Closes every logger, the CSV logger (curves.png) even when another one fails."""
+        errors = []
+        for name, logger in self.loggers.items():
+            try:
+                logger.close()
+            except Exception as err:  # one failing backend must not lose the others' files
+                log.warning("Closing the %s logger failed: %s", name, err)
+                errors.append(err)
+        if errors:
+            raise errors[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each logger's state by name."""
+        return {name: logger.state_dict() for name, logger in self.loggers.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Hands each logger its part of a checkpoint's ``state_dict()``."""
+        for name, logger in self.loggers.items():
+            logger.load_state_dict((state or {}).get(name))

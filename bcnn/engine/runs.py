@@ -90,7 +90,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         classes = [str(i) for i in range(num_classes)]
     # The weights are about to be replaced: no download, no weights file needed. The input
     # convention a weights file brought (MatConvNet's) is restored from the checkpoint.
-    with _without_weight_sources(config):
+    with without_weight_sources(config):
         model = build_model(config, len(classes))
     if ckpt.get("input_spec"):
         spec = ckpt["input_spec"]
@@ -103,7 +103,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
 
 
 @contextlib.contextmanager
-def _without_weight_sources(config: DictConfig) -> Iterator[None]:
+def without_weight_sources(config: DictConfig) -> Iterator[None]:
     """Sets every ``pretrained`` of the backbone config to false, and every ``weights`` whose
     file is gone to null, for the block."""
     saved: list[tuple[DictConfig, str, Any]] = []

@@ -38,6 +38,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,11 @@ from bcnn.engine.checkpoint import (
     load_resumable,
     resolve_checkpoint,
     rng_state,
+    save_atomic,
     save_checkpoint,
     set_rng_state,
 )
-from bcnn.engine.loops import EpochStats, evaluate, train_one_epoch
+from bcnn.engine.loops import EpochStats, autocast, evaluate, train_one_epoch
 from bcnn.engine.metrics import ConfusionMeter
 from bcnn.models import BilinearModel, build_model
 from bcnn.validation import ConfigError
@@ -439,6 +441,7 @@ class _Run:
                 precision=self.precision,
                 num_workers=self.tcfg.num_workers,
                 env=self.env,
+                progress=self._progress,
             )
             shape = self.model.descriptor_shape.dims
             cached[role] = CachedViews(feats, labels, train=role == "train", shape=shape)
@@ -477,6 +480,8 @@ class _Run:
             "config": self.resolved,
             "classes": list(self.datasets["train"].classes),
             "input_spec": dataclasses.asdict(self.model.input_spec),
+            # What the logger needs to continue on resume (e.g. the wandb run id).
+            "logger": self.logger.state_dict() if self.logger is not None else None,
         }
 
     # ---- the run ------------------------------------------------------------------------
@@ -504,7 +509,9 @@ class _Run:
             self.stage_results = dict(self.ckpt["stage_results"])
             start_stage, start_epoch = self.ckpt["stage_index"], self.ckpt["next_epoch"]
             if main:
+                self.logger.load_state_dict(self.ckpt.get("logger"))
                 self.logger.restore(self.history)
+        self._fit_pooling()
         t_start = time.time()
         for index, name in enumerate(tcfg.stages):
             if index >= start_stage:
@@ -535,12 +542,38 @@ class _Run:
         )  # fmt: skip
         return results
 
+    def _fit_pooling(self) -> None:
+        """Fits a pooling head that learns from data before any training (the Fisher
+        vector's GMM), on backbone maps of the training images in a fixed order."""
+        pooling = self.model.pooling
+        if not getattr(pooling, "needs_fit", False):
+            return
+        ds = instantiate(self.cfg.dataset, split=self.split_names["train"], augment=False)
+        bs = self.tcfg.eval_batch_size or self.tcfg[self.tcfg.stages[0]].batch_size
+        loader = DataLoader(ds, batch_size=bs, num_workers=self.tcfg.num_workers)
+        self.model.eval()
+
+        def maps() -> Iterator[torch.Tensor]:
+            # No context manager in here: fit() may stop the generator early, and a
+            # suspended no_grad/autocast block would leak into the caller.
+            for images, _ in loader:
+                yield self.model.backbone(self.model.normalize_input(images.to(self.device)))
+
+        with torch.no_grad(), autocast(self.device, self.precision):
+            info = pooling.fit(maps())
+        log.info(
+            "Fitted the pooling head on %d local features (%d EM iterations)",
+            info["samples"], info.get("iterations", -1),
+        )  # fmt: skip
+
     def _run_stage(self, index: int, name: str, resume: dict | None, start_epoch: int) -> None:
         stage: StageConfig = OmegaConf.to_object(self.tcfg[name])
         finetune = name == "finetune"
         self.model.freeze_backbone(not finetune)
         eval_bs = self.tcfg.eval_batch_size or stage.batch_size
         inputs = self._stage_inputs(finetune, eval_bs, stage.batch_size)
+        if getattr(self.model.classifier, "trains_on_cache", False):
+            return self._fit_classifier(index, name, stage, inputs, eval_bs)
         optimizer, scheduler, scaler, selection = self._optimization(
             name, stage, resume, start_epoch
         )
@@ -663,6 +696,31 @@ class _Run:
             persistent_workers=inputs.workers > 0,
         )
         return net, sampler, loader
+
+    def _fit_classifier(
+        self, index: int, name: str, stage: StageConfig, inputs: _StageInputs, eval_bs: int
+    ) -> None:
+        """A classifier trained on the cached descriptors in one go (SVMs), as one epoch."""
+        if not isinstance(inputs.train, CachedViews):
+            raise ValueError(
+                f"classifier={type(self.model.classifier).__name__} trains on cached "
+                "descriptors: it needs the feature cache (trainer.cache_features=auto or true) "
+                "and a model whose only trainable layer after the backbone is the classifier"
+            )
+        t0 = time.time()
+        info = self.model.classifier.fit(inputs.train.features, inputs.train.labels)
+        # One row for the whole fit: the objective per training view, training accuracy.
+        n = int(np.prod(inputs.train.features.shape[:2]))
+        stats = EpochStats(info["objective"], round(info["train_accuracy"] * n), n)
+        val = None
+        if inputs.val is not None and len(inputs.val) > 0:
+            val = self._evaluate(inputs, inputs.val, eval_bs, False, "val")
+        row = self._log_epoch(name, 0, 1, math.nan, stats, val, time.time() - t0)
+        selection = _Selection(row["val_acc"] if val else 0.0, 0)
+        if self.env.is_main:
+            save_atomic(self._state((index, 1), selection), self.ckdir / "best.pt")
+        stage_one_epoch = dataclasses.replace(stage, epochs=1)
+        self._finish_stage(index, name, stage_one_epoch, inputs, selection, eval_bs)
 
     @property
     def _progress(self) -> bool:

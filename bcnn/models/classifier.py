@@ -8,6 +8,7 @@ matrices when it ends before that (the low-rank bilinear classifier reads the ma
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -117,3 +118,71 @@ class LowRankBilinearClassifier(nn.Module):
             f"shape={self.shape}, num_classes={self.num_classes}, rank={self.rank}, "
             f"symmetric={self.symmetric}, bias={self.bias is not None}"
         )
+
+
+class SVMClassifier(LinearClassifier):
+    """One-vs-all linear SVMs on the descriptors, as the papers' no-fine-tuning rows.
+
+    A linear layer whose weights are not learned by gradient descent: the trainer's
+    linear stage fits them on the cached descriptors of the training images and their
+    mirror images (``fit``, ``bcnn.engine.svm``), and test scores are the decision values
+    averaged over an image and its flip (``average_views = "scores"``).
+
+    Args:
+        in_features: The descriptor shape (vectors), supplied by ``build_model``.
+        num_classes: Number of classes, supplied by ``build_model``.
+        C: Cost of the hinge losses (1 in the papers).
+        loss: ``hinge`` (the authors' ``vl_svmtrain``) or ``squared_hinge`` (faster).
+        calibrate: The authors' median calibration of each class's scores after training.
+        tol: Relative duality gap at which training stops.
+        max_epochs: Most passes over the cached descriptors.
+        bias: Learn the intercepts (regularized, as LinearSVC and ``vl_svmtrain`` do).
+    """
+
+    trains_on_cache = True
+    average_views = "scores"
+
+    def __init__(
+        self,
+        in_features: int | FeatureShape,
+        num_classes: int,
+        C: float = 1.0,
+        loss: str = "hinge",
+        calibrate: bool = True,
+        tol: float = 1e-3,
+        max_epochs: int = 200,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(in_features, num_classes, bias=bias)
+        if not 0 < C < math.inf:
+            raise ValueError(f"classifier.C must be > 0 and finite, got {C}")
+        if loss not in ("hinge", "squared_hinge"):
+            raise ValueError(f"classifier.loss must be hinge or squared_hinge, got {loss!r}")
+        self.C, self.loss, self.calibrate = float(C), loss, bool(calibrate)
+        self.tol, self.max_epochs = float(tol), int(max_epochs)
+        self.requires_grad_(False)  # trained by fit(), never by the optimizer
+
+    def fit(self, features: Any, labels: Any) -> dict[str, Any]:
+        """Trains the SVMs on cached descriptors.
+
+        Args:
+            features: ``(N, V, D)`` array-like (a feature cache's memory map: read in
+                blocks, never copied whole), every view a training sample.
+            labels: ``(N,)`` class indices.
+
+        Returns:
+            The solver's information (epochs, objective, training accuracy, ...).
+        """
+        from bcnn.engine.svm import median_calibration, train_linear_svm
+
+        W, b, info = train_linear_svm(
+            features, labels, self.out_features, C=self.C, loss=self.loss,
+            bias=self.bias is not None, tol=self.tol, max_epochs=self.max_epochs,
+            device=self.weight.device,
+        )  # fmt: skip
+        if self.calibrate:
+            W, b = median_calibration(features, labels, W, b)
+        self.weight.copy_(W)
+        if self.bias is not None:
+            self.bias.copy_(b)
+        return info

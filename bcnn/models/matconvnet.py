@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,69 +304,101 @@ def _match_lrn(layer: MatLayer, name: str, m: nn.LocalResponseNorm) -> None:
     )
 
 
-def convert_layers(net: MatNet, features: nn.Sequential, prefix: str) -> dict[str, torch.Tensor]:
-    """Maps MatConvNet layers onto the modules of ``features``, in order.
+def convert_layers(
+    net: MatNet, stacks: Sequence[tuple[str, nn.Sequential]]
+) -> dict[str, torch.Tensor]:
+    """Maps MatConvNet layers onto the modules of our layer stacks, in order.
 
     Args:
         net: The parsed file.
-        features: Our backbone's layer stack (Conv2d, ReLU, LocalResponseNorm, MaxPool2d).
-        prefix: Key prefix of ``features`` in the backbone's state dict (``"features."``).
+        stacks: ``(key prefix, layers)`` of the backbone, in network order (e.g.
+            ``("features.", backbone.features)``); layers are Conv2d, ReLU,
+            LocalResponseNorm, MaxPool2d and Dropout (which, like the file's dropout
+            layers, carries nothing to convert).
 
     Returns:
-        A state dict for ``features`` (keys with ``prefix``), float32 tensors.
+        A state dict for the stacks (keys with their prefixes), float32 tensors.
 
     Raises:
         ValueError: the layer sequences or a hyper-parameter differ.
     """
     state: dict[str, torch.Tensor] = {}
-    layers = iter(net.layers)
-    for name, module in features.named_children():
-        kind = {
-            nn.Conv2d: "conv",
-            nn.ReLU: "relu",
-            nn.LocalResponseNorm: "lrn",
-            nn.MaxPool2d: "pool",
-        }.get(type(module))
-        if kind is None:
-            raise TypeError(f"cannot convert into module {name!r} of type {type(module).__name__}")
-        layer = next(layers, None)
-        while layer is not None and layer.kind == "dropout":
+    layers = iter([layer for layer in net.layers if layer.kind != "dropout"])
+    for prefix, stack in stacks:
+        for name, module in stack.named_children():
+            if isinstance(module, nn.Dropout):
+                continue
+            kind = {
+                nn.Conv2d: "conv",
+                nn.ReLU: "relu",
+                nn.LocalResponseNorm: "lrn",
+                nn.MaxPool2d: "pool",
+            }.get(type(module))
+            if kind is None:
+                raise TypeError(
+                    f"cannot convert into module {name!r} of type {type(module).__name__}"
+                )
             layer = next(layers, None)
-        if layer is None:
-            raise ValueError(f"the .mat file ends before our module {name!r} ({kind})")
-        _check(layer.kind == kind, layer, name, f"expected a {kind} layer")
-        if isinstance(module, nn.Conv2d):
-            assert layer.weight is not None
-            weight = torch.from_numpy(np.ascontiguousarray(layer.weight.transpose(3, 2, 0, 1)))
-            _check(
-                weight.shape == module.weight.shape,
-                layer,
-                name,
-                f"filters {layer.weight.shape} (H W Cin Cout) vs {tuple(module.weight.shape)}",
-            )
-            _check(layer.stride == module.stride, layer, name, f"stride {layer.stride}")
-            p = module.padding
-            _check(layer.pad == (p[0], p[0], p[1], p[1]), layer, name, f"pad {layer.pad} vs {p}")
-            state[f"{prefix}{name}.weight"] = weight
-            if module.bias is not None:
-                bias = np.zeros(weight.shape[0], np.float32) if layer.bias is None else layer.bias
-                state[f"{prefix}{name}.bias"] = torch.from_numpy(bias.ravel().copy())
-        elif isinstance(module, nn.MaxPool2d):
-            _match_pool(layer, name, module)
-        elif isinstance(module, nn.LocalResponseNorm):
-            _match_lrn(layer, name, module)
+            if layer is None:
+                raise ValueError(f"the .mat file ends before our module {name!r} ({kind})")
+            _check(layer.kind == kind, layer, name, f"expected a {kind} layer")
+            if isinstance(module, nn.Conv2d):
+                state.update(_convert_conv(layer, name, module, prefix))
+            elif isinstance(module, nn.MaxPool2d):
+                _match_pool(layer, name, module)
+            elif isinstance(module, nn.LocalResponseNorm):
+                _match_lrn(layer, name, module)
     return state
 
 
-def build_target(arch: str, **kwargs: Any) -> nn.Module:
-    """Our backbone for ``arch`` (``vgg_m`` or ``vgg_d``), randomly initialized."""
-    from bcnn.models.backbones import VGG16, VGGM
+def _convert_conv(
+    layer: MatLayer, name: str, module: nn.Conv2d, prefix: str
+) -> dict[str, torch.Tensor]:
+    assert layer.weight is not None
+    weight = torch.from_numpy(np.ascontiguousarray(layer.weight.transpose(3, 2, 0, 1)))
+    _check(
+        weight.shape == module.weight.shape,
+        layer,
+        name,
+        f"filters {layer.weight.shape} (H W Cin Cout) vs {tuple(module.weight.shape)}",
+    )
+    _check(layer.stride == module.stride, layer, name, f"stride {layer.stride}")
+    p = module.padding
+    _check(layer.pad == (p[0], p[0], p[1], p[1]), layer, name, f"pad {layer.pad} vs {p}")
+    out = {f"{prefix}{name}.weight": weight}
+    if module.bias is not None:
+        bias = np.zeros(weight.shape[0], np.float32) if layer.bias is None else layer.bias
+        out[f"{prefix}{name}.bias"] = torch.from_numpy(bias.ravel().copy())
+    return out
 
-    if arch == "vgg_m":
-        return VGGM(**kwargs)
-    if arch == "vgg_d":
-        return VGG16(**kwargs)
-    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+# Convolutions before fc6, and fc6's window, per architecture.
+_FEATURE_CONVS = {"vgg_m": (5, 6), "vgg_d": (13, 7)}
+
+
+def _fc_width(net: MatNet, arch: str) -> int | None:
+    """fc6's output width when the file holds fc6 and fc7 (real models do; small test files
+    may stop earlier), else None."""
+    convs = [layer for layer in net.layers if layer.kind == "conv"]
+    n, window = _FEATURE_CONVS[arch]
+    if len(convs) < n + 2 or convs[n].weight is None:
+        return None
+    fc6 = convs[n].weight
+    return int(fc6.shape[3]) if fc6.shape[:2] == (window, window) else None
+
+
+def build_target(arch: str, **kwargs: Any) -> nn.Module:
+    """Our backbone for ``arch`` (``vgg_m`` or ``vgg_d``) through fc7, on the meta device.
+
+    Only the layer structure and shapes are needed to map the file onto it: the meta
+    device spares allocating and initializing fc6 (100M weights for VGG-D).
+    """
+    from bcnn.models.backbones import VGG16FC7, VGGMFC7
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    with torch.device("meta"):
+        return (VGGMFC7 if arch == "vgg_m" else VGG16FC7)(**kwargs)
 
 
 def guess_arch(net: MatNet) -> str:
@@ -396,9 +429,15 @@ def convert_matconvnet(
     """
     net = read_matconvnet(path)
     arch = guess_arch(net) if arch == "auto" else arch
-    target = build_target(arch, **({"lrn": lrn} if lrn is not None and arch == "vgg_m" else {}))
-    state = convert_layers(net, target.features, prefix="features.")
-    missing = set(target.state_dict()) - set(state)
+    kwargs: dict[str, Any] = {"lrn": lrn} if lrn is not None and arch == "vgg_m" else {}
+    fc_dim = _fc_width(net, arch)
+    target = build_target(arch, **kwargs, fc_dim=fc_dim or 4096)
+    stacks = [("features.", target.features)]
+    if fc_dim is not None:  # fc6 and fc7 too: the file serves vgg_*_fc7 as well
+        stacks.append(("fc.", target.fc))
+    state = convert_layers(net, stacks)
+    own = {f"{prefix}{k}" for prefix, stack in stacks for k in stack.state_dict()}
+    missing = own - set(state)
     if missing:
         raise ValueError(f"conversion left keys unset: {sorted(missing)}")
     colour = net.average_colour or target.input_spec.mean

@@ -9,7 +9,7 @@ from torch import nn
 from bcnn.models.backbones.base import Backbone
 from bcnn.models.inputs import InputNormalizer, InputSpec
 from bcnn.models.normalization import NormalizationChain
-from bcnn.models.pooling import PoolingHead
+from bcnn.models.pooling import BilinearPool, Features, PoolingHead, bilinear, locations
 from bcnn.models.shapes import FeatureShape
 
 
@@ -89,7 +89,27 @@ class BilinearModel(nn.Module):
         that reads matrices (``wants_matrix``) the descriptor is the normalized matrix
         (B, d1, d2).
         """
-        return self.normalization(self.pooling(self.backbone(self.normalize_input(images))))
+        return self.head(self.backbone(self.normalize_input(images)))
+
+    def head(self, fmap: Features) -> torch.Tensor:
+        """Pooling, then the normalization chain: backbone map(s) -> descriptor.
+
+        Sum pooling followed by a matrix function goes through the n x n Gram matrix of the
+        n locations when that is cheaper and gives the same value and gradient (fewer
+        locations than channels: VGG-D at 224, DenseNet-201 without projection, ViTs; see
+        ``bcnn.ops.small_side``).
+        """
+        step = self.normalization.leading_matrix_step()
+        if step is None or type(self.pooling) is not BilinearPool or len(self.pooling.channels) > 1:
+            return self.normalization(self.pooling(fmap))
+        (x,) = self.pooling.streams(fmap)
+        route = step.small_side(x.shape[2] * x.shape[3], x.shape[1], x.device.type)
+        if route is None:
+            return self.normalization(bilinear(x))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            feats = locations(x)
+            feats = feats if feats.dtype == torch.float64 else feats.float()
+            return self.normalization(route(feats), start=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W), uint8 or float in [0, 1] -> logits (B, num_classes)."""

@@ -24,7 +24,9 @@ that of MatConvNet's (0-255 input) and an absolute eps = 1 would swamp it.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -32,7 +34,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from bcnn.models.shapes import FeatureShape
-from bcnn.ops import logm, powm, signed_power, sqrtm
+from bcnn.ops import (
+    logm,
+    logm_from_features,
+    powm,
+    powm_from_features,
+    resolve_sqrtm,
+    signed_power,
+    small_side_cheaper,
+    sqrtm,
+    sqrtm_from_features,
+)
+
+# A function of the locations X (B, n, d) giving f(X^T X / n + ridge) (B, d, d).
+SmallSideRoute = Callable[[torch.Tensor], torch.Tensor]
 
 EPS_MODES = ("abs", "trace")
 
@@ -102,6 +117,14 @@ class MatrixStep(Step):
         """The matrix function of the ridged (B, d, d) ``a`` (float32 or float64)."""
         raise NotImplementedError
 
+    def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
+        """The n x n route for A = X^T X / n of n locations and d channels, or None.
+
+        Returned only where it gives this step's result in value and gradient (see
+        ``bcnn.ops.small_side``) and is cheaper (``bcnn.ops.small_side_cheaper``).
+        """
+        return None
+
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """(B, d, d) -> (B, d, d), float32 (float64 for float64 input)."""
         with torch.autocast(device_type=a.device.type, enabled=False):
@@ -146,6 +169,9 @@ class MatrixSqrt(MatrixStep):
         assert isinstance(out, torch.Tensor)
         return out
 
+    def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
+        return _sqrt_small_side(self, n, d, device_type, self.scale)
+
     def extra_repr(self) -> str:
         return (
             f"method={self.method}, iters={self.iters}, backward={self.backward}, "
@@ -173,6 +199,13 @@ class MatrixLog(MatrixStep):
 
     def function(self, a: torch.Tensor) -> torch.Tensor:
         return logm(a, method=self.method, eps=self.floor)
+
+    def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
+        if self.method != "eigh" or not small_side_cheaper(n, d, "eigh"):
+            return None
+        return functools.partial(
+            logm_from_features, eps=self.eps, eps_mode=self.eps_mode, floor=self.floor
+        )
 
     def extra_repr(self) -> str:
         return f"method={self.method}, " + super().extra_repr()
@@ -215,6 +248,43 @@ class MatrixPower(MatrixStep):
             assert isinstance(out, torch.Tensor)
             return out
         return powm(a, self.p, eps=self.floor)
+
+    def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
+        if self.p == 0.5:
+            return _sqrt_small_side(self, n, d, device_type, "fro")
+        if not small_side_cheaper(n, d, "eigh"):
+            return None
+        return functools.partial(
+            powm_from_features, p=self.p, eps=self.eps, eps_mode=self.eps_mode, floor=self.floor
+        )
+
+
+def _sqrt_small_side(
+    step: MatrixSqrt | MatrixPower, n: int, d: int, device_type: str, scale: str
+) -> SmallSideRoute | None:
+    """The n x n square root that equals ``sqrtm`` with the step's method and backward.
+
+    The small side reproduces an exact root with the exact (``lyapunov_eig``) gradient, and
+    Newton-Schulz with the gradient of its unrolled iterations (``autograd``); the other
+    backward choices (iterative Lyapunov, SVD formula, identity) keep the d x d route.
+    """
+    method, backward = resolve_sqrtm(step.method, step.backward, device_type, d)
+    if method in ("eigh", "svd") and backward == "lyapunov_eig":
+        route = "eigh"
+    elif method == "newton_schulz" and backward == "autograd":
+        route = "newton_schulz"
+    else:
+        return None
+    if not small_side_cheaper(n, d, route, step.iters):
+        return None
+    return functools.partial(
+        sqrtm_from_features,
+        method=route,
+        iters=step.iters,
+        scale=scale,
+        eps=step.eps,
+        eps_mode=step.eps_mode,
+    )
 
     def extra_repr(self) -> str:
         return f"p={self.p}, " + super().extra_repr()
@@ -351,8 +421,18 @@ class NormalizationChain(nn.Module):
                 raise ValueError(f"normalization.{name}: {err}") from None
         return shape
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, d1, d2) or (B, D) -> the normalized descriptor (shape: ``output_shape``)."""
-        for step in self.steps.values():
+    def leading_matrix_step(self) -> MatrixStep | None:
+        """The first step when it is a matrix function (the one sum pooling can fuse with)."""
+        first = next(iter(self.steps.values()), None)
+        return first if isinstance(first, MatrixStep) else None
+
+    def forward(self, pooled: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(B, d1, d2) or (B, D) -> the normalized descriptor (shape: ``output_shape``).
+
+        Args:
+            pooled: The pooling head's output.
+            start: Skip the first ``start`` steps (already applied by a fused route).
+        """
+        for step in list(self.steps.values())[start:]:
             pooled = step(pooled)
         return pooled

@@ -11,6 +11,7 @@ head            output     what                                              two
 ``sum``         (B, d, d)  (1/n) sum_x x x^T (B-CNN)                         x_a x_b^T
 ``democratic``  (B, d, d)  sum_x alpha_x x x^T, democratic (ECCV 2018)       error
 ``compact``     (B, D)     Tensor Sketch / Random Maclaurin (CVPR 2016)      two-input
+``fisher``      (B, 2KC)   improved Fisher vector, K-component GMM (FV-CNN)  error
 ==============  =========  ================================================  ============
 
 ``pooling=spectral`` is a preset, not a head: ``sum`` followed by the normalization
@@ -19,14 +20,14 @@ chain's matrix-power step (``normalization.mpow``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from bcnn.models.shapes import FeatureShape
-from bcnn.ops import democratic_pool
+from bcnn.ops import GMM, democratic_pool, fisher_vector, fit_gmm
 
 Features = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -263,3 +264,113 @@ class CompactPool(PoolingHead):
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) or a pair -> (B, D), float32."""
         return self.sketch(*(locations(t) for t in self.streams(x)))
+
+
+class FisherPool(PoolingHead):
+    """Improved Fisher vector of the local features (FV-CNN): (B, C, H, W) -> (B, 2 K C).
+
+    The FV [D] / FV [M] baseline of ICCV 2015 (Cimpoi et al.'s FV-CNN): a K-component
+    diagonal GMM of the backbone's local features, and per image the gradients with
+    respect to its means and variances (``bcnn.ops.fisher_vector``); the chain's signed
+    square root and L2 make it "improved". The GMM is fitted once by EM on a seeded sample
+    of frozen backbone features before training (``fit``; the trainer calls it); its
+    parameters are buffers, so checkpoints and the feature-cache key carry them.
+
+    Args:
+        in_channels: C (one stream).
+        num_components: K (64 in the papers).
+        num_samples: Local features sampled for EM (about 1000 per component).
+        samples_per_image: At most this many random locations per image.
+        em_iters: Maximum EM iterations.
+        seed: Seed of the sample and of the k-means++ initialization.
+        **proj: Projection options of ``PoolingHead``.
+    """
+
+    fitted: torch.Tensor
+
+    def __init__(
+        self,
+        in_channels: int | Sequence[int],
+        num_components: int = 64,
+        num_samples: int = 64_000,
+        samples_per_image: int = 200,
+        em_iters: int = 100,
+        seed: int = 0,
+        **proj,
+    ) -> None:
+        super().__init__(in_channels, **proj)
+        for key, value in (
+            ("num_components", num_components),
+            ("num_samples", num_samples),
+            ("samples_per_image", samples_per_image),
+            ("em_iters", em_iters),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"pooling.{key} must be a positive integer, got {value!r}")
+        if num_samples < num_components:
+            raise ValueError(
+                f"pooling.num_samples={num_samples} must be at least pooling.num_components="
+                f"{num_components}"
+            )
+        d = self.channels[0]
+        self.gmm = GMM(num_components, d)
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.num_samples, self.samples_per_image = num_samples, samples_per_image
+        self.em_iters, self.seed = em_iters, seed
+        self.output_shape = FeatureShape((2 * num_components * d,))
+
+    @property
+    def needs_fit(self) -> bool:
+        """True until the GMM has been fitted (or loaded from a checkpoint)."""
+        return not bool(self.fitted)
+
+    @torch.no_grad()
+    def fit(self, maps: Iterable[Features]) -> dict[str, Any]:
+        """Fits the GMM on local features sampled from backbone maps.
+
+        Args:
+            maps: Backbone outputs (B, C, H, W) of training images, in a fixed order;
+                consumed until ``num_samples`` features are drawn.
+
+        Returns:
+            EM's information (iterations, log-likelihood history, ...).
+        """
+        gen = torch.Generator().manual_seed(self.seed)
+        chunks, total = [], 0
+        for fmap in maps:
+            (x,) = self.streams(fmap)
+            feats = locations(x).float().cpu()  # (B, n, C)
+            n = feats.shape[1]
+            k = min(self.samples_per_image, n)
+            for image in feats:
+                take = torch.randperm(n, generator=gen)[:k]
+                chunks.append(image[take])
+                total += k
+            if total >= self.num_samples:
+                break
+        if total < self.gmm.means.shape[0]:
+            raise ValueError(
+                f"pooling=fisher: only {total} local features to fit {self.gmm.means.shape[0]} "
+                "GMM components; use more training images or fewer pooling.num_components"
+            )
+        samples = torch.cat(chunks)[: self.num_samples]
+        gmm, info = fit_gmm(
+            samples, self.gmm.means.shape[0], max_iters=self.em_iters, seed=self.seed
+        )
+        self.gmm.load_state_dict({k: v.to(self.fitted.device) for k, v in gmm.state_dict().items()})
+        self.fitted.fill_(True)
+        info["samples"] = len(samples)
+        return info
+
+    def forward(self, x: Features) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 2 K C), float32."""
+        if self.needs_fit:
+            raise RuntimeError(
+                "pooling=fisher: the GMM has not been fitted; the trainer fits it before the "
+                "first stage (FisherPool.fit on backbone maps of training images)"
+            )
+        (t,) = self.streams(x)
+        return fisher_vector(locations(t), self.gmm)
+
+    def extra_repr(self) -> str:
+        return f"num_components={self.gmm.means.shape[0]}, fitted={not self.needs_fit}"

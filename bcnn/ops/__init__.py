@@ -7,6 +7,7 @@ Matrix functions take batched symmetric PSD matrices ``(..., d, d)`` and compute
 from bcnn.ops.compact import RandomMaclaurin, TensorSketch
 from bcnn.ops.democratic import democratic_pool, democratic_weights
 from bcnn.ops.elementwise import signed_power, signed_sqrt
+from bcnn.ops.fisher import GMM, fisher_vector, fit_gmm
 from bcnn.ops.small_side import (
     logm_from_features,
     matrix_function_from_features,
@@ -18,11 +19,14 @@ from bcnn.ops.spectral import logm, powm
 from bcnn.ops.sqrtm import SQRTM_AUTO_TABLE, resolve_sqrtm, sqrtm
 
 __all__ = [
+    "GMM",
     "SQRTM_AUTO_TABLE",
     "RandomMaclaurin",
     "TensorSketch",
     "democratic_pool",
     "democratic_weights",
+    "fisher_vector",
+    "fit_gmm",
     "logm",
     "logm_from_features",
     "matrix_function_from_features",

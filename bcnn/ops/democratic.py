@@ -21,7 +21,7 @@ def _check_features(X: Tensor, name: str) -> None:
 
 
 def _sinkhorn(X: Tensor, gamma: float, tau: float, iters: int, eps: float) -> Tensor:
-    G = X @ X.mT
+    G = X @ X.transpose(-2, -1)  # not .mT: the ONNX exporter has no aten::mT
     K = G * G  # (..., n, n), the kernel of the outer products x_i x_i^T
     K1 = K.sum(-1)
     # Locations with (almost) no energy (dead ReLU columns, padding) have K1 ~ 0 and would
@@ -109,4 +109,4 @@ def democratic_pool(
         X = to_compute(X)
         if normalize:
             alpha = alpha / alpha.sum(-1, keepdim=True)
-        return (X * alpha[..., None]).mT @ X
+        return (X * alpha[..., None]).transpose(-2, -1) @ X

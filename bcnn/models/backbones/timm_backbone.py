@@ -83,7 +83,7 @@ class TimmBackbone(Backbone):
             raise WeightsUnavailableError(
                 f"Could not obtain timm's pretrained weights of {name!r} "
                 f"({type(err).__name__}: {err}). Offline? On a machine with internet, fetch "
-                f"{source} (e.g. `huggingface-cli download {cfg.get('hf_hub_id', '')}`) into "
+                f"{source} (e.g. `hf download {cfg.get('hf_hub_id', '')}`) into "
                 f"the Hugging Face cache {_hf_cache_dir()} (HF_HOME moves it), or pass its "
                 "model.safetensors as backbone.weights=<file> with backbone.pretrained=false."
             ) from err

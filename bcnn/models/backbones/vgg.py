@@ -157,3 +157,120 @@ class VGGM(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 512, H', W'); 448 -> 27, 224 -> 13."""
         return self.features(x)
+
+
+def _fc_stack(pool5: nn.Module, in_channels: int, window: int, dim: int, dropout: float):
+    """pool5, then fc6 and fc7 as convolutions (+ ReLU, dropout): a 224 image gives (B, dim,
+    1, 1), the fc7 activations; larger images a map of fc7 activations."""
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("pool5", pool5),
+                ("fc6", nn.Conv2d(in_channels, dim, window)),
+                ("relu6", nn.ReLU(inplace=True)),
+                ("drop6", nn.Dropout(dropout)),
+                ("fc7", nn.Conv2d(dim, dim, 1)),
+                ("relu7", nn.ReLU(inplace=True)),
+            ]
+        )
+    )
+
+
+def _torchvision_classifier_as_conv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision VGG-16 keys -> ``VGG16FC7`` keys: Linear fc6/fc7 reshaped to convolutions,
+    fc8 (``classifier.6``) dropped. Files already in our layout pass unchanged."""
+    out = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    for index, name in (("0", "fc6"), ("3", "fc7")):
+        weight = state.get(f"classifier.{index}.weight")
+        if weight is None:
+            continue
+        window = 7 if name == "fc6" else 1
+        out[f"fc.{name}.weight"] = weight.reshape(weight.shape[0], -1, window, window)
+        out[f"fc.{name}.bias"] = state[f"classifier.{index}.bias"]
+    return out
+
+
+class VGG16FC7(Backbone):
+    """VGG-D through fc7 + ReLU, the FC-CNN [D] features of ICCV 2015: 224 -> (B, 4096, 1, 1).
+
+    ``features`` is torchvision's VGG-16 ``features`` (pool5 included); fc6 and fc7 are
+    torchvision's ``classifier.0`` / ``classifier.3`` written as 7x7 and 1x1 convolutions,
+    which equal the linear layers on the 7x7 pool5 map of a 224 image (torchvision's
+    adaptive pooling to 7x7 is then the identity). The papers use 224 x 224 inputs; larger
+    images give a map of fc7 activations, which ``pooling=avg`` averages.
+
+    Args:
+        pretrained: Load torchvision's ImageNet weights through its download cache.
+        weights: A local file: torchvision's ``vgg16-397923af.pth`` (its classifier is
+            reshaped), a bcnn checkpoint, or a MatConvNet conversion with fc layers.
+        dropout: Dropout after fc6 while training (fine-tuning), 0.5 as in VGG.
+        fc_dim: Width of fc6 and fc7 (4096; smaller only for tests).
+    """
+
+    def __init__(
+        self,
+        pretrained: bool = False,
+        weights: str | None = None,
+        dropout: float = 0.5,
+        fc_dim: int = 4096,
+    ) -> None:
+        super().__init__()
+        check_weight_source("vgg_d_fc7", pretrained, weights)
+        features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=False)
+        self.features = features[:_VGG16_RELU5_3]
+        self.fc = _fc_stack(features[_VGG16_RELU5_3], 512, 7, int(fc_dim), dropout)
+        _init_like_torchvision(self)
+        self.out_channels = int(fc_dim)
+        self.input_spec = IMAGENET
+        if pretrained:
+            tv_weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+            with download_hint(
+                "VGG-16 (torchvision)", tv_weights.url, hub_cache_path(tv_weights.url)
+            ):
+                state = tv_weights.get_state_dict(progress=False)
+            self.load_state_dict(_torchvision_classifier_as_conv(state), strict=False)
+        if weights:
+            meta = load_weights(self, weights, remap=_torchvision_classifier_as_conv)
+            self.input_spec = input_spec_from_meta(meta) or IMAGENET
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 4096, H / 32 - 6, W / 32 - 6); 224 -> 1 x 1."""
+        return self.fc(self.features(x))
+
+
+class VGGMFC7(VGGM):
+    """VGG-M through fc7 + ReLU, the FC-CNN [M] features of ICCV 2015: 224 -> (B, 4096, 1, 1).
+
+    ``VGGM``'s layers, then MatConvNet's pool5 (3x3, stride 2, pad [0 1 0 1]), fc6 (a 6x6
+    convolution) and fc7 (1x1), under the keys ``fc.*`` that ``scripts/convert_matconvnet.py``
+    writes when the .mat holds them (``VGGM`` ignores them, so one converted file serves
+    both backbones).
+
+    Args:
+        pretrained: Must be False (see ``VGGM``).
+        weights: A converted ``imagenet-vgg-m.mat`` with its fc layers.
+        lrn: LRN parameters, as ``VGGM``.
+        dropout: Dropout after fc6 while training.
+        fc_dim: Width of fc6 and fc7 (4096; smaller only for tests).
+    """
+
+    def __init__(
+        self,
+        pretrained: bool = False,
+        weights: str | None = None,
+        lrn: Sequence[float] = (5, 2.0, 1e-4, 0.75),
+        dropout: float = 0.5,
+        fc_dim: int = 4096,
+    ) -> None:
+        super().__init__(pretrained=pretrained, weights=None, lrn=lrn)
+        pool5 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.fc = _fc_stack(pool5, 512, 6, int(fc_dim), dropout)
+        _init_like_torchvision(self.fc)
+        self.out_channels = int(fc_dim)
+        if weights:
+            meta = load_weights(self, weights)
+            self.input_spec = input_spec_from_meta(meta) or MATCONVNET_IMAGENET
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, fc_dim, h, w); 224 -> 1 x 1."""
+        return self.fc(self.features(x))

@@ -1,0 +1,309 @@
+"""Evaluate a trained model: ``bcnn-eval checkpoint=<run dir or .pt> [split=test] [dataset=...]``.
+
+A Hydra application (``configs/eval.yaml``): every key is an override, ``--cfg job``
+prints the composed config. The model comes back through ``bcnn.engine.runs.load_trained``
+and is scored by the training loop's own ``bcnn.engine.loops.evaluate`` (flip averaging and
+precision as the run evaluated, unless overridden). Written into its own folder
+(``outputs/eval/<date>/<time>``, or ``hydra.run.dir=...``)::
+
+    metrics.json            top-1, mean per-class accuracy, images, split, dataset, model
+    per_class.csv           per class: images, correct, accuracy, most frequent wrong guess
+    confusion_matrix.csv    counts, rows = true class, columns = predicted class
+    confusion_matrix.png    the same, each row normalized
+    most_confused.csv       the most frequent (true, predicted) pairs of different classes
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from torch.utils.data import DataLoader
+
+from bcnn.cli.errors import user_errors
+from bcnn.config import PRECISIONS, instantiate
+from bcnn.data import SPLITS
+from bcnn.engine.curves import figure
+from bcnn.engine.loops import evaluate
+from bcnn.engine.runs import TrainedModel, load_trained
+
+log = logging.getLogger(__name__)
+PROG = "bcnn-eval"
+# Tick labels are drawn up to this many classes; beyond, the matrix is shown unlabelled.
+MAX_LABELLED = 40
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def overridden(key: str) -> bool:
+    """Whether the command line of the running Hydra job sets ``key``."""
+    if not HydraConfig.initialized():
+        return False
+    return any(o.split("=", 1)[0].lstrip("+~") == key for o in HydraConfig.get().overrides.task)
+
+
+def dataset_config(cfg: DictConfig, trained: TrainedModel, move_data_dir: bool) -> DictConfig:
+    """The dataset to evaluate on: ``cfg.dataset`` when selected, else the run's own.
+
+    Args:
+        cfg: The eval config.
+        trained: The model and its run's config.
+        move_data_dir: ``paths.data_dir`` was given: the run's config holds resolved paths,
+            so a dataset root below the run's data folder is moved below the new one.
+    """
+    if cfg.get("dataset") is not None:
+        return cfg.dataset
+    node = trained.config.dataset.copy()
+    old_dir, new_dir = str(trained.config.paths.data_dir), str(cfg.paths.data_dir)
+    root = node.get("root")
+    if root and move_data_dir and old_dir != new_dir:
+        old, new = Path(old_dir), Path(new_dir)
+        if Path(root).is_relative_to(old):
+            with open_dict(node):
+                node.root = str(new / Path(root).relative_to(old))
+        else:
+            log.warning(
+                "paths.data_dir=%s not applied: the run's dataset root %s is not below its "
+                "data folder %s; select the dataset with dataset=<name> dataset.root=<folder>",
+                new_dir, root, old_dir,
+            )  # fmt: skip
+    return node
+
+
+def _check(cfg: DictConfig) -> None:
+    if cfg.split not in SPLITS:
+        raise ValueError(
+            f"Invalid config value for 'split': choose one of {SPLITS}, got {cfg.split!r}"
+        )
+    if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
+        raise ValueError(
+            f"Invalid config value for 'precision': choose one of {PRECISIONS} or null, "
+            f"got {cfg.precision!r}"
+        )
+    for key in ("batch_size", "limit_batches"):
+        if cfg[key] is not None and int(cfg[key]) < 1:
+            raise ValueError(f"Invalid config value for '{key}': must be >= 1 or null")
+    if int(cfg.top_confused) < 0:
+        raise ValueError("Invalid config value for 'top_confused': must be >= 0")
+
+
+def per_class_table(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """Per class: images, correct, accuracy (%) and the most frequent wrong prediction."""
+    totals = matrix.sum(1)
+    correct = np.diag(matrix)
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    worst = off.argmax(1)
+    return pd.DataFrame(
+        {
+            "index": np.arange(len(classes)),
+            "class": classes,
+            "images": totals,
+            "correct": correct,
+            "accuracy": np.where(totals > 0, 100.0 * correct / np.maximum(totals, 1), np.nan),
+            "most_confused_with": [
+                classes[w] if off[i, w] > 0 else "" for i, w in enumerate(worst)
+            ],
+            "confused_count": off[np.arange(len(classes)), worst],
+        }
+    )
+
+
+def most_confused(matrix: np.ndarray, classes: list[str], top: int) -> pd.DataFrame:
+    """The ``top`` most frequent (true, predicted) pairs with true != predicted."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    rows = []
+    for flat in order:
+        t, p = divmod(int(flat), len(classes))
+        if off[t, p] == 0:
+            break
+        rows.append(
+            {
+                "true": classes[t],
+                "predicted": classes[p],
+                "count": int(off[t, p]),
+                "share_of_true_class": 100.0 * off[t, p] / max(int(matrix[t].sum()), 1),
+            }
+        )
+    return pd.DataFrame(rows, columns=["true", "predicted", "count", "share_of_true_class"])
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], out: Path, title: str) -> Path:
+    """Row-normalized confusion matrix as a PNG (class names as ticks up to 40 classes)."""
+    totals = matrix.sum(1, keepdims=True)
+    normalized = np.divide(matrix, np.maximum(totals, 1))
+    n = len(classes)
+    side = min(max(4.0, 0.25 * n + 2.0), 16.0)
+    fig = figure(side + 1.0, side)
+    ax = fig.add_subplot()
+    image = ax.imshow(normalized, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if n <= MAX_LABELLED:
+        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=9)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def run_eval(cfg: DictConfig, output_dir: Path, move_data_dir: bool = False) -> dict[str, Any]:
+    """Evaluates ``cfg.checkpoint`` on ``cfg.split`` and writes the files into ``output_dir``.
+
+    Args:
+        cfg: The composed ``configs/eval.yaml``.
+        output_dir: Where the files go (created).
+        move_data_dir: See ``dataset_config``.
+
+    Returns:
+        The content of ``metrics.json``.
+
+    Raises:
+        FileNotFoundError: no checkpoint, or a missing dataset.
+        ValueError: an invalid option, an empty split, or a dataset whose classes are not
+            the model's.
+    """
+    _check(cfg)
+    device = _device(str(cfg.device))
+    trained = load_trained(cfg.checkpoint, device=device)
+    run = trained.config
+    ds_cfg = dataset_config(cfg, trained, move_data_dir)
+    dataset = instantiate(ds_cfg, split=cfg.split, augment=False)
+    if len(dataset) == 0:
+        hint = (
+            " (the run trained without a validation split: dataset.val_fraction=0)"
+            if cfg.split == "val"
+            else ""
+        )
+        raise ValueError(
+            f"split {cfg.split!r} of {ds_cfg.get('name', 'the dataset')} is empty{hint}"
+        )
+    classes = list(getattr(dataset, "classes", trained.classes))
+    if classes != trained.classes:
+        differ = [(a, b) for a, b in zip(classes, trained.classes) if a != b][:1]
+        raise ValueError(
+            f"The dataset's {len(classes)} classes are not the model's {len(trained.classes)}"
+            + (
+                f" (the dataset's {differ[0][0]!r} where the model has {differ[0][1]!r})"
+                if differ
+                else ""
+            )
+            + ": evaluate on the dataset the model was trained on, with the same class list"
+        )
+    flip = bool(run.trainer.test_flip if cfg.flip is None else cfg.flip)
+    precision = str(run.trainer.precision if cfg.precision is None else cfg.precision)
+    last_stage = run.trainer.stages[-1]
+    batch_size = int(
+        cfg.batch_size or run.trainer.eval_batch_size or run.trainer[last_stage].batch_size
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=int(cfg.num_workers),
+        pin_memory=device.type == "cuda",
+    )
+    log.info(
+        "Evaluating %s on %s/%s (%d images), flip=%s, precision=%s, device %s",
+        trained.checkpoint, ds_cfg.get("name"), cfg.split, len(dataset), flip, precision, device,
+    )  # fmt: skip
+    meter = evaluate(
+        trained.model,
+        loader,
+        len(trained.classes),
+        device,
+        precision=precision,
+        flip=flip,
+        max_batches=cfg.limit_batches,
+        desc=f"eval {cfg.split}" if cfg.progress else None,
+    )
+    matrix = meter.matrix.cpu().numpy()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    per_class = per_class_table(matrix, classes)
+    per_class.to_csv(output_dir / "per_class.csv", index=False, float_format="%.4f")
+    pd.DataFrame(matrix, index=classes, columns=classes).to_csv(output_dir / "confusion_matrix.csv")
+    confused = most_confused(matrix, classes, int(cfg.top_confused))
+    confused.to_csv(output_dir / "most_confused.csv", index=False, float_format="%.4f")
+    top1, mean_class = meter.accuracy(), meter.mean_class_accuracy()
+    name = ds_cfg.get("name", "dataset")
+    plot_confusion(
+        matrix,
+        classes,
+        output_dir / "confusion_matrix.png",
+        f"{name} {cfg.split}: top-1 {top1:.2f}%, mean per class {mean_class:.2f}%",
+    )
+    metrics = {
+        "top1": top1,
+        "mean_class_acc": mean_class,
+        "images": meter.count,
+        "split": cfg.split,
+        "dataset": name,
+        "num_classes": len(classes),
+        "flip": flip,
+        "precision": precision,
+        "checkpoint": str(trained.checkpoint),
+        "most_confused": confused.to_dict(orient="records"),
+        "output_dir": str(output_dir),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """The text printed at the end of an evaluation."""
+    lines = [
+        f"{metrics['dataset']} {metrics['split']}: {metrics['images']} images, "
+        f"top-1 {metrics['top1']:.2f}%, mean per-class accuracy {metrics['mean_class_acc']:.2f}%",
+    ]
+    confused = pd.DataFrame(metrics["most_confused"])
+    if len(confused):
+        confused["share_of_true_class"] = confused["share_of_true_class"].map("{:.1f}%".format)
+        lines += ["most confused pairs:", confused.to_string(index=False)]
+    out = Path(metrics["output_dir"])
+    lines.append(
+        f"written to {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}"
+    )
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://bcnn.configs", config_name="eval")
+def _hydra_main(cfg: DictConfig) -> float:
+    with user_errors(PROG):
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        metrics = run_eval(cfg, output_dir, move_data_dir=overridden("paths.data_dir"))
+        print(summary(metrics))
+        return float(metrics["top1"])
+
+
+def main() -> None:
+    """``bcnn-eval``: evaluates a trained model (see the module docstring)."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "dataset_config",
+    "main",
+    "most_confused",
+    "per_class_table",
+    "plot_confusion",
+    "run_eval",
+    "summary",
+]

@@ -1,0 +1,92 @@
+"""Export a trained model: ``bcnn-export RUN --format onnx|torchscript|safetensors --out DIR``.
+
+RUN is a run directory (its selected epoch, ``checkpoints/best.pt``) or a ``.pt``
+checkpoint. The folder receives the model, ``bcnn_export.json`` (classes, input
+convention, transform, checks), ``config.yaml`` and a model card ``README.md``. TorchScript
+and ONNX graphs take uint8 images (``--input float``: [0, 1] floats) and normalize them
+inside; matrix functions computed by an eigendecomposition in training are exported as
+Newton-Schulz iterations (listed in the card). After writing, the exported file is run
+against the eager model on check images and the largest logit difference is reported.
+
+Exit status: 0; 1 on an error; 2 on bad arguments.
+
+Examples:
+    bcnn-export outputs/2026-11-29/15-33-04 --format onnx --out exported/
+    bcnn-export run/checkpoints/best.pt --format torchscript --out ts/ --image-size 448
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bcnn.cli.errors import run_command
+from bcnn.engine.runs import load_trained
+from bcnn.export.writer import FORMATS, INPUT_DTYPES, export_trained
+
+PROG = "bcnn-export"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line (``sys.argv[1:]`` when ``argv`` is None)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Export a trained model with its classes, input convention and a model "
+        "card (see docs/deploy.md).",
+    )
+    parser.add_argument("run", help="run directory or .pt checkpoint written by bcnn-train")
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="default: onnx")
+    parser.add_argument(
+        "--out", type=Path, help="export folder (default: <run dir>/export/<format>)"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="side of the trace and check images (default: the run's evaluation size)",
+    )
+    parser.add_argument(
+        "--input",
+        choices=INPUT_DTYPES,
+        default="uint8",
+        help="what the graph takes: uint8 0-255 images (default) or float [0, 1]",
+    )
+    return parser.parse_args(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = parse_args(argv)
+    trained = load_trained(args.run)
+    out = args.out or trained.run_dir / "export" / args.format
+    result = export_trained(
+        trained, args.format, out, image_size=args.image_size, input_dtype=args.input
+    )
+    meta = result.metadata
+    size = result.model_file.stat().st_size / 2**20
+    print(f"{args.format} model: {result.model_file} ({size:.1f} MiB)")
+    print(f"model card: {result.folder / 'README.md'}")
+    print(f"classes: {len(meta['classes'])}; input: {meta['input']['dtype']} (B, 3, H, W) RGB")
+    parity = meta["parity"]
+    if parity.get("checked"):
+        for key in ("at_size", "other_size"):
+            h, w = parity[key]["size"]
+            print(
+                f"logits at {h}x{w}: max |exported - eager (float64)| "
+                f"{parity[key]['exported_vs_float64']:.2e} (eager float32: "
+                f"{parity[key]['eager_float32_vs_float64']:.2e})"
+            )
+    else:
+        print(f"not checked after export: {parity.get('reason')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line (``sys.argv[1:]`` when ``argv`` is None); returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return run_command(PROG, _main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""``bcnn-viz``: what a model learned, as pictures (``configs/viz.yaml``, docs/visualize.md).
+
+``bcnn-viz kind=<texture|inverse|maps|report> run=<training run dir> [viz.<kind>.<key>=...]``
+(also ``python -m bcnn.viz``) writes into its own directory (Hydra's run directory,
+``outputs/viz/<date>/<time>``, or ``paths.output_dir``), never into the training run's.
+``visualize(cfg)`` is the function behind it; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import Dataset
+
+from bcnn.config import instantiate
+from bcnn.engine.runs import TrainedModel, load_trained
+from bcnn.models.pooling import BilinearPool, DemocraticPool
+from bcnn.viz.figures import (
+    draw_image,
+    figure,
+    labelled_grid,
+    load_image,
+    loss_curve,
+    save_figure,
+    save_image,
+)
+from bcnn.viz.inverse import maximal_images
+from bcnn.viz.layers import FeatureTaps
+from bcnn.viz.maps import compute_maps, draw_maps, spread
+from bcnn.viz.report import build_report
+from bcnn.viz.texture import TextureResult, synthesize_texture
+
+log = logging.getLogger(__name__)
+
+KINDS = ("texture", "inverse", "maps", "report")
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """``paths.output_dir``, else Hydra's run directory.
+
+    Raises:
+        ValueError: neither is set (a direct call without ``paths.output_dir``).
+    """
+    if cfg.paths.get("output_dir"):
+        return Path(cfg.paths.output_dir)
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise ValueError(
+        "paths.output_dir is not set: run through bcnn-viz (Hydra picks the directory) or "
+        "pass paths.output_dir=<folder> when calling bcnn.viz.visualize directly"
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; any other name as given."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_runs(cfg: DictConfig, device: torch.device) -> list[TrainedModel]:
+    """The trained model(s) named by ``run`` (a path or a list of paths); [] when unset."""
+    run = cfg.get("run")
+    if run is None or run == "":
+        return []
+    paths = list(run) if isinstance(run, (ListConfig, list, tuple)) else [run]
+    runs = [load_trained(str(p), device=device) for p in paths]
+    for other in runs[1:]:
+        if other.classes != runs[0].classes:
+            raise ValueError(
+                f"run: {other.run_dir} and {runs[0].run_dir} were trained on different "
+                "classes; several runs must share their classes (the same dataset)"
+            )
+    return runs
+
+
+def _single_run(cfg: DictConfig, runs: list[TrainedModel]) -> TrainedModel:
+    if not runs:
+        raise ValueError(f"kind={cfg.kind} needs run=<training run directory or checkpoint>")
+    if len(runs) > 1:
+        raise ValueError(f"kind={cfg.kind} takes one run; got {len(runs)} (run=[...])")
+    return runs[0]
+
+
+def load_dataset(cfg: DictConfig, runs: Sequence[TrainedModel], split: str) -> Dataset | None:
+    """One split of ``dataset`` (when selected), else of the run's dataset, else None."""
+    node = cfg.get("dataset")
+    if node is None and runs:
+        node = runs[0].config.dataset
+    if node is None:
+        return None
+    return instantiate(node, split=split, augment=False)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def _class_index(name: Any, classes: Sequence[str], key: str) -> int:
+    if isinstance(name, int) and not isinstance(name, bool):
+        if not 0 <= name < len(classes):
+            raise ValueError(f"{key}: class index {name} is outside 0..{len(classes) - 1}")
+        return name
+    if str(name) in classes:
+        return classes.index(str(name))
+    raise ValueError(
+        f"{key}: unknown class {name!r}; use indices or names such as {list(classes)[:5]}"
+    )
+
+
+def _first_of_class(dataset: Dataset, label: int) -> torch.Tensor:
+    targets = getattr(dataset, "targets", None)
+    n = len(dataset)  # type: ignore[arg-type]
+    for i in range(n):
+        if (targets[i] if targets is not None else dataset[i][1]) == label:
+            return dataset[i][0]
+    raise ValueError(f"viz.inverse.init=texture: the dataset split has no image of class {label}")
+
+
+def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
+    t = cfg.viz.texture
+    runs = load_runs(cfg, device)
+    if cfg.get("backbone") is not None:
+        backbone = instantiate(cfg.backbone)
+        spec, source = backbone.input_spec, cfg.backbone._target_
+    elif runs:
+        model = _single_run(cfg, runs).model
+        backbone, spec, source = model.backbone, model.input_spec, str(runs[0].run_dir)
+    else:
+        raise ValueError(
+            "kind=texture needs a network: run=<training run directory> (its backbone) or "
+            "backbone=<option> (configs/backbone; random weights unless "
+            "backbone.pretrained=true or backbone.weights=<file>)"
+        )
+    taps = FeatureTaps(backbone, t.layers, spec).to(device)
+    if t.image:
+        exemplar, origin = load_image(t.image), str(t.image)
+    else:
+        dataset = load_dataset(cfg, runs, t.split)
+        if dataset is None:
+            raise ValueError(
+                "kind=texture needs an exemplar: viz.texture.image=<file>, or a dataset "
+                "(run=<run dir> or dataset=<option>) with viz.texture.index=<i>"
+            )
+        exemplar = dataset[int(t.index)][0]
+        origin = f"{t.split}[{int(t.index)}]"
+    weights = OmegaConf.to_container(t.layer_weights) if t.layer_weights else None
+    result = synthesize_texture(
+        taps,
+        exemplar,
+        size=tuple(t.size) if t.size else None,
+        scales=list(t.scales),
+        optimizer=t.optimizer,
+        steps=int(t.steps),
+        lr=t.lr,
+        layer_weights=weights,  # type: ignore[arg-type]
+        seed=int(cfg.seed),
+    )
+    save_image(result.image, out / "texture.png")
+    save_image(exemplar, out / "exemplar.png")
+    _write_losses(result, out / "loss.csv")
+    save_figure(loss_curve(result.losses, result.scale_starts), out / "loss.png")
+    fig = figure(5.0, 2.8)
+    for ax, image, title in zip(
+        fig.subplots(1, 2), (exemplar, result.image), ("exemplar", "synthesized texture")
+    ):
+        draw_image(ax, image, title)
+    save_figure(fig, out / "texture_pair.png")
+    summary = {
+        "network": source,
+        "exemplar": origin,
+        "layers": taps.layers,
+        "sizes": [list(s) for s in result.sizes],
+        "optimizer": t.optimizer,
+        "initial_loss": result.losses[0],
+        "final_loss": result.losses[-1],
+        "reduction": result.losses[0] / max(result.losses[-1], 1e-30),
+        "per_scale": [
+            {
+                "size": list(size),
+                "initial_loss": result.losses[a],
+                "final_loss": result.losses[b - 1],
+            }
+            for size, (a, b) in zip(
+                result.sizes, itertools.pairwise([*result.scale_starts, len(result.losses)])
+            )
+        ],
+    }
+    if runs:
+        summary["classified"] = _classify_texture(runs[0], exemplar, result.image, device)
+    _write_json(out / "texture.json", summary)
+    log.info(
+        "Texture: Gram loss %.4g -> %.4g (%.1fx) at %s; written to %s",
+        summary["initial_loss"],
+        summary["final_loss"],
+        summary["reduction"],
+        ", ".join(taps.layers),
+        out,
+    )
+    return summary
+
+
+@torch.no_grad()
+def _classify_texture(
+    run: TrainedModel, exemplar: torch.Tensor, texture: torch.Tensor, device: torch.device
+) -> dict[str, Any]:
+    """What the run's model makes of the exemplar and of its texture: does the texture keep
+    what the classifier uses?"""
+    model = run.model.eval()
+    probs = [
+        model(image[None].to(device)).float().softmax(1)[0].cpu() for image in (exemplar, texture)
+    ]
+    c = int(probs[0].argmax())
+    return {
+        "exemplar_class": run.classes[c],
+        "exemplar_prob": float(probs[0][c]),
+        "texture_prob": float(probs[1][c]),
+        "texture_class": run.classes[int(probs[1].argmax())],
+    }
+
+
+def _write_losses(result: TextureResult, path: Path) -> None:
+    starts = [*result.scale_starts, len(result.losses)]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["scale", "height", "width", "iteration", "loss"])
+        for s, (begin, end) in enumerate(itertools.pairwise(starts)):
+            h, w = result.sizes[s]
+            for i in range(begin, end):
+                writer.writerow([s, h, w, i - begin, result.losses[i]])
+
+
+def _inverse(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
+    v = cfg.viz.inverse
+    runs = load_runs(cfg, device)
+    if not runs:
+        raise ValueError("kind=inverse needs run=<training run dir> (or run=[dir1,dir2,...])")
+    classes = runs[0].classes
+    if v.classes is None:
+        targets = list(range(min(len(classes), int(v.max_classes))))
+    else:
+        targets = [_class_index(c, classes, "viz.inverse.classes") for c in v.classes]
+    dataset = None
+    if v.size:
+        size = (int(v.size[0]), int(v.size[1]))
+    else:
+        dataset = load_dataset(cfg, runs, "test")
+        if dataset is None:
+            raise ValueError("viz.inverse.size: set it ([H, W]) when the run has no dataset")
+        size = tuple(int(s) for s in dataset[0][0].shape[-2:])
+    init = None
+    if v.init == "texture":
+        dataset = dataset or load_dataset(cfg, runs, "test")
+        if dataset is None:
+            raise ValueError("viz.inverse.init=texture needs the run's (or a) dataset")
+        t = cfg.viz.texture
+        model = runs[0].model
+        taps = FeatureTaps(model.backbone, t.layers, model.input_spec).to(device)
+        textures = [
+            synthesize_texture(
+                taps,
+                _first_of_class(dataset, c),
+                size=size,
+                optimizer=t.optimizer,
+                steps=int(t.steps),
+                lr=t.lr,
+                seed=int(cfg.seed) + i,
+            ).image
+            for i, c in enumerate(targets)
+        ]
+        init = torch.stack(textures)
+    elif v.init != "noise":
+        raise ValueError(f"viz.inverse.init must be noise or texture, got {v.init!r}")
+    result = maximal_images(
+        [r.model for r in runs],
+        targets,
+        size,
+        steps=int(v.steps),
+        lr=float(v.lr),
+        tv_weight=float(v.tv_weight),
+        tv_beta=float(v.tv_beta),
+        norm_weight=float(v.norm_weight),
+        norm_p=float(v.norm_p),
+        init=init,
+        seed=int(cfg.seed),
+    )
+    mean_prob = result.probs.mean(1)
+    for k, c in enumerate(targets):
+        save_image(result.images[k], out / "maximal" / f"{c:03d}_{classes[c]}.png")
+    labels = [f"{classes[c]}\nP={p:.3f}" for c, p in zip(targets, mean_prob.tolist())]
+    save_figure(labelled_grid(result.images, labels, columns=int(v.columns)), out / "grid.png")
+    save_figure(
+        loss_curve(result.objective, ylabel="mean objective (maximized)"), out / "objective.png"
+    )
+    summary = {
+        "runs": [str(r.run_dir) for r in runs],
+        "size": list(size),
+        "init": v.init,
+        "classes": {
+            classes[c]: {"index": c, "prob": result.probs[k].tolist()}
+            for k, c in enumerate(targets)
+        },
+        "min_prob": float(result.probs.min()),
+    }
+    _write_json(out / "inverse.json", summary)
+    log.info(
+        "Maximal images of %d classes (P(c|I) >= %.3f); written to %s",
+        len(targets),
+        summary["min_prob"],
+        out,
+    )
+    return summary
+
+
+def _maps_supported(trained: TrainedModel) -> bool:
+    model = trained.model
+    return (
+        isinstance(model.pooling, (BilinearPool, DemocraticPool))
+        and len(model.pooling.channels) == 1
+    )
+
+
+def _maps(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
+    m = cfg.viz.maps
+    trained = _single_run(cfg, load_runs(cfg, device))
+    if not _maps_supported(trained):
+        raise ValueError(
+            "kind=maps needs a one-stream model with a matrix pooling head (pooling=sum, "
+            f"democratic or spectral); this run pools with {type(trained.model.pooling).__name__}"
+            f" on {len(trained.model.pooling.channels)} stream(s)"
+        )
+    dataset = load_dataset(cfg, [trained], m.split)
+    if dataset is None:
+        raise ValueError("kind=maps: the run has no dataset config; pass dataset=<option>")
+    n = len(dataset)  # type: ignore[arg-type]
+    indices = list(m.indices) if m.indices else list(range(min(n, int(m.num_images))))
+    bad = [i for i in indices if not 0 <= int(i) < n]
+    if bad:
+        raise ValueError(f"viz.maps.indices: {bad} outside the {m.split} split (0..{n - 1})")
+    items = [dataset[int(i)] for i in indices]
+    images = torch.stack([im for im, _ in items])
+    labels = [int(label) for _, label in items]
+    maps = compute_maps(
+        trained.model,
+        images.to(device),
+        gamma=m.gamma,
+        tau=float(m.tau),
+        iters=int(m.iters),
+        power=m.power,
+    )
+    maps = _to_cpu(maps)
+    fig = draw_maps(
+        images, maps, trained.classes, labels, top_k=int(m.top_k), opacity=float(m.opacity)
+    )
+    save_figure(fig, out / "maps.png", dpi=int(m.dpi))
+    np.savez_compressed(
+        out / "maps.npz",
+        indices=np.asarray(indices),
+        labels=np.asarray(labels),
+        grid=np.asarray(maps.grid),
+        sum=maps.sum.numpy(),
+        democratic=maps.democratic.numpy(),
+        alpha=maps.alpha.numpy(),
+        matrix=maps.matrix.numpy(),
+        class_map=maps.class_map.numpy(),
+        logits=maps.explained.logits.numpy(),
+    )
+    probs = maps.explained.logits.float().softmax(1)
+    spreads = {k: spread(getattr(maps, k)) for k in ("sum", "democratic", "matrix")}
+    rows = []
+    for i, index in enumerate(indices):
+        top = probs[i].topk(min(int(m.top_k), probs.shape[1]))
+        rows.append(
+            {
+                "index": int(index),
+                "label": trained.classes[labels[i]],
+                "top": [
+                    [trained.classes[c], p]
+                    for p, c in zip(top.values.tolist(), top.indices.tolist())
+                ],
+                "spread": {k: float(v[i]) for k, v in spreads.items()},
+                "relative_error": {k: float(v[i]) for k, v in maps.checks.items()},
+            }
+        )
+    summary = {
+        "run": str(trained.run_dir),
+        "split": m.split,
+        "grid": list(maps.grid),
+        "gamma": maps.gamma,
+        "matrix": maps.matrix_label,
+        "images": rows,
+    }
+    _write_json(out / "maps.json", summary)
+    log.info("Contribution maps of %d images written to %s", len(indices), out)
+    return summary
+
+
+def _to_cpu(maps):
+    for key in ("sum", "democratic", "alpha", "matrix", "class_map"):
+        setattr(maps, key, getattr(maps, key).cpu())
+    e = maps.explained
+    for key in ("values", "target", "score", "bias", "ridge", "logits"):
+        setattr(e, key, getattr(e, key).cpu())
+    maps.checks = {k: v.cpu() for k, v in maps.checks.items()}
+    return maps
+
+
+def _report(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
+    r = cfg.viz.report
+    trained = _single_run(cfg, load_runs(cfg, device))
+    dataset = load_dataset(cfg, [trained], r.split)
+    if dataset is None:
+        raise ValueError("kind=report: the run has no dataset config; pass dataset=<option>")
+    path = build_report(
+        trained,
+        dataset,
+        out / "report.html",
+        split=r.split,
+        pairs=int(r.pairs),
+        examples=int(r.examples),
+        batch_size=int(r.batch_size),
+        max_images=r.max_images,
+        device=device,
+        opacity=float(cfg.viz.maps.opacity),
+        maps_supported=_maps_supported(trained),
+    )
+    log.info("Report written to %s", path)
+    return {"report": str(path)}
+
+
+def visualize(cfg: DictConfig) -> dict[str, Any]:
+    """Runs one ``kind`` of visualization and writes its files.
+
+    Args:
+        cfg: The composed ``configs/viz.yaml``.
+
+    Returns:
+        A summary of what was computed (also written as ``<kind>.json`` for texture,
+        inverse and maps), with ``output_dir``.
+
+    Raises:
+        ValueError: an unknown kind or option, naming the key.
+        FileNotFoundError: a missing run or image file.
+    """
+    kind = cfg.get("kind")
+    if kind is None:
+        raise ValueError(
+            "kind is not set: bcnn-viz kind=<texture|inverse|maps|report> run=<training run dir>"
+        )
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)} (kind=maps ...), got {kind!r}")
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(int(cfg.seed))
+    device = resolve_device(str(cfg.device))
+    handlers = {"texture": _texture, "inverse": _inverse, "maps": _maps, "report": _report}
+    summary = handlers[kind](cfg, out, device)
+    summary["output_dir"] = str(out)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="pkg://bcnn.configs", config_name="viz")
+def _hydra_main(cfg: DictConfig) -> None:
+    visualize(cfg)
+
+
+def main() -> None:
+    """Entry point of ``bcnn-viz`` and ``python -m bcnn.viz``."""
+    _hydra_main()

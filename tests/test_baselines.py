@@ -1,0 +1,82 @@
+"""The published baselines' parts in a model and a run: Fisher vector pooling, SVMs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcnn.config import validate
+from bcnn.engine import train
+from bcnn.engine.checkpoint import load_checkpoint
+from bcnn.engine.runs import load_trained
+from bcnn.models.pooling import FisherPool, locations
+from bcnn.ops import fisher_vector
+from tests.conftest import compose_config
+
+FISHER_SVM = [
+    "pooling=fisher",
+    "pooling.num_components=4",
+    "pooling.num_samples=2000",
+    "backbone.channels=[16]",
+    "classifier=svm",
+    "classifier.loss=squared_hinge",
+    "trainer.stages=[linear]",
+    "dataset.trainval_size=240",
+    "dataset.test_size=120",
+    "trainer.progress=false",
+]
+
+
+def test_fisher_pool_fits_its_gmm_then_encodes_with_it() -> None:
+    torch.manual_seed(0)
+    pool = FisherPool(6, num_components=3, num_samples=100, samples_per_image=10, seed=1)
+    maps = [torch.randn(4, 6, 5, 5) for _ in range(5)]
+    with pytest.raises(RuntimeError, match="not been fitted"):
+        pool(maps[0])
+    info = pool.fit(iter(maps))
+    assert info["samples"] == 100 and not pool.needs_fit  # 10 images x 10 locations
+    assert pool.output_shape.dims == (36,)
+    torch.testing.assert_close(pool(maps[0]), fisher_vector(locations(maps[0]), pool.gmm))
+    # The fitted GMM travels in the state dict (checkpoints, the feature-cache key).
+    clone = FisherPool(6, num_components=3)
+    clone.load_state_dict(pool.state_dict())
+    assert not clone.needs_fit
+    torch.testing.assert_close(clone(maps[1]), pool(maps[1]))
+    # Same seed, same maps: the same GMM.
+    again = FisherPool(6, num_components=3, num_samples=100, samples_per_image=10, seed=1)
+    again.fit(iter(maps))
+    torch.testing.assert_close(again.gmm.means, pool.gmm.means)
+
+
+def test_fisher_vector_and_svm_train_in_the_linear_stage(tmp_path: Path) -> None:
+    results = train(compose_config(FISHER_SVM, tmp_path))
+    assert torch.is_grad_enabled()  # fitting the GMM leaves no grad mode behind
+    # Second-order statistics of the Fisher vector separate the built-in classes.
+    assert results["test_acc"] > 80
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["train_acc"]) > 80  # one fit, not epochs
+    state = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert bool(state["model"]["pooling.fitted"])
+    assert state["model"]["classifier.weight"].abs().sum() > 0
+    # The reloaded model scores as the SVMs do: decision values, flip-free here.
+    trained = load_trained(tmp_path)
+    assert type(trained.model.classifier).__name__ == "SVMClassifier"
+    assert not trained.model.pooling.needs_fit
+
+
+def test_svm_needs_the_feature_cache_and_the_linear_stage_only(tmp_path: Path) -> None:
+    overrides = [o for o in FISHER_SVM if not o.startswith("pooling")]
+    cfg = compose_config([*overrides, "trainer.cache_features=false"], tmp_path)
+    with pytest.raises(ValueError, match=r"'trainer\.cache_features'.*cached descriptors"):
+        validate(cfg)
+    cfg = compose_config([*overrides, "trainer.stages=[linear,finetune]"], tmp_path)
+    with pytest.raises(ValueError, match=r"'trainer\.stages'.*linear stage only"):
+        validate(cfg)
+    # A model with another trainable layer after the backbone cannot use the cache.
+    cfg = compose_config([*overrides, "pooling.proj_dim=4"], tmp_path)
+    with pytest.raises(ValueError, match="feature cache"):
+        train(cfg)

@@ -1,0 +1,272 @@
+"""Exported models compute what the eager models compute: TorchScript and ONNX (through
+onnxruntime) within 1e-4 in the logits, for every pooling and normalization.
+
+The reference is the eager model evaluated in float64 (the exact value of its function):
+the float32 eager model is itself up to ~5e-3 off where an eigendecomposition or an FFT is
+followed by the signed square root (slope 1 / (2 sqrt(1e-8)) at 0). Against the float32
+eager model the exported one must then be no further than twice that model's own error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from bcnn.engine.runs import TrainedModel
+from bcnn.export import exact_iterations, export_trained, exportable, load_predictor, read_metadata
+from bcnn.export.graph import (
+    ExportTensorSketch,
+    newton_schulz_log,
+    newton_schulz_power,
+    newton_schulz_sqrt,
+)
+from bcnn.export.runtime import quiet_jit
+from bcnn.models import build_model
+from bcnn.models.normalization import MatrixStep, Step
+from bcnn.ops import TensorSketch, logm, powm, sqrtm
+from tests.conftest import compose_config
+
+TOL = 1e-4
+# Every pooling head, every normalization step and method, both classifiers. The ones a
+# step computes differently in the export (exact -> Newton-Schulz) carry a note.
+CASES: dict[str, list[str]] = {
+    "avg-l2": ["pooling=avg", "normalization=l2"],
+    "sum-signsqrt_l2": ["pooling=sum", "normalization=signsqrt_l2"],
+    "sum-none": ["pooling=sum", "normalization=none"],
+    "sum-triu": ["pooling=sum", "normalization=signsqrt_l2", "normalization.vectorize.triu=true"],
+    "sum-sqrt_newton_schulz": ["pooling=sum", "normalization=sqrt_signsqrt_l2"],
+    "sum-sqrt_eigh": ["normalization=sqrt_l2", "normalization.sqrt.method=eigh"],
+    "sum-sqrt_svd": ["normalization=sqrt_l2", "normalization.sqrt.method=svd"],
+    "sum-sqrt_auto_trace": [
+        "normalization=sqrt_l2",
+        "normalization.sqrt.method=auto",
+        "+normalization.sqrt.scale=trace",
+    ],
+    "sum-log_eigh": ["pooling=sum", "normalization=log_signsqrt_l2"],
+    "sum-log_iterative": ["normalization=log_l2", "normalization.log.method=iterative"],
+    "sum-log_abs_eps": [
+        "normalization=log_l2",
+        "normalization.log.eps=1",
+        "normalization.log.eps_mode=abs",
+    ],
+    "spectral-p0.5": ["pooling=spectral"],
+    "spectral-p0.3": ["pooling=spectral", "normalization.mpow.p=0.3"],
+    "democratic": ["pooling=democratic"],
+    "compact-tensor_sketch": ["pooling=compact", "pooling.sketch.out_dim=512"],
+    "compact-random_maclaurin": [
+        "pooling=compact",
+        "pooling.sketch._target_=bcnn.ops.RandomMaclaurin",
+        "pooling.sketch.out_dim=512",
+    ],
+    "lowrank": [
+        "normalization=sqrt_l2",
+        "~normalization.vectorize",
+        "classifier=lowrank",
+    ],
+    # x_a x_b^T of two streams whose maps are aligned by subsampling (as B-CNN [D, M]).
+    "two_stream-sum": [
+        "~backbone.channels",
+        "~backbone.batch_norm",
+        "backbone._target_=bcnn.models.backbones.TwoStream",
+        "+backbone.stream_a={_target_: bcnn.models.backbones.SmallCNN, channels: [8, 16]}",
+        "+backbone.stream_b={_target_: bcnn.models.backbones.SmallCNN, channels: [8, 8, 12]}",
+    ],
+}
+APPROXIMATED = {"sum-sqrt_eigh", "sum-sqrt_svd", "sum-sqrt_auto_trace", "sum-log_eigh"}
+APPROXIMATED |= {"sum-log_iterative", "sum-log_abs_eps", "spectral-p0.3"}
+
+
+def _trained(tmp_path: Path, overrides: list[str], num_classes: int = 5) -> TrainedModel:
+    """A model with a random classifier giving logits of a trained model's size (~10)."""
+    cfg = compose_config(["backbone.channels=[8,16]", *overrides], tmp_path)
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes).eval()
+    gen = torch.Generator().manual_seed(1)
+    # The low-rank classifier is quadratic in its weights: a smaller scale gives the same
+    # logit size.
+    scale = 5.0 if isinstance(model.classifier, torch.nn.Linear) else 1.0
+    for param in model.classifier.parameters():
+        param.data = torch.randn(param.shape, generator=gen) * (scale if param.dim() > 1 else 0.1)
+    (tmp_path / "results.json").write_text(json.dumps({"test_acc": 91.5, "dataset": "synthetic"}))
+    classes = [f"class_{i}" for i in range(num_classes)]
+    assert isinstance(cfg, DictConfig)
+    return TrainedModel(model, cfg, classes, tmp_path / "checkpoints" / "best.pt", tmp_path)
+
+
+def _images(*shape: int, seed: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+
+
+def _run_file(fmt: str, file: Path, images: torch.Tensor) -> torch.Tensor:
+    """Runs the exported file with its own runtime, not through bcnn."""
+    if fmt == "torchscript":
+        with torch.no_grad(), quiet_jit():
+            return torch.jit.load(str(file))(images)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+
+# TorchScript runs the same traced graph as the ONNX export: a subset covers its runtime.
+TORCHSCRIPT = ("sum-signsqrt_l2", "sum-sqrt_newton_schulz", "sum-log_eigh", "spectral-p0.3")
+TORCHSCRIPT += ("compact-tensor_sketch", "lowrank", "sum-triu")
+
+
+@pytest.mark.parametrize(
+    ("case", "fmt"),
+    [(c, "onnx") for c in CASES] + [(c, "torchscript") for c in TORCHSCRIPT],
+)
+def test_exported_logits_match_the_eager_model(tmp_path: Path, case: str, fmt: str) -> None:
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+    trained = _trained(tmp_path, CASES[case])
+    result = export_trained(trained, fmt, tmp_path / "export")
+    assert result.model_file.is_file()
+    # Another size and batch than the export's 32 x 32: both are dynamic.
+    images = _images(3, 3, 40, 48)
+    with torch.no_grad():
+        eager = trained.model(images)
+        exact = copy.deepcopy(trained.model).double()(images)
+    exported = _run_file(fmt, result.model_file, images)
+    assert exported.shape == eager.shape == (3, 5)
+    assert eager.abs().max() > 1.0  # logits of a realistic size, not all ~0
+    torch.testing.assert_close(exported.double(), exact, atol=TOL, rtol=0)
+    eager_error = float((eager.double() - exact).abs().max())
+    assert float((exported - eager).abs().max()) <= max(TOL, 2 * eager_error)
+    parity = result.metadata["parity"]
+    assert parity["checked"] and parity["at_size"]["exported_vs_float64"] <= TOL
+    assert not parity["fixed_size"]
+    assert bool(result.notes) == (case in APPROXIMATED)
+
+
+def test_exportable_leaves_the_model_alone_and_names_what_it_approximates(
+    tmp_path: Path,
+) -> None:
+    trained = _trained(tmp_path, ["normalization=sqrt_l2", "normalization.sqrt.method=eigh"])
+    images = _images(2, 3, 32, 32)
+    with torch.no_grad():
+        before = trained.model(images)
+        copy, plan = exportable(trained.model)
+        assert torch.equal(trained.model(images), before)
+    assert type(trained.model.normalization.steps["sqrt"]).__name__ == "MatrixSqrt"
+    assert type(copy.normalization.steps["sqrt"]).__name__ == "ExportMatrixFunction"
+    iters = exact_iterations(16, 1e-4, "trace")
+    (note,) = plan.notes
+    assert "normalization.sqrt" in note and f"{iters} Newton-Schulz" in note and "eigh" in note
+
+
+def test_a_step_without_exportable_form_fails_naming_its_key(tmp_path: Path) -> None:
+    class Cube(Step):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return z**3
+
+    trained = _trained(tmp_path, ["normalization=sqrt_l2"])
+    steps = trained.model.normalization.steps
+    steps["cube"] = Cube()  # an elementwise step of plain operations exports as it is
+    exportable(trained.model)
+
+    class Custom(MatrixStep):
+        def function(self, a: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.matrix_exp(a)
+
+    steps["custom"] = Custom(0.0, "abs")
+    with pytest.raises(ValueError, match=r"normalization\.custom: Custom has no exportable form"):
+        export_trained(trained, "onnx", tmp_path / "export")
+    assert not (tmp_path / "export" / "model.onnx").exists()
+
+
+def test_float_input_graph_takes_images_in_zero_one(tmp_path: Path) -> None:
+    trained = _trained(tmp_path, ["normalization=sqrt_l2"])
+    result = export_trained(trained, "torchscript", tmp_path / "export", input_dtype="float")
+    images = _images(2, 3, 32, 32).float() / 255
+    with torch.no_grad():
+        with quiet_jit():
+            exported = torch.jit.load(str(result.model_file))(images)
+        torch.testing.assert_close(exported, trained.model(images), atol=TOL, rtol=0)
+    assert result.metadata["input"]["dtype"] == "float"
+    assert result.metadata["input"]["range"] == [0.0, 1.0]
+
+
+def test_safetensors_export_rebuilds_the_same_model(tmp_path: Path) -> None:
+    trained = _trained(tmp_path, ["pooling=democratic", "classifier=linear"])
+    result = export_trained(trained, "safetensors", tmp_path / "export")
+    assert {p.name for p in result.folder.iterdir()} == {
+        "model.safetensors",
+        "bcnn_export.json",
+        "config.yaml",
+        "README.md",
+    }
+    predictor = load_predictor(result.folder)
+    images = _images(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(predictor.logits(images), trained.model(images))
+    assert predictor.classes == trained.classes and predictor.kind == "safetensors"
+
+
+def test_metadata_and_model_card(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    trained = _trained(tmp_path, ["normalization=log_l2"])
+    result = export_trained(trained, "onnx", tmp_path / "export", image_size=40)
+    meta = json.loads((result.folder / "bcnn_export.json").read_text())
+    assert read_metadata(result.model_file) == meta  # the ONNX file carries the same
+    assert meta["classes"] == trained.classes
+    assert meta["input"]["dtype"] == "uint8" and meta["input"]["size"] == [40, 40]
+    assert meta["input"]["normalized_inside"]["std"] == [0.125] * 3
+    card = (result.folder / "README.md").read_text()
+    for expected in ("uint8, 0-255", "91.50%", "MatrixLog", "atanh series", "class_4"):
+        assert expected in card, expected
+    assert f"{meta['parity']['at_size']['exported_vs_float64']:.2e}" in card
+
+
+def test_unknown_format_and_dtype_are_rejected(tmp_path: Path) -> None:
+    trained = _trained(tmp_path, [])
+    with pytest.raises(ValueError, match="Unknown export format 'pt'"):
+        export_trained(trained, "pt", tmp_path / "x")
+    with pytest.raises(ValueError, match="Unknown input dtype"):
+        export_trained(trained, "onnx", tmp_path / "x", input_dtype="int16")
+
+
+def _spd(d: int, n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, d, generator=gen, dtype=torch.float64).relu()
+    a = x.transpose(1, 2) @ x / n
+    return a + 1e-3 * a.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(d)
+
+
+def test_matrix_functions_of_products_only_match_the_ops() -> None:
+    a = _spd(12, 30)
+    for iters in (1, 5):
+        torch.testing.assert_close(
+            newton_schulz_sqrt(a, iters),
+            sqrtm(a, method="newton_schulz", iters=iters, backward="lyapunov_iterative"),
+            atol=1e-12,
+            rtol=0,
+        )
+    iters = exact_iterations(12, 1e-3, "trace", torch.float64)
+    exact = sqrtm(a, method="eigh", backward="lyapunov_eig")
+    torch.testing.assert_close(newton_schulz_sqrt(a, iters), exact, atol=1e-7, rtol=0)
+    torch.testing.assert_close(newton_schulz_log(a, iters), logm(a, eps=1e-12), atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        newton_schulz_power(a, 0.3, iters), powm(a, 0.3, eps=1e-12), atol=1e-7, rtol=0
+    )
+
+
+def test_exact_iterations_follow_the_conditioning() -> None:
+    # eps tr(A)/d ridge: eigenvalue ratio >= eps / d after Frobenius scaling.
+    assert exact_iterations(64, 1e-4, "trace") == 17 + 6  # log(6.4e5) / log(2.25) = 16.5
+    assert exact_iterations(512, 1e-4, "trace") > exact_iterations(64, 1e-4, "trace")
+    # Without a relative ridge, float32's precision bounds the ratio that matters.
+    assert exact_iterations(64, 0.0, "trace") == exact_iterations(64, 1.0, "abs") == 20 + 6
+
+
+def test_tensor_sketch_as_a_scatter_equals_the_fft_form() -> None:
+    sketch = TensorSketch(16, 64, seed=3, in_dim2=8)
+    x = torch.randn(2, 20, 16, dtype=torch.float64)
+    y = torch.randn(2, 20, 8, dtype=torch.float64)
+    torch.testing.assert_close(ExportTensorSketch(sketch)(x, y), sketch(x, y), atol=1e-12, rtol=0)
