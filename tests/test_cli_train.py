@@ -78,7 +78,7 @@ def test_run_command_prints_one_line_or_the_trace(
     assert run_command("bcnn-x", body, []) == 1
     err = capsys.readouterr().err
     assert err.splitlines()[0] == (
-        "bcnn-x: error: Invalid config value for 'trainer.num_workers': must be >= 0"
+        "bcnn-x: error: Invalid config value for 'trainer.num_workers': must be >= 0, got -2"
     )
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(ValueError, match=r"trainer\.num_workers"):

@@ -463,3 +463,19 @@ def test_runs_and_sweeps_composed_in_one_second_get_distinct_directories() -> No
             assert run.rsplit("_", 1)[1] == sweep.rsplit("_", 1)[1]  # one id per config
             dirs.append((run, sweep))
     assert dirs[0][0] != dirs[1][0] and dirs[0][1] != dirs[1][1]
+
+
+@pytest.mark.slow
+def test_diverged_cli_run_exits_with_one_message(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *LINEAR, "trainer.linear.lr=1e38",
+         f"hydra.run.dir={run_dir}"],
+        cwd=REPO_ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "bcnn-train: error: Training diverged" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "results.json").exists()
