@@ -174,7 +174,8 @@ def _interactions(groups: Groups, values: dict[str, object]) -> list[str]:
     if values.get("trainer.finetune.backbone_lr") == 0 and "finetune" in stages:
         bad.append("trainer.finetune.backbone_lr")
     batch = values.get("trainer.linear.batch_size")
-    if isinstance(batch, int) and batch > TRAIN_SPLIT and "linear" in stages:
+    limited = values.get("trainer.limit_train_batches") is not None  # then only a warning
+    if isinstance(batch, int) and batch > TRAIN_SPLIT and "linear" in stages and not limited:
         bad.append("trainer.linear.batch_size")  # known once the dataset is
     return bad
 
@@ -269,7 +270,10 @@ def test_random_override_sets_end_in_a_model_or_one_message() -> None:
 REAL_RUNS = [
     # (overrides, the key the error names, or None for a clean run)
     (["pooling=democratic", "pooling.tau=0"], "pooling.tau"),
-    (["trainer.linear.batch_size=99999999999"], "trainer.linear.batch_size"),
+    (
+        ["trainer.linear.batch_size=99999999999", "trainer.limit_train_batches=null"],
+        "trainer.linear.batch_size",
+    ),
     (["pooling=compact", "pooling.sketch.out_dim=256", "trainer.linear.grad_clip=1.0"], None),
 ]
 

@@ -146,17 +146,24 @@ def check_batch_sizes(trainer: DictConfig, train_size: int, split: str = "train"
     """A stage's batch larger than the training split is a config error, known once the
     dataset is (before the model is built or any image is read).
 
+    A limited run (``trainer.limit_train_batches``, ``debug=smoke``) only checks that a
+    setting runs: on a small dataset it trains on the whole split per step, with a
+    warning.
+
     Raises:
         ConfigError: naming ``trainer.<stage>.batch_size``, its value and the split's size.
     """
     for name in trainer.stages:
         size = trainer[name].batch_size
-        if size > train_size:
-            raise ConfigError(
-                f"trainer.{name}.batch_size",
-                f"{size} exceeds the {train_size} images of the training split ({split}); "
-                f"use at most {train_size}",
-            )
+        if size <= train_size:
+            continue
+        problem = (
+            f"{size} exceeds the {train_size} images of the training split ({split}); "
+            f"use at most {train_size}"
+        )
+        if trainer.limit_train_batches is None:
+            raise ConfigError(f"trainer.{name}.batch_size", problem)
+        log.warning("trainer.%s.batch_size=%s: limited run, one batch per epoch", name, problem)
 
 
 def _finite_parameters(net: nn.Module) -> bool:
