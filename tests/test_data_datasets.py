@@ -352,6 +352,7 @@ def test_missing_files_raise_one_clear_error(tmp_path: Path, name: str) -> None:
 def test_config_keys_are_constructor_arguments(tmp_path: Path, name: str) -> None:
     """Every key of configs/dataset/<name>.yaml is accepted, and its transform builds."""
     cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    cfg.pop("defaults", None)  # Hydra's defaults list (the recipe), not an argument
     assert cfg.name == name and cfg._target_.startswith(f"bcnn.data.{name}.")
     assert OmegaConf.to_container(cfg)["root"] == f"${{paths.data_dir}}/{name}"
     truth: Truth = MAKERS[name](tmp_path)

@@ -150,6 +150,10 @@ def test_reproduce_cli_lists_tables_and_rejects_bad_input(capsys, tmp_path: Path
     with pytest.raises(SystemExit, match="unknown table"):
         reproduce.main(["table=nope"])
     with pytest.raises(SystemExit, match="sweep_dir"):
-        reproduce.main(["table=nabirds", "launch=false"])
-    options, extra = reproduce.parse_args(["table=nabirds", "smoke=true", "trainer.device=cuda"])
-    assert options == {"table": "nabirds", "smoke": "true"} and extra == ["trainer.device=cuda"]
+        reproduce.main(["table=talk_nabirds", "launch=false"])
+    options, extra = reproduce.parse_args(
+        ["table=talk_nabirds", "smoke=true", "trainer.device=cuda"]
+    )
+    assert options == {"table": "talk_nabirds", "smoke": "true"} and extra == [
+        "trainer.device=cuda"
+    ]

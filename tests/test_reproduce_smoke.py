@@ -1,4 +1,4 @@
-"""The reproduction harness end to end: launch a table in smoke mode, then collect."""
+"""The reproduction harness end to end: smoke runs that tell rows apart, then the report."""
 
 from __future__ import annotations
 
@@ -7,39 +7,69 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
-from tests.conftest import REPO_ROOT, run_train
+from bcnn.engine import train
+from bcnn.reproduce import launch
+from bcnn.reproduce.tables import TABLES
+from tests.conftest import REPO_ROOT, compose_config, run_train
 
 
-def test_smoke_reproduce_nabirds_then_collect(tmp_path: Path) -> None:
-    # The smallest table; its row is the two-stream B-CNN [D,M], so smoke mode must build
-    # a two-stream small CNN. The published column is filled in although the data are fake.
+@pytest.mark.slow
+def test_smoke_talk_table_tells_first_from_second_order_and_reports(tmp_path: Path) -> None:
+    # Two rows of the talk's fine-grained table: FC [D] (average pooling) and Bilinear
+    # [D+M] (x_a x_b^T of a two-stream model: smoke mode builds two small CNNs). On the
+    # built-in dataset, whose classes differ only in co-occurrences, the bilinear row
+    # must score above the first-order one.
     sweep = tmp_path / "sweep"
     script = [sys.executable, str(REPO_ROOT / "scripts" / "reproduce.py")]
-    proc = run_train(
-        ["table=nabirds", "smoke=true", "collect=true", f"sweep_dir={sweep}"],
-        cwd=tmp_path,
-        timeout=240,
-        script=script,
-    )
+    rows = "fc_d__birds,bilinear_d_plus_m__birds"
+    args = ["table=talk_fine_grained", "smoke=true", "collect=true", f"sweep_dir={sweep}"]
+    proc = run_train([*args, f"rows={rows}"], cwd=tmp_path, timeout=400, script=script)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
-    job = sweep / "b_cnn_d_m__nabirds"
-    results = json.loads((job / "results.json").read_text())
-    assert results["dataset"] == "synthetic" and 0 <= results["test_acc"] <= 100
-    assert (
-        job / ".hydra" / "overrides.yaml"
-    ).read_text().strip() == "- experiment=b_cnn_d_m__nabirds"
-    config = (job / "config.yaml").read_text()
+    acc = {}
+    for row_id in rows.split(","):
+        results = json.loads((sweep / row_id / "results.json").read_text())
+        assert results["dataset"] == "synthetic"
+        # The row's protocol: trainval, last epoch (no validation split).
+        assert results["val_acc"] is None
+        assert (
+            results["stages"]["finetune"]["best_epoch"] == results["stages"]["finetune"]["epochs"]
+        )
+        acc[row_id] = results["test_acc"]
+    assert acc["bilinear_d_plus_m__birds"] > acc["fc_d__birds"] + 5
+    config = (sweep / "bilinear_d_plus_m__birds" / "config.yaml").read_text()
     assert "TwoStream" in config and "SmallCNN" in config and "VGG16" not in config
-    assert json.loads((sweep / "reproduce.json").read_text())["smoke"] is True
 
     report = sweep / "report"
-    md = (report / "nabirds.md").read_text()
-    assert "SMOKE RUN" in md and "| B-CNN [D,M] |" in md and "79.4" in md
-    csv = pd.read_csv(report / "nabirds.csv")
-    assert {"ours", "published", "difference"} <= set(csv.columns)
-    assert csv.loc[0, "published"] == 79.4 and csv.loc[0, "status"] == "ok"
-    assert csv.loc[0, "difference"] == csv.loc[0, "ours"] - 79.4
-    assert (report / "nabirds.png").stat().st_size > 1000
-    assert r"\multicolumn{3}{c}{NABirds}" in (report / "nabirds.tex").read_text()
+    csv = pd.read_csv(report / "talk_fine_grained.csv").set_index("row_id")
+    # The talk's number beside ours; the paper's (ICCV 2015) only where it differs.
+    assert csv.loc["fc_d__birds", "published"] == 70.4 and pd.isna(csv.loc["fc_d__birds", "second"])
+    assert (csv.loc["fc_d__aircraft", "published"], csv.loc["fc_d__aircraft", "second"]) == (
+        76.6,
+        74.1,
+    )
+    assert csv.loc["fv_d__cars", "status"].startswith("not runnable: needs the FV-CNN preset")
+    assert csv.loc["bilinear_d_plus_m__birds", "ours"] == acc["bilinear_d_plus_m__birds"]
+    md = (report / "talk_fine_grained.md").read_text()
+    assert "SMOKE RUN" in md and "| method | Birds ours | Birds talk |" in md
+    assert "| FC [D] |" in md and "74.1" in md and "issue 13" in md
+    assert json.loads((sweep / "reproduce.json").read_text())["smoke"] is True
+    assert (report / "talk_fine_grained.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_smoke_rows_with_different_normalizations_score_differently(tmp_path: Path) -> None:
+    # The smoke versions of two rows of the talk's normalization table, trained in
+    # process: B-CNN (signed sqrt, L2) and the matrix square root + signed sqrt + L2.
+    table = TABLES["talk_normalization"]
+    rows = [table.row("sgnsqrt__birds"), table.row("sqrta_plus_sgnsqrt__birds")]
+    names = launch.write_rows(table, rows, tmp_path / "rows", smoke=True)
+    search = launch.searchpath_override(tmp_path / "rows")
+    scores = []
+    for name in names:
+        cfg = compose_config([f"experiment={name}", search], output_dir=tmp_path / name)
+        assert cfg.dataset.name == "synthetic" and list(cfg.trainer.stages) == ["linear"]
+        scores.append(train(cfg)["test_acc"])
+    assert scores[0] != scores[1]

@@ -72,11 +72,12 @@ def sources() -> dict[str, DatasetSource]:
 
 
 def dataset_options(name: str) -> dict[str, Any]:
-    """The dataset options of its config (no target, name, root or transform).
+    """The dataset options of its config (no target, name, root, transform or defaults).
 
     ``--verify`` checks exactly the images a training run with that config would read.
+    (``defaults`` is the config's Hydra defaults list, the recipe it selects.)
     """
-    skip = ("_target_", "name", "root", "transform")
+    skip = ("_target_", "name", "root", "transform", "defaults")
     return {k: v for k, v in dataset_config(name).items() if k not in skip}
 
 

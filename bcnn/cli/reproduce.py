@@ -19,11 +19,14 @@ Options (``key=value``; anything else is passed to every job as a Hydra override
     sweep_dir  where the jobs write (default multirun/<table>[_smoke]/<date_time>)
     rows       only the rows whose id matches one of these fnmatch patterns (e.g. *__cub*)
     dry_run    true: write the row configs and print the command, run nothing
+    bench      matrix-function benchmark CSV for a timing row (talk_newton_schulz);
+               default benchmarks/results/matrix_functions_<cuda|cpu>.csv of this machine
 
 Examples::
 
     bcnn-reproduce table=bmvc17_table2 collect=true trainer.device=cuda
-    bcnn-reproduce table=nabirds smoke=true collect=true
+    bcnn-reproduce table=talk_nabirds smoke=true collect=true
+    bcnn-reproduce table=talk_newton_schulz collect=true trainer.device=cuda
     bcnn-reproduce table=iccv15_table1 launcher=slurm \\
         hydra.launcher.partition=gpu collect=true
     bcnn-reproduce table=iccv15_table1 launch=false collect=true \\
@@ -42,7 +45,17 @@ from bcnn.reproduce.collect import table_report
 from bcnn.reproduce.launch import launch_table
 from bcnn.reproduce.tables import TABLES, get_table
 
-OPTIONS = ("table", "smoke", "collect", "launch", "launcher", "sweep_dir", "rows", "dry_run")
+OPTIONS = (
+    "table",
+    "smoke",
+    "collect",
+    "launch",
+    "launcher",
+    "sweep_dir",
+    "rows",
+    "dry_run",
+    "bench",
+)
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -124,9 +137,10 @@ def _main(argv: Sequence[str] | None) -> int:
         if status:
             print(f"[reproduce] some jobs failed (exit status {status})", file=sys.stderr)
     if collect:
-        report = table_report(table, sweep_dir)
+        report = table_report(table, sweep_dir, bench=options.get("bench"))
         done = int((report["status"] == "ok").sum())
-        print(f"[reproduce] {done}/{len(report)} rows done; report in {sweep_dir / 'report'}")
+        trained = sum(r.runnable for r in table.rows)
+        print(f"[reproduce] {done}/{trained} rows done; report in {sweep_dir / 'report'}")
     print(f"[reproduce] sweep directory: {sweep_dir}")
     return status
 

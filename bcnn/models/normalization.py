@@ -14,6 +14,13 @@ builder need no shape arithmetic of their own, and a step that cannot act on its
 (a matrix function after a vector pooling, a square root of x_a x_b^T) says so when the
 model is built.
 
+A matrix step can compute differently when no gradient flows through it (``eval_method``,
+``eval_iters``): BMVC 2017's MATLAB code fine-tunes with an exact root and the Lyapunov
+gradient but extracts the features it classifies with five Newton-Schulz iterations.
+"No gradient flows" means evaluation (``model.eval()`` or ``torch.no_grad()``) and frozen
+features (the linear stage, cached or not), so both linear-stage paths see the same
+descriptors.
+
 The ridge ``eps`` of the matrix steps is either absolute (``eps_mode="abs"``, in the units
 of A: BMVC 2017 uses eps = 1 for MatConvNet VGG-D features, whose largest eigenvalue is
 ~1e6) or relative to the mean eigenvalue tr(A)/d (``eps_mode="trace"``, the presets'
@@ -45,6 +52,7 @@ from bcnn.ops import (
     sqrtm,
     sqrtm_from_features,
 )
+from bcnn.ops.sqrtm import METHODS as SQRTM_METHODS
 
 # A function of the locations X (B, n, d) giving f(X^T X / n + ridge) (B, d, d).
 SmallSideRoute = Callable[[torch.Tensor], torch.Tensor]
@@ -117,6 +125,15 @@ class MatrixStep(Step):
         """The matrix function of the ridged (B, d, d) ``a`` (float32 or float64)."""
         raise NotImplementedError
 
+    def gradient_flows(self, a: torch.Tensor | None = None) -> bool:
+        """Whether a gradient flows through this step for input ``a``.
+
+        True in training mode with autograd on and ``a`` requiring a gradient; ``a=None``
+        (the input is not known yet) answers for an input that requires one.
+        """
+        wants = True if a is None else a.requires_grad
+        return self.training and torch.is_grad_enabled() and wants
+
     def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
         """The n x n route for A = X^T X / n of n locations and d channels, or None.
 
@@ -148,6 +165,10 @@ class MatrixSqrt(MatrixStep):
         scale: Newton-Schulz pre-scaling, ``fro`` or ``trace``.
         eps: Ridge added before the root (see the module docstring).
         eps_mode: ``abs`` or ``trace``.
+        eval_method: Forward method where no gradient flows (evaluation, frozen
+            features); None = ``method``. E.g. ``method=svd backward=lyapunov_eig
+            eval_method=newton_schulz eval_iters=5``: BMVC 2017's fine-tuning protocol.
+        eval_iters: Newton-Schulz iterations where no gradient flows; None = ``iters``.
     """
 
     def __init__(
@@ -158,14 +179,21 @@ class MatrixSqrt(MatrixStep):
         scale: str = "fro",
         eps: float = 1e-4,
         eps_mode: str = "trace",
+        eval_method: str | None = None,
+        eval_iters: int | None = None,
     ) -> None:
         super().__init__(eps, eps_mode)
+        _check_root_settings(type(self).__name__, method, iters, eval_method, eval_iters)
         self.method, self.iters, self.backward, self.scale = method, iters, backward, scale
+        self.eval_method, self.eval_iters = eval_method, eval_iters
+
+    def settings(self, gradient: bool) -> tuple[str, int]:
+        """(method, iters) used when a gradient flows (``gradient``) or not."""
+        return _root_settings(self, gradient)
 
     def function(self, a: torch.Tensor) -> torch.Tensor:
-        out = sqrtm(
-            a, method=self.method, iters=self.iters, backward=self.backward, scale=self.scale
-        )
+        method, iters = self.settings(self.gradient_flows(a))
+        out = sqrtm(a, method=method, iters=iters, backward=self.backward, scale=self.scale)
         assert isinstance(out, torch.Tensor)
         return out
 
@@ -175,7 +203,7 @@ class MatrixSqrt(MatrixStep):
     def extra_repr(self) -> str:
         return (
             f"method={self.method}, iters={self.iters}, backward={self.backward}, "
-            f"scale={self.scale}, " + super().extra_repr()
+            f"scale={self.scale}, " + _eval_repr(self) + super().extra_repr()
         )
 
 
@@ -188,27 +216,47 @@ class MatrixLog(MatrixStep):
         eps: Ridge added before the logarithm (see the module docstring).
         eps_mode: ``abs`` or ``trace``.
         floor: Absolute eigenvalue floor inside ``logm`` (guards an all-zero matrix).
+        eval_method: Method where no gradient flows (evaluation, frozen features); None =
+            ``method``.
     """
 
+    METHODS: ClassVar[tuple[str, ...]] = ("eigh", "iterative")
+
     def __init__(
-        self, method: str = "eigh", eps: float = 1e-4, eps_mode: str = "trace", floor: float = 1e-10
+        self,
+        method: str = "eigh",
+        eps: float = 1e-4,
+        eps_mode: str = "trace",
+        floor: float = 1e-10,
+        eval_method: str | None = None,
     ) -> None:
         super().__init__(eps, eps_mode)
+        for key, value in (("method", method), ("eval_method", eval_method)):
+            if value is not None and value not in self.METHODS:
+                raise ValueError(f"MatrixLog: {key} must be one of {self.METHODS}, got {value!r}")
         self.method = method
         self.floor = floor
+        self.eval_method = eval_method
+
+    def settings(self, gradient: bool) -> str:
+        """The method used when a gradient flows (``gradient``) or not."""
+        return self.method if gradient else (self.eval_method or self.method)
 
     def function(self, a: torch.Tensor) -> torch.Tensor:
-        return logm(a, method=self.method, eps=self.floor)
+        return logm(a, method=self.settings(self.gradient_flows(a)), eps=self.floor)
 
     def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
-        if self.method != "eigh" or not small_side_cheaper(n, d, "eigh"):
+        gradient = self.gradient_flows()
+        if gradient and self.eval_method not in (None, self.method):
+            return None  # the input decides the method: keep the d x d route
+        if self.settings(gradient) != "eigh" or not small_side_cheaper(n, d, "eigh"):
             return None
         return functools.partial(
             logm_from_features, eps=self.eps, eps_mode=self.eps_mode, floor=self.floor
         )
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, " + super().extra_repr()
+        return f"method={self.method}, " + _eval_repr(self) + super().extra_repr()
 
 
 class MatrixPower(MatrixStep):
@@ -223,6 +271,8 @@ class MatrixPower(MatrixStep):
         eps: Ridge added first (see the module docstring).
         eps_mode: ``abs`` or ``trace``.
         floor: Absolute eigenvalue floor inside ``powm``.
+        eval_method, eval_iters: ``sqrtm`` method and iterations where no gradient flows
+            (evaluation, frozen features), p = 0.5 only; None = ``method`` / ``iters``.
     """
 
     def __init__(
@@ -234,17 +284,31 @@ class MatrixPower(MatrixStep):
         eps: float = 1e-4,
         eps_mode: str = "trace",
         floor: float = 1e-10,
+        eval_method: str | None = None,
+        eval_iters: int | None = None,
     ) -> None:
         super().__init__(eps, eps_mode)
         if not 0.0 < p <= 1.0:
             raise ValueError(f"MatrixPower: p must be in (0, 1], got {p}")
+        if p != 0.5 and (eval_method is not None or eval_iters is not None):
+            raise ValueError(
+                f"MatrixPower: eval_method/eval_iters choose the square root's method and apply "
+                f"to p = 0.5 only (p = {p} always uses the eigendecomposition); drop them"
+            )
+        _check_root_settings("MatrixPower", method, iters, eval_method, eval_iters)
         self.p = float(p)
         self.floor = floor
         self.method, self.iters, self.backward = method, iters, backward
+        self.eval_method, self.eval_iters = eval_method, eval_iters
+
+    def settings(self, gradient: bool) -> tuple[str, int]:
+        """(method, iters) of the p = 0.5 root when a gradient flows (``gradient``) or not."""
+        return _root_settings(self, gradient)
 
     def function(self, a: torch.Tensor) -> torch.Tensor:
         if self.p == 0.5:
-            out = sqrtm(a, method=self.method, iters=self.iters, backward=self.backward)
+            method, iters = self.settings(self.gradient_flows(a))
+            out = sqrtm(a, method=method, iters=iters, backward=self.backward)
             assert isinstance(out, torch.Tensor)
             return out
         return powm(a, self.p, eps=self.floor)
@@ -258,6 +322,37 @@ class MatrixPower(MatrixStep):
             powm_from_features, p=self.p, eps=self.eps, eps_mode=self.eps_mode, floor=self.floor
         )
 
+    def extra_repr(self) -> str:
+        return f"p={self.p}, " + _eval_repr(self) + super().extra_repr()
+
+
+def _check_root_settings(
+    name: str, method: str, iters: int, eval_method: str | None, eval_iters: int | None
+) -> None:
+    """Rejects an unknown square-root method or a negative iteration count, by key."""
+    for key, value in (("method", method), ("eval_method", eval_method)):
+        if value is not None and value not in SQRTM_METHODS:
+            raise ValueError(f"{name}: {key} must be one of {SQRTM_METHODS}, got {value!r}")
+    for key, count in (("iters", iters), ("eval_iters", eval_iters)):
+        if count is not None and not count >= 0:
+            raise ValueError(f"{name}: {key} must be >= 0, got {count}")
+
+
+def _root_settings(step: MatrixSqrt | MatrixPower, gradient: bool) -> tuple[str, int]:
+    if gradient:
+        return step.method, step.iters
+    iters = step.iters if step.eval_iters is None else step.eval_iters
+    return step.eval_method or step.method, iters
+
+
+def _eval_repr(step: MatrixStep) -> str:
+    text = ""
+    if getattr(step, "eval_method", None) is not None:
+        text += f"eval_method={step.eval_method}, "
+    if getattr(step, "eval_iters", None) is not None:
+        text += f"eval_iters={step.eval_iters}, "
+    return text
+
 
 def _sqrt_small_side(
     step: MatrixSqrt | MatrixPower, n: int, d: int, device_type: str, scale: str
@@ -266,28 +361,31 @@ def _sqrt_small_side(
 
     The small side reproduces an exact root with the exact (``lyapunov_eig``) gradient, and
     Newton-Schulz with the gradient of its unrolled iterations (``autograd``); the other
-    backward choices (iterative Lyapunov, SVD formula, identity) keep the d x d route.
+    backward choices (iterative Lyapunov, SVD formula, identity) keep the d x d route. A
+    step with separate evaluation settings in training mode also keeps it: whether a
+    gradient flows, and so which settings apply, is only known from its input.
     """
-    method, backward = resolve_sqrtm(step.method, step.backward, device_type, d)
+    gradient = step.gradient_flows()
+    if gradient and step.settings(True) != step.settings(False):
+        return None
+    method, iters = step.settings(gradient)
+    method, backward = resolve_sqrtm(method, step.backward, device_type, d)
     if method in ("eigh", "svd") and backward == "lyapunov_eig":
         route = "eigh"
     elif method == "newton_schulz" and backward == "autograd":
         route = "newton_schulz"
     else:
         return None
-    if not small_side_cheaper(n, d, route, step.iters):
+    if not small_side_cheaper(n, d, route, iters):
         return None
     return functools.partial(
         sqrtm_from_features,
         method=route,
-        iters=step.iters,
+        iters=iters,
         scale=scale,
         eps=step.eps,
         eps_mode=step.eps_mode,
     )
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, " + super().extra_repr()
 
 
 class Vectorize(Step):

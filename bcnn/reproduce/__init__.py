@@ -4,6 +4,8 @@
 * ``launch``: one Hydra multirun per table, exactly one job per row (and smoke mode).
 * ``collect``: gather any sweep into a DataFrame, summaries, paper-style reports.
 * ``plots``: ours-vs-published bar charts.
+* ``protocols``: the protocol table of the presets (``docs/protocols.md``) and its checks.
+* ``optim``: per-group optimizer settings for presets that follow the authors' code.
 """
 
 from bcnn.reproduce.collect import collect_runs, summarize_sweep, table_report

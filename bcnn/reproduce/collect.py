@@ -7,6 +7,8 @@ Works on any multirun directory of ``train.py`` (one sub-folder per job, each wi
 * :func:`summarize_sweep`: the same, written as ``summary.csv`` and ``summary.md``.
 * :func:`table_report`: a published table (``bcnn.reproduce.tables``) filled in with our
   numbers next to the published ones, as Markdown, CSV, LaTeX and a PNG bar chart.
+* :func:`benchmark_timings`: the matrix-function benchmark results of this machine, for
+  the timing row of the talk's Newton-Schulz table.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from omegaconf import OmegaConf
 
 from bcnn.reproduce.launch import ROWS_DIR, read_manifest
 from bcnn.reproduce.plots import plot_comparison
-from bcnn.reproduce.tables import Table, published
+from bcnn.reproduce.tables import Row, Table, published
 
 RESULT_KEYS = ("test_acc", "test_mean_class_acc", "val_acc", "val_mean_class_acc")
 COMPLETED, NO_RESULTS = "completed", "no results"
@@ -247,6 +249,68 @@ def summarize_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) ->
     return df
 
 
+BENCH_GLOB = "matrix_functions_*.csv"
+
+
+def _bench_candidates() -> list[Path]:
+    """Folders that may hold benchmark results: ./benchmarks/results and the checkout's."""
+    here = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    return list(dict.fromkeys([Path.cwd() / "benchmarks" / "results", here]))
+
+
+def find_benchmark(device: str | None = None) -> Path | None:
+    """The matrix-function benchmark results of ``device`` (``cuda`` or ``cpu``).
+
+    Args:
+        device: Device type; None = ``cuda`` when a GPU is visible, else ``cpu``.
+
+    Returns:
+        ``benchmarks/results/matrix_functions_<device>.csv`` of the working directory or of
+        the source checkout, or None when there is none.
+    """
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    for folder in _bench_candidates():
+        path = folder / f"matrix_functions_{device}.csv"
+        if path.is_file():
+            return path
+    return None
+
+
+def benchmark_timings(path: str | Path) -> dict[tuple[str, int], float]:
+    """Forward times (ms) of one 512x512 float32 square root, from a benchmark CSV.
+
+    Args:
+        path: A ``scripts/bench_matrix_functions.py`` results file (columns ``d``,
+            ``batch``, ``dtype``, ``method``, ``backward``, ``iters``, ``fwd_median_ms``).
+
+    Returns:
+        ``(method, iters) -> ms`` for Newton-Schulz (each iteration count measured; the
+        forward is the same whatever the backward, the ``lyapunov_iterative`` row is
+        read) and ``("svd", 0)`` / ``("eigh", 0)``.
+
+    Raises:
+        ValueError: the file lacks a column it needs, naming it.
+    """
+    df = pd.read_csv(path)
+    need = {"d", "batch", "dtype", "method", "backward", "iters", "fwd_median_ms"}
+    if missing := sorted(need - set(df.columns)):
+        raise ValueError(f"{path}: not a matrix-function benchmark file (no {missing})")
+    df = df[(df["d"] == 512) & (df["batch"] == 1) & (df["dtype"] == "float32")]
+    out: dict[tuple[str, int], float] = {}
+    preferred = {"newton_schulz": "lyapunov_iterative", "svd": "svd", "eigh": "lyapunov_eig"}
+    for method, backward in preferred.items():
+        rows = df[df["method"] == method]
+        for iters, group in rows.groupby("iters"):
+            pick = group[group["backward"] == backward]
+            pick = pick if len(pick) else group
+            key = (method, int(iters) if method == "newton_schulz" else 0)
+            out[key] = float(pick["fwd_median_ms"].iloc[0])
+    return out
+
+
 def _job_for(row_id: str, runs: pd.DataFrame) -> pd.Series | None:
     if runs.empty:
         return None
@@ -257,65 +321,89 @@ def _job_for(row_id: str, runs: pd.DataFrame) -> pd.Series | None:
     return None if hit.empty else hit.iloc[-1]
 
 
-def report_frame(table: Table, runs: pd.DataFrame) -> pd.DataFrame:
+NUMERIC = (
+    "ours",
+    "published",
+    "difference",
+    "second",
+    "published_std",
+    "ours_mean_class_acc",
+    "ours_val_acc",
+)
+
+
+def _second(row: Row, top1: float | None) -> float | None:
+    """The row's second published number (``Row.paper``) where it differs from ``top1``."""
+    value, _ = published(row.paper)
+    if value is None or (top1 is not None and abs(value - top1) < 1e-9):
+        return None
+    return value
+
+
+def report_frame(
+    table: Table, runs: pd.DataFrame, timings: dict[tuple[str, int], float] | None = None
+) -> pd.DataFrame:
     """The long report: one row per table row with ours, published and their difference.
 
     Columns: ``table, row_id, label, <table.column_names>, cell, ours, published,
-    difference, published_std, ours_mean_class_acc, ours_val_acc, status, job``.
-    ``ours`` is the test accuracy (%) of the run, ``difference`` = ours - published.
-    ``status`` is ``ok``, ``failed`` (the job left no results) or ``not run``.
+    difference, second, published_std, ours_mean_class_acc, ours_val_acc, status, job``.
+    ``ours`` is the test accuracy (%) of the run (a timing row: the benchmark's
+    milliseconds), ``published`` the number ``Row.key`` points at (the talk's, for the
+    talk's tables), ``difference`` = ours - published, ``second`` the ``Row.paper`` number
+    where it differs. ``status`` is ``ok``, ``failed`` (the job left no results), ``not
+    run``, ``not runnable: <reason>``, or for a timing row ``benchmark`` / ``no benchmark
+    results``.
+
+    Args:
+        table: The table spec.
+        runs: :func:`collect_runs` of its sweep.
+        timings: :func:`benchmark_timings` for timing rows (None: left empty).
     """
     records = []
     for row in table.rows:
         top1, std = published(row.key)
-        job = _job_for(row.id, runs)
+        job = None if not row.runnable else _job_for(row.id, runs)
         rec: dict[str, Any] = {"table": table.name, "row_id": row.id, "label": row.label}
         rec.update(zip(table.column_names, row.columns))
         rec["cell"] = " | ".join([row.label, *row.columns])
         ours = None
-        if job is not None and job["status"] == COMPLETED:
-            ours = float(job["test_acc"])
-            rec["ours_mean_class_acc"] = job.get("test_mean_class_acc")
-            rec["ours_val_acc"] = job.get("val_acc")
-        status = "not run" if job is None else ("ok" if ours is not None else "failed")
+        if row.reason is not None:
+            status = f"not runnable: {row.reason}"
+        elif row.benchmark is not None:
+            ours = (timings or {}).get(tuple(row.benchmark))
+            status = "benchmark" if ours is not None else "no benchmark results"
+        else:
+            if job is not None and job["status"] == COMPLETED:
+                ours = float(job["test_acc"])
+                rec["ours_mean_class_acc"] = job.get("test_mean_class_acc")
+                rec["ours_val_acc"] = job.get("val_acc")
+            status = "not run" if job is None else ("ok" if ours is not None else "failed")
         rec.update(
             ours=ours,
             published=top1,
-            difference=None if ours is None or top1 is None else ours - top1,
+            difference=None if ours is None or top1 is None or row.benchmark else ours - top1,
+            second=_second(row, top1),
             published_std=std,
             status=status,
             job=None if job is None else job["job"],
         )
         records.append(rec)
     df = pd.DataFrame.from_records(records)
-    for col in (
-        "ours",
-        "published",
-        "difference",
-        "published_std",
-        "ours_mean_class_acc",
-        "ours_val_acc",
-    ):
+    for col in NUMERIC:
         if col not in df.columns:
             df[col] = float("nan")
         df[col] = pd.to_numeric(df[col])
     first = ["table", "row_id", "label", *table.column_names, "cell"]
-    rest = [
-        "ours",
-        "published",
-        "difference",
-        "published_std",
-        "ours_mean_class_acc",
-        "ours_val_acc",
-    ]
-    return df[first + rest + ["status", "job"]]
+    return df[first + list(NUMERIC) + ["status", "job"]]
 
 
 def paper_layout(report: pd.DataFrame, table: Table) -> pd.DataFrame:
     """The report as the paper lays it out: a row per label, (column, measure) columns.
 
-    Measures are ``ours``, ``paper`` and ``diff`` for every paper column (the row's
-    column labels joined with spaces), in the table's order.
+    Measures are ``ours``, the reference (``table.reference``: ``paper``, or ``talk``),
+    the second reference (``table.second``) when some cell has one that differs, and
+    ``diff`` = ours - reference, for every paper column (the row's column labels joined
+    with spaces), in the table's order.
     """
     col = report[list(table.column_names)].astype(str).agg(" ".join, axis=1)
     long = report.assign(column=col)
@@ -323,9 +411,11 @@ def paper_layout(report: pd.DataFrame, table: Table) -> pd.DataFrame:
     columns = list(dict.fromkeys(col))
     parts = {
         "ours": long.pivot(index="label", columns="column", values="ours"),
-        "paper": long.pivot(index="label", columns="column", values="published"),
-        "diff": long.pivot(index="label", columns="column", values="difference"),
+        table.reference: long.pivot(index="label", columns="column", values="published"),
     }
+    if long["second"].notna().any():
+        parts[table.second] = long.pivot(index="label", columns="column", values="second")
+    parts["diff"] = long.pivot(index="label", columns="column", values="difference")
     wide = pd.concat(parts, axis=1).swaplevel(0, 1, axis=1)
     order = [(c, m) for c in columns for m in parts]
     wide = wide.reindex(index=labels, columns=pd.MultiIndex.from_tuples(order))
@@ -334,7 +424,10 @@ def paper_layout(report: pd.DataFrame, table: Table) -> pd.DataFrame:
 
 
 def table_report(
-    table: Table, sweep_dir: str | Path, out_dir: str | Path | None = None
+    table: Table,
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    bench: str | Path | None = None,
 ) -> pd.DataFrame:
     """Writes the report of a table's sweep: ``<table>.md``, ``.csv``, ``.tex`` and ``.png``.
 
@@ -343,6 +436,8 @@ def table_report(
         sweep_dir: Its sweep directory (from ``scripts/reproduce.py``); jobs are matched
             to rows by folder name or ``experiment=`` override (the row id).
         out_dir: Where to write (default ``<sweep_dir>/report``).
+        bench: Matrix-function benchmark results for timing rows (default:
+            :func:`find_benchmark` of this machine's device).
 
     Returns:
         :func:`report_frame`'s long DataFrame (what the CSV holds).
@@ -350,7 +445,11 @@ def table_report(
     sweep = Path(sweep_dir)
     out = Path(out_dir) if out_dir is not None else sweep / "report"
     out.mkdir(parents=True, exist_ok=True)
-    report = report_frame(table, collect_runs(sweep))
+    timings, bench_path = None, None
+    if any(r.benchmark for r in table.rows):
+        bench_path = Path(bench) if bench is not None else find_benchmark()
+        timings = benchmark_timings(bench_path) if bench_path is not None else None
+    report = report_frame(table, collect_runs(sweep), timings)
     report.to_csv(out / f"{table.name}.csv", index=False)
     wide = paper_layout(report, table)
     manifest = read_manifest(sweep) or {}
@@ -360,22 +459,29 @@ def table_report(
     lines = [f"# {table.title}", ""]
     if smoke:
         lines += [
-            "> **SMOKE RUN**: synthetic data, a small CNN and a few CPU batches per row. "
-            "The ours column only shows that every row runs; it is not comparable to "
-            "the published numbers.",
+            "> **SMOKE RUN**: the built-in synthetic dataset, a small CNN and the "
+            "`debug=smoke` epochs on CPU. The ours column shows that every row runs and "
+            "that rows differing in pooling or normalization score differently; it is not "
+            "comparable to the published numbers.",
             "",
         ]
+    ref = table.reference
+    legend = (
+        "ours: top-1 test accuracy (%) of our run (the last stage's selected epoch: the "
+        "last one when the preset trains on trainval, else the best validation epoch); "
+        f"{ref}: the {ref}'s top-1 (`bcnn/resources/paper_results.csv`)"
+    )
+    if table.second in {m for _, m in wide.columns}:
+        legend += f"; {table.second}: the other published number where it differs"
+    legend += f"; diff = ours - {ref}. Empty: not run, failed, not runnable or not published."
+    lines += [f"{table.description}. Sweep: `{sweep.resolve()}`.", "", legend, ""]
+    if bench_path is not None:
+        lines += [f"Time (ms): forward of one 512x512 square root from `{bench_path}`.", ""]
     lines += [
-        f"{table.description}. Sweep: `{sweep.resolve()}`.",
-        "",
-        "ours: top-1 test accuracy (%) of our run (best-validation epoch of the last "
-        "stage); paper: published top-1 (`bcnn/resources/paper_results.csv`); "
-        "diff = ours - paper. Empty: not run, failed or not published.",
-        "",
         markdown_table(wide, fmts),
         "Rows: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
     ]
-    problems = report[report["status"] != "ok"]
+    problems = report[~report["status"].isin(["ok", "benchmark"])]
     if len(problems):
         lines += ["", "| cell | status |", "|:---|:---|"]
         lines += [_md_row(pair) for pair in zip(problems["cell"], problems["status"])]
@@ -383,8 +489,13 @@ def table_report(
         lines += ["", "Notes:", ""] + [f"- {n}" for n in table.notes]
     (out / f"{table.name}.md").write_text("\n".join(lines) + "\n")
     caption = (
-        table.title + (" (SMOKE RUN: not comparable)" if smoke else "") + ": ours vs published"
+        table.title
+        + (" (SMOKE RUN: not comparable)" if smoke else "")
+        + f": ours vs {table.reference}"
     )
     (out / f"{table.name}.tex").write_text(latex_table(wide, caption, f"tab:{table.name}"))
-    plot_comparison(report, out / f"{table.name}.png", table.title + (" [smoke]" if smoke else ""))
+    accuracy = report[~report["row_id"].isin({r.id for r in table.rows if r.benchmark})]
+    plot_comparison(
+        accuracy, out / f"{table.name}.png", table.title + (" [smoke]" if smoke else "")
+    )
     return report

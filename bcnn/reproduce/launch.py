@@ -14,12 +14,18 @@ multirun sweeps over them::
 Each job's directory is named by its row id. ``reproduce.json`` in the sweep directory
 records the table, the rows and the command.
 
-Smoke mode keeps every row's pooling, normalization, classifier and stages but swaps the
-data for the built-in synthetic dataset, the backbone for the small CNN (two small CNNs
-for two-stream rows, so that x_a x_b^T pooling still runs) and the training for a few
-CPU batches. Backbone and dataset nodes are first reset to null (``reproduce/
-smoke_reset.yaml``) because a preset's keys for the real backbone (``pretrained``,
-``weights``) or dataset (``partition``) would otherwise be merged into the small ones.
+Smoke mode keeps every row's pooling, normalization, classifier, stages, recipe
+(optimizers, learning rates, schedules) and data protocol (trainval or a held-out
+validation split) but swaps the data for the built-in synthetic dataset, the backbone for
+the small CNN (two small CNNs for two-stream rows, so that x_a x_b^T pooling still runs)
+and the budget for the ``debug=smoke`` preset's: its epochs and batch sizes, on CPU. It
+runs those epochs whole on a 384-image synthetic training set and tests 512 images (the
+preset alone caps an epoch at three batches, which leaves every classifier at its zero
+initialization and every row of a table at one score): a few seconds per row on 2 CPU
+cores, and rows that differ in pooling or normalization score differently. Backbone and
+dataset nodes are first reset to null (``reproduce/smoke_reset.yaml``) because a preset's
+keys for the real backbone (``pretrained``, ``weights``) or dataset (``partition``) would
+otherwise be merged into the small ones.
 """
 
 from __future__ import annotations
@@ -45,23 +51,27 @@ ROWS_DIR = ".rows"
 MANIFEST = "reproduce.json"
 RESET_CONFIG = "reproduce/smoke_reset"
 
-# Smoke settings: tiny synthetic data, a one-block CNN, the debug=smoke training budget.
+# Smoke settings: small synthetic data, a one-block CNN, the debug=smoke training budget.
+# The validation fraction is the row's own (0: train on trainval, keep the last epoch).
 SMOKE_DATASET: dict[str, Any] = {
     "num_classes": 4,
-    "trainval_size": 48,
-    "test_size": 24,
+    "trainval_size": 384,
+    "test_size": 512,
     "image_size": 16,
-    "val_fraction": 0.25,
 }
 SMOKE_CHANNELS = [8]
-# The epochs, batches and limits are the debug=smoke preset's (configs/debug/smoke.yaml);
-# these make a row's own settings CPU-friendly.
+# The epochs and batch sizes are the debug=smoke preset's (configs/debug/smoke.yaml);
+# these run its epochs whole and make a row's own settings CPU-friendly. The row keeps its
+# gradient accumulation: a step then averages the gradients of batch_size x grad_accum
+# images, as the recipe's steps do (one step per micro-batch of 8 at the recipe's
+# learning rate collapsed fine-tuned classifiers onto the same few classes).
 SMOKE_TRAINER: dict[str, Any] = {
     "device": "cpu",
     "precision": "32",
     "num_workers": 0,
-    "linear": {"grad_accum": 1},
-    "finetune": {"grad_accum": 1},
+    "limit_train_batches": None,
+    "limit_eval_batches": None,
+    "eval_batch_size": 256,
 }
 TWO_STREAM_TARGET = "bcnn.models.backbones.TwoStream"
 
@@ -135,12 +145,20 @@ def smoke_backbone(two_stream: bool) -> dict[str, Any]:
     return {"_target_": TWO_STREAM_TARGET, "stream_a": small, "stream_b": dict(small)}
 
 
-def smoke_dataset() -> dict[str, Any]:
-    """The synthetic dataset's config node at smoke sizes."""
-    return _merge(_group_node("dataset", "synthetic"), SMOKE_DATASET)
+def smoke_dataset(val_fraction: float = 0.0) -> dict[str, Any]:
+    """The synthetic dataset's config node at smoke sizes, with the row's val fraction."""
+    return _merge(
+        _group_node("dataset", "synthetic"), {**SMOKE_DATASET, "val_fraction": val_fraction}
+    )
 
 
-def row_config(row: Row, table: Table, smoke: bool = False, two_stream: bool = False) -> str:
+def row_config(
+    row: Row,
+    table: Table,
+    smoke: bool = False,
+    two_stream: bool = False,
+    val_fraction: float = 0.0,
+) -> str:
     """The YAML text of a row's generated experiment config.
 
     Args:
@@ -148,6 +166,7 @@ def row_config(row: Row, table: Table, smoke: bool = False, two_stream: bool = F
         table: Its table (named in the header comment).
         smoke: Write the smoke version (see the module docstring).
         two_stream: Smoke only: the row's backbone gives two feature maps.
+        val_fraction: Smoke only: the row's ``dataset.val_fraction``.
     """
     choices, body = split_overrides(row.overrides)
     experiment = choices.pop("experiment", None)
@@ -159,7 +178,7 @@ def row_config(row: Row, table: Table, smoke: bool = False, two_stream: bool = F
             body,
             {
                 "backbone": smoke_backbone(two_stream),
-                "dataset": smoke_dataset(),
+                "dataset": smoke_dataset(val_fraction),
                 "trainer": SMOKE_TRAINER,
             },
         )
@@ -224,11 +243,13 @@ def write_rows(table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool) -
     names = []
     search = searchpath_override(rows_dir)
     for row in rows:
-        two_stream = False
+        two_stream, val_fraction = False, 0.0
         if smoke:
             real = _compose(row.overrides)
             two_stream = real.backbone.get("_target_") == TWO_STREAM_TARGET
-        (exp_dir / f"{row.id}.yaml").write_text(row_config(row, table, smoke, two_stream))
+            val_fraction = float(real.dataset.get("val_fraction", 0.0) or 0.0)
+        text = row_config(row, table, smoke, two_stream, val_fraction)
+        (exp_dir / f"{row.id}.yaml").write_text(text)
         _compose([f"experiment={row.id}", search])
         names.append(row.id)
     return names
@@ -278,10 +299,14 @@ def launch_table(
         patterns: Only the rows whose id matches one of these fnmatch patterns.
         dry_run: Write the configs and print the command without running it.
 
+    Rows that cannot run (``Row.reason``) and timing rows (``Row.benchmark``) are listed in
+    ``reproduce.json`` but launch no job.
+
     Returns:
         The exit status of the multirun (0 when every job succeeded).
     """
-    runnable = select_rows(table, patterns)
+    selected = select_rows(table, patterns)
+    runnable = [r for r in selected if r.runnable]
     rows_dir = sweep_dir / ROWS_DIR
     names = write_rows(table, runnable, rows_dir, smoke)
     cmd = multirun_command(names, rows_dir, sweep_dir, launcher, extra)
@@ -295,8 +320,10 @@ def launch_table(
                 "label": r.label,
                 "columns": list(r.columns),
                 "overrides": list(r.overrides),
+                **({"reason": r.reason} if r.reason else {}),
+                **({"benchmark": list(r.benchmark)} if r.benchmark else {}),
             }
-            for r in runnable
+            for r in selected
         ],
         "command": cmd,
     }

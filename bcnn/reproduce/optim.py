@@ -1,0 +1,85 @@
+"""Per-group optimizer settings for the presets that reproduce the authors' code.
+
+The trainer builds three parameter groups (``BilinearModel.param_groups``): ``backbone``
+(at ``trainer.<stage>.backbone_lr``), ``proj`` (the pooling head's 1x1 projection, at
+``lr * pooling.proj_lr_scale``) and ``head`` (at ``trainer.<stage>.lr``), all with the
+optimizer's weight decay. The authors' code sets some groups apart: the MATLAB B-CNN
+fine-tuning does not decay the classifier, the PyTorch code trains DenseNet's projection at
+lr 1e-3 in both stages. :func:`with_groups` is an optimizer factory for the stage's
+``optimizer`` node that applies such per-group settings::
+
+    trainer:
+      finetune:
+        optimizer:
+          _target_: bcnn.reproduce.optim.with_groups
+          optimizer: torch.optim.SGD
+          momentum: 0.9            # any other key goes to the optimizer
+          weight_decay: 5.0e-4
+          groups: {head: {weight_decay: 0.0}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from hydra.utils import get_class
+
+GROUP_NAMES = ("backbone", "proj", "head")
+
+
+def with_groups(
+    params: Iterable[Any],
+    lr: float,
+    *,
+    optimizer: str,
+    groups: Mapping[str, Mapping[str, Any]] | None = None,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Builds ``optimizer(params, lr=lr, **kwargs)`` with per-group settings.
+
+    Args:
+        params: Parameter groups (``{"params", "lr", "name"}`` dicts from the trainer) or
+            plain tensors (then ``groups`` has nothing to act on).
+        lr: The default learning rate (the trainer passes the stage's ``lr``).
+        optimizer: Import path of a ``torch.optim.Optimizer`` class.
+        groups: Group name (``backbone``, ``proj``, ``head``) -> settings that replace the
+            group's own, e.g. ``{"head": {"weight_decay": 0.0}, "proj": {"lr": 1e-3}}``.
+            A group absent from ``params`` (no projection, a frozen backbone) is skipped.
+        **kwargs: The optimizer's other arguments (momentum, betas, weight_decay, ...).
+
+    Returns:
+        The optimizer.
+
+    Raises:
+        ValueError: an unknown group name, a setting the optimizer does not have, or an
+            ``optimizer`` that is not an optimizer class.
+    """
+    groups = {str(k): dict(v) for k, v in (groups or {}).items()}
+    unknown = sorted(set(groups) - set(GROUP_NAMES))
+    if unknown:
+        raise ValueError(
+            f"with_groups: unknown group(s) {unknown} in 'groups'; the trainer's groups are "
+            f"{list(GROUP_NAMES)}"
+        )
+    cls = get_class(optimizer)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"with_groups: optimizer={optimizer!r} is not a torch optimizer class")
+    built = []
+    for group in params:
+        if isinstance(group, dict) and group.get("name") in groups:
+            group = {**group, **groups[group["name"]]}
+        built.append(group)
+    opt = cls(built, lr=lr, **kwargs)
+    for name, settings in groups.items():
+        extra = sorted(set(settings) - set(opt.defaults))
+        if extra:
+            raise ValueError(
+                f"with_groups: groups.{name} sets {extra}, which {cls.__name__} does not "
+                f"have; its settings are {sorted(opt.defaults)}"
+            )
+    return opt
+
+
+__all__ = ["GROUP_NAMES", "with_groups"]
