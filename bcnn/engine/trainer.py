@@ -318,6 +318,7 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.stage_results: dict[str, dict[str, Any]] = {}
         self.logger: Any = None
+        self.built_datasets: list[Dataset] = []
 
     # ---- set-up ---------------------------------------------------------------------
     def _datasets(self) -> dict[str, Dataset]:
@@ -329,7 +330,7 @@ class _Run:
         # Built before the model: a missing or malformed dataset fails here, before any
         # weights are loaded.
         datasets = {
-            role: instantiate(self.cfg.dataset, split=split, augment=role == "train")
+            role: self._dataset(split, augment=role == "train")
             for role, split in self.split_names.items()
         }
         for role, ds in datasets.items():
@@ -340,6 +341,17 @@ class _Run:
             if hasattr(ds, "write_samples") and self.env.is_main:
                 ds.write_samples(self.out / "splits" / f"{split}.txt")
         return datasets
+
+    def _dataset(self, split: str, augment: bool) -> Dataset:
+        """One split of the configured dataset, remembered for the skipped-image report."""
+        ds = instantiate(self.cfg.dataset, split=split, augment=augment)
+        self.built_datasets.append(ds)
+        return ds
+
+    def _skipped_images(self) -> list[str]:
+        """Images skipped (``on_bad_image=skip``) by any dataset, worker or process."""
+        mine = {p for ds in self.built_datasets for p in getattr(ds, "skipped", list)()}
+        return sorted(set().union(*D.all_gather_object(sorted(mine))))
 
     def _build_model(self, num_classes: int) -> BilinearModel:
         torch.manual_seed(self.cfg.seed)
@@ -418,7 +430,7 @@ class _Run:
             if role == "train":
                 # Descriptors of the deterministic (centre-crop) view of the training
                 # images, built for the purpose; flips add a view.
-                ds = instantiate(self.cfg.dataset, split=self.split_names["train"], augment=False)
+                ds = self._dataset(self.split_names["train"], augment=False)
                 views = 2 if recipe and recipe.get("hflip", True) else 1
             else:
                 views = 2 if role == "test" and self.tcfg.test_flip else 1
@@ -493,7 +505,17 @@ class _Run:
 
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg, tcfg, main = self.cfg, self.tcfg, self.env.is_main
+        start_stage, start_epoch = self._set_up()
+        t_start = time.time()
+        for index, name in enumerate(self.tcfg.stages):
+            if index >= start_stage:
+                resume = self.ckpt if index == start_stage else None
+                self._run_stage(index, name, resume, start_epoch if resume else 0)
+        return self._finish(time.time() - t_start)
+
+    def _set_up(self) -> tuple[int, int]:
+        """Datasets, model, logger and the resumed state; returns where to start."""
+        cfg, main = self.cfg, self.env.is_main
         if main:
             OmegaConf.save(self.resolved, self.out / "config.yaml")
         _seed_everything(cfg.seed)
@@ -501,30 +523,31 @@ class _Run:
         check_batch_sizes(self.tcfg, len(self.datasets["train"]), self.split_names["train"])
         self.num_classes = len(self.datasets["train"].classes)
         self.model = self._build_model(self.num_classes)
-        n_params = sum(p.numel() for p in self.model.parameters())
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
         log.info(
-            "Model: %d parameters, %d classes, device %s", n_params, self.num_classes, self.device
-        )
+            "Model: %d parameters, %d classes, device %s",
+            self.num_parameters, self.num_classes, self.device,
+        )  # fmt: skip
         if main:
             self.logger = instantiate(
                 cfg.logger, output_dir=self.out, run_config=self.resolved, _recursive_=False
             )
-        start_stage, start_epoch = 0, 0
+        start = (0, 0)
         if self.ckpt is not None:
             self.model.load_state_dict(self.ckpt["model"])
             self.history = list(self.ckpt["history"])
             self.stage_results = dict(self.ckpt["stage_results"])
-            start_stage, start_epoch = self.ckpt["stage_index"], self.ckpt["next_epoch"]
+            start = (self.ckpt["stage_index"], self.ckpt["next_epoch"])
             if main:
                 self.logger.load_state_dict(self.ckpt.get("logger"))
                 self.logger.restore(self.history)
         self._fit_pooling()
-        t_start = time.time()
-        for index, name in enumerate(tcfg.stages):
-            if index >= start_stage:
-                resume = self.ckpt if index == start_stage else None
-                self._run_stage(index, name, resume, start_epoch if resume else 0)
-        final = self.stage_results[tcfg.stages[-1]]
+        return start
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        """Writes results.json (the final stage's accuracies) and closes the logger."""
+        final = self.stage_results[self.tcfg.stages[-1]]
+        skipped = self._skipped_images()
         results = {
             "test_acc": final["test_acc"],
             "test_mean_class_acc": final["test_mean_class_acc"],
@@ -532,20 +555,22 @@ class _Run:
             "val_mean_class_acc": final["val_mean_class_acc"],
             "stages": self.stage_results,
             "num_classes": self.num_classes,
-            "num_parameters": n_params,
-            "dataset": cfg.dataset.get("name"),
+            "num_parameters": self.num_parameters,
+            "dataset": self.cfg.dataset.get("name"),
             "world_size": self.env.world_size,
+            "skipped_images": {"count": len(skipped), "first": skipped[:10]},
             "output_dir": str(self.out),
         }
-        if main:
+        if self.env.is_main:
             tmp = self.out / "results.json.tmp"
             tmp.write_text(json.dumps(results, indent=2, allow_nan=True))
             os.replace(tmp, self.out / "results.json")
             self.logger.log_summary(results)
             self.logger.close()
+        note = f"; {len(skipped)} unreadable images skipped, e.g. {skipped[0]}" if skipped else ""
         log.info(
-            "Test accuracy %.2f%% (mean per class %.2f%%) in %.0f s; outputs in %s",
-            results["test_acc"], results["test_mean_class_acc"], time.time() - t_start, self.out,
+            "Test accuracy %.2f%% (mean per class %.2f%%) in %.0f s%s; outputs in %s",
+            results["test_acc"], results["test_mean_class_acc"], seconds, note, self.out,
         )  # fmt: skip
         return results
 
@@ -555,7 +580,7 @@ class _Run:
         pooling = self.model.pooling
         if not getattr(pooling, "needs_fit", False):
             return
-        ds = instantiate(self.cfg.dataset, split=self.split_names["train"], augment=False)
+        ds = self._dataset(self.split_names["train"], augment=False)
         bs = self.tcfg.eval_batch_size or self.tcfg[self.tcfg.stages[0]].batch_size
         loader = DataLoader(ds, batch_size=bs, num_workers=self.tcfg.num_workers)
         self.model.eval()
