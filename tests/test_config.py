@@ -161,7 +161,7 @@ def test_missing_dataset_fails_before_the_model_is_built(
     cfg = compose_config(["dataset=cub", f"dataset.root={root}"], tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="no_cub_here") as err:
         train(cfg)
-    assert "prepare_data.py" in str(err.value) or "http" in str(err.value)
+    assert "bcnn-prepare-data" in str(err.value) or "http" in str(err.value)
     assert not built and not (tmp_path / "run" / "checkpoints").exists()
 
 
