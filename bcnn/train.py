@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import logging
 import math
+import secrets
 import sys
 import time
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ import bcnn.config  # noqa: F401  (registers the structured-config schema)
 from bcnn.cli.errors import user_errors
 from bcnn.engine import distributed as D
 from bcnn.engine import train
+from bcnn.engine.trainer import run_dir_in_use
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,23 @@ def _agree_on_run_dir(argv: list[str]) -> None:
         return
     D.init()
     if not any(a.startswith("hydra.run.dir=") for a in argv):
-        stamp = D.broadcast_object(time.strftime("%Y-%m-%d/%H-%M-%S"))
-        argv.append(f"hydra.run.dir=outputs/{stamp}")
+        # The same form as configs/train.yaml's, with the unique suffix chosen by rank 0.
+        stamp = time.strftime("%Y-%m-%d/%H-%M-%S") + "_" + secrets.token_hex(3)
+        argv.append(f"hydra.run.dir=outputs/{D.broadcast_object(stamp)}")
     if env.rank > 0:
         argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+
+
+def _refuse_a_used_run_dir(argv: list[str]) -> None:
+    # Hydra writes .hydra/ into hydra.run.dir before any bcnn code runs: an explicit
+    # directory holding another run is refused first, so the other run's files survive.
+    if "-m" in argv or "--multirun" in argv or any(a.startswith("trainer.resume=") for a in argv):
+        return
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            problem = run_dir_in_use(arg.split("=", 1)[1])
+            if problem is not None:
+                sys.exit(f"bcnn-train: error: {problem}")
 
 
 def optimized_metric(cfg: DictConfig) -> str:
@@ -123,6 +138,7 @@ def main() -> None:
     default ``val_acc``) to Hydra's sweepers.
     """
     _check_plugins(sys.argv[1:])
+    _refuse_a_used_run_dir(sys.argv[1:])
     _agree_on_run_dir(sys.argv)
     _hydra_main()
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.datasets import MAKERS
 
 from bcnn.config import validate
 from bcnn.engine import train
@@ -80,3 +81,33 @@ def test_svm_needs_the_feature_cache_and_the_linear_stage_only(tmp_path: Path) -
     cfg = compose_config([*overrides, "pooling.proj_dim=4"], tmp_path)
     with pytest.raises(ValueError, match="feature cache"):
         train(cfg)
+
+
+def test_skipped_images_are_totalled_across_workers_in_results(tmp_path: Path) -> None:
+    truth = MAKERS["cub"](tmp_path / "data")
+    folder = truth.root / "CUB_200_2011"
+    bad = [truth.train[1][0], truth.test[0][0]]
+    for rel in bad:
+        (folder / rel).write_bytes(b"not an image")
+    overrides = [
+        "dataset=cub",
+        f"dataset.root={truth.root}",
+        "dataset.on_bad_image=skip",
+        "dataset.transform.size=32",
+        "dataset.val_fraction=0",
+        "recipe=fast",
+        "trainer.stages=[linear]",
+        "trainer.linear.epochs=1",
+        "trainer.linear.batch_size=4",
+        "trainer.num_workers=2",
+        "trainer.cache_features=false",
+        "trainer.progress=false",
+    ]
+    results = train(compose_config(overrides, tmp_path / "run"))
+    skipped = results["skipped_images"]
+    assert skipped["count"] == 2
+    assert sorted(skipped["first"]) == sorted(str(folder / rel) for rel in bad)
+    on_disk = (tmp_path / "run" / "results.json").read_text()
+    assert "skipped_images" in on_disk and "not an image" not in on_disk
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "2 unreadable images skipped" in log

@@ -78,7 +78,7 @@ def test_run_command_prints_one_line_or_the_trace(
     assert run_command("bcnn-x", body, []) == 1
     err = capsys.readouterr().err
     assert err.splitlines()[0] == (
-        "bcnn-x: error: Invalid config value for 'trainer.num_workers': must be >= 0"
+        "bcnn-x: error: Invalid config value for 'trainer.num_workers': must be >= 0, got -2"
     )
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(ValueError, match=r"trainer\.num_workers"):
@@ -163,3 +163,15 @@ def test_feature_caching_shows_a_progress_bar(
     assert ("caching train descriptors" in err) == progress
     if progress:
         assert "0/3" in err  # ten images in batches of four
+
+
+def test_an_explicit_run_dir_holding_a_run_is_refused_before_hydra_writes(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- the first run's\n")
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    proc = run_train(["debug=smoke", f"hydra.run.dir={tmp_path}"])
+    assert proc.returncode != 0
+    assert "already holds a run" in proc.stderr and "trainer.resume=" in proc.stderr
+    assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == "- the first run's\n"

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import get_object
 
+import bcnn.data
 from bcnn.config import instantiate, validate
 from bcnn.engine import train
 from bcnn.models import build_model
-from tests.conftest import CONFIG_DIR, REPO_ROOT, compose_config, run_train
+from bcnn.models.backbones.base import read_weights
+from bcnn.validation import FILE_RULES, ConfigError, rules, signature
+from tests.conftest import CONFIG_DIR, compose_config, run_train
 
 GROUPS = (
     "backbone", "pooling", "normalization", "classifier", "dataset", "trainer", "logger",
@@ -42,7 +48,9 @@ def test_every_option_composes_and_instantiates(group: str, option: str, tmp_pat
                 built = instantiate(cfg.trainer[stage].scheduler)(built)
             assert type(built).__name__ == expected[option]
         return
-    cfg = compose_config([f"{group}={option}"], tmp_path)
+    # Datasets of the user's own files have no default root (???): validate() refuses that.
+    own = ["dataset.root=/nowhere"] if group == "dataset" and option in ("folder", "csv") else []
+    cfg = compose_config([f"{group}={option}", *own], tmp_path)
     validate(cfg)
     if group in ("trainer", "paths", "debug"):
         return  # validated above; nothing to instantiate
@@ -115,12 +123,9 @@ def test_cli_reports_bad_value_and_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_entry_points_find_configs_from_any_directory(tmp_path: Path) -> None:
+    # (train.py itself runs from the checkout in every run_train test.)
     bin_dir = Path(__import__("sys").executable).parent
-    for script in (
-        [str(bin_dir / "python"), str(REPO_ROOT / "train.py")],
-        [str(bin_dir / "python"), "-m", "bcnn.train"],
-        [str(bin_dir / "bcnn-train")],
-    ):
+    for script in ([str(bin_dir / "python"), "-m", "bcnn.train"], [str(bin_dir / "bcnn-train")]):
         proc = run_train(["--cfg", "job", "pooling=avg"], cwd=tmp_path, script=script)
         assert proc.returncode == 0, (script, proc.stderr[-1500:])
         assert "bcnn.models.pooling.AvgPool" in proc.stdout
@@ -153,5 +158,108 @@ def test_missing_dataset_fails_before_the_model_is_built(
     cfg = compose_config(["dataset=cub", f"dataset.root={root}"], tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="no_cub_here") as err:
         train(cfg)
-    assert "prepare_data.py" in str(err.value) or "http" in str(err.value)
+    assert "bcnn-prepare-data" in str(err.value) or "http" in str(err.value)
     assert not built and not (tmp_path / "run" / "checkpoints").exists()
+
+
+# Every command of issue 11 that ended in a raw exception or was silently accepted.
+ISSUE_11 = [
+    (["+pooling.foo=1"], "pooling.foo"),
+    (["dataset.num_classes=0"], "dataset.num_classes"),
+    (["dataset.num_classes=-3"], "dataset.num_classes"),
+    (["dataset.image_size=-32"], "dataset.image_size"),
+    (["pooling.proj_dim=-4"], "pooling.proj_dim"),
+    (["pooling.proj_dim=1.5"], "pooling.proj_dim"),
+    (["backbone.channels=8"], "backbone.channels"),
+    (["backbone.batch_norm=maybe"], "backbone.batch_norm"),
+    (["dataset.cell_size=0"], "dataset.cell_size"),
+    (["+normalization.steps=abc"], "normalization.steps"),
+    (["trainer.device=cpu:abc"], "trainer.device"),
+    (["seed=99999999999999999999"], "seed"),
+    (["pooling=democratic", "pooling.gamma=-3"], "pooling.gamma"),
+    (["pooling=democratic", "pooling.tau=0"], "pooling.tau"),
+    (["pooling=democratic", "pooling.tau=5"], "pooling.tau"),
+    (["pooling=democratic", "pooling.iters=0"], "pooling.iters"),
+    (["normalization=sqrt_l2", "normalization.sqrt.eps=-1"], "normalization.sqrt.eps"),
+    (["normalization=sqrt_l2", "normalization.sqrt.eps=nan"], "normalization.sqrt.eps"),
+    (["+trainer.foo=1"], "trainer.foo"),
+    (["trainer.linear.lr=inf"], "trainer.linear.lr"),
+    (["+trainer.linear.optimizer.lr=0.5"], "trainer.linear.optimizer.lr"),
+    (
+        ["scheduler@trainer.linear.scheduler=step", "trainer.linear.scheduler.step_size=0"],
+        "trainer.linear.scheduler.step_size",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), ISSUE_11, ids=lambda x: str(x))
+def test_issue_11_values_fail_with_one_message_naming_the_key(
+    overrides: list[str], key: str, tmp_path: Path
+) -> None:
+    cfg = compose_config(overrides, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.key == key and f"'{key}'" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_text_file_as_weights_is_a_config_error(tmp_path: Path) -> None:
+    text = tmp_path / "weights.pt"
+    text.write_text("these are not weights\n")
+    cfg = compose_config(["backbone=vgg_m", f"backbone.weights={text}"], tmp_path)
+    validate(cfg)  # the file is looked at only where it is used: by train(), or files=True
+    with pytest.raises(ConfigError, match=r"'backbone\.weights'.*neither a torch file"):
+        validate(cfg, files=True)
+    cfg = compose_config(["backbone=vgg_m", f"backbone.weights={tmp_path / 'none.pt'}"], tmp_path)
+    with pytest.raises(ConfigError, match=r"'backbone\.weights'.*no such file"):
+        train(cfg)
+    # A file that passes the quick look but cannot be read still names itself.
+    text.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match=rf"backbone\.weights={text}"):
+        read_weights(text)
+
+
+@pytest.mark.parametrize(
+    ("device", "cuda", "count", "mps", "message"),
+    [
+        ("cuda", False, 0, False, "no NVIDIA GPU|built without CUDA"),
+        ("cuda:7", True, 1, False, "1 GPU"),
+        ("cpu:abc", False, 0, False, "must be one of"),
+        ("cpu:1", False, 0, False, "no index"),
+        ("mps", False, 0, False, "MPS"),
+    ],
+)
+def test_unavailable_device_is_a_config_error_before_any_data(
+    device: str,
+    cuda: bool,
+    count: int,
+    mps: bool,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    read = []
+    monkeypatch.setattr("bcnn.engine.trainer.instantiate", lambda *a, **k: read.append(a))
+    cfg = compose_config([f"trainer.device={device}"], tmp_path)
+    with pytest.raises(ConfigError, match=message) as err:
+        train(cfg)
+    assert err.value.key == "trainer.device" and not read
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls, *(s for sub in cls.__subclasses__() for s in _subclasses(sub))]
+
+
+def test_every_range_rule_names_a_real_parameter() -> None:
+    # Rules are keyed by class and parameter: a renamed parameter must not leave a rule
+    # that silently checks nothing.
+    for module in pkgutil.iter_modules(bcnn.data.__path__):
+        importlib.import_module(f"bcnn.data.{module.name}")  # every dataset class
+    for cls_name, params in [*rules().items(), *FILE_RULES.items()]:
+        cls = get_object(cls_name)
+        known = {p for c in _subclasses(cls) for p in signature(c).params}
+        assert set(params) <= known, (cls_name, set(params) - known)

@@ -335,7 +335,7 @@ def test_missing_files_raise_one_clear_error(tmp_path: Path, name: str) -> None:
         build(name, root=str(tmp_path / "absent"), split="train")
     message = str(info.value)
     assert str(tmp_path / "absent") in message and "Expected layout" in message
-    assert "How to obtain" in message and "prepare_data.py" in message
+    assert "How to obtain" in message and "bcnn-prepare-data" in message
     with pytest.raises(FileNotFoundError, match="no dataset root"):
         build(name, root=None, split="train")
 

@@ -76,8 +76,10 @@ def test_cache_refused_when_the_disk_is_too_small(
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 1000, 1000))
     cfg = compose_config([*LINEAR, "trainer.cache_features=true"], tmp_path)
-    with pytest.raises(OSError, match=r"trainer\.cache_dir"):
+    with pytest.raises(OSError, match=r"trainer\.cache_dir") as err:
         train(cfg)
+    # Sizes in the unit that keeps them readable (not "0.00 GiB").
+    assert "has 1000 B free" in str(err.value) and "needs 10.0 MiB" in str(err.value)
     assert not (tmp_path / "metrics.csv").exists()
 
 

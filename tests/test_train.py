@@ -122,8 +122,8 @@ def test_killed_run_resumes_to_the_same_results(tmp_path: Path) -> None:
         "trainer.linear.epochs=3",
         "trainer.finetune.epochs=2",
         "trainer.progress=false",
-        "dataset.trainval_size=400",
-        "dataset.test_size=100",
+        "dataset.trainval_size=200",
+        "dataset.test_size=60",
     ]
     reference = run_train([*args, f"hydra.run.dir={tmp_path / 'full'}"])
     assert reference.returncode == 0, reference.stderr[-2000:]

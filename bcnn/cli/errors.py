@@ -28,6 +28,7 @@ from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
 from bcnn.data.base import BadImageError
+from bcnn.engine.trainer import DivergenceError
 from bcnn.models.backbones.base import WeightsUnavailableError
 
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
@@ -44,6 +45,7 @@ RAISED_FOR_THE_USER: tuple[type[BaseException], ...] = (
     KeyError,  # an unknown name looked up for the user (e.g. a class name)
     WeightsUnavailableError,  # offline without cached weights, naming the file to fetch
     BadImageError,
+    DivergenceError,  # a non-finite loss, naming the stage, epoch, step and likely settings
 )
 # Configuration errors: a misspelt key, a wrong type, an unknown option. Always the user's.
 CONFIG_ERRORS: tuple[type[BaseException], ...] = (

@@ -63,8 +63,10 @@ class Prediction:
 def image_files(inputs: Sequence[str | Path]) -> list[Path]:
     """Files as given, and the image files below each folder (sorted, recursive).
 
+    A file that does not exist stays in the list: like an unreadable one, it is reported
+    by name when it is read, and the other images still get their predictions.
+
     Raises:
-        FileNotFoundError: an input that does not exist.
         ValueError: no image at all.
     """
     extensions = {ext.lower() for ext in Image.registered_extensions()}
@@ -82,10 +84,8 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
             if not found:
                 logging.getLogger(__name__).warning("No image files in %s", path)
             files += found
-        elif path.exists():
-            files.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such image file or folder")
+            files.append(path)
     if not files:
         raise ValueError(f"no image files in {', '.join(map(str, inputs))}")
     return files

@@ -23,6 +23,7 @@ import os
 import sys
 import textwrap
 import urllib.error
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,7 @@ import yaml
 from hydra.utils import get_class
 from tqdm import tqdm
 
+from bcnn.cli.errors import run_command
 from bcnn.data.base import BadImageError, FileDataset, Record
 from bcnn.data.download import (
     DATA_ENV,
@@ -233,8 +235,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line (``sys.argv[1:]`` when ``argv`` is None); returns the exit status."""
+    return run_command("bcnn-prepare-data", _main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args, options = parse_args(argv)
+    args, options = parse_args(None if argv is None else list(argv))
     name, root, progress = args.dataset, Path(args.root), not args.no_progress
     source = loaders()[name].source
     try:

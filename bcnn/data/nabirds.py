@@ -43,7 +43,7 @@ class NABirds(CaltechListDataset):
 no public download; access is gated: fill in the form at
   https://dl.allaboutbirds.org/nabirds to get the link to nabirds.tar.gz, then install it
   with checksum verification:
-     python scripts/prepare_data.py --dataset nabirds --root data/nabirds \\
+     bcnn-prepare-data --dataset nabirds --root data/nabirds \\
          --archive nabirds.tar.gz""",
         known_files=(
             Archive(

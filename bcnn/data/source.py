@@ -76,7 +76,7 @@ class DatasetSource:
             return self.manual.strip()
         urls = ", ".join(a.url for a in self.variants[self.default_variant])
         return (
-            f"run `python scripts/prepare_data.py --dataset {self.name} --root <root>` "
+            f"run `bcnn-prepare-data --dataset {self.name} --root <root>` "
             f"(downloads {urls}), or download from {self.homepage} and extract into the root."
         )
 

@@ -2,26 +2,39 @@
 
 With the backbone frozen, every epoch of the linear stage would recompute the same
 descriptors. Instead they are computed once per image, and once more for its mirror
-image when flips are on, and stored as a memory-mapped ``.npy`` array
-``(images, views, D)`` (matrix descriptors are stored flattened). The classifier then
-trains from the array. The cache lives in a
-folder named by a hash of everything that determines the descriptors (the weights, the
-dataset config, the split, the views and the storage dtype), so a second run with the
-same setting reuses it.
+image when flips are on, and stored as a ``.npy`` array ``(images, views, D)`` (matrix
+descriptors are stored flattened) that training reads memory-mapped. The cache lives in
+a folder named by a hash of everything that determines the descriptors (the weights, the
+dataset config, the split and the images used, the views and the storage dtype), so a
+second run with the same setting reuses it.
+
+Writing is safe against a full disk and against other runs:
+
+* the array's space is reserved when the file is created (``posix_fallocate``) and rows
+  are written with ordinary file I/O: a full disk is an ``OSError`` naming the folder,
+  the size needed and the space free, never a SIGBUS of a memory-mapped write;
+* a run writes into a partial folder of its own and renames it into place when done,
+  holding a lock file per key (``.<key>.lock``): a second run with the same key waits,
+  then reuses what the first wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
@@ -52,21 +65,131 @@ def cache_key(model: nn.Module, identity: Mapping[str, Any]) -> str:
     return h.hexdigest()[:24]
 
 
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``: the unit that keeps the number readable."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# Kept free beyond the cache: the rest of the run (checkpoints, logs) needs room too.
+DISK_MARGIN = 256 << 20
+
+
+def _disk_full(folder: Path, needed: int) -> OSError:
+    free = shutil.disk_usage(folder).free
+    return OSError(
+        errno.ENOSPC,
+        f"The feature cache needs {human_bytes(needed)} (plus {human_bytes(DISK_MARGIN)} "
+        f"spare) but {folder} has {human_bytes(free)} free. Point trainer.cache_dir to a "
+        "larger disk, set trainer.cache_dtype=float16 (halves it), or "
+        "trainer.cache_features=false.",
+    )
+
+
 def check_disk(folder: Path, needed: int) -> None:
     """Raises before writing when ``folder``'s disk cannot hold ``needed`` bytes.
 
     Raises:
-        OSError: naming the folder, the size needed and the size free, and the fixes.
+        OSError: (ENOSPC) naming the folder, the size needed and the size free in readable
+            units, and the fixes.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    # Keep a margin: the rest of the run (checkpoints, logs) needs room too.
-    if needed * 1.05 + (256 << 20) > free:
-        raise OSError(
-            f"The feature cache needs {needed / 2**30:.2f} GiB but {folder} has "
-            f"{free / 2**30:.2f} GiB free. Point trainer.cache_dir to a larger disk, set "
-            "trainer.cache_dtype=float16 (halves it), or trainer.cache_features=false."
-        )
+    if needed * 1.05 + DISK_MARGIN > shutil.disk_usage(folder).free:
+        raise _disk_full(folder, needed)
+
+
+def _full_disk_errors(err: OSError) -> bool:
+    return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class _Store:
+    """The ``features.npy`` array ``(N, V, D)`` of a cache being written, by ordinary file I/O.
+
+    The file's blocks are reserved up front (``posix_fallocate``): a full disk is an
+    ``OSError`` at creation, never a SIGBUS in the middle of a memory-mapped write.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any) -> None:
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.row_bytes = shape[1] * shape[2] * self.dtype.itemsize
+        with path.open("rb") as f:
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)
+            self.offset = f.tell()
+        self.fd = os.open(path, os.O_WRONLY)
+
+    @classmethod
+    def create(cls, path: Path, shape: tuple[int, int, int], dtype: Any) -> None:
+        """Writes the header and reserves the data's space; the file then has its full size."""
+        header = {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+            "fortran_order": False,
+            "shape": shape,
+        }
+        with path.open("wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            size = f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
+            f.flush()
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, size)
+            else:  # pragma: no cover - macOS, Windows: a sparse file
+                f.truncate(size)
+
+    def write(self, rows: list[int], values: np.ndarray) -> None:
+        """Writes ``values[i]`` into row ``rows[i]``; runs of consecutive rows in one call."""
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        start = 0
+        while start < len(rows):
+            end = start + 1
+            while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                end += 1
+            data = memoryview(values[start:end].tobytes())
+            position = self.offset + rows[start] * self.row_bytes
+            while data:
+                written = os.pwrite(self.fd, data, position)
+                data, position = data[written:], position + written
+            start = end
+
+    def close(self) -> None:
+        """Flushes the rows to disk and closes the file."""
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+@contextlib.contextmanager
+def _cache_lock(folder: Path, key: str, env: D.DistEnv) -> Iterator[None]:
+    """Serializes the runs that build or read one cache key (rank 0 holds the lock)."""
+    if not env.is_main:
+        yield
+        return
+    lock = FileLock(folder / f".{key}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("Another run is writing the feature cache %s: waiting for it", folder / key)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _readable(final: Path) -> bool:
+    """A finished cache whose arrays open (a truncated file fails here, not with SIGBUS)."""
+    if not (final / "meta.json").is_file():
+        return False
+    try:
+        np.load(final / "features.npy", mmap_mode="r")
+        np.load(final / "labels.npy")
+    except (OSError, ValueError) as err:
+        log.warning("Feature cache %s is unreadable (%s): computing it again", final, err)
+        return False
+    return True
 
 
 class CachedViews(Dataset):
@@ -159,25 +282,68 @@ def build_cache(
     """
     key = cache_key(model, {**identity, "views": views, "dtype": dtype})
     final = folder / key
-    if not (final / "meta.json").exists():
-        model.eval()
-        n = len(dataset)
-        dim = model.descriptor_shape.numel
-        size = n * views * dim * np.dtype(DTYPES[dtype]).itemsize
-        tmp = folder / f".{key}.partial"
-        if env.is_main:
-            log.info(
-                "Caching %d x %d descriptors of dimension %d (%s): %.2f GiB in %s",
-                n, views, dim, dtype, size / 2**30, final,
-            )  # fmt: skip
+    if env.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    # One run writes a key at a time; a run that waited then finds it finished and reuses it.
+    with _cache_lock(folder, key, env):
+        ready = D.broadcast_object(_readable(final) if env.is_main else None)
+        if ready:
+            log.info("Reusing the feature cache %s", final)
+        else:
+            _write(model, dataset, folder, key, identity, views, dtype, batch_size, device,
+                   precision, num_workers, env, progress)  # fmt: skip
+    features = np.load(final / "features.npy", mmap_mode="r")
+    return features, np.load(final / "labels.npy")
+
+
+def _write(
+    model: BilinearModel,
+    dataset: Dataset,
+    folder: Path,
+    key: str,
+    identity: Mapping[str, Any],
+    views: int,
+    dtype: str,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    num_workers: int,
+    env: D.DistEnv,
+    progress: bool,
+) -> None:
+    """Computes the descriptors into a partial folder of this run, then renames it into place."""
+    model.eval()
+    n = len(dataset)
+    dim = model.descriptor_shape.numel
+    shape = (n, views, dim)
+    size = n * views * dim * np.dtype(DTYPES[dtype]).itemsize
+    final = folder / key
+    # A folder of this run's own: a crashed run's leftovers never mix with it.
+    tmp = folder / f".{key}.{D.broadcast_object(uuid.uuid4().hex[:8])}.partial"
+    error: tuple[int | None, str] | None = None
+    if env.is_main:
+        log.info(
+            "Caching %d x %d descriptors of dimension %d (%s): %s in %s",
+            n, views, dim, dtype, human_bytes(size), final,
+        )  # fmt: skip
+        for stale in folder.glob(f".{key}.*.partial"):  # killed runs (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
             check_disk(folder, size)
-            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            np.lib.format.open_memmap(
-                tmp / "features.npy", mode="w+", dtype=DTYPES[dtype], shape=(n, views, dim)
-            ).flush()
-        D.barrier()
-        store = np.load(tmp / "features.npy", mmap_mode="r+")
+            _Store.create(tmp / "features.npy", shape, DTYPES[dtype])
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _full_disk_errors(err):
+                err = _disk_full(folder, size)
+            error = (err.errno, err.strerror or str(err))
+    # Every process learns of rank 0's failure (and raises the same error).
+    error = D.broadcast_object(error)
+    if error is not None:
+        raise OSError(*error)
+    try:
+        store = _Store(tmp / "features.npy", shape, DTYPES[dtype])
         labels = np.zeros(n, dtype=np.int64)
         rows = list(range(env.rank, n, env.world_size))
         loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers)
@@ -190,12 +356,10 @@ def build_cache(
                 feats = [model.features(images)]
                 if views == 2:
                     feats.append(model.features(images.flip(-1)))
-            stacked = torch.stack(feats, 1).flatten(2).float().cpu().numpy()
-            store[idx] = stacked.astype(DTYPES[dtype])
+            store.write(idx, torch.stack(feats, 1).flatten(2).float().cpu().numpy())
             labels[idx] = targets.numpy()
             done += len(targets)
-        store.flush()
-        del store
+        store.close()
         labels = D.all_reduce_sum(torch.from_numpy(labels)).numpy()
         D.barrier()
         if env.is_main:
@@ -204,7 +368,13 @@ def build_cache(
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         D.barrier()
-    else:
-        log.info("Reusing the feature cache %s", final)
-    features = np.load(final / "features.npy", mmap_mode="r")
-    return features, np.load(final / "labels.npy")
+    except OSError as err:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _full_disk_errors(err):
+            raise _disk_full(folder, size) from None
+        raise
+    except BaseException:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,15 +1,52 @@
-"""Atomic checkpoints and the random-number-generator state they carry."""
+"""Checkpoints: written atomically with the previous one kept, read without running code.
+
+Format: ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts, and
+NumPy's random-generator state), read back with ``torch.load(weights_only=True)`` and
+:func:`safe_globals` as the only allowed non-torch types, so a crafted file cannot run
+code when passed to ``trainer.resume`` or to a command that loads a trained model.
+
+Writing (:func:`save_checkpoint`): the new file is written to a temporary file beside
+the target and flushed to disk; the current file becomes ``<name>.prev.pt``; the new one
+takes its place. A crash at any moment leaves a complete ``last.pt`` or
+``last.prev.pt`` (or both), and :func:`load_resumable` falls back to the previous one
+when the newest is missing or unreadable. Temporary files of a killed write are removed
+by the next write and by a resume.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import random
+import shutil
 import tempfile
+import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (corrupt, foreign or unsafe); names the file."""
+
+
+def safe_globals() -> list[Any]:
+    """The non-torch types a bcnn checkpoint holds, allowed under ``weights_only=True``.
+
+    NumPy array reconstruction for the NumPy random-generator state (a uint32 array):
+    data types only, no callable that could run code.
+    """
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
 
 
 def rng_state() -> dict[str, Any]:
@@ -33,15 +70,43 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def previous_path(path: str | Path) -> Path:
+    """``last.pt`` -> ``last.prev.pt``: where the file before the current one is kept."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def remove_temporaries(folder: str | Path) -> None:
+    """Deletes what interrupted writes left in ``folder`` (``.<name>.*.tmp``)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for stale in folder.glob(f".*{TMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The renames themselves reach the disk only with the directory's entry.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - filesystems without directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Saves ``obj`` with ``torch.save`` so ``path`` is never left half-written.
 
     Writes a temporary file in the same directory, flushes it to disk, then renames it
-    over ``path`` (an atomic replace on POSIX and Windows).
+    over ``path``. The temporary file is removed if the write fails.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -51,26 +116,156 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> None:
+    """Writes a checkpoint atomically and keeps the one it replaces as ``<name>.prev.pt``.
+
+    Order: temporary file (flushed) -> current file renamed to the ``.prev`` name -> the
+    temporary file renamed to ``path``. Every moment leaves at least one complete file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(obj), f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, previous_path(path))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def link_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """Makes ``dst`` the same checkpoint as ``src`` (atomically), without writing it again.
+
+    A hard link where the filesystem has them (checkpoints are replaced by renames, never
+    rewritten in place, so the two names never disagree), else a copy.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link{TMP_SUFFIX}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """Turns ``trainer.resume`` (a run directory or a checkpoint file) into a file path.
+
+    A run directory gives ``checkpoints/last.pt``, or ``checkpoints/last.prev.pt`` when a
+    crash left only that one.
 
     Raises:
         FileNotFoundError: naming what was looked for.
     """
     path = Path(path).expanduser()
     candidate = path / "checkpoints" / "last.pt" if path.is_dir() else path
-    if not candidate.is_file():
-        raise FileNotFoundError(
-            f"trainer.resume={path}: no checkpoint at {candidate}. Pass a run directory "
-            "containing checkpoints/last.pt or the path of a .pt checkpoint."
+    if candidate.is_file() or previous_path(candidate).is_file():
+        return candidate
+    raise FileNotFoundError(
+        f"trainer.resume={path}: no checkpoint at {candidate}. Pass a run directory "
+        "containing checkpoints/last.pt or the path of a .pt checkpoint."
+    )
+
+
+def _why_unreadable(path: Path, err: BaseException) -> str:
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
+        # torch names the refused global, e.g. "Unsupported global: GLOBAL posix.system".
+        detail = next(
+            (
+                line.strip()
+                for line in str(err).splitlines()
+                if "global" in line.lower() and "unsupported" in line.lower()
+            ),
+            str(err).splitlines()[0],
         )
-    return candidate
+        return (
+            f"it asks to load objects a bcnn checkpoint never holds ({detail}); refused "
+            "without running it. Only load checkpoints you trust"
+        )
+    if path.stat().st_size == 0:
+        return "the file is empty (an interrupted write?)"
+    if isinstance(err, (zipfile.BadZipFile, EOFError)) or "zip" in str(err).lower():
+        return f"the file is truncated or corrupt ({type(err).__name__}: {err})"
+    return f"{type(err).__name__}: {err}"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads a checkpoint written by the trainer onto the CPU."""
-    # Our checkpoints hold numpy RNG state and plain containers: not weights-only safe,
-    # and they are files this program wrote itself.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Loads a checkpoint written by bcnn onto the CPU, without running code from it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is corrupt, truncated, not a bcnn checkpoint, or asks to
+            load anything but tensors, containers and NumPy's generator state; the message
+            names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"Cannot read the checkpoint {path}: {_why_unreadable(path, err)}."
+        ) from None
+    if not isinstance(obj, dict) or "model" not in obj:
+        kind = type(obj).__name__
+        raise CheckpointError(
+            f"{path} is not a bcnn checkpoint (a {kind} without the 'model' entry bcnn writes)."
+        )
+    return obj
+
+
+RESUME_KEYS = ("model", "config", "stage_index", "next_epoch", "history", "rng")
+
+
+def load_resumable(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The newest usable checkpoint among ``path`` and its ``.prev`` sibling.
+
+    A missing, corrupt or incomplete ``last.pt`` (a crash during its write, a full disk)
+    is reported in the log and the previous checkpoint is used instead.
+
+    Args:
+        path: The checkpoint named by ``resolve_checkpoint``.
+
+    Returns:
+        ``(file, checkpoint)``.
+
+    Raises:
+        CheckpointError: neither file can be used; names both and why.
+    """
+    path = Path(path)
+    remove_temporaries(path.parent)
+    problems = []
+    for candidate in (path, previous_path(path)):
+        if not candidate.is_file():
+            problems.append(f"{candidate}: missing")
+            continue
+        try:
+            ckpt = load_checkpoint(candidate)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing:
+            problems.append(f"{candidate} lacks {missing}: not a training checkpoint")
+            continue
+        if problems:
+            log.warning("%s; resuming from the previous checkpoint %s", problems[0], candidate)
+        return candidate, ckpt
+    raise CheckpointError("No usable checkpoint to resume from: " + " | ".join(problems))

@@ -5,6 +5,13 @@ and a few settings. The model owns its input convention and its frozen parts
 (``BilinearModel.normalize_input``, ``freeze_backbone``), so the loops only move batches
 to the device and step. Loss sums and correct counts stay on the device and are read once
 per epoch: no host synchronisation per step.
+
+A non-finite training loss (divergence) is recorded on the device as well, and looked at
+every ``check_every`` steps and at the end of the epoch: the epoch stops early and its
+``EpochStats`` say at which step the loss first stopped being finite. Under fp16 the
+loss is still computed in float32 (from ``logits.float()``), so a non-finite loss is real
+divergence or an overflow of the forward pass, which no loss scaling can undo; the
+GradScaler's own skipped steps (inf/nan gradients of a finite loss) are not counted.
 """
 
 from __future__ import annotations
@@ -41,11 +48,22 @@ def _batches(loader: Iterable, max_batches: int | None, desc: str | None) -> tup
 
 @dataclass
 class EpochStats:
-    """Sums over the batches of one training epoch (summable across processes)."""
+    """Sums over the batches of one training epoch (summable across processes).
+
+    ``nonfinite`` counts the processes whose loss was NaN or infinite at some step (the
+    first such step of this process: ``first_nonfinite_step``, 0-based).
+    """
 
     loss_sum: float
     correct: int
     seen: int
+    nonfinite: int = 0
+    first_nonfinite_step: int | None = None
+
+    @property
+    def diverged(self) -> bool:
+        """Whether some step's loss was NaN or infinite (in any process)."""
+        return self.nonfinite > 0
 
     @property
     def loss(self) -> float:
@@ -60,9 +78,13 @@ class EpochStats:
     def all_reduce(self) -> EpochStats:
         """The sums over every process of a distributed run (itself when single-process)."""
         sums = D.all_reduce_sum(
-            torch.tensor([self.loss_sum, self.correct, self.seen], dtype=torch.float64)
+            torch.tensor(
+                [self.loss_sum, self.correct, self.seen, self.nonfinite], dtype=torch.float64
+            )
         )
-        return EpochStats(float(sums[0]), int(sums[1]), int(sums[2]))
+        return EpochStats(
+            float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3]), self.first_nonfinite_step
+        )
 
 
 def train_one_epoch(
@@ -77,6 +99,7 @@ def train_one_epoch(
     grad_clip: float | None = None,
     max_batches: int | None = None,
     desc: str | None = None,
+    check_every: int = 50,
 ) -> EpochStats:
     """Trains ``model`` for one pass over ``loader``.
 
@@ -95,14 +118,19 @@ def train_one_epoch(
         grad_clip: Max global gradient norm, applied to unscaled gradients.
         max_batches: Stop after this many batches.
         desc: Label of a progress bar; ``None`` shows none.
+        check_every: Look for a non-finite loss every this many steps (one host
+            synchronisation; all processes agree), and stop the epoch when there is one.
 
     Returns:
-        The epoch's summed loss, correct predictions and images seen (this process).
+        The epoch's summed loss, correct predictions and images seen (this process), and
+        the number of non-finite losses with the first step that had one.
     """
     model.train()
     batches, total = _batches(loader, max_batches, desc)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    # First step whose loss was not finite (-1: none yet), kept on the device.
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
     seen = 0
     optimizer.zero_grad(set_to_none=True)
     for step, (images, labels) in enumerate(batches):
@@ -123,7 +151,15 @@ def train_one_epoch(
         loss_sum += loss.detach() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.shape[0]
-    return EpochStats(float(loss_sum), int(correct), seen)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+        # Every check_every steps all processes look (together, so they stop together).
+        look = check_every and (step + 1) % check_every == 0 and step + 1 < total
+        if look and int(D.all_reduce_sum((bad_step >= 0).long().cpu())) > 0:
+            break
+    first = int(bad_step)
+    return EpochStats(
+        float(loss_sum), int(correct), seen, int(first >= 0), first if first >= 0 else None
+    )
 
 
 def _step(

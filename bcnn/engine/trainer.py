@@ -11,7 +11,8 @@ everything into its output directory::
     results.json            final and per-stage accuracies
     curves.png              loss and accuracy per epoch (drawn by the logger)
     splits/<split>.txt      the image lists of each split (datasets read from files)
-    checkpoints/last.pt     everything needed to resume (written atomically)
+    checkpoints/last.pt     everything needed to resume (written atomically; the one
+                            before is kept as last.prev.pt)
     checkpoints/best.pt     the best-validation model of the current stage
 
 The parts: datasets are built once, with their final uint8 transforms; the model
@@ -19,6 +20,12 @@ normalizes its own input and owns freezing; a stage gets its inputs (live images
 through the model, or cached descriptors through the classifier) from
 ``_stage_inputs``, runs its epochs in ``_run_stage`` and picks its epoch and tests it in
 ``_finish_stage``.
+
+Failure is loud and leaves the run directory usable: a config error stops the run before
+any data is read (``bcnn.config.validate``); a fresh run refuses a directory that holds
+another run (``claim_run_dir``); a loss or weights that stop being finite raise
+``DivergenceError`` naming the stage, epoch and step and the settings that likely caused
+it, with the last good checkpoint kept and no ``results.json`` written.
 """
 
 from __future__ import annotations
@@ -49,17 +56,66 @@ from bcnn.config import StageConfig, TrainConfig, instantiate, validate
 from bcnn.engine import distributed as D
 from bcnn.engine.cache import CachedViews, ViewAverage, build_cache
 from bcnn.engine.checkpoint import (
+    link_checkpoint,
     load_checkpoint,
+    load_resumable,
     resolve_checkpoint,
     rng_state,
     save_atomic,
+    save_checkpoint,
     set_rng_state,
 )
 from bcnn.engine.loops import EpochStats, autocast, evaluate, train_one_epoch
 from bcnn.engine.metrics import ConfusionMeter
 from bcnn.models import BilinearModel, build_model
+from bcnn.validation import ConfigError
 
 log = logging.getLogger(__name__)
+
+# Files whose presence means a directory already holds a run.
+RUN_FILES = ("config.yaml", "metrics.csv", "results.json", "checkpoints")
+
+
+class DivergenceError(RuntimeError):
+    """The training loss (or the weights) stopped being finite; the message says where and
+    which settings likely caused it."""
+
+
+class RunDirectoryError(FileExistsError):
+    """A fresh run was pointed at a directory that holds another run."""
+
+
+def run_dir_in_use(output_dir: str | Path) -> str | None:
+    """Why a fresh run may not use ``output_dir`` (it holds another run), or None.
+
+    Also for launchers that want to refuse before Hydra writes its ``.hydra`` folder.
+    """
+    output_dir = Path(output_dir)
+    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not found:
+        return None
+    return (
+        f"{output_dir} already holds a run ({', '.join(found)}): resume it with "
+        f"trainer.resume={output_dir}, or choose another directory (hydra.run.dir=<new "
+        "folder>, or paths.output_dir=<new folder> when calling bcnn.engine.train)."
+    )
+
+
+def claim_run_dir(output_dir: Path) -> str | None:
+    """Claims ``output_dir`` for a fresh run; returns why not when it holds another run.
+
+    The claim is the exclusive creation of ``config.yaml``: of two runs started at once
+    into one directory, exactly one gets it.
+    """
+    problem = run_dir_in_use(output_dir)
+    if problem is None:
+        try:
+            with (output_dir / "config.yaml").open("x"):
+                return None
+        except FileExistsError:
+            problem = run_dir_in_use(output_dir)
+    return problem
+
 
 # Keys of the command line that win over a resumed checkpoint's config: they change
 # where and how fast the run executes, not what it computes.
@@ -84,6 +140,36 @@ def _device(name: str, env: D.DistEnv) -> torch.device:
     if device.type == "cuda" and env.enabled:
         return torch.device("cuda", env.local_rank)
     return device
+
+
+def check_batch_sizes(trainer: DictConfig, train_size: int, split: str = "train") -> None:
+    """A stage's batch larger than the training split is a config error, known once the
+    dataset is (before the model is built or any image is read).
+
+    A limited run (``trainer.limit_train_batches``, ``debug=smoke``) only checks that a
+    setting runs: on a small dataset it trains on the whole split per step, with a
+    warning.
+
+    Raises:
+        ConfigError: naming ``trainer.<stage>.batch_size``, its value and the split's size.
+    """
+    for name in trainer.stages:
+        size = trainer[name].batch_size
+        if size <= train_size:
+            continue
+        problem = (
+            f"{size} exceeds the {train_size} images of the training split ({split}); "
+            f"use at most {train_size}"
+        )
+        if trainer.limit_train_batches is None:
+            raise ConfigError(f"trainer.{name}.batch_size", problem)
+        log.warning("trainer.%s.batch_size=%s: limited run, one batch per epoch", name, problem)
+
+
+def _finite_parameters(net: nn.Module) -> bool:
+    """Whether every parameter is finite (one host synchronisation)."""
+    flags = [p.detach().isfinite().all() for p in net.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _seed_everything(seed: int) -> None:
@@ -135,31 +221,50 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (the same keys per stage) and ``output_dir``.
 
     Raises:
-        ValueError: an invalid config value, naming the key.
+        ConfigError: an invalid config value (a ``ValueError``), naming the key.
         FileNotFoundError: a missing dataset file or resume checkpoint.
+        CheckpointError: no usable checkpoint to resume from (a ``ValueError``).
+        RunDirectoryError: a fresh run pointed at another run's directory.
+        DivergenceError: the loss stopped being finite (no ``results.json`` is written).
     """
-    validate(cfg)
+    validate(cfg, files=True)
     ckpt = None
     if cfg.trainer.resume:
-        path = resolve_checkpoint(cfg.trainer.resume)
-        ckpt = load_checkpoint(path)
+        path, ckpt = load_resumable(resolve_checkpoint(cfg.trainer.resume))
         cfg = _resumed_config(cfg, ckpt, path)
+        validate(cfg, files=True)
     env = D.init()
     for name in cfg.trainer.stages:
         if cfg.trainer[name].batch_size % env.world_size:
-            raise ValueError(
-                f"Invalid config value for 'trainer.{name}.batch_size': the global batch "
-                f"{cfg.trainer[name].batch_size} must be divisible by the {env.world_size} "
-                "processes"
+            raise ConfigError(
+                f"trainer.{name}.batch_size",
+                f"the global batch {cfg.trainer[name].batch_size} must be divisible by the "
+                f"{env.world_size} processes",
             )
     # Every process writes into rank 0's directory (Hydra's ${now:...} may differ).
     output_dir = Path(D.broadcast_object(str(_output_dir(cfg))))
-    file_log = None
+    refused = None
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        refused = None if ckpt is not None else claim_run_dir(output_dir)
+    refused = D.broadcast_object(refused)
+    if refused:
+        raise RunDirectoryError(refused)
+    file_log = None
+    if env.is_main:
         file_log = _FileLog(output_dir)
     try:
         return _Run(cfg, output_dir, ckpt, env).run()
+    except BaseException:
+        # A fresh run that failed before writing anything to resume from or to read (a
+        # missing dataset, a batch larger than the split) leaves the directory reusable.
+        if (
+            env.is_main
+            and ckpt is None
+            and not any((output_dir / n).exists() for n in RUN_FILES[1:])
+        ):
+            (output_dir / "config.yaml").unlink(missing_ok=True)
+        raise
     finally:
         if file_log is not None:
             file_log.close()
@@ -204,6 +309,7 @@ class _Run:
         self.out = output_dir
         self.ckdir = output_dir / "checkpoints"
         self.ckpt = ckpt
+        self.resumed_from = Path(cfg.trainer.resume) if ckpt is not None else None
         self.env = env
         self.tcfg = cfg.trainer
         self.device = _device(self.tcfg.device, env)
@@ -212,6 +318,7 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.stage_results: dict[str, dict[str, Any]] = {}
         self.logger: Any = None
+        self.built_datasets: list[Dataset] = []
 
     # ---- set-up ---------------------------------------------------------------------
     def _datasets(self) -> dict[str, Dataset]:
@@ -223,7 +330,7 @@ class _Run:
         # Built before the model: a missing or malformed dataset fails here, before any
         # weights are loaded.
         datasets = {
-            role: instantiate(self.cfg.dataset, split=split, augment=role == "train")
+            role: self._dataset(split, augment=role == "train")
             for role, split in self.split_names.items()
         }
         for role, ds in datasets.items():
@@ -234,6 +341,17 @@ class _Run:
             if hasattr(ds, "write_samples") and self.env.is_main:
                 ds.write_samples(self.out / "splits" / f"{split}.txt")
         return datasets
+
+    def _dataset(self, split: str, augment: bool) -> Dataset:
+        """One split of the configured dataset, remembered for the skipped-image report."""
+        ds = instantiate(self.cfg.dataset, split=split, augment=augment)
+        self.built_datasets.append(ds)
+        return ds
+
+    def _skipped_images(self) -> list[str]:
+        """Images skipped (``on_bad_image=skip``) by any dataset, worker or process."""
+        mine = {p for ds in self.built_datasets for p in getattr(ds, "skipped", list)()}
+        return sorted(set().union(*D.all_gather_object(sorted(mine))))
 
     def _build_model(self, num_classes: int) -> BilinearModel:
         torch.manual_seed(self.cfg.seed)
@@ -292,7 +410,7 @@ class _Run:
             )
         return not extra
 
-    def _stage_inputs(self, finetune: bool, batch_size: int) -> _StageInputs:
+    def _stage_inputs(self, finetune: bool, batch_size: int, train_batch: int) -> _StageInputs:
         live = _StageInputs(
             net=self.model,
             train=self.datasets["train"],
@@ -312,7 +430,7 @@ class _Run:
             if role == "train":
                 # Descriptors of the deterministic (centre-crop) view of the training
                 # images, built for the purpose; flips add a view.
-                ds = instantiate(self.cfg.dataset, split=self.split_names["train"], augment=False)
+                ds = self._dataset(self.split_names["train"], augment=False)
                 views = 2 if recipe and recipe.get("hflip", True) else 1
             else:
                 views = 2 if role == "test" and self.tcfg.test_flip else 1
@@ -321,6 +439,15 @@ class _Run:
                 "split": self.split_names[role],
                 "precision": self.precision,
             }
+            # A limited run (trainer.limit_*_batches, debug=smoke) reads only the first
+            # batches: cache only those images.
+            if role == "train":
+                limit, size = self.tcfg.limit_train_batches, train_batch
+            else:
+                limit, size = self.tcfg.limit_eval_batches, batch_size
+            if limit is not None and limit * size < len(ds):
+                ds = Subset(ds, range(limit * size))
+                identity["images"] = len(ds)
             feats, labels = build_cache(
                 self.model,
                 ds,
@@ -378,37 +505,49 @@ class _Run:
 
     # ---- the run ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg, tcfg, main = self.cfg, self.tcfg, self.env.is_main
+        start_stage, start_epoch = self._set_up()
+        t_start = time.time()
+        for index, name in enumerate(self.tcfg.stages):
+            if index >= start_stage:
+                resume = self.ckpt if index == start_stage else None
+                self._run_stage(index, name, resume, start_epoch if resume else 0)
+        return self._finish(time.time() - t_start)
+
+    def _set_up(self) -> tuple[int, int]:
+        """Datasets, model, logger and the resumed state; returns where to start."""
+        cfg, main = self.cfg, self.env.is_main
         if main:
             OmegaConf.save(self.resolved, self.out / "config.yaml")
         _seed_everything(cfg.seed)
         self.datasets = self._datasets()
+        check_batch_sizes(self.tcfg, len(self.datasets["train"]), self.split_names["train"])
         self.num_classes = len(self.datasets["train"].classes)
         self.model = self._build_model(self.num_classes)
-        n_params = sum(p.numel() for p in self.model.parameters())
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
         log.info(
-            "Model: %d parameters, %d classes, device %s", n_params, self.num_classes, self.device
-        )
+            "Model: %d parameters, %d classes, device %s",
+            self.num_parameters, self.num_classes, self.device,
+        )  # fmt: skip
         if main:
             self.logger = instantiate(
                 cfg.logger, output_dir=self.out, run_config=self.resolved, _recursive_=False
             )
-        start_stage, start_epoch = 0, 0
+        start = (0, 0)
         if self.ckpt is not None:
             self.model.load_state_dict(self.ckpt["model"])
             self.history = list(self.ckpt["history"])
             self.stage_results = dict(self.ckpt["stage_results"])
-            start_stage, start_epoch = self.ckpt["stage_index"], self.ckpt["next_epoch"]
+            start = (self.ckpt["stage_index"], self.ckpt["next_epoch"])
             if main:
                 self.logger.load_state_dict(self.ckpt.get("logger"))
                 self.logger.restore(self.history)
         self._fit_pooling()
-        t_start = time.time()
-        for index, name in enumerate(tcfg.stages):
-            if index >= start_stage:
-                resume = self.ckpt if index == start_stage else None
-                self._run_stage(index, name, resume, start_epoch if resume else 0)
-        final = self.stage_results[tcfg.stages[-1]]
+        return start
+
+    def _finish(self, seconds: float) -> dict[str, Any]:
+        """Writes results.json (the final stage's accuracies) and closes the logger."""
+        final = self.stage_results[self.tcfg.stages[-1]]
+        skipped = self._skipped_images()
         results = {
             "test_acc": final["test_acc"],
             "test_mean_class_acc": final["test_mean_class_acc"],
@@ -416,20 +555,22 @@ class _Run:
             "val_mean_class_acc": final["val_mean_class_acc"],
             "stages": self.stage_results,
             "num_classes": self.num_classes,
-            "num_parameters": n_params,
-            "dataset": cfg.dataset.get("name"),
+            "num_parameters": self.num_parameters,
+            "dataset": self.cfg.dataset.get("name"),
             "world_size": self.env.world_size,
+            "skipped_images": {"count": len(skipped), "first": skipped[:10]},
             "output_dir": str(self.out),
         }
-        if main:
+        if self.env.is_main:
             tmp = self.out / "results.json.tmp"
             tmp.write_text(json.dumps(results, indent=2, allow_nan=True))
             os.replace(tmp, self.out / "results.json")
             self.logger.log_summary(results)
             self.logger.close()
+        note = f"; {len(skipped)} unreadable images skipped, e.g. {skipped[0]}" if skipped else ""
         log.info(
-            "Test accuracy %.2f%% (mean per class %.2f%%) in %.0f s; outputs in %s",
-            results["test_acc"], results["test_mean_class_acc"], time.time() - t_start, self.out,
+            "Test accuracy %.2f%% (mean per class %.2f%%) in %.0f s%s; outputs in %s",
+            results["test_acc"], results["test_mean_class_acc"], seconds, note, self.out,
         )  # fmt: skip
         return results
 
@@ -439,7 +580,7 @@ class _Run:
         pooling = self.model.pooling
         if not getattr(pooling, "needs_fit", False):
             return
-        ds = instantiate(self.cfg.dataset, split=self.split_names["train"], augment=False)
+        ds = self._dataset(self.split_names["train"], augment=False)
         bs = self.tcfg.eval_batch_size or self.tcfg[self.tcfg.stages[0]].batch_size
         loader = DataLoader(ds, batch_size=bs, num_workers=self.tcfg.num_workers)
         self.model.eval()
@@ -462,12 +603,18 @@ class _Run:
         finetune = name == "finetune"
         self.model.freeze_backbone(not finetune)
         eval_bs = self.tcfg.eval_batch_size or stage.batch_size
-        inputs = self._stage_inputs(finetune, eval_bs)
+        inputs = self._stage_inputs(finetune, eval_bs, stage.batch_size)
         if getattr(self.model.classifier, "trains_on_cache", False):
             return self._fit_classifier(index, name, stage, inputs, eval_bs)
         optimizer, scheduler, scaler, selection = self._optimization(
             name, stage, resume, start_epoch
         )
+        best = self.ckdir / "best.pt"
+        if resume is not None and selection.epoch == start_epoch - 1 and not best.exists():
+            # Killed between writing last.pt and best.pt: the resumed checkpoint is the best.
+            if self.env.is_main and self.resumed_from is not None:
+                link_checkpoint(self.resumed_from, best)
+            D.barrier()
         net, sampler, loader = self._train_loader(inputs, stage, index)
         has_val = inputs.val is not None and len(inputs.val) > 0
         for epoch in range(start_epoch, stage.epochs):
@@ -479,6 +626,8 @@ class _Run:
                 max_batches=self.tcfg.limit_train_batches,
                 desc=f"{name} {epoch + 1}/{stage.epochs}" if self._progress else None,
             ).all_reduce()  # fmt: skip
+            if stats.diverged or not _finite_parameters(inputs.net):
+                raise DivergenceError(self._divergence(name, epoch, stage, stats))
             val = self._evaluate(inputs, inputs.val, eval_bs, False, "val") if has_val else None
             row = self._log_epoch(name, epoch, stage.epochs, lr, stats, val, time.time() - t0)
             if isinstance(scheduler, ReduceLROnPlateau):
@@ -489,11 +638,53 @@ class _Run:
             improved = selection.offer(row["val_acc"] if has_val else float(epoch), epoch)
             if self.env.is_main:
                 state = self._state((index, epoch + 1), selection, optimizer, scheduler, scaler)
+                # last.pt first: a crash between the two writes leaves a resumable run.
+                save_checkpoint(state, self.ckdir / "last.pt")
                 if improved:
-                    save_atomic(state, self.ckdir / "best.pt")
-                save_atomic(state, self.ckdir / "last.pt")
+                    link_checkpoint(self.ckdir / "last.pt", self.ckdir / "best.pt")
             D.barrier()
         self._finish_stage(index, name, stage, inputs, selection, eval_bs)
+
+    def _divergence(self, name: str, epoch: int, stage: StageConfig, stats: EpochStats) -> str:
+        """Where the run diverged and which settings likely caused it."""
+        where = (
+            f"step {stats.first_nonfinite_step + 1}"
+            if stats.first_nonfinite_step is not None
+            else "a step of another process"
+            if stats.diverged
+            else "its end (the weights are no longer finite)"
+        )
+        lrs = f"trainer.{name}.lr={stage.lr}"
+        if name == "finetune":
+            lrs += f", trainer.finetune.backbone_lr={stage.backbone_lr}"
+        causes = [f"a learning rate too high ({lrs}; or set trainer.{name}.grad_clip)"]
+        matrix = [
+            f"normalization.{step}.{key}={node[key]}"
+            for step, node in self.cfg.normalization.items()
+            if isinstance(node, DictConfig) and ("iters" in node or "eps_mode" in node)
+            for key in ("eps", "iters")
+            if key in node
+        ]
+        if matrix:
+            causes.append(f"a matrix-function setting ({', '.join(matrix)})")
+        if str(self.cfg.pooling.get("_target_", "")).endswith("DemocraticPool"):
+            causes.append(
+                f"democratic pooling (pooling.tau={self.cfg.pooling.tau}, "
+                f"pooling.gamma={self.cfg.pooling.gamma}, pooling.iters={self.cfg.pooling.iters})"
+            )
+        if self.precision == "fp16":
+            causes.append("an fp16 overflow in the forward pass (try trainer.precision=bf16)")
+        last = self.ckdir / "last.pt"
+        kept = (
+            f"The last good checkpoint is kept: {last}."
+            if last.exists()
+            else "No epoch had finished, so there is no checkpoint."
+        )
+        return (
+            f"Training diverged: the loss of the {name} stage is not finite at epoch "
+            f"{epoch + 1}/{stage.epochs}, {where}. Likely causes: {'; '.join(causes)}. "
+            f"{kept} No results.json was written."
+        )
 
     def _optimization(
         self, name: str, stage: StageConfig, resume: dict | None, start_epoch: int
@@ -619,7 +810,7 @@ class _Run:
         log.info("Stage %s done: %s", name, result)
         if self.env.is_main:
             # The next stage starts from these weights; a resume after this point skips ahead.
-            save_atomic(self._state((index + 1, 0), _Selection()), self.ckdir / "last.pt")
+            save_checkpoint(self._state((index + 1, 0), _Selection()), self.ckdir / "last.pt")
             if inputs.cache_folder is not None:
                 # A cache inside the run directory has served its purpose: free the disk.
                 shutil.rmtree(inputs.cache_folder, ignore_errors=True)

@@ -122,16 +122,6 @@ def input_spec_to_meta(spec: InputSpec) -> dict[str, Any]:
     }
 
 
-def _numpy_safe_globals() -> list[Any]:
-    """numpy array reconstruction, allowed under ``weights_only``: bcnn training checkpoints
-    hold numpy's RNG state (a uint32 array). Data types only, no callable code."""
-    import numpy as np
-
-    core = getattr(np, "_core", None) or np.core
-    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
-
-
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Reads a state dict and its metadata from a local file.
 
@@ -154,14 +144,31 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+            state = load_file(str(path))
+        except Exception as err:
+            raise ValueError(
+                f"backbone.weights={path}: not a readable .safetensors file "
+                f"({type(err).__name__}: {err})"
+            ) from None
         meta: dict[str, Any] = {}
         if SAFETENSORS_SPEC_KEY in header:
             meta["input_spec"] = json.loads(header[SAFETENSORS_SPEC_KEY])
-        return load_file(str(path)), meta
-    with torch.serialization.safe_globals(_numpy_safe_globals()):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return state, meta
+    # Imported here: bcnn.engine imports the models package.
+    from bcnn.engine.checkpoint import safe_globals
+
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"backbone.weights={path}: cannot read it as a state dict ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); pass a .pt/.pth state dict or a "
+            ".safetensors file"
+        ) from None
     meta = {}
     if isinstance(obj, Mapping) and "state_dict" in obj:
         meta = dict(obj.get("meta") or {})
