@@ -238,6 +238,8 @@ def _rules() -> dict[str, dict[str, Rule]]:
         "bcnn.models.pooling.PoolingHead": {
             "proj_dim": CHANNELS,
             "proj_lr_scale": Range(ge=0),
+            "proj_init": OneOf(("random", "pca")),
+            "fit_images": POSITIVE_INT,
         },
         "bcnn.models.pooling.DemocraticPool": {
             "gamma": Range(ge=0, le=1),

@@ -13,7 +13,7 @@ from bcnn.config import validate
 from bcnn.engine import train
 from bcnn.engine.checkpoint import load_checkpoint
 from bcnn.engine.runs import load_trained
-from bcnn.models.pooling import FisherPool, locations
+from bcnn.models.pooling import BilinearPool, FisherPool, locations
 from bcnn.ops import fisher_vector
 from tests.conftest import compose_config
 
@@ -111,3 +111,24 @@ def test_skipped_images_are_totalled_across_workers_in_results(tmp_path: Path) -
     assert "skipped_images" in on_disk and "not an image" not in on_disk
     log = (tmp_path / "run" / "train.log").read_text()
     assert "2 unreadable images skipped" in log
+
+
+def test_pca_projection_whitens_the_top_principal_directions() -> None:
+    torch.manual_seed(0)
+    pool = BilinearPool(6, proj_dim=3, proj_init="pca")
+    assert pool.needs_fit
+    maps = [torch.randn(4, 6, 5, 5) * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.2, 0.1])[:, None, None]]
+    info = pool.fit(maps)
+    assert not pool.needs_fit and info["images"] == 4 and 0 < info["explained"][0] <= 1
+    # The authors' rule: Gram = sum over images of X^T X / n^2; W = diag(s^-1/2) U^T.
+    feats = locations(maps[0]).double()
+    gram = (feats.mT @ feats).sum(0) / feats.shape[1] ** 2
+    projected = pool.proj[0][0].weight.double().flatten(1)  # (3, 6)
+    torch.testing.assert_close(projected @ gram @ projected.T, torch.eye(3, dtype=torch.float64),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    values = torch.linalg.eigvalsh(gram).flip(0)
+    top = torch.linalg.eigh(gram)[1].flip(1)[:, :3]  # the top directions span the rows
+    torch.testing.assert_close((projected @ top).abs().sum(1), values[:3].rsqrt(), rtol=1e-4,
+                               atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match=r"set pooling\.proj_dim"):
+        BilinearPool(6, proj_init="pca")

@@ -109,6 +109,12 @@ def test_weights_accepts_original_and_bcnn_checkpoints(tmp_path):
     torch.save({"model": ckpt, "epoch": 3, "rng": rng}, tmp_path / "ckpt.pt")
     loaded = VGGM(weights=str(tmp_path / "ckpt.pt"))
     torch.testing.assert_close(loaded.features.conv1.weight, vggm.features.conv1.weight)
+    assert loaded.input_spec == MATCONVNET_IMAGENET  # no convention recorded: the default
+    # A checkpoint's recorded input convention (a converted network's mean) is adopted.
+    spec = {"mean": [120.0, 110.0, 100.0], "std": [1.0, 1.0, 1.0], "color": "RGB", "scale": 255.0}
+    torch.save({"model": ckpt, "input_spec": spec}, tmp_path / "ckpt_spec.pt")
+    adopted = VGGM(weights=str(tmp_path / "ckpt_spec.pt")).input_spec
+    assert adopted.mean == (120.0, 110.0, 100.0) and adopted.scale == 255.0
 
 
 def test_weights_errors_name_the_file(tmp_path):

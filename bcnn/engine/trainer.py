@@ -576,11 +576,16 @@ class _Run:
 
     def _fit_pooling(self) -> None:
         """Fits a pooling head that learns from data before any training (the Fisher
-        vector's GMM), on backbone maps of the training images in a fixed order."""
+        vector's GMM, a PCA projection) on backbone maps of training images: all of them, or
+        ``pooling.fit_images`` evenly spaced ones, in a fixed order."""
         pooling = self.model.pooling
         if not getattr(pooling, "needs_fit", False):
             return
         ds = self._dataset(self.split_names["train"], augment=False)
+        wanted = pooling.fit_images
+        if wanted is not None and wanted < len(ds):
+            # Evenly spaced: datasets list their images by class.
+            ds = Subset(ds, np.linspace(0, len(ds) - 1, wanted).round().astype(int).tolist())
         bs = self.tcfg.eval_batch_size or self.tcfg[self.tcfg.stages[0]].batch_size
         loader = DataLoader(ds, batch_size=bs, num_workers=self.tcfg.num_workers)
         self.model.eval()
@@ -593,10 +598,8 @@ class _Run:
 
         with torch.no_grad(), autocast(self.device, self.precision):
             info = pooling.fit(maps())
-        log.info(
-            "Fitted the pooling head on %d local features (%d EM iterations)",
-            info["samples"], info.get("iterations", -1),
-        )  # fmt: skip
+        summary = {k: v for k, v in info.items() if k != "log_likelihood"}
+        log.info("Fitted the pooling head on %d training images: %s", len(ds), summary)
 
     def _run_stage(self, index: int, name: str, resume: dict | None, start_epoch: int) -> None:
         stage: StageConfig = OmegaConf.to_object(self.tcfg[name])

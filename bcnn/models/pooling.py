@@ -81,10 +81,16 @@ class PoolingHead(nn.Module):
         proj_relu: ReLU after the projection (and BatchNorm).
         proj_lr_scale: Learning rate of the projection relative to the head's learning
             rate (its own optimizer group, see ``BilinearModel.param_groups``).
+        proj_init: ``random`` (the convolution's default), or ``pca``: fitted before
+            training (``fit``) to the first ``proj_dim`` principal directions of the local
+            features' uncentred second moment, each scaled by its eigenvalue^(-1/2) (low-rank
+            bilinear pooling, Kong & Fowlkes' ``main001_PCAinitP4caffe.m``).
+        fit_images: Training images the fit reads (evenly spaced; None: all of them).
     """
 
     output_shape: FeatureShape
     two_streams_ok: ClassVar[bool] = False
+    proj_fitted: torch.Tensor
 
     def __init__(
         self,
@@ -93,8 +99,19 @@ class PoolingHead(nn.Module):
         proj_bn: bool = False,
         proj_relu: bool = False,
         proj_lr_scale: float = 1.0,
+        proj_init: str = "random",
+        fit_images: int | None = None,
     ) -> None:
         super().__init__()
+        if proj_init not in ("random", "pca"):
+            raise ValueError(f"pooling.proj_init must be random or pca, got {proj_init!r}")
+        if proj_init == "pca" and not proj_dim:
+            raise ValueError(
+                "pooling.proj_init=pca initializes the projection: set pooling.proj_dim"
+            )
+        self.proj_init, self.fit_images = proj_init, fit_images
+        # Persistent: a checkpoint says whether the projection was fitted.
+        self.register_buffer("proj_fitted", torch.tensor(proj_init != "pca"))
         streams = _as_streams(in_channels)
         if len(streams) == 2 and not self.two_streams_ok:
             raise ValueError(
@@ -125,6 +142,42 @@ class PoolingHead(nn.Module):
         if self.proj is not None:
             xs = [p(t) for p, t in zip(self.proj, xs, strict=True)]
         return xs
+
+    @property
+    def needs_fit(self) -> bool:
+        """True while a part of the head learned from data (the PCA projection) is unset."""
+        return not bool(self.proj_fitted)
+
+    @torch.no_grad()
+    def fit(self, maps: Iterable[Features]) -> dict[str, Any]:
+        """Fits the projection by PCA of the local features of backbone maps.
+
+        Args:
+            maps: Backbone outputs (B, C, H, W) of training images (``fit_images`` of them).
+
+        Returns:
+            ``{"images": ..., "explained": share of the second moment kept}``.
+        """
+        assert self.proj is not None
+        grams: list[torch.Tensor] = [0] * len(self.channels)  # type: ignore[list-item]
+        images = 0
+        for fmap in maps:
+            xs = list(fmap) if isinstance(fmap, (tuple, list)) else [fmap]
+            for i, x in enumerate(xs):
+                feats = locations(x).double()  # (B, n, C)
+                # Each image's x x^T summed over locations, divided by n^2 as the authors do.
+                grams[i] = grams[i] + (feats.mT @ feats).sum(0) / feats.shape[1] ** 2
+            images += xs[0].shape[0]
+        explained = []
+        for gram, proj in zip(grams, self.proj, strict=True):
+            values, vectors = torch.linalg.eigh(gram)  # ascending
+            k = proj[0].out_channels
+            top, basis = values.flip(0)[:k].clamp_min(1e-12), vectors.flip(1)[:, :k]
+            weight = (basis * top.rsqrt()).T  # (k, C): s^-1/2 u^T per output channel
+            proj[0].weight.copy_(weight.view_as(proj[0].weight).to(proj[0].weight.dtype))
+            explained.append(float(values.flip(0)[:k].sum() / values.sum().clamp_min(1e-30)))
+        self.proj_fitted.fill_(True)
+        return {"images": images, "explained": explained}
 
     def projection_parameters(self) -> list[nn.Parameter]:
         """Parameters of the 1x1 projection (empty without one)."""
@@ -312,6 +365,10 @@ class FisherPool(PoolingHead):
                 f"pooling.num_samples={num_samples} must be at least pooling.num_components="
                 f"{num_components}"
             )
+        if self.proj_init == "pca":
+            raise ValueError("pooling=fisher: pooling.proj_init=pca is not supported; use random")
+        if self.fit_images is None:  # as many images as the sample needs
+            self.fit_images = -(-num_samples // samples_per_image)
         d = self.channels[0]
         self.gmm = GMM(num_components, d)
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))

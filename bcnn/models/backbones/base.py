@@ -174,6 +174,10 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         meta = dict(obj.get("meta") or {})
         obj = obj["state_dict"]
     elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        # A bcnn training checkpoint records the input convention the model trained with
+        # (e.g. a converted MatConvNet network's exact mean colour).
+        if obj.get("input_spec"):
+            meta = {"input_spec": obj["input_spec"]}
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"backbone.weights={path}: the file holds no state dict of tensors")
