@@ -43,19 +43,27 @@ def _check_pair(x: Tensor, y: Tensor | None, in_dim: int, in_dim2: int, name: st
 class _CompactBilinear(nn.Module):
     """Shared dimensions, input checks and compute dtype of the compact bilinear maps.
 
-    Subclasses draw their random projections in ``__init__`` and implement ``_map``.
+    Subclasses draw their random projections (buffers) in ``_draw`` and implement ``_map``.
 
     Args:
         in_dim: Channels C of x.
         out_dim: Output dimension D.
+        seed: Seed of the random projections.
         in_dim2: Channels of y for the two-input form (default: ``in_dim``).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, in_dim2: int | None) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int = 8192, seed: int = 0, in_dim2: int | None = None
+    ) -> None:
         super().__init__()
         self.in_dim = in_dim
         self.in_dim2 = in_dim if in_dim2 is None else in_dim2
         self.out_dim = out_dim
+        self._draw(_generator(seed))
+
+    def _draw(self, gen: torch.Generator) -> None:
+        """Register the random projections, drawn from ``gen``, as buffers."""
+        raise NotImplementedError
 
     def _map(self, x: Tensor, y: Tensor) -> Tensor:
         """The averaged map of checked ``(..., n, C)`` inputs already in the compute dtype."""
@@ -98,14 +106,12 @@ class TensorSketch(_CompactBilinear):
     h2: Tensor
     s2: Tensor
 
-    def __init__(
-        self, in_dim: int, out_dim: int = 8192, seed: int = 0, in_dim2: int | None = None
-    ) -> None:
-        super().__init__(in_dim, out_dim, in_dim2)
-        gen = _generator(seed)
-        self.register_buffer("h1", torch.randint(0, out_dim, (in_dim,), generator=gen))
-        self.register_buffer("s1", _rademacher((in_dim,), gen))
-        self.register_buffer("h2", torch.randint(0, out_dim, (self.in_dim2,), generator=gen))
+    def _draw(self, gen: torch.Generator) -> None:
+        """Hashes h1 (in_dim,), h2 (in_dim2,) into [0, out_dim) and +-1 signs s1, s2."""
+        bins = self.out_dim
+        self.register_buffer("h1", torch.randint(0, bins, (self.in_dim,), generator=gen))
+        self.register_buffer("s1", _rademacher((self.in_dim,), gen))
+        self.register_buffer("h2", torch.randint(0, bins, (self.in_dim2,), generator=gen))
         self.register_buffer("s2", _rademacher((self.in_dim2,), gen))
 
     def _count_sketch(self, v: Tensor, h: Tensor, s: Tensor) -> Tensor:
@@ -137,13 +143,10 @@ class RandomMaclaurin(_CompactBilinear):
     W1: Tensor
     W2: Tensor
 
-    def __init__(
-        self, in_dim: int, out_dim: int = 8192, seed: int = 0, in_dim2: int | None = None
-    ) -> None:
-        super().__init__(in_dim, out_dim, in_dim2)
-        gen = _generator(seed)
-        self.register_buffer("W1", _rademacher((in_dim, out_dim), gen))
-        self.register_buffer("W2", _rademacher((self.in_dim2, out_dim), gen))
+    def _draw(self, gen: torch.Generator) -> None:
+        """Rademacher matrices W1 (in_dim, out_dim) and W2 (in_dim2, out_dim)."""
+        self.register_buffer("W1", _rademacher((self.in_dim, self.out_dim), gen))
+        self.register_buffer("W2", _rademacher((self.in_dim2, self.out_dim), gen))
 
     def _map(self, x: Tensor, y: Tensor) -> Tensor:
         """Features of (1/n) sum_i x_i y_i^T for ``(..., n, C)`` inputs; ``(..., out_dim)``."""
