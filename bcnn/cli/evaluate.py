@@ -23,7 +23,6 @@ from typing import Any
 import hydra
 import numpy as np
 import pandas as pd
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
@@ -33,18 +32,13 @@ from bcnn.config import PRECISIONS, instantiate
 from bcnn.data import SPLITS
 from bcnn.engine.curves import figure
 from bcnn.engine.loops import evaluate
+from bcnn.engine.placement import resolve_device
 from bcnn.engine.runs import TrainedModel, load_trained
 
 log = logging.getLogger(__name__)
 PROG = "bcnn-eval"
 # Tick labels are drawn up to this many classes; beyond, the matrix is shown unlabelled.
 MAX_LABELLED = 40
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def overridden(key: str) -> bool:
@@ -179,7 +173,7 @@ def run_eval(cfg: DictConfig, output_dir: Path, move_data_dir: bool = False) -> 
             the model's.
     """
     _check(cfg)
-    device = _device(str(cfg.device))
+    device = resolve_device(str(cfg.device))
     trained = load_trained(cfg.checkpoint, device=device)
     run = trained.config
     ds_cfg = dataset_config(cfg, trained, move_data_dir)

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from bcnn.config import StageConfig, TrainConfig, instantiate, validate
 from bcnn.engine import distributed as D
+from bcnn.engine import placement
 from bcnn.engine.cache import CachedViews, ViewAverage, build_cache
 from bcnn.engine.checkpoint import (
     link_checkpoint,
@@ -122,21 +123,8 @@ def claim_run_dir(output_dir: Path) -> str | None:
 RUNTIME_KEYS = ("device", "num_workers", "progress")
 
 
-def _output_dir(cfg: DictConfig) -> Path:
-    if cfg.paths.get("output_dir"):
-        return Path(cfg.paths.output_dir)
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    raise ValueError(
-        "paths.output_dir is not set: run through train.py (Hydra picks the directory) or "
-        "pass paths.output_dir=<folder> when calling bcnn.engine.train directly"
-    )
-
-
 def _device(name: str, env: D.DistEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = placement.resolve_device(name)
     if device.type == "cuda" and env.enabled:
         return torch.device("cuda", env.local_rank)
     return device
@@ -242,7 +230,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 f"{env.world_size} processes",
             )
     # Every process writes into rank 0's directory (Hydra's ${now:...} may differ).
-    output_dir = Path(D.broadcast_object(str(_output_dir(cfg))))
+    chosen = placement.output_dir(cfg, "train.py", "bcnn.engine.train")
+    output_dir = Path(D.broadcast_object(str(chosen)))
     refused = None
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)

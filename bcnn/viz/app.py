@@ -19,11 +19,11 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from bcnn.config import instantiate
+from bcnn.engine.placement import output_dir, resolve_device
 from bcnn.engine.runs import TrainedModel, load_trained
 from bcnn.models.pooling import BilinearPool, DemocraticPool
 from bcnn.viz.figures import (
@@ -44,29 +44,6 @@ from bcnn.viz.texture import TextureResult, synthesize_texture
 log = logging.getLogger(__name__)
 
 KINDS = ("texture", "inverse", "maps", "report")
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    """``paths.output_dir``, else Hydra's run directory.
-
-    Raises:
-        ValueError: neither is set (a direct call without ``paths.output_dir``).
-    """
-    if cfg.paths.get("output_dir"):
-        return Path(cfg.paths.output_dir)
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    raise ValueError(
-        "paths.output_dir is not set: run through bcnn-viz (Hydra picks the directory) or "
-        "pass paths.output_dir=<folder> when calling bcnn.viz.visualize directly"
-    )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; any other name as given."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def load_runs(cfg: DictConfig, device: torch.device) -> list[TrainedModel]:
@@ -460,7 +437,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         )
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)} (kind=maps ...), got {kind!r}")
-    out = output_dir(cfg)
+    out = output_dir(cfg, "bcnn-viz", "bcnn.viz.visualize")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(str(cfg.device))
