@@ -192,11 +192,10 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             meta["input_spec"] = json.loads(header[SAFETENSORS_SPEC_KEY])
         return state, meta
     # Imported here: bcnn.engine imports the models package.
-    from bcnn.engine.checkpoint import safe_globals
+    from bcnn.engine.checkpoint import safe_load
 
     try:
-        with torch.serialization.safe_globals(safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_load(path)
     except Exception as err:
         raise ValueError(
             f"backbone.weights={path}: cannot read it as a state dict ({type(err).__name__}: "
