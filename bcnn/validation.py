@@ -9,7 +9,7 @@ A config node with a ``_target_`` is checked against the target's signature:
   ``true``/``false`` for ``bool`` (not ``maybe``), a finite number for ``float``, a list
   for ``Sequence[int]``, a node with a ``_target_`` where a module or callable is expected
   (checked recursively: normalization steps, the compact sketch, two-stream backbones);
-* every value must lie in its range or among its options: :func:`rules` holds them per
+* every value must lie in its range or among its options: :data:`RULES` holds them per
   class and parameter, inherited along the class hierarchy (a rule of ``MatrixStep``
   covers the ``eps`` of every matrix step), :data:`NODE_RULES` the few that involve
   several keys of one node, and :data:`FILE_RULES` those about files a config names
@@ -113,6 +113,21 @@ class OneOf:
 
 
 @dataclass(frozen=True)
+class OneOfConstant:
+    """One of the options a module constant lists (``"bcnn.ops.sqrtm.METHODS"``).
+
+    The constant is read when a value is checked: the modules that define these options
+    import the model and data packages, which import this module.
+    """
+
+    path: str
+
+    def __call__(self, value: Any) -> str | None:
+        module, name = self.path.rsplit(".", 1)
+        return OneOf(tuple(getattr(importlib.import_module(module), name)))(value)
+
+
+@dataclass(frozen=True)
 class Each:
     """A rule applied to every element of a list, and optionally its length."""
 
@@ -210,128 +225,121 @@ POSITIVE_INT = Range(ge=1)
 CHANNELS = Range(ge=1, le=65536)
 
 
-def _methods() -> dict[str, Rule]:
-    # The module, not the function bcnn.ops exports under the same name.
-    ops_sqrtm = importlib.import_module("bcnn.ops.sqrtm")
+# The options of the matrix square root (``bcnn.ops.sqrtm``, the module: ``bcnn.ops`` exports
+# a function of the same name).
+_SQRTM: dict[str, Rule] = {
+    "method": OneOfConstant("bcnn.ops.sqrtm.METHODS"),
+    "backward": OneOfConstant("bcnn.ops.sqrtm.BACKWARDS"),
+    "scale": OneOfConstant("bcnn.ops.sqrtm.SCALES"),
+    # 0 Newton-Schulz iterations only scale A: a published setting (BMVC 2017 Table 3).
+    "iters": Range(ge=0, le=1000),
+}
 
-    return {
-        "method": OneOf(ops_sqrtm.METHODS),
-        "backward": OneOf(ops_sqrtm.BACKWARDS),
-        "scale": OneOf(ops_sqrtm.SCALES),
-        # 0 Newton-Schulz iterations only scale A: a published setting (BMVC 2017 Table 3).
-        "iters": Range(ge=0, le=1000),
-    }
-
-
-def _rules() -> dict[str, dict[str, Rule]]:
-    """Ranges and options by class (``module.QualName``) and parameter name."""
-    from bcnn.data import base as data_base
-    from bcnn.models import normalization as norm
-
-    return {
-        "bcnn.models.backbones.small.SmallCNN": {
-            "channels": Each(CHANNELS, min_length=1),
-            "in_chans": CHANNELS,
-        },
-        "bcnn.models.backbones.vgg.VGGM": {"lrn": _lrn},
-        "bcnn.models.backbones.timm_backbone.TimmBackbone": {"name": _timm_name},
-        "bcnn.models.pooling.PoolingHead": {
-            "proj_dim": CHANNELS,
-            "proj_lr_scale": Range(ge=0),
-            "proj_init": OneOf(("random", "pca")),
-            "fit_images": POSITIVE_INT,
-        },
-        "bcnn.models.pooling.DemocraticPool": {
-            "gamma": Range(ge=0, le=1),
-            "tau": Range(gt=0, le=1),
-            "iters": Range(ge=1, le=1000),
-        },
-        "bcnn.models.pooling.FisherPool": {
-            "num_components": Range(ge=1, le=65536),
-            "num_samples": Range(ge=1),
-            "samples_per_image": Range(ge=1),
-            "em_iters": Range(ge=1, le=100000),
-            "seed": SEED,
-        },
-        "bcnn.ops.compact.TensorSketch": {"out_dim": Range(ge=1, le=2**24), "seed": SEED},
-        "bcnn.ops.compact.RandomMaclaurin": {"out_dim": Range(ge=1, le=2**24), "seed": SEED},
-        "bcnn.models.normalization.MatrixStep": {
-            "eps": Range(ge=0),
-            "eps_mode": OneOf(norm.EPS_MODES),
-            "floor": Range(gt=0),
-        },
-        "bcnn.models.normalization.MatrixSqrt": _methods(),
-        "bcnn.models.normalization.MatrixPower": {
-            **{k: v for k, v in _methods().items() if k != "scale"},
-            "p": Range(gt=0, le=1),
-        },
-        "bcnn.models.normalization.MatrixLog": {"method": OneOf(("eigh", "iterative"))},
-        "bcnn.models.normalization.SignedPower": {"p": Range(gt=0, le=1), "eps": Range(gt=0)},
-        "bcnn.models.normalization.L2Normalize": {"eps": Range(gt=0)},
-        "bcnn.models.classifier.LowRankBilinearClassifier": {"rank": Range(ge=1, le=4096)},
-        "bcnn.models.classifier.SVMClassifier": {
-            "C": Range(gt=0),
-            "loss": OneOf(("hinge", "squared_hinge")),
-            "tol": Range(gt=0),
-            "max_epochs": Range(ge=1),
-        },
-        "bcnn.data.base.RecordDataset": {
-            "val_fraction": Range(ge=0, lt=1),
-            "val_seed": SEED,
-            "on_bad_image": OneOf(data_base.BAD_IMAGE_POLICIES),
-            "transform": _recipe,
-            "name": _non_empty_string,
-        },
-        "bcnn.data.custom._OwnData": {"test_fraction": Range(gt=0, lt=1), "split_seed": SEED},
-        "bcnn.data.synthetic.SyntheticDataset": {
-            "num_classes": Range(ge=2),
-            # num_textons! pairings are enumerated: 8! = 40320 is plenty.
-            "num_textons": Range(ge=2, le=8),
-            "image_size": Range(ge=1, le=4096),
-            "cell_size": Range(ge=1, le=4096),
-            "trainval_size": Range(ge=2, le=10**7),
-            "test_size": Range(ge=1, le=10**7),
-            "val_fraction": Range(ge=0, lt=1),
-            "val_seed": SEED,
-            "cell_noise": Range(ge=0, le=1),
-            "pixel_noise": Range(ge=0),
-            "seed": SEED,
-            "name": _non_empty_string,
-        },
-        # torch checks most optimizer arguments itself, but only as "Invalid ... value".
-        "torch.optim.optimizer.Optimizer": {
-            "momentum": Range(ge=0),
-            "dampening": Range(ge=0),
-            "weight_decay": Range(ge=0),
-            "eps": Range(ge=0),
-            "betas": Each(Range(ge=0, lt=1), length=2),
-            "alpha": Range(ge=0),
-        },
-        "torch.optim.lr_scheduler.StepLR": {"step_size": Range(ge=1), "gamma": Range(gt=0)},
-        "torch.optim.lr_scheduler.CosineAnnealingLR": {
-            "T_max": Range(ge=1),
-            "eta_min": Range(ge=0),
-        },
-        "torch.optim.lr_scheduler.ConstantLR": {
-            "factor": Range(gt=0, le=1),
-            "total_iters": Range(ge=0),
-        },
-        "torch.optim.lr_scheduler.ReduceLROnPlateau": {
-            "factor": Range(gt=0, lt=1),
-            "patience": Range(ge=0),
-            "cooldown": Range(ge=0),
-            "threshold": Range(ge=0),
-            "eps": Range(ge=0),
-        },
-        "bcnn.engine.loggers.TensorBoardLogger": {
-            "flush_secs": Range(ge=1),
-            "log_dir": _non_empty_string,
-        },
-        "bcnn.engine.loggers.WandbLogger": {
-            "mode": OneOf(("offline", "online", "disabled")),
-            "project": _non_empty_string,
-        },
-    }
+# Ranges and options by class (``module.QualName``) and parameter name.
+RULES: dict[str, dict[str, Rule]] = {
+    "bcnn.models.backbones.small.SmallCNN": {
+        "channels": Each(CHANNELS, min_length=1),
+        "in_chans": CHANNELS,
+    },
+    "bcnn.models.backbones.vgg.VGGM": {"lrn": _lrn},
+    "bcnn.models.backbones.timm_backbone.TimmBackbone": {"name": _timm_name},
+    "bcnn.models.pooling.PoolingHead": {
+        "proj_dim": CHANNELS,
+        "proj_lr_scale": Range(ge=0),
+        "proj_init": OneOf(("random", "pca")),
+        "fit_images": POSITIVE_INT,
+    },
+    "bcnn.models.pooling.DemocraticPool": {
+        "gamma": Range(ge=0, le=1),
+        "tau": Range(gt=0, le=1),
+        "iters": Range(ge=1, le=1000),
+    },
+    "bcnn.models.pooling.FisherPool": {
+        "num_components": Range(ge=1, le=65536),
+        "num_samples": Range(ge=1),
+        "samples_per_image": Range(ge=1),
+        "em_iters": Range(ge=1, le=100000),
+        "seed": SEED,
+    },
+    "bcnn.ops.compact.TensorSketch": {"out_dim": Range(ge=1, le=2**24), "seed": SEED},
+    "bcnn.ops.compact.RandomMaclaurin": {"out_dim": Range(ge=1, le=2**24), "seed": SEED},
+    "bcnn.models.normalization.MatrixStep": {
+        "eps": Range(ge=0),
+        "eps_mode": OneOfConstant("bcnn.models.normalization.EPS_MODES"),
+        "floor": Range(gt=0),
+    },
+    "bcnn.models.normalization.MatrixSqrt": _SQRTM,
+    "bcnn.models.normalization.MatrixPower": {
+        **{k: v for k, v in _SQRTM.items() if k != "scale"},
+        "p": Range(gt=0, le=1),
+    },
+    "bcnn.models.normalization.MatrixLog": {"method": OneOf(("eigh", "iterative"))},
+    "bcnn.models.normalization.SignedPower": {"p": Range(gt=0, le=1), "eps": Range(gt=0)},
+    "bcnn.models.normalization.L2Normalize": {"eps": Range(gt=0)},
+    "bcnn.models.classifier.LowRankBilinearClassifier": {"rank": Range(ge=1, le=4096)},
+    "bcnn.models.classifier.SVMClassifier": {
+        "C": Range(gt=0),
+        "loss": OneOf(("hinge", "squared_hinge")),
+        "tol": Range(gt=0),
+        "max_epochs": Range(ge=1),
+    },
+    "bcnn.data.base.RecordDataset": {
+        "val_fraction": Range(ge=0, lt=1),
+        "val_seed": SEED,
+        "on_bad_image": OneOfConstant("bcnn.data.base.BAD_IMAGE_POLICIES"),
+        "transform": _recipe,
+        "name": _non_empty_string,
+    },
+    "bcnn.data.custom._OwnData": {"test_fraction": Range(gt=0, lt=1), "split_seed": SEED},
+    "bcnn.data.synthetic.SyntheticDataset": {
+        "num_classes": Range(ge=2),
+        # num_textons! pairings are enumerated: 8! = 40320 is plenty.
+        "num_textons": Range(ge=2, le=8),
+        "image_size": Range(ge=1, le=4096),
+        "cell_size": Range(ge=1, le=4096),
+        "trainval_size": Range(ge=2, le=10**7),
+        "test_size": Range(ge=1, le=10**7),
+        "val_fraction": Range(ge=0, lt=1),
+        "val_seed": SEED,
+        "cell_noise": Range(ge=0, le=1),
+        "pixel_noise": Range(ge=0),
+        "seed": SEED,
+        "name": _non_empty_string,
+    },
+    # torch checks most optimizer arguments itself, but only as "Invalid ... value".
+    "torch.optim.optimizer.Optimizer": {
+        "momentum": Range(ge=0),
+        "dampening": Range(ge=0),
+        "weight_decay": Range(ge=0),
+        "eps": Range(ge=0),
+        "betas": Each(Range(ge=0, lt=1), length=2),
+        "alpha": Range(ge=0),
+    },
+    "torch.optim.lr_scheduler.StepLR": {"step_size": Range(ge=1), "gamma": Range(gt=0)},
+    "torch.optim.lr_scheduler.CosineAnnealingLR": {
+        "T_max": Range(ge=1),
+        "eta_min": Range(ge=0),
+    },
+    "torch.optim.lr_scheduler.ConstantLR": {
+        "factor": Range(gt=0, le=1),
+        "total_iters": Range(ge=0),
+    },
+    "torch.optim.lr_scheduler.ReduceLROnPlateau": {
+        "factor": Range(gt=0, lt=1),
+        "patience": Range(ge=0),
+        "cooldown": Range(ge=0),
+        "threshold": Range(ge=0),
+        "eps": Range(ge=0),
+    },
+    "bcnn.engine.loggers.TensorBoardLogger": {
+        "flush_secs": Range(ge=1),
+        "log_dir": _non_empty_string,
+    },
+    "bcnn.engine.loggers.WandbLogger": {
+        "mode": OneOf(("offline", "online", "disabled")),
+        "project": _non_empty_string,
+    },
+}
 
 
 def _synthetic_node(node: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -370,15 +378,10 @@ NODE_RULES: dict[str, Callable[[Mapping[str, Any]], tuple[str, str] | None]] = {
     "bcnn.models.backbones.base.Backbone": _weight_source,
 }
 
-_RULES_CACHE: dict[str, dict[str, Rule]] = {}
-
 
 def rules() -> dict[str, dict[str, Rule]]:
-    """Ranges and options by class and parameter, built on first use (it imports the model
-    and data packages)."""
-    if not _RULES_CACHE:
-        _RULES_CACHE.update(_rules())
-    return _RULES_CACHE
+    """Ranges and options by class and parameter (:data:`RULES`)."""
+    return RULES
 
 
 # ---- signatures and types ------------------------------------------------------------------

@@ -23,28 +23,22 @@ from typing import Any
 import hydra
 import numpy as np
 import pandas as pd
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from bcnn.cli.errors import user_errors
 from bcnn.config import PRECISIONS, instantiate
 from bcnn.data import SPLITS
 from bcnn.engine.curves import figure
 from bcnn.engine.loops import evaluate
+from bcnn.engine.placement import resolve_device
 from bcnn.engine.runs import TrainedModel, load_trained
 
 log = logging.getLogger(__name__)
 PROG = "bcnn-eval"
 # Tick labels are drawn up to this many classes; beyond, the matrix is shown unlabelled.
 MAX_LABELLED = 40
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def overridden(key: str) -> bool:
@@ -162,6 +156,82 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], out: Path, title: str
     return out
 
 
+def _split_dataset(
+    cfg: DictConfig, trained: TrainedModel, move_data_dir: bool
+) -> tuple[DictConfig, Dataset, list[str]]:
+    """The dataset config and the split to evaluate on, and the split's class names.
+
+    Raises:
+        ValueError: the split is empty, or its classes are not the model's.
+    """
+    ds_cfg = dataset_config(cfg, trained, move_data_dir)
+    dataset = instantiate(ds_cfg, split=cfg.split, augment=False)
+    if len(dataset) == 0:
+        hint = (
+            " (the run trained without a validation split: dataset.val_fraction=0)"
+            if cfg.split == "val"
+            else ""
+        )
+        raise ValueError(
+            f"split {cfg.split!r} of {ds_cfg.get('name', 'the dataset')} is empty{hint}"
+        )
+    classes = list(getattr(dataset, "classes", trained.classes))
+    _check_classes(classes, trained.classes)
+    return ds_cfg, dataset, classes
+
+
+def _check_classes(classes: list[str], model_classes: list[str]) -> None:
+    """Raises ValueError naming the first difference when the two class lists differ."""
+    if classes == model_classes:
+        return
+    differ = [(a, b) for a, b in zip(classes, model_classes) if a != b][:1]
+    raise ValueError(
+        f"The dataset's {len(classes)} classes are not the model's {len(model_classes)}"
+        + (
+            f" (the dataset's {differ[0][0]!r} where the model has {differ[0][1]!r})"
+            if differ
+            else ""
+        )
+        + ": evaluate on the dataset the model was trained on, with the same class list"
+    )
+
+
+def _eval_settings(cfg: DictConfig, run: DictConfig) -> tuple[bool, str, int]:
+    """``(flip, precision, batch_size)``: the command line's, else as the run evaluated."""
+    flip = bool(run.trainer.test_flip if cfg.flip is None else cfg.flip)
+    precision = str(run.trainer.precision if cfg.precision is None else cfg.precision)
+    last_stage = run.trainer.stages[-1]
+    batch_size = int(
+        cfg.batch_size or run.trainer.eval_batch_size or run.trainer[last_stage].batch_size
+    )
+    return flip, precision, batch_size
+
+
+def _write_tables(
+    output_dir: Path, matrix: np.ndarray, classes: list[str], top: int, title: str
+) -> pd.DataFrame:
+    """Writes the per-class, confusion and most-confused tables and the confusion plot.
+
+    Args:
+        output_dir: Where the files go (created).
+        matrix: ``(C, C)`` confusion counts, rows = true class.
+        classes: The C class names.
+        top: How many most-confused pairs to list.
+        title: The plot's title.
+
+    Returns:
+        The most-confused pairs (see ``most_confused``).
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    per_class = per_class_table(matrix, classes)
+    per_class.to_csv(output_dir / "per_class.csv", index=False, float_format="%.4f")
+    pd.DataFrame(matrix, index=classes, columns=classes).to_csv(output_dir / "confusion_matrix.csv")
+    confused = most_confused(matrix, classes, top)
+    confused.to_csv(output_dir / "most_confused.csv", index=False, float_format="%.4f")
+    plot_confusion(matrix, classes, output_dir / "confusion_matrix.png", title)
+    return confused
+
+
 def run_eval(cfg: DictConfig, output_dir: Path, move_data_dir: bool = False) -> dict[str, Any]:
     """Evaluates ``cfg.checkpoint`` on ``cfg.split`` and writes the files into ``output_dir``.
 
@@ -179,38 +249,10 @@ def run_eval(cfg: DictConfig, output_dir: Path, move_data_dir: bool = False) -> 
             the model's.
     """
     _check(cfg)
-    device = _device(str(cfg.device))
+    device = resolve_device(str(cfg.device))
     trained = load_trained(cfg.checkpoint, device=device)
-    run = trained.config
-    ds_cfg = dataset_config(cfg, trained, move_data_dir)
-    dataset = instantiate(ds_cfg, split=cfg.split, augment=False)
-    if len(dataset) == 0:
-        hint = (
-            " (the run trained without a validation split: dataset.val_fraction=0)"
-            if cfg.split == "val"
-            else ""
-        )
-        raise ValueError(
-            f"split {cfg.split!r} of {ds_cfg.get('name', 'the dataset')} is empty{hint}"
-        )
-    classes = list(getattr(dataset, "classes", trained.classes))
-    if classes != trained.classes:
-        differ = [(a, b) for a, b in zip(classes, trained.classes) if a != b][:1]
-        raise ValueError(
-            f"The dataset's {len(classes)} classes are not the model's {len(trained.classes)}"
-            + (
-                f" (the dataset's {differ[0][0]!r} where the model has {differ[0][1]!r})"
-                if differ
-                else ""
-            )
-            + ": evaluate on the dataset the model was trained on, with the same class list"
-        )
-    flip = bool(run.trainer.test_flip if cfg.flip is None else cfg.flip)
-    precision = str(run.trainer.precision if cfg.precision is None else cfg.precision)
-    last_stage = run.trainer.stages[-1]
-    batch_size = int(
-        cfg.batch_size or run.trainer.eval_batch_size or run.trainer[last_stage].batch_size
-    )
+    ds_cfg, dataset, classes = _split_dataset(cfg, trained, move_data_dir)
+    flip, precision, batch_size = _eval_settings(cfg, trained.config)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -231,21 +273,11 @@ def run_eval(cfg: DictConfig, output_dir: Path, move_data_dir: bool = False) -> 
         max_batches=cfg.limit_batches,
         desc=f"eval {cfg.split}" if cfg.progress else None,
     )
-    matrix = meter.matrix.cpu().numpy()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    per_class = per_class_table(matrix, classes)
-    per_class.to_csv(output_dir / "per_class.csv", index=False, float_format="%.4f")
-    pd.DataFrame(matrix, index=classes, columns=classes).to_csv(output_dir / "confusion_matrix.csv")
-    confused = most_confused(matrix, classes, int(cfg.top_confused))
-    confused.to_csv(output_dir / "most_confused.csv", index=False, float_format="%.4f")
     top1, mean_class = meter.accuracy(), meter.mean_class_accuracy()
     name = ds_cfg.get("name", "dataset")
-    plot_confusion(
-        matrix,
-        classes,
-        output_dir / "confusion_matrix.png",
-        f"{name} {cfg.split}: top-1 {top1:.2f}%, mean per class {mean_class:.2f}%",
-    )
+    title = f"{name} {cfg.split}: top-1 {top1:.2f}%, mean per class {mean_class:.2f}%"
+    matrix = meter.matrix.cpu().numpy()
+    confused = _write_tables(output_dir, matrix, classes, int(cfg.top_confused), title)
     metrics = {
         "top1": top1,
         "mean_class_acc": mean_class,

@@ -29,6 +29,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -291,90 +292,133 @@ def build_cache(
         if ready:
             log.info("Reusing the feature cache %s", final)
         else:
-            _write(model, dataset, folder, key, identity, views, dtype, batch_size, device,
-                   precision, num_workers, env, progress)  # fmt: skip
+            job = _Job(model, dataset, folder, key, identity, views, dtype, batch_size, device,
+                       precision, num_workers, env, progress)  # fmt: skip
+            _write(job)
     features = np.load(final / "features.npy", mmap_mode="r")
     return features, np.load(final / "labels.npy")
 
 
-def _write(
-    model: BilinearModel,
-    dataset: Dataset,
-    folder: Path,
-    key: str,
-    identity: Mapping[str, Any],
-    views: int,
-    dtype: str,
-    batch_size: int,
-    device: torch.device,
-    precision: str,
-    num_workers: int,
-    env: D.DistEnv,
-    progress: bool,
-) -> None:
+@dataclass(frozen=True)
+class _Job:
+    """One cache to write: the arguments of ``build_cache`` and the key they hash to."""
+
+    model: BilinearModel
+    dataset: Dataset
+    folder: Path
+    key: str
+    identity: Mapping[str, Any]
+    views: int
+    dtype: str
+    batch_size: int
+    device: torch.device
+    precision: str
+    num_workers: int
+    env: D.DistEnv
+    progress: bool
+
+    @property
+    def final(self) -> Path:
+        """Where the finished cache lives."""
+        return self.folder / self.key
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The features array's shape ``(images, views, D)``."""
+        return len(self.dataset), self.views, self.model.descriptor_shape.numel
+
+    @property
+    def size(self) -> int:
+        """The features array's size in bytes."""
+        return int(np.prod(self.shape)) * np.dtype(DTYPES[self.dtype]).itemsize
+
+
+def _write(job: _Job) -> None:
     """Computes the descriptors into a partial folder of this run, then renames it into place."""
-    model.eval()
-    n = len(dataset)
-    dim = model.descriptor_shape.numel
-    shape = (n, views, dim)
-    size = n * views * dim * np.dtype(DTYPES[dtype]).itemsize
-    final = folder / key
+    job.model.eval()
     # A folder of this run's own: a crashed run's leftovers never mix with it.
-    tmp = folder / f".{key}.{D.broadcast_object(uuid.uuid4().hex[:8])}.partial"
+    tmp = job.folder / f".{job.key}.{D.broadcast_object(uuid.uuid4().hex[:8])}.partial"
+    _reserve(job, tmp)
+    try:
+        labels = _compute(job, _Store(tmp / "features.npy", job.shape, DTYPES[job.dtype]))
+        D.barrier()
+        if job.env.is_main:
+            _publish(job, tmp, labels)
+        D.barrier()
+    except OSError as err:
+        if job.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _full_disk_errors(err):
+            raise _disk_full(job.folder, job.size) from None
+        raise
+    except BaseException:
+        if job.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _reserve(job: _Job, tmp: Path) -> None:
+    """Rank 0 clears killed runs' leftovers and creates ``tmp`` with the array's full size.
+
+    Raises:
+        OSError: On every process when rank 0 could not (a full disk names the fixes).
+    """
     error: tuple[int | None, str] | None = None
-    if env.is_main:
+    if job.env.is_main:
+        n, views, dim = job.shape
         log.info(
             "Caching %d x %d descriptors of dimension %d (%s): %s in %s",
-            n, views, dim, dtype, human_bytes(size), final,
+            n, views, dim, job.dtype, human_bytes(job.size), job.final,
         )  # fmt: skip
-        for stale in folder.glob(f".{key}.*.partial"):  # killed runs (we hold the lock)
+        for stale in job.folder.glob(f".{job.key}.*.partial"):  # killed runs (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            check_disk(folder, size)
+            check_disk(job.folder, job.size)
             tmp.mkdir(parents=True)
-            _Store.create(tmp / "features.npy", shape, DTYPES[dtype])
+            _Store.create(tmp / "features.npy", job.shape, DTYPES[job.dtype])
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             if _full_disk_errors(err):
-                err = _disk_full(folder, size)
+                err = _disk_full(job.folder, job.size)
             error = (err.errno, err.strerror or str(err))
     # Every process learns of rank 0's failure (and raises the same error).
     error = D.broadcast_object(error)
     if error is not None:
         raise OSError(*error)
-    try:
-        store = _Store(tmp / "features.npy", shape, DTYPES[dtype])
-        labels = np.zeros(n, dtype=np.int64)
-        rows = list(range(env.rank, n, env.world_size))
-        loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, num_workers=num_workers)
-        done = 0
-        desc = f"caching {identity.get('split', '')} descriptors"
-        for images, targets in tqdm(loader, desc=desc, leave=False, disable=not progress):
-            images = images.to(device, non_blocking=True)
-            idx = rows[done : done + len(targets)]
-            with autocast(device, precision):
-                feats = [model.features(images)]
-                if views == 2:
-                    feats.append(model.features(images.flip(-1)))
-            store.write(idx, torch.stack(feats, 1).flatten(2).float().cpu().numpy())
-            labels[idx] = targets.numpy()
-            done += len(targets)
-        store.close()
-        labels = D.all_reduce_sum(torch.from_numpy(labels)).numpy()
-        D.barrier()
-        if env.is_main:
-            np.save(tmp / "labels.npy", labels)
-            (tmp / "meta.json").write_text(json.dumps({**identity, "views": views}, default=str))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        D.barrier()
-    except OSError as err:
-        if env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if _full_disk_errors(err):
-            raise _disk_full(folder, size) from None
-        raise
-    except BaseException:
-        if env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _compute(job: _Job, store: _Store) -> np.ndarray:
+    """Writes this process's share of descriptors into ``store``, then closes it.
+
+    Returns:
+        (N,) labels of every image, summed over the processes.
+    """
+    model, n = job.model, len(job.dataset)
+    labels = np.zeros(n, dtype=np.int64)
+    rows = list(range(job.env.rank, n, job.env.world_size))
+    loader = DataLoader(
+        Subset(job.dataset, rows), batch_size=job.batch_size, num_workers=job.num_workers
+    )
+    done = 0
+    desc = f"caching {job.identity.get('split', '')} descriptors"
+    for images, targets in tqdm(loader, desc=desc, leave=False, disable=not job.progress):
+        images = images.to(job.device, non_blocking=True)
+        idx = rows[done : done + len(targets)]
+        with autocast(job.device, job.precision):
+            feats = [model.features(images)]
+            if job.views == 2:
+                feats.append(model.features(images.flip(-1)))
+        store.write(idx, torch.stack(feats, 1).flatten(2).float().cpu().numpy())
+        labels[idx] = targets.numpy()
+        done += len(targets)
+    store.close()
+    return D.all_reduce_sum(torch.from_numpy(labels)).numpy()
+
+
+def _publish(job: _Job, tmp: Path, labels: np.ndarray) -> None:
+    """Saves the labels and metadata into ``tmp`` and renames it to the final folder."""
+    np.save(tmp / "labels.npy", labels)
+    meta = {**job.identity, "views": job.views}
+    (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+    shutil.rmtree(job.final, ignore_errors=True)
+    tmp.rename(job.final)

@@ -49,6 +49,15 @@ def safe_globals() -> list[Any]:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
 
 
+def safe_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` onto the CPU with ``weights_only=True`` and only :func:`safe_globals`.
+
+    A crafted file cannot run code; it raises (``pickle.UnpicklingError``) instead.
+    """
+    with torch.serialization.safe_globals(safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def rng_state() -> dict[str, Any]:
     """Captures the Python, NumPy and torch (CPU and CUDA) generator states."""
     state = {
@@ -217,8 +226,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        with torch.serialization.safe_globals(safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_load(path)
     except Exception as err:
         raise CheckpointError(
             f"Cannot read the checkpoint {path}: {_why_unreadable(path, err)}."

@@ -212,6 +212,49 @@ def _relative_gap(primal: np.ndarray, dual: np.ndarray) -> float:
     return float(((primal - dual) / np.maximum(np.abs(primal), 1e-12)).max())
 
 
+def _check_options(
+    loss: str, C: float, batch_rows: int, max_epochs: int, inner_sweeps: int
+) -> None:
+    """Raises ValueError naming the first invalid option of ``train_linear_svm``."""
+    if loss not in LOSSES:
+        raise ValueError(f"train_linear_svm: loss must be one of {LOSSES}, got {loss!r}")
+    if C <= 0:
+        raise ValueError(f"train_linear_svm: C must be > 0, got {C}")
+    if batch_rows < 1 or max_epochs < 1 or inner_sweeps < 1:
+        raise ValueError("train_linear_svm: batch_rows, max_epochs and inner_sweeps must be >= 1")
+
+
+def _descend(
+    state: _DualState, rng: np.random.Generator, tol: float, max_epochs: int, inner_sweeps: int
+) -> tuple[int, bool, int, tuple[np.ndarray, int]]:
+    """Coordinate-descent epochs until the exact duality gap is within ``tol``.
+
+    Returns:
+        ``(epochs, converged, reads, exact)``: ``reads`` counts the passes over the cache
+        (the final exact one included) and ``exact`` is ``state.exact_pass()`` at the end.
+    """
+    converged, reads, epoch = False, 0, 0
+    exact: tuple[np.ndarray, int] | None = None
+    for epoch in range(1, max_epochs + 1):
+        stale = state.epoch(rng, inner_sweeps)
+        reads += 1
+        gap = _relative_gap(*state.objectives(stale))
+        log.debug("svm epoch %d: estimated relative duality gap %.3g", epoch, gap)
+        if gap <= tol:
+            exact = state.exact_pass()
+            reads += 1
+            gap = _relative_gap(*state.objectives(exact[0]))
+            log.debug("svm epoch %d: relative duality gap %.3g", epoch, gap)
+            if gap <= tol:
+                converged = True
+                break
+            exact = None
+    if exact is None:
+        exact = state.exact_pass()
+        reads += 1
+    return epoch, converged, reads, exact
+
+
 def train_linear_svm(
     features: RowArray,
     labels: Any,
@@ -272,37 +315,14 @@ def train_linear_svm(
     """
     N, V, _ = _check_features(features, "train_linear_svm")
     y = _check_labels(labels, N, num_classes, "train_linear_svm")
-    if loss not in LOSSES:
-        raise ValueError(f"train_linear_svm: loss must be one of {LOSSES}, got {loss!r}")
-    if C <= 0:
-        raise ValueError(f"train_linear_svm: C must be > 0, got {C}")
-    if batch_rows < 1 or max_epochs < 1 or inner_sweeps < 1:
-        raise ValueError("train_linear_svm: batch_rows, max_epochs and inner_sweeps must be >= 1")
+    _check_options(loss, C, batch_rows, max_epochs, inner_sweeps)
     start = time.perf_counter()
     state = _DualState(
         features, y, num_classes, C, loss, intercept_scaling if bias else 0.0,
         batch_rows, torch.device(device), dtype,
     )  # fmt: skip
     rng = np.random.default_rng(seed)
-    converged, reads, epoch, gap = False, 0, 0, math.inf
-    exact: tuple[np.ndarray, int] | None = None
-    for epoch in range(1, max_epochs + 1):
-        stale = state.epoch(rng, inner_sweeps)
-        reads += 1
-        gap = _relative_gap(*state.objectives(stale))
-        log.debug("svm epoch %d: estimated relative duality gap %.3g", epoch, gap)
-        if gap <= tol:
-            exact = state.exact_pass()
-            reads += 1
-            gap = _relative_gap(*state.objectives(exact[0]))
-            log.debug("svm epoch %d: relative duality gap %.3g", epoch, gap)
-            if gap <= tol:
-                converged = True
-                break
-            exact = None
-    if exact is None:
-        exact = state.exact_pass()
-        reads += 1
+    epoch, converged, reads, exact = _descend(state, rng, tol, max_epochs, inner_sweeps)
     primal, dual = state.objectives(exact[0])
     gap = _relative_gap(primal, dual)
     if not converged:

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from bcnn.config import StageConfig, TrainConfig, instantiate, validate
 from bcnn.engine import distributed as D
+from bcnn.engine import placement
 from bcnn.engine.cache import CachedViews, ViewAverage, build_cache
 from bcnn.engine.checkpoint import (
     link_checkpoint,
@@ -122,21 +123,8 @@ def claim_run_dir(output_dir: Path) -> str | None:
 RUNTIME_KEYS = ("device", "num_workers", "progress")
 
 
-def _output_dir(cfg: DictConfig) -> Path:
-    if cfg.paths.get("output_dir"):
-        return Path(cfg.paths.output_dir)
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    raise ValueError(
-        "paths.output_dir is not set: run through train.py (Hydra picks the directory) or "
-        "pass paths.output_dir=<folder> when calling bcnn.engine.train directly"
-    )
-
-
 def _device(name: str, env: D.DistEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = placement.resolve_device(name)
     if device.type == "cuda" and env.enabled:
         return torch.device("cuda", env.local_rank)
     return device
@@ -242,7 +230,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 f"{env.world_size} processes",
             )
     # Every process writes into rank 0's directory (Hydra's ${now:...} may differ).
-    output_dir = Path(D.broadcast_object(str(_output_dir(cfg))))
+    chosen = placement.output_dir(cfg, "train.py", "bcnn.engine.train")
+    output_dir = Path(D.broadcast_object(str(chosen)))
     refused = None
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -411,6 +400,16 @@ class _Run:
         return not extra
 
     def _stage_inputs(self, finetune: bool, batch_size: int, train_batch: int) -> _StageInputs:
+        """What a stage trains and evaluates on: the images, or a feature cache of them.
+
+        The cache serves a stage that trains only the classifier on a frozen backbone
+        (``trainer.cache_features``); its network is then the classifier on the views.
+
+        Args:
+            finetune: The stage trains the backbone (never cached).
+            batch_size: The evaluation batch (also the batch that builds the cache).
+            train_batch: The stage's training batch (what a limited run reads per step).
+        """
         live = _StageInputs(
             net=self.model,
             train=self.datasets["train"],
@@ -422,48 +421,11 @@ class _Run:
         if finetune or not self._cacheable(self.model):
             return live
         folder = Path(self.tcfg.cache_dir) if self.tcfg.cache_dir else self.out / "feature_cache"
-        recipe = self.cfg.dataset.get("transform")
         cached = {}
         for role, ds in self.datasets.items():
             if role == "val" and len(ds) == 0:
                 continue
-            if role == "train":
-                # Descriptors of the deterministic (centre-crop) view of the training
-                # images, built for the purpose; flips add a view.
-                ds = self._dataset(self.split_names["train"], augment=False)
-                views = 2 if recipe and recipe.get("hflip", True) else 1
-            else:
-                views = 2 if role == "test" and self.tcfg.test_flip else 1
-            identity = {
-                "dataset": self.resolved["dataset"],
-                "split": self.split_names[role],
-                "precision": self.precision,
-            }
-            # A limited run (trainer.limit_*_batches, debug=smoke) reads only the first
-            # batches: cache only those images.
-            if role == "train":
-                limit, size = self.tcfg.limit_train_batches, train_batch
-            else:
-                limit, size = self.tcfg.limit_eval_batches, batch_size
-            if limit is not None and limit * size < len(ds):
-                ds = Subset(ds, range(limit * size))
-                identity["images"] = len(ds)
-            feats, labels = build_cache(
-                self.model,
-                ds,
-                folder,
-                identity,
-                views=views,
-                dtype=self.tcfg.cache_dtype,
-                batch_size=batch_size,
-                device=self.device,
-                precision=self.precision,
-                num_workers=self.tcfg.num_workers,
-                env=self.env,
-                progress=self._progress,
-            )
-            shape = self.model.descriptor_shape.dims
-            cached[role] = CachedViews(feats, labels, train=role == "train", shape=shape)
+            cached[role] = self._cached_split(role, ds, folder, batch_size, train_batch)
         # Memory maps are read in-process; the cached views already hold the flips.
         return _StageInputs(
             net=ViewAverage(self.model.classifier),
@@ -474,6 +436,57 @@ class _Run:
             test_flip=False,
             cache_folder=None if self.tcfg.cache_dir else folder,
         )
+
+    def _cached_split(
+        self, role: str, ds: Dataset, folder: Path, batch_size: int, train_batch: int
+    ) -> CachedViews:
+        """The descriptors of one split (``train``, ``val`` or ``test``), cached in ``folder``.
+
+        Args:
+            role: The split's role.
+            ds: The split's dataset as the stage reads it.
+            folder: Parent folder of the caches.
+            batch_size: The evaluation batch (also images per forward pass here).
+            train_batch: The stage's training batch.
+        """
+        if role == "train":
+            # Descriptors of the deterministic (centre-crop) view of the training
+            # images, built for the purpose; flips add a view.
+            ds = self._dataset(self.split_names["train"], augment=False)
+            recipe = self.cfg.dataset.get("transform")
+            views = 2 if recipe and recipe.get("hflip", True) else 1
+        else:
+            views = 2 if role == "test" and self.tcfg.test_flip else 1
+        identity = {
+            "dataset": self.resolved["dataset"],
+            "split": self.split_names[role],
+            "precision": self.precision,
+        }
+        # A limited run (trainer.limit_*_batches, debug=smoke) reads only the first
+        # batches: cache only those images.
+        if role == "train":
+            limit, size = self.tcfg.limit_train_batches, train_batch
+        else:
+            limit, size = self.tcfg.limit_eval_batches, batch_size
+        if limit is not None and limit * size < len(ds):
+            ds = Subset(ds, range(limit * size))
+            identity["images"] = len(ds)
+        feats, labels = build_cache(
+            self.model,
+            ds,
+            folder,
+            identity,
+            views=views,
+            dtype=self.tcfg.cache_dtype,
+            batch_size=batch_size,
+            device=self.device,
+            precision=self.precision,
+            num_workers=self.tcfg.num_workers,
+            env=self.env,
+            progress=self._progress,
+        )
+        shape = self.model.descriptor_shape.dims
+        return CachedViews(feats, labels, train=role == "train", shape=shape)
 
     # ---- checkpoints ------------------------------------------------------------------
     def _state(

@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bcnn.data.transforms import build_transforms
+from bcnn.engine.placement import resolve_device
 
 METADATA = "bcnn_export.json"
 # ONNX metadata_props key holding the same JSON.
@@ -90,12 +91,6 @@ def quiet_jit() -> Iterator[None]:
             "ignore", message=r".*torch\.jit\..* is deprecated", category=FutureWarning
         )
         yield
-
-
-def _device(name: str | torch.device) -> torch.device:
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _on(device: torch.device, module: Callable[[torch.Tensor], torch.Tensor]):
@@ -250,7 +245,7 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> Pred
         ValueError: a file that is neither a bcnn checkpoint nor a bcnn export.
     """
     path = Path(path).expanduser()
-    dev = _device(device)
+    dev = resolve_device(device)
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: no such model. Pass a run directory (outputs/<date>/<time>), a .pt "

@@ -160,6 +160,89 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
+def _check_arguments(fmt: str, input_dtype: str) -> None:
+    """Raises ValueError naming an unknown format or input dtype."""
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown export format {fmt!r}; choose one of {FORMATS}")
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(f"Unknown input dtype {input_dtype!r}; choose one of {INPUT_DTYPES}")
+
+
+def _metadata(
+    trained: TrainedModel, fmt: str, file: Path, size: int, input_dtype: str, notes: list[str]
+) -> dict[str, Any]:
+    """The content of ``bcnn_export.json`` before the parity check.
+
+    Args:
+        trained: The run.
+        fmt: The export format.
+        file: The model file.
+        size: Side of the trace and check images.
+        input_dtype: ``uint8`` or ``float``.
+        notes: The export notes (the same list: notes added later show in the metadata).
+    """
+    spec = trained.model.input_spec
+    recipe = trained.config.dataset.get("transform")
+    return {
+        "bcnn_export": 1,
+        "format": fmt,
+        "file": file.name,
+        "classes": list(trained.classes),
+        "input": {
+            "name": "images",
+            # What bcnn-predict feeds a safetensors export; floats in [0, 1] work too.
+            "dtype": "uint8" if fmt == "safetensors" else input_dtype,
+            "range": [0, 255] if input_dtype == "uint8" else [0.0, 1.0],
+            "layout": "NCHW",
+            "channels": "RGB",
+            "size": [size, size],
+            "dynamic_axes": ["batch", "height", "width"],
+            "fixed_size": None,
+            "normalized_inside": {
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+                "color": spec.color,
+                "scale": spec.scale,
+            },
+        },
+        "output": {"name": "logits", "shape": ["batch", len(trained.classes)]},
+        "transform": OmegaConf.to_container(recipe) if recipe else None,
+        "test_flip": bool(trained.config.trainer.test_flip),
+        "notes": notes,
+        "source": {"checkpoint": str(trained.checkpoint), "run_dir": str(trained.run_dir)},
+        "accuracies": _accuracies(trained),
+        "versions": {"bcnn": bcnn.__version__, "torch": torch.__version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _write_model(
+    fmt: str,
+    graph: torch.nn.Module,
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    file: Path,
+    meta: dict[str, Any],
+) -> None:
+    """Writes the exported ``graph`` (TorchScript, ONNX) or the eager ``model``'s weights."""
+    if fmt == "torchscript":
+        _write_torchscript(graph, example, file, json.dumps(meta))
+    elif fmt == "onnx":
+        _write_onnx(graph, example, file, json.dumps(meta))
+    else:
+        _write_safetensors(model, file)
+
+
+def _mark_fixed_size(meta: dict[str, Any], size: int) -> None:
+    """Records in ``meta`` (input and notes) that the graph runs only at ``size``."""
+    meta["input"]["fixed_size"] = [size, size]
+    meta["input"]["dynamic_axes"] = ["batch"]
+    meta["notes"].append(
+        f"the exported graph runs only at {size}x{size}: resize images to that size "
+        "(bcnn-predict does)"
+    )
+
+
 def export_trained(
     trained: TrainedModel,
     fmt: str,
@@ -186,10 +269,7 @@ def export_trained(
             form (naming its config key).
         ImportError: ONNX export without the onnx package.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"Unknown export format {fmt!r}; choose one of {FORMATS}")
-    if input_dtype not in INPUT_DTYPES:
-        raise ValueError(f"Unknown input dtype {input_dtype!r}; choose one of {INPUT_DTYPES}")
+    _check_arguments(fmt, input_dtype)
     size = int(image_size or example_size(trained.config))
     if size < 1:
         raise ValueError(f"image size must be >= 1, got {size}")
@@ -201,57 +281,13 @@ def export_trained(
     folder = Path(out_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / FILENAMES[fmt]
-    spec = model.input_spec
-    recipe = trained.config.dataset.get("transform")
-    meta: dict[str, Any] = {
-        "bcnn_export": 1,
-        "format": fmt,
-        "file": file.name,
-        "classes": list(trained.classes),
-        "input": {
-            "name": "images",
-            "dtype": "uint8 or float" if fmt == "safetensors" else input_dtype,
-            "range": [0, 255] if input_dtype == "uint8" else [0.0, 1.0],
-            "layout": "NCHW",
-            "channels": "RGB",
-            "size": [size, size],
-            "dynamic_axes": ["batch", "height", "width"],
-            "fixed_size": None,
-            "normalized_inside": {
-                "mean": list(spec.mean),
-                "std": list(spec.std),
-                "color": spec.color,
-                "scale": spec.scale,
-            },
-        },
-        "output": {"name": "logits", "shape": ["batch", len(trained.classes)]},
-        "transform": OmegaConf.to_container(recipe) if recipe else None,
-        "test_flip": bool(trained.config.trainer.test_flip),
-        "notes": notes,
-        "source": {"checkpoint": str(trained.checkpoint), "run_dir": str(trained.run_dir)},
-        "accuracies": _accuracies(trained),
-        "versions": {"bcnn": bcnn.__version__, "torch": torch.__version__},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if fmt == "safetensors":
-        meta["input"]["dtype"] = "uint8"  # what bcnn-predict feeds; floats in [0, 1] work too
+    meta = _metadata(trained, fmt, file, size, input_dtype, notes)
     OmegaConf.save(trained.config, folder / "config.yaml")
     images = _check_images(size)
-    example = _trace_input(images, input_dtype)
-    if fmt == "torchscript":
-        _write_torchscript(graph, example, file, json.dumps(meta))
-    elif fmt == "onnx":
-        _write_onnx(graph, example, file, json.dumps(meta))
-    else:
-        _write_safetensors(model, file)
+    _write_model(fmt, graph, model, _trace_input(images, input_dtype), file, meta)
     meta["parity"] = _parity(model, folder, file, meta, images, input_dtype)
     if meta["parity"].get("fixed_size"):
-        meta["input"]["fixed_size"] = [size, size]
-        meta["input"]["dynamic_axes"] = ["batch"]
-        notes.append(
-            f"the exported graph runs only at {size}x{size}: resize images to that size "
-            "(bcnn-predict does)"
-        )
+        _mark_fixed_size(meta, size)
     _embed(file, fmt, json.dumps(meta))
     (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(meta, trained.config))
@@ -335,31 +371,102 @@ def _fmt_acc(value: Any) -> str:
     return "n/a" if value is None else f"{float(value):.2f}%"
 
 
-def model_card(meta: dict[str, Any], config: DictConfig) -> str:
-    """The README.md of an export folder."""
-    inp = meta["input"]
-    acc = meta["accuracies"]
-    classes = meta["classes"]
-    parts = OmegaConf.to_yaml(
-        OmegaConf.create(
-            {
-                k: OmegaConf.to_container(config[k])
-                for k in ("backbone", "pooling", "normalization", "classifier")
-            }
-        )
-    )
-    dtype = inp["dtype"]
-    pixel = "uint8, 0-255" if dtype == "uint8" else "float32 in [0, 1]"
+# The README.md of an export folder; ``model_card`` fills the fields (str.format: a
+# literal brace is written doubled).
+MODEL_CARD = """\
+# bcnn model: {title}
+
+Exported by `bcnn-export` ({format}, bcnn {bcnn_version}, torch
+{torch_version}) on {created} from `{checkpoint}`.
+
+File: `{file}`. Metadata (classes, input, transform, checks): `{metadata}`.
+Full training config: `config.yaml`.
+
+## Expected input
+
+- `images`: {pixel}, shape (batch, 3, height, width), RGB channel order.
+- Height and width: {size_line}.
+- Normalization happens inside the model: mean {mean}, std
+  {std} on [0, 1] pixels ({color},
+  scale {scale}); do not normalize beforehand.
+- Preprocessing: {preprocessing}.
+- Output `logits` (batch, {num_classes}); probabilities are their softmax.
+  {flip}
+
+`bcnn-predict {file} <images or folders>` applies all of this. In Python:
+
+{run}
+
+## Accuracies (from training)
+
+{accuracies}
+
+Source: {source}.
+
+## Model
+
+```yaml
+{parts}
+```
+
+## Export notes
+
+{notes}
+
+{check}
+
+## Classes
+
+{classes}
+"""
+
+# How to run the exported file, per format (fields: file, pixel).
+RUN_SNIPPETS = {
+    "onnx": (
+        "```python\nimport numpy as np, onnxruntime as ort\n"
+        'session = ort.InferenceSession("{file}")\n'
+        "# images: {pixel} (B, 3, H, W)\n"
+        'logits = session.run(None, {{"images": images}})[0]\n```'
+    ),
+    "torchscript": (
+        "```python\nimport torch\n"
+        'model = torch.jit.load("{file}")\n'
+        "logits = model(images)   # images: {pixel} (B, 3, H, W)\n```"
+    ),
+    "safetensors": (
+        "```python\nfrom bcnn.export.runtime import load_predictor\n"
+        'predictor = load_predictor(".")            # this folder\n'
+        "probs = predictor.probabilities(images)    # uint8 (B, 3, H, W)\n```"
+    ),
+}
+
+
+def _model_parts(config: DictConfig) -> str:
+    """The backbone, pooling, normalization and classifier config as YAML."""
+    keys = ("backbone", "pooling", "normalization", "classifier")
+    parts = OmegaConf.create({k: OmegaConf.to_container(config[k]) for k in keys})
+    return OmegaConf.to_yaml(parts).rstrip()
+
+
+def _pixels(meta: dict[str, Any]) -> str:
+    """The pixel type and range the exported file takes."""
     if meta["format"] == "safetensors":
-        pixel = "uint8 (0-255) or float32 in [0, 1]"
-    h, w = inp["size"]
-    recipe = meta.get("transform")
-    prep = (
+        return "uint8 (0-255) or float32 in [0, 1]"
+    return "uint8, 0-255" if meta["input"]["dtype"] == "uint8" else "float32 in [0, 1]"
+
+
+def _preprocessing(recipe: Any) -> str:
+    """The card's preprocessing line for the run's transform ``recipe`` (or None)."""
+    if not recipe:
+        return "none: images at their own size (the run's dataset had no resize recipe)"
+    return (
         f"the evaluation transform of training: `{json.dumps(recipe)}` (resize / centre crop, "
         "see `bcnn.data.transforms.build_transforms`)"
-        if recipe
-        else "none: images at their own size (the run's dataset had no resize recipe)"
     )
+
+
+def _accuracy_table(acc: dict[str, Any]) -> str:
+    """Markdown table of the run's test / val accuracies and the test accuracy per stage."""
     rows = [
         "| split | top-1 | mean per class |",
         "|---|---:|---:|",
@@ -371,98 +478,69 @@ def model_card(meta: dict[str, Any], config: DictConfig) -> str:
             f"| test after stage `{stage}` | {_fmt_acc(values.get('test_acc'))} | "
             f"{_fmt_acc(values.get('test_mean_class_acc'))} |"
         )
-    parity = meta.get("parity", {})
-    if parity.get("checked"):
-        at, other = parity["at_size"], parity["other_size"]
-        check = "\n".join(
-            [
-                "Logits on random check images, largest absolute difference:",
-                "",
-                "| size | exported vs eager (float64) | eager float32 vs float64 |",
-                "|---|---:|---:|",
-                *(
-                    f"| {r['size'][0]}x{r['size'][1]} | {r['exported_vs_float64']:.2e} | "
-                    f"{r['eager_float32_vs_float64']:.2e} |"
-                    for r in (at, other)
-                ),
-            ]
-        )
-    else:
-        check = f"Not checked after export ({parity.get('reason', 'no runtime')})."
-    notes = "\n".join(f"- {n}" for n in meta["notes"]) or "- none: every step exports as it runs"
-    shown = ", ".join(classes[:30]) + (
-        f", ... ({len(classes)} in all)" if len(classes) > 30 else ""
+    return "\n".join(rows)
+
+
+def _parity_text(parity: dict[str, Any]) -> str:
+    """The parity check of ``_parity`` as a Markdown table, or why there was none."""
+    if not parity.get("checked"):
+        return f"Not checked after export ({parity.get('reason', 'no runtime')})."
+    return "\n".join(
+        [
+            "Logits on random check images, largest absolute difference:",
+            "",
+            "| size | exported vs eager (float64) | eager float32 vs float64 |",
+            "|---|---:|---:|",
+            *(
+                f"| {r['size'][0]}x{r['size'][1]} | {r['exported_vs_float64']:.2e} | "
+                f"{r['eager_float32_vs_float64']:.2e} |"
+                for r in (parity["at_size"], parity["other_size"])
+            ),
+        ]
     )
-    run = {
-        "onnx": (
-            "```python\nimport numpy as np, onnxruntime as ort\n"
-            f'session = ort.InferenceSession("{meta["file"]}")\n'
-            f"# images: {pixel} (B, 3, H, W)\n"
-            'logits = session.run(None, {"images": images})[0]\n```'
-        ),
-        "torchscript": (
-            "```python\nimport torch\n"
-            f'model = torch.jit.load("{meta["file"]}")\n'
-            f"logits = model(images)   # images: {pixel} (B, 3, H, W)\n```"
-        ),
-        "safetensors": (
-            "```python\nfrom bcnn.export.runtime import load_predictor\n"
-            'predictor = load_predictor(".")            # this folder\n'
-            "probs = predictor.probabilities(images)    # uint8 (B, 3, H, W)\n```"
-        ),
-    }[meta["format"]]
+
+
+def model_card(meta: dict[str, Any], config: DictConfig) -> str:
+    """The README.md of an export folder: ``MODEL_CARD`` filled from the metadata."""
+    inp, acc, classes = meta["input"], meta["accuracies"], meta["classes"]
+    pixel = _pixels(meta)
+    h, w = inp["size"]
     size_line = f"only {h}x{w}" if inp.get("fixed_size") else f"any (traced and checked at {h}x{w})"
-    title = f"{acc.get('dataset') or config.dataset.get('name', '?')}, {len(classes)} classes"
+    norm = inp["normalized_inside"]
     flip = (
         "The run averaged the probabilities of each image and its mirror image (trainer.test_flip)."
         if meta["test_flip"]
         else "The run evaluated without flip averaging."
     )
-    return f"""# bcnn model: {title}
-
-Exported by `bcnn-export` ({meta["format"]}, bcnn {meta["versions"]["bcnn"]}, torch
-{meta["versions"]["torch"]}) on {meta["created"]} from `{meta["source"]["checkpoint"]}`.
-
-File: `{meta["file"]}`. Metadata (classes, input, transform, checks): `{METADATA}`.
-Full training config: `config.yaml`.
-
-## Expected input
-
-- `images`: {pixel}, shape (batch, 3, height, width), RGB channel order.
-- Height and width: {size_line}.
-- Normalization happens inside the model: mean {inp["normalized_inside"]["mean"]}, std
-  {inp["normalized_inside"]["std"]} on [0, 1] pixels ({inp["normalized_inside"]["color"]},
-  scale {inp["normalized_inside"]["scale"]}); do not normalize beforehand.
-- Preprocessing: {prep}.
-- Output `logits` (batch, {len(classes)}); probabilities are their softmax.
-  {flip}
-
-`bcnn-predict {meta["file"]} <images or folders>` applies all of this. In Python:
-
-{run}
-
-## Accuracies (from training)
-
-{chr(10).join(rows)}
-
-Source: {acc.get("source", "n/a")}.
-
-## Model
-
-```yaml
-{parts.rstrip()}
-```
-
-## Export notes
-
-{notes}
-
-{check}
-
-## Classes
-
-{shown}
-"""
+    shown = ", ".join(classes[:30]) + (
+        f", ... ({len(classes)} in all)" if len(classes) > 30 else ""
+    )
+    return MODEL_CARD.format(
+        title=f"{acc.get('dataset') or config.dataset.get('name', '?')}, {len(classes)} classes",
+        format=meta["format"],
+        bcnn_version=meta["versions"]["bcnn"],
+        torch_version=meta["versions"]["torch"],
+        created=meta["created"],
+        checkpoint=meta["source"]["checkpoint"],
+        file=meta["file"],
+        metadata=METADATA,
+        pixel=pixel,
+        size_line=size_line,
+        mean=norm["mean"],
+        std=norm["std"],
+        color=norm["color"],
+        scale=norm["scale"],
+        preprocessing=_preprocessing(meta.get("transform")),
+        num_classes=len(classes),
+        flip=flip,
+        run=RUN_SNIPPETS[meta["format"]].format(file=meta["file"], pixel=pixel),
+        accuracies=_accuracy_table(acc),
+        source=acc.get("source", "n/a"),
+        parts=_model_parts(config),
+        notes="\n".join(f"- {n}" for n in meta["notes"]) or "- none: every step exports as it runs",
+        check=_parity_text(meta.get("parity", {})),
+        classes=shown,
+    )
 
 
 __all__ = ["FILENAMES", "FORMATS", "ExportResult", "example_size", "export_trained", "model_card"]

@@ -149,6 +149,28 @@ _DAGNN_KINDS = {
 }
 
 
+def _hyper_parameters(out: MatLayer, fields: dict[str, Any], pool_key: str) -> MatLayer:
+    """Fill the stride, padding, pooling and LRN fields of ``out`` by its kind.
+
+    Args:
+        out: The layer, its ``kind`` already set.
+        fields: Where the hyper-parameters sit: a simplenn layer or a DagNN ``block``.
+        pool_key: The pooling window's field (``pool`` in simplenn, ``poolSize`` in DagNN).
+
+    Returns:
+        ``out``, filled in.
+    """
+    if out.kind == "pool":
+        out.pool = _ints(fields[pool_key], 2)  # type: ignore[assignment]
+        out.method = str(_one(fields.get("method", "max")))
+    if out.kind in ("conv", "pool"):
+        out.stride = _ints(fields.get("stride", 1), 2)  # type: ignore[assignment]
+        out.pad = _pad4(fields.get("pad", 0))
+    elif out.kind == "lrn":
+        out.lrn = tuple(float(v) for v in np.asarray(_one(fields["param"])).ravel())
+    return out
+
+
 def _simplenn_layer(layer: dict[str, Any]) -> tuple[MatLayer, bool]:
     ltype = str(_one(layer.get("type", "")))
     out = MatLayer(name=str(_one(layer.get("name", ""))), kind=_SIMPLENN_KINDS.get(ltype, ltype))
@@ -166,16 +188,7 @@ def _simplenn_layer(layer: dict[str, Any]) -> tuple[MatLayer, bool]:
         if out.weight is None:
             raise ValueError(f"conv layer {out.name!r} has no filters")
         out.weight = _conv_weight(out.weight)
-        out.stride = _ints(layer.get("stride", 1), 2)  # type: ignore[assignment]
-        out.pad = _pad4(layer.get("pad", 0))
-    elif out.kind == "pool":
-        out.pool = _ints(layer["pool"], 2)  # type: ignore[assignment]
-        out.stride = _ints(layer.get("stride", 1), 2)  # type: ignore[assignment]
-        out.pad = _pad4(layer.get("pad", 0))
-        out.method = str(_one(layer.get("method", "max")))
-    elif out.kind == "lrn":
-        out.lrn = tuple(float(v) for v in np.asarray(_one(layer["param"])).ravel())
-    return out, legacy
+    return _hyper_parameters(out, layer, "pool"), legacy
 
 
 def _dagnn_layer(layer: dict[str, Any], params: dict[str, np.ndarray]) -> MatLayer:
@@ -187,16 +200,7 @@ def _dagnn_layer(layer: dict[str, Any], params: dict[str, np.ndarray]) -> MatLay
         names = [str(_one(n)) for n in (names if isinstance(names, list) else [names])]
         out.weight = _conv_weight(np.asarray(params[names[0]], dtype=np.float32))
         out.bias = np.asarray(params[names[1]], dtype=np.float32) if len(names) > 1 else None
-        out.stride = _ints(block.get("stride", 1), 2)  # type: ignore[assignment]
-        out.pad = _pad4(block.get("pad", 0))
-    elif out.kind == "pool":
-        out.pool = _ints(block["poolSize"], 2)  # type: ignore[assignment]
-        out.stride = _ints(block.get("stride", 1), 2)  # type: ignore[assignment]
-        out.pad = _pad4(block.get("pad", 0))
-        out.method = str(_one(block.get("method", "max")))
-    elif out.kind == "lrn":
-        out.lrn = tuple(float(v) for v in np.asarray(_one(block["param"])).ravel())
-    return out
+    return _hyper_parameters(out, block, "poolSize")
 
 
 def _average_colour(norm: Any) -> tuple[float, float, float] | None:

@@ -54,6 +54,16 @@ def machine_eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
+def frobenius_norm(A: Tensor) -> Tensor:
+    """||A||_F of each matrix of ``(..., d, d)``, shape ``(..., 1, 1)``, floored at machine eps.
+
+    Clamping the squared norm (not the norm) keeps the sqrt's backward finite at 0, and the
+    floor keeps A / ||A||_F finite for the zero matrix.
+    """
+    eps = machine_eps(A.dtype)
+    return (A * A).sum((-2, -1), keepdim=True).clamp_min(eps * eps).sqrt()
+
+
 def add_to_diagonal_(M: Tensor, value: float) -> Tensor:
     """M += value * I in place over the last two dims (cheaper than materialising I)."""
     M.diagonal(dim1=-2, dim2=-1).add_(value)
@@ -68,3 +78,8 @@ def sandwich(V: Tensor, M: Tensor) -> Tensor:
 def sandwich_t(V: Tensor, M: Tensor) -> Tensor:
     """V^T M V."""
     return V.mT @ M @ V
+
+
+def from_spectrum(V: Tensor, f: Tensor) -> Tensor:
+    """V diag(f) V^T from eigenvectors ``(..., d, d)`` and values ``(..., d)``."""
+    return (V * f[..., None, :]) @ V.mT

@@ -40,7 +40,55 @@ def _check_pair(x: Tensor, y: Tensor | None, in_dim: int, in_dim2: int, name: st
     return y
 
 
-class TensorSketch(nn.Module):
+class _CompactBilinear(nn.Module):
+    """Shared dimensions, input checks and compute dtype of the compact bilinear maps.
+
+    Subclasses draw their random projections (buffers) in ``_draw`` and implement ``_map``.
+
+    Args:
+        in_dim: Channels C of x.
+        out_dim: Output dimension D.
+        seed: Seed of the random projections.
+        in_dim2: Channels of y for the two-input form (default: ``in_dim``).
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int = 8192, seed: int = 0, in_dim2: int | None = None
+    ) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.in_dim2 = in_dim if in_dim2 is None else in_dim2
+        self.out_dim = out_dim
+        self._draw(_generator(seed))
+
+    def _draw(self, gen: torch.Generator) -> None:
+        """Register the random projections, drawn from ``gen``, as buffers."""
+        raise NotImplementedError
+
+    def _map(self, x: Tensor, y: Tensor) -> Tensor:
+        """The averaged map of checked ``(..., n, C)`` inputs already in the compute dtype."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Compact map of (1/n) sum_i x_i y_i^T (y = x when omitted).
+
+        Args:
+            x: ``(..., n, in_dim)`` features, channels last.
+            y: ``(..., n, in_dim2)`` or None.
+
+        Returns:
+            ``(..., out_dim)``; float32, or float64 for float64 input.
+        """
+        y = _check_pair(x, y, self.in_dim, self.in_dim2, type(self).__name__)
+        dtype = compute_dtype(torch.promote_types(x.dtype, y.dtype))
+        with autocast_disabled(x.device.type):
+            return self._map(x.to(dtype), y.to(dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, in_dim2={self.in_dim2}, out_dim={self.out_dim}"
+
+
+class TensorSketch(_CompactBilinear):
     """Tensor Sketch of the (averaged) outer product, computed with ``torch.fft``.
 
     TS(x, y) = irfft(rfft(CS1(x)) * rfft(CS2(y))), with count sketches CS_k(v)_j =
@@ -58,46 +106,27 @@ class TensorSketch(nn.Module):
     h2: Tensor
     s2: Tensor
 
-    def __init__(
-        self, in_dim: int, out_dim: int = 8192, seed: int = 0, in_dim2: int | None = None
-    ) -> None:
-        super().__init__()
-        self.in_dim = in_dim
-        self.in_dim2 = in_dim if in_dim2 is None else in_dim2
-        self.out_dim = out_dim
-        gen = _generator(seed)
-        self.register_buffer("h1", torch.randint(0, out_dim, (in_dim,), generator=gen))
-        self.register_buffer("s1", _rademacher((in_dim,), gen))
-        self.register_buffer("h2", torch.randint(0, out_dim, (self.in_dim2,), generator=gen))
+    def _draw(self, gen: torch.Generator) -> None:
+        """Hashes h1 (in_dim,), h2 (in_dim2,) into [0, out_dim) and +-1 signs s1, s2."""
+        bins = self.out_dim
+        self.register_buffer("h1", torch.randint(0, bins, (self.in_dim,), generator=gen))
+        self.register_buffer("s1", _rademacher((self.in_dim,), gen))
+        self.register_buffer("h2", torch.randint(0, bins, (self.in_dim2,), generator=gen))
         self.register_buffer("s2", _rademacher((self.in_dim2,), gen))
 
     def _count_sketch(self, v: Tensor, h: Tensor, s: Tensor) -> Tensor:
         out = v.new_zeros(*v.shape[:-1], self.out_dim)
         return out.index_add(-1, h, v * s.to(v.dtype))
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Sketch of (1/n) sum_i x_i y_i^T (y = x when omitted).
-
-        Args:
-            x: ``(..., n, in_dim)`` features, channels last.
-            y: ``(..., n, in_dim2)`` or None.
-
-        Returns:
-            ``(..., out_dim)``; float32, or float64 for float64 input.
-        """
-        y = _check_pair(x, y, self.in_dim, self.in_dim2, "TensorSketch")
-        dtype = compute_dtype(torch.promote_types(x.dtype, y.dtype))
-        with autocast_disabled(x.device.type):
-            fx = torch.fft.rfft(self._count_sketch(x.to(dtype), self.h1, self.s1), dim=-1)
-            fy = torch.fft.rfft(self._count_sketch(y.to(dtype), self.h2, self.s2), dim=-1)
-            # The sketch is linear in x y^T: average in the frequency domain, one irfft.
-            return torch.fft.irfft((fx * fy).mean(-2), n=self.out_dim, dim=-1)
-
-    def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, in_dim2={self.in_dim2}, out_dim={self.out_dim}"
+    def _map(self, x: Tensor, y: Tensor) -> Tensor:
+        """Sketch of (1/n) sum_i x_i y_i^T for ``(..., n, C)`` inputs; ``(..., out_dim)``."""
+        fx = torch.fft.rfft(self._count_sketch(x, self.h1, self.s1), dim=-1)
+        fy = torch.fft.rfft(self._count_sketch(y, self.h2, self.s2), dim=-1)
+        # The sketch is linear in x y^T: average in the frequency domain, one irfft.
+        return torch.fft.irfft((fx * fy).mean(-2), n=self.out_dim, dim=-1)
 
 
-class RandomMaclaurin(nn.Module):
+class RandomMaclaurin(_CompactBilinear):
     """Random Maclaurin features of the (averaged) outer product.
 
     RM(x, y) = (x W1) o (y W2) / sqrt(D) with Rademacher (+-1) matrices W1 (C x D) and
@@ -114,33 +143,13 @@ class RandomMaclaurin(nn.Module):
     W1: Tensor
     W2: Tensor
 
-    def __init__(
-        self, in_dim: int, out_dim: int = 8192, seed: int = 0, in_dim2: int | None = None
-    ) -> None:
-        super().__init__()
-        self.in_dim = in_dim
-        self.in_dim2 = in_dim if in_dim2 is None else in_dim2
-        self.out_dim = out_dim
-        gen = _generator(seed)
-        self.register_buffer("W1", _rademacher((in_dim, out_dim), gen))
-        self.register_buffer("W2", _rademacher((self.in_dim2, out_dim), gen))
+    def _draw(self, gen: torch.Generator) -> None:
+        """Rademacher matrices W1 (in_dim, out_dim) and W2 (in_dim2, out_dim)."""
+        self.register_buffer("W1", _rademacher((self.in_dim, self.out_dim), gen))
+        self.register_buffer("W2", _rademacher((self.in_dim2, self.out_dim), gen))
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Random Maclaurin features of (1/n) sum_i x_i y_i^T (y = x when omitted).
-
-        Args:
-            x: ``(..., n, in_dim)`` features, channels last.
-            y: ``(..., n, in_dim2)`` or None.
-
-        Returns:
-            ``(..., out_dim)``; float32, or float64 for float64 input.
-        """
-        y = _check_pair(x, y, self.in_dim, self.in_dim2, "RandomMaclaurin")
-        dtype = compute_dtype(torch.promote_types(x.dtype, y.dtype))
-        with autocast_disabled(x.device.type):
-            px = x.to(dtype) @ self.W1.to(dtype)
-            py = y.to(dtype) @ self.W2.to(dtype)
-            return (px * py).mean(-2) * self.out_dim**-0.5
-
-    def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, in_dim2={self.in_dim2}, out_dim={self.out_dim}"
+    def _map(self, x: Tensor, y: Tensor) -> Tensor:
+        """Features of (1/n) sum_i x_i y_i^T for ``(..., n, C)`` inputs; ``(..., out_dim)``."""
+        px = x @ self.W1.to(x.dtype)
+        py = y @ self.W2.to(y.dtype)
+        return (px * py).mean(-2) * self.out_dim**-0.5

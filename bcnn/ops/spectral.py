@@ -18,7 +18,8 @@ from bcnn.ops._utils import (
     add_to_diagonal_,
     autocast_disabled,
     check_square,
-    machine_eps,
+    frobenius_norm,
+    from_spectrum,
     sandwich,
     sandwich_t,
     symmetrize,
@@ -93,7 +94,7 @@ class _SpectralFunction(torch.autograd.Function):
         f = torch.log(lc) if p is None else lc**p
         ctx.eps, ctx.p = eps, p
         ctx.save_for_backward(L, V)
-        return (V * f[..., None, :]) @ V.mT
+        return from_spectrum(V, f)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -145,7 +146,7 @@ def _logm_iterative(
     A = add_to_diagonal_(A.clone(), eps)
     # log(A) = log(c) I + 2^k log((A / c)^(1 / 2^k)); the scaling keeps the spectrum in
     # (0, 1] so that the repeated roots move every eigenvalue towards 1.
-    c = (A * A).sum((-2, -1), keepdim=True).clamp_min(machine_eps(A.dtype) ** 2).sqrt()
+    c = frobenius_norm(A)
     R = A / c
     for _ in range(num_roots):
         R = sqrtm(R, method="newton_schulz", iters=sqrt_iters, backward="lyapunov_iterative")

@@ -25,6 +25,8 @@ from bcnn.ops._utils import (
     add_to_diagonal_,
     autocast_disabled,
     check_square,
+    frobenius_norm,
+    from_spectrum,
     machine_eps,
     sandwich,
     sandwich_t,
@@ -135,12 +137,10 @@ def _scale_of(A: Tensor, scale: str) -> Tensor:
     the iteration still converges to A^(1/2) (more slowly), and the zero matrix gives
     finite values and gradients instead of 0/0.
     """
-    eps = machine_eps(A.dtype)
     if scale == "fro":
-        # Clamping the squared norm (not the norm) keeps the sqrt's backward finite at 0.
-        return (A * A).sum((-2, -1), keepdim=True).clamp_min(eps * eps).sqrt()
+        return frobenius_norm(A)
     trace = A.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return trace.clamp_min(eps)[..., None, None]
+    return trace.clamp_min(machine_eps(A.dtype))[..., None, None]
 
 
 def _newton_schulz(
@@ -173,8 +173,7 @@ def _lyapunov_newton_schulz(Z: Tensor, G: Tensor, iters: int) -> Tensor:
     C <- (C (3I - B^2) - B^T (B^T C - C B)) / 2,  B <- B (3I - B^2) / 2, and X = C / 2.
     B tends to sign(Z) = I and C to 2 X. No iterate is kept beyond the current one.
     """
-    eps = machine_eps(Z.dtype)
-    s = (Z * Z).sum((-2, -1), keepdim=True).clamp_min(eps * eps).sqrt()
+    s = frobenius_norm(Z)
     B = Z / s
     C = G / s
     for k in range(iters):
@@ -207,11 +206,6 @@ def _guard(s: Tensor) -> Tensor:
     return (s.amax(-1) * eps**0.5).clamp_min(eps)[..., None, None]
 
 
-def _from_spectrum(V: Tensor, f: Tensor) -> Tensor:
-    """V diag(f) V^T."""
-    return (V * f[..., None, :]) @ V.mT
-
-
 def _pair_sum(s: Tensor) -> Tensor:
     """(s_i + s_j)_{ij}."""
     return s[..., :, None] + s[..., None, :]
@@ -236,9 +230,9 @@ class _SqrtmFunction(torch.autograd.Function):
             Y, W = _newton_schulz(A, iters, scale, want_inverse)
         else:
             V, s = _sqrt_spectrum(A, method)
-            Y = _from_spectrum(V, s)
+            Y = from_spectrum(V, s)
             W = (
-                _from_spectrum(V, 1.0 / torch.maximum(s, _guard(s)[..., 0]))
+                from_spectrum(V, 1.0 / torch.maximum(s, _guard(s)[..., 0]))
                 if want_inverse
                 else None
             )

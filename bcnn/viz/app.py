@@ -19,12 +19,13 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from bcnn.config import instantiate
+from bcnn.engine.placement import output_dir, resolve_device
 from bcnn.engine.runs import TrainedModel, load_trained
+from bcnn.models.inputs import InputSpec
 from bcnn.models.pooling import BilinearPool, DemocraticPool
 from bcnn.viz.figures import (
     draw_image,
@@ -35,38 +36,15 @@ from bcnn.viz.figures import (
     save_figure,
     save_image,
 )
-from bcnn.viz.inverse import maximal_images
+from bcnn.viz.inverse import InverseResult, maximal_images
 from bcnn.viz.layers import FeatureTaps
-from bcnn.viz.maps import compute_maps, draw_maps, spread
+from bcnn.viz.maps import ImageMaps, compute_maps, draw_maps, spread
 from bcnn.viz.report import build_report
 from bcnn.viz.texture import TextureResult, synthesize_texture
 
 log = logging.getLogger(__name__)
 
 KINDS = ("texture", "inverse", "maps", "report")
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    """``paths.output_dir``, else Hydra's run directory.
-
-    Raises:
-        ValueError: neither is set (a direct call without ``paths.output_dir``).
-    """
-    if cfg.paths.get("output_dir"):
-        return Path(cfg.paths.output_dir)
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    raise ValueError(
-        "paths.output_dir is not set: run through bcnn-viz (Hydra picks the directory) or "
-        "pass paths.output_dir=<folder> when calling bcnn.viz.visualize directly"
-    )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; any other name as given."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def load_runs(cfg: DictConfig, device: torch.device) -> list[TrainedModel]:
@@ -128,45 +106,47 @@ def _first_of_class(dataset: Dataset, label: int) -> torch.Tensor:
     raise ValueError(f"viz.inverse.init=texture: the dataset split has no image of class {label}")
 
 
-def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
-    t = cfg.viz.texture
-    runs = load_runs(cfg, device)
+def _texture_network(
+    cfg: DictConfig, runs: list[TrainedModel]
+) -> tuple[torch.nn.Module, InputSpec, str]:
+    """The network whose Gram matrices a texture matches: ``backbone=...``, else the run's.
+
+    Returns:
+        ``(backbone, its input convention, where it came from)``.
+    """
     if cfg.get("backbone") is not None:
         backbone = instantiate(cfg.backbone)
-        spec, source = backbone.input_spec, cfg.backbone._target_
-    elif runs:
+        return backbone, backbone.input_spec, cfg.backbone._target_
+    if runs:
         model = _single_run(cfg, runs).model
-        backbone, spec, source = model.backbone, model.input_spec, str(runs[0].run_dir)
-    else:
-        raise ValueError(
-            "kind=texture needs a network: run=<training run directory> (its backbone) or "
-            "backbone=<option> (configs/backbone; random weights unless "
-            "backbone.pretrained=true or backbone.weights=<file>)"
-        )
-    taps = FeatureTaps(backbone, t.layers, spec).to(device)
-    if t.image:
-        exemplar, origin = load_image(t.image), str(t.image)
-    else:
-        dataset = load_dataset(cfg, runs, t.split)
-        if dataset is None:
-            raise ValueError(
-                "kind=texture needs an exemplar: viz.texture.image=<file>, or a dataset "
-                "(run=<run dir> or dataset=<option>) with viz.texture.index=<i>"
-            )
-        exemplar = dataset[int(t.index)][0]
-        origin = f"{t.split}[{int(t.index)}]"
-    weights = OmegaConf.to_container(t.layer_weights) if t.layer_weights else None
-    result = synthesize_texture(
-        taps,
-        exemplar,
-        size=tuple(t.size) if t.size else None,
-        scales=list(t.scales),
-        optimizer=t.optimizer,
-        steps=int(t.steps),
-        lr=t.lr,
-        layer_weights=weights,  # type: ignore[arg-type]
-        seed=int(cfg.seed),
+        return model.backbone, model.input_spec, str(runs[0].run_dir)
+    raise ValueError(
+        "kind=texture needs a network: run=<training run directory> (its backbone) or "
+        "backbone=<option> (configs/backbone; random weights unless "
+        "backbone.pretrained=true or backbone.weights=<file>)"
     )
+
+
+def _texture_exemplar(cfg: DictConfig, runs: list[TrainedModel]) -> tuple[torch.Tensor, str]:
+    """The exemplar image ``viz.texture.image``, else ``viz.texture.index`` of the dataset.
+
+    Returns:
+        ``(image (3, H, W), where it came from)``.
+    """
+    t = cfg.viz.texture
+    if t.image:
+        return load_image(t.image), str(t.image)
+    dataset = load_dataset(cfg, runs, t.split)
+    if dataset is None:
+        raise ValueError(
+            "kind=texture needs an exemplar: viz.texture.image=<file>, or a dataset "
+            "(run=<run dir> or dataset=<option>) with viz.texture.index=<i>"
+        )
+    return dataset[int(t.index)][0], f"{t.split}[{int(t.index)}]"
+
+
+def _write_texture_files(out: Path, exemplar: torch.Tensor, result: TextureResult) -> None:
+    """The texture, the exemplar, both side by side, and the loss (CSV and curve)."""
     save_image(result.image, out / "texture.png")
     save_image(exemplar, out / "exemplar.png")
     _write_losses(result, out / "loss.csv")
@@ -177,12 +157,18 @@ def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
     ):
         draw_image(ax, image, title)
     save_figure(fig, out / "texture_pair.png")
-    summary = {
+
+
+def _texture_summary(
+    result: TextureResult, layers: list[str], source: str, origin: str, optimizer: str
+) -> dict[str, Any]:
+    """The content of ``texture.json``: the inputs and the loss overall and per scale."""
+    return {
         "network": source,
         "exemplar": origin,
-        "layers": taps.layers,
+        "layers": layers,
         "sizes": [list(s) for s in result.sizes],
-        "optimizer": t.optimizer,
+        "optimizer": optimizer,
         "initial_loss": result.losses[0],
         "final_loss": result.losses[-1],
         "reduction": result.losses[0] / max(result.losses[-1], 1e-30),
@@ -197,6 +183,29 @@ def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
             )
         ],
     }
+
+
+def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
+    """``kind=texture``: a texture with the Gram matrices of an exemplar (docs/visualize.md)."""
+    t = cfg.viz.texture
+    runs = load_runs(cfg, device)
+    backbone, spec, source = _texture_network(cfg, runs)
+    taps = FeatureTaps(backbone, t.layers, spec).to(device)
+    exemplar, origin = _texture_exemplar(cfg, runs)
+    weights = OmegaConf.to_container(t.layer_weights) if t.layer_weights else None
+    result = synthesize_texture(
+        taps,
+        exemplar,
+        size=tuple(t.size) if t.size else None,
+        scales=list(t.scales),
+        optimizer=t.optimizer,
+        steps=int(t.steps),
+        lr=t.lr,
+        layer_weights=weights,  # type: ignore[arg-type]
+        seed=int(cfg.seed),
+    )
+    _write_texture_files(out, exemplar, result)
+    summary = _texture_summary(result, taps.layers, source, origin, t.optimizer)
     if runs:
         summary["classified"] = _classify_texture(runs[0], exemplar, result.image, device)
     _write_json(out / "texture.json", summary)
@@ -241,45 +250,86 @@ def _write_losses(result: TextureResult, path: Path) -> None:
                 writer.writerow([s, h, w, i - begin, result.losses[i]])
 
 
+def _inverse_targets(classes: Sequence[str], chosen: Any, max_classes: int) -> list[int]:
+    """The class indices ``viz.inverse.classes`` names, else the first ``max_classes``."""
+    if chosen is None:
+        return list(range(min(len(classes), int(max_classes))))
+    return [_class_index(c, classes, "viz.inverse.classes") for c in chosen]
+
+
+def _inverse_size(
+    cfg: DictConfig, runs: list[TrainedModel]
+) -> tuple[tuple[int, ...], Dataset | None]:
+    """``viz.inverse.size``, else the size of the first test image.
+
+    Returns:
+        ``((H, W), the test split when it was read for this, else None)``.
+    """
+    v = cfg.viz.inverse
+    if v.size:
+        return (int(v.size[0]), int(v.size[1])), None
+    dataset = load_dataset(cfg, runs, "test")
+    if dataset is None:
+        raise ValueError("viz.inverse.size: set it ([H, W]) when the run has no dataset")
+    return tuple(int(s) for s in dataset[0][0].shape[-2:]), dataset
+
+
+def _texture_starts(
+    cfg: DictConfig,
+    runs: list[TrainedModel],
+    dataset: Dataset | None,
+    size: tuple[int, ...],
+    targets: list[int],
+    device: torch.device,
+) -> torch.Tensor:
+    """``viz.inverse.init=texture``: (K, 3, H, W) textures of a test image of each target."""
+    dataset = dataset or load_dataset(cfg, runs, "test")
+    if dataset is None:
+        raise ValueError("viz.inverse.init=texture needs the run's (or a) dataset")
+    t = cfg.viz.texture
+    model = runs[0].model
+    taps = FeatureTaps(model.backbone, t.layers, model.input_spec).to(device)
+    textures = [
+        synthesize_texture(
+            taps,
+            _first_of_class(dataset, c),
+            size=size,
+            optimizer=t.optimizer,
+            steps=int(t.steps),
+            lr=t.lr,
+            seed=int(cfg.seed) + i,
+        ).image
+        for i, c in enumerate(targets)
+    ]
+    return torch.stack(textures)
+
+
+def _write_inverse_files(
+    out: Path, result: InverseResult, targets: list[int], classes: Sequence[str], columns: int
+) -> None:
+    """One PNG per class, the labelled grid and the objective's curve."""
+    mean_prob = result.probs.mean(1)
+    for k, c in enumerate(targets):
+        save_image(result.images[k], out / "maximal" / f"{c:03d}_{classes[c]}.png")
+    labels = [f"{classes[c]}\nP={p:.3f}" for c, p in zip(targets, mean_prob.tolist())]
+    save_figure(labelled_grid(result.images, labels, columns=columns), out / "grid.png")
+    save_figure(
+        loss_curve(result.objective, ylabel="mean objective (maximized)"), out / "objective.png"
+    )
+
+
 def _inverse(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
+    """``kind=inverse``: the maximal image of each chosen class (docs/visualize.md)."""
     v = cfg.viz.inverse
     runs = load_runs(cfg, device)
     if not runs:
         raise ValueError("kind=inverse needs run=<training run dir> (or run=[dir1,dir2,...])")
     classes = runs[0].classes
-    if v.classes is None:
-        targets = list(range(min(len(classes), int(v.max_classes))))
-    else:
-        targets = [_class_index(c, classes, "viz.inverse.classes") for c in v.classes]
-    dataset = None
-    if v.size:
-        size = (int(v.size[0]), int(v.size[1]))
-    else:
-        dataset = load_dataset(cfg, runs, "test")
-        if dataset is None:
-            raise ValueError("viz.inverse.size: set it ([H, W]) when the run has no dataset")
-        size = tuple(int(s) for s in dataset[0][0].shape[-2:])
+    targets = _inverse_targets(classes, v.classes, v.max_classes)
+    size, dataset = _inverse_size(cfg, runs)
     init = None
     if v.init == "texture":
-        dataset = dataset or load_dataset(cfg, runs, "test")
-        if dataset is None:
-            raise ValueError("viz.inverse.init=texture needs the run's (or a) dataset")
-        t = cfg.viz.texture
-        model = runs[0].model
-        taps = FeatureTaps(model.backbone, t.layers, model.input_spec).to(device)
-        textures = [
-            synthesize_texture(
-                taps,
-                _first_of_class(dataset, c),
-                size=size,
-                optimizer=t.optimizer,
-                steps=int(t.steps),
-                lr=t.lr,
-                seed=int(cfg.seed) + i,
-            ).image
-            for i, c in enumerate(targets)
-        ]
-        init = torch.stack(textures)
+        init = _texture_starts(cfg, runs, dataset, size, targets, device)
     elif v.init != "noise":
         raise ValueError(f"viz.inverse.init must be noise or texture, got {v.init!r}")
     result = maximal_images(
@@ -295,14 +345,7 @@ def _inverse(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
         init=init,
         seed=int(cfg.seed),
     )
-    mean_prob = result.probs.mean(1)
-    for k, c in enumerate(targets):
-        save_image(result.images[k], out / "maximal" / f"{c:03d}_{classes[c]}.png")
-    labels = [f"{classes[c]}\nP={p:.3f}" for c, p in zip(targets, mean_prob.tolist())]
-    save_figure(labelled_grid(result.images, labels, columns=int(v.columns)), out / "grid.png")
-    save_figure(
-        loss_curve(result.objective, ylabel="mean objective (maximized)"), out / "objective.png"
-    )
+    _write_inverse_files(out, result, targets, classes, int(v.columns))
     summary = {
         "runs": [str(r.run_dir) for r in runs],
         "size": list(size),
@@ -331,7 +374,63 @@ def _maps_supported(trained: TrainedModel) -> bool:
     )
 
 
+def _map_images(
+    dataset: Dataset, split: str, chosen: Any, num_images: int
+) -> tuple[list[Any], torch.Tensor, list[int]]:
+    """The images ``viz.maps.indices`` names, else the first ``num_images``.
+
+    Returns:
+        ``(indices, (n, 3, H, W) images, their labels)``.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    indices = list(chosen) if chosen else list(range(min(n, int(num_images))))
+    bad = [i for i in indices if not 0 <= int(i) < n]
+    if bad:
+        raise ValueError(f"viz.maps.indices: {bad} outside the {split} split (0..{n - 1})")
+    items = [dataset[int(i)] for i in indices]
+    images = torch.stack([im for im, _ in items])
+    return indices, images, [int(label) for _, label in items]
+
+
+def _save_maps(path: Path, indices: list[Any], labels: list[int], maps: ImageMaps) -> None:
+    """Every map, the labels and the explained logits as one ``.npz`` file."""
+    np.savez_compressed(
+        path,
+        indices=np.asarray(indices),
+        labels=np.asarray(labels),
+        grid=np.asarray(maps.grid),
+        sum=maps.sum.numpy(),
+        democratic=maps.democratic.numpy(),
+        alpha=maps.alpha.numpy(),
+        matrix=maps.matrix.numpy(),
+        class_map=maps.class_map.numpy(),
+        logits=maps.explained.logits.numpy(),
+    )
+
+
+def _map_rows(
+    maps: ImageMaps, indices: list[Any], labels: list[int], classes: Sequence[str], top_k: int
+) -> list[dict[str, Any]]:
+    """Per image of ``maps.json``: label, top classes, spread of each map and its checks."""
+    probs = maps.explained.logits.float().softmax(1)
+    spreads = {k: spread(getattr(maps, k)) for k in ("sum", "democratic", "matrix")}
+    rows = []
+    for i, index in enumerate(indices):
+        top = probs[i].topk(min(top_k, probs.shape[1]))
+        rows.append(
+            {
+                "index": int(index),
+                "label": classes[labels[i]],
+                "top": [[classes[c], p] for p, c in zip(top.values.tolist(), top.indices.tolist())],
+                "spread": {k: float(v[i]) for k, v in spreads.items()},
+                "relative_error": {k: float(v[i]) for k, v in maps.checks.items()},
+            }
+        )
+    return rows
+
+
 def _maps(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
+    """``kind=maps``: contribution maps of a few images (docs/visualize.md)."""
     m = cfg.viz.maps
     trained = _single_run(cfg, load_runs(cfg, device))
     if not _maps_supported(trained):
@@ -343,14 +442,7 @@ def _maps(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
     dataset = load_dataset(cfg, [trained], m.split)
     if dataset is None:
         raise ValueError("kind=maps: the run has no dataset config; pass dataset=<option>")
-    n = len(dataset)  # type: ignore[arg-type]
-    indices = list(m.indices) if m.indices else list(range(min(n, int(m.num_images))))
-    bad = [i for i in indices if not 0 <= int(i) < n]
-    if bad:
-        raise ValueError(f"viz.maps.indices: {bad} outside the {m.split} split (0..{n - 1})")
-    items = [dataset[int(i)] for i in indices]
-    images = torch.stack([im for im, _ in items])
-    labels = [int(label) for _, label in items]
+    indices, images, labels = _map_images(dataset, m.split, m.indices, m.num_images)
     maps = compute_maps(
         trained.model,
         images.to(device),
@@ -364,49 +456,22 @@ def _maps(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
         images, maps, trained.classes, labels, top_k=int(m.top_k), opacity=float(m.opacity)
     )
     save_figure(fig, out / "maps.png", dpi=int(m.dpi))
-    np.savez_compressed(
-        out / "maps.npz",
-        indices=np.asarray(indices),
-        labels=np.asarray(labels),
-        grid=np.asarray(maps.grid),
-        sum=maps.sum.numpy(),
-        democratic=maps.democratic.numpy(),
-        alpha=maps.alpha.numpy(),
-        matrix=maps.matrix.numpy(),
-        class_map=maps.class_map.numpy(),
-        logits=maps.explained.logits.numpy(),
-    )
-    probs = maps.explained.logits.float().softmax(1)
-    spreads = {k: spread(getattr(maps, k)) for k in ("sum", "democratic", "matrix")}
-    rows = []
-    for i, index in enumerate(indices):
-        top = probs[i].topk(min(int(m.top_k), probs.shape[1]))
-        rows.append(
-            {
-                "index": int(index),
-                "label": trained.classes[labels[i]],
-                "top": [
-                    [trained.classes[c], p]
-                    for p, c in zip(top.values.tolist(), top.indices.tolist())
-                ],
-                "spread": {k: float(v[i]) for k, v in spreads.items()},
-                "relative_error": {k: float(v[i]) for k, v in maps.checks.items()},
-            }
-        )
+    _save_maps(out / "maps.npz", indices, labels, maps)
     summary = {
         "run": str(trained.run_dir),
         "split": m.split,
         "grid": list(maps.grid),
         "gamma": maps.gamma,
         "matrix": maps.matrix_label,
-        "images": rows,
+        "images": _map_rows(maps, indices, labels, trained.classes, int(m.top_k)),
     }
     _write_json(out / "maps.json", summary)
     log.info("Contribution maps of %d images written to %s", len(indices), out)
     return summary
 
 
-def _to_cpu(maps):
+def _to_cpu(maps: ImageMaps) -> ImageMaps:
+    """Moves every tensor of ``maps`` to the CPU (in place) for drawing and saving."""
     for key in ("sum", "democratic", "alpha", "matrix", "class_map"):
         setattr(maps, key, getattr(maps, key).cpu())
     e = maps.explained
@@ -460,7 +525,7 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
         )
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)} (kind=maps ...), got {kind!r}")
-    out = output_dir(cfg)
+    out = output_dir(cfg, "bcnn-viz", "bcnn.viz.visualize")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(str(cfg.device))

@@ -204,9 +204,14 @@ def pooling_weights(model: BilinearModel, X: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _phase(model: BilinearModel, phase: str) -> nn.Sequential:
+    """One phase of ``model``'s normalization chain, as one module (maybe empty)."""
+    return nn.Sequential(*(s for s in model.normalization.steps.values() if s.phase == phase))
+
+
 def matrix_steps(model: BilinearModel) -> nn.Sequential:
     """The matrix phase of ``model``'s normalization chain, as one module (maybe empty)."""
-    return nn.Sequential(*(s for s in model.normalization.steps.values() if s.phase == "matrix"))
+    return _phase(model, "matrix")
 
 
 @dataclass
@@ -230,6 +235,80 @@ class ClassContributions:
     ridge: torch.Tensor
     logits: torch.Tensor
     grid: tuple[int, int]
+
+
+def _matrix_relevance(
+    model: BilinearModel, M: torch.Tensor, target: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1 and 2 of the module docstring: class c's relevance on U = f(M).
+
+    Args:
+        model: The model (its normalization chain and classifier).
+        M: (B, d, d) pooled matrices.
+        target: (B,) the classes to explain; ``None``: the predicted ones.
+
+    Returns:
+        ``(U, R_U, logits, target, score)``: U (B, d, d) after the matrix steps (detached),
+        R_U (B, d, d) with <R_U, U> = s_c - b_c, logits (B, C), target (B,) and the
+        explained scores s_c (B,).
+    """
+    mat, vec = _phase(model, "matrix"), _phase(model, "vectorize")
+    elem = _phase(model, "elementwise")
+    with torch.enable_grad():
+        U = mat(M).detach().requires_grad_(True)
+        V = vec(U)
+        Vd = V.detach().requires_grad_(True)
+        Z = elem(Vd)
+        logits = model.classifier(Z)
+        if target is None:
+            target = logits.argmax(1)
+        target = target.to(logits.device)
+        score = logits.gather(1, target[:, None])[:, 0]
+        (gZ,) = torch.autograd.grad(score.sum(), Z, retain_graph=True)
+        r = (gZ * Z).detach()
+        zero = Vd.detach() == 0
+        R_v = torch.where(zero, torch.zeros_like(r), r / torch.where(zero, 1.0, Vd.detach()))
+        # vec is linear: its adjoint carries the relevance per unit back onto U's entries.
+        if len(vec):
+            (R_U,) = torch.autograd.grad(V, U, grad_outputs=R_v.to(V.dtype))
+        else:
+            R_U = R_v
+    return U.detach(), R_U, logits, target, score
+
+
+def _class_bias(model: BilinearModel, target: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """b_c of each image's class c (B,); zeros for a classifier without a bias."""
+    bias_param = getattr(model.classifier, "bias", None)
+    if isinstance(bias_param, torch.Tensor):
+        return bias_param.detach()[target].to(score.dtype)
+    return torch.zeros_like(score)
+
+
+def _through_matrix_steps(
+    model: BilinearModel, M: torch.Tensor, U: torch.Tensor, R_U: torch.Tensor, score: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3 of the module docstring: the relevance back through the matrix function.
+
+    Args:
+        model: The model (its matrix steps).
+        M: (B, d, d) pooled matrices.
+        U: (B, d, d) M after the matrix steps.
+        R_U: (B, d, d) relevance on U, in the features' dtype.
+        score: (B,) the explained scores (dtype and device of the ridge share).
+
+    Returns:
+        ``(Q, ridge)``: Q (B, d, d) with S_c(x) = w(x) x^T Q x, and rho_c (B,).
+    """
+    mat = matrix_steps(model)
+    if not len(mat):
+        return R_U.mT, torch.zeros_like(score)
+    first = next(s for s in mat if isinstance(s, MatrixStep))
+    Md = M.double()
+    Mr = add_ridge(Md, first.eps, first.eps_mode)
+    G = torch.linalg.lstsq(Mr, U.double()).solution
+    Q = (G @ R_U.double().mT).to(R_U.dtype)
+    ridge = ((R_U.double() * ((Mr - Md) @ G)).sum((-2, -1))).to(score.dtype)
+    return Q, ridge
 
 
 def class_contributions(
@@ -256,46 +335,9 @@ def class_contributions(
     X = feats.X
     w = pooling_weights(model, X)
     M = pooled(X, w)
-    steps = list(model.normalization.steps.values())
-    mat = nn.Sequential(*(s for s in steps if s.phase == "matrix"))
-    vec = nn.Sequential(*(s for s in steps if s.phase == "vectorize"))
-    elem = nn.Sequential(*(s for s in steps if s.phase == "elementwise"))
-    with torch.enable_grad():
-        U = mat(M).detach().requires_grad_(True)
-        V = vec(U)
-        Vd = V.detach().requires_grad_(True)
-        Z = elem(Vd)
-        logits = model.classifier(Z)
-        if target is None:
-            target = logits.argmax(1)
-        target = target.to(logits.device)
-        score = logits.gather(1, target[:, None])[:, 0]
-        (gZ,) = torch.autograd.grad(score.sum(), Z, retain_graph=True)
-        r = (gZ * Z).detach()
-        zero = Vd.detach() == 0
-        R_v = torch.where(zero, torch.zeros_like(r), r / torch.where(zero, 1.0, Vd.detach()))
-        # vec is linear: its adjoint carries the relevance per unit back onto U's entries.
-        if len(vec):
-            (R_U,) = torch.autograd.grad(V, U, grad_outputs=R_v.to(V.dtype))
-        else:
-            R_U = R_v
-    bias_param = getattr(model.classifier, "bias", None)
-    bias = (
-        bias_param.detach()[target].to(score.dtype)
-        if isinstance(bias_param, torch.Tensor)
-        else torch.zeros_like(score)
-    )
-    R_U = R_U.detach().to(X.dtype)
-    ridge = torch.zeros_like(score)
-    if len(mat):
-        first = next(s for s in mat if isinstance(s, MatrixStep))
-        Md = M.double()
-        Mr = add_ridge(Md, first.eps, first.eps_mode)
-        G = torch.linalg.lstsq(Mr, U.detach().double()).solution
-        Q = (G @ R_U.double().mT).to(X.dtype)
-        ridge = ((R_U.double() * ((Mr - Md) @ G)).sum((-2, -1))).to(score.dtype)
-    else:
-        Q = R_U.mT
+    U, R_U, logits, target, score = _matrix_relevance(model, M, target)
+    bias = _class_bias(model, target, score)
+    Q, ridge = _through_matrix_steps(model, M, U, R_U.detach().to(X.dtype), score)
     values = w * contributions(X, Q)
     return ClassContributions(
         values.detach(),

@@ -204,6 +204,105 @@ def _pair_figure(
     return fig
 
 
+def _run_section(trained: TrainedModel) -> list[str]:
+    """The page's head, title and config, and the run's accuracies and training curves."""
+    run_dir, cfg = trained.run_dir, trained.config
+    model_yaml = OmegaConf.to_yaml(
+        {k: cfg[k] for k in ("backbone", "pooling", "normalization", "classifier", "dataset")}
+    )
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>bcnn report: {html.escape(run_dir.name)}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>Training run {html.escape(str(run_dir))}</h1>",
+        f'<p class="note">Checkpoint {html.escape(str(trained.checkpoint))}; '
+        f"{len(trained.classes)} classes.</p>",
+        "<details><summary>Model and dataset config</summary>",
+        f"<pre>{html.escape(model_yaml)}</pre></details>",
+        "<h2>Accuracy</h2>",
+        _results_section(run_dir),
+        "<h2>Training curves</h2>",
+        _curves_section(run_dir),
+    ]
+
+
+def _confusion_section(matrix: np.ndarray, classes: Sequence[str], split: str) -> list[str]:
+    """The confusion matrix of the split and its per-class accuracies (worst first)."""
+    accuracy = 100.0 * float(np.trace(matrix)) / max(1, int(matrix.sum()))
+    per_class = np.divide(
+        np.diag(matrix), matrix.sum(1), out=np.full(len(classes), np.nan), where=matrix.sum(1) > 0
+    )
+    order = np.argsort(np.nan_to_num(per_class, nan=np.inf), kind="stable")
+    shown = order if len(classes) <= 50 else order[:25]
+    class_rows = [[classes[c], int(matrix[c].sum()), 100.0 * float(per_class[c])] for c in shown]
+    return [
+        f"<h2>Confusion matrix ({html.escape(split)})</h2>",
+        f'<p class="note">{int(matrix.sum())} images of the {html.escape(split)} split; '
+        f"accuracy {accuracy:.2f}% (without test-time flipping).</p>",
+        _img(png_data_uri(_confusion_figure(matrix, classes)), "confusion matrix"),
+        "<h3>Per-class accuracy" + (" (worst 25)" if len(shown) < len(classes) else "") + "</h3>",
+        _table(["class", "images", "accuracy (%)"], class_rows),
+    ]
+
+
+def _pairs_table(
+    confused: list[tuple[int, int, int]], classes: Sequence[str], maps_supported: bool
+) -> list[str]:
+    """The note and table of the most confused pairs (or that there are none)."""
+    if not confused:
+        return ['<p class="note">No image of the split is misclassified.</p>']
+    note = '<p class="note">Per pair: images of the true class predicted as the other' + (
+        ", with the class-specific contribution maps S<sub>c</sub>(x) of the "
+        "predicted and the true class (each location's share of the class score; "
+        "red raises it, blue lowers it; see docs/visualize.md).</p>"
+        if maps_supported
+        else " (this model's head has no contribution maps).</p>"
+    )
+    table = _table(
+        ["true", "predicted as", "images"],
+        [[classes[a], classes[b], n] for a, b, n in confused],
+        name_columns=2,
+    )
+    return [note, table]
+
+
+def _pair_section(
+    trained: TrainedModel,
+    dataset: Dataset,
+    preds: Predictions,
+    pair: tuple[int, int, int],
+    examples: int,
+    device: torch.device | str,
+    opacity: float,
+    maps_supported: bool,
+) -> list[str]:
+    """One confused pair (true a, predicted b, n images): its first example images, with
+    their contribution maps when ``maps_supported``.
+
+    Args:
+        trained: The run.
+        dataset: The split.
+        preds: The model's predictions on it.
+        pair: ``(a, b, n)``.
+        examples: How many images to show.
+        device: Where the model runs.
+        opacity: Of the contribution maps.
+        maps_supported: Draw contribution maps.
+    """
+    classes = trained.classes
+    a, b, n = pair
+    chosen = np.flatnonzero((preds.labels == a) & (preds.preds == b))[:examples]
+    heading = f"<h3>{html.escape(classes[a])} &rarr; {html.escape(classes[b])} ({n} images)</h3>"
+    images = torch.stack([dataset[int(preds.indices[i])][0] for i in chosen])
+    if maps_supported:
+        fig = _pair_figure(trained, images, a, b, device, opacity)
+    else:
+        captions = [f"P({classes[b]}) {preds.probs[i, b]:.2f}" for i in chosen]
+        fig = labelled_grid(images, captions, columns=examples)
+    return [heading, _img(png_data_uri(fig), f"{classes[a]} predicted as {classes[b]}")]
+
+
 def build_report(
     trained: TrainedModel,
     dataset: Dataset,
@@ -236,75 +335,21 @@ def build_report(
     Returns:
         ``path``.
     """
-    model, classes, run_dir = trained.model, trained.classes, trained.run_dir
-    preds = predict(model, dataset, batch_size=batch_size, max_images=max_images, device=device)
-    matrix = confusion_matrix(preds.labels, preds.preds, len(classes))
-    accuracy = 100.0 * float(np.trace(matrix)) / max(1, int(matrix.sum()))
-    per_class = np.divide(
-        np.diag(matrix), matrix.sum(1), out=np.full(len(classes), np.nan), where=matrix.sum(1) > 0
+    preds = predict(
+        trained.model, dataset, batch_size=batch_size, max_images=max_images, device=device
     )
-    order = np.argsort(np.nan_to_num(per_class, nan=np.inf), kind="stable")
-    shown = order if len(classes) <= 50 else order[:25]
-    class_rows = [[classes[c], int(matrix[c].sum()), 100.0 * float(per_class[c])] for c in shown]
-    cfg = trained.config
-    model_yaml = OmegaConf.to_yaml(
-        {k: cfg[k] for k in ("backbone", "pooling", "normalization", "classifier", "dataset")}
-    )
+    matrix = confusion_matrix(preds.labels, preds.preds, len(trained.classes))
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>bcnn report: {html.escape(run_dir.name)}</title>",
-        f"<style>{STYLE}</style></head><body>",
-        f"<h1>Training run {html.escape(str(run_dir))}</h1>",
-        f'<p class="note">Checkpoint {html.escape(str(trained.checkpoint))}; '
-        f"{len(classes)} classes.</p>",
-        "<details><summary>Model and dataset config</summary>",
-        f"<pre>{html.escape(model_yaml)}</pre></details>",
-        "<h2>Accuracy</h2>",
-        _results_section(run_dir),
-        "<h2>Training curves</h2>",
-        _curves_section(run_dir),
-        f"<h2>Confusion matrix ({html.escape(split)})</h2>",
-        f'<p class="note">{int(matrix.sum())} images of the {html.escape(split)} split; '
-        f"accuracy {accuracy:.2f}% (without test-time flipping).</p>",
-        _img(png_data_uri(_confusion_figure(matrix, classes)), "confusion matrix"),
-        "<h3>Per-class accuracy" + (" (worst 25)" if len(shown) < len(classes) else "") + "</h3>",
-        _table(["class", "images", "accuracy (%)"], class_rows),
+        *_run_section(trained),
+        *_confusion_section(matrix, trained.classes, split),
         "<h2>Most confused pairs</h2>",
     ]
     confused = confused_pairs(matrix, pairs)
-    if not confused:
-        parts.append('<p class="note">No image of the split is misclassified.</p>')
-    else:
-        parts.append(
-            '<p class="note">Per pair: images of the true class predicted as the other'
-            + (
-                ", with the class-specific contribution maps S<sub>c</sub>(x) of the "
-                "predicted and the true class (each location's share of the class score; "
-                "red raises it, blue lowers it; see docs/visualize.md).</p>"
-                if maps_supported
-                else " (this model's head has no contribution maps).</p>"
-            )
+    parts += _pairs_table(confused, trained.classes, maps_supported)
+    for pair in confused:
+        parts += _pair_section(
+            trained, dataset, preds, pair, examples, device, opacity, maps_supported
         )
-        parts.append(
-            _table(
-                ["true", "predicted as", "images"],
-                [[classes[a], classes[b], n] for a, b, n in confused],
-                name_columns=2,
-            )
-        )
-    for a, b, n in confused:
-        chosen = np.flatnonzero((preds.labels == a) & (preds.preds == b))[:examples]
-        parts.append(
-            f"<h3>{html.escape(classes[a])} &rarr; {html.escape(classes[b])} ({n} images)</h3>"
-        )
-        images = torch.stack([dataset[int(preds.indices[i])][0] for i in chosen])
-        if maps_supported:
-            fig = _pair_figure(trained, images, a, b, device, opacity)
-        else:
-            captions = [f"P({classes[b]}) {preds.probs[i, b]:.2f}" for i in chosen]
-            fig = labelled_grid(images, captions, columns=examples)
-        parts.append(_img(png_data_uri(fig), f"{classes[a]} predicted as {classes[b]}"))
     parts.append("</body></html>")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,28 @@ class Backbone(nn.Module):
     out_channels: int | tuple[int, int]
     input_spec: InputSpec = IMAGENET
 
+    def load_weights_file(
+        self,
+        path: str | os.PathLike | None,
+        *,
+        module: nn.Module | None = None,
+        remap: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Loads ``backbone.weights`` when set and adopts the input convention it records.
+
+        A file that records no convention leaves ``input_spec`` as the backbone set it.
+
+        Args:
+            path: ``.pt``/``.pth`` state dict or ``.safetensors`` file (see
+                :func:`load_weights`), or None / empty for no file.
+            module: The part of the backbone the file fills (default: the whole backbone).
+            remap: Optional rewrite of the file's keys.
+        """
+        if not path:
+            return
+        meta = load_weights(self if module is None else module, path, remap=remap)
+        self.input_spec = input_spec_from_meta(meta) or self.input_spec
+
 
 def check_weight_source(name: str, pretrained: bool, weights: str | None) -> None:
     """Rejects ``pretrained=True`` together with ``weights=<file>`` (ambiguous)."""
@@ -95,6 +117,18 @@ def download_hint(what: str, url: str, destination: str | os.PathLike) -> Iterat
             "backbone.weights=<local state dict or .safetensors> with "
             "backbone.pretrained=false."
         ) from err
+
+
+@contextlib.contextmanager
+def torchvision_download(what: str, tv_weights: Any) -> Iterator[None]:
+    """:func:`download_hint` for a torchvision weights entry (its URL and hub cache path).
+
+    Args:
+        what: The model, for the message (e.g. ``"VGG-16 (torchvision)"``).
+        tv_weights: A torchvision ``WeightsEnum`` member (``VGG16_Weights.IMAGENET1K_V1``).
+    """
+    with download_hint(what, tv_weights.url, hub_cache_path(tv_weights.url)):
+        yield
 
 
 def input_spec_from_meta(meta: Mapping[str, Any]) -> InputSpec | None:
@@ -158,11 +192,10 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             meta["input_spec"] = json.loads(header[SAFETENSORS_SPEC_KEY])
         return state, meta
     # Imported here: bcnn.engine imports the models package.
-    from bcnn.engine.checkpoint import safe_globals
+    from bcnn.engine.checkpoint import safe_load
 
     try:
-        with torch.serialization.safe_globals(safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_load(path)
     except Exception as err:
         raise ValueError(
             f"backbone.weights={path}: cannot read it as a state dict ({type(err).__name__}: "

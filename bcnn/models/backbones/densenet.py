@@ -8,14 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from bcnn.models.backbones.base import (
-    Backbone,
-    check_weight_source,
-    download_hint,
-    hub_cache_path,
-    input_spec_from_meta,
-    load_weights,
-)
+from bcnn.models.backbones.base import Backbone, check_weight_source, torchvision_download
 from bcnn.models.inputs import IMAGENET
 
 # torchvision's own DenseNet checkpoints still use the pre-1.0 layer names
@@ -51,9 +44,7 @@ class DenseNet201(Backbone):
         check_weight_source("densenet201", pretrained, weights)
         if pretrained:
             tv_weights = torchvision.models.DenseNet201_Weights.IMAGENET1K_V1
-            with download_hint(
-                "DenseNet-201 (torchvision)", tv_weights.url, hub_cache_path(tv_weights.url)
-            ):
+            with torchvision_download("DenseNet-201 (torchvision)", tv_weights):
                 net = torchvision.models.densenet201(weights=tv_weights)
         else:
             net = torchvision.models.densenet201()
@@ -62,9 +53,7 @@ class DenseNet201(Backbone):
         self.relu = nn.ReLU(inplace=True)
         self.out_channels = int(net.classifier.in_features)
         self.input_spec = IMAGENET
-        if weights:
-            meta = load_weights(self, weights, remap=_rename_legacy_keys)
-            self.input_spec = input_spec_from_meta(meta) or IMAGENET
+        self.load_weights_file(weights, remap=_rename_legacy_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1920, H / 32, W / 32)."""

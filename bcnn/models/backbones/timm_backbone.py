@@ -14,8 +14,6 @@ from bcnn.models.backbones.base import (
     Backbone,
     WeightsUnavailableError,
     check_weight_source,
-    input_spec_from_meta,
-    load_weights,
 )
 from bcnn.models.inputs import InputSpec
 
@@ -94,9 +92,7 @@ class TimmBackbone(Backbone):
             mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
             std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
         )
-        if weights:
-            meta = load_weights(self.model, weights)
-            self.input_spec = input_spec_from_meta(meta) or self.input_spec
+        self.load_weights_file(weights, module=self.model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, H / reduction, W / reduction)."""

@@ -14,10 +14,7 @@ from bcnn.models.backbones.base import (
     Backbone,
     WeightsUnavailableError,
     check_weight_source,
-    download_hint,
-    hub_cache_path,
-    input_spec_from_meta,
-    load_weights,
+    torchvision_download,
 )
 from bcnn.models.inputs import IMAGENET, InputSpec
 
@@ -60,9 +57,7 @@ class VGG16(Backbone):
         check_weight_source("vgg_d", pretrained, weights)
         if pretrained:
             tv_weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
-            with download_hint(
-                "VGG-16 (torchvision)", tv_weights.url, hub_cache_path(tv_weights.url)
-            ):
+            with torchvision_download("VGG-16 (torchvision)", tv_weights):
                 features = torchvision.models.vgg16(weights=tv_weights).features
         else:
             # Only the convolutional part: building torchvision's whole vgg16() would also
@@ -72,9 +67,7 @@ class VGG16(Backbone):
         self.features = features[:_VGG16_RELU5_3]
         self.out_channels = 512
         self.input_spec = IMAGENET
-        if weights:
-            meta = load_weights(self, weights)
-            self.input_spec = input_spec_from_meta(meta) or IMAGENET
+        self.load_weights_file(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 512, H / 16, W / 16)."""
@@ -150,9 +143,7 @@ class VGGM(Backbone):
         _init_like_torchvision(self.features)
         self.out_channels = 512
         self.input_spec = MATCONVNET_IMAGENET
-        if weights:
-            meta = load_weights(self, weights)
-            self.input_spec = input_spec_from_meta(meta) or MATCONVNET_IMAGENET
+        self.load_weights_file(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 512, H', W'); 448 -> 27, 224 -> 13."""
@@ -224,14 +215,10 @@ class VGG16FC7(Backbone):
         self.input_spec = IMAGENET
         if pretrained:
             tv_weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
-            with download_hint(
-                "VGG-16 (torchvision)", tv_weights.url, hub_cache_path(tv_weights.url)
-            ):
+            with torchvision_download("VGG-16 (torchvision)", tv_weights):
                 state = tv_weights.get_state_dict(progress=False)
             self.load_state_dict(_torchvision_classifier_as_conv(state), strict=False)
-        if weights:
-            meta = load_weights(self, weights, remap=_torchvision_classifier_as_conv)
-            self.input_spec = input_spec_from_meta(meta) or IMAGENET
+        self.load_weights_file(weights, remap=_torchvision_classifier_as_conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 4096, H / 32 - 6, W / 32 - 6); 224 -> 1 x 1."""
@@ -267,9 +254,7 @@ class VGGMFC7(VGGM):
         self.fc = _fc_stack(pool5, 512, 6, int(fc_dim), dropout)
         _init_like_torchvision(self.fc)
         self.out_channels = int(fc_dim)
-        if weights:
-            meta = load_weights(self, weights)
-            self.input_spec = input_spec_from_meta(meta) or MATCONVNET_IMAGENET
+        self.load_weights_file(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, fc_dim, h, w); 224 -> 1 x 1."""
