@@ -477,19 +477,24 @@ def table_report(
     report = report_frame(table, collect_runs(sweep), timings)
     report.to_csv(out / f"{table.name}.csv", index=False)
     wide = paper_layout(report, table)
-    manifest = read_manifest(sweep) or {}
-    smoke = bool(manifest.get("smoke"))
-    fmts = {f"{c} {m}": "+.1f" if m == "diff" else ".1f" for c, m in wide.columns}
-    counts = report["status"].str.split(":").str[0].value_counts()
-    lines = [f"# {table.title}", ""]
-    if smoke:
-        lines += [
-            "> **SMOKE RUN**: the built-in synthetic dataset, a small CNN and the "
-            "`debug=smoke` epochs on CPU. The ours column shows that every row runs and "
-            "that rows differing in pooling or normalization score differently; it is not "
-            "comparable to the published numbers.",
-            "",
-        ]
+    smoke = bool((read_manifest(sweep) or {}).get("smoke"))
+    markdown = _report_markdown(table, report, wide, sweep, bench_path, smoke)
+    (out / f"{table.name}.md").write_text(markdown)
+    caption = (
+        table.title
+        + (" (SMOKE RUN: not comparable)" if smoke else "")
+        + f": ours vs {table.reference}"
+    )
+    (out / f"{table.name}.tex").write_text(latex_table(wide, caption, f"tab:{table.name}"))
+    accuracy = report[~report["row_id"].isin({r.id for r in table.rows if r.benchmark})]
+    plot_comparison(
+        accuracy, out / f"{table.name}.png", table.title + (" [smoke]" if smoke else "")
+    )
+    return report
+
+
+def _report_legend(table: Table, wide: pd.DataFrame) -> str:
+    """What the columns of a report mean."""
     ref = table.reference
     legend = (
         "ours: top-1 test accuracy (%) of our run (the last stage's selected epoch: the "
@@ -505,6 +510,30 @@ def table_report(
             "(their number: column `ours_splits` of the CSV), sd the sample standard "
             "deviation; the published sd where the paper prints one."
         )
+    return legend
+
+
+def _report_markdown(
+    table: Table,
+    report: pd.DataFrame,
+    wide: pd.DataFrame,
+    sweep: Path,
+    bench_path: Path | None,
+    smoke: bool,
+) -> str:
+    """The Markdown page of a report: title, legend, the table, row statuses, notes."""
+    fmts = {f"{c} {m}": "+.1f" if m == "diff" else ".1f" for c, m in wide.columns}
+    counts = report["status"].str.split(":").str[0].value_counts()
+    lines = [f"# {table.title}", ""]
+    if smoke:
+        lines += [
+            "> **SMOKE RUN**: the built-in synthetic dataset, a small CNN and the "
+            "`debug=smoke` epochs on CPU. The ours column shows that every row runs and "
+            "that rows differing in pooling or normalization score differently; it is not "
+            "comparable to the published numbers.",
+            "",
+        ]
+    legend = _report_legend(table, wide)
     lines += [f"{table.description}. Sweep: `{sweep.resolve()}`.", "", legend, ""]
     if bench_path is not None:
         lines += [f"Time (ms): forward of one 512x512 square root from `{bench_path}`.", ""]
@@ -518,15 +547,4 @@ def table_report(
         lines += [_md_row(pair) for pair in zip(problems["cell"], problems["status"])]
     if table.notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in table.notes]
-    (out / f"{table.name}.md").write_text("\n".join(lines) + "\n")
-    caption = (
-        table.title
-        + (" (SMOKE RUN: not comparable)" if smoke else "")
-        + f": ours vs {table.reference}"
-    )
-    (out / f"{table.name}.tex").write_text(latex_table(wide, caption, f"tab:{table.name}"))
-    accuracy = report[~report["row_id"].isin({r.id for r in table.rows if r.benchmark})]
-    plot_comparison(
-        accuracy, out / f"{table.name}.png", table.title + (" [smoke]" if smoke else "")
-    )
-    return report
+    return "\n".join(lines) + "\n"

@@ -528,28 +528,22 @@ def _talk_key(table: str, dataset: str, method: str, backbone: str, setting: str
     return PaperKey(TALK, table, dataset, method, backbone, setting)
 
 
+# The talk's fine-grained slide: label, experiment (None: not runnable), the talk's
+# method/backbone, ICCV 2015's method/backbone.
+_FINE_GRAINED_FAMILIES = (
+    ("FC [D]", "iccv15_t1_fccnn_d", ("FC", "VGG-D"), ("FC-CNN", "VGG-D")),
+    ("FV [D]", "iccv15_t1_fvcnn_d", ("FV", "VGG-D"), ("FV-CNN", "VGG-D")),
+    ("Bilinear [D+D]", "iccv15_t1_bcnn_dd", ("Bilinear", "VGG-D+VGG-D"), ("B-CNN", "VGG-D+VGG-D")),
+    ("Bilinear [D+M]", "iccv15_t1_bcnn_dm", ("Bilinear", "VGG-M+VGG-D"), ("B-CNN", "VGG-D+VGG-M")),
+    ("Previous work", None, ("previous work", "-"), None),
+)
+
+
 def _talk_fine_grained() -> Table:
     table = "Talk: fine-grained classification (VGG-D + VGG-M)"
-    families = [  # label, experiment or reason, talk method/backbone, ICCV 2015 method/backbone
-        ("FC [D]", "iccv15_t1_fccnn_d", ("FC", "VGG-D"), ("FC-CNN", "VGG-D")),
-        ("FV [D]", "iccv15_t1_fvcnn_d", ("FV", "VGG-D"), ("FV-CNN", "VGG-D")),
-        (
-            "Bilinear [D+D]",
-            "iccv15_t1_bcnn_dd",
-            ("Bilinear", "VGG-D+VGG-D"),
-            ("B-CNN", "VGG-D+VGG-D"),
-        ),
-        (
-            "Bilinear [D+M]",
-            "iccv15_t1_bcnn_dm",
-            ("Bilinear", "VGG-M+VGG-D"),
-            ("B-CNN", "VGG-D+VGG-M"),
-        ),
-        ("Previous work", None, ("previous work", "-"), None),
-    ]
     order = (("Birds", "CUB"), ("Aircraft", "Aircraft"), ("Cars", "Cars"))  # slide order
     rows = []
-    for label, exp, (method, backbone), paper in families:
+    for label, exp, (method, backbone), paper in _FINE_GRAINED_FAMILIES:
         for column, ds in order:
             setting = "-" if paper is None else "ft"
             key = _talk_key(table, ds, method, backbone, setting)
@@ -891,6 +885,19 @@ def _densenet_cells() -> list[tuple[str, str, tuple[str, ...], int | None]]:
 README = ("cvl-umass/bilinear-cnn README (PyTorch)", "public reproduction")
 
 
+_README_NAMES = {"FGVC-Aircraft": "Aircraft", "Stanford Cars": "Cars", "CUB": "CUB"}
+
+
+def _densenet_job(column: str, over: tuple[str, ...], n: int | None) -> tuple[str, ...]:
+    """The overrides of one DenseNet cell: first-order (plateau on iNat) or bilinear."""
+    if not column.endswith("(regular)"):
+        return ("experiment=densenet_inat_bilinear", *over)
+    if n is None:
+        return ("experiment=densenet_inat_first_order", *over)
+    patience = f"trainer.finetune.scheduler.patience={plateau_patience(n)}"
+    return ("experiment=densenet_inat_first_order_plateau", *over, patience)
+
+
 def _talk_densenet() -> Table:
     table = "DenseNet-201 regular vs bilinear"
     rows = []
@@ -899,37 +906,12 @@ def _talk_densenet() -> Table:
             ("DenseNet (regular)", "first-order (regular)"),
             ("DenseNet (bilinear)", "bilinear"),
         ):
-            if column.endswith("(regular)"):
-                if n is None:
-                    job = ("experiment=densenet_inat_first_order", *over)
-                else:
-                    job = (
-                        "experiment=densenet_inat_first_order_plateau",
-                        *over,
-                        f"trainer.finetune.scheduler.patience={plateau_patience(n)}",
-                    )
-                other = None
-            else:
-                job = ("experiment=densenet_inat_bilinear", *over)
-                short = {"FGVC-Aircraft": "Aircraft", "Stanford Cars": "Cars", "CUB": "CUB"}
-                other = None
-                if name in short:
-                    other = PaperKey(
-                        *README,
-                        short[name],
-                        "Improved B-CNN (NS 5; 1x1 proj 128)",
-                        "DenseNet-201",
-                        "ft",
-                    )
-            rows.append(
-                Row(
-                    label,
-                    (column,),
-                    job,
-                    _talk_key(table, name, method, "DenseNet-201", "ft"),
-                    other,
-                )
-            )
+            other = None
+            if column.endswith("(bilinear)") and name in _README_NAMES:
+                bilinear = "Improved B-CNN (NS 5; 1x1 proj 128)"
+                other = PaperKey(*README, _README_NAMES[name], bilinear, "DenseNet-201", "ft")
+            key = _talk_key(table, name, method, "DenseNet-201", "ft")
+            rows.append(Row(label, (column,), _densenet_job(column, over, n), key, other))
     return Table(
         "talk_densenet",
         "Talk: using DenseNet-201 (regular vs bilinear)",
