@@ -132,3 +132,5 @@ def test_pca_projection_whitens_the_top_principal_directions() -> None:
                                atol=1e-6)  # fmt: skip
     with pytest.raises(ValueError, match=r"set pooling\.proj_dim"):
         BilinearPool(6, proj_init="pca")
+    with pytest.raises(ValueError, match=r"at most as many directions.*\(6\).*proj_dim=7"):
+        BilinearPool(6, proj_dim=7, proj_init="pca")

@@ -91,7 +91,9 @@ def test_smoke_of_the_new_tables_runs_lrbp_and_splits(tmp_path: Path) -> None:
     assert 25 < report.loc["lrbp_vgg_d__cub", "ours"] <= 100  # 4 classes: above chance
     assert report.loc["cbp_tensor_sketch_8192_vgg_d__cub", "status"] == "not run"
     config = (t4 / "lrbp_vgg_d__cub" / "config.yaml").read_text()
-    assert "LowRankBilinearClassifier" in config and "proj_dim: 100" in config
+    # The row's PCA projection to 100 keeps the small CNN's 8 channels (PCA's maximum).
+    assert "LowRankBilinearClassifier" in config and "proj_dim: 8" in config
+    assert "proj_init: pca" in config
 
     t25 = tmp_path / "t25"
     args = ["table=eccv18_tables2_5", "smoke=true", "collect=true", f"sweep_dir={t25}"]

@@ -122,6 +122,12 @@ class PoolingHead(nn.Module):
             raise ValueError(f"pooling.proj_lr_scale must be >= 0, got {proj_lr_scale}")
         if proj_dim is not None and (isinstance(proj_dim, bool) or not proj_dim >= 1):
             raise ValueError(f"pooling.proj_dim must be a positive integer or null, got {proj_dim}")
+        if proj_init == "pca" and proj_dim and proj_dim > min(streams):
+            raise ValueError(
+                f"pooling.proj_init=pca gives at most as many directions as the backbone "
+                f"has channels ({min(streams)}), got pooling.proj_dim={proj_dim}: lower "
+                "pooling.proj_dim or use pooling.proj_init=random"
+            )
         self.proj: nn.ModuleList | None = None
         if proj_dim:
             self.proj = nn.ModuleList(

@@ -27,7 +27,8 @@ cores, and rows that differ in pooling or normalization score differently. Backb
 dataset nodes are first reset to null (``reproduce/smoke_reset.yaml``) because a preset's
 keys for the real backbone (``pretrained``, ``weights``) or dataset (``partition``) would
 otherwise be merged into the small ones. Compact pooling sketches to ``SMOKE_SKETCH_DIM``
-dimensions instead of the row's. A row with repeats runs its first
+dimensions instead of the row's, and a PCA-initialized projection keeps at most the small
+CNN's channels. A row with repeats runs its first
 ``SMOKE_SPLITS`` splits, each on the synthetic dataset generated from another seed (the
 split's own override names a real dataset's key), so that their mean and standard
 deviation are computed from different runs.
@@ -163,6 +164,21 @@ def smoke_dataset(val_fraction: float = 0.0) -> dict[str, Any]:
     )
 
 
+def smoke_pooling(pooling: Any) -> dict[str, Any]:
+    """Keys of a row's pooling node replaced at smoke sizes (empty: none).
+
+    Compact pooling's sketch shrinks to ``SMOKE_SKETCH_DIM``; a PCA-initialized
+    projection keeps at most the small CNN's channels (PCA has no more directions).
+    """
+    patch: dict[str, Any] = {}
+    if "sketch" in pooling:
+        patch["sketch"] = {"out_dim": SMOKE_SKETCH_DIM}
+    dim = pooling.get("proj_dim")
+    if pooling.get("proj_init") == "pca" and dim and dim > SMOKE_CHANNELS[-1]:
+        patch["proj_dim"] = SMOKE_CHANNELS[-1]
+    return patch
+
+
 def row_jobs(row: Row, smoke: bool = False) -> list[tuple[str, int | None]]:
     """The jobs of a row: ``(job id, split index or None)``; smoke runs ``SMOKE_SPLITS``."""
     if not row.splits:
@@ -178,7 +194,7 @@ def row_config(
     two_stream: bool = False,
     val_fraction: float = 0.0,
     split: int | None = None,
-    sketch: bool = False,
+    pooling: dict[str, Any] | None = None,
 ) -> str:
     """The YAML text of a row's generated experiment config.
 
@@ -189,7 +205,8 @@ def row_config(
         two_stream: Smoke only: the row's backbone gives two feature maps.
         val_fraction: Smoke only: the row's ``dataset.val_fraction``.
         split: Index into ``row.splits`` of the job's repeat (None: no repeats).
-        sketch: Smoke only: the row's pooling has a ``sketch`` (compact pooling).
+        pooling: Smoke only: keys of the row's pooling node replaced at smoke sizes
+            (``smoke_pooling``).
     """
     overrides = list(row.overrides)
     if split is not None:
@@ -208,8 +225,8 @@ def row_config(
             "dataset": dataset,
             "trainer": SMOKE_TRAINER,
         }
-        if sketch:
-            smoke_body["pooling"] = {"sketch": {"out_dim": SMOKE_SKETCH_DIM}}
+        if pooling:
+            smoke_body["pooling"] = pooling
         body = _merge(body, smoke_body)
     defaults: list[Any] = []
     if experiment:
@@ -273,14 +290,14 @@ def write_rows(table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool) -
     names = []
     search = searchpath_override(rows_dir)
     for row in rows:
-        two_stream, val_fraction, sketch = False, 0.0, False
+        two_stream, val_fraction, pooling = False, 0.0, None
         if smoke:
             real = _compose(row.overrides)
             two_stream = real.backbone.get("_target_") == TWO_STREAM_TARGET
             val_fraction = float(real.dataset.get("val_fraction", 0.0) or 0.0)
-            sketch = "sketch" in real.pooling
+            pooling = smoke_pooling(real.pooling)
         for job, split in row_jobs(row, smoke):
-            text = row_config(row, table, smoke, two_stream, val_fraction, split, sketch)
+            text = row_config(row, table, smoke, two_stream, val_fraction, split, pooling)
             (exp_dir / f"{job}.yaml").write_text(text)
             _compose([f"experiment={job}", search])
             names.append(job)
