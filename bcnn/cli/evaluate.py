@@ -4,7 +4,7 @@ A Hydra application (``configs/eval.yaml``): every key is an override, ``--cfg j
 prints the composed config. The model comes back through ``bcnn.engine.runs.load_trained``
 and is scored by the training loop's own ``bcnn.engine.loops.evaluate`` (flip averaging and
 precision as the run evaluated, unless overridden). Written into its own folder
-(``outputs/eval/<date>/<time>``, or ``hydra.run.dir=...``)::
+(``outputs/eval/<date>/<time>_<id>``, or ``hydra.run.dir=...``)::
 
     metrics.json            top-1, mean per-class accuracy, images, split, dataset, model
     per_class.csv           per class: images, correct, accuracy, most frequent wrong guess

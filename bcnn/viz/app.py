@@ -2,7 +2,7 @@
 
 ``bcnn-viz kind=<texture|inverse|maps|report> run=<training run dir> [viz.<kind>.<key>=...]``
 (also ``python -m bcnn.viz``) writes into its own directory (Hydra's run directory,
-``outputs/viz/<date>/<time>``, or ``paths.output_dir``), never into the training run's.
+``outputs/viz/<date>/<time>_<id>``, or ``paths.output_dir``), never into the training run's.
 ``visualize(cfg)`` is the function behind it; tests call it directly.
 """
 
