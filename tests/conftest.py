@@ -32,6 +32,19 @@ def _threads_per_worker():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (``pytest.mark.usefixtures("one_thread")``).
+
+    For tests of thousands of tiny ops (EM iterations, SVM steps, gradcheck): on a loaded
+    machine every multi-threaded one costs milliseconds of thread wake-up.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def compose_config(overrides: Sequence[str] = (), output_dir: Path | None = None) -> DictConfig:
     """Composes ``configs/train.yaml`` like ``train.py`` would, with ``overrides``."""
     extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []

@@ -13,14 +13,7 @@ from bcnn.ops import GMM, fisher_vector, fit_gmm
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Many tiny ops (EM iterations, gradcheck): on a loaded machine every multi-threaded
-    # one costs milliseconds of thread wake-up.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_gmm(K: int, d: int, seed: int, dtype: torch.dtype = F64) -> GMM:

@@ -26,14 +26,7 @@ def blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return views.astype(np.float32), y
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Thousands of tiny matmuls: on a loaded machine every multi-threaded one costs
-    # milliseconds of thread wake-up; one thread makes these tests several times faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
