@@ -249,7 +249,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "proj_init": OneOf(("random", "pca")),
         "fit_images": POSITIVE_INT,
     },
-    "bcnn.models.pooling.DemocraticPool": {
+    "bcnn.models.pooling.DemocraticHead": {
         "gamma": Range(ge=0, le=1),
         "tau": Range(gt=0, le=1),
         "iters": Range(ge=1, le=1000),

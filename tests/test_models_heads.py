@@ -19,9 +19,15 @@ from bcnn.models.normalization import (
     Vectorize,
     add_ridge,
 )
-from bcnn.models.pooling import AvgPool, BilinearPool, CompactPool, DemocraticPool
+from bcnn.models.pooling import (
+    AvgPool,
+    BilinearPool,
+    CompactPool,
+    DemocraticAvgPool,
+    DemocraticPool,
+)
 from bcnn.models.shapes import FeatureShape
-from bcnn.ops import RandomMaclaurin
+from bcnn.ops import RandomMaclaurin, democratic_weights
 
 
 def _gram(b: int = 2, d: int = 6, n: int = 20, seed: int = 0) -> torch.Tensor:
@@ -52,13 +58,31 @@ def test_avg_pool_concatenates_streams():
 
 
 def test_single_stream_heads_reject_two_streams():
-    with pytest.raises(ValueError, match="does not combine two feature maps"):
-        DemocraticPool((4, 4))
+    for head in (DemocraticPool, DemocraticAvgPool):
+        with pytest.raises(ValueError, match="does not combine two feature maps"):
+            head((4, 4))
 
 
 def test_democratic_gamma_one_is_sum_pooling():
     x = torch.randn(2, 5, 4, 4).relu()
     torch.testing.assert_close(DemocraticPool(5, gamma=1.0)(x), BilinearPool(5)(x))
+
+
+def test_first_order_democratic_head():
+    x = torch.randn(2, 5, 4, 4).relu() + 0.01
+    head = DemocraticAvgPool(5, gamma=0.0, iters=50)
+    assert head.output_shape == FeatureShape((5,))
+    out = head(x)
+    assert out.shape == (2, 5)
+    # gamma = 0: every location's contribution x_i^T (sum_j alpha_j x_j) is the same.
+    X = x.flatten(2).mT.double()
+    alpha = democratic_weights(X, gamma=0.0, iters=50, order=1)
+    contrib = alpha * (X @ (alpha[..., None] * X).sum(1)[..., None])[..., 0]
+    torch.testing.assert_close(contrib, contrib[:, :1].expand_as(contrib))
+    torch.testing.assert_close(out.double(), (alpha[..., None] * X).sum(1) / alpha.sum(1, True))
+    # gamma = 1 is the avg head; the weights change the descriptor otherwise.
+    torch.testing.assert_close(DemocraticAvgPool(5, gamma=1.0)(x), AvgPool(5)(x))
+    assert float((out - AvgPool(5)(x)).abs().max()) > 1e-4
 
 
 def test_matrix_power_step_after_sum_pooling():

@@ -18,7 +18,7 @@ import bcnn.config  # noqa: F401  (registers the train_schema the root config ex
 from bcnn.models import build_model
 
 NUM_CLASSES = 3
-POOLINGS = ["avg", "sum", "democratic", "spectral", "compact", "fisher"]
+POOLINGS = ["avg", "sum", "democratic", "democratic_avg", "spectral", "compact", "fisher"]
 NORMALIZATIONS = [
     "none",
     "l2",
@@ -29,7 +29,7 @@ NORMALIZATIONS = [
     "sqrt_signsqrt_l2",
 ]
 CLASSIFIERS = ["linear", "lowrank", "svm"]
-VECTOR_POOLINGS = {"avg", "compact", "fisher"}
+VECTOR_POOLINGS = {"avg", "democratic_avg", "compact", "fisher"}
 MATRIX_NORMALIZATIONS = {"log_l2", "sqrt_l2", "log_signsqrt_l2", "sqrt_signsqrt_l2"}
 # Per backbone: overrides that keep it fast, the input size, the channels after pooling
 # (projection included) and the normalization used with each pooling.
@@ -47,6 +47,7 @@ REAL_NORM = {
     "avg": "l2",
     "sum": "sqrt_signsqrt_l2",
     "democratic": "log_l2",
+    "democratic_avg": "signsqrt_l2",
     "spectral": "signsqrt_l2",
     "compact": "signsqrt_l2",
     "fisher": "signsqrt_l2",
@@ -71,7 +72,7 @@ def _expected_error(
     pooling: str, normalization: str, classifier: str, two_stream: bool
 ) -> str | None:
     """The regex of the build error for an incompatible combination, None if it works."""
-    if two_stream and pooling in ("democratic", "fisher"):
+    if two_stream and pooling in ("democratic", "democratic_avg", "fisher"):
         return "does not combine two feature maps"
     if pooling in VECTOR_POOLINGS and normalization in MATRIX_NORMALIZATIONS:
         return r"normalization\.(sqrt|log): .* acts on matrices but receives vectors"
@@ -83,7 +84,7 @@ def _expected_error(
 
 
 def _descriptor_shape(pooling: str, classifier: str, channels, cfg) -> tuple[int, ...]:
-    if pooling == "avg":
+    if pooling in ("avg", "democratic_avg"):
         return (sum(channels) if isinstance(channels, tuple) else channels,)
     if pooling == "compact":
         return (cfg.pooling.sketch.out_dim,)

@@ -106,3 +106,25 @@ def test_zero_locations_and_large_d_are_finite() -> None:
         assert torch.isfinite(X.grad).all()
     alpha = democratic_weights(X.detach())
     torch.testing.assert_close(alpha[:, :5], torch.ones(2, 5, dtype=F64))
+
+
+def test_first_order_fixed_point_and_limits() -> None:
+    # order=1: the kernel is the linear x_i^T x_j, and at convergence each feature's
+    # contribution alpha_i x_i^T xi (xi = sum_j alpha_j x_j) is (K 1)_i^gamma.
+    X = relu_features(2, 30, 6, seed=7)
+    K = X @ X.mT
+    for gamma in (0.0, 0.4):
+        alpha = democratic_weights(X, gamma=gamma, iters=80, order=1)
+        xi = (alpha[..., None] * X).sum(-2)
+        ratio = alpha * (X @ xi[..., None])[..., 0] / K.sum(-1) ** gamma
+        torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-9, rtol=0)
+    # The first-order weights are not the second-order ones.
+    assert float((democratic_weights(X, order=1) - democratic_weights(X)).abs().max()) > 1e-3
+    pooled = democratic_pool(X, gamma=0.4, iters=80, order=1)
+    assert pooled.shape == (2, 6)
+    alpha = democratic_weights(X, gamma=0.4, iters=80, order=1)
+    torch.testing.assert_close(pooled, (alpha[..., None] * X).sum(-2) / alpha.sum(-1, True))
+    # gamma = 1: the mean feature.
+    torch.testing.assert_close(democratic_pool(X, gamma=1.0, order=1), X.mean(-2))
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        democratic_weights(X, order=3)

@@ -39,11 +39,9 @@ ROW_COUNTS = {
     "talk_densenet": 28,
     "talk_nabirds": 2,
 }
-# Rows that are another authors' method or not implemented (first-order gamma-democratic),
-# or timings read from the benchmark results.
+# Rows that are another authors' method, or timings read from the benchmark results.
 NOT_TRAINED = {
     "bmvc17_table4": 11,
-    "eccv18_tables2_5": 3,
     "talk_fine_grained": 3,
     "talk_newton_schulz": 6,
     "talk_spectral": 8,

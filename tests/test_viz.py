@@ -376,6 +376,23 @@ def test_bad_requests_fail_with_the_key_to_fix(
         visualize(compose_viz(overrides, tmp_path))
 
 
+def test_command_prints_a_user_error_as_one_message(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "bcnn.viz", "kind=movie"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "bcnn-viz: error: kind must be one of texture, inverse, maps, report" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
 # --- the report ----------------------------------------------------------------------------
 
 try:  # optional: only where a browser is installed too

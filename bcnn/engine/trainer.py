@@ -683,7 +683,7 @@ class _Run:
         ]
         if matrix:
             causes.append(f"a matrix-function setting ({', '.join(matrix)})")
-        if str(self.cfg.pooling.get("_target_", "")).endswith("DemocraticPool"):
+        if str(self.cfg.pooling.get("_target_", "")).startswith("bcnn.models.pooling.Democratic"):
             causes.append(
                 f"democratic pooling (pooling.tau={self.cfg.pooling.tau}, "
                 f"pooling.gamma={self.cfg.pooling.gamma}, pooling.iters={self.cfg.pooling.iters})"

@@ -4,15 +4,16 @@ Every head takes ``in_channels`` from ``build_model`` (the backbone's ``out_chan
 int, or a pair for two-stream backbones) and an optional 1x1 projection applied to each
 stream first (``proj_dim``; DenseNet-201's 1920 channels -> 128 in the public code):
 
-==============  =========  ================================================  ============
-head            output     what                                              two streams
-==============  =========  ================================================  ============
-``avg``         (B, C)     mean feature (first-order baseline)               concatenated
-``sum``         (B, d, d)  (1/n) sum_x x x^T (B-CNN)                         x_a x_b^T
-``democratic``  (B, d, d)  sum_x alpha_x x x^T, democratic (ECCV 2018)       error
-``compact``     (B, D)     Tensor Sketch / Random Maclaurin (CVPR 2016)      two-input
-``fisher``      (B, 2KC)   improved Fisher vector, K-component GMM (FV-CNN)  error
-==============  =========  ================================================  ============
+==================  =========  ================================================  ============
+head                output     what                                              two streams
+==================  =========  ================================================  ============
+``avg``             (B, C)     mean feature (first-order baseline)               concatenated
+``sum``             (B, d, d)  (1/n) sum_x x x^T (B-CNN)                         x_a x_b^T
+``democratic``      (B, d, d)  sum_x alpha_x x x^T, democratic (ECCV 2018)       error
+``democratic_avg``  (B, C)     sum_x alpha_x x, democratic first order           error
+``compact``         (B, D)     Tensor Sketch / Random Maclaurin (CVPR 2016)      two-input
+``fisher``          (B, 2KC)   improved Fisher vector, K-component GMM (FV-CNN)  error
+==================  =========  ================================================  ============
 
 ``pooling=spectral`` is a preset, not a head: ``sum`` followed by the normalization
 chain's matrix-power step (``normalization.mpow``).
@@ -254,20 +255,19 @@ class BilinearPool(PoolingHead):
         return bilinear(*self.streams(x))
 
 
-class DemocraticPool(PoolingHead):
-    """gamma-democratic aggregation (Lin et al., ECCV 2018): A = sum_x alpha_x x x^T.
-
-    The weights equalize each location's contribution to the second-order kernel (see
-    ``bcnn.ops.democratic_pool``); normalized by sum alpha so that gamma = 1 is ``sum``.
+class DemocraticHead(PoolingHead):
+    """Base of the gamma-democratic heads: the Sinkhorn settings and the weights' order.
 
     Args:
         in_channels: C (one stream).
-        gamma: 1 = sum pooling, 0 = fully democratic (CUB/Cars 0.5, Aircraft 0.0).
+        gamma: 1 = sum (average) pooling, 0 = fully democratic.
         tau: Damping of the Sinkhorn updates.
         iters: Sinkhorn iterations (10 in the paper).
         detach: No gradient through the weights (the authors' code).
         **proj: Projection options of ``PoolingHead``.
     """
+
+    order: ClassVar[int]
 
     def __init__(
         self,
@@ -280,17 +280,52 @@ class DemocraticPool(PoolingHead):
     ) -> None:
         super().__init__(in_channels, **proj)
         self.gamma, self.tau, self.iters, self.detach = float(gamma), float(tau), int(iters), detach
-        self.output_shape = FeatureShape((self.channels[0],) * 2, symmetric=True)
 
     def forward(self, x: Features) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, C), float32."""
+        """(B, C, H, W) -> (B, C, C) (second order) or (B, C) (first order), float32."""
         (t,) = self.streams(x)
         return democratic_pool(
-            locations(t), gamma=self.gamma, tau=self.tau, iters=self.iters, detach=self.detach
+            locations(t),
+            gamma=self.gamma,
+            tau=self.tau,
+            iters=self.iters,
+            detach=self.detach,
+            order=self.order,
         )
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, tau={self.tau}, iters={self.iters}, detach={self.detach}"
+
+
+class DemocraticPool(DemocraticHead):
+    """gamma-democratic aggregation (Lin et al., ECCV 2018): A = sum_x alpha_x x x^T.
+
+    The weights equalize each location's contribution to the second-order kernel (see
+    ``bcnn.ops.democratic_pool``); normalized by sum alpha so that gamma = 1 is ``sum``.
+    Arguments: those of ``DemocraticHead`` (gamma: CUB/Cars 0.5, Aircraft 0.0).
+    """
+
+    order = 2
+
+    def __init__(self, in_channels: int | Sequence[int], **kwargs) -> None:
+        super().__init__(in_channels, **kwargs)
+        self.output_shape = FeatureShape((self.channels[0],) * 2, symmetric=True)
+
+
+class DemocraticAvgPool(DemocraticHead):
+    """First-order gamma-democratic aggregation: xi = sum_x alpha_x x / sum_x alpha_x.
+
+    The weights equalize each location's contribution to the linear kernel x^T x'
+    (democratic aggregation of Murray et al., 2016; the first-order rows of Lin et al.,
+    ECCV 2018, Tables 2-5), (B, C, H, W) -> (B, C); gamma = 1 is ``avg``. Arguments: those
+    of ``DemocraticHead``.
+    """
+
+    order = 1
+
+    def __init__(self, in_channels: int | Sequence[int], **kwargs) -> None:
+        super().__init__(in_channels, **kwargs)
+        self.output_shape = FeatureShape((self.channels[0],))
 
 
 class CompactPool(PoolingHead):

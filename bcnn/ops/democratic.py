@@ -1,10 +1,13 @@
-"""gamma-democratic aggregation of second-order features (Lin, Maji, Koniusz, ECCV 2018).
+"""gamma-democratic aggregation (Lin, Maji, Koniusz, ECCV 2018; Murray et al., 2016).
 
-Weights alpha_i > 0 make every location's contribution to the pooled matrix equal to
-(K 1)_i^gamma up to a constant, where K_ij = (x_i^T x_j)^2 is the second-order kernel:
-gamma = 1 is sum pooling, gamma = 0 fully democratic. K is the elementwise square of the
-n x n Gram matrix of the raw features, so the d^2-dimensional outer products are never
-formed: O(n^2) per iteration of the dampened Sinkhorn solver.
+Weights alpha_i > 0 make every location's contribution to the pooled descriptor equal to
+(K 1)_i^gamma up to a constant: gamma = 1 is sum pooling, gamma = 0 fully democratic. For
+second-order features (the default) K_ij = (x_i^T x_j)^2 is the kernel of the outer
+products x_i x_i^T, the elementwise square of the n x n Gram matrix of the raw features,
+so the d^2-dimensional outer products are never formed: O(n^2) per iteration of the
+dampened Sinkhorn solver. ``order=1`` weights the features themselves (K_ij = x_i^T x_j,
+Murray et al.'s democratic aggregation; the ECCV 2018 first-order rows); the Sinkhorn
+iteration then needs a non-negative kernel, as post-ReLU features give.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ def _check_features(X: Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected features (..., n, d), got shape {tuple(X.shape)}")
 
 
-def _sinkhorn(X: Tensor, gamma: float, tau: float, iters: int, eps: float) -> Tensor:
+def _sinkhorn(
+    X: Tensor, gamma: float, tau: float, iters: int, eps: float, order: int = 2
+) -> Tensor:
     G = X @ X.transpose(-2, -1)  # not .mT: the ONNX exporter has no aten::mT
-    K = G * G  # (..., n, n), the kernel of the outer products x_i x_i^T
+    # (..., n, n): the kernel of the outer products x_i x_i^T, or of the features.
+    K = G * G if order == 2 else G
     K1 = K.sum(-1)
     # Locations with (almost) no energy (dead ReLU columns, padding) have K1 ~ 0 and would
     # blow up or divide 0 by 0; they keep alpha = 1, which is harmless as their x x^T ~ 0.
@@ -47,10 +53,12 @@ def democratic_weights(
     iters: int = 10,
     eps: float = 1e-6,
     detach: bool = False,
+    order: int = 2,
 ) -> Tensor:
     """Weights of gamma-democratic aggregation by the dampened Sinkhorn iteration.
 
-    K = (X X^T) o (X X^T); alpha = 1; repeat ``iters`` times:
+    K = (X X^T) o (X X^T) (``order=2``) or X X^T (``order=1``); alpha = 1; repeat
+    ``iters`` times:
     sigma = alpha o (K alpha) / (K 1)^gamma, alpha = alpha / sigma^tau. At convergence
     (tau = 0.5 converges to sigma = 1) alpha_i (K alpha)_i = (K 1)_i^gamma.
 
@@ -62,6 +70,8 @@ def democratic_weights(
         eps: Relative floor on (K 1)_i: locations with (K 1)_i <= eps * max_j (K 1)_j keep
             alpha_i = 1 (their features are ~0, so their weight does not matter).
         detach: Compute alpha without gradient (as the authors' code does).
+        order: 2: weights for the outer products x x^T (second-order pooling); 1: for the
+            features x (first-order pooling; non-negative features).
 
     Returns:
         ``(..., n)`` alpha > 0; float32, or float64 for float64 input.
@@ -69,12 +79,14 @@ def democratic_weights(
     _check_features(X, "democratic_weights")
     if iters < 0:
         raise ValueError(f"democratic_weights: iters must be >= 0, got {iters}")
+    if order not in (1, 2):
+        raise ValueError(f"democratic_weights: order must be 1 or 2, got {order}")
     with autocast_disabled(X.device.type):
         X = to_compute(X)
         if detach:
             with torch.no_grad():
-                return _sinkhorn(X.detach(), gamma, tau, iters, eps)
-        return _sinkhorn(X, gamma, tau, iters, eps)
+                return _sinkhorn(X.detach(), gamma, tau, iters, eps, order)
+        return _sinkhorn(X, gamma, tau, iters, eps, order)
 
 
 def democratic_pool(
@@ -85,8 +97,9 @@ def democratic_pool(
     detach: bool = False,
     normalize: bool = True,
     eps: float = 1e-6,
+    order: int = 2,
 ) -> Tensor:
-    """gamma-democratic second-order pooling: sum_i alpha_i x_i x_i^T.
+    """gamma-democratic pooling: sum_i alpha_i x_i x_i^T, or sum_i alpha_i x_i (``order=1``).
 
     Args:
         X: ``(..., n, d)`` features, n locations, d channels (channels last).
@@ -99,14 +112,21 @@ def democratic_pool(
             of alpha; gamma = 1 then equals the B-CNN average (1/n) sum_i x_i x_i^T).
             False returns the plain weighted sum.
         eps: Relative floor of :func:`democratic_weights`.
+        order: 2: second-order pooling; 1: first-order pooling of the features (see
+            :func:`democratic_weights`).
 
     Returns:
-        ``(..., d, d)`` symmetric pooled matrix; float32, or float64 for float64 input.
+        ``(..., d, d)`` symmetric pooled matrix (``order=1``: ``(..., d)``); float32, or
+        float64 for float64 input.
     """
     _check_features(X, "democratic_pool")
-    alpha = democratic_weights(X, gamma=gamma, tau=tau, iters=iters, eps=eps, detach=detach)
+    alpha = democratic_weights(
+        X, gamma=gamma, tau=tau, iters=iters, eps=eps, detach=detach, order=order
+    )
     with autocast_disabled(X.device.type):
         X = to_compute(X)
         if normalize:
             alpha = alpha / alpha.sum(-1, keepdim=True)
+        if order == 1:
+            return (alpha[..., None, :] @ X)[..., 0, :]
         return (X * alpha[..., None]).transpose(-2, -1) @ X

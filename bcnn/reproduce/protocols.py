@@ -208,7 +208,7 @@ def _augment(cfg: DictConfig, live: str) -> str:
 
 def _pooling(node: DictConfig) -> str:
     name = _name(node._target_)
-    if name == "DemocraticPool":
+    if name in ("DemocraticPool", "DemocraticAvgPool"):
         name += f" (gamma {_num(float(node.gamma))})"
     elif name == "CompactPool":
         sketch = node.sketch

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 
+from bcnn.cli.errors import user_errors
 from bcnn.config import instantiate
 from bcnn.engine.placement import output_dir, resolve_device
 from bcnn.engine.runs import TrainedModel, load_trained
@@ -537,7 +538,8 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="pkg://bcnn.configs", config_name="viz")
 def _hydra_main(cfg: DictConfig) -> None:
-    visualize(cfg)
+    with user_errors("bcnn-viz"):
+        visualize(cfg)
 
 
 def main() -> None:
