@@ -57,6 +57,7 @@ CASES: dict[str, list[str]] = {
     "spectral-p0.5": ["pooling=spectral"],
     "spectral-p0.3": ["pooling=spectral", "normalization.mpow.p=0.3"],
     "democratic": ["pooling=democratic"],
+    "democratic_avg": ["pooling=democratic_avg", "normalization=signsqrt_l2"],
     "compact-tensor_sketch": ["pooling=compact", "pooling.sketch.out_dim=512"],
     "compact-random_maclaurin": [
         "pooling=compact",
@@ -115,7 +116,7 @@ def _run_file(fmt: str, file: Path, images: torch.Tensor) -> torch.Tensor:
 
 # TorchScript runs the same traced graph as the ONNX export: a subset covers its runtime.
 TORCHSCRIPT = ("sum-signsqrt_l2", "sum-sqrt_newton_schulz", "sum-log_eigh", "spectral-p0.3")
-TORCHSCRIPT += ("compact-tensor_sketch", "lowrank", "sum-triu")
+TORCHSCRIPT += ("compact-tensor_sketch", "lowrank", "sum-triu", "democratic_avg")
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,14 @@ second-order features (the default) K_ij = (x_i^T x_j)^2 is the kernel of the ou
 products x_i x_i^T, the elementwise square of the n x n Gram matrix of the raw features,
 so the d^2-dimensional outer products are never formed: O(n^2) per iteration of the
 dampened Sinkhorn solver. ``order=1`` weights the features themselves (K_ij = x_i^T x_j,
-Murray et al.'s democratic aggregation; the ECCV 2018 first-order rows); the Sinkhorn
-iteration then needs a non-negative kernel, as post-ReLU features give.
+Murray et al.'s democratic aggregation; the ECCV 2018 first-order rows), applied as
+X (X^T v) in O(n d) without the n x n matrix; the Sinkhorn iteration then needs a
+non-negative kernel, as post-ReLU features give.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -23,23 +26,32 @@ def _check_features(X: Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected features (..., n, d), got shape {tuple(X.shape)}")
 
 
+def _kernel_product(X: Tensor, order: int) -> Callable[[Tensor], Tensor]:
+    """v (..., n) -> K v (..., n) for the kernel of ``order`` over the locations of X."""
+    Xt = X.transpose(-2, -1)  # not .mT: the ONNX exporter has no aten::mT
+    if order == 1:
+        # K v = X (X^T v): O(n d), without the n x n matrix.
+        return lambda v: (X @ (Xt @ v[..., None]))[..., 0]
+    G = X @ Xt
+    K = G * G  # (..., n, n), the kernel of the outer products x_i x_i^T
+    return lambda v: (K @ v[..., None])[..., 0]
+
+
 def _sinkhorn(
     X: Tensor, gamma: float, tau: float, iters: int, eps: float, order: int = 2
 ) -> Tensor:
-    G = X @ X.transpose(-2, -1)  # not .mT: the ONNX exporter has no aten::mT
-    # (..., n, n): the kernel of the outer products x_i x_i^T, or of the features.
-    K = G * G if order == 2 else G
-    K1 = K.sum(-1)
+    kernel_times = _kernel_product(X, order)
+    K1 = kernel_times(torch.ones_like(X[..., 0]))
     # Locations with (almost) no energy (dead ReLU columns, padding) have K1 ~ 0 and would
     # blow up or divide 0 by 0; they keep alpha = 1, which is harmless as their x x^T ~ 0.
     # The floor is relative so that it does not depend on the feature scale.
-    floor = (K1.amax(-1, keepdim=True) * eps).clamp_min(torch.finfo(K.dtype).tiny).detach()
+    tiny = torch.finfo(K1.dtype).tiny
+    floor = (K1.amax(-1, keepdim=True) * eps).clamp_min(tiny).detach()
     active = torch.gt(K1, floor)
     denom = K1.clamp_min(floor) ** gamma
-    tiny = torch.finfo(K.dtype).tiny
     alpha = torch.ones_like(K1)
     for _ in range(iters):
-        sigma = alpha * (K @ alpha[..., None])[..., 0] / denom
+        sigma = alpha * kernel_times(alpha) / denom
         # Clamp before the power: pow's backward at 0 is infinite for tau < 1.
         sigma = torch.where(active, sigma.clamp_min(tiny), torch.ones_like(sigma))
         alpha = alpha / sigma**tau
