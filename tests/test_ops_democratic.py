@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bcnn.ops import democratic_pool, democratic_weights
+from bcnn.ops.democratic import factored_is_cheaper
 
 F64 = torch.float64
 
@@ -128,3 +129,34 @@ def test_first_order_fixed_point_and_limits() -> None:
     torch.testing.assert_close(democratic_pool(X, gamma=1.0, order=1), X.mean(-2))
     with pytest.raises(ValueError, match="order must be 1 or 2"):
         democratic_weights(X, order=3)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_factored_route_equals_the_gram_route_in_value_and_gradient(order: int) -> None:
+    X = relu_features(2, 24, 5, seed=8)
+    X[0, :3] = 0.0  # dead locations keep alpha = 1 on both routes
+    X[1] = 0.0  # an all-zero sample
+    W = torch.randn(2, 24, dtype=F64, generator=torch.Generator().manual_seed(9))
+    results = []
+    for route in ("gram", "factored"):
+        x = X.clone().requires_grad_()
+        alpha = democratic_weights(x, gamma=0.3, iters=10, order=order, route=route)
+        (alpha * W).sum().backward()
+        results.append((alpha.detach(), x.grad))
+    (a_gram, g_gram), (a_fact, g_fact) = results
+    torch.testing.assert_close(a_fact, a_gram, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_fact, g_gram, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(g_fact).all() and float(g_fact[0].abs().sum()) > 0
+
+
+def test_auto_route_factors_many_locations_of_few_channels() -> None:
+    # The built-in dataset's maps (1024 locations of 64 channels) skip the n x n kernel;
+    # VGG-D's (196 or 784 locations of 512) keep it; the first order never forms it.
+    assert factored_is_cheaper(1024, 64) and not factored_is_cheaper(784, 512)
+    assert not factored_is_cheaper(196, 512) and factored_is_cheaper(196, 512, order=1)
+    for X in (relu_features(1, 64, 8), relu_features(1, 8, 16)):  # one of each route
+        torch.testing.assert_close(
+            democratic_weights(X), democratic_weights(X, route="gram"), rtol=1e-12, atol=0
+        )
+    with pytest.raises(ValueError, match="route must be one of"):
+        democratic_weights(X, route="fast")

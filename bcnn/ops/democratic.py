@@ -5,10 +5,11 @@ Weights alpha_i > 0 make every location's contribution to the pooled descriptor 
 second-order features (the default) K_ij = (x_i^T x_j)^2 is the kernel of the outer
 products x_i x_i^T, the elementwise square of the n x n Gram matrix of the raw features,
 so the d^2-dimensional outer products are never formed: O(n^2) per iteration of the
-dampened Sinkhorn solver. ``order=1`` weights the features themselves (K_ij = x_i^T x_j,
-Murray et al.'s democratic aggregation; the ECCV 2018 first-order rows), applied as
-X (X^T v) in O(n d) without the n x n matrix; the Sinkhorn iteration then needs a
-non-negative kernel, as post-ReLU features give.
+dampened Sinkhorn solver, or O(n d^2) without the n x n matrix where that is cheaper (many
+locations of few channels). ``order=1`` weights the features themselves
+(K_ij = x_i^T x_j, Murray et al.'s democratic aggregation; the ECCV 2018 first-order rows),
+applied as X (X^T v) in O(n d); the Sinkhorn iteration then needs a non-negative kernel,
+as post-ReLU features give.
 """
 
 from __future__ import annotations
@@ -26,21 +27,42 @@ def _check_features(X: Tensor, name: str) -> None:
         raise ValueError(f"{name}: expected features (..., n, d), got shape {tuple(X.shape)}")
 
 
-def _kernel_product(X: Tensor, order: int) -> Callable[[Tensor], Tensor]:
-    """v (..., n) -> K v (..., n) for the kernel of ``order`` over the locations of X."""
+ROUTES = ("auto", "gram", "factored")
+# The factored route of the second-order kernel wins where d^2 <= FACTORED_RATIO * n:
+# forward + backward at batch 32 on 2 CPU cores (benchmarks/results/democratic_cpu.md)
+# 8.3x faster at (n, d) = (1024, 64), 2.8x at (1024, 128), 31x at (3136, 64), and 6x and
+# 24x slower at (784, 512) and (196, 512), where the n x n kernel is small.
+FACTORED_RATIO = 16
+
+
+def factored_is_cheaper(n: int, d: int, order: int = 2) -> bool:
+    """Whether ``route="auto"`` computes K v without the n x n matrix for n locations of d
+    channels: always for order 1, where d^2 <= ``FACTORED_RATIO`` n for order 2."""
+    return order == 1 or d * d <= FACTORED_RATIO * n
+
+
+def _kernel_product(X: Tensor, order: int, route: str) -> Callable[[Tensor], Tensor]:
+    """v (..., n) -> K v (..., n) for the kernel of ``order`` over the locations of X.
+
+    ``gram`` forms K from the n x n Gram matrix; ``factored`` never does: for order 2,
+    (K v)_i = x_i^T (sum_j v_j x_j x_j^T) x_i, O(n d^2); for order 1, K v = X (X^T v).
+    """
     Xt = X.transpose(-2, -1)  # not .mT: the ONNX exporter has no aten::mT
-    if order == 1:
-        # K v = X (X^T v): O(n d), without the n x n matrix.
+    if route == "auto":
+        route = "factored" if factored_is_cheaper(*X.shape[-2:], order) else "gram"
+    if route == "factored" and order == 1:
         return lambda v: (X @ (Xt @ v[..., None]))[..., 0]
+    if route == "factored":
+        return lambda v: ((X @ ((Xt * v[..., None, :]) @ X)) * X).sum(-1)
     G = X @ Xt
-    K = G * G  # (..., n, n), the kernel of the outer products x_i x_i^T
+    K = G * G if order == 2 else G  # (..., n, n)
     return lambda v: (K @ v[..., None])[..., 0]
 
 
 def _sinkhorn(
-    X: Tensor, gamma: float, tau: float, iters: int, eps: float, order: int = 2
+    X: Tensor, gamma: float, tau: float, iters: int, eps: float, order: int, route: str
 ) -> Tensor:
-    kernel_times = _kernel_product(X, order)
+    kernel_times = _kernel_product(X, order, route)
     K1 = kernel_times(torch.ones_like(X[..., 0]))
     # Locations with (almost) no energy (dead ReLU columns, padding) have K1 ~ 0 and would
     # blow up or divide 0 by 0; they keep alpha = 1, which is harmless as their x x^T ~ 0.
@@ -66,6 +88,7 @@ def democratic_weights(
     eps: float = 1e-6,
     detach: bool = False,
     order: int = 2,
+    route: str = "auto",
 ) -> Tensor:
     """Weights of gamma-democratic aggregation by the dampened Sinkhorn iteration.
 
@@ -84,6 +107,10 @@ def democratic_weights(
         detach: Compute alpha without gradient (as the authors' code does).
         order: 2: weights for the outer products x x^T (second-order pooling); 1: for the
             features x (first-order pooling; non-negative features).
+        route: How K v is computed, the same value either way: ``gram`` (from the n x n
+            Gram matrix), ``factored`` (without it: O(n d^2) for order 2, O(n d) for
+            order 1) or ``auto`` (factored for order 1, and for order 2 where
+            d^2 <= ``FACTORED_RATIO`` n).
 
     Returns:
         ``(..., n)`` alpha > 0; float32, or float64 for float64 input.
@@ -93,12 +120,14 @@ def democratic_weights(
         raise ValueError(f"democratic_weights: iters must be >= 0, got {iters}")
     if order not in (1, 2):
         raise ValueError(f"democratic_weights: order must be 1 or 2, got {order}")
+    if route not in ROUTES:
+        raise ValueError(f"democratic_weights: route must be one of {ROUTES}, got {route!r}")
     with autocast_disabled(X.device.type):
         X = to_compute(X)
         if detach:
             with torch.no_grad():
-                return _sinkhorn(X.detach(), gamma, tau, iters, eps, order)
-        return _sinkhorn(X, gamma, tau, iters, eps, order)
+                return _sinkhorn(X.detach(), gamma, tau, iters, eps, order, route)
+        return _sinkhorn(X, gamma, tau, iters, eps, order, route)
 
 
 def democratic_pool(
