@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from bcnn import bench
-from tests.conftest import REPO_ROOT
+from tests.conftest import load_script
 
 
 def _load_script():
-    path = REPO_ROOT / "scripts" / "bench_data.py"
-    spec = importlib.util.spec_from_file_location("bench_data", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_data")
 
 
 # torchvision.io's decoders warn of their deprecation in favour of torchcodec.

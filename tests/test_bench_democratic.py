@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 from bcnn import bench
 from bcnn.ops.democratic import factored_is_cheaper
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_democratic.py"
+from tests.conftest import load_script
 
 
 def test_bench_script_times_both_routes_and_writes_its_files(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_democratic", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script("bench_democratic")
     out = tmp_path / "demo_cpu"
     argv = ["--batch", "2", "--shapes", "64x4", "8x16", "--budget-s", "0.001", "--out", str(out)]
     rows = module.main(argv)

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from bcnn import bench
-from tests.conftest import REPO_ROOT
+from tests.conftest import load_script
 
 IMAGES, BATCH = 10, 4
 
 
 def _load_script():
-    path = REPO_ROOT / "scripts" / "bench_training.py"
-    spec = importlib.util.spec_from_file_location("bench_training", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_training")
 
 
 @pytest.fixture(scope="module")

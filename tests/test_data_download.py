@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import os
 import shutil
@@ -33,8 +32,7 @@ from bcnn.data.download import (
 from bcnn.data.inat import INaturalist
 from bcnn.data.nabirds import NABirds
 from bcnn.data.source import Archive
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import load_script
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -263,12 +261,7 @@ def test_install_local_checks_known_files(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ CLI
 @pytest.fixture(scope="module")
 def cli():
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data", REPO / "scripts" / "prepare_data.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("prepare_data").main
 
 
 def test_cli_help_lists_every_dataset(cli, capsys) -> None:

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_script
 
-_spec = importlib.util.spec_from_file_location(
-    "install_torch", REPO_ROOT / "scripts" / "install_torch.py"
-)
-assert _spec is not None and _spec.loader is not None
-install_torch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(install_torch)
+install_torch = load_script("install_torch")
 
 
 class FakePip:

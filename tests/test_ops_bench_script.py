@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_matrix_functions.py"
+from tests.conftest import load_script
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_matrix_functions", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_matrix_functions")
 
 
 def test_bench_script_writes_csv_markdown_and_plot(tmp_path: Path) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,9 +23,9 @@ from bcnn.ops import (
     sqrtm_from_features,
 )
 from bcnn.ops.small_side import dxd_flops, small_side_flops
+from tests.conftest import load_script
 
 F64 = torch.float64
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_small_side.py"
 
 # name -> (small-side call, d x d call on the ridged pooled matrix M), both given the ridge.
 ROUTES: dict[str, tuple[Callable, Callable]] = {
@@ -314,10 +312,7 @@ def test_cost_rule() -> None:
 
 
 def test_bench_script_quick_writes_csv_and_markdown(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_small_side", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script("bench_small_side")
     out = tmp_path / "small_side_cpu"
     rows = module.main(["--quick", "--out", str(out)])
     with open(out.with_suffix(".csv")) as f:

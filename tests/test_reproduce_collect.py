@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 
 import pandas as pd
 import pytest
@@ -14,16 +12,9 @@ import pytest
 from bcnn.engine.curves import plot_training_curves
 from bcnn.reproduce import collect_runs, summarize_sweep, table_report
 from bcnn.reproduce.tables import TABLES, published
-from tests.conftest import REPO_ROOT
+from tests.conftest import load_script
 
-
-def _script(name: str) -> ModuleType:
-    """Imports ``scripts/<name>.py`` as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_script = load_script
 
 
 reproduce = _script("reproduce")
