@@ -467,6 +467,7 @@ ECCV18_TEXTURES = {
 
 def _eccv18_tables2_5() -> Table:
     demo = "eccv18_t25_resnet101_ts_gdemocratic"
+    first = "eccv18_t25_resnet101_first_order_gdemocratic"
     families = [  # label, experiment (None: not implemented), extra, method, input
         ("TS + sum", "eccv18_t25_resnet101_ts_sum", (), "TS+sum", "448"),
         ("TS + gamma-democratic", demo, (), "TS+g-democratic", "448"),
@@ -477,13 +478,7 @@ def _eccv18_tables2_5() -> Table:
             "TS+g-democratic",
             "224",
         ),
-        (
-            "first-order gamma-democratic",
-            "eccv18_t25_resnet101_first_order_gdemocratic",
-            (),
-            "first-order-g-democratic",
-            "448",
-        ),
+        ("first-order gamma-democratic", first, (), "first-order-g-democratic", "448"),
     ]
     rows = []
     for label, exp, extra, method, size in families:
