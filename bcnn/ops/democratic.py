@@ -36,8 +36,10 @@ FACTORED_RATIO = 16
 
 
 def factored_is_cheaper(n: int, d: int, order: int = 2) -> bool:
-    """Whether ``route="auto"`` computes K v without the n x n matrix for n locations of d
-    channels: always for order 1, where d^2 <= ``FACTORED_RATIO`` n for order 2."""
+    """Whether ``route="auto"`` skips the n x n kernel for n locations of d channels.
+
+    Always for order 1; for order 2 where d^2 <= ``FACTORED_RATIO`` n.
+    """
     return order == 1 or d * d <= FACTORED_RATIO * n
 
 
