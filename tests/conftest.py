@@ -68,15 +68,20 @@ def compose_config(overrides: Sequence[str] = (), output_dir: Path | None = None
 
 
 def run_train(
-    args: Sequence[str], cwd: Path = REPO_ROOT, timeout: float = 300, script: Sequence[str] = ()
+    args: Sequence[str],
+    cwd: Path = REPO_ROOT,
+    timeout: float = 300,
+    script: Sequence[str] = (),
+    full_error: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Runs ``python train.py *args`` (or ``script``) and captures its output."""
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "HYDRA_FULL_ERROR": "1",
-        "OMP_NUM_THREADS": str(THREADS),
-    }
+    """Runs ``python train.py *args`` (or ``script``) and captures its output.
+
+    ``full_error=False`` runs without ``HYDRA_FULL_ERROR``: errors print as users see them.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env |= {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(THREADS)}
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
     cmd = [*(script or [sys.executable, str(REPO_ROOT / "train.py")]), *args]
     return subprocess.run(
         cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False

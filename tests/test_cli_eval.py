@@ -4,7 +4,6 @@ confused pairs of a trained run, equal to a direct count over the split."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from bcnn.cli.evaluate import dataset_config, most_confused, run_eval
 from bcnn.data.synthetic import SyntheticDataset
 from bcnn.engine import train
 from bcnn.engine.runs import TrainedModel, load_trained
-from tests.conftest import REPO_ROOT, THREADS, compose_config
+from tests.conftest import compose_config, run_train
 
 SMOKE = ["debug=smoke", "dataset.trainval_size=120", "dataset.test_size=60"]
 
@@ -118,17 +117,7 @@ def test_most_confused_lists_pairs_of_different_classes() -> None:
 
 
 def _command(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["OMP_NUM_THREADS"] = str(THREADS)
-    return subprocess.run(
-        [sys.executable, "-m", "bcnn.cli.evaluate", *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_train(args, script=[sys.executable, "-m", "bcnn.cli.evaluate"], full_error=False)
 
 
 def test_bcnn_eval_command(run_dir: Path, tmp_path: Path) -> None:

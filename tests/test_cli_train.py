@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,24 +21,14 @@ from bcnn.engine import distributed as D
 from bcnn.engine.cache import build_cache
 from bcnn.models import build_model
 from bcnn.train import objective, optimized_metric
-from tests.conftest import REPO_ROOT, THREADS, compose_config, run_train
+from tests.conftest import compose_config, run_train
 
 SMOKE = ["debug=smoke", "dataset.trainval_size=120", "dataset.test_size=60"]
 
 
 def _train(args: list[str]) -> subprocess.CompletedProcess:
-    """``python train.py *args`` without HYDRA_FULL_ERROR (``run_train`` sets it)."""
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["OMP_NUM_THREADS"] = str(THREADS)
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    """``python train.py *args`` as a user runs it (no HYDRA_FULL_ERROR)."""
+    return run_train(args, full_error=False)
 
 
 def test_a_bad_value_prints_one_message(tmp_path: Path) -> None:

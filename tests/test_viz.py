@@ -34,7 +34,7 @@ from bcnn.viz import (
 )
 from bcnn.viz.contributions import local_features, pooled
 from bcnn.viz.inverse import class_log_prob
-from tests.conftest import CONFIG_DIR, REPO_ROOT, THREADS, compose_config
+from tests.conftest import CONFIG_DIR, REPO_ROOT, THREADS, compose_config, run_train
 
 # A linear stage on cached descriptors of a one-block CNN: about a second, and accurate
 # enough (~95% on the built-in dataset) for its maximal images to be meaningful.
@@ -377,17 +377,8 @@ def test_bad_requests_fail_with_the_key_to_fix(
 
 
 def test_command_prints_a_user_error_as_one_message(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "bcnn.viz", "kind=movie"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    viz = [sys.executable, "-m", "bcnn.viz"]
+    proc = run_train(["kind=movie"], cwd=tmp_path, timeout=120, script=viz, full_error=False)
     assert proc.returncode == 1
     assert "bcnn-viz: error: kind must be one of texture, inverse, maps, report" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
