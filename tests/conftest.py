@@ -78,13 +78,36 @@ def run_train(
 
     ``full_error=False`` runs without ``HYDRA_FULL_ERROR``: errors print as users see them.
     """
+    cmd = [*(script or train_command()), *args]
+    return subprocess.run(
+        cmd, cwd=cwd, env=subprocess_env(full_error), capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def subprocess_env(full_error: bool = True, threads: int = THREADS) -> dict[str, str]:
+    """The environment of every process a test starts: one thread count for all of them.
+
+    A run and the reference it is compared with must use the same number of threads (float
+    sums differ in the last bits otherwise), whatever the machine's load or core count.
+    """
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env |= {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(THREADS)}
+    env |= {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    env["MKL_NUM_THREADS"] = str(threads)
     if full_error:
         env["HYDRA_FULL_ERROR"] = "1"
-    cmd = [*(script or [sys.executable, str(REPO_ROOT / "train.py")]), *args]
-    return subprocess.run(
-        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    return env
+
+
+def train_command() -> list[str]:
+    """``python train.py`` of this checkout."""
+    return [sys.executable, str(REPO_ROOT / "train.py")]
+
+
+def start_train(args: Sequence[str], **popen: object) -> subprocess.Popen:
+    """``python train.py *args`` started in the background, with :func:`subprocess_env`."""
+    return subprocess.Popen(  # type: ignore[call-overload]
+        [*train_command(), *args], cwd=REPO_ROOT, env=subprocess_env(), **popen
     )
 
 

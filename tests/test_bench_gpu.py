@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bcnn import bench
-from tests.conftest import REPO_ROOT, load_script
+from tests.conftest import REPO_ROOT, load_script, subprocess_env
 
 
 def _load_script():
@@ -28,8 +28,9 @@ def test_make_bench_gpu_quick_runs_every_part_and_checks_every_target(tmp_path: 
     else:  # pragma: no cover  (make is there wherever `make test` runs)
         command = [sys.executable, "scripts/bench_gpu.py", *args.split()]
     proc = subprocess.run(
-        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=540, check=False
-    )
+        command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+        timeout=540, check=False,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for part in bench_gpu.PARTS:
         assert f"== {part.name}: ok in" in proc.stdout

@@ -35,7 +35,7 @@ from bcnn.engine.loops import train_one_epoch
 from bcnn.engine.runs import load_trained
 from bcnn.engine.trainer import DivergenceError, RunDirectoryError
 from bcnn.models import build_model
-from tests.conftest import REPO_ROOT, compose_config
+from tests.conftest import REPO_ROOT, compose_config, run_train, start_train
 
 SMOKE = ["debug=smoke", "dataset.trainval_size=120", "dataset.test_size=60"]
 LINEAR = [*SMOKE, "trainer.stages=[linear]"]
@@ -409,11 +409,7 @@ def test_two_runs_sharing_a_cache_key_compute_it_once(tmp_path: Path) -> None:
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return start_train(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
@@ -468,13 +464,9 @@ def test_runs_and_sweeps_composed_in_one_second_get_distinct_directories() -> No
 @pytest.mark.slow
 def test_diverged_cli_run_exits_with_one_message(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *LINEAR, "trainer.linear.lr=1e38",
-         f"hydra.run.dir={run_dir}"],
-        cwd=REPO_ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=300, check=False,
-    )  # fmt: skip
+    proc = run_train(
+        [*LINEAR, "trainer.linear.lr=1e38", f"hydra.run.dir={run_dir}"], full_error=False
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "bcnn-train: error: Training diverged" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from collections import namedtuple
@@ -17,7 +16,7 @@ from omegaconf import OmegaConf
 
 from bcnn.engine import cache, train
 from bcnn.models import build_model
-from tests.conftest import REPO_ROOT, compose_config, run_train
+from tests.conftest import REPO_ROOT, compose_config, run_train, subprocess_env
 
 LINEAR = [
     "trainer.stages=[linear]",
@@ -105,7 +104,6 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
         "dataset.trainval_size=160",
         "dataset.test_size=60",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = run_train([*args, f"hydra.run.dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
@@ -114,7 +112,8 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
             "--standalone",
             str(REPO_ROOT / "train.py"), *args, f"hydra.run.dir={tmp_path / 'two'}",
         ],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO_ROOT, env=subprocess_env(threads=1), capture_output=True, text=True,
+        timeout=300, check=False,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())

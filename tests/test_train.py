@@ -7,7 +7,6 @@ import json
 import math
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from bcnn.engine import train
 from bcnn.engine.checkpoint import load_checkpoint
-from tests.conftest import REPO_ROOT, compose_config, run_train
+from tests.conftest import compose_config, run_train, start_train
 
 RESULT_KEYS = {"test_acc", "test_mean_class_acc", "val_acc", "val_mean_class_acc"}
 
@@ -130,11 +129,9 @@ def test_killed_run_resumes_to_the_same_results(tmp_path: Path) -> None:
     expected = json.loads((tmp_path / "full" / "results.json").read_text())
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"],
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # The same thread settings as the reference and the resumed run (start_train).
+    proc = start_train(
+        [*args, f"hydra.run.dir={run_dir}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     last = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 120

@@ -34,7 +34,7 @@ from bcnn.viz import (
 )
 from bcnn.viz.contributions import local_features, pooled
 from bcnn.viz.inverse import class_log_prob
-from tests.conftest import CONFIG_DIR, REPO_ROOT, THREADS, compose_config, run_train
+from tests.conftest import CONFIG_DIR, REPO_ROOT, compose_config, run_train, subprocess_env
 
 # A linear stage on cached descriptors of a one-block CNN: about a second, and accurate
 # enough (~95% on the built-in dataset) for its maximal images to be meaningful.
@@ -289,7 +289,7 @@ def test_every_viz_option_composes(tmp_path: Path) -> None:
 def test_maps_command_writes_its_files_and_leaves_the_run_alone(tiny_run: Path, tmp_path: Path):
     before = sorted(p.relative_to(tiny_run) for p in tiny_run.rglob("*"))
     out = tmp_path / "viz"
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HYDRA_FULL_ERROR": "1"}
+    env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [

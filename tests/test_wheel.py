@@ -8,7 +8,6 @@ packages of the running one, and trains from a folder outside the checkout.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, THREADS
+from tests.conftest import REPO_ROOT, subprocess_env
 
 # What the build reads; copied so that building leaves nothing in the checkout.
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "LICENSE", "bcnn", "configs")
@@ -104,8 +103,8 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path: Path, smoke_ov
     bin_dir = _fresh_venv(tmp_path, wheel)
     work = tmp_path / "work"  # an empty folder: no checkout on sys.path, no configs here
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(PYTHONNOUSERSITE="1", OMP_NUM_THREADS=str(THREADS), HYDRA_FULL_ERROR="1")
+    env = {k: v for k, v in subprocess_env().items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(PYTHONNOUSERSITE="1")
     where = _run(
         [str(bin_dir / "python"), "-c", "import bcnn, bcnn.configs; print(bcnn.__file__)"],
         work,
