@@ -17,10 +17,10 @@ import hydra
 from omegaconf import DictConfig
 
 import bcnn.config  # noqa: F401  (registers the structured-config schema)
-from bcnn.cli.errors import user_errors
 from bcnn.engine import distributed as D
 from bcnn.engine import train
 from bcnn.engine.trainer import run_dir_in_use
+from bcnn.errors import user_errors
 
 log = logging.getLogger(__name__)
 

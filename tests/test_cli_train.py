@@ -15,7 +15,7 @@ import yaml
 from hydra.errors import ConfigCompositionException
 from torch.utils.data import TensorDataset
 
-from bcnn.cli.errors import UserError, is_user_error, run_command, user_errors
+from bcnn.errors import UserError, is_user_error, run_command, user_errors
 from bcnn.config import validate
 from bcnn.engine import distributed as D
 from bcnn.engine.cache import build_cache

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from hydra.utils import get_object
 
-import bcnn.data
 from bcnn.config import instantiate, validate
 from bcnn.engine import train
+from bcnn.errors import ConfigError
 from bcnn.models import build_model
 from bcnn.models.backbones.base import read_weights
-from bcnn.validation import FILE_RULES, ConfigError, rules, signature
 from tests.conftest import CONFIG_DIR, compose_config, run_train
 
 GROUPS = (
@@ -250,16 +246,3 @@ def test_unavailable_device_is_a_config_error_before_any_data(
     assert not (tmp_path / "config.yaml").exists()
 
 
-def _subclasses(cls: type) -> list[type]:
-    return [cls, *(s for sub in cls.__subclasses__() for s in _subclasses(sub))]
-
-
-def test_every_range_rule_names_a_real_parameter() -> None:
-    # Rules are keyed by class and parameter: a renamed parameter must not leave a rule
-    # that silently checks nothing.
-    for module in pkgutil.iter_modules(bcnn.data.__path__):
-        importlib.import_module(f"bcnn.data.{module.name}")  # every dataset class
-    for cls_name, params in [*rules().items(), *FILE_RULES.items()]:
-        cls = get_object(cls_name)
-        known = {p for c in _subclasses(cls) for p in signature(c).params}
-        assert set(params) <= known, (cls_name, set(params) - known)

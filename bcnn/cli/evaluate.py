@@ -27,13 +27,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader, Dataset
 
-from bcnn.cli.errors import user_errors
 from bcnn.config import PRECISIONS, instantiate
 from bcnn.data import SPLITS
 from bcnn.engine.curves import figure
 from bcnn.engine.loops import evaluate
 from bcnn.engine.placement import resolve_device
 from bcnn.engine.runs import TrainedModel, load_trained
+from bcnn.errors import user_errors
 
 log = logging.getLogger(__name__)
 PROG = "bcnn-eval"

@@ -23,8 +23,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bcnn.cli.errors import run_command
 from bcnn.engine.runs import load_trained
+from bcnn.errors import run_command
 from bcnn.export.writer import FORMATS, INPUT_DTYPES, export_trained
 
 PROG = "bcnn-export"

@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from bcnn.cli.errors import run_command
 from bcnn.data.base import BadImageError, Record, RecordDataset
+from bcnn.errors import run_command
 from bcnn.export.runtime import Predictor, load_predictor
 
 PROG = "bcnn-predict"

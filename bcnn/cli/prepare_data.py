@@ -33,7 +33,6 @@ import yaml
 from hydra.utils import get_class
 from tqdm import tqdm
 
-from bcnn.cli.errors import run_command
 from bcnn.data.base import BadImageError, FileDataset, Record
 from bcnn.data.download import (
     DATA_ENV,
@@ -44,6 +43,7 @@ from bcnn.data.download import (
     prepare,
 )
 from bcnn.data.source import DatasetSource
+from bcnn.errors import run_command
 
 
 # ---- datasets, found through their configs' _target_ -----------------------------------

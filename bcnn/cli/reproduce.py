@@ -40,7 +40,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bcnn.cli.errors import run_command
+from bcnn.errors import run_command
 from bcnn.reproduce.collect import table_report
 from bcnn.reproduce.launch import launch_table
 from bcnn.reproduce.tables import TABLES, get_table

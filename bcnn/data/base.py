@@ -23,7 +23,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, get_args
 
 import numpy as np
 from PIL import Image
@@ -31,16 +31,19 @@ from torch.utils.data import Dataset
 
 from bcnn.data.images import BadImageError, open_rgb
 from bcnn.data.source import DatasetSource
-from bcnn.data.transforms import build_transforms
+from bcnn.data.transforms import RecipeMapping, build_transforms
+from bcnn.limits import Fraction, NonEmpty, Seed, checked
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "trainval", "test")
-BAD_IMAGE_POLICIES = ("fail", "skip")
+Split = Literal["train", "val", "trainval", "test"]
+SPLITS: tuple[str, ...] = get_args(Split)
+BadImagePolicy = Literal["fail", "skip"]
+BAD_IMAGE_POLICIES: tuple[str, ...] = get_args(BadImagePolicy)
 
 # (left, upper, right, lower) in PIL pixel coordinates: right/lower are exclusive.
 Box = tuple[float, float, float, float]
-Transform = Mapping[str, Any] | Callable[[Image.Image], Any] | None
+Transform = RecipeMapping | Callable[[Image.Image], Any] | None
 
 
 class Record(NamedTuple):
@@ -234,32 +237,6 @@ def select_split(
     return carved_train if split == "train" else carved_val
 
 
-def check_options(split: str, val_fraction: float, on_bad_image: str) -> None:
-    """Validates the constructor arguments every dataset shares, before any parsing."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
-
-
-def accepted_options(cls: type) -> set[str]:
-    """The keyword arguments a dataset class accepts (for checking config keys).
-
-    Follows ``**common`` from a loader's ``__init__`` up to the base that takes them.
-    """
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in klass.__dict__:
-            continue
-        params = list(inspect.signature(klass.__dict__["__init__"]).parameters.values())[1:]
-        names.update(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names
-
-
 def _remove_skip_log(folder: Path, owner_pid: int) -> None:
     # Forked DataLoader workers inherit this finalizer with their copy of the dataset:
     # only the process that chose the folder may remove it.
@@ -293,6 +270,7 @@ class RecordDataset(Dataset):
         box_crop: Whether images are cropped to their record's box.
     """
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike,
@@ -300,13 +278,9 @@ class RecordDataset(Dataset):
         classes: Sequence[str],
         transform: Transform = None,
         augment: bool = False,
-        on_bad_image: str = "fail",
+        on_bad_image: BadImagePolicy = "fail",
         box_crop: bool = False,
     ) -> None:
-        if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(
-                f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
-            )
         self.root = Path(root)
         self.records = list(records)
         self.classes = list(classes)
@@ -487,19 +461,19 @@ class FileDataset(RecordDataset):
     files: ClassVar[tuple[str, ...]] = ()
     box_file: ClassVar[str | None] = None
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
-        split: str,
+        split: Split,
         transform: Transform = None,
         augment: bool = False,
-        val_fraction: float = 0.1,
-        val_seed: int = 0,
-        on_bad_image: str = "fail",
+        val_fraction: Fraction = 0.1,
+        val_seed: Seed = 0,
+        on_bad_image: BadImagePolicy = "fail",
         bbox_crop: bool = False,
-        name: str | None = None,
+        name: NonEmpty | None = None,
     ) -> None:
-        check_options(split, val_fraction, on_bad_image)
         if bbox_crop and self.box_file is None:
             raise ValueError(f"{self.source.title} has no object boxes: set bbox_crop=false")
         # Set before parsing, which may read them (iNat reads one split's file).
@@ -552,8 +526,6 @@ __all__ = [
     "Record",
     "RecordDataset",
     "Splits",
-    "accepted_options",
-    "check_options",
     "find_dataset_dir",
     "read_rows",
     "require_files",

@@ -18,12 +18,14 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from annotated_types import Interval
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from bcnn.data.base import FileDataset, Record, Splits, split_train_val
 from bcnn.data.source import DatasetSource
+from bcnn.limits import Seed, checked
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +57,16 @@ class _OwnData(FileDataset):
         **common: The options of :class:`~bcnn.data.base.FileDataset`.
     """
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
         split: str,
         *,
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
+        test_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.2,
+        split_seed: Seed = 0,
         **common: Any,
     ) -> None:
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.test_fraction, self.split_seed = float(test_fraction), int(split_seed)
         super().__init__(root, split, **common)
 

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge, Interval
 from torch.utils.data import Dataset
+
+from bcnn.limits import Fraction, NonEmpty, Seed, checked
 
 
 class SyntheticDataset(Dataset):
@@ -50,36 +54,42 @@ class SyntheticDataset(Dataset):
     Items are ``(image, label)`` with ``image`` a uint8 tensor (3, S, S).
     """
 
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Enough texton pairings for the classes; whole cells in an image."""
+        classes, textons = values["num_classes"], values["num_textons"]
+        if classes > math.factorial(textons):
+            return (
+                "num_classes",
+                f"at most num_textons! = {math.factorial(textons)} classes exist with "
+                f"num_textons={textons}; got {classes} (raise dataset.num_textons)",
+            )
+        if values["image_size"] % values["cell_size"]:
+            return "image_size", f"must be a multiple of cell_size={values['cell_size']}"
+        return None
+
+    @checked
     def __init__(
         self,
         root: str | None = None,
         split: str = "train",
         transform: Any = None,
         augment: bool = False,
-        num_classes: int = 12,
-        num_textons: int = 4,
-        image_size: int = 32,
-        cell_size: int = 8,
-        trainval_size: int = 2400,
-        test_size: int = 1200,
-        val_fraction: float = 0.2,
-        val_seed: int = 0,
-        cell_noise: float = 0.1,
-        pixel_noise: float = 0.3,
-        seed: int = 0,
-        name: str = "synthetic",
+        num_classes: Annotated[int, Ge(2)] = 12,
+        # num_textons! pairings are enumerated: 8! = 40320 is plenty.
+        num_textons: Annotated[int, Interval(ge=2, le=8)] = 4,
+        image_size: Annotated[int, Interval(ge=1, le=4096)] = 32,
+        cell_size: Annotated[int, Interval(ge=1, le=4096)] = 8,
+        trainval_size: Annotated[int, Interval(ge=2, le=10**7)] = 2400,
+        test_size: Annotated[int, Interval(ge=1, le=10**7)] = 1200,
+        val_fraction: Fraction = 0.2,
+        val_seed: Seed = 0,
+        cell_noise: Annotated[float, Interval(ge=0, le=1)] = 0.1,
+        # The uint8 encoding holds x in [-4, 4]: more noise only saturates.
+        pixel_noise: Annotated[float, Interval(ge=0, le=4)] = 0.3,
+        seed: Seed = 0,
+        name: NonEmpty = "synthetic",
     ) -> None:
-        if num_classes > math.factorial(num_textons):
-            raise ValueError(
-                f"synthetic: num_classes={num_classes} exceeds num_textons!="
-                f"{math.factorial(num_textons)} distinct pairings; raise dataset.num_textons"
-            )
-        if image_size % cell_size:
-            raise ValueError(
-                f"synthetic: image_size={image_size} must be a multiple of cell_size={cell_size}"
-            )
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"synthetic: val_fraction must be in [0, 1), got {val_fraction}")
         self.split, self.name = split, name
         self._make_textons(num_classes, num_textons, cell_size, seed)
         self._cfg = dict(

@@ -17,13 +17,40 @@ float32, and the model converts and normalizes whole batches on its device
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
 
 import torch
+from annotated_types import Interval
 from torchvision.transforms import v2
 
-RECIPES = ("short_side", "square", "resize_crop")
-_KEYS = {"recipe", "size", "resize", "hflip"}
+from bcnn.limits import Fields, problem
+
+Side = Annotated[int, Interval(ge=1, le=8192)]
+RecipeName = Literal["short_side", "square", "resize_crop"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A dataset config's ``transform`` mapping (see the module docstring)."""
+
+    recipe: RecipeName = "short_side"
+    size: Side = 448
+    resize: Side | None = None  # resize_crop only; default size * 8 / 7
+    hflip: bool = True
+
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """A crop must fit in the resized image."""
+        resize, size = values.get("resize"), values.get("size", 448)
+        if resize is not None and resize < size:
+            return "resize", f"must be >= size for resize_crop, got resize={resize} size={size}"
+        return None
+
+
+RECIPES: tuple[str, ...] = get_args(RecipeName)
+# The ``transform`` argument of a dataset: a recipe, or any callable on PIL images.
+RecipeMapping = Annotated[Mapping[str, Any], Fields(Recipe)]
 
 
 def build_transforms(
@@ -43,35 +70,26 @@ def build_transforms(
         uint8 ``(3, size, size)`` tensor.
 
     Raises:
-        ValueError: Unknown recipe or key, or ``resize < size``.
+        ValueError: a recipe that breaks :class:`Recipe`'s declarations.
     """
     steps: list[Callable[[Any], Any]] = [v2.ToImage()]
     if recipe is not None:
-        recipe = dict(recipe)
-        if unknown := set(recipe) - _KEYS:
-            raise ValueError(
-                f"unknown transform keys {sorted(unknown)}; valid keys: {sorted(_KEYS)}"
-            )
-        name = recipe.get("recipe", "short_side")
-        size = int(recipe.get("size", 448))
-        crop = v2.RandomCrop(size) if augment else v2.CenterCrop(size)
-        if name == "short_side":
-            steps += [v2.Resize(size, antialias=True), crop]
-        elif name == "square":
-            steps.append(v2.Resize((size, size), antialias=True))
-        elif name == "resize_crop":
-            resize = int(recipe.get("resize") or round(size * 8 / 7))
-            if resize < size:
-                raise ValueError(
-                    f"resize_crop needs resize >= size, got resize={resize} size={size}"
-                )
+        found = problem(recipe, RecipeMapping)
+        if found:
+            raise ValueError(f"transform: {found}")
+        r = Recipe(**recipe)
+        crop = v2.RandomCrop(r.size) if augment else v2.CenterCrop(r.size)
+        if r.recipe == "short_side":
+            steps += [v2.Resize(r.size, antialias=True), crop]
+        elif r.recipe == "square":
+            steps.append(v2.Resize((r.size, r.size), antialias=True))
+        else:  # resize_crop
+            resize = r.resize or round(r.size * 8 / 7)
             steps += [v2.Resize((resize, resize), antialias=True), crop]
-        else:
-            raise ValueError(f"unknown transform recipe {name!r}; choose one of {RECIPES}")
-        if augment and recipe.get("hflip", True):
+        if augment and r.hflip:
             steps.append(v2.RandomHorizontalFlip())
     steps.append(v2.ToPureTensor())
     return v2.Compose(steps)
 
 
-__all__ = ["RECIPES", "build_transforms"]
+__all__ = ["RECIPES", "Recipe", "RecipeMapping", "build_transforms"]

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bcnn.io import safe_load
+
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
@@ -36,26 +38,6 @@ TMP_SUFFIX = ".tmp"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (corrupt, foreign or unsafe); names the file."""
-
-
-def safe_globals() -> list[Any]:
-    """The non-torch types a bcnn checkpoint holds, allowed under ``weights_only=True``.
-
-    NumPy array reconstruction for the NumPy random-generator state (a uint32 array):
-    data types only, no callable that could run code.
-    """
-    core = getattr(np, "_core", None) or np.core
-    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
-
-
-def safe_load(path: str | os.PathLike) -> Any:
-    """``torch.load`` onto the CPU with ``weights_only=True`` and only :func:`safe_globals`.
-
-    A crafted file cannot run code; it raises (``pickle.UnpicklingError``) instead.
-    """
-    with torch.serialization.safe_globals(safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:

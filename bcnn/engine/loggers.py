@@ -25,11 +25,19 @@ import math
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
 from bcnn.engine.curves import plot_training_curves
+from bcnn.limits import Check, NonEmpty, PositiveInt, checked, non_empty, writable_dir
+
+# Relative to the run directory (checked with it); an absolute one is checked here.
+LogDir = Annotated[
+    str,
+    Check(non_empty),
+    Check(lambda p: writable_dir(p) if Path(str(p)).is_absolute() else None, files=True),
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +127,13 @@ class TensorBoardLogger:
         flush_secs: How often the writer flushes to disk.
     """
 
+    @checked
     def __init__(
         self,
         output_dir: str | Path,
         run_config: Mapping[str, Any] | None = None,
-        log_dir: str = "tensorboard",
-        flush_secs: int = 30,
+        log_dir: LogDir = "tensorboard",
+        flush_secs: PositiveInt = 30,
     ) -> None:
         try:
             import tensorboard  # noqa: F401  (what torch.utils.tensorboard writes with)
@@ -203,13 +212,14 @@ class WandbLogger:
         name: Run name shown by wandb (``None``: wandb picks one).
     """
 
+    @checked
     def __init__(
         self,
         output_dir: str | Path,
         run_config: Mapping[str, Any] | None = None,
-        project: str = "bcnn",
+        project: NonEmpty = "bcnn",
         entity: str | None = None,
-        mode: str = "offline",
+        mode: Literal["offline", "online", "disabled"] = "offline",
         tags: Sequence[str] = (),
         name: str | None = None,
     ) -> None:
@@ -290,7 +300,7 @@ class Loggers:
         run_config: Mapping[str, Any] | None = None,
         **backends: Any,
     ) -> None:
-        from bcnn.config import instantiate
+        from bcnn.errors import instantiate
 
         self.loggers: dict[str, Any] = {}
         if "csv" not in backends:

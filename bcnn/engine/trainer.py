@@ -68,18 +68,13 @@ from bcnn.engine.checkpoint import (
 )
 from bcnn.engine.loops import EpochStats, autocast, evaluate, train_one_epoch
 from bcnn.engine.metrics import ConfusionMeter
+from bcnn.errors import ConfigError, DivergenceError
 from bcnn.models import BilinearModel, build_model
-from bcnn.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
 # Files whose presence means a directory already holds a run.
 RUN_FILES = ("config.yaml", "metrics.csv", "results.json", "checkpoints")
-
-
-class DivergenceError(RuntimeError):
-    """The training loss (or the weights) stopped being finite; the message says where and
-    which settings likely caused it."""
 
 
 class RunDirectoryError(FileExistsError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from bcnn.config import instantiate
+from bcnn.errors import instantiate
 from bcnn.models.model import BilinearModel
 
 

@@ -8,11 +8,13 @@ matrices when it ends before that (the low-rank bilinear classifier reads the ma
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from annotated_types import Interval
 from torch import nn
 
+from bcnn.limits import Positive, PositiveInt, checked
 from bcnn.models.shapes import FeatureShape
 
 
@@ -70,12 +72,15 @@ class LowRankBilinearClassifier(nn.Module):
         bias: Learn a per-class bias.
     """
 
+    @checked
     def __init__(
-        self, in_features: FeatureShape, num_classes: int, rank: int = 8, bias: bool = True
+        self,
+        in_features: FeatureShape,
+        num_classes: int,
+        rank: Annotated[int, Interval(ge=1, le=4096)] = 8,
+        bias: bool = True,
     ) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"classifier.rank must be >= 1, got {rank}")
         if not in_features.is_matrix:
             raise ValueError(
                 f"classifier=lowrank reads the pooled matrix but the normalization chain gives "
@@ -140,24 +145,22 @@ class SVMClassifier(LinearClassifier):
     """
 
     trains_on_cache = True
+    linear_stage_only = "SVMs are fitted on cached descriptors in the linear stage only"
     average_views = "scores"
 
+    @checked
     def __init__(
         self,
         in_features: int | FeatureShape,
         num_classes: int,
-        C: float = 1.0,
-        loss: str = "hinge",
+        C: Positive = 1.0,
+        loss: Literal["hinge", "squared_hinge"] = "hinge",
         calibrate: bool = True,
-        tol: float = 1e-3,
-        max_epochs: int = 200,
+        tol: Positive = 1e-3,
+        max_epochs: PositiveInt = 200,
         bias: bool = True,
     ) -> None:
         super().__init__(in_features, num_classes, bias=bias)
-        if not 0 < C < math.inf:
-            raise ValueError(f"classifier.C must be > 0 and finite, got {C}")
-        if loss not in ("hinge", "squared_hinge"):
-            raise ValueError(f"classifier.loss must be hinge or squared_hinge, got {loss!r}")
         self.C, self.loss, self.calibrate = float(C), loss, bool(calibrate)
         self.tol, self.max_epochs = float(tol), int(max_epochs)
         self.requires_grad_(False)  # trained by fit(), never by the optimizer

@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar, get_args
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt, Le
 from torch import nn
 
+from bcnn.limits import NonNegative, Positive, checked
 from bcnn.models.shapes import FeatureShape
 from bcnn.ops import (
     logm,
@@ -52,12 +54,15 @@ from bcnn.ops import (
     sqrtm,
     sqrtm_from_features,
 )
-from bcnn.ops.sqrtm import METHODS as SQRTM_METHODS
+from bcnn.ops.small_side import EpsMode
+from bcnn.ops.spectral import LogMethod
+from bcnn.ops.sqrtm import Backward, Iters, Method, Scale
 
 # A function of the locations X (B, n, d) giving f(X^T X / n + ridge) (B, d, d).
 SmallSideRoute = Callable[[torch.Tensor], torch.Tensor]
 
-EPS_MODES = ("abs", "trace")
+# An exponent of a power normalization.
+Exponent = Annotated[float, Gt(0), Le(1)]
 
 
 def add_ridge(a: torch.Tensor, eps: float, eps_mode: str) -> torch.Tensor:
@@ -71,7 +76,7 @@ def add_ridge(a: torch.Tensor, eps: float, eps_mode: str) -> torch.Tensor:
     if eps_mode == "trace":
         mean_eig = a.diagonal(dim1=-2, dim2=-1).sum(-1) / d
         return a + (eps * mean_eig)[..., None, None] * eye
-    raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+    raise ValueError(f"eps_mode must be one of {get_args(EpsMode)}, got {eps_mode!r}")
 
 
 class Step(nn.Module):
@@ -97,12 +102,9 @@ class MatrixStep(Step):
 
     phase = "matrix"
 
-    def __init__(self, eps: float, eps_mode: str) -> None:
+    @checked
+    def __init__(self, eps: NonNegative, eps_mode: EpsMode) -> None:
         super().__init__()
-        if not eps >= 0:  # also rejects NaN
-            raise ValueError(f"{type(self).__name__}: eps must be >= 0, got {eps}")
-        if eps_mode not in EPS_MODES:
-            raise ValueError(f"{type(self).__name__}: eps_mode must be one of {EPS_MODES}")
         self.eps = float(eps)
         self.eps_mode = eps_mode
 
@@ -171,21 +173,26 @@ class MatrixSqrt(MatrixStep):
         eval_iters: Newton-Schulz iterations where no gradient flows; None = ``iters``.
     """
 
+    @checked
     def __init__(
         self,
-        method: str = "newton_schulz",
-        iters: int = 5,
-        backward: str = "auto",
-        scale: str = "fro",
-        eps: float = 1e-4,
-        eps_mode: str = "trace",
-        eval_method: str | None = None,
-        eval_iters: int | None = None,
+        method: Method = "newton_schulz",
+        iters: Iters = 5,
+        backward: Backward = "auto",
+        scale: Scale = "fro",
+        eps: NonNegative = 1e-4,
+        eps_mode: EpsMode = "trace",
+        eval_method: Method | None = None,
+        eval_iters: Iters | None = None,
     ) -> None:
         super().__init__(eps, eps_mode)
-        _check_root_settings(type(self).__name__, method, iters, eval_method, eval_iters)
         self.method, self.iters, self.backward, self.scale = method, iters, backward, scale
         self.eval_method, self.eval_iters = eval_method, eval_iters
+
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The backward must be able to differentiate the method."""
+        return _root_problem(values)
 
     def settings(self, gradient: bool) -> tuple[str, int]:
         """(method, iters) used when a gradient flows (``gradient``) or not."""
@@ -220,23 +227,28 @@ class MatrixLog(MatrixStep):
             ``method``.
     """
 
-    METHODS: ClassVar[tuple[str, ...]] = ("eigh", "iterative")
-
+    @checked
     def __init__(
         self,
-        method: str = "eigh",
-        eps: float = 1e-4,
-        eps_mode: str = "trace",
-        floor: float = 1e-10,
-        eval_method: str | None = None,
+        method: LogMethod = "eigh",
+        eps: NonNegative = 1e-4,
+        eps_mode: EpsMode = "trace",
+        floor: Positive = 1e-10,
+        eval_method: LogMethod | None = None,
     ) -> None:
         super().__init__(eps, eps_mode)
-        for key, value in (("method", method), ("eval_method", eval_method)):
-            if value is not None and value not in self.METHODS:
-                raise ValueError(f"MatrixLog: {key} must be one of {self.METHODS}, got {value!r}")
         self.method = method
         self.floor = floor
         self.eval_method = eval_method
+
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The iterative logarithm needs a ridge: its repeated roots of a singular matrix
+        reach log(0)."""
+        iterative = "iterative" in (values["method"], values["eval_method"])
+        if iterative and values["eps"] == 0:
+            return "eps", "must be > 0 with method=iterative (a singular matrix has log 0)"
+        return None
 
     def settings(self, gradient: bool) -> str:
         """The method used when a gradient flows (``gradient``) or not."""
@@ -275,31 +287,36 @@ class MatrixPower(MatrixStep):
             (evaluation, frozen features), p = 0.5 only; None = ``method`` / ``iters``.
     """
 
+    @checked
     def __init__(
         self,
-        p: float = 0.5,
-        method: str = "newton_schulz",
-        iters: int = 5,
-        backward: str = "auto",
-        eps: float = 1e-4,
-        eps_mode: str = "trace",
-        floor: float = 1e-10,
-        eval_method: str | None = None,
-        eval_iters: int | None = None,
+        p: Exponent = 0.5,
+        method: Method = "newton_schulz",
+        iters: Iters = 5,
+        backward: Backward = "auto",
+        eps: NonNegative = 1e-4,
+        eps_mode: EpsMode = "trace",
+        floor: Positive = 1e-10,
+        eval_method: Method | None = None,
+        eval_iters: Iters | None = None,
     ) -> None:
         super().__init__(eps, eps_mode)
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"MatrixPower: p must be in (0, 1], got {p}")
-        if p != 0.5 and (eval_method is not None or eval_iters is not None):
-            raise ValueError(
-                f"MatrixPower: eval_method/eval_iters choose the square root's method and apply "
-                f"to p = 0.5 only (p = {p} always uses the eigendecomposition); drop them"
-            )
-        _check_root_settings("MatrixPower", method, iters, eval_method, eval_iters)
         self.p = float(p)
         self.floor = floor
         self.method, self.iters, self.backward = method, iters, backward
         self.eval_method, self.eval_iters = eval_method, eval_iters
+
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The evaluation settings choose the square root's method: p = 0.5 only."""
+        p = values["p"]
+        if p != 0.5 and (values["eval_method"] is not None or values["eval_iters"] is not None):
+            return (
+                "eval_method",
+                f"eval_method/eval_iters choose the square root's method and apply to p = 0.5 "
+                f"only (p = {p} always uses the eigendecomposition); drop them",
+            )
+        return _root_problem(values) if p == 0.5 else None
 
     def settings(self, gradient: bool) -> tuple[str, int]:
         """(method, iters) of the p = 0.5 root when a gradient flows (``gradient``) or not."""
@@ -326,16 +343,14 @@ class MatrixPower(MatrixStep):
         return f"p={self.p}, " + _eval_repr(self) + super().extra_repr()
 
 
-def _check_root_settings(
-    name: str, method: str, iters: int, eval_method: str | None, eval_iters: int | None
-) -> None:
-    """Rejects an unknown square-root method or a negative iteration count, by key."""
-    for key, value in (("method", method), ("eval_method", eval_method)):
-        if value is not None and value not in SQRTM_METHODS:
-            raise ValueError(f"{name}: {key} must be one of {SQRTM_METHODS}, got {value!r}")
-    for key, count in (("iters", iters), ("eval_iters", eval_iters)):
-        if count is not None and not count >= 0:
-            raise ValueError(f"{name}: {key} must be >= 0, got {count}")
+def _root_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``backward=autograd`` differentiates Newton-Schulz only (``resolve_sqrtm``); no
+    gradient flows where ``eval_method`` applies."""
+    try:
+        resolve_sqrtm(values["method"], values["backward"])
+    except ValueError as err:
+        return "backward", str(err).removeprefix("sqrtm: ")
+    return None
 
 
 def _root_settings(step: MatrixSqrt | MatrixPower, gradient: bool) -> tuple[str, int]:
@@ -442,12 +457,9 @@ class SignedPower(Step):
         eps: Guard added under the power; > 0.
     """
 
-    def __init__(self, p: float = 0.5, eps: float = 1e-8) -> None:
+    @checked
+    def __init__(self, p: Exponent = 0.5, eps: Positive = 1e-8) -> None:
         super().__init__()
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"{type(self).__name__}: p must be in (0, 1], got {p}")
-        if not 0 < eps < math.inf:
-            raise ValueError(f"{type(self).__name__}: eps must be > 0 and finite, got {eps}")
         self.p, self.eps = float(p), float(eps)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -465,14 +477,16 @@ class SignedSqrt(SignedPower):
         eps: Guard added under the root; > 0.
     """
 
-    def __init__(self, eps: float = 1e-8) -> None:
+    @checked
+    def __init__(self, eps: Positive = 1e-8) -> None:
         super().__init__(0.5, eps)
 
 
 class L2Normalize(Step):
     """Divides each sample by its L2 norm (Frobenius for matrices), floored at ``eps``."""
 
-    def __init__(self, eps: float = 1e-12) -> None:
+    @checked
+    def __init__(self, eps: Positive = 1e-12) -> None:
         super().__init__()
         self.eps = eps
 

@@ -21,12 +21,14 @@ chain's matrix-power step (``normalization.mpow``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from annotated_types import Gt, Interval, Le
 from torch import nn
 
+from bcnn.limits import Channels, NonNegative, PositiveInt, Seed, checked
 from bcnn.models.shapes import FeatureShape
 from bcnn.ops import GMM, democratic_pool, fisher_vector, fit_gmm
 
@@ -91,25 +93,22 @@ class PoolingHead(nn.Module):
 
     output_shape: FeatureShape
     two_streams_ok: ClassVar[bool] = False
+    # Why the head never fine-tunes (the trainer then refuses a finetune stage), or None.
+    linear_stage_only: ClassVar[str | None] = None
     proj_fitted: torch.Tensor
 
+    @checked
     def __init__(
         self,
         in_channels: int | Sequence[int],
-        proj_dim: int | None = None,
+        proj_dim: Channels | None = None,
         proj_bn: bool = False,
         proj_relu: bool = False,
-        proj_lr_scale: float = 1.0,
-        proj_init: str = "random",
-        fit_images: int | None = None,
+        proj_lr_scale: NonNegative = 1.0,
+        proj_init: Literal["random", "pca"] = "random",
+        fit_images: PositiveInt | None = None,
     ) -> None:
         super().__init__()
-        if proj_init not in ("random", "pca"):
-            raise ValueError(f"pooling.proj_init must be random or pca, got {proj_init!r}")
-        if proj_init == "pca" and not proj_dim:
-            raise ValueError(
-                "pooling.proj_init=pca initializes the projection: set pooling.proj_dim"
-            )
         self.proj_init, self.fit_images = proj_init, fit_images
         # Persistent: a checkpoint says whether the projection was fitted.
         self.register_buffer("proj_fitted", torch.tensor(proj_init != "pca"))
@@ -119,10 +118,6 @@ class PoolingHead(nn.Module):
                 f"{type(self).__name__} does not combine two feature maps (two-stream "
                 "backbone such as vgg_dm); use pooling=sum, compact or avg"
             )
-        if not proj_lr_scale >= 0:
-            raise ValueError(f"pooling.proj_lr_scale must be >= 0, got {proj_lr_scale}")
-        if proj_dim is not None and (isinstance(proj_dim, bool) or not proj_dim >= 1):
-            raise ValueError(f"pooling.proj_dim must be a positive integer or null, got {proj_dim}")
         if proj_init == "pca" and proj_dim and proj_dim > min(streams):
             raise ValueError(
                 f"pooling.proj_init=pca gives at most as many directions as the backbone "
@@ -137,6 +132,17 @@ class PoolingHead(nn.Module):
             streams = (int(proj_dim),) * len(streams)
         self.channels = streams
         self.proj_lr_scale = float(proj_lr_scale)
+
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """A PCA-initialized projection needs its size."""
+        if values.get("proj_init") == "pca" and not values.get("proj_dim"):
+            return "proj_init", "pca initializes the projection: set pooling.proj_dim"
+        return None
+
+    def divergence_hints(self) -> list[str]:
+        """Settings of this head that may make training diverge (none by default)."""
+        return []
 
     def streams(self, x: Features) -> list[torch.Tensor]:
         """The input map(s) as a list, projected when the head has a projection."""
@@ -269,17 +275,24 @@ class DemocraticHead(PoolingHead):
 
     order: ClassVar[int]
 
+    @checked
     def __init__(
         self,
         in_channels: int | Sequence[int],
-        gamma: float = 0.5,
-        tau: float = 0.5,
-        iters: int = 10,
+        gamma: Annotated[float, Interval(ge=0, le=1)] = 0.5,
+        tau: Annotated[float, Gt(0), Le(1)] = 0.5,
+        iters: Annotated[int, Interval(ge=1, le=1000)] = 10,
         detach: bool = False,
-        **proj,
+        **proj: Any,
     ) -> None:
         super().__init__(in_channels, **proj)
         self.gamma, self.tau, self.iters, self.detach = float(gamma), float(tau), int(iters), detach
+
+    def divergence_hints(self) -> list[str]:
+        return [
+            f"democratic pooling (pooling.tau={self.tau}, pooling.gamma={self.gamma}, "
+            f"pooling.iters={self.iters})"
+        ]
 
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, C) (second order) or (B, C) (first order), float32."""
@@ -381,33 +394,23 @@ class FisherPool(PoolingHead):
     """
 
     fitted: torch.Tensor
+    linear_stage_only = (
+        "the Fisher vector's GMM is fitted once on frozen features and FV-CNN never "
+        "fine-tunes through it"
+    )
 
+    @checked
     def __init__(
         self,
         in_channels: int | Sequence[int],
-        num_components: int = 64,
-        num_samples: int = 64_000,
-        samples_per_image: int = 200,
-        em_iters: int = 100,
-        seed: int = 0,
-        **proj,
+        num_components: Annotated[int, Interval(ge=1, le=65536)] = 64,
+        num_samples: PositiveInt = 64_000,
+        samples_per_image: PositiveInt = 200,
+        em_iters: Annotated[int, Interval(ge=1, le=100_000)] = 100,
+        seed: Seed = 0,
+        **proj: Any,
     ) -> None:
         super().__init__(in_channels, **proj)
-        for key, value in (
-            ("num_components", num_components),
-            ("num_samples", num_samples),
-            ("samples_per_image", samples_per_image),
-            ("em_iters", em_iters),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"pooling.{key} must be a positive integer, got {value!r}")
-        if num_samples < num_components:
-            raise ValueError(
-                f"pooling.num_samples={num_samples} must be at least pooling.num_components="
-                f"{num_components}"
-            )
-        if self.proj_init == "pca":
-            raise ValueError("pooling=fisher: pooling.proj_init=pca is not supported; use random")
         if self.fit_images is None:  # as many images as the sample needs
             self.fit_images = -(-num_samples // samples_per_image)
         d = self.channels[0]
@@ -417,8 +420,21 @@ class FisherPool(PoolingHead):
         self.em_iters, self.seed = em_iters, seed
         self.output_shape = FeatureShape((2 * num_components * d,))
 
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """EM needs a sample at least as large as the mixture; PCA init is not offered."""
+        if values["num_samples"] < values["num_components"]:
+            return (
+                "num_samples",
+                f"must be at least pooling.num_components={values['num_components']}, got "
+                f"{values['num_samples']}",
+            )
+        if values.get("proj_init") == "pca":
+            return "proj_init", "pooling=fisher does not support pca; use random"
+        return None
+
     @property
-    def needs_fit(self) -> bool:
+    def needs_fit(self) -> bool:  # type: ignore[override]
         """True until the GMM has been fitted (or loaded from a checkpoint)."""
         return not bool(self.fitted)
 

@@ -12,9 +12,13 @@ map becomes ``x.flatten(2).transpose(1, 2)``. Outputs average over the n locatio
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Interval
 from torch import Tensor, nn
 
+from bcnn.limits import Seed, checked
 from bcnn.ops._utils import autocast_disabled, compute_dtype
 
 
@@ -52,8 +56,13 @@ class _CompactBilinear(nn.Module):
         in_dim2: Channels of y for the two-input form (default: ``in_dim``).
     """
 
+    @checked
     def __init__(
-        self, in_dim: int, out_dim: int = 8192, seed: int = 0, in_dim2: int | None = None
+        self,
+        in_dim: int,
+        out_dim: Annotated[int, Interval(ge=1, le=2**24)] = 8192,
+        seed: Seed = 0,
+        in_dim2: int | None = None,
     ) -> None:
         super().__init__()
         self.in_dim = in_dim

@@ -34,10 +34,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from bcnn.limits import NonNegative
 from bcnn.ops._utils import autocast_disabled, machine_eps, symmetrize, to_compute
 from bcnn.ops.spectral import divided_difference
 from bcnn.ops.sqrtm import (
-    SCALES,
+    Iters,
+    Scale,
+    check_args,
     lyapunov_iterative_matmuls,
     newton_schulz_matmuls,
     resolve_sqrtm,
@@ -46,10 +49,6 @@ from bcnn.ops.sqrtm import (
 Fn = Literal["sqrt", "power", "log"]
 SqrtMethod = Literal["eigh", "newton_schulz", "auto"]
 EpsMode = Literal["abs", "trace"]
-
-FNS = ("sqrt", "power", "log")
-SQRT_METHODS = ("eigh", "newton_schulz", "auto")
-EPS_MODES = ("abs", "trace")
 # Eigenvalue floors of the d x d routes (``powm`` and ``logm`` defaults).
 DEFAULT_FLOOR = {"power": 1e-8, "log": 1e-6}
 
@@ -80,10 +79,7 @@ def _check_features(X: Tensor, name: str) -> tuple[int, int]:
 
 
 def _check_ridge(eps: float, eps_mode: str, name: str) -> None:
-    if eps < 0:
-        raise ValueError(f"{name}: eps must be >= 0, got {eps}")
-    if eps_mode not in EPS_MODES:
-        raise ValueError(f"{name}: eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+    check_args(name, eps=(eps, NonNegative), eps_mode=(eps_mode, EpsMode))
 
 
 def ridge_from_features(X: Tensor, eps: float, eps_mode: str) -> Tensor:
@@ -308,14 +304,12 @@ def sqrtm_from_features(
     """
     _, d = _check_features(X, "sqrtm_from_features")
     _check_ridge(eps, eps_mode, "sqrtm_from_features")
-    if method not in SQRT_METHODS:
-        raise ValueError(
-            f"sqrtm_from_features: method must be one of {SQRT_METHODS}, got {method!r}"
-        )
-    if scale not in SCALES:
-        raise ValueError(f"sqrtm_from_features: scale must be one of {SCALES}, got {scale!r}")
-    if iters < 0:
-        raise ValueError(f"sqrtm_from_features: iters must be >= 0, got {iters}")
+    check_args(
+        "sqrtm_from_features",
+        method=(method, SqrtMethod),
+        scale=(scale, Scale),
+        iters=(iters, Iters),
+    )
     if method == "auto":
         resolved = resolve_sqrtm("auto", "auto", X.device.type, d)[0]
         method = "newton_schulz" if resolved == "newton_schulz" else "eigh"
@@ -417,8 +411,7 @@ def matrix_function_from_features(
     Returns:
         ``(..., d, d)`` f(M); float32, or float64 for float64 input.
     """
-    if fn not in FNS:
-        raise ValueError(f"matrix_function_from_features: fn must be one of {FNS}, got {fn!r}")
+    check_args("matrix_function_from_features", fn=(fn, Fn))
     if fn == "sqrt":
         return sqrtm_from_features(X, method, iters, scale, eps, eps_mode)
     fl = DEFAULT_FLOOR[fn] if floor is None else floor

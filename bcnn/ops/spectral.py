@@ -27,6 +27,8 @@ from bcnn.ops._utils import (
 )
 from bcnn.ops.sqrtm import sqrtm
 
+LogMethod = Literal["eigh", "iterative"]
+
 
 def divided_difference(a: Tensor, b: Tensor, eps: float, p: float | None) -> Tensor:
     """f[a, b] = (f(a) - f(b)) / (a - b) elementwise (broadcasting), f'(a) where a == b.
@@ -158,7 +160,7 @@ def _logm_iterative(
 
 def logm(
     A: Tensor,
-    method: Literal["eigh", "iterative"] = "eigh",
+    method: LogMethod = "eigh",
     eps: float = 1e-6,
     *,
     num_roots: int = 6,

@@ -16,11 +16,13 @@ Backward methods (the gradient G_A of Z = A^(1/2) solves Z G_A + G_A Z = G_Z):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 import torch
+from annotated_types import Interval
 from torch import Tensor
 
+from bcnn.limits import problem
 from bcnn.ops._utils import (
     add_to_diagonal_,
     autocast_disabled,
@@ -38,9 +40,22 @@ Method = Literal["auto", "newton_schulz", "eigh", "svd"]
 Backward = Literal["auto", "lyapunov_iterative", "lyapunov_eig", "autograd", "svd", "identity"]
 Scale = Literal["fro", "trace"]
 
-METHODS = ("auto", "newton_schulz", "eigh", "svd")
-BACKWARDS = ("auto", "lyapunov_iterative", "lyapunov_eig", "autograd", "svd", "identity")
-SCALES = ("fro", "trace")
+# Newton-Schulz iterations: 0 only scales A (a published setting, BMVC 2017 Table 3).
+Iters = Annotated[int, Interval(ge=0, le=1000)]
+
+METHODS: tuple[str, ...] = get_args(Method)
+BACKWARDS: tuple[str, ...] = get_args(Backward)
+SCALES: tuple[str, ...] = get_args(Scale)
+
+
+def check_args(func: str, **args: tuple[object, object]) -> None:
+    """Raises ``ValueError`` naming ``func`` and the first argument that breaks its
+    declaration; ``args`` maps a name to ``(value, annotation)``."""
+    for name, (value, ann) in args.items():
+        found = problem(value, ann)
+        if found:
+            raise ValueError(f"{func}: {name} {found}")
+
 
 # What ``method="auto"`` / ``backward="auto"`` resolve to, per device type: a list of
 # (largest d, method, backward), the first row with d <= largest d wins (the last row covers
@@ -93,10 +108,7 @@ def resolve_sqrtm(
     Returns:
         The concrete ``(method, backward)``.
     """
-    if method not in METHODS:
-        raise ValueError(f"sqrtm: method must be one of {METHODS}, got {method!r}")
-    if backward not in BACKWARDS:
-        raise ValueError(f"sqrtm: backward must be one of {BACKWARDS}, got {backward!r}")
+    check_args("sqrtm", method=(method, Method), backward=(backward, Backward))
     if method == "auto":
         if backward == "autograd":
             method = "newton_schulz"
@@ -315,7 +327,7 @@ def _spectral_backward(V: Tensor, s: Tensor, gY: Tensor, gW: Tensor | None, mode
 def sqrtm(
     A: Tensor,
     method: Method = "auto",
-    iters: int = 5,
+    iters: Iters = 5,
     backward: Backward = "auto",
     scale: Scale = "fro",
     return_inverse: bool = False,
@@ -353,13 +365,10 @@ def sqrtm(
         float32, or float64 for float64 input.
     """
     d = check_square(A, "sqrtm")
-    if scale not in SCALES:
-        raise ValueError(f"sqrtm: scale must be one of {SCALES}, got {scale!r}")
-    if iters < 0:
-        raise ValueError(f"sqrtm: iters must be >= 0, got {iters}")
     backward_iters = iters if backward_iters is None else backward_iters
-    if backward_iters < 0:
-        raise ValueError(f"sqrtm: backward_iters must be >= 0, got {backward_iters}")
+    check_args(
+        "sqrtm", scale=(scale, Scale), iters=(iters, Iters), backward_iters=(backward_iters, Iters)
+    )
     method, backward = resolve_sqrtm(method, backward, A.device.type, d)
     with autocast_disabled(A.device.type):
         A = symmetrize(to_compute(A))

@@ -22,10 +22,10 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from bcnn.cli.errors import user_errors
 from bcnn.config import instantiate
 from bcnn.engine.placement import output_dir, resolve_device
 from bcnn.engine.runs import TrainedModel, load_trained
+from bcnn.errors import user_errors
 from bcnn.models.inputs import InputSpec
 from bcnn.models.pooling import BilinearPool, DemocraticPool
 from bcnn.viz.figures import (

@@ -19,11 +19,14 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from bcnn.errors import WeightsUnavailableError, show
+from bcnn.io import safe_load
+from bcnn.limits import Check
 from bcnn.models.inputs import IMAGENET, InputSpec
 
 # Network errors of urllib (URLError), requests/huggingface_hub (OSError subclasses) and
@@ -43,8 +46,31 @@ _WRAPPER_PREFIXES = ("module.", "model.")
 SAFETENSORS_SPEC_KEY = "bcnn.input_spec"
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights cannot be obtained (offline, or none exist for the model)."""
+def weights_file(value: Any) -> str | None:
+    """A :class:`~bcnn.limits.Check`: a local file that looks like a torch or safetensors one."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        return f"no such file: {path} (pass a .pt/.pth state dict or a .safetensors file)"
+    with path.open("rb") as f:
+        head = f.read(8)
+    if path.suffix == ".safetensors":
+        # 8-byte little-endian header length, then a JSON header.
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= size <= path.stat().st_size - 8:
+            return f"{path} is not a .safetensors file (its header is unreadable)"
+        return None
+    # torch.save writes a zip archive; files of torch < 1.6 start with a pickle opcode.
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return (
+            f"{path} is neither a torch file (.pt/.pth) nor a .safetensors file: pass the "
+            "weights of this backbone (see docs/models.md)"
+        )
+    return None
+
+
+WeightsFile = Annotated[str, Check(weights_file, files=True)]
 
 
 class Backbone(nn.Module):
@@ -57,6 +83,17 @@ class Backbone(nn.Module):
 
     out_channels: int | tuple[int, int]
     input_spec: InputSpec = IMAGENET
+
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """``pretrained=true`` and ``weights=<file>`` together are ambiguous."""
+        if values.get("pretrained") is True and values.get("weights"):
+            return (
+                "weights",
+                "set either pretrained=true (download ImageNet weights) or weights=<file>, "
+                f"not both (weights={show(values['weights'])})",
+            )
+        return None
 
     def load_weights_file(
         self,
@@ -79,15 +116,6 @@ class Backbone(nn.Module):
             return
         meta = load_weights(self if module is None else module, path, remap=remap)
         self.input_spec = input_spec_from_meta(meta) or self.input_spec
-
-
-def check_weight_source(name: str, pretrained: bool, weights: str | None) -> None:
-    """Rejects ``pretrained=True`` together with ``weights=<file>`` (ambiguous)."""
-    if pretrained and weights:
-        raise ValueError(
-            f"{name}: set either backbone.pretrained=true (download ImageNet weights) or "
-            f"backbone.weights=<file> (local file), not both (weights={weights!r})"
-        )
 
 
 def hub_cache_path(url: str) -> Path:
@@ -192,7 +220,6 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             meta["input_spec"] = json.loads(header[SAFETENSORS_SPEC_KEY])
         return state, meta
     # Imported here: bcnn.engine imports the models package.
-    from bcnn.engine.checkpoint import safe_load
 
     try:
         obj = safe_load(path)

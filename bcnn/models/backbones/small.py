@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import MinLen
 from torch import nn
 
+from bcnn.limits import Channels, checked
 from bcnn.models.backbones.base import Backbone
 from bcnn.models.inputs import InputSpec
 
@@ -19,16 +22,18 @@ class SmallCNN(Backbone):
 
     Args:
         channels: Output channels of each block.
-        in_chans: Input channels.
+        in_chans: Input channels: 3, the RGB images every dataset gives.
         batch_norm: Insert BatchNorm after each convolution.
     """
 
+    @checked
     def __init__(
-        self, channels: Sequence[int] = (32, 64), in_chans: int = 3, batch_norm: bool = False
+        self,
+        channels: Annotated[Sequence[Channels], MinLen(1)] = (32, 64),
+        in_chans: Literal[3] = 3,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        if not channels:
-            raise ValueError("SmallCNN: backbone.channels must name at least one block")
         layers: list[nn.Module] = []
         prev = in_chans
         for i, ch in enumerate(channels):

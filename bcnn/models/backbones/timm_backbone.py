@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import timm
 import torch
 
+from bcnn.limits import Check, checked
 from bcnn.models.backbones.base import (
     NETWORK_ERRORS,
     Backbone,
+    WeightsFile,
     WeightsUnavailableError,
-    check_weight_source,
 )
 from bcnn.models.inputs import InputSpec
 
@@ -25,6 +27,15 @@ def _hf_cache_dir() -> str:
         return str(constants.HF_HUB_CACHE)
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
         return str(Path("~/.cache/huggingface/hub").expanduser())
+
+
+def timm_name(value: Any) -> str | None:
+    """A :class:`~bcnn.limits.Check`: a model timm knows, with close names when not."""
+    if not isinstance(value, str) or timm.is_model(value):
+        return None
+    close = difflib.get_close_matches(value, timm.list_models(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"{value!r} is not a timm model{hint}; see timm.list_models()"
 
 
 class TimmBackbone(Backbone):
@@ -46,16 +57,16 @@ class TimmBackbone(Backbone):
             for transformers, ``drop_path_rate``).
     """
 
+    @checked
     def __init__(
         self,
-        name: str = "resnet50",
+        name: Annotated[str, Check(timm_name)] = "resnet50",
         pretrained: bool = False,
-        weights: str | None = None,
+        weights: WeightsFile | None = None,
         out_index: int = -1,
         model_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        check_weight_source(f"timm:{name}", pretrained, weights)
         kwargs = dict(model_kwargs or {})
 
         def create(with_weights: bool) -> torch.nn.Module:

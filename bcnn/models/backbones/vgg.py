@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Annotated, Any
 
 import torch
 import torchvision
+from annotated_types import Interval
 from torch import nn
 from torchvision.models import vgg as tv_vgg
 
+from bcnn.limits import Channels, Check, checked
 from bcnn.models.backbones.base import (
     Backbone,
+    WeightsFile,
     WeightsUnavailableError,
-    check_weight_source,
     torchvision_download,
 )
 from bcnn.models.inputs import IMAGENET, InputSpec
@@ -27,6 +30,22 @@ _VGG16_RELU5_3 = 30
 MATCONVNET_IMAGENET = InputSpec(
     mean=(123.68, 116.78, 103.94), std=(1.0, 1.0, 1.0), color="RGB", scale=255.0
 )
+
+
+def _lrn(value: Any) -> str | None:
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return f"must be [N, kappa, alpha, beta], got {value}"
+    n, kappa, alpha, beta = value
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return f"N (the first element) must be an integer >= 1, got {n}"
+    if min(kappa, alpha, beta) < 0:
+        return f"kappa, alpha and beta must be >= 0, got {value}"
+    return None
+
+
+# Local response normalization [N, kappa, alpha, beta] in MatConvNet's convention.
+LRN = Annotated[Sequence[float], Check(_lrn)]
+Dropout = Annotated[float, Interval(ge=0, lt=1)]
 
 
 def _init_like_torchvision(module: nn.Module) -> None:
@@ -52,9 +71,9 @@ class VGG16(Backbone):
             ``imagenet-vgg-verydeep-16.mat``, whose input convention is then adopted).
     """
 
-    def __init__(self, pretrained: bool = False, weights: str | None = None) -> None:
+    @checked
+    def __init__(self, pretrained: bool = False, weights: WeightsFile | None = None) -> None:
         super().__init__()
-        check_weight_source("vgg_d", pretrained, weights)
         if pretrained:
             tv_weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
             with torchvision_download("VGG-16 (torchvision)", tv_weights):
@@ -98,11 +117,12 @@ class VGGM(Backbone):
             divided by N, unlike Caffe and ``torch.nn.LocalResponseNorm``).
     """
 
+    @checked
     def __init__(
         self,
         pretrained: bool = False,
-        weights: str | None = None,
-        lrn: Sequence[float] = (5, 2.0, 1e-4, 0.75),
+        weights: WeightsFile | None = None,
+        lrn: LRN = (5, 2.0, 1e-4, 0.75),
     ) -> None:
         super().__init__()
         if pretrained:
@@ -198,15 +218,15 @@ class VGG16FC7(Backbone):
         fc_dim: Width of fc6 and fc7 (4096; smaller only for tests).
     """
 
+    @checked
     def __init__(
         self,
         pretrained: bool = False,
-        weights: str | None = None,
-        dropout: float = 0.5,
-        fc_dim: int = 4096,
+        weights: WeightsFile | None = None,
+        dropout: Dropout = 0.5,
+        fc_dim: Channels = 4096,
     ) -> None:
         super().__init__()
-        check_weight_source("vgg_d_fc7", pretrained, weights)
         features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=False)
         self.features = features[:_VGG16_RELU5_3]
         self.fc = _fc_stack(features[_VGG16_RELU5_3], 512, 7, int(fc_dim), dropout)
@@ -241,13 +261,14 @@ class VGGMFC7(VGGM):
         fc_dim: Width of fc6 and fc7 (4096; smaller only for tests).
     """
 
+    @checked
     def __init__(
         self,
         pretrained: bool = False,
-        weights: str | None = None,
-        lrn: Sequence[float] = (5, 2.0, 1e-4, 0.75),
-        dropout: float = 0.5,
-        fc_dim: int = 4096,
+        weights: WeightsFile | None = None,
+        lrn: LRN = (5, 2.0, 1e-4, 0.75),
+        dropout: Dropout = 0.5,
+        fc_dim: Channels = 4096,
     ) -> None:
         super().__init__(pretrained=pretrained, weights=None, lrn=lrn)
         pool5 = nn.MaxPool2d(3, stride=2, ceil_mode=True)

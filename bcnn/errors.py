@@ -1,17 +1,17 @@
-"""One clear message for the errors a user can fix, in every command.
+"""The errors bcnn raises for its users, and one clear message for each in every command.
 
-bcnn raises ``ValueError`` / ``FileNotFoundError`` / ``WeightsUnavailableError`` (and a
-few more, see :func:`is_user_error`) with messages that name the key or file and the fix.
-Printed under Hydra's or Python's traceback they drown in 25 lines of frames; every
-console script prints them as one message instead, and the full trace when the
-environment sets ``HYDRA_FULL_ERROR=1`` (Hydra's own switch, used by all bcnn commands).
-
-Two entry points:
+bcnn raises ``ValueError`` (:class:`ConfigError` names the config key), ``FileNotFoundError``,
+:class:`WeightsUnavailableError`, :class:`DivergenceError` and a few more (see
+:func:`is_user_error`) with messages that name the key or file and the fix. Printed under
+Hydra's or Python's traceback they drown in 25 lines of frames; every console script prints
+them as one message instead, and the full trace when the environment sets
+``HYDRA_FULL_ERROR=1`` (Hydra's own switch, used by all bcnn commands):
 
 * :func:`user_errors`, a context manager for Hydra task functions: it re-raises a user
-  error as :class:`UserError`, which Hydra prints without a traceback.
-* :func:`run_command`, for argparse commands: it prints the message and returns exit
-  status 1.
+  error as :class:`UserError`, which Hydra prints without a traceback;
+* :func:`run_command`, for argparse commands: it prints the message and returns status 1.
+
+This module sits below every other bcnn module: any of them may raise these errors.
 """
 
 from __future__ import annotations
@@ -21,19 +21,70 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException, HydraException, MissingConfigException
+from hydra.errors import (
+    CompactHydraException,
+    HydraException,
+    InstantiationException,
+    MissingConfigException,
+)
 from hydra.types import RunMode
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from bcnn.data.base import BadImageError
-from bcnn.engine.trainer import DivergenceError
-from bcnn.models.backbones.base import WeightsUnavailableError
+
+def show(value: Any) -> str:
+    """A short, readable rendering of a config value for messages."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class ConfigError(ValueError):
+    """An invalid config value or key.
+
+    Attributes:
+        key: The full dotted key (``pooling.gamma``, ``normalization.sqrt.eps``).
+        problem: What is wrong, without the key.
+        unknown: The key does not exist (rather than holding a bad value).
+    """
+
+    def __init__(self, key: str, message: str, *, unknown: bool = False) -> None:
+        kind = "Unknown config key" if unknown else "Invalid config value for"
+        super().__init__(f"{kind} '{key}': {message}")
+        self.key, self.problem, self.unknown = key, message, unknown
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` (with ``_convert_="all"``) that lets our errors through.
+
+    Hydra wraps whatever the target raises in an ``InstantiationException`` and shows its
+    repr; the constructors' errors already name the key or file and the fix, and callers
+    catch them by type.
+    """
+    kwargs.setdefault("_convert_", "all")
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights cannot be obtained (offline, or none exist for the model)."""
+
+
+class DivergenceError(RuntimeError):
+    """The training loss (or the weights) stopped being finite; the message says where and
+    which settings likely caused it."""
+
 
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 HINT = f"(set {FULL_ERROR_ENV}=1 for the full trace)"
-_PACKAGE = Path(__file__).resolve().parents[1]
+_PACKAGE = Path(__file__).resolve().parent
 
 # Raised on purpose by bcnn code with a message meant for the user. Only counted when the
 # raising frame is in bcnn: the same types raised deep inside torch or numpy are bugs to
@@ -44,7 +95,6 @@ RAISED_FOR_THE_USER: tuple[type[BaseException], ...] = (
     ImportError,  # an optional dependency, naming the extra to install
     KeyError,  # an unknown name looked up for the user (e.g. a class name)
     WeightsUnavailableError,  # offline without cached weights, naming the file to fetch
-    BadImageError,
     DivergenceError,  # a non-finite loss, naming the stage, epoch, step and likely settings
 )
 # Configuration errors: a misspelt key, a wrong type, an unknown option. Always the user's.
@@ -79,7 +129,7 @@ def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is an error bcnn raised for the user (or a config error).
 
     User errors: configuration errors of Hydra and OmegaConf, and ``ValueError``,
-    ``OSError`` (``FileNotFoundError``, ``BadImageError``), ``ImportError``, ``KeyError``
+    ``OSError`` (``FileNotFoundError``, a bad image, a full disk), ``ImportError``, ``KeyError``
     and ``WeightsUnavailableError`` raised by bcnn's own code. Anything else, and these
     types raised inside another library, is a bug and keeps its traceback.
     """
@@ -155,16 +205,3 @@ def run_command(
             raise
         print(f"{prog}: error: {message(err)}\n{HINT}", file=sys.stderr)
         return 1
-
-
-__all__ = [
-    "CONFIG_ERRORS",
-    "FULL_ERROR_ENV",
-    "RAISED_FOR_THE_USER",
-    "UserError",
-    "full_trace_requested",
-    "is_user_error",
-    "message",
-    "run_command",
-    "user_errors",
-]
