@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 
 from bcnn.data.base import Box, FileDataset, Record, Splits, read_rows
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
 
 CLASS_FILES = {
     "variant": "variants.txt",
@@ -46,27 +46,7 @@ class FGVCAircraft(FileDataset):
             and ``val_seed`` are unused: Aircraft has an official val set).
     """
 
-    source = DatasetSource(
-        name="aircraft",
-        title="FGVC-Aircraft 2013b",
-        homepage="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
-        layout="""\
-<root>/                        e.g. data/aircraft (root may also be .../data itself)
-  fgvc-aircraft-2013b/data/
-    images/<7-digit id>.jpg
-    variants.txt  families.txt  manufacturers.txt
-    images_{variant,family,manufacturer}_{train,val,test}.txt
-    images_box.txt             (used by bbox_crop)""",
-        variants={
-            "default": (
-                Archive(
-                    "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
-                    "d4acdd33327262359767eeaa97a4f732",
-                    creates="fgvc-aircraft-2013b/data/variants.txt",
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("aircraft")
     folders = ("fgvc-aircraft-2013b/data", "data", ".")
     box_file = "images_box.txt"
 

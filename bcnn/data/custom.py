@@ -103,18 +103,7 @@ class FolderDataset(_OwnData):
             ``train/``.
     """
 
-    source = DatasetSource(
-        name="folder",
-        title="Image folder",
-        layout="""\
-<root>/                        either split folders:
-  train/<class>/<image>        (any depth below the class folder)
-  val/<class>/<image>          (optional: else val is carved from train)
-  test/<class>/<image>         (optional: else test is carved from train)
-or a single tree (test and val are carved from it):
-  <class>/<image>""",
-        manual="your own images: arrange them as shown and set dataset.root=<folder>.",
-    )
+    source = DatasetSource.named("folder")
 
     def parse(self, folder: Path) -> Splits:
         """Lists the class folders and their images; carves the missing splits."""
@@ -195,17 +184,7 @@ class CSVDataset(_OwnData):
             ``classes`` is given), a row without a path or label, or an empty train CSV.
     """
 
-    source = DatasetSource(
-        name="csv",
-        title="CSV image lists",
-        layout="""\
-<root>/
-  train.csv                    path,label rows (a header row naming them is optional)
-  val.csv                      (optional: else val is carved from train)
-  test.csv                     (optional: else test is carved from train)
-  images...                    paths relative to the CSV's folder (or image_root)""",
-        manual="your own lists: write them as shown and set dataset.root=<folder>.",
-    )
+    source = DatasetSource.named("csv")
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bcnn.data.base import FileDataset, Record, Splits, read_rows
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
 
 
 class DTD(FileDataset):
@@ -29,25 +29,7 @@ class DTD(FileDataset):
             and ``val_seed`` are unused: DTD has official val lists).
     """
 
-    source = DatasetSource(
-        name="dtd",
-        title="Describable Textures Dataset (DTD)",
-        homepage="https://www.robots.ox.ac.uk/~vgg/data/dtd/",
-        layout="""\
-<root>/                        e.g. data/dtd (root may also be dtd/ itself)
-  dtd/
-    images/<class>/<class>_<NNNN>.jpg
-    labels/{train,val,test}{1..10}.txt""",
-        variants={
-            "default": (
-                Archive(
-                    "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
-                    "fff73e5086ae6bdbea199a49dfb8a4c1",
-                    creates="dtd/labels/train1.txt",
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("dtd")
     folders = ("dtd", ".")
 
     def __init__(

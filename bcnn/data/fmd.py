@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bcnn.data.base import FileDataset, Record, Splits
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
 
 
 class FMD(FileDataset):
@@ -35,24 +35,7 @@ class FMD(FileDataset):
         **common: The options of :class:`~bcnn.data.base.FileDataset`.
     """
 
-    source = DatasetSource(
-        name="fmd",
-        title="Flickr Material Database (FMD)",
-        homepage="https://people.csail.mit.edu/celiu/CVPR2010/FMD/",
-        layout="""\
-<root>/                        e.g. data/fmd (the zip has no top folder)
-  image/<material>/<material>_<moderate|object|final>_<NNN>_new.jpg
-  mask/...                     (not used)""",
-        variants={
-            "default": (
-                Archive(
-                    "http://people.csail.mit.edu/celiu/CVPR2010/FMD/FMD.zip",
-                    "0721ba72cd981aa9599a81bbfaaebd75",
-                    creates="image",
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("fmd")
     folders = (".", "FMD")
     files = ("image",)
 

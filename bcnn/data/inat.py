@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bcnn.data.base import FileDataset, Record, Splits, find_dataset_dir
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
 
 # version -> (train JSON, val JSON); the 2021 "mini" train set swaps in train_mini.json.
 ANNOTATIONS = {
@@ -29,31 +29,6 @@ ANNOTATIONS = {
     2021: ("train.json", "val.json"),
 }
 TAXONOMY_FIELDS = ("kingdom", "phylum", "class", "order", "family", "genus")
-
-_S3 = "https://ml-inat-competition-datasets.s3.amazonaws.com"
-
-
-def _archives(version: str, files: dict[str, str | None], creates: str = "") -> tuple[Archive, ...]:
-    """One version's downloads: ``name -> md5`` under ``<_S3>/<version>/``, into ``<version>/``.
-
-    Each creates the file or folder its name starts with (``val.json.tar.gz`` creates
-    ``val.json``), unless ``creates`` names one for all.
-    """
-    return tuple(
-        Archive(
-            f"{_S3}/{version}/{name}",
-            md5,
-            subdir=version,
-            creates=f"{version}/{creates or name.removesuffix('.tar.gz')}",
-        )
-        for name, md5 in files.items()
-    )
-
-
-_VAL_2021 = {
-    "val.tar.gz": "f6f6e0e242e3d4c9569ba56400938afc",
-    "val.json.tar.gz": "4d761e0f6a86cc63e8f7afc91f6a8f0b",
-}
 
 
 def select_categories(
@@ -113,52 +88,7 @@ class INaturalist(FileDataset):
             or a JSON without annotations (a test-set file).
     """
 
-    source = DatasetSource(
-        name="inat",
-        title="iNaturalist 2017 / 2018 / 2021",
-        homepage="https://github.com/visipedia/inat_comp",
-        layout="""\
-<root>/                        e.g. data/inat; one folder per version:
-  2017/  train2017.json  val2017.json   train_val_images/<Super>/<species>/<md5>.jpg
-  2018/  train2018.json  val2018.json  [categories.json: real names]
-         train_val2018/<Super>/<category id>/<md5>.jpg
-  2021/  train.json or train_mini.json  val.json
-         train/ or train_mini/<NNNNN_Kingdom_..._species>/<uuid>.jpg   val/...""",
-        default_variant="2018",
-        variants={
-            "2017": (
-                *_archives("2017", {"train_val_images.tar.gz": "7c784ea5e424efaec655bd392f87301f"}),
-                *_archives("2017", {"train_val2017.zip": None}, creates="train2017.json"),
-            ),
-            "2018": (
-                *_archives("2018", {"train_val2018.tar.gz": "b1c6952ce38f31868cc50ea72d066cc3"}),
-                *_archives(
-                    "2018",
-                    {
-                        "train2018.json.tar.gz": "bfa29d89d629cbf04d826a720c0a68b0",
-                        "val2018.json.tar.gz": "f2ed8bfe3e9901cdefceb4e53cd3775d",
-                        "categories.json.tar.gz": None,
-                    },
-                ),
-            ),
-            "2021": _archives(
-                "2021",
-                {
-                    "train.tar.gz": "e0526d53c7f7b2e3167b2b43bb2690ed",
-                    "train.json.tar.gz": "38a7bb733f7a09214d44293460ec0021",
-                    **_VAL_2021,
-                },
-            ),
-            "2021_mini": _archives(
-                "2021",
-                {
-                    "train_mini.tar.gz": "db6ed8330e634445efc8fec83ae81442",
-                    "train_mini.json.tar.gz": "395a35be3651d86dc3b0d365b8ea5f92",
-                    **_VAL_2021,
-                },
-            ),
-        },
-    )
+    source = DatasetSource.named("inat")
 
     def __init__(
         self,
