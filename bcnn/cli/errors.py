@@ -87,6 +87,8 @@ def is_user_error(err: BaseException) -> bool:
         return True
     if isinstance(err, HydraException) and err.__cause__ is not None:
         return is_user_error(err.__cause__)
+    if isinstance(err, BadImageError):  # only bcnn raises it; torch re-raises a worker's
+        return True
     return isinstance(err, RAISED_FOR_THE_USER) and _raised_in_bcnn(err)
 
 

@@ -13,9 +13,9 @@ run directory.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 import uuid
@@ -23,9 +23,10 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args
 
 import numpy as np
+from annotated_types import Interval
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -35,8 +36,13 @@ from bcnn.data.transforms import build_transforms
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "trainval", "test")
-BAD_IMAGE_POLICIES = ("fail", "skip")
+Split = Literal["train", "val", "trainval", "test"]
+BadImagePolicy = Literal["fail", "skip"]
+Fraction = Annotated[float, Interval(ge=0, lt=1)]
+SPLITS: tuple[str, ...] = get_args(Split)
+BAD_IMAGE_POLICIES: tuple[str, ...] = get_args(BadImagePolicy)
+# How a user lists every unreadable image of a dataset (named in the bad-image error).
+VERIFY_COMMAND = "python scripts/prepare_data.py dataset={name} root={root} --verify"
 
 # (left, upper, right, lower) in PIL pixel coordinates: right/lower are exclusive.
 Box = tuple[float, float, float, float]
@@ -244,20 +250,22 @@ def check_options(split: str, val_fraction: float, on_bad_image: str) -> None:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
 
 
-def accepted_options(cls: type) -> set[str]:
-    """The keyword arguments a dataset class accepts (for checking config keys).
+def check_disjoint(splits: Splits, folder: Path, title: str) -> None:
+    """Refuses an image listed in two of a dataset's official splits, naming it.
 
-    Follows ``**common`` from a loader's ``__init__`` up to the base that takes them.
+    Raises:
+        ValueError: A path is in two of ``train``, ``val`` and ``test``.
     """
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in klass.__dict__:
-            continue
-        params = list(inspect.signature(klass.__dict__["__init__"]).parameters.values())[1:]
-        names.update(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names
+    lists = {s: getattr(splits, s) for s in ("train", "val", "test") if getattr(splits, s)}
+    seen: dict[str, str] = {}
+    for split, records in lists.items() if len(lists) > 1 else ():
+        for record in records:
+            path = os.path.normpath(os.path.join(folder, record.path))
+            if seen.setdefault(path, split) != split:
+                raise ValueError(
+                    f"{title}: {path} is listed in both {seen[path]} and {split}: a model "
+                    "would be tested on an image it trained on; list it in one split only"
+                )
 
 
 def _remove_skip_log(folder: Path, owner_pid: int) -> None:
@@ -300,7 +308,7 @@ class RecordDataset(Dataset):
         classes: Sequence[str],
         transform: Transform = None,
         augment: bool = False,
-        on_bad_image: str = "fail",
+        on_bad_image: BadImagePolicy = "fail",
         box_crop: bool = False,
     ) -> None:
         if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -383,7 +391,7 @@ class RecordDataset(Dataset):
                 image = self.load_image(record)
             except BadImageError as err:
                 if self.on_bad_image == "fail":
-                    raise
+                    raise BadImageError(f"{err}; {self.bad_image_fix()}") from err
                 self._skip(i, err)
                 continue
             if self.transform is not None:
@@ -404,13 +412,18 @@ class RecordDataset(Dataset):
         except OSError as log_err:
             logger.warning("Cannot record the skip in %s: %s", self._skip_log, log_err)
 
+    def bad_image_fix(self) -> str:
+        """What to do about an unreadable image, for the error that names it."""
+        return "set dataset.on_bad_image=skip to train without it"
+
     def load_image(self, record: Record) -> Image.Image:
-        """Opens one record's image as RGB, cropped as configured.
+        """Opens one record's image as upright RGB, cropped as configured.
 
         Raises:
-            BadImageError: The file is missing, truncated or not a decodable image.
+            BadImageError: The file is missing, truncated, too large or not a decodable
+                image (see :func:`bcnn.data.images.open_rgb`).
         """
-        return self.crop(open_rgb(self.root / record.path), record)
+        return open_rgb(self.root / record.path, lambda image: self.crop(image, record))
 
     def crop(self, image: Image.Image, record: Record) -> Image.Image:
         """Crops to the record's box when ``box_crop`` is on (box clipped to the image).
@@ -490,12 +503,12 @@ class FileDataset(RecordDataset):
     def __init__(
         self,
         root: str | os.PathLike | None,
-        split: str,
+        split: Split,
         transform: Transform = None,
         augment: bool = False,
-        val_fraction: float = 0.1,
+        val_fraction: Fraction = 0.1,
         val_seed: int = 0,
-        on_bad_image: str = "fail",
+        on_bad_image: BadImagePolicy = "fail",
         bbox_crop: bool = False,
         name: str | None = None,
     ) -> None:
@@ -507,6 +520,7 @@ class FileDataset(RecordDataset):
         folder = self.locate(root)
         folder = require_files(folder, self.required_files(folder), self.source)
         parsed = self.parse(folder)
+        check_disjoint(parsed, folder, self.source.title)
         records = select_split(
             split,
             train=parsed.train,
@@ -519,6 +533,11 @@ class FileDataset(RecordDataset):
             folder, records, parsed.classes, transform, augment, on_bad_image, self.box_crop
         )
         self.name = name or self.source.name
+
+    def bad_image_fix(self) -> str:
+        """Skip it, or list every unreadable image with the verify command."""
+        verify = VERIFY_COMMAND.format(name=self.source.name, root=shlex.quote(str(self.root)))
+        return f"{super().bad_image_fix()}, or list every unreadable one with `{verify}`"
 
     def locate(self, root: str | os.PathLike | None) -> Path | None:
         """The dataset folder below ``root``: the first of ``folders`` holding the first
@@ -546,13 +565,14 @@ class FileDataset(RecordDataset):
 __all__ = [
     "BAD_IMAGE_POLICIES",
     "SPLITS",
+    "VERIFY_COMMAND",
     "BadImageError",
     "Box",
     "FileDataset",
     "Record",
     "RecordDataset",
     "Splits",
-    "accepted_options",
+    "check_disjoint",
     "check_options",
     "find_dataset_dir",
     "read_rows",

@@ -16,11 +16,12 @@ import csv
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from annotated_types import Interval
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from bcnn.data.base import FileDataset, Record, Splits, split_train_val
 from bcnn.data.source import DatasetSource
@@ -34,13 +35,23 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _carve_test(splits: Splits, fraction: float, seed: int, where: str) -> Splits:
-    """Holds out a stratified ``fraction`` of ``train`` as ``test`` when there is none."""
-    if splits.test:
-        return splits
-    logger.info("%s has no test set: test = a seeded %.0f%% of each class", where, 100 * fraction)
-    train, test = split_train_val(splits.train, fraction, seed)
-    return splits._replace(train=train, test=test)
+def _image_files(top: Path) -> Iterator[Path]:
+    """The image files below ``top``, sorted, hidden files and folders left out.
+
+    Links are followed, but each folder is entered once: a link back to a parent folder
+    (``class/again -> .``) ends there instead of listing its images again and again.
+    """
+    entered: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        stat = os.stat(dirpath)
+        if (stat.st_dev, stat.st_ino) in entered:
+            dirnames.clear()
+            continue
+        entered.add((stat.st_dev, stat.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            if not _is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS):
+                yield Path(dirpath, name)
 
 
 class _OwnData(FileDataset):
@@ -60,7 +71,7 @@ class _OwnData(FileDataset):
         root: str | os.PathLike | None,
         split: str,
         *,
-        test_fraction: float = 0.2,
+        test_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.2,
         split_seed: int = 0,
         **common: Any,
     ) -> None:
@@ -72,6 +83,19 @@ class _OwnData(FileDataset):
     def locate(self, root: str | os.PathLike | None) -> Path | None:
         """``root`` itself."""
         return None if root is None else Path(root).expanduser()
+
+    def carve_test(self, splits: Splits, folder: Path) -> Splits:
+        """Holds out a stratified ``test_fraction`` of ``train`` as ``test`` when there is none."""
+        if splits.test:
+            return splits
+        if self.split == "test":  # said once, by the split it is about
+            logger.info(
+                "%s has no test set: test = a seeded %.0f%% of each class",
+                folder,
+                100 * self.test_fraction,
+            )
+        train, test = split_train_val(splits.train, self.test_fraction, self.split_seed)
+        return splits._replace(train=train, test=test)
 
 
 class FolderDataset(_OwnData):
@@ -115,9 +139,10 @@ class FolderDataset(_OwnData):
             )
         classes = self._class_folders(folder / "train" if present else folder)
         trees = {s: folder / s for s in present} if present else {"train": folder}
-        lists = {s: self._images(folder, tree, classes) for s, tree in trees.items()}
+        seen: dict[tuple[int, int] | str, tuple[Path, Record]] = {}
+        lists = {s: self._images(folder, tree, classes, seen) for s, tree in trees.items()}
         splits = Splits(classes, lists["train"], lists.get("test", []), lists.get("val"))
-        return _carve_test(splits, self.test_fraction, self.split_seed, str(folder))
+        return self.carve_test(splits, folder)
 
     @staticmethod
     def _class_folders(tree: Path) -> list[str]:
@@ -129,27 +154,48 @@ class FolderDataset(_OwnData):
         return classes
 
     @staticmethod
-    def _images(folder: Path, tree: Path, classes: Sequence[str]) -> list[Record]:
-        """The images of ``tree/<class>/``, as records relative to ``folder``."""
-        names = [d.name for d in tree.iterdir() if d.is_dir() and not _is_hidden(d.name)]
+    def _images(
+        folder: Path,
+        tree: Path,
+        classes: Sequence[str],
+        seen: dict[tuple[int, int] | str, tuple[Path, Record]],
+    ) -> list[Record]:
+        """The images of ``tree/<class>/``, as records relative to ``folder``.
+
+        Each file is listed once, however many links lead to it: ``seen`` maps each file
+        (device and inode) to where it was first found, across the split folders.
+        """
+        names = sorted(d.name for d in tree.iterdir() if d.is_dir() and not _is_hidden(d.name))
         if unknown := sorted(set(names) - set(classes)):
             raise ValueError(
                 f"class folder {tree / unknown[0]} is not a class of {folder / 'train'} "
                 f"(classes: {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
             )
-
-        def is_image(path: str) -> bool:
-            parts = Path(path).relative_to(tree).parts
-            return path.lower().endswith(IMG_EXTENSIONS) and not any(map(_is_hidden, parts))
-
-        index = {name: classes.index(name) for name in names}
-        found = make_dataset(str(tree), index, is_valid_file=is_image, allow_empty=True)
-        if empty := sorted(set(names) - {classes[label] for _, label in found}):
-            raise ValueError(
-                f"class folder {tree / empty[0]} holds no images "
-                f"(extensions: {' '.join(IMG_EXTENSIONS)}); remove it or add images"
-            )
-        return [Record(Path(p).relative_to(folder).as_posix(), label) for p, label in found]
+        records: list[Record] = []
+        for name in names:
+            count = len(records)
+            for path in _image_files(tree / name):
+                record = Record(path.relative_to(folder).as_posix(), classes.index(name))
+                try:
+                    stat = path.stat()
+                    key: tuple[int, int] | str = (stat.st_dev, stat.st_ino)
+                except OSError:  # a broken link: a bad image when read
+                    key = record.path
+                first_tree, first = seen.setdefault(key, (tree, record))
+                if first is record:
+                    records.append(record)
+                elif first_tree != tree or first.label != record.label:
+                    raise ValueError(
+                        f"{folder / record.path} is the same file as {folder / first.path} "
+                        "(a link or a hard link): an image belongs to one class and one "
+                        "split; remove one of them"
+                    )
+            if len(records) == count:
+                raise ValueError(
+                    f"class folder {tree / name} holds no images "
+                    f"(extensions: {' '.join(IMG_EXTENSIONS)}); remove it or add images"
+                )
+        return records
 
 
 class CSVDataset(_OwnData):
@@ -220,7 +266,7 @@ class CSVDataset(_OwnData):
         index = {name: i for i, name in enumerate(classes)}
         records = {s: self._records(folder, s, r, index) for s, r in rows.items()}
         splits = Splits(classes, records["train"], records.get("test", []), records.get("val"))
-        return _carve_test(splits, self.test_fraction, self.split_seed, str(folder))
+        return self.carve_test(splits, folder)
 
     @staticmethod
     def _read(path: Path) -> list[tuple[Path, int, str, str]]:
