@@ -1,13 +1,8 @@
 """Your own images: a folder with one sub-folder per class, or CSV lists of (path, label).
 
-Both loaders are :class:`~bcnn.data.base.FileDataset` s like the benchmarks: the same
-splits (``train``/``val``/``trainval``/``test``), bad-image policy, box-free crops,
-``skipped()`` and split lists written into the run directory.
-
-Where there is no official test set (no ``test/`` folder, no test CSV), ``test`` is a
-seeded, class-stratified ``test_fraction`` of the training images (seed ``split_seed``),
-carved by :func:`~bcnn.data.base.split_train_val` before ``val`` is carved from the rest
-(``val_fraction``, ``val_seed``); the trainer's ``splits/*.txt`` record the result.
+Both are :class:`~bcnn.data.base.FileDataset` s like the benchmarks. Without an official
+test set (no ``test/`` folder, no test CSV), ``test`` is a seeded, class-stratified
+``test_fraction`` of the training images (seed ``split_seed``), carved before ``val``.
 """
 
 from __future__ import annotations
@@ -33,6 +28,10 @@ SPLIT_FOLDERS = ("train", "val", "test")
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
+
+
+def _subfolders(tree: Path) -> list[str]:
+    return sorted(d.name for d in tree.iterdir() if d.is_dir() and not _is_hidden(d.name))
 
 
 def _image_files(top: Path) -> Iterator[Path]:
@@ -101,18 +100,11 @@ class _OwnData(FileDataset):
 class FolderDataset(_OwnData):
     """Images sorted into one sub-folder per class (like ``torchvision.datasets.ImageFolder``).
 
-    Two layouts, told apart by a ``train/`` folder:
-
-    * ``root/train/<class>/...`` with optional ``root/val/<class>/...`` and
-      ``root/test/<class>/...``: the official splits. ``val/`` and ``test/`` may lack
-      classes but not add any.
-    * ``root/<class>/...``: a single tree; ``test`` and ``val`` are carved from it.
-
-    Classes are the sorted names of the class folders (of ``train/``). Images are the
-    files below a class folder, at any depth, with an image extension (``.jpg``,
-    ``.jpeg``, ``.png``, ``.ppm``, ``.bmp``, ``.pgm``, ``.tif``, ``.tiff``, ``.webp``, any
-    case); hidden files and folders (``.DS_Store``, ``._x.jpg``, ``.ipynb_checkpoints``)
-    are ignored.
+    Either ``root/train/<class>/...`` with optional ``val/`` and ``test/`` folders (which
+    may lack classes but not add any), or a single tree ``root/<class>/...``. Classes are
+    the sorted class-folder names. Images are the files with an image extension at any
+    depth below a class folder, hidden ones left out, each file once (see
+    :func:`_image_files`; a file in two classes or splits is an error).
 
     Args:
         root: The folder (``dataset.root``).
@@ -137,21 +129,16 @@ class FolderDataset(_OwnData):
                 f"{folder} has {' and '.join(s + '/' for s in present)} but no train/ folder; "
                 "add train/<class>/ folders, or put the class folders directly in it"
             )
-        classes = self._class_folders(folder / "train" if present else folder)
+        tree = folder / "train" if present else folder
+        if not (classes := _subfolders(tree)):
+            raise ValueError(
+                f"{tree} holds no class folders: put each class's images in {tree}/<class name>/"
+            )
         trees = {s: folder / s for s in present} if present else {"train": folder}
         seen: dict[tuple[int, int] | str, tuple[Path, Record]] = {}
         lists = {s: self._images(folder, tree, classes, seen) for s, tree in trees.items()}
         splits = Splits(classes, lists["train"], lists.get("test", []), lists.get("val"))
         return self.carve_test(splits, folder)
-
-    @staticmethod
-    def _class_folders(tree: Path) -> list[str]:
-        classes = sorted(d.name for d in tree.iterdir() if d.is_dir() and not _is_hidden(d.name))
-        if not classes:
-            raise ValueError(
-                f"{tree} holds no class folders: put each class's images in {tree}/<class name>/"
-            )
-        return classes
 
     @staticmethod
     def _images(
@@ -165,7 +152,7 @@ class FolderDataset(_OwnData):
         Each file is listed once, however many links lead to it: ``seen`` maps each file
         (device and inode) to where it was first found, across the split folders.
         """
-        names = sorted(d.name for d in tree.iterdir() if d.is_dir() and not _is_hidden(d.name))
+        names = _subfolders(tree)
         if unknown := sorted(set(names) - set(classes)):
             raise ValueError(
                 f"class folder {tree / unknown[0]} is not a class of {folder / 'train'} "
@@ -201,15 +188,10 @@ class FolderDataset(_OwnData):
 class CSVDataset(_OwnData):
     """Images listed in CSV files, one per split, as ``path,label`` rows.
 
-    Each CSV has a ``path`` and a ``label`` column: named in a header row (other columns
-    are ignored), or, without a header, the first two columns. Labels are class names
-    (or numbers). Paths are relative to ``image_root`` when given, else to the CSV's own
-    folder, or absolute. The train CSV is required; the val and test CSVs are used when
-    they exist, else those splits are carved from train.
-
-    Classes are ``classes`` when given (that order), else the sorted distinct labels of
-    the train CSV, sorted numerically when every label is an integer (so labels
-    ``0..K-1`` keep their numbers).
+    The ``path`` and ``label`` columns are named in a header row, or else the first two.
+    Paths are relative to ``image_root`` when given, else to the CSV's folder, or
+    absolute. Classes are ``classes`` when given, else the train CSV's distinct labels,
+    sorted (numerically when all are integers, so ``0..K-1`` keep their numbers).
 
     Args:
         root: The folder holding the CSV files (``dataset.root``).

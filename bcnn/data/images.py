@@ -6,16 +6,11 @@ Every dataset (and any tool that must accept what training accepts) reads images
 orientation tag says (phone photos are stored sideways with such a tag). PIL's own
 ``convert("RGB")`` is right for most modes but not all:
 
-* 16-bit and 32-bit integer images (``I;16``, ``I;16B``, ``I``: 16-bit PNGs, TIFFs) are
-  clipped at 255, so almost every pixel turns white. They are scaled to 8 bits instead:
-  ``I;16*`` by 255/65535; ``I`` by its range (see :func:`to_8bit`).
+* 16-bit and 32-bit integer images (16-bit PNGs, TIFFs) are clipped at 255, so almost
+  every pixel turns white. They are scaled to 8 bits instead (see :func:`to_8bit`).
 * Float images (``F``) are truncated to 0 and 1. Values in [0, 1] are scaled by 255.
-* Transparency (``RGBA``, ``LA``, ``PA``, a palette or grayscale image with a
-  transparent colour) is dropped, leaving whatever colour the transparent pixels happen
-  to store. Transparent areas are composited onto white, as a viewer shows them.
-
-Grayscale (``L``), bilevel (``1``), palette (``P``), ``CMYK`` (Adobe-inverted JPEGs are
-handled by PIL's decoder) and ``YCbCr``/``LAB``/``HSV`` go through PIL's conversion.
+* Transparency is dropped, leaving whatever colour the transparent pixels store.
+  Transparent areas are composited onto white, as a viewer shows them.
 """
 
 from __future__ import annotations

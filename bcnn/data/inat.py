@@ -1,15 +1,9 @@
 """iNaturalist 2017 / 2018 / 2021, read from the competition's COCO-style JSON files.
 
-Split protocol. The competitions publish train and val annotations but no test labels,
-so the official val set plays the role of the test set:
-
-* ``test``: the official val JSON (``val2017.json``, ``val2018.json``, ``val.json``).
-* ``trainval``: the whole official train JSON.
-* ``train`` / ``val``: a stratified ``val_fraction`` of the official train set is held
-  out as our ``val`` for model selection; ``train`` is the rest.
-
-With ``supercategory`` set (the B-CNN iNat subsets), only its categories are kept and
-they are re-indexed ``0..K-1`` in the order of the JSON ``categories`` list.
+Split protocol: there are no public test labels, so ``test`` is the official val JSON;
+``trainval`` is the official train JSON, and ``train``/``val`` carve a stratified
+``val_fraction`` of it. With ``supercategory`` set (the B-CNN iNat subsets), only its
+categories are kept, re-indexed ``0..K-1`` in the order of the JSON ``categories`` list.
 """
 
 from __future__ import annotations
@@ -61,12 +55,9 @@ def select_categories(
 class INaturalist(FileDataset):
     """iNaturalist from its JSON annotations, optionally one supercategory.
 
-    Images and labels are joined on ``image_id`` (never on list position: the
-    ``images`` and ``annotations`` lists need not be aligned). Labels index the kept
-    categories in JSON list order. For 2018, an optional ``categories.json`` next to the
-    annotations (the un-obfuscated release) replaces category names and taxonomy by id.
-    Only the JSON file of the split asked for is read (the official val JSON for
-    ``test``, the train JSON otherwise).
+    Images and labels are joined on ``image_id``, never on list position. For 2018, an
+    optional ``categories.json`` (the un-obfuscated release) replaces category names and
+    taxonomy by id. Only the JSON file of the split asked for is read.
 
     Args:
         root: ``data/inat`` holding one folder per version (``2018/``...), or the
