@@ -28,12 +28,8 @@ def _load_mat(path: Path, key: str) -> np.ndarray:
 
 def _box(entry: np.void) -> tuple[float, float, float, float]:
     # MATLAB boxes are 1-based and inclusive.
-    return (
-        float(entry["bbox_x1"]) - 1,
-        float(entry["bbox_y1"]) - 1,
-        float(entry["bbox_x2"]),
-        float(entry["bbox_y2"]),
-    )
+    x1, y1, x2, y2 = (float(entry[f"bbox_{k}"]) for k in ("x1", "y1", "x2", "y2"))
+    return (x1 - 1, y1 - 1, x2, y2)
 
 
 def _devkit_records(folder: Path, annos: str, image_dir: str) -> list[Record]:
@@ -52,14 +48,10 @@ def _devkit_records(folder: Path, annos: str, image_dir: str) -> list[Record]:
 class StanfordCars(FileDataset):
     """Stanford Cars from either of its two published layouts, detected automatically.
 
-    * ``devkit`` (torchvision, TFDS): ``cars_train/``, ``cars_test/``,
-      ``devkit/cars_meta.mat``, ``devkit/cars_train_annos.mat`` and the test labels in
-      ``cars_test_annos_withlabels.mat`` at the root or in ``devkit/``. Kaggle's doubled
-      ``cars_train/cars_train/`` folders are accepted as they are.
-    * ``car_ims`` (the B-CNN authors): ``car_ims/`` plus ``cars_annos.mat``, whose
-      ``test`` field gives the split.
-
-    ``.mat`` struct fields are read by name, so both layouts share one parser. Labels are
+    ``devkit`` (torchvision, Kaggle, TFDS; test labels in
+    ``cars_test_annos_withlabels.mat`` at the root or in ``devkit/``) or ``car_ims`` (the
+    B-CNN authors'; the ``test`` field of ``cars_annos.mat`` gives the split); see
+    ``source.layout``. ``.mat`` struct fields are read by name. Labels are
     ``class - 1``; ``classes`` are the ``class_names`` of the ``.mat`` files. ``root`` is
     ``data/cars``; the options are those of :class:`~bcnn.data.base.FileDataset`
     (``bbox_crop`` crops to the annotated box).

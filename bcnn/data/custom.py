@@ -34,7 +34,7 @@ def _subfolders(tree: Path) -> list[str]:
     return sorted(d.name for d in tree.iterdir() if d.is_dir() and not _is_hidden(d.name))
 
 
-def _image_files(top: Path) -> Iterator[Path]:
+def _image_files(top: Path) -> Iterator[str]:
     """The image files below ``top``, sorted, hidden files and folders left out.
 
     Links are followed, but each folder is entered once: a link back to a parent folder
@@ -50,7 +50,7 @@ def _image_files(top: Path) -> Iterator[Path]:
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         for name in sorted(filenames):
             if not _is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS):
-                yield Path(dirpath, name)
+                yield os.path.join(dirpath, name)
 
 
 class _OwnData(FileDataset):
@@ -160,11 +160,14 @@ class FolderDataset(_OwnData):
             )
         records: list[Record] = []
         for name in names:
-            count = len(records)
-            for path in _image_files(tree / name):
-                record = Record(path.relative_to(folder).as_posix(), classes.index(name))
+            count, top = len(records), tree / name
+            # Strings, not Paths, for each file: pathlib would take most of the listing time.
+            prefix, start = top.relative_to(folder).as_posix(), len(str(top)) + 1
+            for path in _image_files(top):
+                rel = f"{prefix}/{path[start:].replace(os.sep, '/')}"
+                record = Record(rel, classes.index(name))
                 try:
-                    stat = path.stat()
+                    stat = os.stat(path)
                     key: tuple[int, int] | str = (stat.st_dev, stat.st_ino)
                 except OSError:  # a broken link: a bad image when read
                     key = record.path
