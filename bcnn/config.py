@@ -17,6 +17,7 @@ apart (``configs/train.yaml``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import types
 import typing
@@ -189,6 +190,7 @@ def _omegaconf_type(ann: Any) -> Any:
     return Any if ann is bool else ann
 
 
+@functools.cache
 def _omegaconf_schema(cls: type) -> type:
     """``cls`` with OmegaConf's field types (:func:`_omegaconf_type`), same defaults and
     ``isinstance``."""
@@ -202,6 +204,12 @@ def _omegaconf_schema(cls: type) -> type:
             default = field(default=f.default, default_factory=f.default_factory)  # type: ignore[call-overload]
             changed.append((f.name, _omegaconf_type(ann), default))
     return dataclasses.make_dataclass(cls.__name__, changed, bases=(cls,))
+
+
+def schema() -> DictConfig:
+    """The train schema as an OmegaConf node, to merge a saved config into (typed like a
+    composed one)."""
+    return OmegaConf.structured(_omegaconf_schema(TrainConfig))
 
 
 def register_configs() -> None:

@@ -77,6 +77,19 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights cannot be obtained (offline, or none exist for the model)."""
 
 
+class BadImageError(OSError):
+    """An image file that is missing, truncated, too large or cannot be decoded."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's error reaches the main process rebuilt by torch as
+        # ``type(err)("Caught ... in DataLoader worker ...\n<traceback text>")``: keep
+        # only the original message, after the traceback's last line's type name.
+        tag = f"\n{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and tag in message:
+            message = message.rsplit(tag, 1)[1].rstrip("\n")
+        super().__init__(message)
+
+
 class DivergenceError(RuntimeError):
     """The training loss (or the weights) stopped being finite; the message says where and
     which settings likely caused it."""
@@ -137,6 +150,8 @@ def is_user_error(err: BaseException) -> bool:
         return True
     if isinstance(err, HydraException) and err.__cause__ is not None:
         return is_user_error(err.__cause__)
+    if isinstance(err, BadImageError):  # only bcnn raises it; torch re-raises a worker's
+        return True
     return isinstance(err, RAISED_FOR_THE_USER) and _raised_in_bcnn(err)
 
 

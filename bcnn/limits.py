@@ -525,7 +525,8 @@ def checked(init: Callable) -> Callable:
                 values.update(value)  # checked by the parent's __init__ it goes to
                 continue
             values[param] = value
-            found = problem(value, hints.get(param, Any), files=True) if _plain(value) else None
+            # Files are the body's to read: it raises FileNotFoundError & co. naming them.
+            found = problem(value, hints.get(param, Any)) if _plain(value) else None
             if found:
                 raise ConfigError(f"{type(self).__name__}.{param}", found)
         if _outermost(type(self)) is wrapper:

@@ -15,10 +15,10 @@ import yaml
 from hydra.errors import ConfigCompositionException
 from torch.utils.data import TensorDataset
 
-from bcnn.errors import UserError, is_user_error, run_command, user_errors
 from bcnn.config import validate
 from bcnn.engine import distributed as D
 from bcnn.engine.cache import build_cache
+from bcnn.errors import UserError, is_user_error, run_command, user_errors
 from bcnn.models import build_model
 from bcnn.train import objective, optimized_metric
 from tests.conftest import compose_config, run_train

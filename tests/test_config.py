@@ -244,5 +244,3 @@ def test_unavailable_device_is_a_config_error_before_any_data(
         train(cfg)
     assert err.value.key == "trainer.device" and not read
     assert not (tmp_path / "config.yaml").exists()
-
-

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import pytest
 import torch
 from annotated_types import Ge, Gt, Interval, Le, Lt, MinLen
+from hydra.errors import ConfigCompositionException
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
@@ -196,6 +197,7 @@ def test_every_declared_limit_is_refused_up_front_and_by_the_constructor(
 ) -> None:
     cfg = compose_config([f"{group}={option}"], tmp_path)
     node = OmegaConf.to_container(cfg[group], resolve=True)
+    node = {k: str(tmp_path) if v == "???" else v for k, v in node.items()}  # dataset.root
     if group == "logger":
         nodes = {f"logger.{k}": v for k, v in node.items()} if "_target_" not in node else {}
         nodes = nodes or {"logger": node}
@@ -215,12 +217,16 @@ def test_every_trainer_limit_is_refused_up_front(tmp_path: Path) -> None:
     for key, ann in keys:
         for value in violations(ann):
             literal = f"'{value}'" if isinstance(value, str) else str(value).lower()
-            cfg = compose_config([f"{key}={literal}"], tmp_path)
-            with pytest.raises(ConfigError) as err:
+            try:  # OmegaConf refuses some types itself, at composition
+                cfg = compose_config([f"{key}={literal}"], tmp_path)
+            except ConfigCompositionException as err:
+                assert key in str(err.__cause__), (key, value, err)
+                continue
+            with pytest.raises(ConfigError) as found:
                 validate(cfg)
-            assert err.value.key == key, (key, value, err.value)
+            assert found.value.key == key, (key, value, found.value)
             probed += 1
-    assert probed > 20
+    assert probed > 15
 
 
 def test_optimizer_and_schedule_limits_are_refused_by_key(tmp_path: Path) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from annotated_types import Ge
 from PIL import Image
 
 from bcnn.data.base import Box, FileDataset, Record, Splits, read_rows
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
+from bcnn.limits import checked
 
 CLASS_FILES = {
     "variant": "variants.txt",
@@ -46,46 +48,21 @@ class FGVCAircraft(FileDataset):
             and ``val_seed`` are unused: Aircraft has an official val set).
     """
 
-    source = DatasetSource(
-        name="aircraft",
-        title="FGVC-Aircraft 2013b",
-        homepage="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
-        layout="""\
-<root>/                        e.g. data/aircraft (root may also be .../data itself)
-  fgvc-aircraft-2013b/data/
-    images/<7-digit id>.jpg
-    variants.txt  families.txt  manufacturers.txt
-    images_{variant,family,manufacturer}_{train,val,test}.txt
-    images_box.txt             (used by bbox_crop)""",
-        variants={
-            "default": (
-                Archive(
-                    "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
-                    "d4acdd33327262359767eeaa97a4f732",
-                    creates="fgvc-aircraft-2013b/data/variants.txt",
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("aircraft")
     folders = ("fgvc-aircraft-2013b/data", "data", ".")
     box_file = "images_box.txt"
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
         split: str,
         *,
-        level: str = "variant",
+        level: Literal["variant", "family", "manufacturer"] = "variant",
         crop_banner: bool = True,
-        banner_height: int = 20,
+        banner_height: Annotated[int, Ge(0)] = 20,
         **common: Any,
     ) -> None:
-        if level not in CLASS_FILES:
-            raise ValueError(
-                f"FGVCAircraft level must be one of {sorted(CLASS_FILES)}, got {level!r}"
-            )
-        if banner_height < 0:
-            raise ValueError(f"banner_height must be >= 0, got {banner_height}")
         self.level, self.crop_banner, self.banner_height = level, crop_banner, banner_height
         super().__init__(root, split, **common)
 

@@ -8,7 +8,7 @@ official train set (what the B-CNN papers train on), ``train``/``val`` carve a s
 from __future__ import annotations
 
 from bcnn.data.caltech import CaltechListDataset
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
 
 
 class CUB200(CaltechListDataset):
@@ -20,26 +20,7 @@ class CUB200(CaltechListDataset):
     ``root`` is ``data/cub`` (holding ``CUB_200_2011/``) or ``CUB_200_2011/`` itself.
     """
 
-    source = DatasetSource(
-        name="cub",
-        title="CUB-200-2011",
-        homepage="https://www.vision.caltech.edu/datasets/cub_200_2011/",
-        layout="""\
-<root>/                        e.g. data/cub (root may also be CUB_200_2011/ itself)
-  CUB_200_2011/
-    images.txt  image_class_labels.txt  train_test_split.txt  classes.txt
-    bounding_boxes.txt         (used by bbox_crop)
-    images/<NNN>.<Class_Name>/<Class_Name>_<NNNN>_<id>.jpg""",
-        variants={
-            "default": (
-                Archive(
-                    "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
-                    "97eceeb196236b17998738112f37df78",
-                    creates="CUB_200_2011/images.txt",
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("cub")
     folders = ("CUB_200_2011", ".")
 
     def class_name(self, name: str) -> str:

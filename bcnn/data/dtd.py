@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from annotated_types import Interval
 
 from bcnn.data.base import FileDataset, Record, Splits, read_rows
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
+from bcnn.limits import checked
 
 
 class DTD(FileDataset):
@@ -29,33 +32,19 @@ class DTD(FileDataset):
             and ``val_seed`` are unused: DTD has official val lists).
     """
 
-    source = DatasetSource(
-        name="dtd",
-        title="Describable Textures Dataset (DTD)",
-        homepage="https://www.robots.ox.ac.uk/~vgg/data/dtd/",
-        layout="""\
-<root>/                        e.g. data/dtd (root may also be dtd/ itself)
-  dtd/
-    images/<class>/<class>_<NNNN>.jpg
-    labels/{train,val,test}{1..10}.txt""",
-        variants={
-            "default": (
-                Archive(
-                    "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
-                    "fff73e5086ae6bdbea199a49dfb8a4c1",
-                    creates="dtd/labels/train1.txt",
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("dtd")
     folders = ("dtd", ".")
 
+    @checked
     def __init__(
-        self, root: str | os.PathLike | None, split: str, *, partition: int = 1, **common: Any
+        self,
+        root: str | os.PathLike | None,
+        split: str,
+        *,
+        partition: Annotated[int, Interval(ge=1, le=10)] = 1,
+        **common: Any,
     ) -> None:
         self.partition = int(partition)
-        if not 1 <= self.partition <= 10:
-            raise ValueError(f"DTD partition must be in 1..10, got {partition}")
         super().__init__(root, split, **common)
 
     def _lists(self) -> dict[str, str]:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from annotated_types import Ge, Interval
 
 from bcnn.data.base import FileDataset, Record, Splits
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
+from bcnn.limits import checked
 
 
 class FMD(FileDataset):
@@ -35,38 +37,20 @@ class FMD(FileDataset):
         **common: The options of :class:`~bcnn.data.base.FileDataset`.
     """
 
-    source = DatasetSource(
-        name="fmd",
-        title="Flickr Material Database (FMD)",
-        homepage="https://people.csail.mit.edu/celiu/CVPR2010/FMD/",
-        layout="""\
-<root>/                        e.g. data/fmd (the zip has no top folder)
-  image/<material>/<material>_<moderate|object|final>_<NNN>_new.jpg
-  mask/...                     (not used)""",
-        variants={
-            "default": (
-                Archive(
-                    "http://people.csail.mit.edu/celiu/CVPR2010/FMD/FMD.zip",
-                    "0721ba72cd981aa9599a81bbfaaebd75",
-                    creates="image",
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("fmd")
     folders = (".", "FMD")
     files = ("image",)
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
         split: str,
         *,
-        trial: int = 1,
-        train_fraction: float = 0.5,
+        trial: Annotated[int, Ge(1)] = 1,
+        train_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.5,
         **common: Any,
     ) -> None:
-        if not 0.0 < train_fraction < 1.0:
-            raise ValueError(f"FMD train_fraction must be in (0, 1), got {train_fraction}")
         self.trial, self.train_fraction = int(trial), train_fraction
         super().__init__(root, split, **common)
 

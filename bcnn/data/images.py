@@ -1,34 +1,36 @@
-"""Reading one image file as 8-bit RGB, whatever its stored mode.
+"""Reading one image file as upright 8-bit RGB, whatever its stored mode.
 
 Every dataset (and any tool that must accept what training accepts) reads images through
-:func:`open_rgb`. PIL's own ``convert("RGB")`` is right for most modes but not all:
+:func:`open_rgb`. Its size is checked from the header before any pixel is decoded
+(:data:`MAX_PIXELS`, :data:`MAX_ASPECT_RATIO`), and the image is turned as its EXIF
+orientation tag says (phone photos are stored sideways with such a tag). PIL's own
+``convert("RGB")`` is right for most modes but not all:
 
-* 16-bit and 32-bit integer images (``I;16``, ``I;16B``, ``I``: 16-bit PNGs, TIFFs) are
-  clipped at 255, so almost every pixel turns white. They are scaled to 8 bits instead:
-  ``I;16*`` by 255/65535; ``I`` by its range (see :func:`to_8bit`).
+* 16-bit and 32-bit integer images (16-bit PNGs, TIFFs) are clipped at 255, so almost
+  every pixel turns white. They are scaled to 8 bits instead (see :func:`to_8bit`).
 * Float images (``F``) are truncated to 0 and 1. Values in [0, 1] are scaled by 255.
-* Transparency (``RGBA``, ``LA``, ``PA``, a palette or grayscale image with a
-  transparent colour) is dropped, leaving whatever colour the transparent pixels happen
-  to store. Transparent areas are composited onto white, as a viewer shows them.
-
-Grayscale (``L``), bilevel (``1``), palette (``P``), ``CMYK`` (Adobe-inverted JPEGs are
-handled by PIL's decoder) and ``YCbCr``/``LAB``/``HSV`` go through PIL's conversion.
+* Transparency is dropped, leaving whatever colour the transparent pixels store.
+  Transparent areas are composited onto white, as a viewer shows them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from bcnn.errors import BadImageError
+
+# Larger or more elongated files are bad images (``on_bad_image``). The pixel limit is
+# Pillow's MAX_IMAGE_PIXELS default (256 MB decoded as RGB); the aspect ratio bounds what
+# a short-side resize makes of a file: 1 x 20000 pixels resized to 448 wide is 12 GB.
+MAX_PIXELS = 89_478_485
+MAX_ASPECT_RATIO = 50
 # Alpha-carrying modes; palette and grayscale images may instead name a transparent colour.
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _BACKGROUND = (255, 255, 255, 255)
-
-
-class BadImageError(OSError):
-    """An image file that is missing, truncated or cannot be decoded."""
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -75,22 +77,41 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Opens and fully decodes one image file as 8-bit RGB.
+def open_rgb(
+    path: str | os.PathLike, crop: Callable[[Image.Image], Image.Image] | None = None
+) -> Image.Image:
+    """Opens and fully decodes one image file as upright 8-bit RGB.
+
+    Args:
+        path: The image file.
+        crop: Applied to the decoded image before it is turned upright: boxes (and the
+            Aircraft banner) refer to the pixels as stored, as the annotators saw them.
 
     Raises:
-        BadImageError: The file is missing, truncated or not a decodable image; the
-            message names the path.
+        BadImageError: The file is missing, truncated, not a decodable image, or larger
+            or more elongated than the limits above; the message names the path.
     """
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise BadImageError(
+                    f"image {path} has {w} x {h} = {w * h:,} pixels, above "
+                    f"bcnn.data.images.MAX_PIXELS = {MAX_PIXELS:,} (a decompression bomb?)"
+                )
+            if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+                raise BadImageError(
+                    f"image {path} is {w} x {h} pixels: one side is more than "
+                    f"bcnn.data.images.MAX_ASPECT_RATIO = {MAX_ASPECT_RATIO} times the other"
+                )
             # Decode now: a truncated file must fail here, where the path is known, not
-            # later inside a transform.
+            # later inside a transform. The decoded pixels outlive the closed file.
             img.load()
-            # The decoded pixels stay valid once the file is closed.
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(crop(img) if crop else img))
+    except BadImageError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot read image {path}: {err}") from err
 
 
-__all__ = ["BadImageError", "open_rgb", "to_8bit", "to_rgb"]
+__all__ = ["MAX_ASPECT_RATIO", "MAX_PIXELS", "BadImageError", "open_rgb", "to_8bit", "to_rgb"]

@@ -1,26 +1,22 @@
 """iNaturalist 2017 / 2018 / 2021, read from the competition's COCO-style JSON files.
 
-Split protocol. The competitions publish train and val annotations but no test labels,
-so the official val set plays the role of the test set:
-
-* ``test``: the official val JSON (``val2017.json``, ``val2018.json``, ``val.json``).
-* ``trainval``: the whole official train JSON.
-* ``train`` / ``val``: a stratified ``val_fraction`` of the official train set is held
-  out as our ``val`` for model selection; ``train`` is the rest.
-
-With ``supercategory`` set (the B-CNN iNat subsets), only its categories are kept and
-they are re-indexed ``0..K-1`` in the order of the JSON ``categories`` list.
+Split protocol: there are no public test labels, so ``test`` is the official val JSON;
+``trainval`` is the official train JSON, and ``train``/``val`` carve a stratified
+``val_fraction`` of it. With ``supercategory`` set (the B-CNN iNat subsets), only its
+categories are kept, re-indexed ``0..K-1`` in the order of the JSON ``categories`` list.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bcnn.data.base import FileDataset, Record, Splits, find_dataset_dir
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
+from bcnn.limits import checked
 
 # version -> (train JSON, val JSON); the 2021 "mini" train set swaps in train_mini.json.
 ANNOTATIONS = {
@@ -29,31 +25,6 @@ ANNOTATIONS = {
     2021: ("train.json", "val.json"),
 }
 TAXONOMY_FIELDS = ("kingdom", "phylum", "class", "order", "family", "genus")
-
-_S3 = "https://ml-inat-competition-datasets.s3.amazonaws.com"
-
-
-def _archives(version: str, files: dict[str, str | None], creates: str = "") -> tuple[Archive, ...]:
-    """One version's downloads: ``name -> md5`` under ``<_S3>/<version>/``, into ``<version>/``.
-
-    Each creates the file or folder its name starts with (``val.json.tar.gz`` creates
-    ``val.json``), unless ``creates`` names one for all.
-    """
-    return tuple(
-        Archive(
-            f"{_S3}/{version}/{name}",
-            md5,
-            subdir=version,
-            creates=f"{version}/{creates or name.removesuffix('.tar.gz')}",
-        )
-        for name, md5 in files.items()
-    )
-
-
-_VAL_2021 = {
-    "val.tar.gz": "f6f6e0e242e3d4c9569ba56400938afc",
-    "val.json.tar.gz": "4d761e0f6a86cc63e8f7afc91f6a8f0b",
-}
 
 
 def select_categories(
@@ -86,12 +57,9 @@ def select_categories(
 class INaturalist(FileDataset):
     """iNaturalist from its JSON annotations, optionally one supercategory.
 
-    Images and labels are joined on ``image_id`` (never on list position: the
-    ``images`` and ``annotations`` lists need not be aligned). Labels index the kept
-    categories in JSON list order. For 2018, an optional ``categories.json`` next to the
-    annotations (the un-obfuscated release) replaces category names and taxonomy by id.
-    Only the JSON file of the split asked for is read (the official val JSON for
-    ``test``, the train JSON otherwise).
+    Images and labels are joined on ``image_id``, never on list position. For 2018, an
+    optional ``categories.json`` (the un-obfuscated release) replaces category names and
+    taxonomy by id. Only the JSON file of the split asked for is read.
 
     Args:
         root: ``data/inat`` holding one folder per version (``2018/``...), or the
@@ -113,72 +81,28 @@ class INaturalist(FileDataset):
             or a JSON without annotations (a test-set file).
     """
 
-    source = DatasetSource(
-        name="inat",
-        title="iNaturalist 2017 / 2018 / 2021",
-        homepage="https://github.com/visipedia/inat_comp",
-        layout="""\
-<root>/                        e.g. data/inat; one folder per version:
-  2017/  train2017.json  val2017.json   train_val_images/<Super>/<species>/<md5>.jpg
-  2018/  train2018.json  val2018.json  [categories.json: real names]
-         train_val2018/<Super>/<category id>/<md5>.jpg
-  2021/  train.json or train_mini.json  val.json
-         train/ or train_mini/<NNNNN_Kingdom_..._species>/<uuid>.jpg   val/...""",
-        default_variant="2018",
-        variants={
-            "2017": (
-                *_archives("2017", {"train_val_images.tar.gz": "7c784ea5e424efaec655bd392f87301f"}),
-                *_archives("2017", {"train_val2017.zip": None}, creates="train2017.json"),
-            ),
-            "2018": (
-                *_archives("2018", {"train_val2018.tar.gz": "b1c6952ce38f31868cc50ea72d066cc3"}),
-                *_archives(
-                    "2018",
-                    {
-                        "train2018.json.tar.gz": "bfa29d89d629cbf04d826a720c0a68b0",
-                        "val2018.json.tar.gz": "f2ed8bfe3e9901cdefceb4e53cd3775d",
-                        "categories.json.tar.gz": None,
-                    },
-                ),
-            ),
-            "2021": _archives(
-                "2021",
-                {
-                    "train.tar.gz": "e0526d53c7f7b2e3167b2b43bb2690ed",
-                    "train.json.tar.gz": "38a7bb733f7a09214d44293460ec0021",
-                    **_VAL_2021,
-                },
-            ),
-            "2021_mini": _archives(
-                "2021",
-                {
-                    "train_mini.tar.gz": "db6ed8330e634445efc8fec83ae81442",
-                    "train_mini.json.tar.gz": "395a35be3651d86dc3b0d365b8ea5f92",
-                    **_VAL_2021,
-                },
-            ),
-        },
-    )
+    source = DatasetSource.named("inat")
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
         split: str,
         *,
-        version: int = 2018,
+        version: Literal[2017, 2018, 2021] = 2018,
         supercategory: str | None = None,
         mini: bool = False,
         **common: Any,
     ) -> None:
-        version = int(version)
-        if version not in ANNOTATIONS:
-            raise ValueError(
-                f"iNaturalist version must be one of {sorted(ANNOTATIONS)}, got {version}"
-            )
-        if mini and version != 2021:
-            raise ValueError("iNaturalist mini=True exists only for version 2021 (train_mini.json)")
         self.version, self.supercategory, self.mini = version, supercategory, mini
         super().__init__(root, split, **common)
+
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Only the 2021 release has a mini training set."""
+        if values.get("mini") and values.get("version") != 2021:
+            return "mini", "exists only for version 2021 (train_mini.json)"
+        return None
 
     def locate(self, root: str | os.PathLike | None) -> Path | None:
         """The version's folder below ``root``, or ``root`` itself."""

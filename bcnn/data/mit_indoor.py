@@ -11,11 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from bcnn.data.base import FileDataset, Record, Splits, read_rows
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
 
 LISTS = ("TrainImages.txt", "TestImages.txt")
 IMAGE_DIRS = ("Images", "indoorCVPR_09/Images")
-_LISTS_URL = "http://web.mit.edu/torralba/www"
 
 
 class MITIndoor67(FileDataset):
@@ -28,28 +27,7 @@ class MITIndoor67(FileDataset):
     of :class:`~bcnn.data.base.FileDataset`.
     """
 
-    source = DatasetSource(
-        name="mit_indoor",
-        title="MIT Indoor 67",
-        homepage="https://web.mit.edu/torralba/www/indoor.html",
-        layout="""\
-<root>/                        e.g. data/mit_indoor
-  TrainImages.txt  TestImages.txt
-  Images/<category>/<file>.jpg   (Kaggle: indoorCVPR_09/Images/ is accepted too)""",
-        variants={
-            "default": (
-                Archive(
-                    "http://groups.csail.mit.edu/vision/LabelMe/NewImages/indoorCVPR_09.tar",
-                    None,
-                    creates="Images",
-                ),
-                *(
-                    Archive(f"{_LISTS_URL}/{name}", None, creates=name, extract=False)
-                    for name in LISTS
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("mit_indoor")
     folders = (".", "indoorCVPR_09")
 
     @staticmethod

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bcnn.data.base import Splits, read_rows
 from bcnn.data.caltech import CaltechListDataset
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
 
 
 class NABirds(CaltechListDataset):
@@ -29,30 +29,7 @@ class NABirds(CaltechListDataset):
         node_names: ``id -> name`` of every taxonomy node (``classes.txt``).
     """
 
-    source = DatasetSource(
-        name="nabirds",
-        title="NABirds",
-        homepage="https://dl.allaboutbirds.org/nabirds",
-        layout="""\
-<root>/                        e.g. data/nabirds (root may also be nabirds/ itself)
-  nabirds/
-    images/<4-digit class id>/<uuid>.jpg
-    images.txt  image_class_labels.txt  train_test_split.txt  classes.txt  hierarchy.txt
-    bounding_boxes.txt         (used by bbox_crop)""",
-        manual="""\
-no public download; access is gated: fill in the form at
-  https://dl.allaboutbirds.org/nabirds to get the link to nabirds.tar.gz, then install it
-  with checksum verification:
-     bcnn-prepare-data --dataset nabirds --root data/nabirds \\
-         --archive nabirds.tar.gz""",
-        known_files=(
-            Archive(
-                "https://dl.allaboutbirds.org/nabirds/nabirds.tar.gz",
-                "df21a9e4db349a14e2b08adfd45873bd",
-                creates="nabirds/images.txt",
-            ),
-        ),
-    )
+    source = DatasetSource.named("nabirds")
     folders = ("nabirds", ".")
     files = (*CaltechListDataset.files, "hierarchy.txt")
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bcnn.config import TrainConfig
+from bcnn.config import schema
 from bcnn.engine.checkpoint import load_checkpoint
 from bcnn.models import BilinearModel, build_model
 from bcnn.models.inputs import InputSpec
@@ -81,7 +81,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     ckpt: dict[str, Any] = load_checkpoint(file)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{file} is not a bcnn training checkpoint (no model and config)")
-    config = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
+    config = OmegaConf.merge(schema(), ckpt["config"])
     assert isinstance(config, DictConfig)
     weights = ckpt["model"]
     classes = ckpt.get("classes")

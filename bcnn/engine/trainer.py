@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from bcnn.config import StageConfig, TrainConfig, instantiate, validate
+from bcnn.config import StageConfig, instantiate, schema, validate
 from bcnn.engine import distributed as D
 from bcnn.engine import placement
 from bcnn.engine.cache import CachedViews, ViewAverage, build_cache
@@ -163,7 +163,7 @@ def _seed_everything(seed: int) -> None:
 
 def _resumed_config(cfg: DictConfig, ckpt: dict[str, Any], path: Path) -> DictConfig:
     # Merged into the schema so the resumed config is typed exactly like a composed one.
-    saved = OmegaConf.merge(OmegaConf.structured(TrainConfig), ckpt["config"])
+    saved = OmegaConf.merge(schema(), ckpt["config"])
     with open_dict(saved):
         for key in RUNTIME_KEYS:
             saved.trainer[key] = cfg.trainer[key]

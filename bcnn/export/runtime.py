@@ -213,14 +213,12 @@ def load_safetensors_model(folder: Path, meta: Mapping[str, Any]) -> torch.nn.Mo
     """
     from safetensors.torch import load_model
 
-    from bcnn.config import TrainConfig
+    from bcnn.config import schema
     from bcnn.engine.runs import without_weight_sources
     from bcnn.models import build_model
     from bcnn.models.inputs import InputSpec
 
-    config = OmegaConf.merge(
-        OmegaConf.structured(TrainConfig), OmegaConf.load(folder / "config.yaml")
-    )
+    config = OmegaConf.merge(schema(), OmegaConf.load(folder / "config.yaml"))
     assert isinstance(config, DictConfig)
     with without_weight_sources(config):
         model = build_model(config, len(meta["classes"]))

@@ -28,7 +28,10 @@ class LinearClassifier(nn.Linear):
         bias: Learn a bias.
     """
 
-    def __init__(self, in_features: int | FeatureShape, num_classes: int, bias: bool = True):
+    @checked
+    def __init__(
+        self, in_features: int | FeatureShape, num_classes: int, bias: bool = True
+    ) -> None:
         if isinstance(in_features, FeatureShape):
             if in_features.is_matrix:
                 raise ValueError(

@@ -414,6 +414,7 @@ class Vectorize(Step):
 
     phase = "vectorize"
 
+    @checked
     def __init__(self, triu: bool = False) -> None:
         super().__init__()
         self.triu = triu

@@ -19,9 +19,13 @@ authors' code runs the Sinkhorn iteration on the sketched features.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Interval
 from torch import Tensor, nn
 
+from bcnn.limits import Seed, checked
 from bcnn.ops import TensorSketch, democratic_weights
 
 
@@ -38,14 +42,15 @@ class DemocraticSketch(nn.Module):
         in_dim2: Must be None or C: democratic aggregation has one stream.
     """
 
+    @checked
     def __init__(
         self,
         in_dim: int,
-        out_dim: int = 8192,
-        seed: int = 0,
-        gamma: float = 0.5,
-        tau: float = 0.5,
-        iters: int = 10,
+        out_dim: Annotated[int, Interval(ge=1, le=2**24)] = 8192,
+        seed: Seed = 0,
+        gamma: Annotated[float, Interval(ge=0, le=1)] = 0.5,
+        tau: Annotated[float, Interval(gt=0, le=1)] = 0.5,
+        iters: Annotated[int, Interval(ge=1, le=1000)] = 10,
         in_dim2: int | None = None,
     ) -> None:
         super().__init__()
