@@ -43,8 +43,9 @@ class SGD(torch.optim.SGD):
         )  # fmt: skip
 
 
-class Adam(torch.optim.Adam):
-    """``torch.optim.Adam`` (coupled L2 decay) with declared limits."""
+class _AdamArguments:
+    """The arguments of Adam and AdamW, declared once (AdamW's default decay is the
+    config's, not torch's 1e-2)."""
 
     @checked
     def __init__(
@@ -56,29 +57,18 @@ class Adam(torch.optim.Adam):
         weight_decay: Decay = 0.0,
         amsgrad: bool = False,
     ) -> None:
-        super().__init__(
+        super().__init__(  # type: ignore[call-arg]
             params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             amsgrad=amsgrad,
         )  # fmt: skip
 
 
-class AdamW(torch.optim.AdamW):
+class Adam(_AdamArguments, torch.optim.Adam):
+    """``torch.optim.Adam`` (coupled L2 decay) with declared limits."""
+
+
+class AdamW(_AdamArguments, torch.optim.AdamW):
     """``torch.optim.AdamW`` (decoupled decay) with declared limits."""
-
-    @checked
-    def __init__(
-        self,
-        params: Params,
-        lr: Annotated[float, Gt(0)] = 1e-3,
-        betas: Betas = (0.9, 0.999),
-        eps: Eps = 1e-8,
-        weight_decay: Decay = 1e-2,
-        amsgrad: bool = False,
-    ) -> None:
-        super().__init__(
-            params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-            amsgrad=amsgrad,
-        )  # fmt: skip
 
 
 Factor = Annotated[float, Interval(gt=0, le=1)]

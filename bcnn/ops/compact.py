@@ -21,6 +21,10 @@ from torch import Tensor, nn
 from bcnn.limits import Seed, checked
 from bcnn.ops._utils import autocast_disabled, compute_dtype
 
+# Output dimension of a sketch (8192 in the papers); 2^24 floats per image is the most a
+# batch can hold.
+SketchDim = Annotated[int, Interval(ge=1, le=2**24)]
+
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int(seed))
@@ -60,7 +64,7 @@ class _CompactBilinear(nn.Module):
     def __init__(
         self,
         in_dim: int,
-        out_dim: Annotated[int, Interval(ge=1, le=2**24)] = 8192,
+        out_dim: SketchDim = 8192,
         seed: Seed = 0,
         in_dim2: int | None = None,
     ) -> None:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from bcnn.limits import Seed, checked
 from bcnn.ops import TensorSketch, democratic_weights
+from bcnn.ops.compact import SketchDim
 
 
 class DemocraticSketch(nn.Module):
@@ -46,7 +47,7 @@ class DemocraticSketch(nn.Module):
     def __init__(
         self,
         in_dim: int,
-        out_dim: Annotated[int, Interval(ge=1, le=2**24)] = 8192,
+        out_dim: SketchDim = 8192,
         seed: Seed = 0,
         gamma: Annotated[float, Interval(ge=0, le=1)] = 0.5,
         tau: Annotated[float, Interval(gt=0, le=1)] = 0.5,
