@@ -28,7 +28,8 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader, Dataset
 
 from bcnn.cli.errors import user_errors
-from bcnn.config import PRECISIONS, instantiate
+from bcnn.cli.overrides import check_overrides
+from bcnn.config import PRECISIONS, check_device, instantiate
 from bcnn.data import SPLITS
 from bcnn.engine.curves import figure
 from bcnn.engine.loops import evaluate
@@ -91,6 +92,7 @@ def _check(cfg: DictConfig) -> None:
             raise ValueError(f"Invalid config value for '{key}': must be >= 1 or null")
     if int(cfg.top_confused) < 0:
         raise ValueError("Invalid config value for 'top_confused': must be >= 0")
+    check_device(str(cfg.device), "device")
 
 
 def per_class_table(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -323,6 +325,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """``bcnn-eval``: evaluates a trained model (see the module docstring)."""
+    check_overrides(PROG, "eval")
     _hydra_main()
 
 

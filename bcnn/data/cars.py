@@ -91,7 +91,7 @@ no public download; the original host ai.stanford.edu/~jkrause is offline (torch
   3. Test labels: cars_test_annos_withlabels.mat (e.g. a Kaggle mirror); put it in the
      root or in devkit/.
   4. Install each file with checksum verification where its MD5 is known:
-     bcnn-prepare-data --dataset cars --root data/cars --archive FILE ...""",
+     bcnn-prepare-data dataset=cars root=data/cars archive=[FILE,...]""",
         known_files=tuple(
             Archive(f"{_CARS}/{path}", md5, creates=creates, extract=not path.endswith(".mat"))
             for path, md5, creates in (

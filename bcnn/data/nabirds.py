@@ -43,8 +43,8 @@ class NABirds(CaltechListDataset):
 no public download; access is gated: fill in the form at
   https://dl.allaboutbirds.org/nabirds to get the link to nabirds.tar.gz, then install it
   with checksum verification:
-     bcnn-prepare-data --dataset nabirds --root data/nabirds \\
-         --archive nabirds.tar.gz""",
+     bcnn-prepare-data dataset=nabirds root=data/nabirds \\
+         archive=nabirds.tar.gz""",
         known_files=(
             Archive(
                 "https://dl.allaboutbirds.org/nabirds/nabirds.tar.gz",

@@ -1,6 +1,6 @@
-"""``python -m bcnn.viz kind=... run=...`` (the same as ``bcnn-viz``)."""
+"""``python -m bcnn.viz kind=... run=...``: ``bcnn-viz`` (``bcnn.cli.viz``)."""
 
-from bcnn.viz.app import main
+from bcnn.cli.viz import main
 
 if __name__ == "__main__":
     main()

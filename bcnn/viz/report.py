@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from bcnn.engine.curves import plot_training_curves
 from bcnn.engine.runs import TrainedModel
@@ -71,14 +72,16 @@ def predict(
     batch_size: int = 64,
     max_images: int | None = None,
     device: torch.device | str = "cpu",
+    desc: str | None = None,
 ) -> Predictions:
-    """Softmax of ``model`` on the first ``max_images`` images of ``dataset`` (all: None)."""
+    """Softmax of ``model`` on the first ``max_images`` images of ``dataset`` (all: None);
+    a progress bar labelled ``desc`` unless it is None."""
     n = len(dataset)  # type: ignore[arg-type]
     count = n if max_images is None else min(n, int(max_images))
     loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, shuffle=False)
     model.eval()
     labels, probs = [], []
-    for images, target in loader:
+    for images, target in tqdm(loader, desc=desc, disable=desc is None, leave=False):
         probs.append(model(images.to(device)).float().softmax(1).cpu())
         labels.append(torch.as_tensor(target))
     return Predictions(
@@ -316,6 +319,7 @@ def build_report(
     device: torch.device | str = "cpu",
     opacity: float = 0.55,
     maps_supported: bool = True,
+    progress: bool = False,
 ) -> Path:
     """Writes the HTML report of a trained run.
 
@@ -331,12 +335,18 @@ def build_report(
         device: Where the model runs.
         opacity: Of the contribution maps.
         maps_supported: Draw contribution maps (False for heads they do not cover).
+        progress: Show a progress bar while the split is evaluated.
 
     Returns:
         ``path``.
     """
     preds = predict(
-        trained.model, dataset, batch_size=batch_size, max_images=max_images, device=device
+        trained.model,
+        dataset,
+        batch_size=batch_size,
+        max_images=max_images,
+        device=device,
+        desc=f"report: {split}" if progress else None,
     )
     matrix = confusion_matrix(preds.labels, preds.preds, len(trained.classes))
     parts = [
