@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib.util import find_spec
 from typing import Any
 
@@ -73,7 +73,8 @@ def check_overrides(prog: str, config_name: str, argv: Sequence[str] | None = No
         except (HydraException, OmegaConfBaseException):
             pass
         # Top-level groups and Hydra's own (hydra/launcher): listing deeper is slow.
-        groups = {*loader.list_groups(""), *(f"hydra/{g}" for g in loader.list_groups("hydra"))}
+        hydra_groups = [f"hydra/{g}" for g in loader.list_groups("hydra")]
+        groups = dict.fromkeys([*loader.list_groups(""), *hydra_groups])
         selected = [o for o in parsed if o.key_or_group in groups]
         if any(o.is_sweep_override() for o in selected):
             return
@@ -83,7 +84,7 @@ def check_overrides(prog: str, config_name: str, argv: Sequence[str] | None = No
             )
         except (HydraException, OmegaConfBaseException):
             return  # an unknown option of a group: Hydra's message lists the options
-    keys = set(_paths(OmegaConf.to_container(cfg, resolve=False)))
+    keys = dict.fromkeys(_paths(OmegaConf.to_container(cfg, resolve=False)))  # in order
     if flags:
         name = flags[0].lstrip("-").replace("-", "_").removeprefix("no_")
         nxt = argv[argv.index(flags[0]) + 1 :][:1]
@@ -101,7 +102,7 @@ def check_overrides(prog: str, config_name: str, argv: Sequence[str] | None = No
         )
 
 
-def _did_you_mean(key: str, line: str, keys: set[str], groups: set[str]) -> str:
+def _did_you_mean(key: str, line: str, keys: Iterable[str], groups: Iterable[str]) -> str:
     """``"; did you mean a=1 or b=1?"``: the names beside ``key`` that are spelt like it,
     else the names elsewhere that end like it (Hydra's own keys only for a Hydra key)."""
     hydra = key.startswith("hydra.")
