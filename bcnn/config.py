@@ -183,9 +183,7 @@ def check_device(name: str, key: str = "trainer.device") -> None:
                 if torch.version.cuda is None
                 else "no NVIDIA GPU or driver is visible (CUDA_VISIBLE_DEVICES?)"
             )
-            raise ConfigError(
-                key, f"{show(name)} but {why}; use {key}=cpu or {key}=auto"
-            )
+            raise ConfigError(key, f"{show(name)} but {why}; use {key}=cpu or {key}=auto")
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise ConfigError(

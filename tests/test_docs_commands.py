@@ -14,7 +14,6 @@ import re
 import shlex
 
 import pytest
-
 from hydra import compose, initialize_config_module
 
 from bcnn.config import validate

@@ -537,4 +537,3 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
     summary = handlers[kind](cfg, out, device)
     summary["output_dir"] = str(out)
     return summary
-
