@@ -175,7 +175,7 @@ def check_device(name: str, key: str = "trainer.device") -> None:
     if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(key, f"must be one of {', '.join(DEVICES)}; got {show(name)}")
     if device.type == "cpu" and device.index is not None:
-        raise ConfigError(key, f"cpu takes no index; use {key}=cpu, got {show(name)}")
+        raise ConfigError(key, f"cpu takes no index; use trainer.device=cpu, got {show(name)}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = (
@@ -183,7 +183,9 @@ def check_device(name: str, key: str = "trainer.device") -> None:
                 if torch.version.cuda is None
                 else "no NVIDIA GPU or driver is visible (CUDA_VISIBLE_DEVICES?)"
             )
-            raise ConfigError(key, f"{show(name)} but {why}; use {key}=cpu or {key}=auto")
+            raise ConfigError(
+                key, f"{show(name)} but {why}; use trainer.device=cpu or trainer.device=auto"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
             raise ConfigError(

@@ -136,8 +136,7 @@ def test_cuda_on_a_machine_without_a_gpu_is_one_message(run_dir: Path, tmp_path:
     assert proc.stderr.splitlines()[0].startswith(
         "bcnn-eval: error: Invalid config value for 'device': 'cuda' but "
     )
-    assert proc.stderr.splitlines()[0].endswith("; use device=cpu or device=auto")
-    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 2 and "Traceback" not in proc.stderr  # + the hint
 
 
 def test_a_dataset_of_photographs_composes(tmp_path: Path) -> None:

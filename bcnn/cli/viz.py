@@ -1,4 +1,4 @@
-"""``bcnn-viz`` (also ``python -m bcnn.viz``): what a model learned, as pictures.
+"""``bcnn-viz`` (also ``python -m bcnn.cli.viz``): what a model learned, as pictures.
 
 A Hydra application (``configs/viz.yaml``, docs/visualize.md) around
 ``bcnn.viz.app.visualize``.
@@ -26,3 +26,7 @@ def main() -> None:
     """``bcnn-viz kind=<texture|inverse|maps|report> run=<training run dir> ...``."""
     check_overrides(PROG, "viz")
     _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
