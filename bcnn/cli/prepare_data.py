@@ -1,13 +1,8 @@
 """``bcnn-prepare-data``: download, install and verify the benchmark datasets.
 
-A Hydra application (``configs/prepare_data.yaml``); ``python scripts/prepare_data.py``
-runs the same. Without ``dataset=`` it lists the datasets, where each comes from and the
-layout it needs::
-
-    bcnn-prepare-data dataset=cub                          # download into data/cub
-    bcnn-prepare-data dataset=dtd root=/data/dtd verify=true
-    bcnn-prepare-data dataset=nabirds archive=~/Downloads/nabirds.tar.gz
-    bcnn-prepare-data dataset=inat verify=true dataset.version=2021 dataset.mini=true
+A Hydra application (``configs/prepare_data.yaml`` lists its keys and examples; ``python
+scripts/prepare_data.py`` runs the same): ``bcnn-prepare-data dataset=cub [verify=true]``.
+Without ``dataset=`` it lists the datasets, where each comes from and the layout it needs.
 
 Exit status: 0 on success; 1 when files are missing or unreadable, a download or checksum
 failed, or a dataset has no public download (its manual steps are printed).

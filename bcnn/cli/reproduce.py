@@ -1,15 +1,10 @@
 """``bcnn-reproduce``: train and report a published table, one Hydra multirun of train.py
 with one job per row; and ``bcnn-summarize-sweep``, the summary of any sweep.
 
-``bcnn-reproduce`` is a Hydra application (``configs/reproduce.yaml``; ``python
-scripts/reproduce.py`` runs the same). Its keys are the table's options; an override for
-every job is added with a ``+`` (Hydra's syntax for a key the config does not have)::
-
-    bcnn-reproduce                                             # the tables
-    bcnn-reproduce table=bmvc17_table2 collect=true +trainer.device=cuda
-    bcnn-reproduce table=talk_nabirds smoke=true collect=true
-    bcnn-reproduce table=iccv15_table1 launcher=slurm +hydra.launcher.partition=gpu
-    bcnn-reproduce table=iccv15_table1 launch=false collect=true sweep_dir=<dir>
+``bcnn-reproduce`` is a Hydra application (``configs/reproduce.yaml`` lists its keys and
+examples; ``python scripts/reproduce.py`` runs the same). An override for every job is
+added with a ``+``, Hydra's syntax for a key the config does not have:
+``bcnn-reproduce table=bmvc17_table2 collect=true +trainer.device=cuda``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from bcnn.engine.curves import plot_training_curves
 from bcnn.engine.runs import TrainedModel
 from bcnn.viz.contributions import class_contributions
 from bcnn.viz.figures import draw_image, draw_overlay, figure, labelled_grid, png_data_uri
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -145,7 +148,9 @@ def _curves_section(run_dir: Path) -> str:
         return _img(png_data_uri(png), "training curves")
 
 
-def _confusion_figure(matrix: np.ndarray, classes: Sequence[str]):
+def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
+    """The ``(K, K)`` counts (row = true class) normalized per row, with the class names as
+    ticks up to 40 classes and the counts in the cells up to 16 (also ``bcnn-eval``'s)."""
     k = len(classes)
     side = min(11.0, 2.5 + 0.32 * k)
     fig = figure(side, side * 0.85)
@@ -243,7 +248,7 @@ def _confusion_section(matrix: np.ndarray, classes: Sequence[str], split: str) -
         f"<h2>Confusion matrix ({html.escape(split)})</h2>",
         f'<p class="note">{int(matrix.sum())} images of the {html.escape(split)} split; '
         f"accuracy {accuracy:.2f}% (without test-time flipping).</p>",
-        _img(png_data_uri(_confusion_figure(matrix, classes)), "confusion matrix"),
+        _img(png_data_uri(confusion_figure(matrix, classes)), "confusion matrix"),
         "<h3>Per-class accuracy" + (" (worst 25)" if len(shown) < len(classes) else "") + "</h3>",
         _table(["class", "images", "accuracy (%)"], class_rows),
     ]
