@@ -67,7 +67,8 @@ class TrainCallbacks(Callback):
         idle = [s for s in STAGES if s not in config.trainer.stages]
         unused = [k for k in params if k.split(".")[:2] in (["trainer", s] for s in idle)]
         if unused:
-            log.info("Not searching %s: trainer.stages=%s", ", ".join(unused), idle)
+            stages = list(config.trainer.stages)
+            log.info("Not searching %s: trainer.stages=%s", ", ".join(unused), stages)
             with open_dict(params):
                 for key in unused:
                     del params[key]
