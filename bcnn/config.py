@@ -91,6 +91,13 @@ def device_problem(name: Any) -> str | None:
     return None
 
 
+def check_device(name: str, key: str) -> None:
+    """Raises a :class:`~bcnn.errors.ConfigError` naming ``key`` for an unusable device."""
+    found = device_problem(name)
+    if found:
+        raise ConfigError(key, found)
+
+
 Device = Annotated[str, Check(device_problem)]
 
 

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 from bcnn.cli.evaluate import dataset_config, most_confused, run_eval
+from bcnn.config import instantiate
 from bcnn.data.synthetic import SyntheticDataset
 from bcnn.engine import train
 from bcnn.engine.runs import TrainedModel, load_trained
@@ -126,3 +127,21 @@ def test_bcnn_eval_command(run_dir: Path, tmp_path: Path) -> None:
     assert "top-1" in proc.stdout and "mean per-class accuracy" in proc.stdout
     assert (tmp_path / "eval" / "metrics.json").is_file()
     assert (tmp_path / "eval" / "evaluate.log").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_on_a_machine_without_a_gpu_is_one_message(run_dir: Path, tmp_path: Path) -> None:
+    proc = _command(f"checkpoint={run_dir}", "device=cuda", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[0].startswith(
+        "bcnn-eval: error: Invalid config value for 'device': 'cuda' but "
+    )
+    assert len(proc.stderr.splitlines()) == 2 and "Traceback" not in proc.stderr  # + the hint
+
+
+def test_a_dataset_of_photographs_composes(tmp_path: Path) -> None:
+    # A photograph dataset's config selects its training recipe, which eval.yaml must let it.
+    cfg = eval_config("checkpoint=x", "dataset=cub", f"dataset.root={tmp_path}")
+    assert cfg.dataset.name == "cub" and cfg.dataset.root == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="CUB"):
+        instantiate(cfg.dataset, split="test", augment=False)

@@ -17,7 +17,6 @@ from tests.conftest import load_script
 _script = load_script
 
 
-reproduce = _script("reproduce")
 summarize_script = _script("summarize_sweep")
 
 
@@ -156,21 +155,3 @@ def test_plot_training_curves_handles_stages_resumes_and_no_validation(tmp_path:
     ).to_csv(metrics, index=False)
     out = plot_training_curves(metrics, tmp_path / "plots" / "curves.png")
     assert out.is_file() and out.stat().st_size > 1000
-
-
-def test_reproduce_cli_lists_tables_and_rejects_bad_input(capsys, tmp_path: Path) -> None:
-    assert reproduce.main(["list"]) == 0
-    listing = capsys.readouterr().out
-    assert all(name in listing for name in TABLES)
-    assert reproduce.main(["--help"]) == 0
-    assert "smoke" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="unknown table"):
-        reproduce.main(["table=nope"])
-    with pytest.raises(SystemExit, match="sweep_dir"):
-        reproduce.main(["table=talk_nabirds", "launch=false"])
-    options, extra = reproduce.parse_args(
-        ["table=talk_nabirds", "smoke=true", "trainer.device=cuda"]
-    )
-    assert options == {"table": "talk_nabirds", "smoke": "true"} and extra == [
-        "trainer.device=cuda"
-    ]

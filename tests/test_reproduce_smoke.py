@@ -23,13 +23,13 @@ def test_smoke_talk_table_tells_first_from_second_order_and_reports(tmp_path: Pa
     # must score above the first-order one.
     sweep = tmp_path / "sweep"
     script = [sys.executable, str(REPO_ROOT / "scripts" / "reproduce.py")]
-    rows = "fc_d__birds,bilinear_d_plus_m__birds"
+    rows = ["fc_d__birds", "bilinear_d_plus_m__birds"]
     args = ["table=talk_fine_grained", "smoke=true", "collect=true", f"sweep_dir={sweep}"]
-    proc = run_train([*args, f"rows={rows}"], cwd=tmp_path, timeout=400, script=script)
+    proc = run_train([*args, f"rows=[{','.join(rows)}]"], cwd=tmp_path, timeout=400, script=script)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
     acc = {}
-    for row_id in rows.split(","):
+    for row_id in rows:
         results = json.loads((sweep / row_id / "results.json").read_text())
         assert results["dataset"] == "synthetic"
         # The row's protocol: trainval, last epoch (no validation split).

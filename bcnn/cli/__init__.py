@@ -1,8 +1,7 @@
-"""Installed command-line programs besides ``bcnn-train`` (``bcnn/train.py``).
-
-``bcnn-eval`` (``evaluate``, a Hydra app), ``bcnn-predict`` (``predict``), ``bcnn-export``
-(``export``), ``bcnn-prepare-data`` (``prepare_data``) and ``bcnn-reproduce``
-(``reproduce``). Each module holds one program's ``main``; ``pyproject.toml`` names it
-under ``[project.scripts]``. ``errors`` is their shared handling of user errors: one
-message, the traceback with ``HYDRA_FULL_ERROR=1``.
+"""The console scripts, the top layer: ``bcnn-eval`` (``evaluate``), ``bcnn-viz`` (``viz``),
+``bcnn-prepare-data`` (``prepare_data``), ``bcnn-reproduce`` and ``bcnn-summarize-sweep``
+(``reproduce``) beside ``bcnn-train`` (``bcnn/train.py``) are Hydra applications that run
+``overrides.check_overrides`` first; ``bcnn-predict`` and ``bcnn-export`` take file paths
+(argparse). ``callbacks`` holds train's Hydra callbacks, ``errors`` the one-message
+handling of user errors.
 """

@@ -27,18 +27,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader, Dataset
 
-from bcnn.config import PRECISIONS, instantiate
+from bcnn.cli.overrides import check_overrides
+from bcnn.config import PRECISIONS, check_device, instantiate
 from bcnn.data import SPLITS
-from bcnn.engine.curves import figure
 from bcnn.engine.loops import evaluate
 from bcnn.engine.placement import resolve_device
 from bcnn.engine.runs import TrainedModel, load_trained
 from bcnn.errors import user_errors
+from bcnn.viz.report import confused_pairs, confusion_figure
 
 log = logging.getLogger(__name__)
 PROG = "bcnn-eval"
-# Tick labels are drawn up to this many classes; beyond, the matrix is shown unlabelled.
-MAX_LABELLED = 40
 
 
 def overridden(key: str) -> bool:
@@ -91,6 +90,7 @@ def _check(cfg: DictConfig) -> None:
             raise ValueError(f"Invalid config value for '{key}': must be >= 1 or null")
     if int(cfg.top_confused) < 0:
         raise ValueError("Invalid config value for 'top_confused': must be >= 0")
+    check_device(str(cfg.device), "device")
 
 
 def per_class_table(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -117,43 +117,11 @@ def per_class_table(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
 
 def most_confused(matrix: np.ndarray, classes: list[str], top: int) -> pd.DataFrame:
     """The ``top`` most frequent (true, predicted) pairs with true != predicted."""
-    off = matrix.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(-off, axis=None, kind="stable")[:top]
-    rows = []
-    for flat in order:
-        t, p = divmod(int(flat), len(classes))
-        if off[t, p] == 0:
-            break
-        rows.append(
-            {
-                "true": classes[t],
-                "predicted": classes[p],
-                "count": int(off[t, p]),
-                "share_of_true_class": 100.0 * off[t, p] / max(int(matrix[t].sum()), 1),
-            }
-        )
+    rows = [
+        (classes[t], classes[p], n, 100.0 * n / max(int(matrix[t].sum()), 1))
+        for t, p, n in confused_pairs(matrix, top)
+    ]
     return pd.DataFrame(rows, columns=["true", "predicted", "count", "share_of_true_class"])
-
-
-def plot_confusion(matrix: np.ndarray, classes: list[str], out: Path, title: str) -> Path:
-    """Row-normalized confusion matrix as a PNG (class names as ticks up to 40 classes)."""
-    totals = matrix.sum(1, keepdims=True)
-    normalized = np.divide(matrix, np.maximum(totals, 1))
-    n = len(classes)
-    side = min(max(4.0, 0.25 * n + 2.0), 16.0)
-    fig = figure(side + 1.0, side)
-    ax = fig.add_subplot()
-    image = ax.imshow(normalized, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    if n <= MAX_LABELLED:
-        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), classes, fontsize=7)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title, fontsize=9)
-    fig.savefig(out, dpi=120)
-    return out
 
 
 def _split_dataset(
@@ -210,25 +178,18 @@ def _eval_settings(cfg: DictConfig, run: DictConfig) -> tuple[bool, str, int]:
 def _write_tables(
     output_dir: Path, matrix: np.ndarray, classes: list[str], top: int, title: str
 ) -> pd.DataFrame:
-    """Writes the per-class, confusion and most-confused tables and the confusion plot.
-
-    Args:
-        output_dir: Where the files go (created).
-        matrix: ``(C, C)`` confusion counts, rows = true class.
-        classes: The C class names.
-        top: How many most-confused pairs to list.
-        title: The plot's title.
-
-    Returns:
-        The most-confused pairs (see ``most_confused``).
-    """
+    """Writes the per-class, confusion and most-confused tables and the confusion plot of
+    the ``(C, C)`` counts ``matrix`` (rows = true class); returns the most-confused pairs."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    per_class = per_class_table(matrix, classes)
-    per_class.to_csv(output_dir / "per_class.csv", index=False, float_format="%.4f")
+    per_class_table(matrix, classes).to_csv(
+        output_dir / "per_class.csv", index=False, float_format="%.4f"
+    )
     pd.DataFrame(matrix, index=classes, columns=classes).to_csv(output_dir / "confusion_matrix.csv")
     confused = most_confused(matrix, classes, top)
     confused.to_csv(output_dir / "most_confused.csv", index=False, float_format="%.4f")
-    plot_confusion(matrix, classes, output_dir / "confusion_matrix.png", title)
+    fig = confusion_figure(matrix, classes)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(output_dir / "confusion_matrix.png", dpi=120)
     return confused
 
 
@@ -323,19 +284,9 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """``bcnn-eval``: evaluates a trained model (see the module docstring)."""
+    check_overrides(PROG, "eval")
     _hydra_main()
 
 
 if __name__ == "__main__":
     main()
-
-
-__all__ = [
-    "dataset_config",
-    "main",
-    "most_confused",
-    "per_class_table",
-    "plot_confusion",
-    "run_eval",
-    "summary",
-]

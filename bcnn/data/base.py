@@ -36,7 +36,7 @@ SPLITS: tuple[str, ...] = get_args(Split)
 BadImagePolicy = Literal["fail", "skip"]
 BAD_IMAGE_POLICIES: tuple[str, ...] = get_args(BadImagePolicy)
 # How a user lists every unreadable image of a dataset (named in the bad-image error).
-VERIFY_COMMAND = "python scripts/prepare_data.py dataset={name} root={root} --verify"
+VERIFY_COMMAND = "python scripts/prepare_data.py dataset={name} root={root} verify=true"
 
 # (left, upper, right, lower) in PIL pixel coordinates: right/lower are exclusive.
 Box = tuple[float, float, float, float]

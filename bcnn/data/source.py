@@ -63,7 +63,7 @@ class DatasetSource:
         default_variant: The variant downloaded by default.
         manual: How to obtain the data by hand (gated or dead hosts, or user data).
         known_files: Further files with known MD5s that users obtain by hand and install
-            with ``bcnn-prepare-data --archive``.
+            with ``bcnn-prepare-data archive=<file>``.
     """
 
     name: str
@@ -86,7 +86,7 @@ class DatasetSource:
             return self.manual.strip()
         urls = ", ".join(a.url for a in self.variants[self.default_variant])
         return (
-            f"run `bcnn-prepare-data --dataset {self.name} --root <root>` "
+            f"run `bcnn-prepare-data dataset={self.name} root=<root>` "
             f"(downloads {urls}), or download from {self.homepage} and extract into the root."
         )
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from bcnn.models.pooling import bilinear
 from bcnn.viz.layers import FeatureTaps
@@ -103,6 +104,7 @@ def synthesize_texture(
     layer_weights: Mapping[str, float] | None = None,
     init: torch.Tensor | None = None,
     seed: int = 0,
+    desc: str | None = None,
 ) -> TextureResult:
     """An image whose Gram matrices at ``taps.layers`` match those of ``target``.
 
@@ -122,6 +124,7 @@ def synthesize_texture(
         layer_weights: {layer: weight}; ``None``: equal weights.
         init: Start image (3, H, W) in [0, 1] instead of uniform noise.
         seed: Seed of the noise.
+        desc: The label of a progress bar per scale; ``None``: no bar.
 
     Returns:
         The texture and the loss history (``TextureResult``).
@@ -166,7 +169,8 @@ def synthesize_texture(
             x = _resize(x, hw).clamp(0, 1)
         result.scale_starts.append(len(result.losses))
         result.sizes.append(hw)
-        x = _optimize(taps, x, targets, layer_weights, optimizer, steps, lr, result.losses)
+        bar = f"{desc} {hw[0]}x{hw[1]}" if desc else None
+        x = _optimize(taps, x, targets, layer_weights, optimizer, steps, lr, result.losses, bar)
     assert x is not None
     result.image = x.detach()[0].cpu()
     return result
@@ -181,6 +185,7 @@ def _optimize(
     steps: int,
     lr: float | None,
     losses: list[float],
+    desc: str | None = None,
 ) -> torch.Tensor:
     """Runs ``steps`` iterations from ``x`` (1, 3, H, W) in [0, 1]; returns the result.
 
@@ -224,7 +229,7 @@ def _optimize(
         loss.backward()
         return loss
 
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=desc, disable=desc is None, leave=False):
         # One iteration per call (L-BFGS keeps its curvature history in its state), so that
         # every iteration's loss is recorded.
         loss = opt.step(closure)

@@ -1,0 +1,110 @@
+"""The Hydra callbacks of ``bcnn-train`` (``hydra.callbacks`` in ``configs/train.yaml``) and
+the sweep summary they write.
+
+Before a run: one run directory for every torchrun process, never one that holds another
+run. Before a sweep: a SLURM launcher needs a cluster, and a search leaves out the settings
+of stages that do not run. After a sweep: ``summary.csv`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bcnn.config import STAGES
+from bcnn.engine import distributed as D
+from bcnn.engine.trainer import run_dir_in_use
+from bcnn.reproduce.collect import COMPLETED, collect_runs, markdown_table
+
+log = logging.getLogger(__name__)
+PROG = "bcnn-train"
+# Columns of summary.csv that summary.md leaves out: the raw override list, per-stage
+# copies of the metrics, and what the jobs of a sweep rarely change.
+HIDDEN = ("overrides", "num_classes", "num_parameters")
+
+
+class TrainCallbacks(Callback):
+    """What ``bcnn-train`` does around Hydra's runs and sweeps (module docstring)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Fixes ``hydra.run.dir`` before Hydra writes ``.hydra/`` into it.
+
+        Under torchrun every process resolves ``${now:...}`` itself: rank 0 chooses the
+        directory, the others follow and leave Hydra's files and log to it. A fresh run
+        (no ``trainer.resume``) refuses a directory that holds another run.
+        """
+        env = D.env_from_torchrun()
+        D.init()
+        run_dir = str(config.hydra.run.dir)
+        problem = None if config.trainer.resume else run_dir_in_use(run_dir)
+        run_dir, problem = D.broadcast_object((run_dir, problem))
+        if problem is not None:
+            sys.exit(f"{PROG}: error: {problem}" if env.rank == 0 else 1)
+        config.hydra.run.dir = run_dir
+        if env.rank > 0:
+            config.hydra.output_subdir = None
+            config.hydra.job_logging = {"version": 1, "root": {"level": "ERROR"}}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Refuses a SLURM launcher without SLURM; drops searched keys of unused stages."""
+        launcher = config.hydra.runtime.choices.get("hydra/launcher")
+        if launcher in ("slurm", "submitit_slurm") and shutil.which("srun") is None:
+            sys.exit(
+                f"{PROG}: error: hydra/launcher={launcher} submits the jobs to SLURM, but this "
+                "machine has no srun (it is not a SLURM node): run the sweep on the cluster, "
+                "or here with hydra/launcher=joblib (or submitit_local)"
+            )
+        if launcher == "slurm" and OmegaConf.is_missing(config.hydra.launcher, "partition"):
+            sys.exit(f"{PROG}: error: set hydra.launcher.partition=<your GPU partition>")
+        params = config.hydra.sweeper.get("params") or {}
+        idle = [s for s in STAGES if s not in config.trainer.stages]
+        unused = [k for k in params if k.split(".")[:2] in (["trainer", s] for s in idle)]
+        if unused:
+            stages = list(config.trainer.stages)
+            log.info("Not searching %s: trainer.stages=%s", ", ".join(unused), stages)
+            with open_dict(params):
+                for key in unused:
+                    del params[key]
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Writes the sweep's summary into its directory."""
+        table = summarize_sweep(config.hydra.sweep.dir)
+        log.info("Sweep summary of %d jobs: %s/summary.md", len(table), config.hydra.sweep.dir)
+
+
+def summarize_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> pd.DataFrame:
+    """Collects every job of a multirun into ``summary.csv`` and ``summary.md``.
+
+    ``summary.csv`` holds every column; ``summary.md`` the columns whose values differ
+    between the jobs, with those the whole sweep shares on one line above the table.
+
+    Args:
+        sweep_dir: The multirun directory.
+        out_dir: Where to write (default: ``sweep_dir``).
+
+    Returns:
+        ``bcnn.reproduce.collect.collect_runs``' DataFrame: one row per job.
+    """
+    df = collect_runs(sweep_dir)
+    out = Path(out_dir if out_dir is not None else sweep_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "summary.csv", index=False)
+    # job, status, then the overrides and metrics.
+    shown = [c for c in df.columns if c not in HIDDEN and not c.startswith("stages.")]
+    same = [c for c in shown[2:] if len(df) > 1 and df[c].nunique(dropna=False) == 1]
+    done = int((df["status"] == COMPLETED).sum()) if len(df) else 0
+    text = f"# Sweep {Path(sweep_dir).resolve()}\n\n{done} of {len(df)} jobs completed.\n\n"
+    if same:
+        text += "Every job: " + ", ".join(f"{c}={df[c].iloc[0]}" for c in same) + "\n\n"
+    if len(df):
+        formats = {"train_seconds": ".0f", "epochs_run": ".0f"}
+        text += markdown_table(df[[c for c in shown if c not in same]], formats)
+    (out / "summary.md").write_text(text)
+    return df
