@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from huggingface_hub.constants import HF_HUB_CACHE
 
 from bcnn.models.backbones.base import (
     NETWORK_ERRORS,
@@ -17,14 +17,10 @@ from bcnn.models.backbones.base import (
 )
 from bcnn.models.inputs import InputSpec
 
-
-def _hf_cache_dir() -> str:
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.HF_HUB_CACHE)
-    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
-        return str(Path("~/.cache/huggingface/hub").expanduser())
+# Taken by timm's token models (ViT, DeiT, EVA, DINOv2): position embeddings interpolated
+# to the input's token grid, inputs padded to a multiple of the patch. Other models refuse
+# the arguments (a TypeError), and are built without them.
+TOKEN_KWARGS = ({"dynamic_img_size": True, "dynamic_img_pad": True}, {"dynamic_img_size": True})
 
 
 class TimmBackbone(Backbone):
@@ -35,6 +31,9 @@ class TimmBackbone(Backbone):
     (mean/std) from its ``pretrained_cfg``. Wide maps (ResNet-50: 2048 channels) want
     ``pooling.proj_dim`` before second-order pooling.
 
+    Token models (ViT, DeiT, EVA, DINOv2) take any input size (timm's
+    ``dynamic_img_size``); their patch tokens are the locations, r is the patch size.
+
     Args:
         name: A timm model name (``timm.list_models()``), optionally with a pretrained tag
             (``resnet50.a1_in1k``).
@@ -42,8 +41,11 @@ class TimmBackbone(Backbone):
         weights: A local timm-format state dict or ``.safetensors`` file instead (e.g. the
             ``model.safetensors`` of the model's hub repository); head keys are ignored.
         out_index: Which feature level to return (timm ``out_indices``; -1 = last).
-        model_kwargs: Extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``
-            for transformers, ``drop_path_rate``).
+        prefix_tokens: Also use a token model's class and register tokens as locations:
+            the map is then (B, C, 1, P + H/r W/r), prefix tokens first.
+        model_kwargs: Extra keyword arguments for ``timm.create_model`` (e.g.
+            ``drop_path_rate``; ``img_size`` with ``dynamic_img_size: false`` for a fixed
+            size).
     """
 
     def __init__(
@@ -52,20 +54,29 @@ class TimmBackbone(Backbone):
         pretrained: bool = False,
         weights: str | None = None,
         out_index: int = -1,
+        prefix_tokens: bool = False,
         model_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_weight_source(f"timm:{name}", pretrained, weights)
-        kwargs = dict(model_kwargs or {})
 
-        def create(with_weights: bool) -> torch.nn.Module:
+        def build(with_weights: bool, extra: Mapping[str, Any]) -> torch.nn.Module:
             return timm.create_model(
                 name,
                 pretrained=with_weights,
                 features_only=True,
                 out_indices=(out_index,),
-                **kwargs,
+                **{**extra, **(model_kwargs or {})},
             )
+
+        def create(with_weights: bool) -> torch.nn.Module:
+            for extra in TOKEN_KWARGS:
+                try:
+                    return build(with_weights, extra)
+                except TypeError as err:
+                    if "dynamic_img" not in str(err):
+                        raise
+            return build(with_weights, {})
 
         try:
             self.model = create(pretrained)
@@ -82,9 +93,17 @@ class TimmBackbone(Backbone):
                 f"Could not obtain timm's pretrained weights of {name!r} "
                 f"({type(err).__name__}: {err}). Offline? On a machine with internet, fetch "
                 f"{source} (e.g. `hf download {cfg.get('hf_hub_id', '')}`) into "
-                f"the Hugging Face cache {_hf_cache_dir()} (HF_HOME moves it), or pass its "
+                f"the Hugging Face cache {HF_HUB_CACHE} (HF_HOME moves it), or pass its "
                 "model.safetensors as backbone.weights=<file> with backbone.pretrained=false."
             ) from err
+        # A token model's network (timm's FeatureGetterNet wraps it as ``model``).
+        tokens = getattr(self.model, "model", None)
+        if prefix_tokens and getattr(tokens, "num_prefix_tokens", 0) == 0:
+            raise ValueError(
+                f"backbone.prefix_tokens=true: timm's {name!r} has no class or register "
+                "tokens; use backbone.prefix_tokens=false"
+            )
+        self.prefix_tokens = prefix_tokens
         self.out_channels = int(self.model.feature_info.channels()[-1])
         self.reduction = int(self.model.feature_info.reduction()[-1])
         cfg = self.model.pretrained_cfg
@@ -95,5 +114,16 @@ class TimmBackbone(Backbone):
         self.load_weights_file(weights, module=self.model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, C, H / reduction, W / reduction)."""
-        return self.model(x)[-1]
+        """(B, 3, H, W) -> (B, C, H / r, W / r), or (B, C, 1, P + H W / r^2) with the
+        P prefix tokens."""
+        if not self.prefix_tokens:
+            return self.model(x)[-1]
+        getter = self.model
+        ((patches, prefix),) = getter.model.forward_intermediates(
+            x,
+            indices=getter.out_indices,
+            return_prefix_tokens=True,
+            norm=getter.norm,
+            intermediates_only=True,
+        )
+        return torch.cat([prefix.transpose(1, 2), patches.flatten(2)], dim=2).unsqueeze(2)
