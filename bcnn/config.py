@@ -305,8 +305,8 @@ def validate(cfg: DictConfig, files: bool = False) -> None:
     Args:
         cfg: The composed config.
         files: Also check the files the config names (``backbone.weights`` exists and is
-            a torch or safetensors file); ``train`` does, a config prepared for another
-            machine need not.
+            a torch or safetensors file) and that a dataset generated in memory fits this
+            machine's; ``train`` does, a config prepared for another machine need not.
 
     Raises:
         ConfigError: a ``ValueError`` naming the key, the value and what is allowed.
@@ -331,6 +331,10 @@ def validate(cfg: DictConfig, files: bool = False) -> None:
         )
     for group in GROUP_ARGS:
         _check_group(cfg, group, files)
+    if files:
+        from bcnn.models.plan import check_dataset_memory  # bcnn.models imports this module
+
+        check_dataset_memory(cfg.dataset)
     trainer = OmegaConf.to_object(cfg.trainer)
     assert isinstance(trainer, TrainerConfig)
     trainer.validate()

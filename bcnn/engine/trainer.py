@@ -69,6 +69,7 @@ from bcnn.engine.checkpoint import (
 from bcnn.engine.loops import EpochStats, autocast, evaluate, train_one_epoch
 from bcnn.engine.metrics import ConfusionMeter
 from bcnn.models import BilinearModel, build_model
+from bcnn.models.plan import check_plan
 from bcnn.validation import ConfigError
 
 log = logging.getLogger(__name__)
@@ -535,6 +536,7 @@ class _Run:
         self.datasets = self._datasets()
         check_batch_sizes(self.tcfg, len(self.datasets["train"]), self.split_names["train"])
         self.num_classes = len(self.datasets["train"].classes)
+        check_plan(cfg, self.num_classes, self.device)  # shapes and memory, before the model
         self.model = self._build_model(self.num_classes)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         log.info(
