@@ -45,24 +45,21 @@ class _TensorBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and not func.is_view and all(t is not a for a in args):
-                self.total += t.numel() * t.element_size()
-                self.peak = max(self.peak, t.numel() * t.element_size())
+                self.total, self.peak = self.total + t.nbytes, max(self.peak, t.nbytes)
         return out
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A model's shapes and sizes at one input size S (activations: of one image).
+    """A model's shapes and sizes for one image (3, S, S).
 
     Attributes:
-        size: S, for images (3, S, S).
         map_shape: The backbone's map (C, H, W) (the first stream's of two).
-        pooled: Per-sample shape of the pooling's output.
-        descriptor: Per-sample shape the classifier reads.
+        pooled, descriptor: Per-sample shapes of the pooling's output and the classifier's input.
         second_order: The pooling outputs more values than it has input channels.
         weights: Bytes of the parameters and buffers of each of ``MODEL_GROUPS``.
-        activations: Bytes of all tensors the forward pass creates.
-        peak: Bytes of the largest one, and whether it is after the backbone.
+        activations, peak: Bytes of all tensors the forward pass creates; of the largest,
+            and whether it is after the backbone.
     """
 
     size: int
@@ -134,8 +131,7 @@ def plan_model(
         precision: ``trainer.precision``; ``bf16``/``fp16`` trace under autocast.
 
     Returns:
-        The plan; None where fake tensors run the backbone at no size (an operation
-        without a shape function): the run goes ahead unplanned.
+        The plan; None where fake tensors run the backbone at no size (the run goes ahead).
 
     Raises:
         ConfigError: ``size`` is below the backbone's minimum input size, which it names.
@@ -144,11 +140,8 @@ def plan_model(
     nodes["backbone"] = _no_weights(nodes["backbone"])
     with torch.device("meta"):
         model = build_model(OmegaConf.create(nodes), num_classes)
-    weights = {
-        name: sum(t.numel() * t.element_size() for t in [*part.parameters(), *part.buffers()])
-        for name, part in model.named_children()
-        if name in MODEL_GROUPS
-    }
+    parts = {g: model.get_submodule(g) for g in MODEL_GROUPS}
+    weights = {g: sum(t.nbytes for t in [*m.parameters(), *m.buffers()]) for g, m in parts.items()}
     # Fake tensors log each shape error they raise; the search for a minimum raises some.
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     was_disabled, quiet.disabled = quiet.disabled, True
@@ -193,10 +186,8 @@ def plan_model(
 
 def host_memory() -> int | None:
     """This machine's physical memory in bytes (None where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
-        return None
+    posix = hasattr(os, "sysconf")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if posix else None
 
 
 def _refuse(parts: list[tuple[str, int, list[str]]], have: int | None, where: str) -> None:
@@ -249,12 +240,12 @@ def check_plan(cfg: DictConfig, num_classes: int, device: torch.device) -> Plan 
             "a rank-one matrix. Raise the input size (%s) or use pooling=avg.", size, size_key
         )  # fmt: skip
     if plan.descriptor.numel > DESCRIPTOR_RATIO * 3 * size**2:
+        fixes = sorted({k.split("=")[0] for k in sized} | {"pooling.proj_dim"})
         log.warning(
-            "The descriptor has %s values, more than %d times the %s of a %d px image: "
-            "mostly redundant, and costly in the classifier and the cache. Reduce it (%s; "
-            "pooling.proj_dim=128 projects the map to 128 channels) or raise the input size "
-            "(%s).", f"{plan.descriptor.numel:,}", DESCRIPTOR_RATIO, f"{3 * size**2:,}", size,
-            ", ".join(k.split("=")[0] for k in sized), size_key,
+            "The descriptor has %s values, over %d times the %s of a %d px image: mostly "
+            "redundant, and costly in the classifier and the cache. Reduce it (%s) or raise "
+            "the input size (%s).", f"{plan.descriptor.numel:,}", DESCRIPTOR_RATIO,
+            f"{3 * size**2:,}", size, ", ".join(fixes), size_key,
         )  # fmt: skip
     head = plan.weights["pooling"] + plan.weights["classifier"]
     weights = [("the backbone's weights", plan.weights["backbone"], ["backbone"])]
@@ -263,24 +254,21 @@ def check_plan(cfg: DictConfig, num_classes: int, device: torch.device) -> Plan 
     batch = int(cfg.trainer[stage].batch_size)
     peak, in_head = plan.peak
     # What makes the largest tensor large: the descriptor's size where it is in the head.
-    causes = [*(sized if in_head else []), f"{size_key}={size}", f"trainer.{stage}.batch_size"]
+    causes = [*(sized if in_head else []), f"{size_key}={size}"]
+    causes.append(f"trainer.{stage}.batch_size={batch}")
     largest = [("the largest tensor of one batch", batch * peak, causes)]
-    if device.type == "cuda":
+    on_gpu = device.type == "cuda"
+    if on_gpu:
         _refuse(weights, host_memory(), "host memory")
-        total = torch.cuda.get_device_properties(device).total_memory
-        _refuse(weights + largest, total, f"{device} memory")
-    else:
-        _refuse(weights + largest, host_memory(), "host memory")
+    total = torch.cuda.get_device_properties(device).total_memory if on_gpu else host_memory()
+    _refuse(weights + largest, total, f"{device} memory" if on_gpu else "host memory")
     return plan
 
 
 def check_dataset_memory(dataset: DictConfig) -> None:
     """Refuses a dataset generated in memory (a node with ``image_size``, ``trainval_size``
-    and ``test_size``: the built-in one) that cannot fit in this machine's memory.
-
-    Raises:
-        ConfigError: naming the larger factor (values per image, or images) first.
-    """
+    and ``test_size``: the built-in one) beyond this machine's memory, with a ``ConfigError``
+    that names the larger factor (values per image, or images) first."""
     if not all(k in dataset for k in ("image_size", "trainval_size", "test_size")):
         return
     n, m, pixels = dataset.trainval_size, dataset.test_size, 3 * dataset.image_size**2

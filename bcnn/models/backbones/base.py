@@ -1,10 +1,6 @@
-"""What every backbone declares, and the weight-loading helpers they share.
-
-Weights come from ``pretrained=True`` (torchvision's or timm's download and cache; offline,
-one :class:`WeightsUnavailableError` names the URL and the path to fill), ``weights=<file>``
-(a local state dict or ``.safetensors`` file, :func:`load_weights`; MatConvNet conversions
-also record their input convention), or neither (random initialization).
-"""
+"""What every backbone declares, and the weight-loading helpers they share: weights come
+from ``pretrained=True`` (a download; offline, one :class:`WeightsUnavailableError` names
+the URL and the path to fill), ``weights=<file>`` (:func:`load_weights`) or neither."""
 
 from __future__ import annotations
 
@@ -56,9 +52,8 @@ class Backbone(nn.Module):
         module: nn.Module | None = None,
         remap: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        """Loads ``backbone.weights`` when set and adopts the input convention it records.
-
-        A file that records no convention leaves ``input_spec`` as the backbone set it.
+        """Loads ``backbone.weights`` when set and adopts the input convention it records
+        (a file that records none leaves ``input_spec`` as it is).
 
         Args:
             path: ``.pt``/``.pth`` state dict or ``.safetensors`` file (see
@@ -130,15 +125,13 @@ def input_spec_to_meta(spec: InputSpec) -> dict[str, Any]:
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Reads a state dict and its metadata from a local file.
-
-    Accepts ``.safetensors`` (metadata from its header) and torch files read with
-    ``weights_only=True``: a bare state dict, ``{"state_dict": ..., "meta": ...}`` (what
-    ``scripts/convert_matconvnet.py`` writes) or a training checkpoint ``{"model": ...}``.
+    """Reads a state dict and its metadata from a ``.safetensors`` file (metadata from its
+    header) or a torch file read with ``weights_only=True``: a bare state dict,
+    ``{"state_dict": ..., "meta": ...}`` (what ``scripts/convert_matconvnet.py`` writes) or a
+    training checkpoint ``{"model": ...}``.
 
     Returns:
-        ``(state_dict, meta)``; ``meta`` may hold ``input_spec`` (see
-        :func:`input_spec_from_meta`).
+        ``(state_dict, meta)``; ``meta`` may hold ``input_spec``.
 
     Raises:
         FileNotFoundError: naming the file when it does not exist.

@@ -17,9 +17,8 @@ from bcnn.models.backbones.base import (
 )
 from bcnn.models.inputs import InputSpec
 
-# Taken by timm's token models (ViT, DeiT, EVA, DINOv2): position embeddings interpolated
-# to the input's token grid, inputs padded to a multiple of the patch. Other models refuse
-# the arguments (a TypeError), and are built without them.
+# Token models (ViT, DeiT, EVA, DINOv2; Swin without the padding) take any input size with
+# these; other models refuse them (a TypeError) and are built without.
 TOKEN_KWARGS = ({"dynamic_img_size": True, "dynamic_img_pad": True}, {"dynamic_img_size": True})
 
 
@@ -28,11 +27,8 @@ class TimmBackbone(Backbone):
 
     Built with ``timm.create_model(name, features_only=True, out_indices=(out_index,))``;
     C and the reduction r come from the model's ``feature_info``, the input convention
-    (mean/std) from its ``pretrained_cfg``. Wide maps (ResNet-50: 2048 channels) want
-    ``pooling.proj_dim`` before second-order pooling.
-
-    Token models (ViT, DeiT, EVA, DINOv2) take any input size (timm's
-    ``dynamic_img_size``); their patch tokens are the locations, r is the patch size.
+    (mean/std) from its ``pretrained_cfg``. Token models (ViT, DeiT, EVA, DINOv2) take any
+    input size (timm's ``dynamic_img_size``); their patch tokens are the locations.
 
     Args:
         name: A timm model name (``timm.list_models()``), optionally with a pretrained tag
@@ -44,8 +40,7 @@ class TimmBackbone(Backbone):
         prefix_tokens: Also use a token model's class and register tokens as locations:
             the map is then (B, C, 1, P + H/r W/r), prefix tokens first.
         model_kwargs: Extra keyword arguments for ``timm.create_model`` (e.g.
-            ``drop_path_rate``; ``img_size`` with ``dynamic_img_size: false`` for a fixed
-            size).
+            ``drop_path_rate``; ``dynamic_img_size: false`` and ``img_size`` fix the size).
     """
 
     def __init__(
@@ -60,23 +55,20 @@ class TimmBackbone(Backbone):
         super().__init__()
         check_weight_source(f"timm:{name}", pretrained, weights)
 
-        def build(with_weights: bool, extra: Mapping[str, Any]) -> torch.nn.Module:
-            return timm.create_model(
-                name,
-                pretrained=with_weights,
-                features_only=True,
-                out_indices=(out_index,),
-                **{**extra, **(model_kwargs or {})},
-            )
-
         def create(with_weights: bool) -> torch.nn.Module:
-            for extra in TOKEN_KWARGS:
+            for extra in (*TOKEN_KWARGS, {}):
                 try:
-                    return build(with_weights, extra)
+                    return timm.create_model(
+                        name,
+                        pretrained=with_weights,
+                        features_only=True,
+                        out_indices=(out_index,),
+                        **{**extra, **(model_kwargs or {})},
+                    )
                 except TypeError as err:
-                    if "dynamic_img" not in str(err):
+                    if not extra or "dynamic_img" not in str(err):
                         raise
-            return build(with_weights, {})
+            raise AssertionError("unreachable: the last attempt returns or raises")
 
         try:
             self.model = create(pretrained)
@@ -96,9 +88,10 @@ class TimmBackbone(Backbone):
                 f"the Hugging Face cache {HF_HUB_CACHE} (HF_HOME moves it), or pass its "
                 "model.safetensors as backbone.weights=<file> with backbone.pretrained=false."
             ) from err
-        # A token model's network (timm's FeatureGetterNet wraps it as ``model``).
-        tokens = getattr(self.model, "model", None)
-        if prefix_tokens and getattr(tokens, "num_prefix_tokens", 0) == 0:
+        # A token model's network: timm's FeatureGetterNet wraps it as ``model``.
+        if prefix_tokens and not getattr(
+            getattr(self.model, "model", None), "num_prefix_tokens", 0
+        ):
             raise ValueError(
                 f"backbone.prefix_tokens=true: timm's {name!r} has no class or register "
                 "tokens; use backbone.prefix_tokens=false"

@@ -24,9 +24,7 @@ _VGG16_RELU5_3 = 30
 
 # MatConvNet's VGG-M expects RGB in [0, 255] minus the average image of its training set;
 # the converter records the exact colour from the .mat, this is the usual ImageNet mean.
-MATCONVNET_IMAGENET = InputSpec(
-    mean=(123.68, 116.78, 103.94), std=(1.0, 1.0, 1.0), color="RGB", scale=255.0
-)
+MATCONVNET_IMAGENET = InputSpec(mean=(123.68, 116.78, 103.94), std=(1.0, 1.0, 1.0), scale=255.0)
 
 
 def _init_like_torchvision(module: nn.Module) -> None:
@@ -216,10 +214,9 @@ class VGG16FC7(VGG16):
 class VGGMFC7(VGGM):
     """VGG-M through fc7 + ReLU, the FC-CNN [M] features of ICCV 2015: 224 -> (B, 4096, 1, 1).
 
-    ``VGGM``'s layers, then MatConvNet's pool5 (3x3, stride 2, pad [0 1 0 1]), fc6 (a 6x6
-    convolution) and fc7 (1x1), under the keys ``fc.*`` that ``scripts/convert_matconvnet.py``
-    writes when the .mat holds them (``VGGM`` ignores them, so one converted file serves
-    both backbones).
+    ``VGGM``'s layers, then MatConvNet's pool5 (3x3, stride 2, pad [0 1 0 1]), fc6 (6x6) and
+    fc7 (1x1) under the keys ``fc.*`` of ``scripts/convert_matconvnet.py``'s files (which
+    ``VGGM`` ignores: one converted file serves both).
 
     Args:
         pretrained: Must be False (see ``VGGM``).
