@@ -43,6 +43,7 @@ from bcnn.limits import (
     problem,
     signature,
 )
+from bcnn.models.plan import check_dataset_memory
 
 STAGES = ("linear", "finetune")
 PRECISIONS = ("32", "bf16", "fp16")
@@ -288,7 +289,8 @@ def validate(cfg: DictConfig, files: bool = False) -> None:
         cfg: The composed config.
         files: Also check what the config names on this machine: ``backbone.weights``
             exists and is a weights file, the output and cache directories can be created
-            and written. ``train`` does; a config prepared for another machine need not.
+            and written, a dataset generated in memory fits. ``train`` does; a config
+            prepared for another machine need not.
 
     Raises:
         ConfigError: a ``ValueError`` naming the key, the value and what is allowed.
@@ -314,6 +316,8 @@ def validate(cfg: DictConfig, files: bool = False) -> None:
         raise ConfigError(
             "trainer.cache_features", "this classifier fits on cached descriptors: use auto or true"
         )
+    if files:
+        check_dataset_memory(cfg.dataset)
     for name in STAGES:
         _check_schedule(cfg.trainer[name], f"trainer.{name}")
 

@@ -70,6 +70,7 @@ from bcnn.engine.loops import EpochStats, autocast, evaluate, train_one_epoch
 from bcnn.engine.metrics import ConfusionMeter
 from bcnn.errors import ConfigError, DivergenceError
 from bcnn.models import BilinearModel, build_model
+from bcnn.models.plan import check_plan
 
 log = logging.getLogger(__name__)
 
@@ -530,6 +531,7 @@ class _Run:
         self.datasets = self._datasets()
         check_batch_sizes(self.tcfg, len(self.datasets["train"]), self.split_names["train"])
         self.num_classes = len(self.datasets["train"].classes)
+        check_plan(cfg, self.num_classes, self.device)  # shapes and memory, before the model
         self.model = self._build_model(self.num_classes)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         log.info(

@@ -27,9 +27,7 @@ _VGG16_RELU5_3 = 30
 
 # MatConvNet's VGG-M expects RGB in [0, 255] minus the average image of its training set;
 # the converter records the exact colour from the .mat, this is the usual ImageNet mean.
-MATCONVNET_IMAGENET = InputSpec(
-    mean=(123.68, 116.78, 103.94), std=(1.0, 1.0, 1.0), color="RGB", scale=255.0
-)
+MATCONVNET_IMAGENET = InputSpec(mean=(123.68, 116.78, 103.94), std=(1.0, 1.0, 1.0), scale=255.0)
 
 
 def _lrn(value: Any) -> str | None:
@@ -74,19 +72,24 @@ class VGG16(Backbone):
     @checked
     def __init__(self, pretrained: bool = False, weights: WeightsFile | None = None) -> None:
         super().__init__()
+        # Only the convolutional part: building torchvision's whole vgg16() would also
+        # initialize its 120M-parameter classifier (seconds on a CPU) to throw it away.
+        features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=False)
+        self.features = features[:_VGG16_RELU5_3]
+        _init_like_torchvision(self.features)
+        self.out_channels = 512
+        self.input_spec = IMAGENET
+        self._load(pretrained, weights)
+
+    def _load(self, pretrained: bool, weights: str | None) -> None:
+        """torchvision's ImageNet weights or a local file (a classifier reshaped to fc*)."""
         if pretrained:
             tv_weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
             with torchvision_download("VGG-16 (torchvision)", tv_weights):
-                features = torchvision.models.vgg16(weights=tv_weights).features
-        else:
-            # Only the convolutional part: building torchvision's whole vgg16() would also
-            # initialize its 120M-parameter classifier (seconds on a CPU) to throw it away.
-            features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=False)
-            _init_like_torchvision(features)
-        self.features = features[:_VGG16_RELU5_3]
-        self.out_channels = 512
-        self.input_spec = IMAGENET
-        self.load_weights_file(weights)
+                state = tv_weights.get_state_dict(progress=False)
+            own = self.state_dict()
+            self.load_state_dict({k: v for k, v in _classifier_as_conv(state).items() if k in own})
+        self.load_weights_file(weights, remap=_classifier_as_conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 512, H / 16, W / 16)."""
@@ -96,17 +99,9 @@ class VGG16(Backbone):
 class VGGM(Backbone):
     """VGG-M (Chatfield et al., BMVC 2014) up to relu5: (B, 3, 448, 448) -> (B, 512, 27, 27).
 
-    Layer for layer the ``imagenet-vgg-m.mat`` network of MatConvNet (named like its
-    layers, so that the converter maps them one to one)::
-
-        conv1 96 7x7 s2, relu, LRN, maxpool 3x3 s2
-        conv2 256 5x5 s2 pad 1, relu, LRN, maxpool 3x3 s2 pad [0 1 0 1]
-        conv3 512 3x3 pad 1, relu; conv4 512 3x3 pad 1, relu; conv5 512 3x3 pad 1, relu
-
-    MatConvNet pads pool2 by one row and column at the bottom/right; with a 3x3 window and
-    stride 2 that is exactly ``ceil_mode=True`` (448: 221 -> 110 -> 54 -> 27).
-    There are no torchvision weights: convert the MatConvNet file with
-    ``scripts/convert_matconvnet.py`` and pass it as ``weights``.
+    Layer for layer (and named like) MatConvNet's ``imagenet-vgg-m.mat``, whose pool2 pad
+    at the bottom/right is ``ceil_mode=True`` here (448: 221 -> 110 -> 54 -> 27). No
+    torchvision weights: convert the file with ``scripts/convert_matconvnet.py``.
 
     Args:
         pretrained: Must be False (raises with instructions otherwise).
@@ -170,7 +165,9 @@ class VGGM(Backbone):
         return self.features(x)
 
 
-def _fc_stack(pool5: nn.Module, in_channels: int, window: int, dim: int, dropout: float):
+def _fc_stack(
+    pool5: nn.Module, in_channels: int, window: int, dim: int, dropout: float
+) -> nn.Sequential:
     """pool5, then fc6 and fc7 as convolutions (+ ReLU, dropout): a 224 image gives (B, dim,
     1, 1), the fc7 activations; larger images a map of fc7 activations."""
     return nn.Sequential(
@@ -187,7 +184,7 @@ def _fc_stack(pool5: nn.Module, in_channels: int, window: int, dim: int, dropout
     )
 
 
-def _torchvision_classifier_as_conv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _classifier_as_conv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """torchvision VGG-16 keys -> ``VGG16FC7`` keys: Linear fc6/fc7 reshaped to convolutions,
     fc8 (``classifier.6``) dropped. Files already in our layout pass unchanged."""
     out = {k: v for k, v in state.items() if not k.startswith("classifier.")}
@@ -201,14 +198,12 @@ def _torchvision_classifier_as_conv(state: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-class VGG16FC7(Backbone):
+class VGG16FC7(VGG16):
     """VGG-D through fc7 + ReLU, the FC-CNN [D] features of ICCV 2015: 224 -> (B, 4096, 1, 1).
 
-    ``features`` is torchvision's VGG-16 ``features`` (pool5 included); fc6 and fc7 are
-    torchvision's ``classifier.0`` / ``classifier.3`` written as 7x7 and 1x1 convolutions,
-    which equal the linear layers on the 7x7 pool5 map of a 224 image (torchvision's
-    adaptive pooling to 7x7 is then the identity). The papers use 224 x 224 inputs; larger
-    images give a map of fc7 activations, which ``pooling=avg`` averages.
+    fc6 and fc7 are torchvision's ``classifier.0`` / ``classifier.3`` written as 7x7 and 1x1
+    convolutions after pool5, equal to the linear layers on the 7x7 pool5 map of a 224 image
+    (larger images give a map of fc7 activations, which ``pooling=avg`` averages).
 
     Args:
         pretrained: Load torchvision's ImageNet weights through its download cache.
@@ -227,18 +222,10 @@ class VGG16FC7(Backbone):
         fc_dim: Channels = 4096,
     ) -> None:
         super().__init__()
-        features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=False)
-        self.features = features[:_VGG16_RELU5_3]
-        self.fc = _fc_stack(features[_VGG16_RELU5_3], 512, 7, int(fc_dim), dropout)
-        _init_like_torchvision(self)
+        self.fc = _fc_stack(nn.MaxPool2d(2, 2), 512, 7, int(fc_dim), dropout)
+        _init_like_torchvision(self.fc)
         self.out_channels = int(fc_dim)
-        self.input_spec = IMAGENET
-        if pretrained:
-            tv_weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
-            with torchvision_download("VGG-16 (torchvision)", tv_weights):
-                state = tv_weights.get_state_dict(progress=False)
-            self.load_state_dict(_torchvision_classifier_as_conv(state), strict=False)
-        self.load_weights_file(weights, remap=_torchvision_classifier_as_conv)
+        self._load(pretrained, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 4096, H / 32 - 6, W / 32 - 6); 224 -> 1 x 1."""
@@ -248,10 +235,9 @@ class VGG16FC7(Backbone):
 class VGGMFC7(VGGM):
     """VGG-M through fc7 + ReLU, the FC-CNN [M] features of ICCV 2015: 224 -> (B, 4096, 1, 1).
 
-    ``VGGM``'s layers, then MatConvNet's pool5 (3x3, stride 2, pad [0 1 0 1]), fc6 (a 6x6
-    convolution) and fc7 (1x1), under the keys ``fc.*`` that ``scripts/convert_matconvnet.py``
-    writes when the .mat holds them (``VGGM`` ignores them, so one converted file serves
-    both backbones).
+    ``VGGM``'s layers, then MatConvNet's pool5 (3x3, stride 2, pad [0 1 0 1]), fc6 (6x6) and
+    fc7 (1x1) under the keys ``fc.*`` of ``scripts/convert_matconvnet.py``'s files (which
+    ``VGGM`` ignores: one converted file serves both).
 
     Args:
         pretrained: Must be False (see ``VGGM``).
