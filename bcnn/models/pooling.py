@@ -293,6 +293,10 @@ class DemocraticHead(PoolingHead):
             order=self.order,
         )
 
+    def divergence_hints(self) -> list[str]:
+        """The Sinkhorn settings, which can make training diverge (``key=value``)."""
+        return [f"tau={self.tau}", f"gamma={self.gamma}", f"iters={self.iters}"]
+
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, tau={self.tau}, iters={self.iters}, detach={self.detach}"
 
