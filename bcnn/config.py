@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any
 
+from annotated_types import Ge, Interval
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
@@ -72,6 +73,17 @@ class StageConfig:
     batch_size: int = 64
     grad_accum: int = 1
     grad_clip: float | None = None
+    # Training-recipe tools, all off by default so that the published recipes stay exact.
+    label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = 0.0
+    mixup_alpha: Annotated[float, Ge(0)] = 0.0
+    cutmix_alpha: Annotated[float, Ge(0)] = 0.0
+    # Decay of an exponential moving average of the weights, validated beside them.
+    ema_decay: Annotated[float, Interval(gt=0, lt=1)] | None = None
+    # Stop after this many epochs without a validation accuracy better by min_delta.
+    early_stop_patience: Annotated[int, Ge(1)] | None = None
+    early_stop_min_delta: Annotated[float, Ge(0)] = 0.0
+    # MATLAB's bcnn_train_dag.m starts every epoch with a zero momentum buffer.
+    reset_optimizer_each_epoch: bool = False
 
     def validate(self, prefix: str) -> None:
         """Raises ValueError naming ``prefix.<key>`` for out-of-range values."""
@@ -113,6 +125,10 @@ class TrainerConfig:
     cache_features: str = "auto"
     cache_dir: str | None = None
     cache_dtype: str = "float32"
+    # Keep checkpoints/top/<stage>_epoch<N>.pt of the k best epochs by validation metric.
+    save_top_k: Annotated[int, Ge(0)] = 0
+    # Loggers record the training loss and learning rate every this many optimizer steps.
+    log_every_n_steps: Annotated[int, Ge(1)] = 50
 
     def validate(self) -> None:
         """Raises ValueError naming ``trainer.<key>`` for out-of-range values."""

@@ -8,7 +8,9 @@ Recipes (the ``recipe`` key), following the published B-CNN protocols:
 * ``resize_crop``: resize to ``resize x resize`` (default ``size * 8 / 7``, 512 for 448),
   then a random / centre ``size`` crop (Aircraft).
 
-``hflip: true`` adds a random horizontal flip at train time (``augment``). Every recipe
+``hflip: true`` adds a random horizontal flip at train time (``augment``), and
+``auto_augment`` (``randaugment`` or ``trivialaugment``, off by default) torchvision's
+RandAugment or TrivialAugmentWide after it, on the uint8 image. Every recipe
 ends with a uint8 ``(3, H, W)`` tensor: DataLoader workers hand over 4x fewer bytes than
 float32, and the model converts and normalizes whole batches on its device
 (``BilinearModel.normalize_input``), so no dataset depends on the backbone.
@@ -23,7 +25,8 @@ import torch
 from torchvision.transforms import v2
 
 RECIPES = ("short_side", "square", "resize_crop")
-_KEYS = {"recipe", "size", "resize", "hflip"}
+AUTO_AUGMENT = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}
+_KEYS = {"recipe", "size", "resize", "hflip", "auto_augment"}
 
 
 def build_transforms(
@@ -34,8 +37,9 @@ def build_transforms(
     Args:
         recipe: The dataset config's ``transform`` mapping: ``recipe`` (one of
             ``RECIPES``), ``size`` (output side, default 448), ``resize`` (only
-            ``resize_crop``) and ``hflip`` (default true). ``None`` converts and
-            normalizes only, at the image's own size.
+            ``resize_crop``), ``hflip`` (default true) and ``auto_augment`` (a key of
+            ``AUTO_AUGMENT``, default none). ``None`` converts and normalizes only, at the
+            image's own size.
         augment: Random crop and flip (training) or centre crop (evaluation).
 
     Returns:
@@ -70,6 +74,10 @@ def build_transforms(
             raise ValueError(f"unknown transform recipe {name!r}; choose one of {RECIPES}")
         if augment and recipe.get("hflip", True):
             steps.append(v2.RandomHorizontalFlip())
+        if augment and recipe.get("auto_augment"):
+            if recipe["auto_augment"] not in AUTO_AUGMENT:
+                raise ValueError(f"auto_augment must be one of {sorted(AUTO_AUGMENT)} or null")
+            steps.append(AUTO_AUGMENT[recipe["auto_augment"]]())
     steps.append(v2.ToPureTensor())
     return v2.Compose(steps)
 

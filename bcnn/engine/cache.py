@@ -1,5 +1,9 @@
 """Cached linear stage: descriptors of a frozen model computed once, then reused.
 
+:func:`stage_inputs` plans what a stage reads: live images through the model, or, for a
+stage that trains only the classifier on a frozen backbone (``trainer.cache_features``),
+cached descriptors through the classifier alone.
+
 With the backbone frozen, every epoch of the linear stage would recompute the same
 descriptors. Instead they are computed once per image, and once more for its mirror
 image when flips are on, and stored as a ``.npy`` array ``(images, views, D)`` (matrix
@@ -28,7 +32,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
@@ -43,6 +48,7 @@ from tqdm import tqdm
 from bcnn.engine import distributed as D
 from bcnn.engine.loops import autocast
 from bcnn.models import BilinearModel
+from bcnn.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -422,3 +428,117 @@ def _publish(job: _Job, tmp: Path, labels: np.ndarray) -> None:
     (tmp / "meta.json").write_text(json.dumps(meta, default=str))
     shutil.rmtree(job.final, ignore_errors=True)
     tmp.rename(job.final)
+
+
+@dataclass
+class StageInputs:
+    """What a stage trains and evaluates: live images through the model, or cached
+    descriptors through the classifier alone (``net`` is then a :class:`ViewAverage`)."""
+
+    net: nn.Module
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    eval_batch: int
+    workers: int
+    test_flip: bool
+    cache_folder: Path | None = None  # a cache inside the run directory: removed after use
+
+
+def cacheable(model: nn.Module, mode: str, mixes: bool) -> bool:
+    """Whether a stage on ``model`` (backbone frozen) may train on cached descriptors: only
+    the classifier trains after the backbone, and the stage mixes no images.
+
+    Raises:
+        ConfigError: ``trainer.cache_features=true`` where the cache cannot serve.
+    """
+    if mode == "false":
+        return False
+    extra = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and not n.startswith(("backbone.", "classifier."))
+    ]
+    why = []
+    if extra:
+        why.append(f"trainable layers besides the classifier after the backbone {extra}")
+    if mixes:
+        why.append("a stage that mixes images (mixup_alpha, cutmix_alpha)")
+    if mode == "true" and why:
+        raise ConfigError(
+            "trainer.cache_features", f"true cannot serve {'; '.join(why)}: use auto or false"
+        )
+    return not why
+
+
+def stage_inputs(
+    model: BilinearModel,
+    splits: Mapping[str, tuple[str, Dataset]],
+    train_view: Callable[[], Dataset],
+    cfg: DictConfig,
+    run_dir: Path,
+    env: D.DistEnv,
+    device: torch.device,
+    *,
+    cached: bool,
+    batch_size: int,
+    train_batch: int,
+    progress: bool,
+) -> StageInputs:
+    """What a stage reads: the images, or the feature cache of each split.
+
+    Args:
+        model: The model, backbone frozen when ``cached``.
+        splits: Role (``train``, ``val``, ``test``) -> (split name, dataset).
+        train_view: Builds the training split with the evaluation transform (the cache
+            stores the centre view of each training image, and its mirror image).
+        cfg: The run's config (``trainer.*`` cache settings, ``dataset`` for the key).
+        run_dir: Where a cache without ``trainer.cache_dir`` lives (removed after use).
+        env: The distributed environment.
+        device: Where the model lives.
+        cached: Serve cached descriptors (see :func:`cacheable`).
+        batch_size: The evaluation batch (also the batch that builds the cache).
+        train_batch: The stage's training batch (a limited run caches what it reads).
+        progress: Show progress bars.
+    """
+    trainer = cfg.trainer
+    live = {role: ds for role, (_, ds) in splits.items()}
+    if not cached:
+        return StageInputs(
+            model, live["train"], live.get("val"), live["test"], batch_size,
+            trainer.num_workers, trainer.test_flip,
+        )  # fmt: skip
+    folder = Path(trainer.cache_dir) if trainer.cache_dir else run_dir / "feature_cache"
+    recipe = cfg.dataset.get("transform")
+    views = {
+        "train": 2 if recipe and recipe.get("hflip", True) else 1,
+        "val": 1,
+        "test": 2 if trainer.test_flip else 1,
+    }
+    limits = {"train": (trainer.limit_train_batches, train_batch)}
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    cache = {}
+    for role, (split, ds) in splits.items():
+        if role == "val" and len(ds) == 0:
+            continue
+        ds = train_view() if role == "train" else ds
+        identity = {"dataset": dataset, "split": split, "precision": str(trainer.precision)}
+        # A limited run (trainer.limit_*_batches, debug=smoke) reads only the first
+        # batches: cache only those images.
+        limit, size = limits.get(role, (trainer.limit_eval_batches, batch_size))
+        if limit is not None and limit * size < len(ds):
+            ds = Subset(ds, range(limit * size))
+            identity["images"] = len(ds)
+        feats, labels = build_cache(
+            model, ds, folder, identity, views=views[role],
+            dtype=trainer.cache_dtype, batch_size=batch_size, device=device,
+            precision=trainer.precision, num_workers=trainer.num_workers, env=env,
+            progress=progress,
+        )  # fmt: skip
+        shape = model.descriptor_shape.dims
+        cache[role] = CachedViews(feats, labels, train=role == "train", shape=shape)
+    # Memory maps are read in-process; the cached views already hold the flips.
+    return StageInputs(
+        ViewAverage(model.classifier), cache["train"], cache.get("val"), cache["test"],
+        batch_size, workers=0, test_flip=False, cache_folder=None if trainer.cache_dir else folder,
+    )  # fmt: skip

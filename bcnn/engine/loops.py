@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +100,9 @@ def train_one_epoch(
     max_batches: int | None = None,
     desc: str | None = None,
     check_every: int = 50,
+    label_smoothing: float = 0.0,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    after_step: Callable[[torch.Tensor], None] | None = None,
 ) -> EpochStats:
     """Trains ``model`` for one pass over ``loader``.
 
@@ -120,6 +123,11 @@ def train_one_epoch(
         desc: Label of a progress bar; ``None`` shows none.
         check_every: Look for a non-finite loss every this many steps (one host
             synchronisation; all processes agree), and stop the epoch when there is one.
+        label_smoothing: Weight of the uniform distribution in the targets.
+        mix: Maps a batch and its labels (B,) to mixed images and soft targets (B, C)
+            (mixup, cutmix); accuracy is still counted against the labels.
+        after_step: Called with the micro-batch loss (on the device) after each
+            optimizer step (an EMA update, per-step logging).
 
     Returns:
         The epoch's summed loss, correct predictions and images seen (this process), and
@@ -136,9 +144,10 @@ def train_one_epoch(
     for step, (images, labels) in enumerate(batches):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        images, targets = mix(images, labels) if mix is not None else (images, labels)
         with autocast(device, precision):
             logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         sync = (step + 1) % grad_accum == 0 or step + 1 == total
         # Under DistributedDataParallel, gradients are all-reduced only on the last
         # micro-batch of an accumulation.
@@ -148,6 +157,8 @@ def train_one_epoch(
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if sync:
             _step(optimizer, scaler, grad_clip)
+            if after_step is not None:
+                after_step(loss.detach())
         loss_sum += loss.detach() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.shape[0]
