@@ -1,25 +1,15 @@
-"""Cached linear stage: descriptors of a frozen model computed once, then reused.
+"""Feature cache of the linear stage: descriptors of a frozen model, computed once.
 
-:func:`stage_inputs` plans what a stage reads: live images through the model, or, for a
-stage that trains only the classifier on a frozen backbone (``trainer.cache_features``),
-cached descriptors through the classifier alone.
-
-With the backbone frozen, every epoch of the linear stage would recompute the same
-descriptors. Instead they are computed once per image, and once more for its mirror
-image when flips are on, and stored as a ``.npy`` array ``(images, views, D)`` (matrix
-descriptors are stored flattened) that training reads memory-mapped. The cache lives in
-a folder named by a hash of everything that determines the descriptors (the weights, the
-dataset config, the split and the images used, the views and the storage dtype), so a
-second run with the same setting reuses it.
-
-Writing is safe against a full disk and against other runs:
-
-* the array's space is reserved when the file is created (``posix_fallocate``) and rows
-  are written with ordinary file I/O: a full disk is an ``OSError`` naming the folder,
-  the size needed and the space free, never a SIGBUS of a memory-mapped write;
-* a run writes into a partial folder of its own and renames it into place when done,
-  holding a lock file per key (``.<key>.lock``): a second run with the same key waits,
-  then reuses what the first wrote.
+:func:`stage_inputs` plans what a stage reads: live images through the model or, when
+only the classifier trains after a frozen backbone (``trainer.cache_features``), cached
+descriptors through the classifier alone (:class:`ViewAverage`). :func:`build_cache`
+stores each image's descriptor (and its mirror image's, with flips) in a memory-mapped
+``.npy`` array ``(images, views, D)``, in a folder named by a hash of all that determines
+them (weights, dataset config, split, images, views, dtype), so a second run reuses it.
+Writing is safe against a full disk (space reserved up front with ``posix_fallocate``,
+rows written with ``pwrite``: an ``OSError`` naming the sizes, never a SIGBUS) and
+against other runs (a partial folder of its own, renamed into place under a per-key
+lock: a second run with the same key waits, then reuses).
 """
 
 from __future__ import annotations
@@ -94,18 +84,6 @@ def _disk_full(folder: Path, needed: int) -> OSError:
         "larger disk, set trainer.cache_dtype=float16 (halves it), or "
         "trainer.cache_features=false.",
     )
-
-
-def check_disk(folder: Path, needed: int) -> None:
-    """Raises before writing when ``folder``'s disk cannot hold ``needed`` bytes.
-
-    Raises:
-        OSError: (ENOSPC) naming the folder, the size needed and the size free in readable
-            units, and the fixes.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    if needed * 1.05 + DISK_MARGIN > shutil.disk_usage(folder).free:
-        raise _disk_full(folder, needed)
 
 
 def _full_disk_errors(err: OSError) -> bool:
@@ -200,10 +178,8 @@ def _readable(final: Path) -> bool:
 
 
 class CachedViews(Dataset):
-    """Items of a feature cache.
-
-    In training, each item is one randomly chosen view (*shape) (the image or its mirror,
-    as random flipping would give); in evaluation, all views (V, *shape).
+    """Items of a feature cache: in training one random view (*shape) (the image or its
+    mirror, as random flipping would give), in evaluation all views (V, *shape).
 
     Args:
         features: (N, V, D) descriptors (D = prod(shape)).
@@ -379,7 +355,8 @@ def _reserve(job: _Job, tmp: Path) -> None:
         for stale in job.folder.glob(f".{job.key}.*.partial"):  # killed runs (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            check_disk(job.folder, job.size)
+            if job.size * 1.05 + DISK_MARGIN > shutil.disk_usage(job.folder).free:
+                raise _disk_full(job.folder, job.size)
             tmp.mkdir(parents=True)
             _Store.create(tmp / "features.npy", job.shape, DTYPES[job.dtype])
         except OSError as err:
@@ -480,15 +457,15 @@ def stage_inputs(
     env: D.DistEnv,
     device: torch.device,
     *,
-    cached: bool,
+    stage: str,
     batch_size: int,
-    train_batch: int,
     progress: bool,
 ) -> StageInputs:
-    """What a stage reads: the images, or the feature cache of each split.
+    """What a stage reads: the images, or the feature cache of each split where
+    :func:`cacheable` allows (a stage that does not fine-tune the backbone).
 
     Args:
-        model: The model, backbone frozen when ``cached``.
+        model: The model, its backbone frozen unless the stage fine-tunes it.
         splits: Role (``train``, ``val``, ``test``) -> (split name, dataset).
         train_view: Builds the training split with the evaluation transform (the cache
             stores the centre view of each training image, and its mirror image).
@@ -496,14 +473,14 @@ def stage_inputs(
         run_dir: Where a cache without ``trainer.cache_dir`` lives (removed after use).
         env: The distributed environment.
         device: Where the model lives.
-        cached: Serve cached descriptors (see :func:`cacheable`).
+        stage: ``linear`` or ``finetune`` (never cached).
         batch_size: The evaluation batch (also the batch that builds the cache).
-        train_batch: The stage's training batch (a limited run caches what it reads).
         progress: Show progress bars.
     """
-    trainer = cfg.trainer
+    trainer, node = cfg.trainer, cfg.trainer[stage]
     live = {role: ds for role, (_, ds) in splits.items()}
-    if not cached:
+    mode, mixes = str(trainer.cache_features).lower(), bool(node.mixup_alpha or node.cutmix_alpha)
+    if stage == "finetune" or not cacheable(model, mode, mixes):
         return StageInputs(
             model, live["train"], live.get("val"), live["test"], batch_size,
             trainer.num_workers, trainer.test_flip,
@@ -515,7 +492,7 @@ def stage_inputs(
         "val": 1,
         "test": 2 if trainer.test_flip else 1,
     }
-    limits = {"train": (trainer.limit_train_batches, train_batch)}
+    limits = {"train": (trainer.limit_train_batches, node.batch_size)}
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     cache = {}
     for role, (split, ds) in splits.items():

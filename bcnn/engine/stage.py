@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from timm.data import Mixup
@@ -261,3 +262,30 @@ class Stage:
             f"{epoch + 1}/{cfg.epochs}, {where}. Likely causes: {'; '.join(causes)}. "
             f"{kept} No results.json was written."
         )
+
+
+def fit_on_cache(run: Any, index: int, name: str, inputs: StageInputs) -> Selection:
+    """A classifier that fits on cached descriptors in one go (``trains_on_cache``:
+    ``fit(features, labels)`` gives its ``objective`` and ``train_accuracy``), as one epoch.
+
+    Raises:
+        ValueError: the stage does not read the feature cache.
+    """
+    classifier = run.model.classifier
+    if inputs.net is run.model:
+        raise ValueError(
+            f"classifier={type(classifier).__name__} trains on cached descriptors: it needs "
+            "the feature cache (trainer.cache_features=auto or true) and a model whose only "
+            "trainable layer after the backbone is the classifier"
+        )
+    t0 = time.time()
+    info = classifier.fit(inputs.train.features, inputs.train.labels)
+    # One row for the whole fit: the objective per training view, training accuracy.
+    n = int(np.prod(inputs.train.features.shape[:2]))
+    stats = EpochStats(info["objective"], round(info["train_accuracy"] * n), n)
+    val = run.evaluate(inputs.net, inputs, "val") if inputs.val else None
+    row = run.log_epoch(name, 0, 1, math.nan, stats, val, time.time() - t0)
+    selection = Selection(row["val_acc"] if val else 0.0, 0)
+    if run.env.is_main:
+        save_atomic(run.state((index, 1), selection), run.ckdir / "best.pt")
+    return selection

@@ -39,12 +39,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from bcnn.config import instantiate, validate
 from bcnn.engine import distributed as D
 from bcnn.engine import placement, runs
-from bcnn.engine.cache import StageInputs, cacheable, stage_inputs
-from bcnn.engine.checkpoint import load_checkpoint, rng_state, save_atomic, save_checkpoint
+from bcnn.engine.cache import StageInputs, stage_inputs
+from bcnn.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from bcnn.engine.loops import EpochStats, autocast, evaluate
 from bcnn.engine.metrics import ConfusionMeter
 from bcnn.engine.runs import run_dir_in_use  # noqa: F401  (imported from here by bcnn/train.py)
-from bcnn.engine.stage import DivergenceError, Selection, Stage
+from bcnn.engine.stage import DivergenceError, Selection, Stage, fit_on_cache
 from bcnn.models import BilinearModel, build_model
 from bcnn.validation import ConfigError
 
@@ -82,9 +82,16 @@ def check_batch_sizes(trainer: DictConfig, train_size: int, split: str = "train"
         log.warning("trainer.%s.%s=%s: limited run, one step per epoch", name, key, problem)
 
 
-def _check_plateau(trainer: DictConfig) -> None:
-    """``ReduceLROnPlateau`` watches an accuracy (higher is better): refuse ``mode=min``."""
+def _check_stages(trainer: DictConfig, world_size: int) -> None:
+    """Refuses, before any work, a global batch the processes cannot share and a plateau
+    schedule in ``min`` mode (it watches an accuracy: higher is better)."""
     for name in trainer.stages:
+        if trainer[name].batch_size % world_size:
+            raise ConfigError(
+                f"trainer.{name}.batch_size",
+                f"the global batch {trainer[name].batch_size} must be divisible by the "
+                f"{world_size} processes",
+            )
         dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         scheduler = instantiate(trainer[name].scheduler)(dummy)
         if isinstance(scheduler, ReduceLROnPlateau) and scheduler.mode != "max":
@@ -120,15 +127,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.trainer.resume:
             cfg, ckpt, path = runs.resume(cfg)
             validate(cfg, files=True)
-        _check_plateau(cfg.trainer)
         env = D.init()
-        for name in cfg.trainer.stages:
-            if cfg.trainer[name].batch_size % env.world_size:
-                raise ConfigError(
-                    f"trainer.{name}.batch_size",
-                    f"the global batch {cfg.trainer[name].batch_size} must be divisible by "
-                    f"the {env.world_size} processes",
-                )
+        _check_stages(cfg.trainer, env.world_size)
         # Every process writes into rank 0's directory (Hydra's ${now:...} may differ).
         chosen = placement.output_dir(cfg, "train.py", "bcnn.engine.train")
         output_dir = Path(D.broadcast_object(str(chosen)))
@@ -154,12 +154,10 @@ class _Run:
         run_id: str,
     ) -> None:
         self.cfg, self.tcfg, self.out, self.ckpt, self.env = cfg, cfg.trainer, output_dir, ckpt, env
-        self.ckdir = output_dir / "checkpoints"
-        self.run_id = run_id
-        device = placement.resolve_device(self.tcfg.device)
-        if device.type == "cuda" and env.enabled:
-            device = torch.device("cuda", env.local_rank)
-        self.device = device
+        self.ckdir, self.run_id = output_dir / "checkpoints", run_id
+        self.device = placement.resolve_device(self.tcfg.device)
+        if self.device.type == "cuda" and env.enabled:
+            self.device = torch.device("cuda", env.local_rank)
         self.precision = str(self.tcfg.precision)
         self.progress = bool(self.tcfg.progress) and env.is_main
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -280,47 +278,18 @@ class _Run:
     def _stage(self, index: int, name: str, resume: dict | None, start_epoch: int) -> None:
         """Trains one stage from ``start_epoch``, then tests its selected epoch."""
         cfg = self.tcfg[name]
-        finetune = name == "finetune"
-        self.model.freeze_backbone(not finetune)
-        mixes = bool(cfg.mixup_alpha or cfg.cutmix_alpha)
-        cached = not finetune and cacheable(
-            self.model, str(self.tcfg.cache_features).lower(), mixes
-        )
+        self.model.freeze_backbone(name != "finetune")
         inputs = stage_inputs(
             self.model, self.splits, lambda: self._dataset(self.splits["train"][0], False),
-            self.cfg, self.out, self.env, self.device, cached=cached,
-            batch_size=self.tcfg.eval_batch_size or cfg.batch_size, train_batch=cfg.batch_size,
-            progress=self.progress,
+            self.cfg, self.out, self.env, self.device, stage=name,
+            batch_size=self.tcfg.eval_batch_size or cfg.batch_size, progress=self.progress,
         )  # fmt: skip
         if getattr(self.model.classifier, "trains_on_cache", False):
-            selection, epochs = self._fit_classifier(index, name, inputs), 1
+            selection, epochs = fit_on_cache(self, index, name, inputs), 1
         else:
             stage = Stage(self, index, name, inputs, resume, start_epoch)
             epochs, selection = stage.fit(start_epoch), stage.selection
         self._finish_stage(index, name, inputs, selection, epochs)
-
-    def _fit_classifier(self, index: int, name: str, inputs: StageInputs) -> Selection:
-        """A classifier that fits on cached descriptors in one go (``trains_on_cache``:
-        ``fit(features, labels)`` gives its ``objective`` and ``train_accuracy``), as one
-        epoch."""
-        if inputs.net is self.model:
-            raise ValueError(
-                f"classifier={type(self.model.classifier).__name__} trains on cached "
-                "descriptors: it needs the feature cache (trainer.cache_features=auto or true) "
-                "and a model whose only trainable layer after the backbone is the classifier"
-            )
-        t0 = time.time()
-        info = self.model.classifier.fit(inputs.train.features, inputs.train.labels)
-        # One row for the whole fit: the objective per training view, training accuracy.
-        n = int(np.prod(inputs.train.features.shape[:2]))
-        stats = EpochStats(info["objective"], round(info["train_accuracy"] * n), n)
-        has_val = inputs.val is not None and len(inputs.val) > 0
-        val = self.evaluate(inputs.net, inputs, "val") if has_val else None
-        row = self.log_epoch(name, 0, 1, math.nan, stats, val, time.time() - t0)
-        selection = Selection(row["val_acc"] if val else 0.0, 0)
-        if self.env.is_main:
-            save_atomic(self.state((index, 1), selection), self.ckdir / "best.pt")
-        return selection
 
     def _finish_stage(
         self,
@@ -333,8 +302,8 @@ class _Run:
         """Loads the selected epoch's weights, evaluates them once, records the stage."""
         if (self.ckdir / "best.pt").exists():
             self.model.load_state_dict(load_checkpoint(self.ckdir / "best.pt")["model"])
-        result: dict[str, Any] = {"best_epoch": selection.epoch + 1, "epochs": epochs}
-        result.update(val_acc=None, val_mean_class_acc=None)
+        result = {"best_epoch": selection.epoch + 1, "epochs": epochs, "val_acc": None}
+        result["val_mean_class_acc"] = None
         if inputs.val is not None and len(inputs.val) > 0:
             val = self.evaluate(inputs.net, inputs, "val")
             result.update(val_acc=val.accuracy(), val_mean_class_acc=val.mean_class_accuracy())
@@ -435,9 +404,7 @@ class _Run:
         mine = {p for ds in self.built_datasets for p in getattr(ds, "skipped", list)()}
         skipped = sorted(set().union(*D.all_gather_object(sorted(mine))))
         results = {
-            "test_acc": final["test_acc"],
-            "test_mean_class_acc": final["test_mean_class_acc"],
-            "val_acc": final["val_acc"],
+            **{k: final[k] for k in ("test_acc", "test_mean_class_acc", "val_acc")},
             "val_mean_class_acc": final["val_mean_class_acc"],
             "stages": self.stage_results,
             "num_classes": self.num_classes,
