@@ -478,21 +478,16 @@ def stage_inputs(
         progress: Show progress bars.
     """
     trainer, node = cfg.trainer, cfg.trainer[stage]
-    live = {role: ds for role, (_, ds) in splits.items()}
     mode, mixes = str(trainer.cache_features).lower(), bool(node.mixup_alpha or node.cutmix_alpha)
     if stage == "finetune" or not cacheable(model, mode, mixes):
+        sets = {role: ds for role, (_, ds) in splits.items()}
         return StageInputs(
-            model, live["train"], live.get("val"), live["test"], batch_size,
-            trainer.num_workers, trainer.test_flip,
+            model, sets["train"], sets.get("val"), sets["test"], batch_size, trainer.num_workers,
+            trainer.test_flip,
         )  # fmt: skip
     folder = Path(trainer.cache_dir) if trainer.cache_dir else run_dir / "feature_cache"
     recipe = cfg.dataset.get("transform")
-    views = {
-        "train": 2 if recipe and recipe.get("hflip", True) else 1,
-        "val": 1,
-        "test": 2 if trainer.test_flip else 1,
-    }
-    limits = {"train": (trainer.limit_train_batches, node.batch_size)}
+    flips = {"train": bool(recipe and recipe.get("hflip", True)), "test": trainer.test_flip}
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     cache = {}
     for role, (split, ds) in splits.items():
@@ -502,12 +497,14 @@ def stage_inputs(
         identity = {"dataset": dataset, "split": split, "precision": str(trainer.precision)}
         # A limited run (trainer.limit_*_batches, debug=smoke) reads only the first
         # batches: cache only those images.
-        limit, size = limits.get(role, (trainer.limit_eval_batches, batch_size))
+        limit, size = trainer.limit_eval_batches, batch_size
+        if role == "train":
+            limit, size = trainer.limit_train_batches, node.batch_size
         if limit is not None and limit * size < len(ds):
             ds = Subset(ds, range(limit * size))
             identity["images"] = len(ds)
         feats, labels = build_cache(
-            model, ds, folder, identity, views=views[role],
+            model, ds, folder, identity, views=2 if flips.get(role) else 1,
             dtype=trainer.cache_dtype, batch_size=batch_size, device=device,
             precision=trainer.precision, num_workers=trainer.num_workers, env=env,
             progress=progress,

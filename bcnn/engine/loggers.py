@@ -1,27 +1,15 @@
 """Metric loggers: ``metrics.csv`` and ``curves.png`` always, TensorBoard and wandb on request.
 
-The trainer builds ``cfg.logger`` with ``output_dir`` and ``run_config`` and talks to the
-result through the calls of :class:`Logger`: ``restore`` (a resumed run's history),
-``log_epoch``, ``log_step`` (the training loss and learning rate every
-``trainer.log_every_n_steps`` optimizer steps), ``log_summary``, ``close``, and
-``state_dict`` / ``load_state_dict`` (what a checkpoint keeps, e.g. the wandb run id, so
-that a resumed run continues the same wandb run). Steps are optimizer steps over all
-stages.
-
-Every option of the ``logger`` config group is a :class:`Loggers` node with one backend
-under its own key, so selecting several options merges them into one node::
-
-    python train.py logger=tensorboard            # metrics.csv + TensorBoard
-    python train.py logger=[tensorboard,wandb]    # metrics.csv + TensorBoard + wandb
-    python train.py logger=wandb logger.wandb.mode=online
-
-:class:`Loggers` always adds the CSV logger: ``metrics.csv`` and ``curves.png`` are written
-whatever the selection.
+The trainer builds ``cfg.logger`` with ``output_dir`` and ``run_config`` and talks to it
+through :class:`Logger`'s calls; steps are optimizer steps over all stages. Each option
+of the ``logger`` group is a :class:`Loggers` node with one backend under its own key, so
+``logger=[tensorboard,wandb]`` merges them into one node; the CSV logger is always added.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib
 import logging
 import math
 import secrets
@@ -60,13 +48,19 @@ def _numbers(mapping: Mapping[str, Any], skip: Sequence[str] = ()) -> dict[str, 
     }
 
 
-class Logger:
-    """What the trainer calls; a backend overrides what it records (the rest does nothing).
+def _optional(extra: str, module: str | None = None) -> Any:
+    """Imports ``module`` (default: ``extra``) of ``logger=<extra>``, or names the extra."""
+    try:
+        return importlib.import_module(module or extra)
+    except ImportError as err:
+        raise ImportError(
+            f"logger={extra} needs the {extra} package: pip install 'bcnn[{extra}]' (or use "
+            "the default logger=csv)"
+        ) from err
 
-    Args:
-        output_dir: The run directory.
-        run_config: The resolved config.
-    """
+
+class Logger:
+    """What the trainer calls; a backend overrides what it records (the rest does nothing)."""
 
     def restore(self, rows: Sequence[Mapping[str, Any]], step: int | None = None) -> None:
         """Continues a resumed run after its history ``rows`` and optimizer ``step``."""
@@ -84,7 +78,7 @@ class Logger:
         """Finishes writing."""
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of this logger."""
+        """What a checkpoint keeps of this logger (e.g. the wandb run id a resume continues)."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
@@ -150,15 +144,8 @@ class TensorBoardLogger(Logger):
         log_dir: str = "tensorboard",
         flush_secs: int = 30,
     ) -> None:
-        try:
-            import tensorboard  # noqa: F401  (what torch.utils.tensorboard writes with)
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise ImportError(
-                "logger=tensorboard needs the tensorboard package: pip install "
-                "'bcnn[tensorboard]' (or use logger=csv)"
-            ) from err
-        self._writer_class = SummaryWriter
+        _optional("tensorboard")  # what torch.utils.tensorboard writes with
+        self._writer_class = _optional("tensorboard", "torch.utils.tensorboard").SummaryWriter
         self.dir = Path(output_dir) / log_dir
         self.flush_secs = flush_secs
         self.run_config = dict(run_config or {})
@@ -239,14 +226,7 @@ class WandbLogger(Logger):
         tags: Sequence[str] = (),
         name: str | None = None,
     ) -> None:
-        try:
-            import wandb
-        except ImportError as err:
-            raise ImportError(
-                "logger=wandb needs the wandb package: pip install 'bcnn[wandb]' "
-                "(or use the default logger=csv)"
-            ) from err
-        self._wandb = wandb
+        self._wandb = _optional("wandb")
         self.settings = dict(
             project=project,
             entity=entity,

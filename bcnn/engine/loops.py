@@ -1,17 +1,11 @@
 """One training epoch and one evaluation pass, as plain functions.
 
-Shaped like torchvision's classification references: a model, a loader, an optimizer
-and a few settings. The model owns its input convention and its frozen parts
-(``BilinearModel.normalize_input``, ``freeze_backbone``), so the loops only move batches
-to the device and step. Loss sums and correct counts stay on the device and are read once
-per epoch: no host synchronisation per step.
-
-A non-finite training loss (divergence) is recorded on the device as well, and looked at
-every ``check_every`` steps and at the end of the epoch: the epoch stops early and its
-``EpochStats`` say at which step the loss first stopped being finite. Under fp16 the
-loss is still computed in float32 (from ``logits.float()``), so a non-finite loss is real
-divergence or an overflow of the forward pass, which no loss scaling can undo; the
-GradScaler's own skipped steps (inf/nan gradients of a finite loss) are not counted.
+Shaped like torchvision's classification references: the model owns its input convention
+and its frozen parts, so the loops only move batches to the device and step. Loss sums,
+correct counts and the first non-finite loss (divergence) stay on the device: the host
+reads them once per epoch, and every ``check_every`` steps to stop a diverged epoch early.
+Under fp16 the loss is computed in float32, so a non-finite loss is real divergence or a
+forward overflow; the GradScaler's own skipped steps are not counted.
 """
 
 from __future__ import annotations

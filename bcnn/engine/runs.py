@@ -1,14 +1,9 @@
 """A run's directory: claimed by one run, identified, and read back as a trained model.
 
-Claiming: a fresh run takes a directory by creating ``run_id.txt`` (the run's id)
-exclusively, so of two runs started at once into one directory exactly one gets it, and
-refuses a directory that holds another run. Under ``train.py`` the Hydra callback
-:class:`RunDirCallback` claims before Hydra writes its ``.hydra/`` record and log, so a
-refused run writes nothing into the other run's directory. Every checkpoint carries the
-id, and a resume refuses a checkpoint that another run wrote.
-
-Reading back: every command that uses a trained model (evaluation, prediction, export,
-visualization) starts at :func:`load_trained`, so they all read a run the same way.
+A fresh run claims its directory by creating ``run_id.txt`` exclusively (of two runs
+started at once, one gets it); under ``train.py`` :class:`RunDirCallback` does so before
+Hydra writes there. Every checkpoint carries the id: a resume refuses another run's.
+Every command that uses a trained model starts at :func:`load_trained`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """One training stage: its epoch loop, its optimization and the choice of its epoch.
 
-A stage trains ``inputs.net`` (the model, or the classifier on cached descriptors) with
-the stage's optimizer and schedule and the recipe tools its config switches on, all off
-by default: label smoothing, mixup and cutmix (timm's ``Mixup``), an exponential moving
-average of the weights (timm's ``ModelEmaV3``, validated beside them), early stopping,
-and the per-epoch optimizer reset of the authors' MATLAB trainer. After each epoch it
-validates, steps the schedule, selects (the best epoch, the top k) and checkpoints.
+Beside the stage's optimizer and schedule, the recipe tools its config switches on (all
+off by default): label smoothing, mixup / cutmix (timm's ``Mixup``), a moving average of
+the weights (timm's ``ModelEmaV3``, validated beside them), early stopping, top-k
+checkpoints and the per-epoch optimizer reset of the authors' MATLAB trainer.
 """
 
 from __future__ import annotations
@@ -88,8 +86,7 @@ class Stage:
     """The optimization of one stage of a run, resumed from ``resume`` when given.
 
     Args:
-        run: The run (``bcnn.engine.trainer``): its model, config, device, logger,
-            checkpoint folder, optimizer-step counter, evaluation and checkpoint content.
+        run: The run (``bcnn.engine.trainer._Run``: model, config, logger, evaluate, ...).
         index: The stage's position in ``trainer.stages``.
         name: ``linear`` or ``finetune``.
         inputs: What the stage reads (``bcnn.engine.cache.stage_inputs``).

@@ -1,18 +1,13 @@
 """``train(cfg) -> results``: the two-stage training run behind ``train.py``.
 
-A run trains the stages of ``trainer.stages`` in order (``linear``: backbone frozen,
-only the head trains; ``finetune``: everything trains), selects each stage's best epoch
-on the validation split, evaluates that model once on the test split, and writes
-everything into its run directory (README, "What a run writes"). The parts: a stage
-reads live images through the model or cached descriptors through the classifier
-(``bcnn.engine.cache.stage_inputs``) and runs its epochs (``bcnn.engine.stage``); the
-run directory is claimed and identified by ``bcnn.engine.runs``.
-
-Failure is loud and leaves the run directory usable: a config error stops the run before
-any data is read; a fresh run refuses a directory that holds another run and a resume a
-checkpoint of another run; a loss or weights that stop being finite raise
-``DivergenceError`` naming the stage, epoch and step and the settings that likely caused
-it, with the last good checkpoint kept and no ``results.json`` written.
+A run builds its datasets, model and logger, trains the stages of ``trainer.stages`` in
+order (``linear``: backbone frozen; ``finetune``: everything trains), tests each stage's
+selected epoch, and writes into its run directory (README, "What a run writes"). A stage
+reads images or cached descriptors (``bcnn.engine.cache``) and runs its epochs
+(``bcnn.engine.stage``); ``bcnn.engine.runs`` claims and identifies the directory.
+Failure is loud and leaves the directory usable: config errors before any data is read,
+a refused directory or checkpoint of another run, ``DivergenceError`` with the last good
+checkpoint kept and no ``results.json``.
 """
 
 from __future__ import annotations

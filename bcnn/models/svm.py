@@ -249,21 +249,17 @@ def train_linear_svm(
     (the gap bounds the relative suboptimality of the primal).
 
     Args:
-        features: ``(N, V, D)`` (or ``(N, D)``) array-like with numpy indexing, e.g. the
-            read-only ``np.memmap`` of ``bcnn.engine.cache.build_cache`` (float16 or
-            float32). Every view is a training sample with its image's label.
+        features: ``(N, V, D)`` (or ``(N, D)``) array-like with numpy indexing (a feature
+            cache's float16/float32 memory map): every view is a sample with its label.
         labels: ``(N,)`` integer class indices in ``[0, num_classes)``.
         num_classes: K.
         C: Weight of the loss.
-        loss: ``"hinge"`` (the authors' ``vl_svmtrain`` default) or ``"squared_hinge"``
-            (``LinearSVC``'s default).
+        loss: ``"hinge"`` (``vl_svmtrain``'s) or ``"squared_hinge"`` (``LinearSVC``'s).
         bias: Learn an intercept (a regularized constant feature ``intercept_scaling``).
         intercept_scaling: s; as ``LinearSVC``'s (1 = VLFeat's ``'BiasMultiplier', 1``).
         tol: Target relative duality gap, per class.
         max_epochs: Maximum number of coordinate-descent passes over the cache.
-        inner_sweeps: Coordinate-descent passes over each block while it is in memory
-            (1 = plain dual coordinate descent; more does more work per read of the cache
-            and usually needs fewer reads).
+        inner_sweeps: Passes over each block while it is in memory (more work per read).
         batch_rows: Images (first-axis rows of ``features``) per block.
         device: Where W and the block products live (``"cuda"`` for real sizes).
         dtype: Device compute dtype of the blocks and W.
@@ -272,9 +268,8 @@ def train_linear_svm(
     Returns:
         ``W`` ``(K, D)`` and ``b`` ``(K,)`` on ``device`` in ``dtype`` (decision value
         ``x @ W.T + b``), and ``info``: ``epochs``, ``converged``, ``reads`` (passes over
-        the cache, the final one included), ``primal`` and ``dual`` (``(K,)`` float64
-        objectives at the returned solution; primal >= optimum >= dual), ``gap`` (largest
-        relative duality gap), ``objective`` (sum of ``primal``), ``train_accuracy`` (per
+        the cache), ``primal`` and ``dual`` (``(K,)`` float64 objectives; primal >= optimum
+        >= dual), ``gap``, ``objective`` (sum of ``primal``), ``train_accuracy`` (per
         view), ``seconds``.
     """
     N, V, _ = _check_features(features, "train_linear_svm")
@@ -419,11 +414,9 @@ def median_calibration(
 ) -> tuple[Tensor, Tensor]:
     """Rescales each class's SVM so its training scores have median 1 (positives), 0 (rest).
 
-    The authors' ``model_train.m`` does this "cheap calibration" after training every
-    one-vs-all SVM and before taking the arg max over classes: with mp and mn the medians of
-    the decision values of the class's positive and negative training views,
-    w <- w / (mp - mn) and b <- (b - mn) / (mp - mn). Classes with mp <= mn are left as
-    they are (a warning is logged). One read of the cache; holds the N V K decision values.
+    The authors' "cheap calibration" (``model_train.m``): with mp and mn the medians of the
+    class's positive and negative training views' scores, w <- w / (mp - mn) and
+    b <- (b - mn) / (mp - mn); classes with mp <= mn are left as they are, with a warning.
 
     Args:
         features: ``(N, V, D)`` (or ``(N, D)``) training cache.
