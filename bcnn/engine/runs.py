@@ -71,8 +71,11 @@ def claim_run_dir(output_dir: Path) -> str:
     Raises:
         RunDirectoryError: the directory holds another run.
     """
-    if (claimed := _CLAIMED.pop(output_dir.resolve(), None)) is not None:
-        return claimed
+    claimed = _CLAIMED.pop(output_dir.resolve(), None)
+    return claimed if claimed is not None else _claim(output_dir)
+
+
+def _claim(output_dir: Path) -> str:
     problem = run_dir_in_use(output_dir)
     if problem is None:
         run_id = secrets.token_hex(8)
@@ -192,8 +195,8 @@ class RunDirCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Claims the run directory, or points Hydra at the resumed run's."""
-        if D.env_from_torchrun().rank > 0:
-            return
+        if D.env_from_torchrun().rank > 0 or config.paths.get("output_dir"):
+            return  # rank 0 claims for all; a run given its own directory claims that
         resume = config.trainer.get("resume")
         try:
             run_dir = resolve_checkpoint(resume).parent.parent if resume else None
@@ -207,7 +210,7 @@ class RunDirCallback(Callback):
             config.hydra.run.dir = str(run_dir)  # fixed: ${now:...} is resolved once
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            _CLAIMED[run_dir] = claim_run_dir(run_dir)
+            _CLAIMED[run_dir] = _claim(run_dir)
         except RunDirectoryError as err:
             sys.exit(f"bcnn-train: error: {err}")
 
