@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, MinLen
+from annotated_types import Ge, Interval, MinLen
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -126,6 +126,17 @@ class StageConfig:
     batch_size: PositiveInt = 64
     grad_accum: PositiveInt = 1
     grad_clip: Positive | None = None
+    # Training-recipe tools, all off by default so that the published recipes stay exact.
+    label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = 0.0
+    mixup_alpha: Annotated[float, Ge(0)] = 0.0
+    cutmix_alpha: Annotated[float, Ge(0)] = 0.0
+    # Decay of an exponential moving average of the weights, validated beside them.
+    ema_decay: Annotated[float, Interval(gt=0, lt=1)] | None = None
+    # Stop after this many epochs without a validation accuracy better by min_delta.
+    early_stop_patience: Annotated[int, Ge(1)] | None = None
+    early_stop_min_delta: Annotated[float, Ge(0)] = 0.0
+    # MATLAB's bcnn_train_dag.m starts every epoch with a zero momentum buffer.
+    reset_optimizer_each_epoch: bool = False
 
 
 @dataclass
@@ -151,6 +162,10 @@ class TrainerConfig:
     cache_features: bool | Literal["auto"] = "auto"
     cache_dir: WritableDir | None = None
     cache_dtype: Literal["float32", "float16"] = "float32"
+    # Keep checkpoints/top/<stage>_epoch<N>.pt of the k best epochs by validation metric.
+    save_top_k: Annotated[int, Ge(0)] = 0
+    # Loggers record the training loss and learning rate every this many optimizer steps.
+    log_every_n_steps: Annotated[int, Ge(1)] = 50
 
 
 @dataclass

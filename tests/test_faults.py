@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
 from bcnn.engine import cache, train
 from bcnn.engine import distributed as D
-from bcnn.engine import trainer as trainer_module
+from bcnn.engine import stage as stage_module
 from bcnn.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -32,8 +33,8 @@ from bcnn.engine.checkpoint import (
     save_checkpoint,
 )
 from bcnn.engine.loops import train_one_epoch
-from bcnn.engine.runs import load_trained
-from bcnn.engine.trainer import DivergenceError, RunDirectoryError
+from bcnn.engine.runs import RunDirectoryError, load_trained
+from bcnn.engine.trainer import DivergenceError
 from bcnn.models import build_model
 from tests.conftest import REPO_ROOT, compose_config, run_train, start_train
 
@@ -194,7 +195,7 @@ def test_kill_between_last_and_best_leaves_a_resumable_run(
     def killed(*args):
         raise KeyboardInterrupt  # stands for a kill right after last.pt was written
 
-    monkeypatch.setattr(trainer_module, "link_checkpoint", killed)
+    monkeypatch.setattr(stage_module, "link_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         train(compose_config(LINEAR, run_dir))
     monkeypatch.undo()
@@ -205,10 +206,18 @@ def test_kill_between_last_and_best_leaves_a_resumable_run(
 
 
 # ---- divergence ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("model", "suspects"),
+    [
+        (["normalization=sqrt_l2"], ["normalization.sqrt.eps=", "normalization.sqrt.iters=5"]),
+        (["pooling=democratic"], ["pooling.tau=", "pooling.gamma=", "pooling.iters="]),
+    ],
+    ids=["matrix_sqrt", "democratic"],
+)
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model: list[str], suspects: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = trainer_module.train_one_epoch
+    real = stage_module.train_one_epoch
     calls = []
 
     def poisoned(net, *args, **kwargs):
@@ -218,13 +227,13 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
                 getattr(net, "module", net).classifier.weight.fill_(math.nan)
         return real(net, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train_one_epoch", poisoned)
+    monkeypatch.setattr(stage_module, "train_one_epoch", poisoned)
     run_dir = tmp_path / "run"
-    overrides = [*LINEAR, "normalization=sqrt_l2", "trainer.linear.epochs=3"]
+    overrides = [*LINEAR, *model, "trainer.linear.epochs=3"]
     with pytest.raises(DivergenceError) as err:
         train(compose_config(overrides, run_dir))
     message = str(err.value)
-    parts = ("linear stage", "epoch 2/3", "step 1", "trainer.linear.lr=", "normalization.sqrt.eps")
+    parts = ("linear stage", "epoch 2/3", "step 1", "trainer.linear.lr=", *suspects)
     for part in parts:
         assert part in message, message
     assert not (run_dir / "results.json").exists()
@@ -232,6 +241,13 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert kept["next_epoch"] == 1
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
     assert len((run_dir / "metrics.csv").read_text().strip().splitlines()) == 2  # header + 1
+
+
+def test_divergence_names_the_backbone_setting_that_caused_it(tmp_path: Path) -> None:
+    # VGG-M's LRN with kappa = alpha = 0 divides by zero: the backbone names its setting.
+    overrides = [*LINEAR, "backbone=vgg_m", "backbone.lrn=[5,0,0,0.75]"]
+    with pytest.raises(DivergenceError, match=r"backbone\.lrn=\[5, 0, 0, 0\.75\]"):
+        train(compose_config(overrides, tmp_path / "run"))
 
 
 def test_learning_rate_divergence_fails_with_one_message(tmp_path: Path) -> None:
@@ -427,6 +443,47 @@ def test_concurrent_runs_on_one_cache_directory_both_succeed(tmp_path: Path) -> 
 
 
 # ---- run directories -----------------------------------------------------------------------
+def _files(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_checkpoint_only_resumes_the_run_that_wrote_it(tmp_path: Path) -> None:
+    runs = {name: tmp_path / name for name in ("avg", "sum")}
+    for pooling, run_dir in runs.items():
+        train(compose_config([*LINEAR, f"pooling={pooling}"], run_dir))
+    foreign = runs["avg"] / "checkpoints" / "last.pt"
+    mine = runs["sum"] / "checkpoints" / "last.pt"
+    mine.write_bytes(foreign.read_bytes())  # a checkpoint of another run, copied in
+    before = _files(runs["sum"])
+    with pytest.raises(CheckpointError) as err:
+        train(compose_config([f"trainer.resume={runs['sum']}"], runs["sum"]))
+    message = str(err.value)
+    ids = [(d / "run_id.txt").read_text() for d in runs.values()]
+    assert all(i in message for i in ids) and str(runs["avg"]) in message, message
+    assert str(mine) in message and len(message.splitlines()) == 1
+    assert _files(runs["sum"]) == before  # nothing of the other run written
+
+
+@pytest.mark.slow
+def test_a_refused_start_writes_nothing_into_the_run_directory(tmp_path: Path) -> None:
+    """The moment two runs race for: the directory is taken after train.py looked, before
+    Hydra writes its record and log; the late run leaves no file there."""
+    run_dir = tmp_path / "run"
+    _finished_run(run_dir)
+    before = _files(run_dir)
+    code = (
+        "import hydra, bcnn.config; from bcnn.engine import trainer; "
+        "hydra.main(version_base='1.3', config_path='pkg://bcnn.configs', "
+        "config_name='train')(trainer.train)()"
+    )
+    proc = run_train(
+        [*LINEAR, "seed=2", f"hydra.run.dir={run_dir}"], script=[sys.executable, "-c", code]
+    )
+    assert proc.returncode != 0
+    assert "already holds a run" in proc.stderr and f"trainer.resume={run_dir}" in proc.stderr
+    assert _files(run_dir) == before and not (run_dir / ".hydra").exists()
+
+
 def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     _finished_run(run_dir)
@@ -439,7 +496,7 @@ def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_runs_into_one_directory_at_once(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    procs = [_start([*LINEAR, f"hydra.run.dir={run_dir}"]) for _ in range(2)]
+    procs = [_start([*LINEAR, f"seed={seed}", f"hydra.run.dir={run_dir}"]) for seed in (1, 2)]
     outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes[0] == 0 and codes[1] != 0, [o[1][-1500:] for o in outs]
@@ -448,6 +505,10 @@ def test_two_runs_into_one_directory_at_once(tmp_path: Path) -> None:
     rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2  # header + the two epochs of one run
     assert json.loads((run_dir / "results.json").read_text())["stages"].keys() == {"linear"}
+    # Hydra's record is the winner's too.
+    seed = OmegaConf.load(run_dir / "config.yaml").seed
+    assert f"seed={seed}" in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").seed == seed
 
 
 def test_runs_and_sweeps_composed_in_one_second_get_distinct_directories() -> None:

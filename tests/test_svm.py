@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn import svm as sklearn_svm
 
-from bcnn.engine.svm import median_calibration, svm_scores, train_linear_svm
+from bcnn.models.svm import median_calibration, svm_scores, train_linear_svm
 
 N_CLASSES, DIM, VIEWS = 5, 64, 2
 

@@ -1,9 +1,10 @@
 """The Hydra callbacks of ``bcnn-train`` (``hydra.callbacks`` in ``configs/train.yaml``) and
 the sweep summary they write.
 
-Before a run: one run directory for every torchrun process, never one that holds another
-run. Before a sweep: a SLURM launcher needs a cluster, and a search leaves out the settings
-of stages that do not run. After a sweep: ``summary.csv`` and ``summary.md``.
+Before a run: one run directory for every torchrun process, claimed before Hydra writes
+there (a resumed run keeps its own). Before a sweep: a SLURM launcher needs a cluster, and a
+search leaves out the settings of stages that do not run. After a sweep: ``summary.csv``
+and ``summary.md``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from typing import Any
 
 import pandas as pd
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bcnn.config import STAGES
 from bcnn.engine import distributed as D
-from bcnn.engine.trainer import run_dir_in_use
+from bcnn.engine.runs import RunDirectoryError, settle_run_dir
 from bcnn.reproduce.collect import COMPLETED, collect_runs, markdown_table
 
 log = logging.getLogger(__name__)
@@ -36,21 +37,30 @@ class TrainCallbacks(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Fixes ``hydra.run.dir`` before Hydra writes ``.hydra/`` into it.
 
-        Under torchrun every process resolves ``${now:...}`` itself: rank 0 chooses the
-        directory, the others follow and leave Hydra's files and log to it. A fresh run
-        (no ``trainer.resume``) refuses a directory that holds another run.
+        Rank 0 settles the directory (``settle_run_dir``: a fresh run claims it, a resumed
+        run uses its own) and every torchrun process follows, since each would resolve
+        ``${now:...}`` itself; only rank 0 writes Hydra's files and log. A refused run
+        exits with one message and writes nothing.
         """
         env = D.env_from_torchrun()
         D.init()
-        run_dir = str(config.hydra.run.dir)
-        problem = None if config.trainer.resume else run_dir_in_use(run_dir)
-        run_dir, problem = D.broadcast_object((run_dir, problem))
-        if problem is not None:
-            sys.exit(f"{PROG}: error: {problem}" if env.rank == 0 else 1)
-        config.hydra.run.dir = run_dir
-        if env.rank > 0:
-            config.hydra.output_subdir = None
-            config.hydra.job_logging = {"version": 1, "root": {"level": "ERROR"}}
+        outcome: tuple[str, bool] | RunDirectoryError | None = None
+        if env.rank == 0:
+            try:
+                outcome = settle_run_dir(config)
+            except RunDirectoryError as err:
+                outcome = err
+        outcome = D.broadcast_object(outcome)
+        if isinstance(outcome, RunDirectoryError):
+            sys.exit(f"{PROG}: error: {outcome}" if env.rank == 0 else 1)
+        assert outcome is not None
+        run_dir, resumed = outcome
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.run.dir = run_dir
+            if resumed or env.rank > 0:
+                config.hydra.output_subdir = None
+            if env.rank > 0:
+                config.hydra.job_logging = {"version": 1, "root": {"level": "ERROR"}}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Refuses a SLURM launcher without SLURM; drops searched keys of unused stages."""

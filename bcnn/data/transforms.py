@@ -8,7 +8,9 @@ Recipes (the ``recipe`` key), following the published B-CNN protocols:
 * ``resize_crop``: resize to ``resize x resize`` (default ``size * 8 / 7``, 512 for 448),
   then a random / centre ``size`` crop (Aircraft).
 
-``hflip: true`` adds a random horizontal flip at train time (``augment``). Every recipe
+``hflip: true`` adds a random horizontal flip at train time (``augment``), and
+``auto_augment`` (``randaugment`` or ``trivialaugment``, off by default) torchvision's
+RandAugment or TrivialAugmentWide after it, on the uint8 image. Every recipe
 ends with a uint8 ``(3, H, W)`` tensor: DataLoader workers hand over 4x fewer bytes than
 float32, and the model converts and normalizes whole batches on its device
 (``BilinearModel.normalize_input``), so no dataset depends on the backbone.
@@ -38,6 +40,8 @@ class Recipe:
     size: Side = 448
     resize: Side | None = None  # resize_crop only; default size * 8 / 7
     hflip: bool = True
+    # A random augmentation policy of torchvision on the training images (off: None).
+    auto_augment: Literal["randaugment", "trivialaugment"] | None = None
 
     @staticmethod
     def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -51,6 +55,7 @@ class Recipe:
 RECIPES: tuple[str, ...] = get_args(RecipeName)
 # The ``transform`` argument of a dataset: a recipe, or any callable on PIL images.
 RecipeMapping = Annotated[Mapping[str, Any], Fields(Recipe)]
+AUTO_AUGMENT = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}
 
 
 def build_transforms(
@@ -61,8 +66,9 @@ def build_transforms(
     Args:
         recipe: The dataset config's ``transform`` mapping: ``recipe`` (one of
             ``RECIPES``), ``size`` (output side, default 448), ``resize`` (only
-            ``resize_crop``) and ``hflip`` (default true). ``None`` converts and
-            normalizes only, at the image's own size.
+            ``resize_crop``), ``hflip`` (default true) and ``auto_augment`` (a key of
+            ``AUTO_AUGMENT``, default none). ``None`` converts and normalizes only, at the
+            image's own size.
         augment: Random crop and flip (training) or centre crop (evaluation).
 
     Returns:
@@ -88,6 +94,8 @@ def build_transforms(
             steps += [v2.Resize((resize, resize), antialias=True), crop]
         if augment and r.hflip:
             steps.append(v2.RandomHorizontalFlip())
+        if augment and r.auto_augment:
+            steps.append(AUTO_AUGMENT[r.auto_augment]())
     steps.append(v2.ToPureTensor())
     return v2.Compose(steps)
 

@@ -1,21 +1,15 @@
-"""Cached linear stage: descriptors of a frozen model computed once, then reused.
+"""Feature cache of the linear stage: descriptors of a frozen model, computed once.
 
-With the backbone frozen, every epoch of the linear stage would recompute the same
-descriptors. Instead they are computed once per image, and once more for its mirror
-image when flips are on, and stored as a ``.npy`` array ``(images, views, D)`` (matrix
-descriptors are stored flattened) that training reads memory-mapped. The cache lives in
-a folder named by a hash of everything that determines the descriptors (the weights, the
-dataset config, the split and the images used, the views and the storage dtype), so a
-second run with the same setting reuses it.
-
-Writing is safe against a full disk and against other runs:
-
-* the array's space is reserved when the file is created (``posix_fallocate``) and rows
-  are written with ordinary file I/O: a full disk is an ``OSError`` naming the folder,
-  the size needed and the space free, never a SIGBUS of a memory-mapped write;
-* a run writes into a partial folder of its own and renames it into place when done,
-  holding a lock file per key (``.<key>.lock``): a second run with the same key waits,
-  then reuses what the first wrote.
+:func:`stage_inputs` plans what a stage reads: live images through the model or, when
+only the classifier trains after a frozen backbone (``trainer.cache_features``), cached
+descriptors through the classifier alone (:class:`ViewAverage`). :func:`build_cache`
+stores each image's descriptor (and its mirror image's, with flips) in a memory-mapped
+``.npy`` array ``(images, views, D)``, in a folder named by a hash of all that determines
+them (weights, dataset config, split, images, views, dtype), so a second run reuses it.
+Writing is safe against a full disk (space reserved up front with ``posix_fallocate``,
+rows written with ``pwrite``: an ``OSError`` naming the sizes, never a SIGBUS) and
+against other runs (a partial folder of its own, renamed into place under a per-key
+lock: a second run with the same key waits, then reuses).
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from bcnn.engine import distributed as D
 from bcnn.engine.loops import autocast
+from bcnn.errors import ConfigError
 from bcnn.models import BilinearModel
 
 log = logging.getLogger(__name__)
@@ -88,18 +84,6 @@ def _disk_full(folder: Path, needed: int) -> OSError:
         "larger disk, set trainer.cache_dtype=float16 (halves it), or "
         "trainer.cache_features=false.",
     )
-
-
-def check_disk(folder: Path, needed: int) -> None:
-    """Raises before writing when ``folder``'s disk cannot hold ``needed`` bytes.
-
-    Raises:
-        OSError: (ENOSPC) naming the folder, the size needed and the size free in readable
-            units, and the fixes.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    if needed * 1.05 + DISK_MARGIN > shutil.disk_usage(folder).free:
-        raise _disk_full(folder, needed)
 
 
 def _full_disk_errors(err: OSError) -> bool:
@@ -194,10 +178,8 @@ def _readable(final: Path) -> bool:
 
 
 class CachedViews(Dataset):
-    """Items of a feature cache.
-
-    In training, each item is one randomly chosen view (*shape) (the image or its mirror,
-    as random flipping would give); in evaluation, all views (V, *shape).
+    """Items of a feature cache: in training one random view (*shape) (the image or its
+    mirror, as random flipping would give), in evaluation all views (V, *shape).
 
     Args:
         features: (N, V, D) descriptors (D = prod(shape)).
@@ -373,7 +355,8 @@ def _reserve(job: _Job, tmp: Path) -> None:
         for stale in job.folder.glob(f".{job.key}.*.partial"):  # killed runs (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            check_disk(job.folder, job.size)
+            if job.size * 1.05 + DISK_MARGIN > shutil.disk_usage(job.folder).free:
+                raise _disk_full(job.folder, job.size)
             tmp.mkdir(parents=True)
             _Store.create(tmp / "features.npy", job.shape, DTYPES[job.dtype])
         except OSError as err:
@@ -422,3 +405,114 @@ def _publish(job: _Job, tmp: Path, labels: np.ndarray) -> None:
     (tmp / "meta.json").write_text(json.dumps(meta, default=str))
     shutil.rmtree(job.final, ignore_errors=True)
     tmp.rename(job.final)
+
+
+@dataclass
+class StageInputs:
+    """What a stage trains and evaluates: live images through the model, or cached
+    descriptors through the classifier alone (``net`` is then a :class:`ViewAverage`)."""
+
+    net: nn.Module
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    eval_batch: int
+    workers: int
+    test_flip: bool
+    cache_folder: Path | None = None  # a cache inside the run directory: removed after use
+
+
+def cacheable(model: nn.Module, mode: str, mixes: bool) -> bool:
+    """Whether a stage on ``model`` (backbone frozen) may train on cached descriptors: only
+    the classifier trains after the backbone, and the stage mixes no images.
+
+    Raises:
+        ConfigError: ``trainer.cache_features=true`` where the cache cannot serve.
+    """
+    if mode == "false":
+        return False
+    extra = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and not n.startswith(("backbone.", "classifier."))
+    ]
+    why = []
+    if extra:
+        why.append(f"trainable layers besides the classifier after the backbone {extra}")
+    if mixes:
+        why.append("a stage that mixes images (mixup_alpha, cutmix_alpha)")
+    if mode == "true" and why:
+        raise ConfigError(
+            "trainer.cache_features", f"true cannot serve {'; '.join(why)}: use auto or false"
+        )
+    return not why
+
+
+def stage_inputs(
+    model: BilinearModel,
+    splits: Mapping[str, tuple[str, Dataset]],
+    train_view: Callable[[], Dataset],
+    cfg: DictConfig,
+    run_dir: Path,
+    env: D.DistEnv,
+    device: torch.device,
+    *,
+    stage: str,
+    batch_size: int,
+    progress: bool,
+) -> StageInputs:
+    """What a stage reads: the images, or the feature cache of each split where
+    :func:`cacheable` allows (a stage that does not fine-tune the backbone).
+
+    Args:
+        model: The model, its backbone frozen unless the stage fine-tunes it.
+        splits: Role (``train``, ``val``, ``test``) -> (split name, dataset).
+        train_view: Builds the training split with the evaluation transform (the cache
+            stores the centre view of each training image, and its mirror image).
+        cfg: The run's config (``trainer.*`` cache settings, ``dataset`` for the key).
+        run_dir: Where a cache without ``trainer.cache_dir`` lives (removed after use).
+        env: The distributed environment.
+        device: Where the model lives.
+        stage: ``linear`` or ``finetune`` (never cached).
+        batch_size: The evaluation batch (also the batch that builds the cache).
+        progress: Show progress bars.
+    """
+    trainer, node = cfg.trainer, cfg.trainer[stage]
+    mode, mixes = str(trainer.cache_features).lower(), bool(node.mixup_alpha or node.cutmix_alpha)
+    if stage == "finetune" or not cacheable(model, mode, mixes):
+        sets = {role: ds for role, (_, ds) in splits.items()}
+        return StageInputs(
+            model, sets["train"], sets.get("val"), sets["test"], batch_size, trainer.num_workers,
+            trainer.test_flip,
+        )  # fmt: skip
+    folder = Path(trainer.cache_dir) if trainer.cache_dir else run_dir / "feature_cache"
+    recipe = cfg.dataset.get("transform")
+    flips = {"train": bool(recipe and recipe.get("hflip", True)), "test": trainer.test_flip}
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    cache = {}
+    for role, (split, ds) in splits.items():
+        if role == "val" and len(ds) == 0:
+            continue
+        ds = train_view() if role == "train" else ds
+        identity = {"dataset": dataset, "split": split, "precision": str(trainer.precision)}
+        # A limited run (trainer.limit_*_batches, debug=smoke) reads only the first
+        # batches: cache only those images.
+        limit, size = trainer.limit_eval_batches, batch_size
+        if role == "train":
+            limit, size = trainer.limit_train_batches, node.batch_size
+        if limit is not None and limit * size < len(ds):
+            ds = Subset(ds, range(limit * size))
+            identity["images"] = len(ds)
+        feats, labels = build_cache(
+            model, ds, folder, identity, views=2 if flips.get(role) else 1,
+            dtype=trainer.cache_dtype, batch_size=batch_size, device=device,
+            precision=trainer.precision, num_workers=trainer.num_workers, env=env,
+            progress=progress,
+        )  # fmt: skip
+        shape = model.descriptor_shape.dims
+        cache[role] = CachedViews(feats, labels, train=role == "train", shape=shape)
+    # Memory maps are read in-process; the cached views already hold the flips.
+    return StageInputs(
+        ViewAverage(model.classifier), cache["train"], cache.get("val"), cache["test"],
+        batch_size, workers=0, test_flip=False, cache_folder=None if trainer.cache_dir else folder,
+    )  # fmt: skip

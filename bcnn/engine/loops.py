@@ -1,24 +1,18 @@
 """One training epoch and one evaluation pass, as plain functions.
 
-Shaped like torchvision's classification references: a model, a loader, an optimizer
-and a few settings. The model owns its input convention and its frozen parts
-(``BilinearModel.normalize_input``, ``freeze_backbone``), so the loops only move batches
-to the device and step. Loss sums and correct counts stay on the device and are read once
-per epoch: no host synchronisation per step.
-
-A non-finite training loss (divergence) is recorded on the device as well, and looked at
-every ``check_every`` steps and at the end of the epoch: the epoch stops early and its
-``EpochStats`` say at which step the loss first stopped being finite. Under fp16 the
-loss is still computed in float32 (from ``logits.float()``), so a non-finite loss is real
-divergence or an overflow of the forward pass, which no loss scaling can undo; the
-GradScaler's own skipped steps (inf/nan gradients of a finite loss) are not counted.
+Shaped like torchvision's classification references: the model owns its input convention
+and its frozen parts, so the loops only move batches to the device and step. Loss sums,
+correct counts and the first non-finite loss (divergence) stay on the device: the host
+reads them once per epoch, and every ``check_every`` steps to stop a diverged epoch early.
+Under fp16 the loss is computed in float32, so a non-finite loss is real divergence or a
+forward overflow; the GradScaler's own skipped steps are not counted.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +94,9 @@ def train_one_epoch(
     max_batches: int | None = None,
     desc: str | None = None,
     check_every: int = 50,
+    label_smoothing: float = 0.0,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    after_step: Callable[[torch.Tensor], None] | None = None,
 ) -> EpochStats:
     """Trains ``model`` for one pass over ``loader``.
 
@@ -120,6 +117,11 @@ def train_one_epoch(
         desc: Label of a progress bar; ``None`` shows none.
         check_every: Look for a non-finite loss every this many steps (one host
             synchronisation; all processes agree), and stop the epoch when there is one.
+        label_smoothing: Weight of the uniform distribution in the targets.
+        mix: Maps a batch and its labels (B,) to mixed images and soft targets (B, C)
+            (mixup, cutmix); accuracy is still counted against the labels.
+        after_step: Called with the micro-batch loss (on the device) after each
+            optimizer step (an EMA update, per-step logging).
 
     Returns:
         The epoch's summed loss, correct predictions and images seen (this process), and
@@ -136,9 +138,10 @@ def train_one_epoch(
     for step, (images, labels) in enumerate(batches):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        images, targets = mix(images, labels) if mix is not None else (images, labels)
         with autocast(device, precision):
             logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         sync = (step + 1) % grad_accum == 0 or step + 1 == total
         # Under DistributedDataParallel, gradients are all-reduced only on the last
         # micro-batch of an accumulation.
@@ -148,6 +151,8 @@ def train_one_epoch(
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if sync:
             _step(optimizer, scaler, grad_clip)
+            if after_step is not None:
+                after_step(loss.detach())
         loss_sum += loss.detach() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.shape[0]

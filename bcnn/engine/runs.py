@@ -1,24 +1,212 @@
-"""A trained model back from its run directory or checkpoint, ready for inference.
+"""A run's directory: claimed by one run, identified, and read back as a trained model.
 
-Every command that uses a trained model (evaluation, prediction, export, visualization)
-starts here, so they all read a run the same way.
+A fresh run claims its directory by creating ``run_id.txt`` exclusively (of two runs
+started at once, one gets it); under ``train.py`` :func:`settle_run_dir` does so before
+Hydra writes there. Every checkpoint carries the id: a resume refuses another run's.
+Every command that uses a trained model starts at :func:`load_trained`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+import secrets
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bcnn.config import schema
-from bcnn.engine.checkpoint import load_checkpoint
+from bcnn.engine import distributed as D
+from bcnn.engine.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_resumable,
+    resolve_checkpoint,
+)
 from bcnn.models import BilinearModel, build_model
 from bcnn.models.inputs import InputSpec
+
+# Files whose presence means a directory holds a run; the first is the claim (the run's id),
+# the last three are its work (without them, a failed fresh run gives the directory back).
+RUN_FILES = ("run_id.txt", "config.yaml", "metrics.csv", "results.json", "checkpoints")
+# Directories claimed by this process's Hydra callback, awaiting their run: path -> run id.
+_CLAIMED: dict[Path, str] = {}
+# Keys of the command line that win over a resumed checkpoint's config: they change
+# where and how fast the run executes, not what it computes.
+RUNTIME_KEYS = ("device", "num_workers", "progress")
+
+log = logging.getLogger(__name__)
+
+
+class RunDirectoryError(FileExistsError):
+    """A fresh run was pointed at a directory that holds another run."""
+
+
+def run_dir_in_use(output_dir: str | Path) -> str | None:
+    """Why a fresh run may not use ``output_dir`` (it holds another run), or None."""
+    output_dir = Path(output_dir)
+    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not found:
+        return None
+    return (
+        f"{output_dir} already holds a run ({', '.join(found)}): resume it with "
+        f"trainer.resume={output_dir}, or choose another directory (hydra.run.dir=<new "
+        "folder>, or paths.output_dir=<new folder> when calling bcnn.engine.train)."
+    )
+
+
+def claim_run_dir(output_dir: Path) -> str:
+    """Claims ``output_dir`` for a fresh run (or takes this process's callback claim).
+
+    Returns:
+        The new run's id, written to ``run_id.txt``.
+
+    Raises:
+        RunDirectoryError: the directory holds another run.
+    """
+    claimed = _CLAIMED.pop(output_dir.resolve(), None)
+    return claimed if claimed is not None else _claim(output_dir)
+
+
+def _claim(output_dir: Path) -> str:
+    problem = run_dir_in_use(output_dir)
+    if problem is None:
+        run_id = secrets.token_hex(8)
+        try:
+            with (output_dir / RUN_FILES[0]).open("x") as f:
+                f.write(run_id)
+            return run_id
+        except FileExistsError:
+            problem = run_dir_in_use(output_dir)
+    raise RunDirectoryError(problem)
+
+
+def release_run_dir(output_dir: Path | None) -> None:
+    """Gives the directory of a fresh run back when the run failed before any work (a
+    config error, a missing dataset): its claim and config are removed. ``None``: the
+    directories this process's Hydra callback claimed."""
+    for folder in [output_dir] if output_dir is not None else list(_CLAIMED):
+        _CLAIMED.pop(folder.resolve(), None)
+        if not any((folder / name).exists() for name in RUN_FILES[2:]):
+            for name in RUN_FILES[:2]:
+                (folder / name).unlink(missing_ok=True)
+
+
+def resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any], Path]:
+    """The config, checkpoint and checkpoint file of the run ``trainer.resume`` names.
+
+    The config is the one the run was started with, typed like a composed one, with the
+    command line's ``RUNTIME_KEYS`` and the run's own directory.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        CheckpointError: no usable one.
+    """
+    path, ckpt = load_resumable(resolve_checkpoint(cfg.trainer.resume))
+    saved = OmegaConf.merge(schema(), ckpt["config"])
+    with open_dict(saved):
+        for key in RUNTIME_KEYS:
+            saved.trainer[key] = cfg.trainer[key]
+        saved.trainer.resume = str(path)
+        saved.paths.output_dir = str(path.parent.parent)
+    log.info("Resuming from %s with the config it was started with", path)
+    return saved, ckpt, path
+
+
+def open_run(
+    output_dir: Path, ckpt: Mapping[str, Any] | None, path: Path | None, env: D.DistEnv
+) -> str:
+    """The run's id, on every process: rank 0 claims the directory of a fresh run, or
+    checks that a resumed checkpoint belongs to it (``resumed_run_id``).
+
+    Raises:
+        RunDirectoryError: the directory holds another run.
+        CheckpointError: the checkpoint belongs to another run.
+    """
+    outcome: str | Exception | None = None
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fresh = ckpt is None or path is None
+            outcome = claim_run_dir(output_dir) if fresh else resumed_run_id(output_dir, ckpt, path)
+        except (RunDirectoryError, CheckpointError) as err:
+            outcome = err
+    outcome = D.broadcast_object(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return str(outcome)
+
+
+def resumed_run_id(output_dir: Path, ckpt: Mapping[str, Any], path: Path) -> str:
+    """The id of the run ``ckpt`` resumes, which must be the one of ``output_dir``.
+
+    A checkpoint or directory from before runs had ids passes (the directory gets one).
+
+    Raises:
+        CheckpointError: another run wrote the checkpoint; names both runs.
+    """
+    file = output_dir / RUN_FILES[0]
+    mine = file.read_text().strip() if file.is_file() else None
+    theirs = ckpt.get("run_id")
+    if mine and theirs and mine != theirs:
+        raise CheckpointError(
+            f"{path} was written by run {theirs} (in {ckpt.get('run_dir', 'another directory')})"
+            f", not by run {mine} of {output_dir}: a checkpoint only resumes the run that "
+            "wrote it. Resume that run with its own directory, or start a fresh run."
+        )
+    if mine is None:
+        file.write_text(mine := theirs or secrets.token_hex(8))
+    return mine
+
+
+@contextlib.contextmanager
+def file_log(output_dir: Path, enabled: bool) -> Iterator[None]:
+    """Adds the run's ``train.log`` for the block, when Hydra does not already write it."""
+    if not enabled or HydraConfig.initialized():
+        yield
+        return
+    handler = logging.FileHandler(output_dir / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logger = logging.getLogger("bcnn")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def settle_run_dir(config: DictConfig) -> tuple[str, bool]:
+    """The run directory, chosen before Hydra writes into it (by rank 0 of a run).
+
+    A resumed run (``trainer.resume``) runs in its own directory; a fresh one claims
+    ``hydra.run.dir`` now, so that a refused run writes nothing there (not even Hydra's
+    ``.hydra/``). A run given ``paths.output_dir`` claims that directory itself.
+
+    Args:
+        config: The composed config with its ``hydra`` node.
+
+    Returns:
+        ``(directory, resumed)``; Hydra must not write a second record into a resumed run.
+
+    Raises:
+        RunDirectoryError: the directory holds another run.
+    """
+    resume = config.trainer.get("resume")
+    if resume:
+        with contextlib.suppress(FileNotFoundError):  # else the trainer reports it
+            return str(resolve_checkpoint(resume).parent.parent), True
+    run_dir = Path(str(config.hydra.run.dir)).resolve()
+    if not resume and not config.paths.get("output_dir"):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _CLAIMED[run_dir] = _claim(run_dir)
+    return str(run_dir), False
 
 
 @dataclass

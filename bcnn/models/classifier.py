@@ -16,6 +16,7 @@ from torch import nn
 
 from bcnn.limits import Positive, PositiveInt, checked
 from bcnn.models.shapes import FeatureShape
+from bcnn.models.svm import median_calibration, train_linear_svm
 
 
 class LinearClassifier(nn.Linear):
@@ -133,7 +134,7 @@ class SVMClassifier(LinearClassifier):
 
     A linear layer whose weights are not learned by gradient descent: the trainer's
     linear stage fits them on the cached descriptors of the training images and their
-    mirror images (``fit``, ``bcnn.engine.svm``), and test scores are the decision values
+    mirror images (``fit``, ``bcnn.models.svm``), and test scores are the decision values
     averaged over an image and its flip (``average_views = "scores"``).
 
     Args:
@@ -179,8 +180,6 @@ class SVMClassifier(LinearClassifier):
         Returns:
             The solver's information (epochs, objective, training accuracy, ...).
         """
-        from bcnn.engine.svm import median_calibration, train_linear_svm
-
         W, b, info = train_linear_svm(
             features, labels, self.out_features, C=self.C, loss=self.loss,
             bias=self.bias is not None, tol=self.tol, max_epochs=self.max_epochs,

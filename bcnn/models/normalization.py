@@ -150,6 +150,10 @@ class MatrixStep(Step):
             a = a if a.dtype == torch.float64 else a.float()
             return self.function(add_ridge(a, self.eps, self.eps_mode))
 
+    def divergence_hints(self) -> list[str]:
+        """The settings of this step that can make training diverge (``key=value``)."""
+        return [f"{k}={getattr(self, k)}" for k in ("eps", "iters") if hasattr(self, k)]
+
     def extra_repr(self) -> str:
         return f"eps={self.eps}, eps_mode={self.eps_mode}"
 
@@ -533,6 +537,15 @@ class NormalizationChain(nn.Module):
             except ValueError as err:
                 raise ValueError(f"normalization.{name}: {err}") from None
         return shape
+
+    def divergence_hints(self) -> list[str]:
+        """Its steps' settings that can make training diverge (``<step>.<key>=value``)."""
+        return [
+            f"{name}.{hint}"
+            for name, step in self.steps.items()
+            if isinstance(step, MatrixStep)
+            for hint in step.divergence_hints()
+        ]
 
     def leading_matrix_step(self) -> MatrixStep | None:
         """The first step when it is a matrix function (the one sum pooling can fuse with)."""

@@ -140,10 +140,6 @@ class PoolingHead(nn.Module):
             return "proj_init", "pca initializes the projection: set pooling.proj_dim"
         return None
 
-    def divergence_hints(self) -> list[str]:
-        """Settings of this head that may make training diverge (none by default)."""
-        return []
-
     def streams(self, x: Features) -> list[torch.Tensor]:
         """The input map(s) as a list, projected when the head has a projection."""
         xs = list(x) if isinstance(x, (tuple, list)) else [x]
@@ -288,12 +284,6 @@ class DemocraticHead(PoolingHead):
         super().__init__(in_channels, **proj)
         self.gamma, self.tau, self.iters, self.detach = float(gamma), float(tau), int(iters), detach
 
-    def divergence_hints(self) -> list[str]:
-        return [
-            f"democratic pooling (pooling.tau={self.tau}, pooling.gamma={self.gamma}, "
-            f"pooling.iters={self.iters})"
-        ]
-
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, C) (second order) or (B, C) (first order), float32."""
         (t,) = self.streams(x)
@@ -305,6 +295,10 @@ class DemocraticHead(PoolingHead):
             detach=self.detach,
             order=self.order,
         )
+
+    def divergence_hints(self) -> list[str]:
+        """The Sinkhorn settings, which can make training diverge (``key=value``)."""
+        return [f"tau={self.tau}", f"gamma={self.gamma}", f"iters={self.iters}"]
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, tau={self.tau}, iters={self.iters}, detach={self.detach}"

@@ -128,6 +128,7 @@ class VGGM(Backbone):
                 "-o vgg_m.safetensors` and pass backbone.weights=vgg_m.safetensors "
                 "(backbone.pretrained=false)."
             )
+        self.lrn = list(lrn)
         n, kappa, alpha, beta = lrn
         n = int(n)
 
@@ -163,6 +164,10 @@ class VGGM(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 512, H', W'); 448 -> 27, 224 -> 13."""
         return self.features(x)
+
+    def divergence_hints(self) -> list[str]:
+        """The LRN setting, which can make training diverge (kappa 0 divides by ~0)."""
+        return [f"lrn={self.lrn}"]
 
 
 def _fc_stack(

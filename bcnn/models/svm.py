@@ -7,48 +7,18 @@ over every view x_i of every training image:
 
     min_{w_k, b_k}  0.5 (||w_k||^2 + b_k^2 / s^2) + C sum_i loss(y_ik (w_k . x_i + b_k))
 
-with loss(m) = max(0, 1 - m) (``"hinge"``) or max(0, 1 - m)^2 (``"squared_hinge"``). The
-bias is LIBLINEAR's (and so scikit-learn's ``LinearSVC``'s, and VLFeat's with
-``'BiasMultiplier'``): a constant feature s = ``intercept_scaling`` appended to every x,
-whose weight b_k / s is regularized like the others.
+with loss(m) = max(0, 1 - m) (``"hinge"``) or max(0, 1 - m)^2 (``"squared_hinge"``); the
+bias is LIBLINEAR's (and VLFeat's ``'BiasMultiplier'``): a regularized constant feature
+s = ``intercept_scaling``.
 
 Algorithm: dual coordinate descent (Hsieh et al., ICML 2008; LIBLINEAR's ``-s 1`` and
-``-s 3``), run for all classes at once and over blocks of rows. The dual variables
-alpha_ik live on the host (N x V x K float64); W (K, D) lives on the device. Per block of
-``batch_rows`` images (m = batch_rows * V rows), read from the cache and converted to
-float32 on the device:
-
-1. f = X_B W^T + b (m x K) and the block's Gram matrix X_B X_B^T + s^2 (m x m), on the
-   device, copied to the host in float64;
-2. one exact coordinate-descent step per row (in random order): for every class, the
-   closed-form update of alpha_ik in [0, U], after which the block's decision values
-   f move by G[:, i] * delta (so every step sees the current W, exactly as sequential
-   dual coordinate descent would);
-3. W += Delta^T X_B and b += s^2 sum(Delta) on the device (Delta: the m x K changes of
-   y * alpha).
-
-Hinge: U = C; squared hinge: U = inf and a diagonal 1/(2C) is added to the dual Hessian.
-Blocks are drawn by one seeded permutation of the images per epoch (rows of a block are
-read in increasing order) and rows are visited in seeded random order, so results are
-deterministic given the data and ``seed``. ``inner_sweeps`` > 1 repeats step 2 on the block
-while it is in memory (block coordinate descent): more progress per read of the cache.
-
-Stopping: the relative duality gap (P_k - D_k) / P_k of every class, where the dual D is
-exact and the primal P is first estimated from the decision values seen during the epoch,
-then confirmed by one exact pass. The gap bounds the relative suboptimality of the
-returned W. (VLFeat's ``vl_svmtrain``, which the authors' ``model_train.m`` calls with
-``'epsilon', 1e-3``, also stops on a duality gap; LIBLINEAR stops on projected gradients.)
-
-Convergence: on L2-normalized descriptors (bcnn's chains end with ``l2``; the improved
-Fisher vector too) C = 1 is a well-regularized problem and tens of epochs reach a gap of
-1e-3; on unnormalized features with large norms dual coordinate descent needs many more.
-
-Cost per epoch: one read of the cache (N V D values, ``batch_rows`` images at a time, the
-next block read by a background thread while the current one is processed), device work
-2 N V D (2 K + m) flops (decision values, Gram blocks, update of W), and host work
-O(N V m k inner_sweeps), k the number of classes whose alpha moves at a row. One more read
-computes the exact objectives at the end. Memory: W, the alphas (N V K float64) and two
-blocks; never a second copy of the cache.
+``-s 3``) for all classes at once, over blocks of ``batch_rows`` images: the dual variables
+live on the host, W on the device; per block, the decision values and Gram matrix come
+from the device and each row takes one exact coordinate step (``_cd_block``), in seeded
+random order (deterministic given the data and ``seed``). Training stops on the relative
+duality gap of every class, as VLFeat's ``vl_svmtrain`` (which the authors call with
+``'epsilon', 1e-3``). Memory: W, the alphas (N V K float64) and two blocks, never a second
+copy of the cache. Cost and convergence: docs/ops.md.
 """
 
 from __future__ import annotations
@@ -273,33 +243,23 @@ def train_linear_svm(
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Trains K one-vs-all linear SVMs on every view of every image of a feature cache.
 
-    See the module docstring for the objective and the algorithm. The cache is read
-    ``batch_rows`` images at a time; no second copy of it is ever held.
-
-    Stopping: after each epoch the duality gap is estimated from the decision values seen
-    while the epoch ran (the primal with slightly stale W, the dual exactly); once every
-    class's estimated relative gap (P_k - D_k) / P_k is at most ``tol``, one read of the
-    cache computes the exact primal, and training stops if the exact gap is within
-    ``tol`` too. The relative duality gap bounds the relative suboptimality of the primal
-    objective. (VLFeat's ``vl_svmtrain``, which the authors used with ``'epsilon', 1e-3``,
-    also stops on a duality gap; LIBLINEAR stops on the projected gradient.)
+    See the module docstring. Stopping: once every class's relative duality gap
+    (P_k - D_k) / P_k, estimated during an epoch, is at most ``tol``, one read of the cache
+    computes the exact primal, and training stops if the exact gap is within ``tol`` too
+    (the gap bounds the relative suboptimality of the primal).
 
     Args:
-        features: ``(N, V, D)`` (or ``(N, D)``) array-like with numpy indexing, e.g. the
-            read-only ``np.memmap`` of ``bcnn.engine.cache.build_cache`` (float16 or
-            float32). Every view is a training sample with its image's label.
+        features: ``(N, V, D)`` (or ``(N, D)``) array-like with numpy indexing (a feature
+            cache's float16/float32 memory map): every view is a sample with its label.
         labels: ``(N,)`` integer class indices in ``[0, num_classes)``.
         num_classes: K.
         C: Weight of the loss.
-        loss: ``"hinge"`` (the authors' ``vl_svmtrain`` default) or ``"squared_hinge"``
-            (``LinearSVC``'s default).
+        loss: ``"hinge"`` (``vl_svmtrain``'s) or ``"squared_hinge"`` (``LinearSVC``'s).
         bias: Learn an intercept (a regularized constant feature ``intercept_scaling``).
         intercept_scaling: s; as ``LinearSVC``'s (1 = VLFeat's ``'BiasMultiplier', 1``).
         tol: Target relative duality gap, per class.
         max_epochs: Maximum number of coordinate-descent passes over the cache.
-        inner_sweeps: Coordinate-descent passes over each block while it is in memory
-            (1 = plain dual coordinate descent; more does more work per read of the cache
-            and usually needs fewer reads).
+        inner_sweeps: Passes over each block while it is in memory (more work per read).
         batch_rows: Images (first-axis rows of ``features``) per block.
         device: Where W and the block products live (``"cuda"`` for real sizes).
         dtype: Device compute dtype of the blocks and W.
@@ -308,9 +268,8 @@ def train_linear_svm(
     Returns:
         ``W`` ``(K, D)`` and ``b`` ``(K,)`` on ``device`` in ``dtype`` (decision value
         ``x @ W.T + b``), and ``info``: ``epochs``, ``converged``, ``reads`` (passes over
-        the cache, the final one included), ``primal`` and ``dual`` (``(K,)`` float64
-        objectives at the returned solution; primal >= optimum >= dual), ``gap`` (largest
-        relative duality gap), ``objective`` (sum of ``primal``), ``train_accuracy`` (per
+        the cache), ``primal`` and ``dual`` (``(K,)`` float64 objectives; primal >= optimum
+        >= dual), ``gap``, ``objective`` (sum of ``primal``), ``train_accuracy`` (per
         view), ``seconds``.
     """
     N, V, _ = _check_features(features, "train_linear_svm")
@@ -455,11 +414,9 @@ def median_calibration(
 ) -> tuple[Tensor, Tensor]:
     """Rescales each class's SVM so its training scores have median 1 (positives), 0 (rest).
 
-    The authors' ``model_train.m`` does this "cheap calibration" after training every
-    one-vs-all SVM and before taking the arg max over classes: with mp and mn the medians of
-    the decision values of the class's positive and negative training views,
-    w <- w / (mp - mn) and b <- (b - mn) / (mp - mn). Classes with mp <= mn are left as
-    they are (a warning is logged). One read of the cache; holds the N V K decision values.
+    The authors' "cheap calibration" (``model_train.m``): with mp and mn the medians of the
+    class's positive and negative training views' scores, w <- w / (mp - mn) and
+    b <- (b - mn) / (mp - mn); classes with mp <= mn are left as they are, with a warning.
 
     Args:
         features: ``(N, V, D)`` (or ``(N, D)``) training cache.
@@ -480,15 +437,12 @@ def median_calibration(
         rows = (idx[:, None] * V + np.arange(V)[None, :]).ravel()
         scores[rows] = (X @ W.T + b).float().cpu().numpy()
     positive = y[:, None] == np.arange(K)[None, :]
-    mp = np.array(
-        [np.median(scores[positive[:, k], k]) if positive[:, k].any() else 1.0 for k in range(K)]
-    )
-    mn = np.array(
-        [
-            np.median(scores[~positive[:, k], k]) if (~positive[:, k]).any() else 0.0
-            for k in range(K)
-        ]
-    )
+
+    def medians(rows: np.ndarray, empty: float) -> np.ndarray:
+        return np.array([np.median(scores[rows[:, k], k]) if rows[:, k].any() else empty
+                         for k in range(K)])  # fmt: skip
+
+    mp, mn = medians(positive, 1.0), medians(~positive, 0.0)
     scale = mp - mn
     bad = ~(scale > 0)
     if bad.any():
