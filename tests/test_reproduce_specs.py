@@ -10,13 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bcnn.config import validate
 from bcnn.reproduce import launch
-from bcnn.reproduce.tables import (
-    TABLES,
-    experiments_of,
-    plateau_patience,
-    published,
-    runnable_rows,
-)
+from bcnn.reproduce.tables import TABLES, experiments_of, published, runnable_rows
 from tests.conftest import CONFIG_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -206,9 +200,40 @@ def test_talk_tables_print_the_talks_numbers_and_the_papers_where_they_differ() 
     assert timing.benchmark == ("newton_schulz", 5) and published(timing.key)[0] == 4.0
 
 
+# iNat 2018 supercategories: training images (the talk's slide).
+INAT_TRAIN_IMAGES = {
+    "Plantae": 118800,
+    "Animalia": 5966,
+    "Reptilia": 22754,
+    "Amphibia": 11156,
+    "Aves": 143950,
+    "Mollusca": 8007,
+    "Fungi": 6864,
+    "Mammalia": 20104,
+    "Arachnida": 4037,
+    "Insecta": 87192,
+    "Actinopterygii": 7835,
+}
+
+
+def plateau_patience(train_images: int, rounds: int = 10) -> int:
+    """train_cnn.py's ReduceLROnPlateau patience in epochs: it validates every
+    ``max(10000, N // 5)`` images with a patience of 10 rounds; this trainer steps per epoch."""
+    return max(1, round(rounds * max(10000, train_images // 5) / train_images))
+
+
 def test_densenet_first_order_inat_rows_convert_the_plateau_patience() -> None:
-    # train_cnn.py validates every max(10000, N // 5) images; patience 10 rounds.
     assert plateau_patience(143950) == 2 and plateau_patience(5966) == 17
+    rows = [r for r in TABLES["talk_densenet"].rows if r.id.startswith("inat_")]
+    assert len(rows) == 2 * len(INAT_TRAIN_IMAGES)
+    for row in rows:
+        supercategory = row.label.removeprefix("iNat ")
+        patience = [o for o in row.overrides if o.startswith("trainer.finetune.scheduler.")]
+        if row.columns == ("DenseNet (regular)",):
+            expected = plateau_patience(INAT_TRAIN_IMAGES[supercategory])
+            assert patience == [f"trainer.finetune.scheduler.patience={expected}"], row.id
+        else:
+            assert patience == [], row.id
     row = TABLES["talk_densenet"].row("inat_aves__densenet_regular")
     cfg = compose_config(list(row.overrides))
     assert _target(cfg.trainer.finetune.scheduler) == "ReduceLROnPlateau"
