@@ -43,19 +43,12 @@ NOT_TRAINED = {
 }
 # ECCV 2018, Table 1: the best gamma and p per dataset (VGG-16), and the starting network.
 ECCV18 = {
-    "cub": (0.5, 0.3, "cub", True),
-    "cars": (0.5, 0.5, "cars", True),
-    "aircraft": (0.0, 0.3, "aircraft", True),
-    "dtd": (0.3, 0.6, "dtd", False),
-    "fmd": (0.8, 0.7, "fmd", False),
-    "mit": (0.3, 0.6, "mit_indoor", False),
-}
-NS_ITERS = {
-    "bmvc17_t3_ns0": 0,
-    "bmvc17_t3_ns1": 1,
-    "bmvc17_t3_ns5": 5,
-    "bmvc17_t3_ns10": 10,
-    "bmvc17_t3_ns20": 20,
+    "CUB": (0.5, 0.3, "cub", True),
+    "Cars": (0.5, 0.5, "cars", True),
+    "Aircraft": (0.0, 0.3, "aircraft", True),
+    "DTD": (0.3, 0.6, "dtd", False),
+    "FMD": (0.8, 0.7, "fmd", False),
+    "MIT Indoor": (0.3, 0.6, "mit_indoor", False),
 }
 
 
@@ -66,6 +59,14 @@ def _target(node: DictConfig) -> str:
 def _steps(cfg: DictConfig) -> list[str]:
     """The chain's steps (vectorize aside), in config order."""
     return [k for k, v in cfg.normalization.items() if k not in ("_target_", "vectorize") and v]
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    # The talk's tables reuse rows of the paper tables: compose each distinct row once.
+    cfg = compose_config(list(overrides))
+    validate(cfg)
+    return cfg
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -105,13 +106,17 @@ def test_experiment_composes_with_the_published_protocol(name: str) -> None:
     assert t.test_flip == (not name.startswith("densenet"))
 
 
-@pytest.mark.parametrize("dataset", sorted(ECCV18))
-def test_eccv18_presets_use_the_published_gamma_p_and_start(dataset: str) -> None:
-    gamma, p, option, fine_grained = ECCV18[dataset]
-    demo = compose_config([f"experiment=eccv18_t1_gdemocratic_{dataset}"])
-    power = compose_config([f"experiment=eccv18_t1_mpow_{dataset}"])
+@pytest.mark.parametrize("column", sorted(ECCV18))
+def test_eccv18_rows_use_the_published_gamma_p_and_start(column: str) -> None:
+    gamma, p, option, fine_grained = ECCV18[column]
+    table = TABLES["eccv18_table1"]
+    slug = column.lower().replace(" ", "_")
+    demo = _composed(table.row(f"gamma_democratic__{slug}").overrides)
+    power = _composed(table.row(f"matrix_power__{slug}").overrides)
     assert _target(demo.pooling) == "DemocraticPool" and demo.pooling.gamma == gamma
     assert (demo.pooling.tau, demo.pooling.iters) == (0.5, 10)
+    for label, expected in (("democratic", 0.0), ("sum", 1.0)):
+        assert _composed(table.row(f"{label}__{slug}").overrides).pooling.gamma == expected
     assert _target(power.pooling) == "BilinearPool" and power.normalization.mpow.p == p
     assert power.normalization.mpow.method == "eigh"  # exact matrix power, as the paper
     assert _steps(power) == ["mpow", "signsqrt", "l2"]
@@ -120,24 +125,28 @@ def test_eccv18_presets_use_the_published_gamma_p_and_start(dataset: str) -> Non
         assert cfg.dataset.name == option and _target(cfg.backbone) == "VGG16"
         if fine_grained:  # starts from the B-CNN fine-tuned on the same dataset
             assert not cfg.backbone.pretrained
-            assert cfg.backbone.weights.endswith(f"bcnn_vgg_d_ft_{dataset}.pt")
+            assert cfg.backbone.weights.endswith(f"bcnn_vgg_d_ft_{option}.pt")
         else:  # ImageNet weights
             assert cfg.backbone.pretrained and cfg.backbone.weights is None
-    if dataset == "dtd":
+    if option == "dtd":
         assert demo.dataset.partition == 1
 
 
-@pytest.mark.parametrize("name", sorted(NS_ITERS))
-def test_bmvc17_table3_newton_schulz_iterations(name: str) -> None:
-    cfg = compose_config([f"experiment={name}"])
-    sqrt = cfg.normalization.sqrt
-    assert (sqrt.method, sqrt.iters) == ("newton_schulz", NS_ITERS[name])
-    assert _steps(cfg) == ["sqrt", "signsqrt", "l2"]
+def test_bmvc17_table3_newton_schulz_iterations() -> None:
+    for row in TABLES["bmvc17_table3"].rows[:15]:  # 0, 1, 5, 10, 20 iterations
+        cfg = _composed(row.overrides)
+        sqrt = cfg.normalization.sqrt
+        iters = int(row.label.split()[1])
+        assert (sqrt.method, sqrt.iters) == ("newton_schulz", iters), row.id
+        assert _steps(cfg) == ["sqrt", "signsqrt", "l2"]
 
 
 def test_bmvc17_matrix_function_choices() -> None:
-    exact = compose_config(["experiment=bmvc17_t1_vgg_d_sqrt_signsqrt"])  # Table 3 "SVD"
+    exact = _composed(TABLES["bmvc17_table3"].row("svd__cub").overrides)  # Table 3 "SVD"
     assert exact.normalization.sqrt.method == "svd"
+    assert exact == _composed(
+        TABLES["bmvc17_table1"].row("sqrta_plus_sgnsqrt__vgg_d__cub").overrides
+    )
     # Fine-tuning: exact root and Lyapunov gradient; test features: 5 Newton-Schulz.
     improved = compose_config(["experiment=bmvc17_t2_improved_vgg_m"])
     sqrt = improved.normalization.sqrt
@@ -148,8 +157,8 @@ def test_bmvc17_matrix_function_choices() -> None:
     )
     grad_svd = compose_config(["experiment=bmvc17_t3_ft_grad_svd"]).normalization.sqrt
     assert (grad_svd.method, grad_svd.backward, grad_svd.eval_iters) == ("svd", "svd", 5)
-    log = compose_config(["experiment=bmvc17_t1_vgg_m_log_signsqrt"])
-    assert _steps(log) == ["log", "signsqrt", "l2"]
+    log = _composed(TABLES["bmvc17_table1"].row("loga_plus_sgnsqrt__vgg_m__cub").overrides)
+    assert _steps(log) == ["log", "signsqrt", "l2"] and _target(log.backbone) == "VGGM"
     dm = compose_config(["experiment=iccv15_t1_bcnn_dm"])
     assert _target(dm.backbone) == "TwoStream" and dm.backbone.stream_a.pretrained
     dense = compose_config(["experiment=densenet_inat_bilinear"])
@@ -238,14 +247,6 @@ def test_densenet_first_order_inat_rows_convert_the_plateau_patience() -> None:
     cfg = compose_config(list(row.overrides))
     assert _target(cfg.trainer.finetune.scheduler) == "ReduceLROnPlateau"
     assert cfg.trainer.finetune.scheduler.patience == 2 and cfg.dataset.supercategory == "Aves"
-
-
-@functools.cache
-def _composed(overrides: tuple[str, ...]) -> DictConfig:
-    # The talk's tables reuse rows of the paper tables: compose each distinct row once.
-    cfg = compose_config(list(overrides))
-    validate(cfg)
-    return cfg
 
 
 @pytest.mark.parametrize("name", sorted(TABLES))
