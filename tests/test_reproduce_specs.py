@@ -358,3 +358,36 @@ def test_rows_with_splits_launch_one_job_per_split(tmp_path: Path) -> None:
         assert _target(cfg.pooling.sketch) == "DemocraticSketch"
         seeds.append(cfg.dataset.seed)
     assert len(set(seeds)) == len(smoke)
+
+
+CHAINS = {
+    "none": ["vectorize"],
+    "l2": ["vectorize", "l2"],
+    "signsqrt_l2": ["vectorize", "signsqrt", "l2"],
+    "log_l2": ["log", "vectorize", "l2"],
+    "log_signsqrt_l2": ["log", "vectorize", "signsqrt", "l2"],
+    "sqrt_l2": ["sqrt", "vectorize", "l2"],
+    "sqrt_signsqrt_l2": ["sqrt", "vectorize", "signsqrt", "l2"],
+}
+
+
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_normalization_chains_compose_the_shared_steps(chain: str) -> None:
+    steps = CONFIG_DIR / "normalization" / "step"
+    assert sorted(p.stem for p in (CONFIG_DIR / "normalization").glob("*.yaml")) == sorted(CHAINS)
+    assert "Vectorize" not in (CONFIG_DIR / "normalization" / f"{chain}.yaml").read_text()
+    node = compose_config([f"normalization={chain}"]).normalization
+    assert _target(node) == "NormalizationChain"
+    assert [k for k in node if k != "_target_"] == CHAINS[chain]
+    for name in CHAINS[chain]:  # each step is the shared node of normalization/step/
+        assert node[name] == OmegaConf.load(steps / f"{name}.yaml"), name
+    # normalization.<step>.<key>=... still reaches one step of one chain.
+    last = CHAINS[chain][-1]
+    key = {"vectorize": "triu", "l2": "_target_", "signsqrt": "eps"}[last]
+    if key != "_target_":
+        value = True if key == "triu" else 0.5
+        changed = compose_config([f"normalization={chain}", f"normalization.{last}.{key}={value}"])
+        assert changed.normalization[last][key] == value
+    if "sqrt" in CHAINS[chain]:
+        changed = compose_config([f"normalization={chain}", "normalization.sqrt.iters=7"])
+        assert changed.normalization.sqrt.iters == 7 and node.sqrt.iters == 5
