@@ -72,6 +72,8 @@ class StageConfig:
     batch_size: int = 64
     grad_accum: int = 1
     grad_clip: float | None = None
+    # MATLAB's bcnn_train_dag.m starts every epoch with a zero momentum buffer.
+    reset_optimizer_each_epoch: bool = False
 
     def validate(self, prefix: str) -> None:
         """Raises ValueError naming ``prefix.<key>`` for out-of-range values."""

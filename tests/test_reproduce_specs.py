@@ -391,3 +391,27 @@ def test_normalization_chains_compose_the_shared_steps(chain: str) -> None:
     if "sqrt" in CHAINS[chain]:
         changed = compose_config([f"normalization={chain}", "normalization.sqrt.iters=7"])
         assert changed.normalization.sqrt.iters == 7 and node.sqrt.iters == 5
+
+
+def test_frozen_features_and_fc_cnn_keep_the_aspect_ratio_on_every_dataset() -> None:
+    # MATLAB: get_bcnn_features.m, get_dcnn_features.m and get_rcnn_features.m read the
+    # model's keepAspect (true) for every dataset, as imdb_cnn_train.m fine-tunes FC-CNN;
+    # the B-CNN fine-tuning (run_experiments_bcnn_train.m) keeps it for CUB only.
+    t1 = TABLES["iccv15_table1"]
+    for row in t1.rows:
+        dataset, setting = row.columns
+        if dataset != "Cars" and (dataset, row.label[:2]) not in (
+            ("Aircraft", "FC"),
+            ("Aircraft", "FV"),
+        ):
+            continue
+        keeps = setting == "nf" or not row.label.startswith("B-CNN")
+        recipe = _composed(row.overrides).dataset.transform.recipe
+        assert (recipe == "short_side") == keeps, row.id
+    for name, row_id in (
+        ("bmvc17_table1", "loga__vgg_m__aircraft"),
+        ("bmvc17_table1", "sgnsqrt__vgg_d__cars"),
+        ("bmvc17_table3", "newton_schulz_0_iterations__aircraft"),
+    ):
+        cfg = _composed(TABLES[name].row(row_id).overrides)
+        assert cfg.dataset.transform.recipe == "short_side", row_id

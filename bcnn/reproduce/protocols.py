@@ -142,7 +142,8 @@ def _stage_fields(cfg: DictConfig, name: str) -> dict[str, str]:
     stage = cfg.trainer[name]
     opt, groups = _optimizer(stage)
     node = stage.optimizer
-    out = {"optimizer": opt, "lr": _num(float(stage.lr))}
+    reset = ", state reset every epoch" if stage.get("reset_optimizer_each_epoch") else ""
+    out = {"optimizer": opt + reset, "lr": _num(float(stage.lr))}
     if name == "finetune":
         out["backbone_lr"] = _num(float(stage.backbone_lr))
     if cfg.pooling.get("proj_dim"):
@@ -249,9 +250,12 @@ def _classifier(cfg: DictConfig) -> str:
     if name == "SVMClassifier":
         calibration = ", median calibration" if node.get("calibrate", True) else ""
         return f"SVMClassifier (one-vs-all, C {_num(float(node.C))}, {node.loss} loss{calibration})"
+    init = node.get("init", "zeros")
+    if init == "normal" and name == "LinearClassifier":
+        init += f" std {_num(float(node.init_std))}, bias {_num(float(node.init_bias))}"
     if name == "LowRankBilinearClassifier":
-        return f"{name} (rank {node.rank})"
-    return name
+        return f"{name} (rank {node.rank}, init {init})"
+    return f"{name} (init {init})"
 
 
 def _matrix_fields(cfg: DictConfig) -> dict[str, str]:
