@@ -6,6 +6,7 @@ import functools
 from pathlib import Path
 
 import pytest
+from fixtures.datasets import MAKERS
 from omegaconf import DictConfig, OmegaConf
 
 from bcnn.config import validate
@@ -415,3 +416,46 @@ def test_frozen_features_and_fc_cnn_keep_the_aspect_ratio_on_every_dataset() -> 
     ):
         cfg = _composed(TABLES[name].row(row_id).overrides)
         assert cfg.dataset.transform.recipe == "short_side", row_id
+
+
+def test_a_table_checks_the_data_and_weights_of_every_row_before_launching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # BMVC 2017 Table 2: 12 rows on CUB, Cars, Aircraft, half of them with VGG-M weights.
+    monkeypatch.setenv("BCNN_WEIGHTS", str(tmp_path / "weights"))
+    table, data = TABLES["bmvc17_table2"], tmp_path / "data"
+    extra = [f"paths.data_dir={data}", "hydra.launcher.n_jobs=2"]  # hydra.*: the launcher's
+    with pytest.raises(FileNotFoundError) as err:
+        launch.launch_table(table, tmp_path / "sweep", extra=extra)
+    lines = str(err.value).splitlines()
+    assert "nothing was launched" in lines[0]
+    missing = [line for line in lines if line.startswith("- ")]
+    assert len(missing) == 4  # each once: three dataset folders, one weights file
+    assert sum("vgg_m.safetensors" in line for line in missing) == 1
+    for folder in ("cub", "cars", "aircraft"):
+        assert sum(str(data / folder) in line for line in missing) == 1, folder
+    assert "and 2 more" in next(line for line in missing if "vgg_m" in line)  # 6 rows need it
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [".rows"]  # no job ran
+    for name in ("cub", "cars", "aircraft"):
+        MAKERS[name](data / name)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "vgg_m.safetensors").write_bytes(b"")
+    assert launch.launch_table(table, tmp_path / "sweep", extra=extra, dry_run=True) == 0
+    assert "missing" not in capsys.readouterr().err
+
+
+def test_smoke_columns_train_on_stand_ins_of_their_own(tmp_path: Path) -> None:
+    # The dataset columns of a row must be different runs in smoke mode: each dataset
+    # gets the synthetic set with its own seed and class count; CUB+box shares CUB's.
+    table = TABLES["iccv15_table1"]
+    rows = [r for r in table.rows if r.id.startswith("b_cnn_m_m__") and r.id.endswith("__nf")]
+    names = launch.write_rows(table, rows, tmp_path, smoke=True)
+    search = launch.searchpath_override(tmp_path)
+    data = {}
+    for row, name in zip(rows, names):
+        cfg = compose_config([f"experiment={name}", search])
+        assert cfg.dataset.name == "synthetic"
+        data[row.columns[0]] = (cfg.dataset.seed, cfg.dataset.num_classes)
+    assert data["CUB"] == data["CUB+box"]
+    assert len({data["CUB"], data["Cars"], data["Aircraft"]}) == 3
+    assert len({classes for _, classes in data.values()}) == 3

@@ -2,36 +2,29 @@
 
 Hydra's basic sweeper takes the cartesian product of its sweeps, but the rows of a table
 are not a product (``CUB+box`` exists only for CUB, the ECCV 2018 gamma differs per
-dataset). So every row becomes a small generated config of the ``experiment`` group: it
-includes the row's own ``experiment=`` preset and sets the row's other overrides. The
-generated files live in ``<sweep_dir>/.rows/``, which joins Hydra's search path, and the
-multirun sweeps over them::
+dataset). So every row becomes a small generated config of the ``experiment`` group in
+``<sweep_dir>/.rows/`` (its ``experiment=`` preset plus the row's other overrides), which
+joins Hydra's search path, and the multirun sweeps over them::
 
     python -m bcnn.train --multirun experiment=<row id>,<row id>,... \\
         hydra.searchpath=[file://<sweep_dir>/.rows] hydra.sweep.dir=<sweep_dir> \\
         hydra.sweep.subdir=${hydra.runtime.choices.experiment} [hydra/launcher=...] [extra]
 
-Each job's directory is named by its row id (a row with repeats, ``Row.splits``, e.g. the
-ten DTD partitions: one job per split, ``<row id>__split<k>``). ``reproduce.json`` in the
-sweep directory records the table, the rows and the command.
+Each job's directory is named by its row id (``<row id>__split<k>`` for the repeats of a
+row, ``Row.splits``); ``reproduce.json`` records the table, the rows and the command.
+Before anything runs, every job must compose, and the dataset folders and weights files
+its config names must exist: what is missing is listed once, with the rows that need it.
 
-Smoke mode keeps every row's pooling, normalization, classifier, stages, recipe
-(optimizers, learning rates, schedules) and data protocol (trainval or a held-out
-validation split) but swaps the data for the built-in synthetic dataset, the backbone for
-the small CNN (two small CNNs for two-stream rows, so that x_a x_b^T pooling still runs)
-and the budget for the ``debug=smoke`` preset's: its epochs and batch sizes, on CPU. It
-runs those epochs whole on a 384-image synthetic training set and tests 512 images (the
-preset alone caps an epoch at three batches, which leaves every classifier at its zero
-initialization and every row of a table at one score): a few seconds per row on 2 CPU
-cores, and rows that differ in pooling or normalization score differently. Backbone and
-dataset nodes are first reset to null (``reproduce/smoke_reset.yaml``) because a preset's
-keys for the real backbone (``pretrained``, ``weights``) or dataset (``partition``) would
-otherwise be merged into the small ones. Compact pooling sketches to ``SMOKE_SKETCH_DIM``
-dimensions instead of the row's, and a PCA-initialized projection keeps at most the small
-CNN's channels. A row with repeats runs its first
-``SMOKE_SPLITS`` splits, each on the synthetic dataset generated from another seed (the
-split's own override names a real dataset's key), so that their mean and standard
-deviation are computed from different runs.
+Smoke mode keeps every row's pooling, normalization, classifier, stages, recipe and data
+protocol (trainval or a held-out split) but swaps the backbone for the small CNN (two for
+a two-stream row, so that x_a x_b^T pooling still runs), the budget for ``debug=smoke``'s
+epochs and batch sizes (run whole, on CPU), and each dataset for its own synthetic
+stand-in: the built-in dataset with a seed and class count derived from the dataset's
+name, so that the columns of a row are different runs (the splits of a row: further
+seeds). Backbone and dataset nodes are first reset to null (``reproduce/smoke_reset``)
+because a preset's keys for the real ones (``pretrained``, ``partition``) would otherwise
+be merged into the small ones. Compact pooling sketches to ``SMOKE_SKETCH_DIM``
+dimensions and a PCA projection keeps at most the small CNN's channels.
 """
 
 from __future__ import annotations
@@ -41,6 +34,7 @@ import json
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -50,7 +44,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-import bcnn.config  # noqa: F401  (registers the schema that configs/train.yaml names)
+from bcnn.config import instantiate
 from bcnn.reproduce.tables import Row, Table
 
 ROWS_DIR = ".rows"
@@ -58,15 +52,11 @@ MANIFEST = "reproduce.json"
 RESET_CONFIG = "reproduce/smoke_reset"
 
 # Smoke settings: small synthetic data, a one-block CNN, the debug=smoke training budget.
-# The validation fraction is the row's own (0: train on trainval, keep the last epoch).
-SMOKE_DATASET: dict[str, Any] = {
-    "num_classes": 4,
-    "trainval_size": 384,
-    "test_size": 512,
-    "image_size": 16,
-}
+# The validation fraction is the row's own (0: train on trainval, keep the last epoch);
+# the seed and the number of classes come from the real dataset's name (smoke_dataset).
+SMOKE_DATASET: dict[str, Any] = {"trainval_size": 384, "test_size": 512, "image_size": 16}
 SMOKE_CHANNELS = [8]
-# Splits run per row with repeats in smoke mode (split k: synthetic data of seed k).
+# Splits run per row with repeats in smoke mode.
 SMOKE_SPLITS = 2
 # Sketch dimension of compact pooling in smoke mode: the small CNN's 8 channels have a
 # 64-entry outer product, and an 8192-dimensional sketch of every location made a smoke
@@ -85,7 +75,6 @@ SMOKE_TRAINER: dict[str, Any] = {
     "limit_eval_batches": None,
     "eval_batch_size": 256,
 }
-TWO_STREAM_TARGET = "bcnn.models.backbones.TwoStream"
 
 
 def config_groups() -> frozenset[str]:
@@ -148,19 +137,24 @@ def _group_node(group: str, option: str) -> dict[str, Any]:
     return node
 
 
-def smoke_backbone(two_stream: bool) -> dict[str, Any]:
-    """The small CNN's config node, or a two-stream pair of them."""
-    small = _group_node("backbone", "small")
-    small["channels"] = list(SMOKE_CHANNELS)
-    if not two_stream:
+def smoke_backbone(real: DictConfig) -> dict[str, Any]:
+    """The small CNN's config node, or a pair of them for a two-stream ``real`` backbone."""
+    small = {**_group_node("backbone", "small"), "channels": list(SMOKE_CHANNELS)}
+    if "stream_a" not in real:
         return small
-    return {"_target_": TWO_STREAM_TARGET, "stream_a": small, "stream_b": dict(small)}
+    return {"_target_": real._target_, "stream_a": small, "stream_b": dict(small)}
 
 
-def smoke_dataset(val_fraction: float = 0.0) -> dict[str, Any]:
-    """The synthetic dataset's config node at smoke sizes, with the row's val fraction."""
+def smoke_dataset(name: str, val_fraction: float = 0.0, split: int = 0) -> dict[str, Any]:
+    """The synthetic stand-in of dataset ``name`` at smoke sizes (the row's val fraction).
+
+    Its seed and class count (4 to 6) are derived from ``name``, so that each dataset
+    column of a table trains on data of its own; ``split`` moves to a further seed.
+    """
+    code = zlib.crc32(name.encode())
+    own = {"num_classes": 4 + code % 3, "seed": code % 10_000 + split}
     return _merge(
-        _group_node("dataset", "synthetic"), {**SMOKE_DATASET, "val_fraction": val_fraction}
+        _group_node("dataset", "synthetic"), {**SMOKE_DATASET, **own, "val_fraction": val_fraction}
     )
 
 
@@ -187,55 +181,40 @@ def row_jobs(row: Row, smoke: bool = False) -> list[tuple[str, int | None]]:
     return jobs[:SMOKE_SPLITS] if smoke else jobs
 
 
+def smoke_nodes(real: DictConfig, split: int | None) -> dict[str, Any]:
+    """The nodes smoke mode puts into a row's config, from the row's composed ``real`` one."""
+    val_fraction = float(real.dataset.get("val_fraction") or 0.0)
+    nodes = {
+        "backbone": smoke_backbone(real.backbone),
+        "dataset": smoke_dataset(str(real.dataset.name), val_fraction, split or 0),
+        "trainer": SMOKE_TRAINER,
+    }
+    if pooling := smoke_pooling(real.pooling):
+        nodes["pooling"] = pooling
+    return nodes
+
+
 def row_config(
-    row: Row,
-    table: Table,
-    smoke: bool = False,
-    two_stream: bool = False,
-    val_fraction: float = 0.0,
-    split: int | None = None,
-    pooling: dict[str, Any] | None = None,
+    row: Row, table: Table, split: int | None = None, smoke: dict[str, Any] | None = None
 ) -> str:
     """The YAML text of a row's generated experiment config.
 
     Args:
         row: The row.
         table: Its table (named in the header comment).
-        smoke: Write the smoke version (see the module docstring).
-        two_stream: Smoke only: the row's backbone gives two feature maps.
-        val_fraction: Smoke only: the row's ``dataset.val_fraction``.
         split: Index into ``row.splits`` of the job's repeat (None: no repeats).
-        pooling: Smoke only: keys of the row's pooling node replaced at smoke sizes
-            (``smoke_pooling``).
+        smoke: The smoke version's nodes (:func:`smoke_nodes`); None: the full run.
     """
-    overrides = list(row.overrides)
-    if split is not None:
-        overrides.append(row.splits[split])
+    overrides = [*row.overrides, *([row.splits[split]] if split is not None else [])]
     choices, body = split_overrides(overrides)
     experiment = choices.pop("experiment", None)
+    defaults: list[Any] = [f"/experiment/{experiment}"] if experiment else []
     if smoke:
         choices.update(backbone="small", dataset="synthetic")
-        body.pop("backbone", None)
-        body.pop("dataset", None)
-        dataset = smoke_dataset(val_fraction)
-        if split is not None:  # another synthetic dataset per split
-            dataset["seed"] = split + 1
-        smoke_body: dict[str, Any] = {
-            "backbone": smoke_backbone(two_stream),
-            "dataset": dataset,
-            "trainer": SMOKE_TRAINER,
-        }
-        if pooling:
-            smoke_body["pooling"] = pooling
-        body = _merge(body, smoke_body)
-    defaults: list[Any] = []
-    if experiment:
-        defaults.append(f"/experiment/{experiment}")
-    if smoke:
+        body = _merge({k: v for k, v in body.items() if k not in ("backbone", "dataset")}, smoke)
         defaults += [f"/{RESET_CONFIG}", "/debug/smoke"]
-    defaults.append("_self_")
-    defaults += [{f"override /{g}": o} for g, o in choices.items()]
-    kind = "SMOKE: synthetic data, small CNN" if smoke else "full run"
+    defaults += ["_self_", *({f"override /{g}": o} for g, o in choices.items())]
+    kind = "SMOKE: stand-in data, small CNN" if smoke else "full run"
     header = [
         "# @package _global_",
         f"# Generated by scripts/reproduce.py ({kind}).",
@@ -271,6 +250,27 @@ def select_rows(table: Table, patterns: Sequence[str] = ()) -> list[Row]:
     return rows
 
 
+def _write_rows(
+    table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool, extra: Sequence[str] = ()
+) -> list[tuple[str, DictConfig]]:
+    """:func:`write_rows`, with each job's config composed with the ``extra`` overrides."""
+    exp_dir = rows_dir / "experiment"
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if smoke:
+        reset = rows_dir / f"{RESET_CONFIG}.yaml"
+        reset.parent.mkdir(parents=True, exist_ok=True)
+        reset.write_text("# @package _global_\nbackbone: null\ndataset: null\n")
+    jobs = []
+    search = searchpath_override(rows_dir)
+    for row in rows:
+        real = _compose(row.overrides) if smoke else None
+        for job, split in row_jobs(row, smoke):
+            nodes = smoke_nodes(real, split) if real is not None else None
+            (exp_dir / f"{job}.yaml").write_text(row_config(row, table, split, nodes))
+            jobs.append((job, _compose([f"experiment={job}", search, *extra])))
+    return jobs
+
+
 def write_rows(table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool) -> list[str]:
     """Writes one config per job into ``rows_dir/experiment/`` and checks each composes.
 
@@ -281,27 +281,47 @@ def write_rows(table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool) -
     Raises:
         hydra.errors.HydraException: a row does not compose (before anything runs).
     """
-    exp_dir = rows_dir / "experiment"
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    if smoke:
-        reset = rows_dir / f"{RESET_CONFIG}.yaml"
-        reset.parent.mkdir(parents=True, exist_ok=True)
-        reset.write_text("# @package _global_\nbackbone: null\ndataset: null\n")
-    names = []
-    search = searchpath_override(rows_dir)
-    for row in rows:
-        two_stream, val_fraction, pooling = False, 0.0, None
-        if smoke:
-            real = _compose(row.overrides)
-            two_stream = real.backbone.get("_target_") == TWO_STREAM_TARGET
-            val_fraction = float(real.dataset.get("val_fraction", 0.0) or 0.0)
-            pooling = smoke_pooling(real.pooling)
-        for job, split in row_jobs(row, smoke):
-            text = row_config(row, table, smoke, two_stream, val_fraction, split, pooling)
-            (exp_dir / f"{job}.yaml").write_text(text)
-            _compose([f"experiment={job}", search])
-            names.append(job)
-    return names
+    return [job for job, _ in _write_rows(table, rows, rows_dir, smoke)]
+
+
+def _weights_files(node: Any) -> list[str]:
+    """Every ``weights`` file a (resolved) backbone node names, two-stream ones included."""
+    if isinstance(node, dict):
+        own = [str(node["weights"])] if node.get("weights") else []
+        return own + [w for v in node.values() for w in _weights_files(v)]
+    return []
+
+
+def missing_inputs(jobs: Sequence[tuple[str, DictConfig]]) -> list[str]:
+    """The dataset folders and weights files the jobs need and this machine lacks.
+
+    Each missing thing is listed once, with the jobs that need it. ImageNet weights that
+    a backbone downloads on first use (``pretrained: true``) are not checked.
+
+    Args:
+        jobs: ``(job id, composed config)`` pairs.
+    """
+    needs: dict[str, list[str]] = {}
+    datasets: dict[str, str | None] = {}
+    for job, cfg in jobs:
+        backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+        problems = [f"weights file {w}" for w in _weights_files(backbone) if not Path(w).is_file()]
+        node = OmegaConf.to_yaml(cfg.dataset, resolve=True)
+        if node not in datasets:
+            try:
+                instantiate(cfg.dataset, split="test", augment=False)
+                datasets[node] = None
+            except FileNotFoundError as err:
+                datasets[node] = str(err).splitlines()[0].rstrip(".")
+        problems += [datasets[node]] if datasets[node] else []
+        for problem in problems:
+            needs.setdefault(problem, []).append(job)
+    return [f"{p}: needed by {_some(ids)}" for p, ids in needs.items()]
+
+
+def _some(ids: list[str], most: int = 4) -> str:
+    more = f" and {len(ids) - most} more" if len(ids) > most else ""
+    return ", ".join(ids[:most]) + more
 
 
 def multirun_command(
@@ -346,18 +366,34 @@ def launch_table(
         extra: Further overrides for every job (``trainer.device=cuda:1``, ``hydra.launcher.
             partition=gpu``, ...).
         patterns: Only the rows whose id matches one of these fnmatch patterns.
-        dry_run: Write the configs and print the command without running it.
+        dry_run: Write the configs and print the command (and what is missing) without
+            running it.
 
     Rows that cannot run (``Row.reason``) and timing rows (``Row.benchmark``) are listed in
     ``reproduce.json`` but launch no job.
 
     Returns:
         The exit status of the multirun (0 when every job succeeded).
+
+    Raises:
+        FileNotFoundError: a dataset folder or weights file that a job needs is missing
+            (all of them listed once; not in smoke mode, printed only with ``dry_run``).
     """
     selected = select_rows(table, patterns)
     runnable = [r for r in selected if r.runnable]
     rows_dir = sweep_dir / ROWS_DIR
-    names = write_rows(table, runnable, rows_dir, smoke)
+    own = [o for o in extra if not o.lstrip("+~").startswith("hydra")]  # the jobs' settings
+    jobs = _write_rows(table, runnable, rows_dir, smoke, own)
+    names = [job for job, _ in jobs]
+    if missing := [] if smoke else missing_inputs(jobs):
+        message = f"{table.name}: {len(missing)} input(s) missing, nothing was launched:\n"
+        message += "\n".join(f"- {m}" for m in missing)
+        message += (
+            "\nDatasets: docs/datasets.md (scripts/prepare_data.py); weights: docs/reproduce.md."
+        )
+        if not dry_run:
+            raise FileNotFoundError(message)
+        print(f"[reproduce] {message}", file=sys.stderr)
     cmd = multirun_command(names, rows_dir, sweep_dir, launcher, extra)
     manifest = {
         "table": table.name,
