@@ -1,30 +1,20 @@
 """Launch a table: one Hydra multirun of ``train.py`` with exactly one job per row.
 
-Hydra's basic sweeper takes the cartesian product of its sweeps, but the rows of a table
-are not a product (``CUB+box`` exists only for CUB, the ECCV 2018 gamma differs per
-dataset). So every row becomes a small generated config of the ``experiment`` group in
-``<sweep_dir>/.rows/`` (its ``experiment=`` preset plus the row's other overrides), which
-joins Hydra's search path, and the multirun sweeps over them::
+The rows of a table are not a cartesian product (``CUB+box`` exists only for CUB, the
+ECCV 2018 gamma differs per dataset), so each job becomes a generated config of the
+``experiment`` group in ``<sweep_dir>/.rows/`` (its preset plus the row's overrides), and
+the multirun sweeps over them: ``python -m bcnn.train --multirun experiment=<job>,...
+hydra.searchpath=[file://<sweep_dir>/.rows] hydra.sweep.subdir=<job> [extra]``. A job is
+named by its row id (``<row id>__split<k>`` for a row's repeats); ``reproduce.json``
+records the rows and the command. Before anything runs, every job must compose and the
+dataset folders and weights files it names must exist (what is missing is listed once).
 
-    python -m bcnn.train --multirun experiment=<row id>,<row id>,... \\
-        hydra.searchpath=[file://<sweep_dir>/.rows] hydra.sweep.dir=<sweep_dir> \\
-        hydra.sweep.subdir=${hydra.runtime.choices.experiment} [hydra/launcher=...] [extra]
-
-Each job's directory is named by its row id (``<row id>__split<k>`` for the repeats of a
-row, ``Row.splits``); ``reproduce.json`` records the table, the rows and the command.
-Before anything runs, every job must compose, and the dataset folders and weights files
-its config names must exist: what is missing is listed once, with the rows that need it.
-
-Smoke mode keeps every row's pooling, normalization, classifier, stages, recipe and data
-protocol (trainval or a held-out split) but swaps the backbone for the small CNN (two for
-a two-stream row, so that x_a x_b^T pooling still runs), the budget for ``debug=smoke``'s
-epochs and batch sizes (run whole, on CPU), and each dataset for its own synthetic
-stand-in: the built-in dataset with a seed and class count derived from the dataset's
-name, so that the columns of a row are different runs (the splits of a row: further
-seeds). Backbone and dataset nodes are first reset to null (``reproduce/smoke_reset``)
-because a preset's keys for the real ones (``pretrained``, ``partition``) would otherwise
-be merged into the small ones. Compact pooling sketches to ``SMOKE_SKETCH_DIM``
-dimensions and a PCA projection keeps at most the small CNN's channels.
+Smoke mode keeps every row's head, stages, recipe and data protocol but swaps the backbone
+for the small CNN (two for a two-stream row), the budget for ``debug=smoke``'s epochs (run
+whole, on CPU) and each dataset for its own stand-in: the synthetic set with a seed and
+class count derived from the dataset's name, so that a row's columns are different runs.
+Backbone and dataset nodes are first reset to null (``reproduce/smoke_reset``): a preset's
+keys for the real ones (``pretrained``, ``partition``) would be merged into the small ones.
 """
 
 from __future__ import annotations
@@ -36,6 +26,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -51,22 +42,14 @@ ROWS_DIR = ".rows"
 MANIFEST = "reproduce.json"
 RESET_CONFIG = "reproduce/smoke_reset"
 
-# Smoke settings: small synthetic data, a one-block CNN, the debug=smoke training budget.
-# The validation fraction is the row's own (0: train on trainval, keep the last epoch);
-# the seed and the number of classes come from the real dataset's name (smoke_dataset).
+# Smoke sizes (the seed and class count: smoke_dataset). Compact pooling's sketch shrinks
+# to SMOKE_SKETCH_DIM: 8192 dimensions per location made a smoke job take a minute. The
+# row keeps its gradient accumulation (a step per micro-batch of 8 at the recipe's rate
+# collapsed fine-tuned classifiers onto a few classes); debug=smoke's epochs run whole.
 SMOKE_DATASET: dict[str, Any] = {"trainval_size": 384, "test_size": 512, "image_size": 16}
 SMOKE_CHANNELS = [8]
-# Splits run per row with repeats in smoke mode.
-SMOKE_SPLITS = 2
-# Sketch dimension of compact pooling in smoke mode: the small CNN's 8 channels have a
-# 64-entry outer product, and an 8192-dimensional sketch of every location made a smoke
-# job take a minute on 2 CPU cores.
+SMOKE_SPLITS = 2  # repeats run per row with splits
 SMOKE_SKETCH_DIM = 512
-# The epochs and batch sizes are the debug=smoke preset's (configs/debug/smoke.yaml);
-# these run its epochs whole and make a row's own settings CPU-friendly. The row keeps its
-# gradient accumulation: a step then averages the gradients of batch_size x grad_accum
-# images, as the recipe's steps do (one step per micro-batch of 8 at the recipe's
-# learning rate collapsed fine-tuned classifiers onto the same few classes).
 SMOKE_TRAINER: dict[str, Any] = {
     "device": "cpu",
     "precision": "32",
@@ -75,12 +58,6 @@ SMOKE_TRAINER: dict[str, Any] = {
     "limit_eval_batches": None,
     "eval_batch_size": 256,
 }
-
-
-def config_groups() -> frozenset[str]:
-    """The config groups of ``bcnn.configs`` (folders such as ``dataset``, ``backbone``)."""
-    root = resources.files("bcnn.configs")
-    return frozenset(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
 
 
 def split_overrides(overrides: Iterable[str]) -> tuple[dict[str, str], dict[str, Any]]:
@@ -98,43 +75,29 @@ def split_overrides(overrides: Iterable[str]) -> tuple[dict[str, str], dict[str,
             file cannot express.
     """
     parser = OverridesParser.create()
-    groups = config_groups()
+    root = resources.files("bcnn.configs")
+    groups = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
     choices: dict[str, str] = {}
-    body: dict[str, Any] = {}
+    body = OmegaConf.create()
     for text in overrides:
         o = parser.parse_override(text)
-        key = o.key_or_group
         if o.is_sweep_override() or o.is_delete() or o.is_add() or o.package:
             raise ValueError(f"row override {text!r}: use plain group=option or key=value")
-        if key in groups:
-            choices[key] = str(o.value())
-            continue
-        parts = key.split(".")
-        if any(p.isdigit() for p in parts):
+        if o.key_or_group in groups:
+            choices[o.key_or_group] = str(o.value())
+        elif any(p.isdigit() for p in o.key_or_group.split(".")):
             raise ValueError(
                 f"row override {text!r} indexes a list, which a config file cannot merge: "
                 "put the whole list in an experiment file"
             )
-        node = body
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = o.value()
-    return choices, body
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+        else:
+            OmegaConf.update(body, o.key_or_group, o.value(), force_add=True)
+    return choices, OmegaConf.to_container(body)  # type: ignore[return-value]
 
 
 def _group_node(group: str, option: str) -> dict[str, Any]:
-    path = resources.files("bcnn.configs").joinpath(group, f"{option}.yaml")
-    with path.open() as f:
-        node = OmegaConf.to_container(OmegaConf.load(f))
-    assert isinstance(node, dict)
-    return node
+    with resources.files("bcnn.configs").joinpath(group, f"{option}.yaml").open() as f:
+        return OmegaConf.to_container(OmegaConf.load(f))  # type: ignore[return-value]
 
 
 def smoke_backbone(real: DictConfig) -> dict[str, Any]:
@@ -153,9 +116,12 @@ def smoke_dataset(name: str, val_fraction: float = 0.0, split: int = 0) -> dict[
     """
     code = zlib.crc32(name.encode())
     own = {"num_classes": 4 + code % 3, "seed": code % 10_000 + split}
-    return _merge(
-        _group_node("dataset", "synthetic"), {**SMOKE_DATASET, **own, "val_fraction": val_fraction}
-    )
+    return {
+        **_group_node("dataset", "synthetic"),
+        **SMOKE_DATASET,
+        **own,
+        "val_fraction": val_fraction,
+    }
 
 
 def smoke_pooling(pooling: Any) -> dict[str, Any]:
@@ -211,7 +177,8 @@ def row_config(
     defaults: list[Any] = [f"/experiment/{experiment}"] if experiment else []
     if smoke:
         choices.update(backbone="small", dataset="synthetic")
-        body = _merge({k: v for k, v in body.items() if k not in ("backbone", "dataset")}, smoke)
+        body = {k: v for k, v in body.items() if k not in ("backbone", "dataset")}
+        body = OmegaConf.to_container(OmegaConf.merge(body, smoke))  # type: ignore[assignment]
         defaults += [f"/{RESET_CONFIG}", "/debug/smoke"]
     defaults += ["_self_", *({f"override /{g}": o} for g, o in choices.items())]
     kind = "SMOKE: stand-in data, small CNN" if smoke else "full run"
@@ -395,24 +362,10 @@ def launch_table(
             raise FileNotFoundError(message)
         print(f"[reproduce] {message}", file=sys.stderr)
     cmd = multirun_command(names, rows_dir, sweep_dir, launcher, extra)
-    manifest = {
-        "table": table.name,
-        "smoke": smoke,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "rows": [
-            {
-                "id": r.id,
-                "label": r.label,
-                "columns": list(r.columns),
-                "overrides": list(r.overrides),
-                **({"splits": list(r.splits)} if r.splits else {}),
-                **({"reason": r.reason} if r.reason else {}),
-                **({"benchmark": list(r.benchmark)} if r.benchmark else {}),
-            }
-            for r in selected
-        ],
-        "command": cmd,
-    }
+    rows = [{"id": r.id, **{k: v for k, v in asdict(r).items() if v}} for r in selected]
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    manifest = {"table": table.name, "smoke": smoke, "started": started, "rows": rows}
+    manifest["command"] = cmd
     (sweep_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     print("[reproduce] " + " ".join(cmd), file=sys.stderr)
     if dry_run or not names:

@@ -1,21 +1,12 @@
 """The published tables, read from ``bcnn/resources/tables.csv`` and ``tables.yaml``.
 
-A :class:`Table` lists :class:`Row` s. Each row says how to train the result (the
-overrides of one ``train.py`` job, starting from an ``experiment=`` preset of
-``configs/experiment/``) and where its published number is (a :class:`PaperKey` into
-``bcnn/resources/paper_results.csv``). ``scripts/reproduce.py table=<name>`` launches one
-job per row and compares.
-
-``tables.csv`` has one line per result, in the table's order: ``table`` (its name),
-``label``, ``columns`` (the column labels, ``|``-separated), ``overrides`` and ``splits``
-(space-separated Hydra overrides), the key's six fields (``source, source_table, dataset,
-method, backbone, setting``), ``paper`` (a second key, ``|``-separated), ``reason`` and
-``benchmark`` (``<method> <iters>``). ``tables.yaml`` gives each table's title, one-line
-description, column names, notes and the names of its reference columns.
-
-The paper tables list only rows this code can train. The talk's tables (``talk_<name>``)
-keep every row of the slide: one that cannot run has a ``reason`` instead of a job, and
-the report leaves its cell empty with that reason.
+``tables.csv`` has one line per published number (a :class:`Row`), in its table's order:
+``table``, ``label``, ``columns`` (``|``-separated), ``overrides`` and ``splits``
+(space-separated Hydra overrides of the ``train.py`` job, from an ``experiment=`` preset),
+the six fields of its key into ``paper_results.csv`` (``source, source_table, dataset,
+method, backbone, setting``), ``paper`` (a second key, ``|``-separated), ``reason`` (why it
+cannot run) and ``benchmark`` (``<method> <iters>`` of a timing row). ``tables.yaml`` gives
+each :class:`Table`'s title, description, column names, notes and reference headers.
 """
 
 from __future__ import annotations
@@ -25,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pandas as pd
 import yaml
@@ -50,15 +41,15 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text).strip("_")
 
 
-def _resource(name: str) -> str:
-    return resources.files("bcnn").joinpath("resources", name).read_text()
+def _resource(name: str, **read_csv: Any) -> pd.DataFrame:
+    with resources.files("bcnn").joinpath("resources", name).open() as f:
+        return pd.read_csv(f, **read_csv)
 
 
 @cache
 def paper_results() -> pd.DataFrame:
     """``bcnn/resources/paper_results.csv`` as a DataFrame (read once)."""
-    with resources.files("bcnn").joinpath("resources", PAPER_RESULTS).open() as f:
-        return pd.read_csv(f, dtype={c: str for c in PaperKey._fields})
+    return _resource(PAPER_RESULTS, dtype={c: str for c in PaperKey._fields})
 
 
 def published(key: PaperKey | None) -> tuple[float | None, float | None]:
@@ -87,20 +78,16 @@ class Row:
     Attributes:
         label: Row label as in the paper, e.g. ``"B-CNN [D,D]"``.
         columns: Column label(s) of the cell, e.g. ``("CUB", "ft")``.
-        overrides: Hydra overrides of the job, e.g.
-            ``("experiment=iccv15_t1_bcnn_dd", "dataset=cub")``. Group choices
-            (``group=option``) and key assignments (``a.b=value``) only: no ``~``/``+``,
-            no list indices (the launcher writes them into a config file).
+        overrides: Hydra overrides of the job: group choices and key assignments only
+            (no ``~``/``+``, no list indices: the launcher writes them into a config file).
         key: Where the published number is in ``paper_results.csv``.
-        paper: A second published number for the same cell (the paper behind a talk's
-            table), shown where it differs from ``key``'s.
-        reason: Why the row cannot run; such a row launches no job.
-        benchmark: ``(method, iters)`` of a timing row: its value is the forward time of
-            one 512x512 matrix square root read from the matrix-function benchmark
-            results (``benchmarks/results/matrix_functions_<device>.csv``), not a job.
-        splits: Overrides of the row's repeats, one job each (e.g. the ten DTD partitions
-            ``dataset.partition=1`` ... ``=10``); the report gives their mean and standard
-            deviation. Empty: one job.
+        paper: A second published number for the cell (the paper behind a talk's table),
+            shown where it differs from ``key``'s.
+        reason: Why the row cannot run (another authors' method); it launches no job.
+        benchmark: ``(method, iters)`` of a timing row: the forward time of one 512x512
+            matrix square root from the matrix-function benchmark results, not a job.
+        splits: Overrides of the row's repeats, one job each (e.g. DTD's ten partitions);
+            the report gives their mean and standard deviation. Empty: one job.
     """
 
     label: str
@@ -148,10 +135,9 @@ class Table:
         description: One line for ``reproduce.py list``.
         column_names: Names of the parts of ``Row.columns`` (e.g. ``("dataset", "setting")``).
         rows: The rows, in the paper's order.
-        notes: Deviations from the paper's protocol worth printing under the report.
-        reference: What ``Row.key`` points at, as the report's column header (``paper``,
-            or ``talk`` for the talk's tables).
-        second: Header of the ``Row.paper`` numbers.
+        notes: Deviations from the paper's protocol printed under the report.
+        reference: The report's header of the ``Row.key`` numbers (``paper`` or ``talk``).
+        second: The header of the ``Row.paper`` numbers.
     """
 
     name: str
@@ -192,9 +178,8 @@ def load_tables() -> dict[str, Table]:
     Raises:
         ValueError: a row names a table the YAML file does not describe.
     """
-    meta = yaml.safe_load(_resource("tables.yaml"))
-    with resources.files("bcnn").joinpath("resources", "tables.csv").open() as f:
-        lines = pd.read_csv(f, dtype=str, keep_default_na=False)
+    meta = yaml.safe_load(resources.files("bcnn").joinpath("resources", "tables.yaml").read_text())
+    lines = _resource("tables.csv", dtype=str, keep_default_na=False)
     if unknown := sorted(set(lines["table"]) - set(meta)):
         raise ValueError(f"tables.csv: tables {unknown} are not in tables.yaml")
     return {
