@@ -66,7 +66,7 @@ def test_smoke_rows_with_different_normalizations_score_differently(tmp_path: Pa
     # process: B-CNN (signed sqrt, L2) and the matrix square root + signed sqrt + L2.
     table = TABLES["talk_normalization"]
     rows = [table.row("sgnsqrt__birds"), table.row("sqrta_plus_sgnsqrt__birds")]
-    names = launch.write_rows(table, rows, tmp_path / "rows", smoke=True)
+    names = [job for job, _ in launch.write_rows(table, rows, tmp_path / "rows", smoke=True)]
     search = launch.searchpath_override(tmp_path / "rows")
     scores = []
     for name in names:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from bcnn.config import validate
 from bcnn.reproduce import launch
-from bcnn.reproduce.tables import TABLES, experiments_of, published, runnable_rows
+from bcnn.reproduce.tables import TABLES, Row, Table, published
 from tests.conftest import CONFIG_DIR, compose_config
+
+
+def runnable_rows(table: Table) -> list[Row]:
+    return [r for r in table.rows if r.runnable]
+
+
+def experiments_of(tables: Iterable[Table]) -> list[str]:
+    return sorted({r.experiment for t in tables for r in t.rows if r.experiment})
+
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # Shared parts that are not published rows by themselves.
@@ -291,7 +301,7 @@ def test_generated_row_configs_equal_direct_composition(tmp_path: Path) -> None:
     # row's overrides give on the command line. One table with every kind of override.
     table = TABLES["eccv18_table1"]
     rows = [table.rows[0], table.rows[3], table.rows[-1]]
-    names = launch.write_rows(table, rows, tmp_path, smoke=False)
+    names = [job for job, _ in launch.write_rows(table, rows, tmp_path, smoke=False)]
     search = launch.searchpath_override(tmp_path)
     for row, name in zip(rows, names):
         generated = compose_config([f"experiment={name}", search])
@@ -302,7 +312,7 @@ def test_generated_row_configs_equal_direct_composition(tmp_path: Path) -> None:
 def test_smoke_rows_keep_the_head_and_swap_data_and_backbone(tmp_path: Path) -> None:
     table = TABLES["iccv15_table1"]
     rows = [r for r in table.rows if r.id in ("b_cnn_d_m__cub_plus_box__ft", "fc_cnn_m__cars__nf")]
-    names = launch.write_rows(table, rows, tmp_path, smoke=True)
+    names = [job for job, _ in launch.write_rows(table, rows, tmp_path, smoke=True)]
     search = launch.searchpath_override(tmp_path)
     for row, name in zip(rows, names):
         smoke = compose_config([f"experiment={name}", search])
@@ -340,7 +350,7 @@ def test_rows_with_splits_launch_one_job_per_split(tmp_path: Path) -> None:
     # first two, each on another synthetic dataset, with a smaller sketch.
     table = TABLES["eccv18_tables2_5"]
     row = table.row("ts_plus_gamma_democratic__dtd")
-    names = launch.write_rows(table, [row], tmp_path / "full", smoke=False)
+    names = [job for job, _ in launch.write_rows(table, [row], tmp_path / "full", smoke=False)]
     assert names == [f"{row.id}__split{k}" for k in range(1, 11)]
     search = launch.searchpath_override(tmp_path / "full")
     third = compose_config([f"experiment={names[2]}", search])
@@ -348,7 +358,7 @@ def test_rows_with_splits_launch_one_job_per_split(tmp_path: Path) -> None:
     assert third.pooling.sketch.out_dim == 8192 and third.pooling.sketch.gamma == 0.5
     assert _target(third.classifier) == "SVMClassifier"
 
-    smoke = launch.write_rows(table, [row], tmp_path / "smoke", smoke=True)
+    smoke = [job for job, _ in launch.write_rows(table, [row], tmp_path / "smoke", smoke=True)]
     assert smoke == names[: launch.SMOKE_SPLITS]
     search = launch.searchpath_override(tmp_path / "smoke")
     seeds = []
@@ -449,7 +459,7 @@ def test_smoke_columns_train_on_stand_ins_of_their_own(tmp_path: Path) -> None:
     # gets the synthetic set with its own seed and class count; CUB+box shares CUB's.
     table = TABLES["iccv15_table1"]
     rows = [r for r in table.rows if r.id.startswith("b_cnn_m_m__") and r.id.endswith("__nf")]
-    names = launch.write_rows(table, rows, tmp_path, smoke=True)
+    names = [job for job, _ in launch.write_rows(table, rows, tmp_path, smoke=True)]
     search = launch.searchpath_override(tmp_path)
     data = {}
     for row, name in zip(rows, names):

@@ -4,7 +4,8 @@ Works on any multirun directory of ``train.py`` (one sub-folder per job, each wi
 ``.hydra/overrides.yaml`` and, once finished, ``results.json``), at any depth:
 :func:`collect_runs` (one row per job), :func:`summarize_sweep` (``summary.csv`` and
 ``summary.md``) and :func:`table_report` (a published table filled in with our numbers next
-to the published ones, as Markdown, CSV, LaTeX and a PNG bar chart; a timing row reads the
+to the published ones, as Markdown, CSV, LaTeX and a PNG bar chart
+(:func:`plot_comparison`); a timing row reads the
 matrix-function benchmark results, :func:`benchmark_timings`).
 """
 
@@ -16,11 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from bcnn.engine.curves import figure
 from bcnn.reproduce.launch import ROWS_DIR, read_manifest
-from bcnn.reproduce.plots import plot_comparison
 from bcnn.reproduce.tables import Row, Table, published
 
 RESULT_KEYS = ("test_acc", "test_mean_class_acc", "val_acc", "val_mean_class_acc")
@@ -80,10 +82,9 @@ def collect_runs(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per job of a sweep directory.
 
     Columns: ``job`` (folder relative to ``sweep_dir``), ``status`` (``completed`` or
-    ``no results``: failed, killed or still running), ``overrides`` (space-separated),
-    one column per override key (its value as written), the keys of ``results.json``
-    flattened with dots (``test_acc``, ..., ``stages.linear.test_acc``; its ``dataset`` as
-    ``dataset_name``), and from ``metrics.csv`` ``epochs_run`` and ``train_seconds``.
+    ``no results``), ``overrides``, one column per override key, the keys of
+    ``results.json`` flattened with dots (its ``dataset`` as ``dataset_name``), and
+    ``epochs_run`` and ``train_seconds`` from ``metrics.csv``.
 
     Args:
         sweep_dir: A multirun directory (``hydra.sweep.dir``).
@@ -185,15 +186,9 @@ def summarize_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) ->
 
 
 def find_benchmark(device: str | None = None) -> Path | None:
-    """The matrix-function benchmark results of ``device`` (``cuda`` or ``cpu``).
-
-    Args:
-        device: Device type; None = ``cuda`` when a GPU is visible, else ``cpu``.
-
-    Returns:
-        ``benchmarks/results/matrix_functions_<device>.csv`` of the working directory or of
-        the source checkout, or None when there is none.
-    """
+    """``benchmarks/results/matrix_functions_<device>.csv`` of the working directory or of
+    the source checkout (None: there is none); ``device`` None: ``cuda`` if visible, else
+    ``cpu``."""
     if device is None:
         import torch
 
@@ -213,9 +208,8 @@ def benchmark_timings(path: str | Path) -> dict[tuple[str, int], float]:
             ``batch``, ``dtype``, ``method``, ``backward``, ``iters``, ``fwd_median_ms``).
 
     Returns:
-        ``(method, iters) -> ms`` for Newton-Schulz (each iteration count measured; the
-        forward is the same whatever the backward, the ``lyapunov_iterative`` row is
-        read) and ``("svd", 0)`` / ``("eigh", 0)``.
+        ``(method, iters) -> ms`` for Newton-Schulz (the ``lyapunov_iterative`` row: the
+        forward is the same whatever the backward) and ``("svd", 0)`` / ``("eigh", 0)``.
 
     Raises:
         ValueError: the file lacks a column it needs, naming it.
@@ -225,14 +219,13 @@ def benchmark_timings(path: str | Path) -> dict[tuple[str, int], float]:
     if missing := sorted(need - set(df.columns)):
         raise ValueError(f"{path}: not a matrix-function benchmark file (no {missing})")
     df = df[(df["d"] == 512) & (df["batch"] == 1) & (df["dtype"] == "float32")]
-    out: dict[tuple[str, int], float] = {}
     preferred = {"newton_schulz": "lyapunov_iterative", "svd": "svd", "eigh": "lyapunov_eig"}
-    for method, backward in preferred.items():
-        for iters, group in df[df["method"] == method].groupby("iters"):
-            pick = group[group["backward"] == backward]
-            key = (method, int(iters) if method == "newton_schulz" else 0)
-            out[key] = float((pick if len(pick) else group)["fwd_median_ms"].iloc[0])
-    return out
+    df = df[df["method"].isin(preferred)].assign(pick=df["backward"] == df["method"].map(preferred))
+    df = df.sort_values("pick", ascending=False, kind="stable").drop_duplicates(["method", "iters"])
+    return {
+        (m, int(i) if m == "newton_schulz" else 0): float(ms)
+        for m, i, ms in zip(df["method"], df["iters"], df["fwd_median_ms"])
+    }
 
 
 def _jobs_for(row: Row, runs: pd.DataFrame) -> list[pd.Series]:
@@ -280,9 +273,9 @@ def _row_record(table: Table, row: Row, runs: pd.DataFrame, timings: dict) -> di
         if done:
             acc = pd.Series([float(j["test_acc"]) for j in done])
             ours = float(acc.mean())
-            for key in ("mean_class_acc", "val_acc"):
-                source = "test_mean_class_acc" if key == "mean_class_acc" else key
-                rec[f"ours_{key}"] = pd.Series([j.get(source) for j in done], dtype=float).mean()
+            for key in ("test_mean_class_acc", "val_acc"):
+                mean = pd.Series([j.get(key) for j in done], dtype=float).mean()
+                rec[f"ours_{key.removeprefix('test_')}"] = mean
             if row.splits:  # sample standard deviation, as MATLAB's std
                 rec["ours_std"] = float(acc.std(ddof=1)) if len(acc) > 1 else None
                 rec["ours_splits"] = len(done)
@@ -307,16 +300,12 @@ def report_frame(
 ) -> pd.DataFrame:
     """The long report: one row per table row with ours, published and their difference.
 
-    Columns: ``table, row_id, label, <table.column_names>, cell, ours, ours_std,
-    ours_splits, published, difference, second, published_std, ours_mean_class_acc,
-    ours_val_acc, status, job``. ``ours`` is the test accuracy (%) of the run (a timing
-    row: the benchmark's milliseconds; a row with splits: the mean over the splits that
-    completed, ``ours_std`` their sample standard deviation and ``ours_splits`` their
-    number), ``published`` the number ``Row.key`` points at (the talk's, for the talk's
-    tables), ``difference`` = ours - published, ``second`` the ``Row.paper`` number where it
-    differs. ``status`` is ``ok`` (for a row with splits: at least one completed), ``failed``
-    (no job left results), ``not run``, ``not runnable: <reason>``, or for a timing row
-    ``benchmark`` / ``no benchmark results``.
+    Columns: ``table, row_id, label, <table.column_names>, cell``, :data:`NUMERIC`,
+    ``status, job``. ``ours`` is the run's test accuracy (%) (a timing row: the benchmark's
+    ms; a row with splits: the mean over those that completed, with ``ours_std`` and
+    ``ours_splits``), ``published`` the ``Row.key`` number, ``second`` the ``Row.paper``
+    one where it differs. ``status``: ``ok``, ``failed``, ``not run``, ``not runnable:
+    <reason>``, ``benchmark`` or ``no benchmark results``.
 
     Args:
         table: The table spec.
@@ -333,11 +322,9 @@ def report_frame(
 def paper_layout(report: pd.DataFrame, table: Table) -> pd.DataFrame:
     """The report as the paper lays it out: a row per label, (column, measure) columns.
 
-    Measures are ``ours``, the reference (``table.reference``: ``paper``, or ``talk``),
-    the second reference (``table.second``) when some cell has one that differs, and
-    ``diff`` = ours - reference, for every paper column (the row's column labels joined
-    with spaces), in the table's order. A table with repeated rows (``Row.splits``) adds
-    ``ours sd`` and ``<reference> sd``, the standard deviations over the splits.
+    Measures: ``ours``, ``table.reference``, ``table.second`` where some cell has one,
+    ``diff``; with splits also ``ours sd`` and ``<reference> sd``. Columns are the rows'
+    column labels joined with spaces, in the table's order.
     """
     col = report[list(table.column_names)].astype(str).agg(" ".join, axis=1)
     long = report.assign(column=col)
@@ -360,6 +347,39 @@ def paper_layout(report: pd.DataFrame, table: Table) -> pd.DataFrame:
     return wide
 
 
+def plot_comparison(report: pd.DataFrame, out_png: str | Path, title: str = "") -> Path:
+    """Horizontal bars of our accuracy next to the published one for every table cell.
+
+    Args:
+        report: ``table_report``'s long DataFrame (columns ``cell``, ``ours``,
+            ``published``); cells without a value get no bar.
+        out_png: Where to write the figure; its folder is created.
+        title: Figure title.
+
+    Returns:
+        ``out_png`` as a Path.
+    """
+    n = len(report)
+    fig = figure(8, 1.2 + 0.28 * max(n, 1))
+    ax = fig.subplots()
+    y = np.arange(n)
+    h = 0.4
+    ax.barh(y - h / 2, report["published"].astype(float), h, label="published", color="C7")
+    ax.barh(y + h / 2, report["ours"].astype(float), h, label="ours", color="C0")
+    ax.set_yticks(y, report["cell"], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("top-1 accuracy (%)")
+    ax.set_xlim(0, 100)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def table_report(
     table: Table,
     sweep_dir: str | Path,
@@ -370,11 +390,10 @@ def table_report(
 
     Args:
         table: The table spec.
-        sweep_dir: Its sweep directory (from ``scripts/reproduce.py``); jobs are matched
-            to rows by folder name or ``experiment=`` override (the row id).
+        sweep_dir: Its sweep directory; jobs are matched to rows by folder name or
+            ``experiment=`` override (the row id).
         out_dir: Where to write (default ``<sweep_dir>/report``).
-        bench: Matrix-function benchmark results for timing rows (default:
-            :func:`find_benchmark` of this machine's device).
+        bench: Benchmark results for timing rows (default: :func:`find_benchmark`).
 
     Returns:
         :func:`report_frame`'s long DataFrame (what the CSV holds).

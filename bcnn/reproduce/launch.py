@@ -50,25 +50,13 @@ SMOKE_DATASET: dict[str, Any] = {"trainval_size": 384, "test_size": 512, "image_
 SMOKE_CHANNELS = [8]
 SMOKE_SPLITS = 2  # repeats run per row with splits
 SMOKE_SKETCH_DIM = 512
-SMOKE_TRAINER: dict[str, Any] = {
-    "device": "cpu",
-    "precision": "32",
-    "num_workers": 0,
-    "limit_train_batches": None,
-    "limit_eval_batches": None,
-    "eval_batch_size": 256,
-}
+SMOKE_TRAINER: dict[str, Any] = {"device": "cpu", "precision": "32", "num_workers": 0}
+SMOKE_TRAINER |= {"eval_batch_size": 256, "limit_train_batches": None, "limit_eval_batches": None}
 
 
 def split_overrides(overrides: Iterable[str]) -> tuple[dict[str, str], dict[str, Any]]:
-    """Splits a row's overrides into group choices and a nested dict of key values.
-
-    Args:
-        overrides: Hydra overrides: ``group=option`` or ``a.b.c=value``.
-
-    Returns:
-        ``(choices, body)``: ``{"dataset": "cub", ...}`` and e.g.
-        ``{"trainer": {"stages": ["linear"]}}``.
+    """Splits Hydra overrides (``group=option``, ``a.b.c=value``) into group choices
+    (``{"dataset": "cub"}``) and a nested dict of values (``{"trainer": {"stages": [...]}}``).
 
     Raises:
         ValueError: a sweep, deletion, addition or list-index override, which a config
@@ -100,45 +88,6 @@ def _group_node(group: str, option: str) -> dict[str, Any]:
         return OmegaConf.to_container(OmegaConf.load(f))  # type: ignore[return-value]
 
 
-def smoke_backbone(real: DictConfig) -> dict[str, Any]:
-    """The small CNN's config node, or a pair of them for a two-stream ``real`` backbone."""
-    small = {**_group_node("backbone", "small"), "channels": list(SMOKE_CHANNELS)}
-    if "stream_a" not in real:
-        return small
-    return {"_target_": real._target_, "stream_a": small, "stream_b": dict(small)}
-
-
-def smoke_dataset(name: str, val_fraction: float = 0.0, split: int = 0) -> dict[str, Any]:
-    """The synthetic stand-in of dataset ``name`` at smoke sizes (the row's val fraction).
-
-    Its seed and class count (4 to 6) are derived from ``name``, so that each dataset
-    column of a table trains on data of its own; ``split`` moves to a further seed.
-    """
-    code = zlib.crc32(name.encode())
-    own = {"num_classes": 4 + code % 3, "seed": code % 10_000 + split}
-    return {
-        **_group_node("dataset", "synthetic"),
-        **SMOKE_DATASET,
-        **own,
-        "val_fraction": val_fraction,
-    }
-
-
-def smoke_pooling(pooling: Any) -> dict[str, Any]:
-    """Keys of a row's pooling node replaced at smoke sizes (empty: none).
-
-    Compact pooling's sketch shrinks to ``SMOKE_SKETCH_DIM``; a PCA-initialized
-    projection keeps at most the small CNN's channels (PCA has no more directions).
-    """
-    patch: dict[str, Any] = {}
-    if "sketch" in pooling:
-        patch["sketch"] = {"out_dim": SMOKE_SKETCH_DIM}
-    dim = pooling.get("proj_dim")
-    if pooling.get("proj_init") == "pca" and dim and dim > SMOKE_CHANNELS[-1]:
-        patch["proj_dim"] = SMOKE_CHANNELS[-1]
-    return patch
-
-
 def row_jobs(row: Row, smoke: bool = False) -> list[tuple[str, int | None]]:
     """The jobs of a row: ``(job id, split index or None)``; smoke runs ``SMOKE_SPLITS``."""
     if not row.splits:
@@ -148,15 +97,31 @@ def row_jobs(row: Row, smoke: bool = False) -> list[tuple[str, int | None]]:
 
 
 def smoke_nodes(real: DictConfig, split: int | None) -> dict[str, Any]:
-    """The nodes smoke mode puts into a row's config, from the row's composed ``real`` one."""
+    """The nodes smoke mode puts into a row's config, from the row's composed ``real`` one.
+
+    The small CNN (a pair of them for a two-stream backbone); the synthetic stand-in of the
+    row's dataset at smoke sizes, with its validation fraction and a seed and class count
+    (4 to 6) derived from the dataset's name, so that each dataset column trains on data of
+    its own (a split moves to a further seed); compact pooling's sketch at
+    ``SMOKE_SKETCH_DIM``; a PCA projection at most the small CNN's channels (PCA has no more
+    directions).
+    """
+    small = {**_group_node("backbone", "small"), "channels": list(SMOKE_CHANNELS)}
+    two = {"_target_": real.backbone._target_, "stream_a": small, "stream_b": dict(small)}
+    code = zlib.crc32(str(real.dataset.name).encode())
+    own = {"num_classes": 4 + code % 3, "seed": code % 10_000 + (split or 0)}
     val_fraction = float(real.dataset.get("val_fraction") or 0.0)
-    nodes = {
-        "backbone": smoke_backbone(real.backbone),
-        "dataset": smoke_dataset(str(real.dataset.name), val_fraction, split or 0),
+    dataset = {**_group_node("dataset", "synthetic"), **SMOKE_DATASET, **own}
+    nodes: dict[str, Any] = {
+        "backbone": two if "stream_a" in real.backbone else small,
+        "dataset": {**dataset, "val_fraction": val_fraction},
         "trainer": SMOKE_TRAINER,
     }
-    if pooling := smoke_pooling(real.pooling):
-        nodes["pooling"] = pooling
+    pooling, dim = real.pooling, real.pooling.get("proj_dim")
+    if "sketch" in pooling:
+        nodes["pooling"] = {"sketch": {"out_dim": SMOKE_SKETCH_DIM}}
+    if pooling.get("proj_init") == "pca" and dim and dim > SMOKE_CHANNELS[-1]:
+        nodes.setdefault("pooling", {})["proj_dim"] = SMOKE_CHANNELS[-1]
     return nodes
 
 
@@ -217,46 +182,39 @@ def select_rows(table: Table, patterns: Sequence[str] = ()) -> list[Row]:
     return rows
 
 
-def _write_rows(
+def write_rows(
     table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool, extra: Sequence[str] = ()
 ) -> list[tuple[str, DictConfig]]:
-    """:func:`write_rows`, with each job's config composed with the ``extra`` overrides."""
-    exp_dir = rows_dir / "experiment"
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    if smoke:
-        reset = rows_dir / f"{RESET_CONFIG}.yaml"
-        reset.parent.mkdir(parents=True, exist_ok=True)
-        reset.write_text("# @package _global_\nbackbone: null\ndataset: null\n")
-    jobs = []
-    search = searchpath_override(rows_dir)
-    for row in rows:
-        real = _compose(row.overrides) if smoke else None
-        for job, split in row_jobs(row, smoke):
-            nodes = smoke_nodes(real, split) if real is not None else None
-            (exp_dir / f"{job}.yaml").write_text(row_config(row, table, split, nodes))
-            jobs.append((job, _compose([f"experiment={job}", search, *extra])))
-    return jobs
+    """Writes one config per job into ``rows_dir/experiment/`` and composes each.
 
-
-def write_rows(table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool) -> list[str]:
-    """Writes one config per job into ``rows_dir/experiment/`` and checks each composes.
+    Args:
+        table: The table.
+        rows: Its rows to write.
+        rows_dir: The folder that joins Hydra's search path.
+        smoke: Write the smoke versions (see the module docstring).
+        extra: Overrides every job is composed with (not written).
 
     Returns:
-        The generated config names (the job ids: the row ids, ``<row id>__split<k>`` for
-        the repeats of a row with splits), in row order.
+        ``(job id, composed config)`` per job (the row ids, ``<row id>__split<k>`` for the
+        repeats of a row with splits), in row order.
 
     Raises:
         hydra.errors.HydraException: a row does not compose (before anything runs).
     """
-    return [job for job, _ in _write_rows(table, rows, rows_dir, smoke)]
-
-
-def _weights_files(node: Any) -> list[str]:
-    """Every ``weights`` file a (resolved) backbone node names, two-stream ones included."""
-    if isinstance(node, dict):
-        own = [str(node["weights"])] if node.get("weights") else []
-        return own + [w for v in node.values() for w in _weights_files(v)]
-    return []
+    folder, search = rows_dir / "experiment", searchpath_override(rows_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if smoke:
+        (rows_dir / "reproduce").mkdir(exist_ok=True)
+        reset = "# @package _global_\nbackbone: null\ndataset: null\n"
+        (rows_dir / f"{RESET_CONFIG}.yaml").write_text(reset)
+    jobs = []
+    for row in rows:
+        real = _compose(row.overrides) if smoke else None
+        for job, split in row_jobs(row, smoke):
+            nodes = smoke_nodes(real, split) if real is not None else None
+            (folder / f"{job}.yaml").write_text(row_config(row, table, split, nodes))
+            jobs.append((job, _compose([f"experiment={job}", search, *extra])))
+    return jobs
 
 
 def missing_inputs(jobs: Sequence[tuple[str, DictConfig]]) -> list[str]:
@@ -271,8 +229,10 @@ def missing_inputs(jobs: Sequence[tuple[str, DictConfig]]) -> list[str]:
     needs: dict[str, list[str]] = {}
     datasets: dict[str, str | None] = {}
     for job, cfg in jobs:
-        backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-        problems = [f"weights file {w}" for w in _weights_files(backbone) if not Path(w).is_file()]
+        b = cfg.backbone
+        nodes = [b, *(b[k] for k in ("stream_a", "stream_b") if k in b)]  # two streams
+        files = [str(n.weights) for n in nodes if n.get("weights")]  # resolved
+        problems = [f"weights file {w}" for w in files if not Path(w).is_file()]
         node = OmegaConf.to_yaml(cfg.dataset, resolve=True)
         if node not in datasets:
             try:
@@ -299,19 +259,10 @@ def multirun_command(
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The ``python -m bcnn.train --multirun ...`` command that runs the generated rows."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "bcnn.train",
-        "--multirun",
-        f"experiment={','.join(names)}",
-        searchpath_override(rows_dir),
-        f"hydra.sweep.dir={_quote(str(sweep_dir.resolve()))}",
-        "hydra.sweep.subdir=${hydra.runtime.choices.experiment}",
-    ]
-    if launcher:
-        cmd.append(f"hydra/launcher={launcher}")
-    return cmd + list(extra)
+    cmd = [sys.executable, "-m", "bcnn.train", "--multirun", f"experiment={','.join(names)}"]
+    cmd += [searchpath_override(rows_dir), f"hydra.sweep.dir={_quote(str(sweep_dir.resolve()))}"]
+    cmd += ["hydra.sweep.subdir=${hydra.runtime.choices.experiment}"]
+    return cmd + ([f"hydra/launcher={launcher}"] if launcher else []) + list(extra)
 
 
 def launch_table(
@@ -350,7 +301,7 @@ def launch_table(
     runnable = [r for r in selected if r.runnable]
     rows_dir = sweep_dir / ROWS_DIR
     own = [o for o in extra if not o.lstrip("+~").startswith("hydra")]  # the jobs' settings
-    jobs = _write_rows(table, runnable, rows_dir, smoke, own)
+    jobs = write_rows(table, runnable, rows_dir, smoke, own)
     names = [job for job, _ in jobs]
     if missing := [] if smoke else missing_inputs(jobs):
         message = f"{table.name}: {len(missing)} input(s) missing, nothing was launched:\n"

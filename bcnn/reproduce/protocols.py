@@ -22,9 +22,11 @@ from importlib import resources
 from typing import Any
 
 import pandas as pd
+from hydra import compose, initialize_config_module
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+import bcnn.config  # noqa: F401  (registers the schema that configs/train.yaml names)
 from bcnn.models.normalization import MatrixStep
 from bcnn.ops import resolve_sqrtm
 
@@ -248,25 +250,12 @@ def protocol_of(cfg: DictConfig) -> dict[str, str]:
 
 @cache
 def load_protocols() -> pd.DataFrame:
-    """``bcnn/resources/protocols.csv`` as a DataFrame (read once)."""
-    df = _read(PROTOCOLS)
-    if missing := [c for c in COLUMNS if c not in df.columns]:
-        raise ValueError(f"{PROTOCOLS} lacks the columns {missing}")
-    return df
-
-
-def expected(preset: str) -> dict[str, str]:
-    """The table's field -> value for ``preset``; empty if the table does not list it."""
-    rows = load_protocols()[load_protocols()["preset"] == preset]
-    return dict(zip(rows["field"], rows["value"]))
+    """``bcnn/resources/protocols.csv`` (columns :data:`COLUMNS`), read once."""
+    return _read(PROTOCOLS)
 
 
 def compose_preset(preset: str, dataset: str | None = None) -> DictConfig:
     """``train.py experiment=<preset> [dataset=<dataset>]`` as a composed config."""
-    from hydra import compose, initialize_config_module
-
-    import bcnn.config  # noqa: F401  (registers the schema)
-
     overrides = [f"experiment={preset}"] + ([f"dataset={dataset}"] if dataset else [])
     with initialize_config_module("bcnn.configs", version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
@@ -274,11 +263,10 @@ def compose_preset(preset: str, dataset: str | None = None) -> DictConfig:
 
 def differences(preset: str) -> list[str]:
     """Where ``preset`` composes to something else than the table says (empty: agrees)."""
-    table = expected(preset)
-    if not table:
+    rows = load_protocols()[load_protocols()["preset"] == preset]
+    if rows.empty:
         return [f"{preset}: not in {PROTOCOLS}"]
-    df = load_protocols()
-    dataset = df.loc[df["preset"] == preset, "dataset"].iloc[0] or None
+    table, dataset = dict(zip(rows["field"], rows["value"])), rows["dataset"].iloc[0] or None
     actual = protocol_of(compose_preset(preset, dataset))
     return [
         f"{preset}: {field}: table {table.get(field)!r}, config {actual.get(field)!r}"
@@ -297,55 +285,24 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]
 
 
 def protocol_markdown(df: pd.DataFrame | None = None) -> str:
-    """``docs/protocols.md``: the field definitions, then the protocol table by recipe.
-
-    For each recipe, the fields every preset of the group shares (same value, source and
-    deviation) form one table; for the other fields, each variant is listed once with
-    the presets that have it.
-    """
+    """``docs/protocols.md``: ``bcnn/resources/protocols_page.md``, the field definitions,
+    then one table per recipe, each (field, value, source, deviation) once with the presets
+    that have it (``all``: every preset of the recipe)."""
     df = load_protocols() if df is None else df
-    lines = [
-        "# Protocols of the experiment presets",
-        "",
-        "Generated from `bcnn/resources/protocols.csv` by "
-        "`python -m bcnn.reproduce.protocols --markdown`; the test suite checks that every "
-        "preset of `configs/experiment/` composes to these values "
-        "(`tests/test_reproduce_protocols.py`) and that this page matches the CSV. "
-        "**Source**: where the value comes from (a paper's table, or a file of the authors' "
-        "code: cvl-umass/bilinear-cnn at d6a05aa for PyTorch; tsungyu/bcnn, read from its "
-        "mirror dendisuhubdy/bcnn at 54b7296, and tsungyu/o2dp for MATLAB). "
-        "**Deviation**: what bcnn does differently, when it does. Values are those of the "
-        "preset with its default dataset; `dataset=<name>` changes only the data fields.",
-        "",
-        "## Fields",
-        "",
-        *_md_table(("field", "meaning"), ((f"`{f}`", m) for f, m in DEFINITIONS.values)),
-        "",
-    ]
-    recipe_of = {
-        p: dict(zip(g["field"], g["value"])).get("recipe", "") for p, g in df.groupby("preset")
-    }
-    for recipe in sorted(set(recipe_of.values())):
-        presets = sorted(p for p, r in recipe_of.items() if r == recipe)
-        shared, varied = [], []
-        for field, rows in df[df["preset"].isin(presets)].groupby("field", sort=False):
-            variants: dict[tuple[str, str, str], list[str]] = {}
-            for r in rows.itertuples():
-                variants.setdefault((r.value, r.source, r.deviation), []).append(r.preset)
-            if len(rows) == len(presets) and len(variants) == 1:
-                shared.append((field, *next(iter(variants))))
-            else:
-                varied += [(field, v, ", ".join(f"`{p}`" for p in ps), s, d)
-                           for (v, s, d), ps in variants.items()]  # fmt: skip
-        shared.sort(key=lambda t: _field_order(t[0]))
-        varied.sort(key=lambda t: (_field_order(t[0]), t[2]))
+    page = resources.files("bcnn").joinpath("resources", "protocols_page.md").read_text()
+    fields = ((f"`{f}`", m) for f, m in DEFINITIONS.values)
+    lines = [page.rstrip("\n"), "", *_md_table(("field", "meaning"), fields), ""]
+    recipe_of = df[df["field"] == "recipe"].set_index("preset")["value"]
+    for recipe, part in df.groupby(df["preset"].map(recipe_of).fillna("")):
+        presets = sorted(set(part["preset"]))
+        rows = []
+        for (field, *text), group in part.groupby(["field", "value", "source", "deviation"]):
+            who = sorted(group["preset"])
+            presets_text = "all" if who == presets else ", ".join(f"`{p}`" for p in who)
+            rows.append((field, text[0], presets_text, *text[1:]))
+        rows.sort(key=lambda r: (_field_order(r[0]), r[2] != "all", r[2]))
         lines += [f"## recipe `{recipe}`", "", "Presets: " + ", ".join(f"`{p}`" for p in presets)]
-        lines += ["", "Shared by these presets:", ""]
-        lines += _md_table(("field", "value", "source", "deviation"), shared)
-        if varied:
-            lines += ["", "Per preset:", ""]
-            lines += _md_table(("field", "value", "presets", "source", "deviation"), varied)
-        lines.append("")
+        lines += ["", *_md_table(("field", "value", "presets", "source", "deviation"), rows), ""]
     return "\n".join(lines)
 
 
@@ -363,17 +320,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(problems) if problems else "every preset agrees with the table")
     return 1 if problems else 0
 
-
-__all__ = [
-    "COLUMNS",
-    "FIELDS",
-    "compose_preset",
-    "differences",
-    "expected",
-    "load_protocols",
-    "protocol_markdown",
-    "protocol_of",
-]
 
 if __name__ == "__main__":
     sys.exit(main())

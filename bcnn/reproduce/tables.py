@@ -12,7 +12,6 @@ each :class:`Table`'s title, description, column names, notes and reference head
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -58,17 +57,14 @@ def published(key: PaperKey | None) -> tuple[float | None, float | None]:
     Raises:
         ValueError: ``key`` matches several lines (the CSV has a duplicate).
     """
-    if key is None:
-        return None, None
-    match = paper_results()
-    for name, value in key._asdict().items():
-        match = match[match[name] == value]
+    df = paper_results()
+    match = df[(df[list(PaperKey._fields)] == list(key)).all(axis=1)] if key else df[:0]
     if len(match) > 1:
         raise ValueError(f"{key} matches {len(match)} lines of {PAPER_RESULTS}")
     if match.empty:
         return None, None
-    row = match.iloc[0]
-    return float(row["top1"]), None if pd.isna(row["std"]) else float(row["std"])
+    std = match["std"].iloc[0]
+    return float(match["top1"].iloc[0]), None if pd.isna(std) else float(std)
 
 
 @dataclass(frozen=True)
@@ -112,17 +108,14 @@ class Row:
     @property
     def job_ids(self) -> list[str]:
         """The job folder names: ``id``, or ``<id>__split<k>`` (k = 1, 2, ...) per split."""
-        if not self.splits:
-            return [self.id]
-        return [f"{self.id}__split{k}" for k in range(1, len(self.splits) + 1)]
+        return [f"{self.id}__split{k + 1}" for k in range(len(self.splits))] or [self.id]
 
     @property
     def experiment(self) -> str | None:
         """The ``experiment=`` preset the row starts from, if any."""
-        for o in self.overrides:
-            if o.startswith("experiment="):
-                return o.split("=", 1)[1]
-        return None
+        key = "experiment="
+        presets = [o.removeprefix(key) for o in self.overrides if o.startswith(key)]
+        return presets[0] if presets else None
 
 
 @dataclass(frozen=True)
@@ -182,19 +175,12 @@ def load_tables() -> dict[str, Table]:
     lines = _resource("tables.csv", dtype=str, keep_default_na=False)
     if unknown := sorted(set(lines["table"]) - set(meta)):
         raise ValueError(f"tables.csv: tables {unknown} are not in tables.yaml")
-    return {
-        name: Table(
-            name=name,
-            title=m["title"],
-            description=m["description"],
-            column_names=tuple(m["columns"]),
-            rows=tuple(_row(line) for _, line in lines[lines["table"] == name].iterrows()),
-            notes=tuple(m.get("notes", ())),
-            reference=m.get("reference", "paper"),
-            second=m.get("second", "paper"),
-        )
-        for name, m in meta.items()
-    }
+    tables = {}
+    for name, m in meta.items():  # the YAML keys are Table's fields; lists become tuples
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in m.items()}
+        rows = tuple(_row(line) for _, line in lines[lines["table"] == name].iterrows())
+        tables[name] = Table(name=name, rows=rows, **fields)
+    return tables
 
 
 TABLES: dict[str, Table] = load_tables()
@@ -209,27 +195,3 @@ def get_table(name: str) -> Table:
     if name not in TABLES:
         raise KeyError(f"unknown table {name!r}; choose one of {sorted(TABLES)}")
     return TABLES[name]
-
-
-def experiments_of(tables: Iterable[Table]) -> list[str]:
-    """The distinct ``experiment=`` presets the rows of ``tables`` use, sorted."""
-    return sorted({r.experiment for t in tables for r in t.rows if r.experiment})
-
-
-def runnable_rows(table: Table) -> list[Row]:
-    """The rows of ``table`` that launch a job."""
-    return [r for r in table.rows if r.runnable]
-
-
-__all__ = [
-    "TABLES",
-    "PaperKey",
-    "Row",
-    "Table",
-    "experiments_of",
-    "get_table",
-    "load_tables",
-    "paper_results",
-    "published",
-    "runnable_rows",
-]
