@@ -1,5 +1,4 @@
-"""The Hydra callbacks of ``bcnn-train`` (``hydra.callbacks`` in ``configs/train.yaml``) and
-the sweep summary they write.
+"""The Hydra callbacks of ``bcnn-train`` (``hydra.callbacks`` in ``configs/train.yaml``).
 
 Before a run: one run directory for every torchrun process, claimed before Hydra writes
 there (a resumed run keeps its own). Before a sweep: a SLURM launcher needs a cluster, and a
@@ -12,23 +11,18 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bcnn.config import STAGES
 from bcnn.engine import distributed as D
 from bcnn.engine.runs import RunDirectoryError, settle_run_dir
-from bcnn.reproduce.collect import COMPLETED, collect_runs, markdown_table
+from bcnn.reproduce.collect import summarize_sweep
 
 log = logging.getLogger(__name__)
 PROG = "bcnn-train"
-# Columns of summary.csv that summary.md leaves out: the raw override list, per-stage
-# copies of the metrics, and what the jobs of a sweep rarely change.
-HIDDEN = ("overrides", "num_classes", "num_parameters")
 
 
 class TrainCallbacks(Callback):
@@ -87,34 +81,3 @@ class TrainCallbacks(Callback):
         """Writes the sweep's summary into its directory."""
         table = summarize_sweep(config.hydra.sweep.dir)
         log.info("Sweep summary of %d jobs: %s/summary.md", len(table), config.hydra.sweep.dir)
-
-
-def summarize_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> pd.DataFrame:
-    """Collects every job of a multirun into ``summary.csv`` and ``summary.md``.
-
-    ``summary.csv`` holds every column; ``summary.md`` the columns whose values differ
-    between the jobs, with those the whole sweep shares on one line above the table.
-
-    Args:
-        sweep_dir: The multirun directory.
-        out_dir: Where to write (default: ``sweep_dir``).
-
-    Returns:
-        ``bcnn.reproduce.collect.collect_runs``' DataFrame: one row per job.
-    """
-    df = collect_runs(sweep_dir)
-    out = Path(out_dir if out_dir is not None else sweep_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "summary.csv", index=False)
-    # job, status, then the overrides and metrics.
-    shown = [c for c in df.columns if c not in HIDDEN and not c.startswith("stages.")]
-    same = [c for c in shown[2:] if len(df) > 1 and df[c].nunique(dropna=False) == 1]
-    done = int((df["status"] == COMPLETED).sum()) if len(df) else 0
-    text = f"# Sweep {Path(sweep_dir).resolve()}\n\n{done} of {len(df)} jobs completed.\n\n"
-    if same:
-        text += "Every job: " + ", ".join(f"{c}={df[c].iloc[0]}" for c in same) + "\n\n"
-    if len(df):
-        formats = {"train_seconds": ".0f", "epochs_run": ".0f"}
-        text += markdown_table(df[[c for c in shown if c not in same]], formats)
-    (out / "summary.md").write_text(text)
-    return df

@@ -20,10 +20,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bcnn.cli.callbacks import summarize_sweep
 from bcnn.cli.overrides import check_overrides
 from bcnn.errors import run_command, user_errors
-from bcnn.reproduce.collect import table_report
+from bcnn.reproduce.collect import summarize_sweep, table_report
 from bcnn.reproduce.launch import launch_table
 from bcnn.reproduce.tables import TABLES, get_table
 

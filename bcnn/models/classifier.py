@@ -11,7 +11,7 @@ import math
 from typing import Annotated, Any, Literal
 
 import torch
-from annotated_types import Interval
+from annotated_types import Gt, Interval
 from torch import nn
 
 from bcnn.limits import Positive, PositiveInt, checked
@@ -27,11 +27,23 @@ class LinearClassifier(nn.Linear):
             ``build_model``.
         num_classes: Number of classes, supplied by ``build_model``.
         bias: Learn a bias.
+        init: ``zeros`` (bcnn's default: descriptors are L2-normalized and the linear stage
+            runs at lr ~ 1, where a random start only adds noise), ``normal`` (weights
+            N(0, init_std^2), as the authors' MATLAB code) or ``torch`` (``nn.Linear``'s
+            own, as their PyTorch code). The recipes set it (``configs/recipe/``).
+        init_std: Standard deviation of the ``normal`` weights.
+        init_bias: The bias of ``zeros`` and ``normal`` (the MATLAB B-CNN: 0.1).
     """
 
     @checked
     def __init__(
-        self, in_features: int | FeatureShape, num_classes: int, bias: bool = True
+        self,
+        in_features: int | FeatureShape,
+        num_classes: int,
+        bias: bool = True,
+        init: Literal["zeros", "normal", "torch"] = "zeros",
+        init_std: Annotated[float, Gt(0)] = 0.01,
+        init_bias: float = 0.0,
     ) -> None:
         if isinstance(in_features, FeatureShape):
             if in_features.is_matrix:
@@ -41,12 +53,15 @@ class LinearClassifier(nn.Linear):
                     "{_target_: bcnn.models.normalization.Vectorize})"
                 )
             in_features = in_features.dims[0]
-        super().__init__(int(in_features), num_classes, bias=bias)
-        # Zero init: descriptors are L2-normalized and the linear stage uses lr ~ 1,
-        # where a random init only adds noise to the first epochs.
-        nn.init.zeros_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        super().__init__(int(in_features), num_classes, bias=bias)  # init "torch"
+        if init != "torch":
+            with torch.no_grad():
+                if init == "normal":
+                    self.weight.normal_(0.0, init_std)
+                else:
+                    self.weight.zero_()
+                if self.bias is not None:
+                    self.bias.fill_(init_bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, num_classes) logits in z's dtype."""
@@ -74,6 +89,12 @@ class LowRankBilinearClassifier(nn.Module):
         num_classes: K, supplied by ``build_model``.
         rank: r per class (8 in the paper); for symmetric A, ceil(r/2) positive terms.
         bias: Learn a per-class bias.
+        init: ``normal``: U (and V) N(0, init_std^2), the bias ``init_bias``; ``torch``:
+            ``nn.Linear``'s rule, uniform in +-1/sqrt(fan in) (d for U and V, d1 d2 for the
+            bias). A zero start has no gradient, so ``zeros`` is not an option.
+        init_std: Standard deviation of ``normal``; None: 1/sqrt(d) (unit-norm columns on
+            average: a Frobenius-normalized A gives scores of order 1/d at the start).
+        init_bias: The bias of ``normal``.
     """
 
     @checked
@@ -83,6 +104,9 @@ class LowRankBilinearClassifier(nn.Module):
         num_classes: int,
         rank: Annotated[int, Interval(ge=1, le=4096)] = 8,
         bias: bool = True,
+        init: Literal["normal", "torch"] = "normal",
+        init_std: Annotated[float, Gt(0)] | None = None,
+        init_bias: float = 0.0,
     ) -> None:
         super().__init__()
         if not in_features.is_matrix:
@@ -95,18 +119,21 @@ class LowRankBilinearClassifier(nn.Module):
         self.symmetric = in_features.symmetric
         self.shape = (d1, d2)
         self.num_classes, self.rank = int(num_classes), int(rank)
-        # Random init (a zero U has zero gradient); unit-norm columns on average, so a
-        # Frobenius-normalized A gives scores of order 1/d at the start.
-        self.U = nn.Parameter(torch.randn(num_classes * rank, d1) / math.sqrt(d1))
-        self.V = (
-            None
-            if self.symmetric
-            else nn.Parameter(torch.randn(num_classes * rank, d2) / math.sqrt(d2))
-        )
+
+        def factor(d: int) -> nn.Parameter:
+            if init == "torch":
+                return nn.Parameter(torch.empty(num_classes * rank, d).uniform_(-1, 1) / d**0.5)
+            return nn.Parameter(torch.randn(num_classes * rank, d) * (init_std or d**-0.5))
+
+        self.U = factor(d1)
+        self.V = None if self.symmetric else factor(d2)
         signs = torch.ones(rank)
         signs[(rank + 1) // 2 :] = -1.0
         self.register_buffer("signs", signs if self.symmetric else torch.ones(rank))
-        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+        start = torch.full((num_classes,), float(init_bias))
+        if init == "torch":
+            start.uniform_(-1, 1).div_(math.sqrt(d1 * d2))
+        self.bias = nn.Parameter(start) if bias else None
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """(B, d1, d2) normalized matrices -> (B, num_classes) logits."""
@@ -146,6 +173,8 @@ class SVMClassifier(LinearClassifier):
         tol: Relative duality gap at which training stops.
         max_epochs: Most passes over the cached descriptors.
         bias: Learn the intercepts (regularized, as LinearSVC and ``vl_svmtrain`` do).
+        init, init_std, init_bias: As :class:`LinearClassifier` (accepted so that a
+            recipe's setting composes; the fit replaces these weights).
     """
 
     trains_on_cache = True
@@ -163,8 +192,11 @@ class SVMClassifier(LinearClassifier):
         tol: Positive = 1e-3,
         max_epochs: PositiveInt = 200,
         bias: bool = True,
+        init: Literal["zeros", "normal", "torch"] = "zeros",
+        init_std: Annotated[float, Gt(0)] = 0.01,
+        init_bias: float = 0.0,
     ) -> None:
-        super().__init__(in_features, num_classes, bias=bias)
+        super().__init__(in_features, num_classes, bias, init, init_std, init_bias)
         self.C, self.loss, self.calibrate = float(C), loss, bool(calibrate)
         self.tol, self.max_epochs = float(tol), int(max_epochs)
         self.requires_grad_(False)  # trained by fit(), never by the optimizer

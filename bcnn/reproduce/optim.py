@@ -1,12 +1,9 @@
 """Per-group optimizer settings for the presets that reproduce the authors' code.
 
-The trainer builds three parameter groups (``BilinearModel.param_groups``): ``backbone``
-(at ``trainer.<stage>.backbone_lr``), ``proj`` (the pooling head's 1x1 projection, at
-``lr * pooling.proj_lr_scale``) and ``head`` (at ``trainer.<stage>.lr``), all with the
-optimizer's weight decay. The authors' code sets some groups apart: the MATLAB B-CNN
-fine-tuning does not decay the classifier, the PyTorch code trains DenseNet's projection at
-lr 1e-3 in both stages. :func:`with_groups` is an optimizer factory for the stage's
-``optimizer`` node that applies such per-group settings::
+The trainer's parameter groups are ``backbone``, ``proj`` (the 1x1 projection) and
+``head``, all with the optimizer's weight decay; the authors' code sets some apart (the
+MATLAB classifier is not decayed, DenseNet's projection trains at lr 1e-3). An optimizer
+node with :func:`with_groups` as its target applies such per-group settings::
 
     trainer:
       finetune:
@@ -57,8 +54,7 @@ def with_groups(
             ``optimizer`` that is not an optimizer class.
     """
     groups = {str(k): dict(v) for k, v in (groups or {}).items()}
-    unknown = sorted(set(groups) - set(GROUP_NAMES))
-    if unknown:
+    if unknown := sorted(set(groups) - set(GROUP_NAMES)):
         raise ValueError(
             f"with_groups: unknown group(s) {unknown} in 'groups'; the trainer's groups are "
             f"{list(GROUP_NAMES)}"
@@ -66,20 +62,12 @@ def with_groups(
     cls = get_class(optimizer)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(f"with_groups: optimizer={optimizer!r} is not a torch optimizer class")
-    built = []
-    for group in params:
-        if isinstance(group, dict) and group.get("name") in groups:
-            group = {**group, **groups[group["name"]]}
-        built.append(group)
-    opt = cls(built, lr=lr, **kwargs)
+    named = [g if isinstance(g, dict) else {"params": [g]} for g in params]
+    opt = cls([{**g, **groups.get(g.get("name"), {})} for g in named], lr=lr, **kwargs)
     for name, settings in groups.items():
-        extra = sorted(set(settings) - set(opt.defaults))
-        if extra:
+        if extra := sorted(set(settings) - set(opt.defaults)):
             raise ValueError(
                 f"with_groups: groups.{name} sets {extra}, which {cls.__name__} does not "
                 f"have; its settings are {sorted(opt.defaults)}"
             )
     return opt
-
-
-__all__ = ["GROUP_NAMES", "with_groups"]

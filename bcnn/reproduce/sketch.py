@@ -1,16 +1,11 @@
 """gamma-democratic aggregation in Tensor Sketch space (ECCV 2018, Tables 2-5).
 
-With ResNet-101 features (2048 channels at 14x14) the full second-order matrix has 4.2M
-entries, so the paper aggregates in an 8192-dimensional Tensor Sketch space instead
-(tsungyu/o2dp ``run_experiments_sketcho2dp_resnet.m``: a ``CompactBilinearTSLayer``
-sketch of every location, then ``GammaDemocraticPool``, signed square root and L2).
-
-:class:`DemocraticSketch` is a ``sketch`` for ``pooling=compact``
-(``bcnn.models.pooling.CompactPool``): it returns the Tensor Sketch of the
-gamma-democratic matrix sum_i alpha_i x_i x_i^T / sum_i alpha_i. A Tensor Sketch is linear
-in the outer product, so that sketch is the average of the location sketches with
-weights n alpha_i / sum alpha, i.e. ``TensorSketch`` of the features scaled by
-sqrt(n alpha_i / sum alpha). gamma = 1 gives ``TensorSketch`` itself (the "TS + sum" row).
+The 2048-channel ResNet-101 features make a 4.2M-entry matrix, so the paper aggregates in
+an 8192-dimensional Tensor Sketch space (tsungyu/o2dp ``run_experiments_sketcho2dp_resnet.m``).
+:class:`DemocraticSketch`, a ``sketch`` for ``pooling=compact``, is the Tensor Sketch of
+sum_i alpha_i x_i x_i^T / sum_i alpha_i: a sketch is linear in the outer product, so it is
+``TensorSketch`` of the features scaled by sqrt(n alpha_i / sum alpha) (gamma = 1: plain
+``TensorSketch``, the "TS + sum" row).
 
 The weights come from the exact second-order kernel (x_i^T x_j)^2 of the raw features
 (``bcnn.ops.democratic_weights``), whose estimate the sketches' inner products are; the
@@ -83,6 +78,3 @@ class DemocraticSketch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, tau={self.tau}, iters={self.iters}"
-
-
-__all__ = ["DemocraticSketch"]
