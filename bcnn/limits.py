@@ -107,6 +107,8 @@ def writable_dir(path: Any) -> str | None:
     if path is None:
         return None
     folder = Path(str(path)).expanduser()
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is not a directory; choose another"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".bcnn-probe-"):
