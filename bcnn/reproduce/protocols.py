@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Any
 
 import pandas as pd
+import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import get_class
 from omegaconf import DictConfig
@@ -86,7 +87,8 @@ def _stage_fields(cfg: DictConfig, name: str) -> dict[str, str]:
     stage = cfg.trainer[name]
     node = stage.optimizer
     # bcnn.reproduce.optim.with_groups names the optimizer and its per-group settings.
-    opt = _name(node.get("optimizer", node._target_))
+    cls = get_class(node.get("optimizer", node._target_))
+    opt = cls.__name__
     groups = {k: dict(v) for k, v in (node.get("groups") or {}).items()}
     reset = ", state reset every epoch" if stage.get("reset_optimizer_each_epoch") else ""
     out = {"optimizer": opt + reset, "lr": _num(float(stage.lr))}
@@ -100,7 +102,7 @@ def _stage_fields(cfg: DictConfig, name: str) -> dict[str, str]:
     if "betas" in node:
         out["betas"] = ", ".join(_num(float(b)) for b in node.betas)
         out["eps"] = _num(float(node.get("eps", 1e-8)))
-    kind = "decoupled" if opt == "AdamW" else "coupled"
+    kind = "decoupled" if issubclass(cls, torch.optim.AdamW) else "coupled"
     out["weight_decay"] = f"{_num(float(node.get('weight_decay', 0.0)))} ({kind})"
     decays = [f"{g}: {_num(float(s['weight_decay']))}" for g, s in sorted(groups.items())
               if "weight_decay" in s]  # fmt: skip
