@@ -3,7 +3,9 @@ concurrent runs on one cache or one run directory."""
 
 from __future__ import annotations
 
+import collections
 import errno
+import io
 import json
 import logging
 import math
@@ -12,6 +14,8 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from bcnn.engine import cache, train
+from bcnn.engine import cache, checkpoint, train
 from bcnn.engine import distributed as D
 from bcnn.engine import stage as stage_module
 from bcnn.engine.checkpoint import (
@@ -30,6 +34,7 @@ from bcnn.engine.checkpoint import (
     load_checkpoint,
     load_resumable,
     previous_path,
+    save_atomic,
     save_checkpoint,
 )
 from bcnn.engine.loops import train_one_epoch
@@ -185,6 +190,81 @@ def test_failed_write_leaves_no_temporary_file(
     monkeypatch.undo()
     assert _pt_files(tmp_path) == ["last.pt"]
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+
+
+class _NearlyFullDisk(io.RawIOBase):
+    """The file ``os.fdopen`` gives on a disk with ``room`` bytes left: a write beyond
+    fails with ENOSPC, which torch.save reports as "unexpected pos ..." (its RuntimeError)."""
+
+    def __init__(self, fd: int, room: int) -> None:
+        os.close(fd)
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= size
+        return size
+
+
+@pytest.mark.parametrize("save", [save_checkpoint, save_atomic])
+def test_a_checkpoint_on_a_full_disk_says_so_and_keeps_the_previous_ones(
+    save, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(8)}}, path)
+    save_checkpoint({"model": {"w": torch.full((8,), 2.0)}}, path)
+    new = {"model": {"w": torch.zeros(64, 64)}}
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: _NearlyFullDisk(fd, 2000))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: Usage(10**6, 10**6 - 3000, 3000))
+    with pytest.raises(OSError) as err:
+        save(new, path)
+    monkeypatch.undo()
+    message = str(err.value)
+    assert err.value.errno == errno.ENOSPC and "unexpected pos" not in message
+    buffer = io.BytesIO()
+    torch.save(new, buffer)
+    needed = cache.human_bytes(buffer.tell())  # 16.0 KiB of weights, and the archive
+    assert "disk is full" in message and str(path) in message and str(path.parent) in message
+    assert (
+        f"needs {needed}" in message and "2.9 KiB free" in message and "trainer.resume" in message
+    )
+    assert _pt_files(path.parent) == ["last.prev.pt", "last.pt"]  # no temporary file left
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((8,), 2.0))
+    assert torch.equal(load_checkpoint(previous_path(path))["model"]["w"], torch.ones(8))
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("random", "is not a checkpoint (torch.save writes zip archives"),
+        ("zip", "is not a checkpoint (a zip archive that torch.save did not write)"),
+        ("torchscript", "is not a checkpoint but a TorchScript model"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named_as_such(
+    kind: str, expected: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "last.pt"
+    if kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("notes/readme.txt", "not a checkpoint")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(path))
+    with pytest.raises(CheckpointError) as err, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.load's note that it dispatches to torch.jit
+        load_checkpoint(path)
+    assert str(err.value).startswith(f"{path} {expected}")
+    assert "never holds" not in str(err.value) and len(str(err.value).splitlines()) == 1
 
 
 def test_kill_between_last_and_best_leaves_a_resumable_run(

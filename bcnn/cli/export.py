@@ -70,12 +70,14 @@ def _main(argv: Sequence[str] | None) -> int:
     print(f"classes: {len(meta['classes'])}; input: {meta['input']['dtype']} (B, 3, H, W) RGB")
     parity = meta["parity"]
     if parity.get("checked"):
-        for key in ("at_size", "other_size"):
-            h, w = parity[key]["size"]
+        # Rows that ran; a graph of fixed size skips the other size, missing data the test images.
+        rows = [parity[k] for k in ("at_size", "other_size", "test_images")]
+        for row in (r for r in rows if "exported_vs_float64" in r):
+            h, w = row["size"]
             print(
-                f"logits at {h}x{w}: max |exported - eager (float64)| "
-                f"{parity[key]['exported_vs_float64']:.2e} (eager float32: "
-                f"{parity[key]['eager_float32_vs_float64']:.2e})"
+                f"logits at {h}x{w} ({row['images']}): max |exported - eager (float64)| "
+                f"{row['exported_vs_float64']:.2e} (eager float32: "
+                f"{row['eager_float32_vs_float64']:.2e})"
             )
     else:
         print(f"not checked after export: {parity.get('reason')}")

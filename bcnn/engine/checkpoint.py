@@ -15,6 +15,8 @@ by the next write and by a resume.
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import pickle
@@ -34,6 +36,7 @@ from bcnn.io import safe_load
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class CheckpointError(ValueError):
@@ -93,9 +96,25 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     """Saves ``obj`` with ``torch.save`` so ``path`` is never left half-written.
 
     Writes a temporary file in the same directory, flushes it to disk, then renames it
-    over ``path``. The temporary file is removed if the write fails.
+    over ``path``. The temporary file is removed if the write fails; on a full disk the
+    ``OSError`` (ENOSPC) names the folder, the size the file needs and the space free.
+    """
+    _save(obj, Path(path), keep_previous=False)
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> None:
+    """Writes a checkpoint atomically and keeps the one it replaces as ``<name>.prev.pt``.
+
+    Order: temporary file (flushed) -> current file renamed to the ``.prev`` name -> the
+    temporary file renamed to ``path``. Every moment leaves at least one complete file,
+    a full disk included (an ``OSError`` as for :func:`save_atomic`).
     """
     path = Path(path)
+    remove_temporaries(path.parent)
+    _save(dict(obj), path, keep_previous=True)
+
+
+def _save(obj: Any, path: Path, keep_previous: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
@@ -103,34 +122,27 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> None:
-    """Writes a checkpoint atomically and keeps the one it replaces as ``<name>.prev.pt``.
-
-    Order: temporary file (flushed) -> current file renamed to the ``.prev`` name -> the
-    temporary file renamed to ``path``. Every moment leaves at least one complete file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(obj), f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
+        if keep_previous and path.exists():
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause: BaseException | None = err  # torch reports a failed write as a RuntimeError
+        while cause is not None and getattr(cause, "errno", None) not in FULL_DISK:
+            cause = cause.__context__
+        if cause is None:
+            raise
+        from bcnn.engine.cache import human_bytes
+
+        needed = io.BytesIO()
+        torch.save(obj, needed)  # in memory this time: the size the file needs
+        free = human_bytes(shutil.disk_usage(path.parent).free)
+        raise OSError(
+            errno.ENOSPC,
+            f"The disk is full: the checkpoint {path} needs {human_bytes(needed.tell())} and "
+            f"{path.parent} has {free} free. The checkpoints written before are intact: free "
+            "some space, then resume the run (trainer.resume=<run directory>).",
+        ) from err
     _fsync_dir(path.parent)
 
 
@@ -174,25 +186,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _why_unreadable(path: Path, err: BaseException) -> str:
-    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
-        # torch names the refused global, e.g. "Unsupported global: GLOBAL posix.system".
-        detail = next(
-            (
-                line.strip()
-                for line in str(err).splitlines()
-                if "global" in line.lower() and "unsupported" in line.lower()
-            ),
-            str(err).splitlines()[0],
-        )
+    """Why ``safe_load`` refused ``path``: one sentence naming the file."""
+    cannot = f"Cannot read the checkpoint {path}"
+    # torch names a refused global, e.g. "Unsupported global: GLOBAL posix.system".
+    lines = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
+    if isinstance(err, pickle.UnpicklingError) and any("unsupported" in x.lower() for x in lines):
         return (
-            f"it asks to load objects a bcnn checkpoint never holds ({detail}); refused "
-            "without running it. Only load checkpoints you trust"
+            f"{cannot}: it asks to load objects a bcnn checkpoint never holds ({lines[-1]}); "
+            "refused without running it. Only load checkpoints you trust."
         )
-    if path.stat().st_size == 0:
-        return "the file is empty (an interrupted write?)"
-    if isinstance(err, (zipfile.BadZipFile, EOFError)) or "zip" in str(err).lower():
-        return f"the file is truncated or corrupt ({type(err).__name__}: {err})"
-    return f"{type(err).__name__}: {err}"
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        return f"{cannot}: the file is empty (an interrupted write?)."
+    if head != b"PK\x03\x04":
+        return f"{path} is not a checkpoint (torch.save writes zip archives; this file is not one)."
+    if not zipfile.is_zipfile(path):
+        return f"{cannot}: the file is truncated or corrupt ({type(err).__name__}: {err})."
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    if any(name.endswith("/constants.pkl") for name in names):
+        return f"{path} is not a checkpoint but a TorchScript model."
+    if not any(name.endswith("/data.pkl") for name in names):
+        return f"{path} is not a checkpoint (a zip archive that torch.save did not write)."
+    return f"{cannot}: {type(err).__name__}: {err}."
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -210,9 +227,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = safe_load(path)
     except Exception as err:
-        raise CheckpointError(
-            f"Cannot read the checkpoint {path}: {_why_unreadable(path, err)}."
-        ) from None
+        raise CheckpointError(_why_unreadable(path, err)) from None
     if not isinstance(obj, dict) or "model" not in obj:
         kind = type(obj).__name__
         raise CheckpointError(

@@ -1,11 +1,8 @@
 """Exporting trained models (safetensors, TorchScript, ONNX) and running them again.
 
-* ``bcnn.export.graph``: an exportable copy of a model (matrix functions as products).
-* ``bcnn.export.writer``: ``export_trained`` writes the model, its metadata and model card.
-* ``bcnn.export.runtime``: ``load_predictor`` scores images with a run, a checkpoint or an
-  exported model.
-
-See docs/deploy.md.
+``graph``: an exportable copy of a model; ``writer``: ``export_trained`` writes the model,
+its metadata and card, checked by ``parity``; ``runtime``: ``load_predictor`` scores
+images with a run, a checkpoint or an exported model. See docs/deploy.md.
 """
 
 from bcnn.export.graph import exact_iterations, exportable

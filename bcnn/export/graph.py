@@ -1,39 +1,29 @@
 """An exportable copy of a trained model: the same function, in operations graphs can hold.
 
-TorchScript (tracing) cannot save the Python autograd Functions of ``bcnn.ops`` (the
-guarded signed power, the custom-backward square root), the ONNX exporter rejects the
-in-place diagonal updates of the Newton-Schulz iteration, and ONNX has no
-eigendecomposition. Inference needs none of these: the gradients are not used, and the
-matrix functions can all be written with matrix products. ``exportable(model)`` returns a
-deep copy of the model whose normalization steps are replaced by such versions:
-
-==========================================  ==================================================
-eager step                                  exported as
-==========================================  ==================================================
-``SignedPower`` / ``SignedSqrt``            the same formula, plain tensor operations
-``MatrixSqrt(method=newton_schulz)``        the same coupled Newton-Schulz, same iterations
-``MatrixSqrt(method=eigh|svd|auto)``        Newton-Schulz with ``exact_iterations`` (a note)
-``MatrixPower(p=0.5)``                      as ``MatrixSqrt``, by its ``method``
-``MatrixPower(p != 0.5)`` (eigh)            exp(p log A): Newton-Schulz log, scaled Taylor exp
-``MatrixLog`` (eigh or iterative)           log A = 2^k log(A^(1/2^k)): k Newton-Schulz roots
-                                            and a Gregory (atanh) series
-==========================================  ==================================================
-
-Everything else (backbones, poolings, vectorize, L2, classifiers) exports as it is. Every
-replacement computes in float32 (float64 for float64 input), like the eager steps.
+TorchScript (tracing) cannot save the Python autograd Functions of ``bcnn.ops``, the ONNX
+exporter rejects the in-place diagonal updates of the Newton-Schulz iteration, and ONNX
+has no eigendecomposition. Inference needs none of these. ``exportable(model)`` returns a
+deep copy whose normalization steps are written with plain tensor operations and matrix
+products: exact matrix roots, powers and logarithms become Newton-Schulz iterations (a
+note each), and the L2 norm sums in blocks (onnxruntime sums one value after another).
+The table of replacements is in docs/deploy.md. Every replacement computes in float32
+(float64 for float64 input), like the eager steps.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bcnn.models import BilinearModel
 from bcnn.models.normalization import (
+    L2Normalize,
     MatrixLog,
     MatrixPower,
     MatrixSqrt,
@@ -41,8 +31,8 @@ from bcnn.models.normalization import (
     SignedPower,
     Step,
     Vectorize,
-    add_ridge,
 )
+from bcnn.models.shapes import FeatureShape
 from bcnn.ops import TensorSketch, resolve_sqrtm
 from bcnn.ops._utils import compute_dtype
 
@@ -100,6 +90,12 @@ def _eye_like(a: Tensor) -> Tensor:
     return torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
 
 
+def _fro(a: Tensor) -> Tensor:
+    """(B, d, d) -> (B, 1, 1) Frobenius norms, floored (any scale c works: A^f = c^f (A/c)^f)."""
+    tiny = torch.finfo(a.dtype).eps
+    return (a * a).sum((-2, -1), keepdim=True).clamp_min(tiny * tiny).sqrt()
+
+
 def newton_schulz_sqrt(a: Tensor, iters: int, scale: str = "fro") -> Tensor:
     """A^(1/2) by the coupled Newton-Schulz iteration, without in-place updates.
 
@@ -115,11 +111,14 @@ def newton_schulz_sqrt(a: Tensor, iters: int, scale: str = "fro") -> Tensor:
         (B, d, d).
     """
     a = (a + _t(a)) * 0.5
-    tiny = torch.finfo(a.dtype).eps
     if scale == "fro":
-        c = (a * a).sum((-2, -1), keepdim=True).clamp_min(tiny * tiny).sqrt()
+        c = _fro(a)
     else:
-        c = a.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(tiny)[..., None, None]
+        c = (
+            a.diagonal(dim1=-2, dim2=-1)
+            .sum(-1)
+            .clamp_min(torch.finfo(a.dtype).eps)[..., None, None]
+        )
     eye = _eye_like(a)
     y = a / c
     z: Tensor | None = None
@@ -147,8 +146,7 @@ def newton_schulz_log(
         (B, d, d).
     """
     a = (a + _t(a)) * 0.5
-    tiny = torch.finfo(a.dtype).eps
-    c = (a * a).sum((-2, -1), keepdim=True).clamp_min(tiny * tiny).sqrt()
+    c = _fro(a)
     r = a / c
     for _ in range(roots):
         r = newton_schulz_sqrt(r, iters)
@@ -176,8 +174,7 @@ def newton_schulz_power(a: Tensor, p: float, iters: int) -> Tensor:
     Returns:
         (B, d, d).
     """
-    tiny = torch.finfo(a.dtype).eps
-    c = (a * a).sum((-2, -1), keepdim=True).clamp_min(tiny * tiny).sqrt()
+    c = _fro(a)
     m = newton_schulz_log(a / c, iters) * (p / 2**EXP_SQUARINGS)
     eye = _eye_like(a)
     e = eye + m / EXP_TERMS
@@ -243,118 +240,112 @@ class ExportVectorize(Step):
         return a.flatten(1).index_select(1, self.index) * self.scale.to(a.dtype)
 
 
-class ExportSignedPower(Step):
-    """``SignedPower`` without its custom backward: sign(z) ((|z| + eps)^p - eps^p)."""
+class ExportStep(Step):
+    """A step of plain tensor operations: ``function`` of its input.
 
-    def __init__(self, p: float, eps: float) -> None:
+    Args:
+        function: e.g. ``partial(signed_power, p=0.5, eps=1e-8)``.
+    """
+
+    def __init__(self, function: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
-        self.p, self.eps = float(p), float(eps)
+        self.fn = function
 
     def forward(self, z: Tensor) -> Tensor:
-        """Any shape -> same shape."""
-        return torch.sign(z) * ((z.abs() + self.eps).pow(self.p) - self.eps**self.p)
+        """(B, ...) -> (B, ...)."""
+        return self.fn(z)
+
+    def extra_repr(self) -> str:
+        return repr(self.fn)
+
+
+def signed_power(z: Tensor, p: float, eps: float) -> Tensor:
+    """sign(z) ((|z| + eps)^p - eps^p): ``SignedPower`` without its custom backward."""
+    return torch.sign(z) * ((z.abs() + eps).pow(p) - eps**p)
+
+
+def l2_normalize(z: Tensor, eps: float, blocks: int, pad: int) -> Tensor:
+    """``L2Normalize`` whose sum of squares adds ``blocks`` sums of the padded (B, D).
+
+    onnxruntime's ReduceL2 and ReduceSum add float32 values one after the other: over the
+    262,144 values of a 512-channel bilinear descriptor the norm was 4e-5 off on
+    photographs, and every logit with it (docs/deploy.md). Sums of about sqrt(D) values
+    each are as accurate as torch's own reduction.
+    """
+    flat = z.flatten(1)
+    squares = F.pad(flat * flat, (0, pad)).unflatten(1, (blocks, -1))
+    norm = squares.sum(-1).sum(-1, keepdim=True).sqrt().clamp_min(eps)
+    return (flat / norm).view_as(z)
 
 
 class ExportMatrixFunction(MatrixStep):
-    """A matrix step as products only: ``sqrt``, ``log`` or ``power`` of A + ridge.
+    """A matrix step as products only: ``function`` of A + ridge (+ floor I).
 
     Args:
-        kind: ``"sqrt"``, ``"log"`` or ``"power"``.
-        iters: Newton-Schulz iterations (per root for log and power).
+        function: (B, d, d) -> (B, d, d), e.g. ``partial(newton_schulz_sqrt, iters=23)``.
         eps: The eager step's ridge.
         eps_mode: Its ridge mode.
-        p: Exponent (``power``).
-        scale: Newton-Schulz scaling (``sqrt``).
-        floor: Added to the diagonal before a logarithm (the eager eigenvalue floor).
+        floor: Added to the diagonal after the ridge (the eager eigenvalue floor of a
+            logarithm or power).
     """
 
     def __init__(
-        self,
-        kind: str,
-        iters: int,
-        eps: float,
-        eps_mode: str,
-        p: float = 0.5,
-        scale: str = "fro",
-        floor: float = 0.0,
+        self, function: Callable[[Tensor], Tensor], eps: float, eps_mode: str, floor: float = 0.0
     ) -> None:
         super().__init__(eps, eps_mode)
-        self.kind, self.iters, self.p, self.scale, self.floor = kind, int(iters), p, scale, floor
+        self.fn, self.floor = function, floor
 
-    def forward(self, a: Tensor) -> Tensor:
-        """(B, d, d) -> (B, d, d), float32 (float64 for float64 input)."""
-        a = a if a.dtype == torch.float64 else a.float()
-        a = add_ridge(a, self.eps, self.eps_mode)
-        if self.kind == "sqrt":
-            return newton_schulz_sqrt(a, self.iters, self.scale)
-        if self.floor > 0:
-            a = a + self.floor * _eye_like(a)
-        if self.kind == "log":
-            return newton_schulz_log(a, self.iters)
-        return newton_schulz_power(a, self.p, self.iters)
+    def function(self, a: Tensor) -> Tensor:
+        return self.fn(a + self.floor * _eye_like(a) if self.floor > 0 else a)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, iters={self.iters}, p={self.p}, " + super().extra_repr()
+        return f"{self.fn!r}, floor={self.floor}, " + super().extra_repr()
 
 
-@dataclass
-class ExportPlan:
-    """What ``exportable`` replaced: one line per changed step, for the log and model card."""
-
-    notes: list[str] = field(default_factory=list)
-
-
-def _replacement(name: str, step: Step, d: int, device_type: str) -> tuple[Step, str | None]:
+def _replacement(
+    name: str, step: Step, shape: FeatureShape, device_type: str
+) -> tuple[Step, str | None]:
     """The exportable version of one normalization step and a note when it approximates."""
+    d = shape.dims[-1]
+    if isinstance(step, L2Normalize):
+        blocks = max(1, math.isqrt(shape.numel))
+        return ExportStep(
+            partial(l2_normalize, eps=step.eps, blocks=blocks, pad=-shape.numel % blocks)
+        ), None
     if isinstance(step, SignedPower):
-        return ExportSignedPower(step.p, step.eps), None
+        return ExportStep(partial(signed_power, p=step.p, eps=step.eps)), None
     if isinstance(step, Vectorize) and step.triu:
         return ExportVectorize(d), None
     if not isinstance(step, MatrixStep):
         return step, None
     exact = exact_iterations(d, step.eps, step.eps_mode)
-    where = f"normalization.{name}"
-    if isinstance(step, (MatrixSqrt, MatrixPower)) and (
-        isinstance(step, MatrixSqrt) or step.p == 0.5
-    ):
+    ridge = (step.eps, step.eps_mode)
+    roots = f"{LOG_ROOTS} Newton-Schulz roots of {exact} iterations"
+    if isinstance(step, MatrixSqrt) or (isinstance(step, MatrixPower) and step.p == 0.5):
         method, _ = resolve_sqrtm(step.method, "auto", device_type, d)
         scale = getattr(step, "scale", "fro")
+        iters = step.iters if method == "newton_schulz" else exact
+        new = ExportMatrixFunction(partial(newton_schulz_sqrt, iters=iters, scale=scale), *ridge)
         if method == "newton_schulz":
-            return ExportMatrixFunction(
-                "sqrt", step.iters, step.eps, step.eps_mode, scale=scale
-            ), None
-        note = (
-            f"{where}: the exact matrix square root ({method}) is exported as {exact} "
-            "Newton-Schulz iterations (matrix products only)"
+            return new, None
+        note = f"the exact matrix square root ({method}) is exported as {exact} Newton-Schulz"
+    elif isinstance(step, MatrixPower):
+        new = ExportMatrixFunction(
+            partial(newton_schulz_power, p=step.p, iters=exact), *ridge, step.floor
         )
-        return ExportMatrixFunction("sqrt", exact, step.eps, step.eps_mode, scale=scale), note
-    if isinstance(step, MatrixPower):
-        note = (
-            f"{where}: the matrix power p={step.p} (eigendecomposition) is exported as "
-            f"exp(p log A), the log by {LOG_ROOTS} Newton-Schulz roots of {exact} iterations"
+        note = f"the matrix power p={step.p} (eigh) is exported as exp(p log A), the log by {roots}"
+    elif isinstance(step, MatrixLog):
+        new = ExportMatrixFunction(partial(newton_schulz_log, iters=exact), *ridge, step.floor)
+        note = f"the matrix logarithm ({step.method}) is exported as {roots} and an atanh series"
+    else:
+        raise ValueError(
+            f"normalization.{name}: {type(step).__name__} has no exportable form; export "
+            "supports MatrixSqrt, MatrixPower, MatrixLog and steps of plain tensor operations"
         )
-        return (
-            ExportMatrixFunction(
-                "power", exact, step.eps, step.eps_mode, p=step.p, floor=step.floor
-            ),
-            note,
-        )
-    if isinstance(step, MatrixLog):
-        note = (
-            f"{where}: the matrix logarithm ({step.method}) is exported as {LOG_ROOTS} "
-            f"Newton-Schulz roots of {exact} iterations and a {LOG_TERMS}-term atanh series"
-        )
-        return (
-            ExportMatrixFunction("log", exact, step.eps, step.eps_mode, floor=step.floor),
-            note,
-        )
-    raise ValueError(
-        f"{where}: {type(step).__name__} has no exportable form; export supports the steps "
-        "MatrixSqrt, MatrixPower, MatrixLog, Vectorize, SignedPower/SignedSqrt and L2Normalize"
-    )
+    return new, f"normalization.{name}: {note}"
 
 
-def exportable(model: BilinearModel) -> tuple[BilinearModel, ExportPlan]:
+def exportable(model: BilinearModel) -> tuple[BilinearModel, list[str]]:
     """A copy of ``model`` in eval mode whose every step traces and exports.
 
     Args:
@@ -366,34 +357,19 @@ def exportable(model: BilinearModel) -> tuple[BilinearModel, ExportPlan]:
     Raises:
         ValueError: a normalization step with no exportable form, naming its key.
     """
-    plan = ExportPlan()
+    notes: list[str] = []
     copied = copy.deepcopy(model).eval()
     shape = copied.pooling.output_shape
     device_type = next(copied.parameters()).device.type
     steps = copied.normalization.steps
     for name in list(steps.keys()):
         step = steps[name]
-        d = shape.dims[-1]
-        new, note = _replacement(name, step, d, device_type)
+        new, note = _replacement(name, step, shape, device_type)
         steps[name] = new
         if note:
-            plan.notes.append(note)
+            notes.append(note)
         shape = step.output_shape(shape)
     sketch = getattr(copied.pooling, "sketch", None)
     if isinstance(sketch, TensorSketch):
         copied.pooling.sketch = ExportTensorSketch(sketch)
-    return copied, plan
-
-
-__all__ = [
-    "ExportMatrixFunction",
-    "ExportPlan",
-    "ExportSignedPower",
-    "ExportTensorSketch",
-    "ExportVectorize",
-    "exact_iterations",
-    "exportable",
-    "newton_schulz_log",
-    "newton_schulz_power",
-    "newton_schulz_sqrt",
-]
+    return copied, notes
