@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 ARGS ?=
 
-.PHONY: train test lint clean
+.PHONY: train test test-fast lint clean
 
 # torch and torchvision first, as a pair of the same build (the CPU build where no NVIDIA
 # GPU is present, see scripts/install_torch.py), then bcnn with its dev tools.
@@ -23,7 +23,13 @@ train: $(READY)
 test: $(READY)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2 $(ARGS)
+
+# The inner loop: lint and the tests that are not end-to-end runs (CI runs `make test`).
+test-fast: $(READY)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2 -m "not slow" $(ARGS)
 
 lint: $(READY)
 	$(BIN)/ruff check --fix .
