@@ -224,7 +224,7 @@ def _omegaconf_schema(cls: type) -> type:
             loose = _omegaconf_schema(ann)  # type: ignore[arg-type]
             changed.append((f.name, loose, field(default_factory=loose)))
         elif _omegaconf_type(ann) != ann:
-            default = field(default=f.default, default_factory=f.default_factory)  # type: ignore[call-overload]
+            default = field(default=f.default, default_factory=f.default_factory)
             changed.append((f.name, _omegaconf_type(ann), default))
     return dataclasses.make_dataclass(cls.__name__, changed, bases=(cls,))
 
@@ -260,7 +260,7 @@ def _check_fields(node: DictConfig, schema: type, prefix: str, files: bool) -> N
     structured schema) and every value fits its field's annotation."""
     hints = typing.get_type_hints(schema, include_extras=True)
     names = [f.name for f in dataclasses.fields(schema)]
-    for key in node:
+    for key in map(str, node):
         full = f"{prefix}{key}"
         if key not in names:
             raise ConfigError(

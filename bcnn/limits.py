@@ -183,7 +183,7 @@ def _meta_problem(value: Any, metadata: tuple[Any, ...], files: bool) -> str | N
 
 def _fields_problem(value: Mapping[str, Any], schema: type, files: bool) -> str | None:
     hints = typing.get_type_hints(schema, include_extras=True)
-    fields = [f.name for f in dataclasses.fields(schema)]  # type: ignore[arg-type]
+    fields = [f.name for f in dataclasses.fields(schema)]
     unknown = sorted(set(value) - set(fields))
     if unknown:
         return f"unknown key(s) {unknown}; valid keys: {', '.join(fields)}"
@@ -271,9 +271,9 @@ def problem(value: Any, ann: Any, files: bool = False) -> str | None:
         fixed = origin is tuple and args[-1] is not Ellipsis
         inner = args if fixed else (args[0],) * len(value)
         for i, (item, item_ann) in enumerate(zip(value, inner)):
-            found = problem(item, item_ann, files)
-            if found:
-                return f"element {i} {found}"
+            item_problem = problem(item, item_ann, files)
+            if item_problem:
+                return f"element {i} {item_problem}"
     return None
 
 
@@ -355,8 +355,9 @@ def _init_chain(cls: type) -> list[Callable]:
             continue
         if chain and c.__module__.split(".")[0] != package:
             break
-        chain.append(c.__init__)
-        kinds = {p.kind for p in inspect.signature(c.__init__).parameters.values()}
+        init = vars(c)["__init__"]
+        chain.append(init)
+        kinds = {p.kind for p in inspect.signature(init).parameters.values()}
         if inspect.Parameter.VAR_KEYWORD not in kinds:
             break
     return chain
@@ -373,7 +374,7 @@ def signature(target: Callable) -> Signature:
     params: dict[str, Param] = {}
     var_keyword: Any = None
     takes_var = False
-    for func in _init_chain(target) if is_class else [target]:
+    for func in _init_chain(target) if inspect.isclass(target) else [target]:
         hints, takes_var = _hints(func), False
         for i, p in enumerate(inspect.signature(func).parameters.values()):
             if is_class and i == 0:
@@ -388,7 +389,7 @@ def signature(target: Callable) -> Signature:
 
 def defaults(target: Callable) -> dict[str, Any]:
     """Default values of a target's parameters (a class: of its ``__init__``)."""
-    fn = target.__init__ if inspect.isclass(target) else target  # type: ignore[misc]
+    fn = vars(target).get("__init__", target.__init__) if inspect.isclass(target) else target
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):

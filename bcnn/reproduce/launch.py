@@ -84,7 +84,7 @@ def split_overrides(overrides: Iterable[str]) -> tuple[dict[str, str], dict[str,
 
 
 def _group_node(group: str, option: str) -> dict[str, Any]:
-    with resources.files("bcnn.configs").joinpath(group, f"{option}.yaml").open() as f:
+    with (resources.files("bcnn.configs") / group / f"{option}.yaml").open() as f:
         return OmegaConf.to_container(OmegaConf.load(f))  # type: ignore[return-value]
 
 
@@ -92,7 +92,7 @@ def row_jobs(row: Row, smoke: bool = False) -> list[tuple[str, int | None]]:
     """The jobs of a row: ``(job id, split index or None)``; smoke runs ``SMOKE_SPLITS``."""
     if not row.splits:
         return [(row.id, None)]
-    jobs = list(zip(row.job_ids, range(len(row.splits))))
+    jobs: list[tuple[str, int | None]] = list(zip(row.job_ids, range(len(row.splits))))
     return jobs[:SMOKE_SPLITS] if smoke else jobs
 
 
@@ -240,7 +240,8 @@ def missing_inputs(jobs: Sequence[tuple[str, DictConfig]]) -> list[str]:
                 datasets[node] = None
             except FileNotFoundError as err:
                 datasets[node] = str(err).splitlines()[0].rstrip(".")
-        problems += [datasets[node]] if datasets[node] else []
+        if missing := datasets[node]:
+            problems.append(missing)
         for problem in problems:
             needs.setdefault(problem, []).append(job)
     return [f"{p}: needed by {_some(ids)}" for p, ids in needs.items()]

@@ -63,7 +63,8 @@ def with_groups(
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(f"with_groups: optimizer={optimizer!r} is not a torch optimizer class")
     named = [g if isinstance(g, dict) else {"params": [g]} for g in params]
-    opt = cls([{**g, **groups.get(g.get("name"), {})} for g in named], lr=lr, **kwargs)
+    build: Any = cls  # each optimizer class takes its own keyword arguments
+    opt = build([{**g, **groups.get(str(g.get("name")), {})} for g in named], lr=lr, **kwargs)
     for name, settings in groups.items():
         if extra := sorted(set(settings) - set(opt.defaults)):
             raise ValueError(

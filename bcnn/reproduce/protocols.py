@@ -36,7 +36,7 @@ COLUMNS = ("preset", "dataset", "field", "value", "source", "deviation")
 
 
 def _read(name: str) -> pd.DataFrame:
-    with resources.files("bcnn").joinpath("resources", name).open() as f:
+    with (resources.files("bcnn") / "resources" / name).open() as f:
         return pd.read_csv(f, dtype=str, keep_default_na=False)
 
 
@@ -291,7 +291,7 @@ def protocol_markdown(df: pd.DataFrame | None = None) -> str:
     then one table per recipe, each (field, value, source, deviation) once with the presets
     that have it (``all``: every preset of the recipe)."""
     df = load_protocols() if df is None else df
-    page = resources.files("bcnn").joinpath("resources", "protocols_page.md").read_text()
+    page = (resources.files("bcnn") / "resources" / "protocols_page.md").read_text()
     fields = ((f"`{f}`", m) for f, m in DEFINITIONS.values)
     lines = [page.rstrip("\n"), "", *_md_table(("field", "meaning"), fields), ""]
     recipe_of = df[df["field"] == "recipe"].set_index("preset")["value"]

@@ -41,7 +41,7 @@ def slug(text: str) -> str:
 
 
 def _resource(name: str, **read_csv: Any) -> pd.DataFrame:
-    with resources.files("bcnn").joinpath("resources", name).open() as f:
+    with (resources.files("bcnn") / "resources" / name).open() as f:
         return pd.read_csv(f, **read_csv)
 
 
@@ -171,7 +171,7 @@ def load_tables() -> dict[str, Table]:
     Raises:
         ValueError: a row names a table the YAML file does not describe.
     """
-    meta = yaml.safe_load(resources.files("bcnn").joinpath("resources", "tables.yaml").read_text())
+    meta = yaml.safe_load((resources.files("bcnn") / "resources" / "tables.yaml").read_text())
     lines = _resource("tables.csv", dtype=str, keep_default_na=False)
     if unknown := sorted(set(lines["table"]) - set(meta)):
         raise ValueError(f"tables.csv: tables {unknown} are not in tables.yaml")
@@ -179,7 +179,7 @@ def load_tables() -> dict[str, Table]:
     for name, m in meta.items():  # the YAML keys are Table's fields; lists become tuples
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in m.items()}
         rows = tuple(_row(line) for _, line in lines[lines["table"] == name].iterrows())
-        tables[name] = Table(name=name, rows=rows, **fields)
+        tables[name] = Table(name=name, rows=rows, **fields)  # type: ignore[arg-type]
     return tables
 
 
