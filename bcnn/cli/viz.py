@@ -9,7 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from bcnn.cli.errors import user_errors
+from bcnn.errors import user_errors
 from bcnn.cli.overrides import check_overrides
 from bcnn.viz.app import visualize
 
