@@ -19,7 +19,7 @@ import yaml
 
 @functools.cache
 def _declared() -> dict[str, Any]:
-    text = resources.files("bcnn").joinpath("resources", "datasets.yaml").read_text("utf-8")
+    text = (resources.files("bcnn") / "resources" / "datasets.yaml").read_text("utf-8")
     return yaml.safe_load(text)
 
 
