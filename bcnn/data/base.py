@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bcnn.data.images import BadImageError, open_rgb
+from bcnn.data.images import open_rgb
 from bcnn.data.source import DatasetSource
 from bcnn.data.transforms import RecipeMapping, build_transforms
+from bcnn.errors import BadImageError
 from bcnn.limits import Fraction, NonEmpty, Seed, checked
 
 logger = logging.getLogger(__name__)
@@ -84,22 +85,19 @@ def require_files(
             message names the first missing path, the layout and how to obtain it.
     """
     if root is None:
-        parts = [f"{source.title}: no dataset root given (set dataset.root=... or BCNN_DATA)."]
+        problem = "no dataset root given (set dataset.root=... or BCNN_DATA)"
+    elif not (root := Path(root)).is_dir():
+        problem = f"dataset folder {root} does not exist"
+    elif missing := [p for p in relpaths if not (root / p).exists()]:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}...)"
+        problem = f"missing {root / missing[0]}{more if len(missing) > 1 else ''}"
     else:
-        root = Path(root)
-        missing = [p for p in relpaths if not (root / p).exists()]
-        if root.is_dir() and not missing:
-            return root
-        if not root.is_dir():
-            parts = [f"{source.title}: dataset folder {root} does not exist."]
-        else:
-            more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}...)"
-            more = more if len(missing) > 1 else ""
-            parts = [f"{source.title}: missing {root / missing[0]}{more}."]
-    parts.append(f"Expected layout:\n{source.layout.rstrip()}")
-    parts.append(f"How to obtain it: {source.how_to_obtain()}")
-    parts.append("Point dataset.root=<folder> (or the BCNN_DATA environment variable) at the data.")
-    raise FileNotFoundError("\n".join(parts))
+        return root
+    raise FileNotFoundError(
+        f"{source.title}: {problem}.\nExpected layout:\n{source.layout.rstrip()}\n"
+        f"How to obtain it: {source.how_to_obtain()}\n"
+        "Point dataset.root=<folder> (or the BCNN_DATA environment variable) at the data."
+    )
 
 
 def read_rows(path: str | os.PathLike, maxsplit: int = -1) -> list[list[str]]:
@@ -285,11 +283,6 @@ class RecordDataset(Dataset):
         """The label of every record, in order."""
         return [r.label for r in self.records]
 
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (``len(classes)``, also those absent from this split)."""
-        return len(self.classes)
-
     def skipped(self) -> list[str]:
         """Full paths of the images skipped so far by any process, each once, in order."""
         indices = set(self._bad)
@@ -399,13 +392,9 @@ class FileDataset(RecordDataset):
         bbox_crop: Crop every image to its annotated box (datasets with boxes only).
         name: The dataset's name in results (default: ``source.name``).
 
-    Attributes:
-        name: As given.
-        split: As given.
-
     Raises:
         FileNotFoundError: A file the dataset needs is missing.
-        ValueError: An option is out of range, or an annotation file is inconsistent.
+        ValueError: An annotation file is inconsistent, or an image is in two splits.
     """
 
     source: ClassVar[DatasetSource]
@@ -468,22 +457,3 @@ class FileDataset(RecordDataset):
     def parse(self, folder: Path) -> Splits:
         """Reads the dataset's own files in ``folder`` into its official lists and classes."""
         raise NotImplementedError
-
-
-__all__ = [
-    "SPLITS",
-    "VERIFY_COMMAND",
-    "BadImageError",
-    "Box",
-    "FileDataset",
-    "Record",
-    "RecordDataset",
-    "Splits",
-    "check_disjoint",
-    "class_folders",
-    "read_rows",
-    "require_files",
-    "select_split",
-    "split_train_val",
-    "splits_by_folder",
-]

@@ -1,8 +1,7 @@
 """Your own images: a folder with one sub-folder per class, or CSV lists of (path, label).
 
-Both are :class:`~bcnn.data.base.FileDataset` s like the benchmarks. Without an official
-test set (no ``test/`` folder, no test CSV), ``test`` is a seeded, class-stratified
-``test_fraction`` of the training images (seed ``split_seed``), carved before ``val``.
+Without an official test set (no ``test/`` folder, no test CSV), ``test`` is a seeded,
+class-stratified ``test_fraction`` of the training images, carved before ``val``.
 """
 
 from __future__ import annotations
@@ -279,6 +278,3 @@ def _read_csv(path: Path) -> list[tuple[Path, int, str, str]]:
             raise ValueError(f"{path} line {number}: expected a path and a label, got {row}")
         out.append((path, number, row[columns[0]].strip(), row[columns[1]].strip()))
     return out
-
-
-__all__ = ["CSVDataset", "FolderDataset"]

@@ -96,6 +96,3 @@ def open_rgb(
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot read image {path}: {err}") from err
-
-
-__all__ = ["MAX_ASPECT_RATIO", "MAX_PIXELS", "BadImageError", "open_rgb", "to_8bit", "to_rgb"]

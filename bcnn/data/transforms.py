@@ -92,6 +92,3 @@ def build_transforms(
             steps.append(AUTO_AUGMENT[r.auto_augment]())
     steps.append(v2.ToPureTensor())
     return v2.Compose(steps)
-
-
-__all__ = ["Recipe", "RecipeMapping", "build_transforms"]
