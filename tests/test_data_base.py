@@ -172,7 +172,7 @@ def test_write_samples_and_imagefolder_style_attributes(tmp_path: Path) -> None:
     assert lines == ["a b/c.jpg 1", "d.jpg 0"]
     assert [tuple(line.rsplit(" ", 1)) for line in lines] == [("a b/c.jpg", "1"), ("d.jpg", "0")]
     assert ds.samples == [(str(tmp_path / "a b/c.jpg"), 1), (str(tmp_path / "d.jpg"), 0)]
-    assert ds.targets == [1, 0] and ds.num_classes == 2 and len(ds) == 2
+    assert ds.targets == [1, 0] and len(ds) == 2
     write_image(tmp_path / "d.jpg", 0)
     assert ds[1] == ((32, 24), 0)  # the transform gets the PIL image
     assert ds[-1] == ((32, 24), 0)

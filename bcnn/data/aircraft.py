@@ -1,9 +1,7 @@
-"""FGVC-Aircraft 2013b: 10,000 images, 100 variants / 70 families / 30 manufacturers.
+"""FGVC-Aircraft 2013b: 100 variants / 70 families / 30 manufacturers, official splits.
 
-Split protocol: the official lists. The dataset ships its own validation set, so
-``train`` and ``val`` are the official ``images_<level>_train.txt`` and ``_val.txt``
-(``val_fraction``/``val_seed`` are not used), ``trainval`` is their union (what B-CNN
-trains on) and ``test`` is ``_test.txt``.
+The dataset ships its own val set: ``train``/``val`` are the official lists
+(``val_fraction`` is unused) and ``trainval`` their union, what B-CNN trains on.
 """
 
 from __future__ import annotations
@@ -27,15 +25,11 @@ CLASS_FILES = {
 
 
 class FGVCAircraft(FileDataset):
-    """FGVC-Aircraft at one annotation level, with the photographer banner cropped off.
+    """FGVC-Aircraft at one annotation level, with the copyright banner cropped off.
 
-    Image ids are kept as strings (leading zeros matter) and split lines are parsed with
-    ``split(" ", 1)`` because class names hold spaces and ``/`` (``F/A-18``). Classes are
-    in the order of the level's class file (``variants.txt``...), as in torchvision.
-
-    Every image carries a 20-pixel copyright banner at the bottom; it is cropped off
-    first (``crop_banner``), then the optional box crop (``bbox_crop``, from
-    ``images_box.txt``) is applied, clipped to what is left.
+    Image ids stay strings (leading zeros matter); lines are split once because class
+    names hold spaces and ``/`` (``F/A-18``). Classes are in the order of the level's
+    class file, as in torchvision. The banner is cropped first, then the box.
 
     Args:
         root: ``data/aircraft`` (holding ``fgvc-aircraft-2013b/data``) or the ``data``
@@ -44,8 +38,7 @@ class FGVCAircraft(FileDataset):
         level: ``variant`` (100 classes), ``family`` (70) or ``manufacturer`` (30).
         crop_banner: Remove the bottom ``banner_height`` pixels of every image.
         banner_height: Height of the banner in pixels.
-        **common: The options of :class:`~bcnn.data.base.FileDataset` (``val_fraction``
-            and ``val_seed`` are unused: Aircraft has an official val set).
+        **common: The options of :class:`~bcnn.data.base.FileDataset`.
     """
 
     source = DatasetSource.named("aircraft")

@@ -24,9 +24,10 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bcnn.data.images import BadImageError, open_rgb
+from bcnn.data.images import open_rgb
 from bcnn.data.source import DatasetSource
 from bcnn.data.transforms import RecipeMapping, build_transforms
+from bcnn.errors import BadImageError
 from bcnn.limits import Fraction, NonEmpty, Seed, checked
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 Split = Literal["train", "val", "trainval", "test"]
 SPLITS: tuple[str, ...] = get_args(Split)
 BadImagePolicy = Literal["fail", "skip"]
-BAD_IMAGE_POLICIES: tuple[str, ...] = get_args(BadImagePolicy)
 # How a user lists every unreadable image of a dataset (named in the bad-image error).
 VERIFY_COMMAND = "python scripts/prepare_data.py dataset={name} root={root} verify=true"
 
@@ -75,31 +75,6 @@ class Splits(NamedTuple):
     val: list[Record] | None = None
 
 
-def find_dataset_dir(
-    root: str | os.PathLike | None, marker: str, candidates: Sequence[str]
-) -> Path | None:
-    """Finds the folder below ``root`` that holds a dataset's files.
-
-    Users point ``root`` at the folder an archive was extracted into (``data/cub``) or at
-    the extracted folder itself (``data/cub/CUB_200_2011``).
-
-    Args:
-        root: Folder given by the user (``dataset.root``), or ``None``.
-        marker: A file or folder that identifies the dataset folder, relative to it.
-        candidates: Sub-folders of ``root`` to try in order (``"."`` for ``root`` itself);
-            the first, the documented layout, is returned when none holds ``marker``.
-
-    Returns:
-        The dataset folder, or ``None`` when ``root`` is ``None``.
-    """
-    if root is None:
-        return None
-    for sub in candidates:
-        if (Path(root) / sub / marker).exists():
-            return Path(root) / sub
-    return Path(root) / candidates[0]
-
-
 def require_files(
     root: str | os.PathLike | None, relpaths: Iterable[str], source: DatasetSource
 ) -> Path:
@@ -110,22 +85,19 @@ def require_files(
             message names the first missing path, the layout and how to obtain it.
     """
     if root is None:
-        parts = [f"{source.title}: no dataset root given (set dataset.root=... or BCNN_DATA)."]
+        problem = "no dataset root given (set dataset.root=... or BCNN_DATA)"
+    elif not (root := Path(root)).is_dir():
+        problem = f"dataset folder {root} does not exist"
+    elif missing := [p for p in relpaths if not (root / p).exists()]:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}...)"
+        problem = f"missing {root / missing[0]}{more if len(missing) > 1 else ''}"
     else:
-        root = Path(root)
-        missing = [p for p in relpaths if not (root / p).exists()]
-        if root.is_dir() and not missing:
-            return root
-        if not root.is_dir():
-            parts = [f"{source.title}: dataset folder {root} does not exist."]
-        else:
-            more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}...)"
-            more = more if len(missing) > 1 else ""
-            parts = [f"{source.title}: missing {root / missing[0]}{more}."]
-    parts.append(f"Expected layout:\n{source.layout.rstrip()}")
-    parts.append(f"How to obtain it: {source.how_to_obtain()}")
-    parts.append("Point dataset.root=<folder> (or the BCNN_DATA environment variable) at the data.")
-    raise FileNotFoundError("\n".join(parts))
+        return root
+    raise FileNotFoundError(
+        f"{source.title}: {problem}.\nExpected layout:\n{source.layout.rstrip()}\n"
+        f"How to obtain it: {source.how_to_obtain()}\n"
+        "Point dataset.root=<folder> (or the BCNN_DATA environment variable) at the data."
+    )
 
 
 def read_rows(path: str | os.PathLike, maxsplit: int = -1) -> list[list[str]]:
@@ -142,19 +114,37 @@ def read_rows(path: str | os.PathLike, maxsplit: int = -1) -> list[list[str]]:
         ]
 
 
+def class_folders(tree: Path) -> list[str]:
+    """The sorted names of the folders in ``tree``, hidden ones left out."""
+    return sorted(d.name for d in tree.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def splits_by_folder(lists: Mapping[str, Path], prefix: str) -> Splits:
+    """Reads list files of ``<class>/<file>`` lines; classes are the sorted class folders.
+
+    Args:
+        lists: ``train``, ``test`` and optionally ``val`` -> its list file.
+        prefix: The folder the listed paths are relative to, below the dataset folder.
+    """
+    paths = {s: [row[0] for row in read_rows(f, 0)] for s, f in lists.items()}
+    classes = sorted({p.split("/", 1)[0] for ps in paths.values() for p in ps})
+    index = {name: i for i, name in enumerate(classes)}
+    records = {
+        s: [Record(f"{prefix}/{p}", index[p.split("/", 1)[0]]) for p in ps]
+        for s, ps in paths.items()
+    }
+    return Splits(classes, **records)
+
+
 def split_train_val(
     records: Sequence[Record], fraction: float, seed: int
 ) -> tuple[list[Record], list[Record]]:
     """Carves a deterministic, class-stratified held-out set out of training records.
 
     Each class with ``n >= 2`` images gives ``clamp(round(fraction * n), 1, n - 1)`` of
-    them to the held-out set. The choice depends only on ``seed``, the class and its set
-    of paths, not on the order of ``records`` nor on the other classes.
-
-    Args:
-        records: The records to split.
-        fraction: Share of each class held out, in ``[0, 1)``; 0 holds out nothing.
-        seed: Seed of the split.
+    them (``fraction`` in ``[0, 1)``) to the held-out set. The choice depends only on
+    ``seed``, the class and its set of paths, not on the order of ``records`` nor on the
+    other classes.
 
     Returns:
         ``(kept, held_out)``, each in the order of ``records``.
@@ -207,11 +197,7 @@ def select_split(
 
 
 def check_disjoint(splits: Splits, folder: Path, title: str) -> None:
-    """Refuses an image listed in two of a dataset's official splits, naming it.
-
-    Raises:
-        ValueError: A path is in two of ``train``, ``val`` and ``test``.
-    """
+    """Raises ``ValueError`` naming an image listed in two of the official splits."""
     lists = {s: getattr(splits, s) for s in ("train", "val", "test") if getattr(splits, s)}
     seen: dict[str, str] = {}
     for split, records in lists.items() if len(lists) > 1 else ():
@@ -234,13 +220,11 @@ def _remove_skip_log(folder: Path, owner_pid: int) -> None:
 class RecordDataset(Dataset):
     """A map-style dataset over ``(path, label[, box])`` records.
 
-    Images are read by :func:`bcnn.data.images.open_rgb`. An image that cannot be read
-    either raises :class:`BadImageError` naming its path and the fixes
-    (``on_bad_image="fail"``) or is skipped (``"skip"``): the item is replaced by the
-    next readable record in index order (wrapping around), with that record's label, and
-    a warning is logged once per file and process. Each skip is also appended to a log
-    file per process, in a temporary folder named when the dataset is built, so
-    :meth:`skipped` in the main process lists what DataLoader workers skipped too.
+    An image that cannot be read raises :class:`BadImageError` naming its path and the
+    fixes (``on_bad_image="fail"``) or is skipped (``"skip"``): replaced by the next
+    readable record in index order, with its label (docs/datasets.md). Each skip is
+    appended to a log file per process, in a temporary folder named when the dataset is
+    built, so :meth:`skipped` in the main process lists what DataLoader workers skipped.
 
     Attributes:
         root: The dataset folder record paths are relative to.
@@ -299,11 +283,6 @@ class RecordDataset(Dataset):
         """The label of every record, in order."""
         return [r.label for r in self.records]
 
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (``len(classes)``, also those absent from this split)."""
-        return len(self.classes)
-
     def skipped(self) -> list[str]:
         """Full paths of the images skipped so far by any process, each once, in order."""
         indices = set(self._bad)
@@ -336,9 +315,7 @@ class RecordDataset(Dataset):
                     raise BadImageError(f"{err}; {self.bad_image_fix()}") from err
                 self._skip(i, err)
                 continue
-            if self.transform is not None:
-                image = self.transform(image)
-            return image, record.label
+            return (image if self.transform is None else self.transform(image)), record.label
         raise BadImageError(f"{type(self).__name__}: no readable image left in this split")
 
     def _skip(self, index: int, err: BadImageError) -> None:
@@ -399,10 +376,8 @@ class FileDataset(RecordDataset):
     ``folders`` (where below ``root`` the dataset folder may sit, the documented one
     first), ``files`` (what must exist in it; the first marks the folder) and
     ``box_file`` (read when ``bbox_crop`` is on; ``""`` when the boxes come with the
-    annotations, ``None`` when there are none), and implements :meth:`parse`. Its own
-    options are keyword arguments of its ``__init__``, stored on ``self`` before it
-    passes ``**common`` on. Building one checks the options and files, parses the
-    official lists, refuses an image in two of them and selects the split.
+    annotations, ``None`` when there are none), and implements :meth:`parse`
+    (docs/datasets.md, "Adding a dataset").
 
     Args:
         root: The folder holding the dataset (``dataset.root``).
@@ -417,17 +392,13 @@ class FileDataset(RecordDataset):
         bbox_crop: Crop every image to its annotated box (datasets with boxes only).
         name: The dataset's name in results (default: ``source.name``).
 
-    Attributes:
-        name: As given.
-        split: As given.
-
     Raises:
         FileNotFoundError: A file the dataset needs is missing.
-        ValueError: An option is out of range, or an annotation file is inconsistent.
+        ValueError: An annotation file is inconsistent, or an image is in two splits.
     """
 
     source: ClassVar[DatasetSource]
-    folders: ClassVar[tuple[str, ...]] = (".",)
+    folders: tuple[str, ...] = (".",)  # a loader may set its own in __init__ (iNat)
     files: ClassVar[tuple[str, ...]] = ()
     box_file: ClassVar[str | None] = None
 
@@ -471,9 +442,13 @@ class FileDataset(RecordDataset):
         return f"{super().bad_image_fix()}, or list every unreadable one with `{verify}`"
 
     def locate(self, root: str | os.PathLike | None) -> Path | None:
-        """The dataset folder below ``root``: the first of ``folders`` holding the first
-        required file (``None`` when ``root`` is)."""
-        return find_dataset_dir(root, self.required_files(None)[0], self.folders)
+        """The first of ``folders`` below ``root`` holding the first required file, else
+        the first of them, the documented layout (``None`` when ``root`` is)."""
+        if root is None:
+            return None
+        found = [Path(root).expanduser() / sub for sub in self.folders]
+        marker = self.required_files(None)[:1]
+        return next((f for f in found if all((f / m).exists() for m in marker)), found[0])
 
     def required_files(self, folder: Path | None) -> list[str]:
         """What the dataset folder must hold (``folder`` is ``None`` while locating it)."""
@@ -482,22 +457,3 @@ class FileDataset(RecordDataset):
     def parse(self, folder: Path) -> Splits:
         """Reads the dataset's own files in ``folder`` into its official lists and classes."""
         raise NotImplementedError
-
-
-__all__ = [
-    "BAD_IMAGE_POLICIES",
-    "SPLITS",
-    "VERIFY_COMMAND",
-    "BadImageError",
-    "Box",
-    "FileDataset",
-    "Record",
-    "RecordDataset",
-    "Splits",
-    "check_disjoint",
-    "find_dataset_dir",
-    "read_rows",
-    "require_files",
-    "select_split",
-    "split_train_val",
-]

@@ -1,10 +1,4 @@
-"""Stanford Cars: 196 classes, 16,185 images (8,144 train / 8,041 test).
-
-Split protocol: the official train/test split. ``trainval`` is the whole official train
-set, ``train``/``val`` carve a stratified ``val_fraction`` of it, ``test`` is the
-official test set (labels from ``cars_test_annos_withlabels.mat`` or the ``test`` flag
-of ``cars_annos.mat``).
-"""
+"""Stanford Cars: 196 classes, official train/test split, from either published layout."""
 
 from __future__ import annotations
 
@@ -46,15 +40,12 @@ def _devkit_records(folder: Path, annos: str, image_dir: str) -> list[Record]:
 
 
 class StanfordCars(FileDataset):
-    """Stanford Cars from either of its two published layouts, detected automatically.
+    """Stanford Cars from either published layout (``source.layout``), detected by its files.
 
-    ``devkit`` (torchvision, Kaggle, TFDS; test labels in
-    ``cars_test_annos_withlabels.mat`` at the root or in ``devkit/``) or ``car_ims`` (the
-    B-CNN authors'; the ``test`` field of ``cars_annos.mat`` gives the split); see
-    ``source.layout``. ``.mat`` struct fields are read by name. Labels are
-    ``class - 1``; ``classes`` are the ``class_names`` of the ``.mat`` files. ``root`` is
-    ``data/cars``; the options are those of :class:`~bcnn.data.base.FileDataset`
-    (``bbox_crop`` crops to the annotated box).
+    ``devkit`` (torchvision, Kaggle, TFDS) or ``car_ims`` (the B-CNN authors'; the
+    ``test`` field of ``cars_annos.mat`` gives the split). ``.mat`` struct fields are read
+    by name; labels are ``class - 1``. ``root`` is ``data/cars``; the options are those of
+    :class:`~bcnn.data.base.FileDataset`.
 
     Attributes:
         layout: ``"devkit"`` or ``"car_ims"``, the layout found.

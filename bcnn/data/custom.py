@@ -1,8 +1,7 @@
 """Your own images: a folder with one sub-folder per class, or CSV lists of (path, label).
 
-Both are :class:`~bcnn.data.base.FileDataset` s like the benchmarks. Without an official
-test set (no ``test/`` folder, no test CSV), ``test`` is a seeded, class-stratified
-``test_fraction`` of the training images (seed ``split_seed``), carved before ``val``.
+Without an official test set (no ``test/`` folder, no test CSV), ``test`` is a seeded,
+class-stratified ``test_fraction`` of the training images, carved before ``val``.
 """
 
 from __future__ import annotations
@@ -18,21 +17,13 @@ from typing import Annotated, Any
 from annotated_types import Interval
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from bcnn.data.base import FileDataset, Record, Splits, split_train_val
+from bcnn.data.base import FileDataset, Record, Splits, class_folders, split_train_val
 from bcnn.data.source import DatasetSource
 from bcnn.limits import Seed, checked
 
 logger = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = ("train", "val", "test")
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _subfolders(tree: Path) -> list[str]:
-    return sorted(d.name for d in tree.iterdir() if d.is_dir() and not _is_hidden(d.name))
 
 
 def _image_files(top: Path) -> Iterator[str]:
@@ -48,9 +39,9 @@ def _image_files(top: Path) -> Iterator[str]:
             dirnames.clear()
             continue
         entered.add((stat.st_dev, stat.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not _is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS):
+            if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS):
                 yield os.path.join(dirpath, name)
 
 
@@ -79,10 +70,6 @@ class _OwnData(FileDataset):
         self.test_fraction, self.split_seed = float(test_fraction), int(split_seed)
         super().__init__(root, split, **common)
 
-    def locate(self, root: str | os.PathLike | None) -> Path | None:
-        """``root`` itself."""
-        return None if root is None else Path(root).expanduser()
-
     def carve_test(self, splits: Splits, folder: Path) -> Splits:
         """Holds out a stratified ``test_fraction`` of ``train`` as ``test`` when there is none."""
         if splits.test:
@@ -101,22 +88,15 @@ class FolderDataset(_OwnData):
     """Images sorted into one sub-folder per class (like ``torchvision.datasets.ImageFolder``).
 
     Either ``root/train/<class>/...`` with optional ``val/`` and ``test/`` folders (which
-    may lack classes but not add any), or a single tree ``root/<class>/...``. Classes are
-    the sorted class-folder names. Images are the files with an image extension at any
-    depth below a class folder, hidden ones left out, each file once (see
-    :func:`_image_files`; a file in two classes or splits is an error).
-
-    Args:
-        root: The folder (``dataset.root``).
-        split: ``train``, ``val``, ``trainval`` or ``test``.
-        **options: ``test_fraction``, ``split_seed`` and the options of
-            :class:`~bcnn.data.base.FileDataset`.
+    may lack classes but not add any), or a single tree ``root/<class>/...``; classes are
+    the sorted class-folder names, images the files with an image extension at any depth
+    below them (docs/datasets.md). The options are ``test_fraction``, ``split_seed`` and
+    those of :class:`~bcnn.data.base.FileDataset`.
 
     Raises:
-        FileNotFoundError: ``root`` is missing.
         ValueError: No class folders, a class folder without images, a class in
-            ``val/`` or ``test/`` that ``train/`` lacks, or ``val/``/``test/`` without
-            ``train/``.
+            ``val/`` or ``test/`` that ``train/`` lacks, ``val/``/``test/`` without
+            ``train/``, or one file in two classes or splits.
     """
 
     source = DatasetSource.named("folder")
@@ -130,7 +110,7 @@ class FolderDataset(_OwnData):
                 "add train/<class>/ folders, or put the class folders directly in it"
             )
         tree = folder / "train" if present else folder
-        if not (classes := _subfolders(tree)):
+        if not (classes := class_folders(tree)):
             raise ValueError(
                 f"{tree} holds no class folders: put each class's images in {tree}/<class name>/"
             )
@@ -152,7 +132,7 @@ class FolderDataset(_OwnData):
         Each file is listed once, however many links lead to it: ``seen`` maps each file
         (device and inode) to where it was first found, across the split folders.
         """
-        names = _subfolders(tree)
+        names = class_folders(tree)
         if unknown := sorted(set(names) - set(classes)):
             raise ValueError(
                 f"class folder {tree / unknown[0]} is not a class of {folder / 'train'} "
@@ -189,12 +169,9 @@ class FolderDataset(_OwnData):
 
 
 class CSVDataset(_OwnData):
-    """Images listed in CSV files, one per split, as ``path,label`` rows.
+    """Images listed in CSV files, one per split, as ``path,label`` rows (docs/datasets.md).
 
     The ``path`` and ``label`` columns are named in a header row, or else the first two.
-    Paths are relative to ``image_root`` when given, else to the CSV's folder, or
-    absolute. Classes are ``classes`` when given, else the train CSV's distinct labels,
-    sorted (numerically when all are integers, so ``0..K-1`` keep their numbers).
 
     Args:
         root: The folder holding the CSV files (``dataset.root``).
@@ -204,7 +181,8 @@ class CSVDataset(_OwnData):
         test_csv: The test CSV; used if it exists.
         image_root: Folder the image paths are relative to (relative to ``root``, or
             absolute); ``None``: each CSV's own folder.
-        classes: The class names in label order; ``None``: from the train CSV.
+        classes: The class names in label order; ``None``: the train CSV's labels, sorted
+            (numerically when all are integers, so ``0..K-1`` keep their numbers).
         **options: ``test_fraction``, ``split_seed`` and the options of
             :class:`~bcnn.data.base.FileDataset`.
 
@@ -230,98 +208,73 @@ class CSVDataset(_OwnData):
         classes: Sequence[str] | None = None,
         **options: Any,
     ) -> None:
-        self.csv_files = {"train": train_csv, "val": val_csv, "test": test_csv}
+        self.train_csv, self.other_csvs = train_csv, {"val": val_csv, "test": test_csv}
         self.image_root = image_root
         self.class_names = None if classes is None else [str(c) for c in classes]
         super().__init__(root, split, **options)
 
     def required_files(self, folder: Path | None) -> list[str]:
         """The train CSV."""
-        return [self.csv_files["train"]]
+        return [self.train_csv]
 
     def parse(self, folder: Path) -> Splits:
         """Reads the CSVs present; names the classes; checks labels and files."""
-        rows = {
-            s: self._read(folder / name)
-            for s, name in self.csv_files.items()
-            if name and (s == "train" or (folder / name).is_file())
-        }
+        rows = {"train": _read_csv(folder / self.train_csv)}
+        for split, name in self.other_csvs.items():
+            if name and (folder / name).is_file():
+                rows[split] = _read_csv(folder / name)
         if not rows["train"]:
-            raise ValueError(f"{folder / self.csv_files['train']} lists no images")
-        classes = self.class_names or _sorted_labels(label for *_, label in rows["train"])
+            raise ValueError(f"{folder / self.train_csv} lists no images")
+        labels = sorted({label for *_, label in rows["train"]})
+        if all(re.fullmatch(r"[+-]?\d+", label) for label in labels):
+            labels.sort(key=int)  # so that labels 0..K-1 keep their numbers
+        classes = self.class_names or labels
+        origin = "dataset.classes" if self.class_names else str(folder / self.train_csv)
+        known = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
         index = {name: i for i, name in enumerate(classes)}
-        records = {s: self._records(folder, s, r, index) for s, r in rows.items()}
+        records: dict[str, list[Record]] = {split: [] for split in rows}
+        missing = []
+        for split, split_rows in rows.items():
+            for csv_path, number, image, label in split_rows:
+                if label not in index:
+                    raise ValueError(
+                        f"{csv_path} line {number}: label {label!r} is not a class "
+                        f"(classes, from {origin}: {known})"
+                    )
+                base = folder / self.image_root if self.image_root else csv_path.parent
+                full = (base / image).expanduser()
+                if not full.is_file():
+                    missing.append(f"{csv_path} line {number}: {full}")
+                path = image if Path(image).is_absolute() else os.path.relpath(full, folder)
+                records[split].append(Record(Path(path).as_posix(), index[label]))
+        if missing and self.on_bad_image == "skip":
+            logger.warning(
+                "%d listed images do not exist; they will be skipped. First: %s",
+                len(missing),
+                missing[0],
+            )
+        elif missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise FileNotFoundError(
+                f"missing image {missing[0]}{more}; fix the paths (relative to "
+                f"{'dataset.image_root' if self.image_root else 'the CSV folder'}) or set "
+                "dataset.on_bad_image=skip"
+            )
         splits = Splits(classes, records["train"], records.get("test", []), records.get("val"))
         return self.carve_test(splits, folder)
 
-    @staticmethod
-    def _read(path: Path) -> list[tuple[Path, int, str, str]]:
-        """``(csv, line, path, label)`` for every row of one CSV."""
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            lines = [(n, row) for n, row in enumerate(csv.reader(f), 1) if any(map(str.strip, row))]
-        header = [c.strip().lower() for c in lines[0][1]] if lines else []
-        columns = (0, 1)
-        if "path" in header and "label" in header:
-            columns, lines = (header.index("path"), header.index("label")), lines[1:]
-        out = []
-        for number, row in lines:
-            if len(row) <= max(columns) or not row[columns[0]].strip():
-                raise ValueError(f"{path} line {number}: expected a path and a label, got {row}")
-            out.append((path, number, row[columns[0]].strip(), row[columns[1]].strip()))
-        return out
 
-    def _records(
-        self,
-        folder: Path,
-        split: str,
-        rows: list[tuple[Path, int, str, str]],
-        index: dict[str, int],
-    ) -> list[Record]:
-        """Records of one CSV's rows; unknown labels raise, missing files are reported."""
-        records, missing = [], []
-        for csv_path, number, image, label in rows:
-            if label not in index:
-                known = ", ".join(list(index)[:10]) + (", ..." if len(index) > 10 else "")
-                raise ValueError(
-                    f"{csv_path} line {number}: label {label!r} is not a class "
-                    f"(classes, from {self._class_origin(folder)}: {known})"
-                )
-            base = folder / self.image_root if self.image_root else csv_path.parent
-            full = (base / image).expanduser()
-            if not full.is_file():
-                missing.append(f"{csv_path} line {number}: {full}")
-            path = image if Path(image).is_absolute() else os.path.relpath(full, folder)
-            records.append(Record(Path(path).as_posix(), index[label]))
-        if missing:
-            self._report_missing(split, missing)
-        return records
-
-    def _class_origin(self, folder: Path) -> str:
-        return "dataset.classes" if self.class_names else str(folder / self.csv_files["train"])
-
-    def _report_missing(self, split: str, missing: list[str]) -> None:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        if self.on_bad_image == "skip":
-            logger.warning(
-                "%d images of the %s CSV do not exist; they will be skipped. First: %s",
-                len(missing),
-                split,
-                missing[0],
-            )
-            return
-        raise FileNotFoundError(
-            f"missing image {missing[0]}{more}; fix the paths (relative to "
-            f"{'dataset.image_root' if self.image_root else 'the CSV folder'}) or set "
-            "dataset.on_bad_image=skip"
-        )
-
-
-def _sorted_labels(labels: Any) -> list[str]:
-    """Distinct labels, sorted numerically when all are integers, else as strings."""
-    distinct = set(labels)
-    if all(re.fullmatch(r"[+-]?\d+", label) for label in distinct):
-        return sorted(distinct, key=int)
-    return sorted(distinct)
-
-
-__all__ = ["CSVDataset", "FolderDataset"]
+def _read_csv(path: Path) -> list[tuple[Path, int, str, str]]:
+    """``(csv, line, path, label)`` for every row of one CSV."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        lines = [(n, row) for n, row in enumerate(csv.reader(f), 1) if any(map(str.strip, row))]
+    header = [c.strip().lower() for c in lines[0][1]] if lines else []
+    columns = (0, 1)
+    if "path" in header and "label" in header:
+        columns, lines = (header.index("path"), header.index("label")), lines[1:]
+    out = []
+    for number, row in lines:
+        if len(row) <= max(columns) or not row[columns[0]].strip():
+            raise ValueError(f"{path} line {number}: expected a path and a label, got {row}")
+        out.append((path, number, row[columns[0]].strip(), row[columns[1]].strip()))
+    return out

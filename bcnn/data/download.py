@@ -227,11 +227,11 @@ def prepare(
         raise ValueError(
             f"{source.name} variant must be one of {sorted(source.variants)}, got {variant!r}"
         )
-    fetched = []
-    for archive in source.variants[variant]:
-        if fetch(archive, root, source.name, base_url, keep_archives, progress):
-            fetched.append(archive.filename)
-    return fetched
+    return [
+        archive.filename
+        for archive in source.variants[variant]
+        if fetch(archive, root, source.name, base_url, keep_archives, progress)
+    ]
 
 
 def install_local(
@@ -265,19 +265,3 @@ def install_local(
         else:
             safe_extract(path, target, progress)
     return archive
-
-
-__all__ = [
-    "DATA_ENV",
-    "MIRROR_ENV",
-    "ChecksumError",
-    "ExtractionError",
-    "UnsafeArchiveError",
-    "check_md5",
-    "download",
-    "fetch",
-    "install_local",
-    "mirror_url",
-    "prepare",
-    "safe_extract",
-]

@@ -1,16 +1,9 @@
 """Reading one image file as upright 8-bit RGB, whatever its stored mode.
 
 Every dataset (and any tool that must accept what training accepts) reads images through
-:func:`open_rgb`. Its size is checked from the header before any pixel is decoded
-(:data:`MAX_PIXELS`, :data:`MAX_ASPECT_RATIO`), and the image is turned as its EXIF
-orientation tag says (phone photos are stored sideways with such a tag). PIL's own
-``convert("RGB")`` is right for most modes but not all:
-
-* 16-bit and 32-bit integer images (16-bit PNGs, TIFFs) are clipped at 255, so almost
-  every pixel turns white. They are scaled to 8 bits instead (see :func:`to_8bit`).
-* Float images (``F``) are truncated to 0 and 1. Values in [0, 1] are scaled by 255.
-* Transparency is dropped, leaving whatever colour the transparent pixels store.
-  Transparent areas are composited onto white, as a viewer shows them.
+:func:`open_rgb`. PIL's ``convert("RGB")`` clips 16/32-bit images at 255 (almost all
+white), truncates float ones to 0 and 1 and drops transparency (leaving whatever colour
+transparent pixels store); :func:`to_rgb` scales to 8 bits and composites onto white.
 """
 
 from __future__ import annotations
@@ -34,20 +27,11 @@ _BACKGROUND = (255, 255, 255, 255)
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """Maps a 16/32-bit integer or float single-channel image to mode ``L``.
+    """Maps a 16/32-bit integer or float single-channel image to a mode ``L`` image.
 
-    * ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``: ``round(v * 255 / 65535)``.
-    * ``I`` (32-bit; 16-bit PNGs open as ``I`` in some Pillow versions): taken as 8-bit
-      when every value lies in 0..255, as 16-bit when in 0..65535, else scaled from its
-      minimum (0) to its maximum (255).
-    * ``F``: scaled by 255 when every value lies in [0, 1]; else clipped to 0..255 when
-      in that range, else scaled from its minimum to its maximum.
-
-    Args:
-        image: A PIL image in one of the modes above.
-
-    Returns:
-        A mode ``L`` image of the same size.
+    ``I;16*`` modes: ``round(v * 255 / 65535)``. ``I`` (16-bit PNGs open as ``I`` in some
+    Pillow versions) and ``F``: as 8-bit when every value lies in 0..255 (``F`` in [0, 1]:
+    times 255), ``I`` as 16-bit when in 0..65535, else scaled from minimum to maximum.
     """
     values = np.asarray(image, dtype=np.float64)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
@@ -66,7 +50,7 @@ def to_8bit(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts a decoded PIL image of any mode to 8-bit RGB (see the module docstring)."""
+    """Converts a decoded PIL image of any mode to 8-bit RGB, transparency onto white."""
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I") or image.mode == "F":
@@ -112,6 +96,3 @@ def open_rgb(
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot read image {path}: {err}") from err
-
-
-__all__ = ["MAX_ASPECT_RATIO", "MAX_PIXELS", "BadImageError", "open_rgb", "to_8bit", "to_rgb"]

@@ -1,9 +1,4 @@
-"""NABirds: 48,562 images of 555 leaf classes (23,929 train / 24,633 test).
-
-Split protocol: the official ``train_test_split.txt``. ``trainval`` is the whole official
-train set, ``train``/``val`` carve a stratified ``val_fraction`` of it, ``test`` is the
-official test set.
-"""
+"""NABirds: 48,562 images of 555 leaf classes, official train/test split (docs/datasets.md)."""
 
 from __future__ import annotations
 
@@ -15,13 +10,10 @@ from bcnn.data.source import DatasetSource
 
 
 class NABirds(CaltechListDataset):
-    """NABirds, with labels over the leaf classes that images use.
+    """NABirds, with labels over the 555 leaf classes that images use (ids sorted).
 
-    ``classes.txt`` also lists the inner nodes of the taxonomy, so class ids are sparse:
-    the label set is the ids used in ``image_class_labels.txt``, sorted numerically and
-    mapped to ``0..554``. Image ids are UUID strings. Options are those of
-    :class:`~bcnn.data.base.FileDataset`; ``bbox_crop`` crops to ``bounding_boxes.txt``.
-    ``root`` is ``data/nabirds`` (holding ``nabirds/``) or ``nabirds/`` itself.
+    Image ids are UUID strings. ``root`` is ``data/nabirds`` (holding ``nabirds/``) or
+    ``nabirds/`` itself; the options are those of :class:`~bcnn.data.base.FileDataset`.
 
     Attributes:
         class_ids: Original id of each label (``class_ids[label]``).
@@ -43,7 +35,9 @@ class NABirds(CaltechListDataset):
 
     def ancestors(self, label: int) -> list[int]:
         """Taxonomy node ids above a label's class, nearest first, up to the root."""
-        chain, node = [], self.class_ids[label]
-        while (node := self.hierarchy.get(node)) is not None and node not in chain:
+        chain: list[int] = []
+        node = self.hierarchy.get(self.class_ids[label])
+        while node is not None and node not in chain:
             chain.append(node)
+            node = self.hierarchy.get(node)
         return chain

@@ -105,6 +105,3 @@ class DatasetSource:
         """Every file with a known name and checksum, downloadable or not."""
         files = [a for archives in self.variants.values() for a in archives]
         return tuple(dict.fromkeys([*files, *self.known_files]))
-
-
-__all__ = ["Archive", "DatasetSource"]

@@ -1,18 +1,8 @@
 """Train and test transforms, built from a dataset config's ``transform`` recipe.
 
-Recipes (the ``recipe`` key), following the published B-CNN protocols:
-
-* ``short_side``: resize the short side to ``size`` (aspect kept), then a random crop of
-  ``size x size`` at train time or the centre crop at test time (CUB, NABirds, iNat).
-* ``square``: resize to ``size x size`` (Cars, MIT Indoor, DTD, FMD).
-* ``resize_crop``: resize to ``resize x resize`` (default ``size * 8 / 7``, 512 for 448),
-  then a random / centre ``size`` crop (Aircraft).
-
-``hflip: true`` adds a random horizontal flip at train time (``augment``), and
-``auto_augment`` (``randaugment`` or ``trivialaugment``, off by default) torchvision's
-RandAugment or TrivialAugmentWide after it, on the uint8 image. Every recipe
+The recipes follow the published B-CNN protocols (table in docs/datasets.md). Every recipe
 ends with a uint8 ``(3, H, W)`` tensor: DataLoader workers hand over 4x fewer bytes than
-float32, and the model converts and normalizes whole batches on its device
+float32, and the model normalizes whole batches on its device
 (``BilinearModel.normalize_input``), so no dataset depends on the backbone.
 """
 
@@ -20,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import torch
 from annotated_types import Interval
@@ -29,18 +19,26 @@ from torchvision.transforms import v2
 from bcnn.limits import Fields, problem
 
 Side = Annotated[int, Interval(ge=1, le=8192)]
-RecipeName = Literal["short_side", "square", "resize_crop"]
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A dataset config's ``transform`` mapping (see the module docstring)."""
+    """A dataset config's ``transform`` mapping.
 
-    recipe: RecipeName = "short_side"
+    Attributes:
+        recipe: ``short_side`` (short side to ``size``, then a random or centre ``size``
+            crop), ``square`` (resize to ``size x size``) or ``resize_crop`` (resize to
+            ``resize x resize``, then the crop).
+        size: Output side.
+        resize: ``resize_crop`` only; default ``size * 8 / 7`` (512 for 448).
+        hflip: A random horizontal flip at train time.
+        auto_augment: torchvision's RandAugment or TrivialAugmentWide at train time.
+    """
+
+    recipe: Literal["short_side", "square", "resize_crop"] = "short_side"
     size: Side = 448
-    resize: Side | None = None  # resize_crop only; default size * 8 / 7
+    resize: Side | None = None
     hflip: bool = True
-    # A random augmentation policy of torchvision on the training images (off: None).
     auto_augment: Literal["randaugment", "trivialaugment"] | None = None
 
     @staticmethod
@@ -52,7 +50,6 @@ class Recipe:
         return None
 
 
-RECIPES: tuple[str, ...] = get_args(RecipeName)
 # The ``transform`` argument of a dataset: a recipe, or any callable on PIL images.
 RecipeMapping = Annotated[Mapping[str, Any], Fields(Recipe)]
 AUTO_AUGMENT = {"randaugment": v2.RandAugment, "trivialaugment": v2.TrivialAugmentWide}
@@ -64,11 +61,8 @@ def build_transforms(
     """Builds the transform for one split.
 
     Args:
-        recipe: The dataset config's ``transform`` mapping: ``recipe`` (one of
-            ``RECIPES``), ``size`` (output side, default 448), ``resize`` (only
-            ``resize_crop``), ``hflip`` (default true) and ``auto_augment`` (a key of
-            ``AUTO_AUGMENT``, default none). ``None`` converts and normalizes only, at the
-            image's own size.
+        recipe: The dataset config's ``transform`` mapping (the fields of :class:`Recipe`);
+            ``None`` converts to a tensor only, at the image's own size.
         augment: Random crop and flip (training) or centre crop (evaluation).
 
     Returns:
@@ -98,6 +92,3 @@ def build_transforms(
             steps.append(AUTO_AUGMENT[r.auto_augment]())
     steps.append(v2.ToPureTensor())
     return v2.Compose(steps)
-
-
-__all__ = ["RECIPES", "Recipe", "RecipeMapping", "build_transforms"]
