@@ -31,7 +31,6 @@ from bcnn.models.normalization import (
 from bcnn.models.shapes import FeatureShape
 from bcnn.ops import TensorSketch, resolve_sqrtm
 from bcnn.ops._utils import compute_dtype, frobenius_norm
-from bcnn.ops.sqrtm import _scale_of
 
 # Newton-Schulz brings an eigenvalue l << 1 of A / ||A||_F closer by a factor ~2.25 per
 # iteration, then converges quadratically. float32 resolves eigenvalues only down to
@@ -86,7 +85,11 @@ def newton_schulz_sqrt(a: Tensor, iters: int, scale: str = "fro") -> Tensor:
         (B, d, d).
     """
     a = (a + _t(a)) * 0.5
-    c = _scale_of(a, scale)
+    if scale == "fro":
+        c = frobenius_norm(a)
+    else:
+        trace = a.diagonal(dim1=-2, dim2=-1).sum(-1)
+        c = trace.clamp_min(torch.finfo(a.dtype).eps)[..., None, None]
     eye = _eye_like(a)
     y = a / c
     z: Tensor | None = None
