@@ -1,18 +1,9 @@
 """Export a trained model: ``bcnn-export RUN --format onnx|torchscript|safetensors --out DIR``.
 
-RUN is a run directory (its selected epoch, ``checkpoints/best.pt``) or a ``.pt``
-checkpoint. The folder receives the model, ``bcnn_export.json`` (classes, input
-convention, transform, checks), ``config.yaml`` and a model card ``README.md``. TorchScript
-and ONNX graphs take uint8 images (``--input float``: [0, 1] floats) and normalize them
-inside; matrix functions computed by an eigendecomposition in training are exported as
-Newton-Schulz iterations (listed in the card). After writing, the exported file is run
-against the eager model on check images and the largest logit difference is reported.
-
-Exit status: 0; 1 on an error; 2 on bad arguments.
-
-Examples:
-    bcnn-export outputs/2026-11-29/15-33-04 --format onnx --out exported/
-    bcnn-export run/checkpoints/best.pt --format torchscript --out ts/ --image-size 448
+RUN is a run directory (its selected epoch) or a ``.pt`` checkpoint; the folder receives
+the model, ``bcnn_export.json``, ``config.yaml`` and a model card, and the written model is
+checked against the eager one (docs/deploy.md). Exit status: 0; 1 on an error; 2 on bad
+arguments.
 """
 
 from __future__ import annotations

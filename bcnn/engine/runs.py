@@ -269,25 +269,31 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     ckpt: dict[str, Any] = load_checkpoint(file)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{file} is not a bcnn training checkpoint (no model and config)")
-    config = OmegaConf.merge(schema(), ckpt["config"])
-    assert isinstance(config, DictConfig)
     weights = ckpt["model"]
     classes = ckpt.get("classes")
     if classes is None:  # checkpoints written before class names were stored
         num_classes = next(v.shape[0] for k, v in weights.items() if k.endswith("bias"))
         classes = [str(i) for i in range(num_classes)]
-    # The weights are about to be replaced: no download, no weights file needed. The input
-    # convention a weights file brought (MatConvNet's) is restored from the checkpoint.
-    with without_weight_sources(config):
-        model = build_model(config, len(classes))
-    if ckpt.get("input_spec"):
-        spec = ckpt["input_spec"]
-        model.set_input_spec(
-            InputSpec(**{k: tuple(v) if k in ("mean", "std") else v for k, v in spec.items()})
-        )
+    config, model = rebuild_model(ckpt["config"], len(classes), ckpt.get("input_spec"))
     model.load_state_dict(weights)
     model.to(device).eval()
     return TrainedModel(model, config, list(classes), file, file.parent.parent)
+
+
+def rebuild_model(
+    config: Any, num_classes: int, input_spec: Mapping[str, Any] | None
+) -> tuple[DictConfig, BilinearModel]:
+    """A saved ``config`` merged onto the schema, and its model for saved weights to fill (no
+    download, no weights file); ``input_spec`` (``InputSpec``'s fields) restores the input
+    convention a weights file brought (MatConvNet's)."""
+    merged = OmegaConf.merge(schema(), config)
+    assert isinstance(merged, DictConfig)
+    with without_weight_sources(merged):
+        model = build_model(merged, num_classes)
+    if input_spec:
+        mean, std = tuple(input_spec["mean"]), tuple(input_spec["std"])
+        model.set_input_spec(InputSpec(mean, std, input_spec["color"], input_spec["scale"]))
+    return merged, model
 
 
 @contextlib.contextmanager

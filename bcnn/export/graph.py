@@ -1,13 +1,9 @@
 """An exportable copy of a trained model: the same function, in operations graphs can hold.
 
-TorchScript (tracing) cannot save the Python autograd Functions of ``bcnn.ops``, the ONNX
-exporter rejects the in-place diagonal updates of the Newton-Schulz iteration, and ONNX
-has no eigendecomposition. Inference needs none of these. ``exportable(model)`` returns a
-deep copy whose normalization steps are written with plain tensor operations and matrix
-products: exact matrix roots, powers and logarithms become Newton-Schulz iterations (a
-note each), and the L2 norm sums in blocks (onnxruntime sums one value after another).
-The table of replacements is in docs/deploy.md. Every replacement computes in float32
-(float64 for float64 input), like the eager steps.
+Tracing cannot save ``bcnn.ops``' autograd Functions, the ONNX exporter rejects in-place
+diagonal updates, and ONNX has no eigendecomposition: ``exportable(model)`` writes each
+step with plain tensor operations and matrix products, in the eager steps' compute dtype
+(the table of replacements is in docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -34,21 +30,17 @@ from bcnn.models.normalization import (
 )
 from bcnn.models.shapes import FeatureShape
 from bcnn.ops import TensorSketch, resolve_sqrtm
-from bcnn.ops._utils import compute_dtype
+from bcnn.ops._utils import compute_dtype, frobenius_norm
 
-# Newton-Schulz multiplies the distance of an eigenvalue l << 1 of A / ||A||_F from
-# convergence by about 2.25 per iteration, then converges quadratically: an eigenvalue
-# ratio r needs about log(1 / r) / log(2.25) iterations plus a few. float32 resolves
-# eigenvalues only down to ~eps * l_max (an exact eigh is no more accurate below), so
-# ratios beyond 1 / eps need no more iterations.
+# Newton-Schulz brings an eigenvalue l << 1 of A / ||A||_F closer by a factor ~2.25 per
+# iteration, then converges quadratically. float32 resolves eigenvalues only down to
+# ~eps * l_max (an exact eigh no better), so ratios beyond 1 / eps need no more iterations.
 _GROWTH = math.log(2.25)
 _QUADRATIC_STEPS = 6
-# The logarithm is log(A) = 2^k log(A^(1/2^k)), with the Gregory series
-# log(R) = 2 atanh(Z) = 2 (Z + Z^3/3 + Z^5/5 + ...), Z = (R - I)(R + I)^-1. After k = 3
-# roots an eigenvalue ratio of 1e-7 (the float32 floor) is 0.13, |z| = 0.77, where 18 odd
-# terms leave 4e-8 (times 2^k). Few roots matter more than few terms: every root's
-# rounding error is multiplied by 2^k (6 roots with a Mercator series were 4x less
-# accurate in float32, measured on 64 x 64 Gram matrices).
+# log(A) = 2^k log(A^(1/2^k)) and log(R) = 2 atanh(Z) = 2 (Z + Z^3/3 + ...), Z = (R - I)
+# (R + I)^-1: after k = 3 roots the float32 floor ratio 1e-7 is 0.13, |z| = 0.77, where 18
+# odd terms leave 4e-8 (times 2^k). Each root's rounding error is multiplied by 2^k: 6
+# roots with a Mercator series were 4x less accurate (float32, 64 x 64 Gram matrices).
 LOG_ROOTS = 3
 LOG_TERMS = 18
 # Newton's iteration for (R + I)^-1 from I / 2: R + I has eigenvalues in (1, 2], so the
@@ -62,20 +54,11 @@ EXP_TERMS = 10
 
 
 def exact_iterations(d: int, eps: float, eps_mode: str, dtype: torch.dtype = torch.float32) -> int:
-    """Newton-Schulz iterations that stand in for an exact root of a ridged (d, d) matrix.
+    """Newton-Schulz iterations that stand in for an exact root of a ridged (d, d) matrix:
+    ceil(log(1 / r) / log(2.25)) + 6 for the smallest eigenvalue ratio r that matters.
 
-    With ``eps_mode="trace"`` the smallest eigenvalue of A + eps tr(A)/d I is at least
-    eps / d times its Frobenius norm; otherwise (or eps = 0) nothing bounds it, and the
-    precision of ``dtype`` sets the ratio that matters.
-
-    Args:
-        d: Matrix size.
-        eps: The step's ridge.
-        eps_mode: ``"trace"`` or ``"abs"``.
-        dtype: Compute dtype.
-
-    Returns:
-        ceil(log(1 / r) / log(2.25)) + 6 for the smallest relevant eigenvalue ratio r.
+    With ``eps_mode="trace"`` (and eps > 0) the ridge eps tr(A)/d I bounds r below by
+    eps / d; otherwise only the precision of the compute ``dtype`` does.
     """
     floor = torch.finfo(dtype).eps
     ratio = max(eps / d, floor) if eps_mode == "trace" and eps > 0 else floor
@@ -90,17 +73,8 @@ def _eye_like(a: Tensor) -> Tensor:
     return torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
 
 
-def _fro(a: Tensor) -> Tensor:
-    """(B, d, d) -> (B, 1, 1) Frobenius norms, floored (any scale c works: A^f = c^f (A/c)^f)."""
-    tiny = torch.finfo(a.dtype).eps
-    return (a * a).sum((-2, -1), keepdim=True).clamp_min(tiny * tiny).sqrt()
-
-
 def newton_schulz_sqrt(a: Tensor, iters: int, scale: str = "fro") -> Tensor:
-    """A^(1/2) by the coupled Newton-Schulz iteration, without in-place updates.
-
-    The iteration of ``bcnn.ops.sqrtm(method="newton_schulz")`` (same scaling, same
-    iterates), written for tracing and export.
+    """A^(1/2): the iterates of ``bcnn.ops.sqrtm(method="newton_schulz")``, not in place.
 
     Args:
         a: (B, d, d) symmetric PSD, float32 or float64.
@@ -112,13 +86,10 @@ def newton_schulz_sqrt(a: Tensor, iters: int, scale: str = "fro") -> Tensor:
     """
     a = (a + _t(a)) * 0.5
     if scale == "fro":
-        c = _fro(a)
+        c = frobenius_norm(a)
     else:
-        c = (
-            a.diagonal(dim1=-2, dim2=-1)
-            .sum(-1)
-            .clamp_min(torch.finfo(a.dtype).eps)[..., None, None]
-        )
+        trace = a.diagonal(dim1=-2, dim2=-1).sum(-1)
+        c = trace.clamp_min(torch.finfo(a.dtype).eps)[..., None, None]
     eye = _eye_like(a)
     y = a / c
     z: Tensor | None = None
@@ -131,24 +102,20 @@ def newton_schulz_sqrt(a: Tensor, iters: int, scale: str = "fro") -> Tensor:
     return y * c.sqrt()
 
 
-def newton_schulz_log(
-    a: Tensor, iters: int, roots: int = LOG_ROOTS, terms: int = LOG_TERMS
-) -> Tensor:
+def newton_schulz_log(a: Tensor, iters: int) -> Tensor:
     """log(A) = log(c) I + 2^k log((A / c)^(1/2^k)): Newton-Schulz roots, a Gregory series.
 
     Args:
         a: (B, d, d) symmetric positive definite.
         iters: Newton-Schulz iterations per root.
-        roots: k.
-        terms: Odd terms of the series 2 atanh(Z).
 
     Returns:
         (B, d, d).
     """
     a = (a + _t(a)) * 0.5
-    c = _fro(a)
+    c = frobenius_norm(a)
     r = a / c
-    for _ in range(roots):
+    for _ in range(LOG_ROOTS):
         r = newton_schulz_sqrt(r, iters)
     eye = _eye_like(a)
     shifted = r + eye
@@ -157,10 +124,10 @@ def newton_schulz_log(
         inverse = inverse @ (eye * 2.0 - shifted @ inverse)
     z = (r - eye) @ inverse
     z2 = z @ z
-    acc = eye / (2 * terms - 1)
-    for j in range(terms - 1, 0, -1):
+    acc = eye / (2 * LOG_TERMS - 1)
+    for j in range(LOG_TERMS - 1, 0, -1):
         acc = eye / (2 * j - 1) + z2 @ acc
-    return (z @ acc) * float(2 ** (roots + 1)) + torch.log(c) * eye
+    return (z @ acc) * float(2 ** (LOG_ROOTS + 1)) + torch.log(c) * eye
 
 
 def newton_schulz_power(a: Tensor, p: float, iters: int) -> Tensor:
@@ -174,7 +141,7 @@ def newton_schulz_power(a: Tensor, p: float, iters: int) -> Tensor:
     Returns:
         (B, d, d).
     """
-    c = _fro(a)
+    c = frobenius_norm(a)
     m = newton_schulz_log(a / c, iters) * (p / 2**EXP_SQUARINGS)
     eye = _eye_like(a)
     e = eye + m / EXP_TERMS
@@ -186,12 +153,9 @@ def newton_schulz_power(a: Tensor, p: float, iters: int) -> Tensor:
 
 
 class ExportTensorSketch(nn.Module):
-    """``TensorSketch`` without the FFT: the same sketch as a scatter of the pooled matrix.
-
-    The Tensor Sketch of M = (1/n) sum_i x_i y_i^T is sum_{a,b} s1(a) s2(b) M_ab
-    e_{(h1(a) + h2(b)) mod D} (the circular convolution of the two count sketches that the
-    eager module computes through ``torch.fft``). Exported FFTs run as plain DFTs in
-    onnxruntime, about 1e-3 off in float32; this form is exact up to summation order.
+    """``TensorSketch`` without the FFT: sum_ab s1(a) s2(b) M_ab e_((h1(a) + h2(b)) mod D) of
+    the pooled M = (1/n) sum_i x_i y_i^T, a scatter. Exported FFTs run as plain DFTs in
+    onnxruntime, about 1e-3 off in float32; this is exact up to summation order.
 
     Args:
         sketch: The trained module (its hashes and signs are copied).
@@ -202,7 +166,7 @@ class ExportTensorSketch(nn.Module):
 
     def __init__(self, sketch: TensorSketch) -> None:
         super().__init__()
-        self.in_dim, self.in_dim2, self.out_dim = sketch.in_dim, sketch.in_dim2, sketch.out_dim
+        self.out_dim = sketch.out_dim
         index = (sketch.h1[:, None] + sketch.h2[None, :]) % sketch.out_dim
         self.register_buffer("index", index.flatten())
         self.register_buffer("sign", (sketch.s1[:, None] * sketch.s2[None, :]).flatten())
@@ -219,11 +183,8 @@ class ExportTensorSketch(nn.Module):
 
 
 class ExportVectorize(Step):
-    """``Vectorize(triu=True)`` with its indices and scale as buffers (no ``triu_indices``).
-
-    Args:
-        d: Matrix size.
-    """
+    """``Vectorize(triu=True)`` of (d, d) matrices with buffers, no ``triu_indices`` (which
+    the ONNX exporter lacks)."""
 
     phase = "vectorize"
     index: Tensor
@@ -241,11 +202,7 @@ class ExportVectorize(Step):
 
 
 class ExportStep(Step):
-    """A step of plain tensor operations: ``function`` of its input.
-
-    Args:
-        function: e.g. ``partial(signed_power, p=0.5, eps=1e-8)``.
-    """
+    """A step of plain tensor operations, e.g. ``partial(signed_power, p=0.5, eps=1e-8)``."""
 
     def __init__(self, function: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
@@ -260,18 +217,15 @@ class ExportStep(Step):
 
 
 def signed_power(z: Tensor, p: float, eps: float) -> Tensor:
-    """sign(z) ((|z| + eps)^p - eps^p): ``SignedPower`` without its custom backward."""
+    """sign(z) ((|z| + eps)^p - eps^p): ``SignedPower`` without its autograd Function (which
+    TorchScript cannot save)."""
     return torch.sign(z) * ((z.abs() + eps).pow(p) - eps**p)
 
 
 def l2_normalize(z: Tensor, eps: float, blocks: int, pad: int) -> Tensor:
-    """``L2Normalize`` whose sum of squares adds ``blocks`` sums of the padded (B, D).
-
-    onnxruntime's ReduceL2 and ReduceSum add float32 values one after the other: over the
-    262,144 values of a 512-channel bilinear descriptor the norm was 4e-5 off on
-    photographs, and every logit with it (docs/deploy.md). Sums of about sqrt(D) values
-    each are as accurate as torch's own reduction.
-    """
+    """``L2Normalize`` of (B, ...) whose sum of squares adds ``blocks`` sums of the padded
+    (B, D): onnxruntime sums float32 values one after another, 4e-5 off over a 512-channel
+    descriptor (docs/deploy.md); sums of about sqrt(D) values are as accurate as torch's."""
     flat = z.flatten(1)
     squares = F.pad(flat * flat, (0, pad)).unflatten(1, (blocks, -1))
     norm = squares.sum(-1).sum(-1, keepdim=True).sqrt().clamp_min(eps)
@@ -279,14 +233,11 @@ def l2_normalize(z: Tensor, eps: float, blocks: int, pad: int) -> Tensor:
 
 
 class ExportMatrixFunction(MatrixStep):
-    """A matrix step as products only: ``function`` of A + ridge (+ floor I).
+    """A matrix step as products only: ``function`` of A + ridge (``eps``, ``eps_mode``) +
+    ``floor`` I (the eager eigenvalue floor of a logarithm or power).
 
     Args:
         function: (B, d, d) -> (B, d, d), e.g. ``partial(newton_schulz_sqrt, iters=23)``.
-        eps: The eager step's ridge.
-        eps_mode: Its ridge mode.
-        floor: Added to the diagonal after the ridge (the eager eigenvalue floor of a
-            logarithm or power).
     """
 
     def __init__(
@@ -362,12 +313,10 @@ def exportable(model: BilinearModel) -> tuple[BilinearModel, list[str]]:
     shape = copied.pooling.output_shape
     device_type = next(copied.parameters()).device.type
     steps = copied.normalization.steps
-    for name in list(steps.keys()):
-        step = steps[name]
-        new, note = _replacement(name, step, shape, device_type)
-        steps[name] = new
-        if note:
-            notes.append(note)
+    for name, step in list(steps.items()):
+        assert isinstance(step, Step)  # a NormalizationChain holds steps only
+        steps[name], note = _replacement(name, step, shape, device_type)
+        notes += [note] if note else []
         shape = step.output_shape(shape)
     sketch = getattr(copied.pooling, "sketch", None)
     if isinstance(sketch, TensorSketch):

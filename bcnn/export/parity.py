@@ -1,12 +1,6 @@
-"""The exported model checked against the eager one, on images like those it will meet.
-
-Three sets of check images: natural-statistics images (:func:`natural_images`) at the
-export size and at another (twice it below 224 px, else half), and a few of the run's
-own test images when its data is at hand. Uniform noise is no stand-in for
-photographs: it hid a 4e-4 logit error of ResNet-18 bilinear models on photographs, and
-at the 32 px of the built-in dataset a ResNet's map is 1 x 1 (docs/deploy.md). The
-reference is the eager model evaluated in float64, the exact value of its function; the
-float32 eager model's own distance from it is reported beside.
+"""The exported model checked against the eager model in float64 (the exact value of its
+function), on natural-statistics images at two sizes and on the run's own test images:
+uniform noise hid a 4e-4 logit error on photographs (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -39,10 +33,9 @@ DISCS = 300
 def natural_images(size: int, count: int = 3, seed: int = 0) -> torch.Tensor:
     """Images with the statistics of photographs: the dead-leaves model.
 
-    Opaque discs of random colour occlude one another; their radii have density ~ r^-3
-    between size/64 and size/3, which gives the scale invariance and the 1/f^2 power
-    spectrum of natural images. A smooth illumination field and a little sensor noise
-    are added.
+    Opaque discs of random colour whose radii have density ~ r^-3 between size/64 and
+    size/3 (scale invariance, the 1/f^2 power spectrum of photographs), under a smooth
+    illumination field, with a little sensor noise.
 
     Args:
         size: Side in pixels.
@@ -112,16 +105,10 @@ def check(
     config: DictConfig,
     input_dtype: str,
 ) -> dict[str, Any]:
-    """The parity report of the written ``file``, one row per set of check images.
+    """The parity report of the written ``file`` against the eager ``model``.
 
-    A graph that runs only at its export size is recorded in ``meta`` (input and notes).
-
-    Args:
-        model: The eager model.
-        meta: The export metadata (its ``input.size`` is the export size).
-        file: The exported model.
-        config: The run's config (its dataset gives the test images).
-        input_dtype: ``uint8`` or ``float``.
+    A graph that runs only at its export size (``meta["input"]["size"]``) is recorded in
+    ``meta`` (input and notes). ``config``'s dataset gives the test images.
 
     Returns:
         ``at_size``, ``other_size`` and ``test_images`` rows (images, size, the largest

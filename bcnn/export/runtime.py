@@ -1,20 +1,13 @@
 """Class probabilities from any trained model: a run, a checkpoint or an exported model.
 
-``load_predictor(path)`` accepts
-
-* a run directory or a ``.pt`` training checkpoint (``bcnn.engine.runs.load_trained``);
-* an export folder written by ``bcnn-export`` (it holds ``bcnn_export.json``);
-* an exported file on its own: ``model.onnx`` (onnxruntime) or a TorchScript file; both
-  carry their metadata (classes, input convention, transform) inside.
-
-and returns a :class:`Predictor`: the class names, the evaluation transform of the
-training run (PIL image -> uint8 (3, H, W)) and ``probabilities(images)``, flip-averaged
-when the run evaluated with flips (``trainer.test_flip``).
+``load_predictor`` returns a :class:`Predictor`: class names, the run's evaluation transform
+and ``probabilities(images)``, flip-averaged as the run evaluated (docs/deploy.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import warnings
 import zipfile
@@ -24,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+from safetensors.torch import load_model
 
 from bcnn.data.transforms import build_transforms
 from bcnn.engine.placement import resolve_device
+from bcnn.engine.runs import load_trained, rebuild_model
 
 METADATA = "bcnn_export.json"
 # ONNX metadata_props key holding the same JSON.
@@ -108,29 +103,16 @@ def _reading(file: Path, what: str) -> Iterator[None]:
 def optional_module(name: str) -> Any:
     """``onnx`` or ``onnxruntime``, or an ImportError naming the extra that installs it."""
     try:
-        if name == "onnxruntime":
-            import onnxruntime
-
-            return onnxruntime
-        import onnx
-
-        return onnx
+        return importlib.import_module(name)
     except ImportError as err:
         raise ImportError(f"ONNX models need {name}: pip install 'bcnn[export]'") from err
 
 
-def _transform(recipe: Mapping[str, Any] | None) -> Callable[[Any], torch.Tensor]:
-    return build_transforms(dict(recipe) if recipe else None, augment=False)
-
-
 def _from_run(path: Path, device: torch.device) -> Predictor:
-    from bcnn.engine.runs import load_trained
-
     trained = load_trained(path, device=device)
-    recipe = trained.config.dataset.get("transform")
     return Predictor(
         classes=trained.classes,
-        transform=_transform(OmegaConf.to_container(recipe) if recipe else None),  # type: ignore[arg-type]
+        transform=build_transforms(trained.config.dataset.get("transform") or None, False),
         flip=bool(trained.config.trainer.test_flip),
         kind="checkpoint",
         run_logits=trained.model,
@@ -186,11 +168,15 @@ def from_export(meta: Mapping[str, Any], file: Path, device: torch.device) -> Pr
             run = torch.jit.load(str(file), map_location=device).eval()
     else:
         with _reading(file.parent, "a safetensors export bcnn can rebuild"):
-            run = load_safetensors_model(file.parent, meta).to(device)
+            spec = meta["input"]["normalized_inside"]
+            config = OmegaConf.load(file.parent / "config.yaml")
+            _, model = rebuild_model(config, len(meta["classes"]), spec)
+            load_model(model, str(file))
+            run = model.eval().to(device)
     size = meta["input"].get("fixed_size")
     return Predictor(
         classes=list(meta["classes"]),
-        transform=_transform(meta.get("transform")),
+        transform=build_transforms(meta.get("transform") or None, augment=False),
         flip=bool(meta.get("test_flip", False)),
         kind=fmt,
         run_logits=run,
@@ -200,33 +186,12 @@ def from_export(meta: Mapping[str, Any], file: Path, device: torch.device) -> Pr
     )
 
 
-def load_safetensors_model(folder: Path, meta: Mapping[str, Any]) -> torch.nn.Module:
-    """The eager ``BilinearModel`` of a safetensors export ``folder`` (its ``config.yaml``
-    and weights, described by ``meta``), in eval mode on the CPU."""
-    from safetensors.torch import load_model
-
-    from bcnn.config import schema
-    from bcnn.engine.runs import without_weight_sources
-    from bcnn.models import build_model
-    from bcnn.models.inputs import InputSpec
-
-    config = OmegaConf.merge(schema(), OmegaConf.load(folder / "config.yaml"))
-    assert isinstance(config, DictConfig)
-    with without_weight_sources(config):
-        model = build_model(config, len(meta["classes"]))
-    spec = meta["input"]["normalized_inside"]
-    model.set_input_spec(
-        InputSpec(tuple(spec["mean"]), tuple(spec["std"]), spec["color"], float(spec["scale"]))
-    )
-    load_model(model, str(folder / meta["file"]))
-    return model.eval()
-
-
 def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
     """A :class:`Predictor` for a run directory, checkpoint, export folder or exported file.
 
     Args:
-        path: See the module docstring.
+        path: A run directory, a ``.pt`` checkpoint, a folder bcnn-export wrote, or its
+            ``.onnx`` / TorchScript file (both carry their metadata).
         device: ``cpu``, ``cuda[:N]`` or ``auto``; ONNX models run on the CPU unless
             onnxruntime has its CUDA provider.
 

@@ -1,15 +1,6 @@
-"""Writes a trained model as safetensors, TorchScript or ONNX, with its metadata and card.
-
-An export folder holds::
-
-    model.safetensors | model.torchscript.pt | model.onnx   the model
-    bcnn_export.json     classes, input convention, transform, notes, parity (also inside
-                         the TorchScript and ONNX files)
-    config.yaml          the run's resolved config
-    README.md            the model card (template: ``bcnn/resources/model_card.yaml``)
-
-TorchScript and ONNX hold the whole function from images to logits (``bcnn.export.graph``);
-the written file is loaded back and checked against the eager model (``bcnn.export.parity``).
+"""Writes a trained model as safetensors, TorchScript or ONNX, with ``bcnn_export.json``, the
+run's ``config.yaml`` and a model card ``README.md`` (``bcnn/resources/model_card.yaml``).
+The written file is loaded back and checked against the eager model (``parity``).
 """
 
 from __future__ import annotations
@@ -18,7 +9,7 @@ import datetime as _dt
 import json
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,34 +27,29 @@ from bcnn.export.runtime import METADATA, ONNX_METADATA_KEY, optional_module, qu
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("safetensors", "torchscript", "onnx")
 FILENAMES = {
     "safetensors": "model.safetensors",
     "torchscript": "model.torchscript.pt",
     "onnx": "model.onnx",
 }
+FORMATS = tuple(FILENAMES)
 INPUT_DTYPES = ("uint8", "float")
 ONNX_OPSET = 17
 CARD = "model_card.yaml"
+MODEL_PARTS = ("backbone", "pooling", "normalization", "classifier")  # the card's config
 # Export size when the run's config names none (no transform size, no image_size).
 DEFAULT_SIZE = 224
 
 
 @dataclass
 class ExportResult:
-    """What ``export_trained`` wrote.
-
-    Attributes:
-        folder: The export folder.
-        model_file: The model inside it.
-        metadata: The content of ``bcnn_export.json``.
-        notes: Steps computed differently in the exported graph.
-    """
+    """What ``export_trained`` wrote: the ``model_file`` in ``folder``, the content of
+    ``bcnn_export.json`` and the ``notes`` on steps computed differently in the graph."""
 
     folder: Path
     model_file: Path
     metadata: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
+    notes: list[str]
 
 
 def _accuracies(trained: TrainedModel) -> dict[str, Any]:
@@ -71,10 +57,8 @@ def _accuracies(trained: TrainedModel) -> dict[str, Any]:
     if results.is_file():
         data = json.loads(results.read_text())
         keys = ("test_acc", "test_mean_class_acc", "val_acc", "val_mean_class_acc", "dataset")
-        out = {k: data.get(k) for k in keys}
-        out["stages"] = data.get("stages", {})
-        out["source"] = str(results)
-        return out
+        found = {k: data.get(k) for k in keys}
+        return found | {"stages": data.get("stages", {}), "source": str(results)}
     stages = load_checkpoint(trained.checkpoint).get("stage_results") or {}
     return {"stages": stages, "source": f"{trained.checkpoint} (run not finished)"}
 
@@ -111,8 +95,7 @@ def _write_model(
 
 
 def _embed(file: Path, fmt: str, meta: str) -> None:
-    """Puts the metadata into the TorchScript or ONNX file (safetensors exports keep it
-    beside the weights only)."""
+    """Puts the metadata into a TorchScript or ONNX file (safetensors: beside it only)."""
     if fmt == "torchscript":
         with quiet_jit():
             torch.jit.save(torch.jit.load(str(file)), str(file), _extra_files={METADATA: meta})
@@ -144,12 +127,7 @@ def _metadata(
             "size": [size, size],
             "dynamic_axes": ["batch", "height", "width"],
             "fixed_size": None,
-            "normalized_inside": {
-                "mean": list(spec.mean),
-                "std": list(spec.std),
-                "color": spec.color,
-                "scale": spec.scale,
-            },
+            "normalized_inside": {**asdict(spec), "mean": list(spec.mean), "std": list(spec.std)},
         },
         "output": {"name": "logits", "shape": ["batch", len(trained.classes)]},
         "transform": OmegaConf.to_container(recipe) if recipe else None,
@@ -185,8 +163,7 @@ def export_trained(
         What was written.
 
     Raises:
-        ValueError: an unknown format or input dtype, or a model step with no exportable
-            form (naming its config key).
+        ValueError: an unknown format or input dtype, or a step with no exportable form.
         ImportError: ONNX export without the onnx package.
     """
     if fmt not in FORMATS:
@@ -219,31 +196,16 @@ def export_trained(
     return ExportResult(folder, file, meta, notes)
 
 
-def _fmt_acc(value: Any) -> str:
-    return "n/a" if value is None else f"{float(value):.2f}%"
-
-
-def _model_parts(config: DictConfig) -> str:
-    """The backbone, pooling, normalization and classifier config as YAML."""
-    keys = ("backbone", "pooling", "normalization", "classifier")
-    parts = OmegaConf.create({k: OmegaConf.to_container(config[k]) for k in keys})
-    return OmegaConf.to_yaml(parts).rstrip()
-
-
 def _accuracy_table(acc: dict[str, Any]) -> str:
     """Markdown table of the run's test / val accuracies and the test accuracy per stage."""
-    rows = [
-        "| split | top-1 | mean per class |",
-        "|---|---:|---:|",
-        f"| test | {_fmt_acc(acc.get('test_acc'))} | {_fmt_acc(acc.get('test_mean_class_acc'))} |",
-        f"| val | {_fmt_acc(acc.get('val_acc'))} | {_fmt_acc(acc.get('val_mean_class_acc'))} |",
-    ]
-    for stage, values in (acc.get("stages") or {}).items():
-        rows.append(
-            f"| test after stage `{stage}` | {_fmt_acc(values.get('test_acc'))} | "
-            f"{_fmt_acc(values.get('test_mean_class_acc'))} |"
-        )
-    return "\n".join(rows)
+    rows = [("test", acc, "test"), ("val", acc, "val")]
+    rows += [(f"test after stage `{s}`", v, "test") for s, v in (acc.get("stages") or {}).items()]
+    lines = ["| split | top-1 | mean per class |", "|---|---:|---:|"]
+    for name, values, split in rows:
+        cells = (values.get(f"{split}_acc"), values.get(f"{split}_mean_class_acc"))
+        shown = ("n/a" if v is None else f"{float(v):.2f}%" for v in cells)
+        lines.append(f"| {name} | {' | '.join(shown)} |")
+    return "\n".join(lines)
 
 
 def model_card(meta: dict[str, Any], config: DictConfig) -> str:
@@ -266,7 +228,7 @@ def model_card(meta: dict[str, Any], config: DictConfig) -> str:
         flip=text["flip"][bool(meta["test_flip"])],
         run=text["run"][meta["format"]].format(file=meta["file"], pixel=pixel),
         accuracies=_accuracy_table(acc),
-        parts=_model_parts(config),
+        parts=OmegaConf.to_yaml({k: config[k] for k in MODEL_PARTS}).rstrip(),
         notes="\n".join(f"- {n}" for n in meta["notes"]) or "- none: every step exports as it runs",
         check=parity_text(meta.get("parity", {})),
         classes=", ".join(shown),
