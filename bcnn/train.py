@@ -1,7 +1,6 @@
 """Hydra entry point: ``python train.py``, ``python -m bcnn.train`` and ``bcnn-train``.
 
-What happens around a run or a sweep (one run directory under torchrun, the sweep
-summary, ...) are the Hydra callbacks of ``bcnn.cli.callbacks``, named in configs/train.yaml.
+What happens around a run or a sweep is in the Hydra callbacks of ``bcnn.cli.callbacks``.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from bcnn.engine import train
 from bcnn.errors import user_errors
 
 log = logging.getLogger(__name__)
-# What the task function may return (``hparams_search.optimized_metric``): validation
-# metrics only, so that a search never selects on the test split.
+# Validation metrics only: a search never selects on the test split.
 OPTIMIZABLE = ("val_acc", "val_mean_class_acc")
 
 
@@ -46,8 +44,8 @@ def optimized_metric(cfg: DictConfig) -> str:
 def objective(results: Mapping[str, Any], metric: str = "val_acc") -> float:
     """The number a sweep optimizes: ``results[metric]`` in percent, always a number.
 
-    Without a validation split (``dataset.val_fraction=0``) the last epoch's training
-    accuracy (``metrics.csv``) stands in, with a warning; NaN when there is none either.
+    Without a validation split the last epoch's training accuracy (``metrics.csv``) stands
+    in, with a warning; NaN when there is none either.
     """
     value = results.get(metric)
     if value is not None and math.isfinite(float(value)):
@@ -77,8 +75,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """Trains one configuration (or a ``-m`` sweep, or an ``hparams_search``); returns
-    ``hparams_search.optimized_metric`` (default ``val_acc``) to Hydra's sweepers."""
+    """Trains one configuration, a ``-m`` sweep or an ``hparams_search``."""
     check_overrides("bcnn-train", "train")
     _hydra_main()
 

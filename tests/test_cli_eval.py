@@ -20,6 +20,7 @@ from bcnn.config import instantiate
 from bcnn.data.synthetic import SyntheticDataset
 from bcnn.engine import train
 from bcnn.engine.runs import TrainedModel, load_trained
+from bcnn.errors import ConfigError
 from tests.conftest import compose_config, run_train
 
 SMOKE = ["debug=smoke", "dataset.trainval_size=120", "dataset.test_size=60"]
@@ -93,6 +94,17 @@ def test_eval_rejects_a_dataset_with_other_classes(run_dir: Path, tmp_path: Path
         run_eval(cfg, tmp_path)
     with pytest.raises(ValueError, match="'split'"):
         run_eval(eval_config(f"checkpoint={run_dir}", "split=dev"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["split=dev", "precision=64", "batch_size=0", "num_workers=-1", "flip=yes", "top_confused=-1"],
+)
+def test_a_bad_option_is_refused_before_the_checkpoint_is_read(option: str, tmp_path: Path):
+    key = option.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^Invalid config value for '{key}'"):
+        run_eval(eval_config(f"checkpoint={tmp_path / 'none.pt'}", option), tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_new_data_dir_moves_the_run_dataset_root(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""bcnn-viz shows its progress (the optimizations, the report's evaluation) as training
-does: tqdm bars on stderr, off with progress=false."""
+"""bcnn-viz runs as a command, and shows its progress (the optimizations, the report's
+evaluation) as training does: tqdm bars on stderr, off with progress=false."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from hydra import compose, initialize_config_module
 
 from bcnn.engine import train
 from bcnn.viz.app import visualize
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_train
 
 TEXTURE = ["kind=texture", "backbone=small", "backbone.channels=[4]", "dataset=synthetic"]
 TEXTURE += ["dataset.test_size=2", "viz.texture.steps=3", "viz.texture.scales=[0.5,1.0]"]
@@ -55,3 +56,11 @@ def test_every_kind_shows_its_progress(
         assert (bar in err) == progress, bar
     if progress:
         assert "0/3" in err and "0/4" in err  # the bars count steps
+
+
+def test_the_bcnn_viz_command_writes_into_its_run_dir(tmp_path: Path) -> None:
+    script = [sys.executable, "-m", "bcnn.cli.viz"]
+    args = [*TEXTURE, "progress=false", f"hydra.run.dir={tmp_path}"]
+    proc = run_train(args, script=script, full_error=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "texture.png").stat().st_size > 0

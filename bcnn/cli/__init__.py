@@ -1,7 +1,3 @@
-"""The console scripts, the top layer: ``bcnn-eval`` (``evaluate``), ``bcnn-viz`` (``viz``),
-``bcnn-prepare-data`` (``prepare_data``), ``bcnn-reproduce`` and ``bcnn-summarize-sweep``
-(``reproduce``) beside ``bcnn-train`` (``bcnn/train.py``) are Hydra applications that run
-``overrides.check_overrides`` first; ``bcnn-predict`` and ``bcnn-export`` take file paths
-(argparse). ``callbacks`` holds train's Hydra callbacks, ``errors`` the one-message
-handling of user errors.
-"""
+"""The console scripts, the top layer: Hydra applications (``evaluate``, ``viz``,
+``prepare_data``, ``reproduce``, with ``bcnn/train.py``) that run ``overrides.check_overrides``
+first, and argparse ones that take file paths (``predict``, ``export``)."""

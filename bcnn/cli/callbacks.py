@@ -1,9 +1,6 @@
-"""The Hydra callbacks of ``bcnn-train`` (``hydra.callbacks`` in ``configs/train.yaml``).
-
-Before a run: one run directory for every torchrun process, claimed before Hydra writes
-there (a resumed run keeps its own). Before a sweep: a SLURM launcher needs a cluster, and a
-search leaves out the settings of stages that do not run. After a sweep: ``summary.csv``
-and ``summary.md``.
+"""The Hydra callbacks of ``bcnn-train`` (``hydra.callbacks`` in ``configs/train.yaml``):
+one run directory for every torchrun process, claimed before Hydra writes there; a SLURM
+launcher only on a cluster; no search over stages that do not run; a sweep's summary.
 """
 
 from __future__ import annotations
@@ -26,15 +23,14 @@ PROG = "bcnn-train"
 
 
 class TrainCallbacks(Callback):
-    """What ``bcnn-train`` does around Hydra's runs and sweeps (module docstring)."""
+    """What ``bcnn-train`` does around Hydra's runs and sweeps."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Fixes ``hydra.run.dir`` before Hydra writes ``.hydra/`` into it.
 
-        Rank 0 settles the directory (``settle_run_dir``: a fresh run claims it, a resumed
-        run uses its own) and every torchrun process follows, since each would resolve
-        ``${now:...}`` itself; only rank 0 writes Hydra's files and log. A refused run
-        exits with one message and writes nothing.
+        Rank 0 settles it (a fresh run claims it, a resumed run keeps its own) and every
+        torchrun process follows, since each would resolve ``${now:...}`` itself; only rank
+        0 writes Hydra's files and log. A refused run exits with one message, writing nothing.
         """
         env = D.env_from_torchrun()
         D.init()
@@ -67,9 +63,9 @@ class TrainCallbacks(Callback):
             )
         if launcher == "slurm" and OmegaConf.is_missing(config.hydra.launcher, "partition"):
             sys.exit(f"{PROG}: error: set hydra.launcher.partition=<your GPU partition>")
-        params = config.hydra.sweeper.get("params") or {}
+        params = config.hydra.sweeper.get("params")
         idle = [s for s in STAGES if s not in config.trainer.stages]
-        unused = [k for k in params if k.split(".")[:2] in (["trainer", s] for s in idle)]
+        unused = [k for k in params or () if k.split(".")[:2] in (["trainer", s] for s in idle)]
         if unused:
             stages = list(config.trainer.stages)
             log.info("Not searching %s: trainer.stages=%s", ", ".join(unused), stages)

@@ -61,7 +61,8 @@ def check_overrides(prog: str, config_name: str, argv: Sequence[str] | None = No
             if arg.startswith(prefix) and find_spec(module) is None:
                 sys.exit(f"{prog}: error: {arg} needs a plugin: pip install 'bcnn[{extra}]'")
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        # (line, parsed override): Hydra's Override types its input_line as optional.
+        parsed = list(zip(overrides, OverridesParser.create().parse_overrides(overrides)))
     except HydraException:
         return  # Hydra says where the override does not parse
     with initialize_config_module("bcnn.configs", version_base="1.3"):
@@ -75,13 +76,12 @@ def check_overrides(prog: str, config_name: str, argv: Sequence[str] | None = No
         # Top-level groups and Hydra's own (hydra/launcher): listing deeper is slow.
         hydra_groups = [f"hydra/{g}" for g in loader.list_groups("hydra")]
         groups = dict.fromkeys([*loader.list_groups(""), *hydra_groups])
-        selected = [o for o in parsed if o.key_or_group in groups]
-        if any(o.is_sweep_override() for o in selected):
+        selected = [(line, o) for line, o in parsed if o.key_or_group in groups]
+        if any(o.is_sweep_override() for _, o in selected):
             return
         try:
-            cfg = loader.load_configuration(
-                config_name, [o.input_line for o in selected], RunMode.MULTIRUN
-            )
+            lines = [line for line, _ in selected]
+            cfg = loader.load_configuration(config_name, lines, RunMode.MULTIRUN)
         except (HydraException, OmegaConfBaseException):
             return  # an unknown option of a group: Hydra's message lists the options
     keys = dict.fromkeys(_paths(OmegaConf.to_container(cfg, resolve=False)))  # in order
@@ -91,14 +91,14 @@ def check_overrides(prog: str, config_name: str, argv: Sequence[str] | None = No
         value = "false" if flags[0].startswith("--no-") else (nxt or ["true"])[0]
         hint = _did_you_mean(name, f"{name}={value}", keys, groups)
         sys.exit(f"{prog}: error: {flags[0]}: {prog} takes key=value arguments{hint}")
-    for o in parsed:
+    for line, o in parsed:
         key = o.key_or_group
         if key in groups or key in keys or o.is_add() or o.is_force_add() or o.is_delete():
             continue
-        hint = _did_you_mean(key, o.input_line, keys, groups)
+        hint = _did_you_mean(key, line, keys, groups)
         sys.exit(
-            f"{prog}: error: {o.input_line}: no key or group {key!r} in {config_name}"
-            + (hint or f" (+{o.input_line} adds one; --cfg job prints the config)")
+            f"{prog}: error: {line}: no key or group {key!r} in {config_name}"
+            + (hint or f" (+{line} adds one; --cfg job prints the config)")
         )
 
 

@@ -1,11 +1,9 @@
-"""``bcnn-prepare-data``: download, install and verify the benchmark datasets.
+"""``bcnn-prepare-data dataset=<name> [verify=true]`` (= ``python scripts/prepare_data.py``):
+download, install and verify the benchmark datasets (``configs/prepare_data.yaml``,
+docs/datasets.md). Without ``dataset=`` it lists them, their sources and layouts.
 
-A Hydra application (``configs/prepare_data.yaml`` lists its keys and examples; ``python
-scripts/prepare_data.py`` runs the same): ``bcnn-prepare-data dataset=cub [verify=true]``.
-Without ``dataset=`` it lists the datasets, where each comes from and the layout it needs.
-
-Exit status: 0 on success; 1 when files are missing or unreadable, a download or checksum
-failed, or a dataset has no public download (its manual steps are printed).
+Exit status 1: files missing or unreadable, a failed download or checksum, or a dataset
+with no public download (its manual steps are printed).
 """
 
 from __future__ import annotations
@@ -26,10 +24,10 @@ from tqdm import tqdm
 
 from bcnn.cli.overrides import check_overrides
 from bcnn.config import instantiate
-from bcnn.data.base import BadImageError, FileDataset, Record
+from bcnn.data.base import FileDataset, Record
 from bcnn.data.download import DATA_ENV, install_local, mirror_url, prepare
 from bcnn.data.source import DatasetSource
-from bcnn.errors import user_errors
+from bcnn.errors import BadImageError, user_errors
 
 PROG = "bcnn-prepare-data"
 
@@ -38,7 +36,8 @@ PROG = "bcnn-prepare-data"
 def loaders() -> dict[str, type[FileDataset]]:
     """Config name -> loader class, for every dataset config whose target reads files."""
     found = {}
-    for path in sorted(resources.files("bcnn.configs").joinpath("dataset").iterdir()):
+    folder = resources.files("bcnn.configs").joinpath("dataset")
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
         target = yaml.safe_load(path.read_text(encoding="utf-8")).get("_target_")
         cls = get_class(target) if target else None
         if isinstance(cls, type) and issubclass(cls, FileDataset):
@@ -73,36 +72,21 @@ def dataset_help() -> str:
     return "\n\n".join(blocks)
 
 
-def scan_images(
-    dataset: FileDataset, workers: int = 8, progress: bool = True
-) -> list[tuple[str, str]]:
-    """Decodes every image of a dataset in ``workers`` threads (PIL releases the GIL).
-
-    Returns:
-        ``(path, problem)`` for each missing or unreadable file, in record order.
-    """
-
-    def check(record: Record) -> tuple[str, str] | None:
-        path = dataset.root / record.path
-        if not path.is_file():
-            return str(path), "missing"
-        try:
-            dataset.load_image(record)
-        except BadImageError as err:
-            return str(path), f"unreadable ({err.__cause__ or err})"
-        return None
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(check, dataset.records)
-        bar = tqdm(results, total=len(dataset), desc="verify", disable=not progress)
-        return [r for r in bar if r]
+def _problem(dataset: FileDataset, record: Record) -> tuple[str, str] | None:
+    """``(path, "missing" | "unreadable (...)")`` for a bad image, None for a good one."""
+    path = dataset.root / record.path
+    if not path.is_file():
+        return str(path), "missing"
+    try:
+        dataset.load_image(record)
+    except BadImageError as err:
+        return str(path), f"unreadable ({err.__cause__ or err})"
+    return None
 
 
 def verify(cfg: DictConfig) -> tuple[int, list[tuple[str, str]]]:
-    """Parses a prepared dataset and decodes every image of its official splits.
-
-    Args:
-        cfg: The composed ``configs/prepare_data.yaml`` (its ``dataset`` node and ``root``).
+    """Parses a prepared dataset as training would and decodes every image of its official
+    splits, in ``cfg.workers`` threads (PIL releases the GIL).
 
     Returns:
         ``(number of images checked, [(path, problem), ...])``.
@@ -117,9 +101,12 @@ def verify(cfg: DictConfig) -> tuple[int, list[tuple[str, str]]]:
             cfg.dataset, root=str(cfg.root), split=split, augment=False, on_bad_image="fail"
         )
         # Splits may share images (DTD partitions do not, but be safe): check each once.
-        dataset.records = [r for r in dataset.records if r.path not in seen]
-        seen.update(r.path for r in dataset.records)
-        problems += scan_images(dataset, int(cfg.workers), bool(cfg.progress))
+        records = [r for r in dataset.records if r.path not in seen]
+        seen.update(r.path for r in records)
+        with ThreadPoolExecutor(max_workers=int(cfg.workers)) as pool:
+            found = pool.map(functools.partial(_problem, dataset), records)
+            bar = tqdm(found, total=len(records), desc="verify", disable=not cfg.progress)
+            problems += [p for p in bar if p]
     return len(seen), problems
 
 
@@ -145,9 +132,6 @@ def _download(cfg: DictConfig, source: DatasetSource, root: Path) -> int:
 
 def prepare_data(cfg: DictConfig) -> int:
     """Installs ``cfg.archive`` files, else downloads, and verifies with ``verify=true``.
-
-    Args:
-        cfg: The composed ``configs/prepare_data.yaml``.
 
     Returns:
         The exit status (module docstring).
@@ -192,6 +176,6 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """``bcnn-prepare-data``: see the module docstring."""
+    """``bcnn-prepare-data``: prepares a dataset."""
     check_overrides(PROG, "prepare_data")
     _hydra_main()

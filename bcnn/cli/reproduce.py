@@ -1,10 +1,7 @@
-"""``bcnn-reproduce``: train and report a published table, one Hydra multirun of train.py
-with one job per row; and ``bcnn-summarize-sweep``, the summary of any sweep.
-
-``bcnn-reproduce`` is a Hydra application (``configs/reproduce.yaml`` lists its keys and
-examples; ``python scripts/reproduce.py`` runs the same). An override for every job is
-added with a ``+``, Hydra's syntax for a key the config does not have:
-``bcnn-reproduce table=bmvc17_table2 collect=true +trainer.device=cuda``.
+"""``bcnn-reproduce`` (= ``python scripts/reproduce.py``, ``configs/reproduce.yaml``):
+train and report a published table, one Hydra multirun of train.py with a job per row; an
+override for every job is added with a ``+`` (``+trainer.device=cuda``). And
+``bcnn-summarize-sweep``, the summary of any sweep.
 """
 
 from __future__ import annotations
@@ -96,19 +93,18 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """``bcnn-reproduce``: see the module docstring."""
+    """``bcnn-reproduce``: trains and reports a published table."""
     check_overrides(PROG, "reproduce")
     _hydra_main()
 
 
 def summarize_main(argv: Sequence[str] | None = None) -> int:
-    """``bcnn-summarize-sweep <sweep_dir> [out_dir]``: writes ``summary.csv`` and
-    ``summary.md`` of every job of a multirun (default: into it) and prints the Markdown.
-
-    Returns:
-        The exit status: 0, or 1 when the folder holds no job.
-    """
-    parser = argparse.ArgumentParser(prog="bcnn-summarize-sweep", description=__doc__)
+    """``bcnn-summarize-sweep <sweep_dir> [out_dir]``; returns 1 when the folder holds no job."""
+    parser = argparse.ArgumentParser(
+        prog="bcnn-summarize-sweep",
+        description="Writes summary.csv and summary.md of every job of a multirun (default: "
+        "into it) and prints the Markdown.",
+    )
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory of train.py")
     parser.add_argument("out_dir", type=Path, nargs="?", help="where to write (the sweep)")
     args = parser.parse_args(argv)

@@ -1,7 +1,5 @@
-"""``bcnn-viz`` (also ``python -m bcnn.cli.viz``): what a model learned, as pictures.
-
-A Hydra application (``configs/viz.yaml``, docs/visualize.md) around
-``bcnn.viz.app.visualize``.
+"""``bcnn-viz`` (= ``python -m bcnn.cli.viz``): what a model learned, as pictures; a Hydra
+application (``configs/viz.yaml``, docs/visualize.md) around ``bcnn.viz.app.visualize``.
 """
 
 from __future__ import annotations
@@ -9,8 +7,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from bcnn.errors import user_errors
 from bcnn.cli.overrides import check_overrides
+from bcnn.errors import user_errors
 from bcnn.viz.app import visualize
 
 PROG = "bcnn-viz"
