@@ -1,16 +1,9 @@
 """Checkpoints: written atomically with the previous one kept, read without running code.
 
-Format: ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts, and
-NumPy's random-generator state), read back with ``torch.load(weights_only=True)`` and
-:func:`safe_globals` as the only allowed non-torch types, so a crafted file cannot run
-code when passed to ``trainer.resume`` or to a command that loads a trained model.
-
-Writing (:func:`save_checkpoint`): the new file is written to a temporary file beside
-the target and flushed to disk; the current file becomes ``<name>.prev.pt``; the new one
-takes its place. A crash at any moment leaves a complete ``last.pt`` or
-``last.prev.pt`` (or both), and :func:`load_resumable` falls back to the previous one
-when the newest is missing or unreadable. Temporary files of a killed write are removed
-by the next write and by a resume.
+A checkpoint is a plain dict saved by ``torch.save`` and read with ``weights_only=True``
+(``bcnn.io.safe_load``), so a crafted file cannot run code. A crash at any moment leaves a
+complete ``last.pt`` or ``last.prev.pt``, and :func:`load_resumable` falls back to the
+previous one when the newest is missing or unreadable.
 """
 
 from __future__ import annotations
@@ -135,11 +128,9 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> None:
 
 
 def link_checkpoint(src: str | Path, dst: str | Path) -> None:
-    """Makes ``dst`` the same checkpoint as ``src`` (atomically), without writing it again.
-
-    A hard link where the filesystem has them (checkpoints are replaced by renames, never
-    rewritten in place, so the two names never disagree), else a copy.
-    """
+    """Makes ``dst`` the same checkpoint as ``src`` (atomically): a hard link where the
+    filesystem has them (checkpoints are replaced by renames, never rewritten in place, so
+    the two names never disagree), else a copy."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.link{TMP_SUFFIX}")
     tmp.unlink(missing_ok=True)
@@ -225,16 +216,8 @@ RESUME_KEYS = ("model", "config", "stage_index", "next_epoch", "history", "rng")
 
 
 def load_resumable(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The newest usable checkpoint among ``path`` and its ``.prev`` sibling.
-
-    A missing, corrupt or incomplete ``last.pt`` (a crash during its write, a full disk)
-    is reported in the log and the previous checkpoint is used instead.
-
-    Args:
-        path: The checkpoint named by ``resolve_checkpoint``.
-
-    Returns:
-        ``(file, checkpoint)``.
+    """``(file, checkpoint)``: the newest usable one of ``path`` and its ``.prev`` sibling
+    (a missing, corrupt or incomplete ``path`` is logged).
 
     Raises:
         CheckpointError: neither file can be used; names both and why.

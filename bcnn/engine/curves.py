@@ -1,7 +1,7 @@
 """Training curves of one run (``curves.png``), drawn by the loggers.
 
-Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
-switch), so they work on headless machines and inside training processes.
+Drawn on an Agg canvas without pyplot (no global backend switch), so they work on headless
+machines and inside training processes.
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ def figure(width: float, height: float) -> Figure:
 
 
 def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
-    """Loss and accuracy per epoch, one colour per stage, from a run's ``metrics.csv``.
-
-    The stages are drawn one after the other on a common epoch axis (a dashed line marks
-    where fine-tuning starts). Validation curves are left out when the run has no
-    validation split (all NaN).
+    """Loss and accuracy per epoch from a run's ``metrics.csv``, the stages one after the
+    other in their own colours (a dotted line where one starts); no validation curve
+    without a validation split.
 
     Args:
         metrics_csv: ``metrics.csv`` with columns ``stage, epoch, train_loss, train_acc,
-            val_acc`` (``lr``, ``val_mean_class_acc``, ``seconds`` are not needed).
+            val_acc``.
         out_png: Where to write the figure; its folder is created.
 
     Returns:
@@ -47,9 +45,8 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
     df["step"] = np.arange(1, len(df) + 1)
     fig = figure(10, 3.8)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    colors = {}
     for i, (stage, part) in enumerate(df.groupby("stage", sort=False)):
-        color = colors.setdefault(stage, f"C{i}")
+        color = f"C{i}"
         ax_loss.plot(part["step"], part["train_loss"], "-o", ms=3, color=color, label=stage)
         ax_acc.plot(
             part["step"], part["train_acc"], "-o", ms=3, color=color, label=f"{stage} train"

@@ -8,15 +8,8 @@ from bcnn.engine import distributed as D
 
 
 class ConfusionMeter:
-    """Accumulates a confusion matrix; gives top-1 and mean per-class accuracy.
-
-    The matrix stays on the device of the predictions: updates cost no host
-    synchronisation; the accuracies read it once.
-
-    Args:
-        num_classes: Number of classes.
-        device: Where the matrix lives.
-    """
+    """A confusion matrix accumulated on ``device`` (updates cost no host synchronisation);
+    gives top-1 and mean per-class accuracy."""
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
         self.num_classes = num_classes

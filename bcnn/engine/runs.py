@@ -1,9 +1,8 @@
 """A run's directory: claimed by one run, identified, and read back as a trained model.
 
 A fresh run claims its directory by creating ``run_id.txt`` exclusively (of two runs
-started at once, one gets it); under ``train.py`` :func:`settle_run_dir` does so before
-Hydra writes there. Every checkpoint carries the id: a resume refuses another run's.
-Every command that uses a trained model starts at :func:`load_trained`.
+started at once, one gets it); every checkpoint carries the id, so a resume refuses
+another run's. Commands that use a trained model start at :func:`load_trained`.
 """
 
 from __future__ import annotations
@@ -31,13 +30,13 @@ from bcnn.engine.checkpoint import (
 from bcnn.models import BilinearModel, build_model
 from bcnn.models.inputs import InputSpec
 
-# Files whose presence means a directory holds a run; the first is the claim (the run's id),
-# the last three are its work (without them, a failed fresh run gives the directory back).
+# Files that mean a directory holds a run: first the claim (the run's id), last its work
+# (without which a failed fresh run gives the directory back).
 RUN_FILES = ("run_id.txt", "config.yaml", "metrics.csv", "results.json", "checkpoints")
 # Directories claimed by this process's Hydra callback, awaiting their run: path -> run id.
 _CLAIMED: dict[Path, str] = {}
-# Keys of the command line that win over a resumed checkpoint's config: they change
-# where and how fast the run executes, not what it computes.
+# Command-line keys that win over a resumed run's config: where and how fast it runs, not
+# what it computes.
 RUNTIME_KEYS = ("device", "num_workers", "progress")
 
 log = logging.getLogger(__name__)
@@ -47,49 +46,28 @@ class RunDirectoryError(FileExistsError):
     """A fresh run was pointed at a directory that holds another run."""
 
 
-def run_dir_in_use(output_dir: str | Path) -> str | None:
-    """Why a fresh run may not use ``output_dir`` (it holds another run), or None."""
-    output_dir = Path(output_dir)
+def _claim(output_dir: Path) -> str:
+    """Claims ``output_dir`` for a fresh run; returns the run's new id.
+
+    Raises:
+        RunDirectoryError: the directory holds another run.
+    """
+    with contextlib.suppress(FileExistsError):  # another run created run_id.txt first
+        if not any((output_dir / name).exists() for name in RUN_FILES):
+            with (output_dir / RUN_FILES[0]).open("x") as f:
+                f.write(run_id := secrets.token_hex(8))
+            return run_id
     found = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if not found:
-        return None
-    return (
+    raise RunDirectoryError(
         f"{output_dir} already holds a run ({', '.join(found)}): resume it with "
         f"trainer.resume={output_dir}, or choose another directory (hydra.run.dir=<new "
         "folder>, or paths.output_dir=<new folder> when calling bcnn.engine.train)."
     )
 
 
-def claim_run_dir(output_dir: Path) -> str:
-    """Claims ``output_dir`` for a fresh run (or takes this process's callback claim).
-
-    Returns:
-        The new run's id, written to ``run_id.txt``.
-
-    Raises:
-        RunDirectoryError: the directory holds another run.
-    """
-    claimed = _CLAIMED.pop(output_dir.resolve(), None)
-    return claimed if claimed is not None else _claim(output_dir)
-
-
-def _claim(output_dir: Path) -> str:
-    problem = run_dir_in_use(output_dir)
-    if problem is None:
-        run_id = secrets.token_hex(8)
-        try:
-            with (output_dir / RUN_FILES[0]).open("x") as f:
-                f.write(run_id)
-            return run_id
-        except FileExistsError:
-            problem = run_dir_in_use(output_dir)
-    raise RunDirectoryError(problem)
-
-
 def release_run_dir(output_dir: Path | None) -> None:
-    """Gives the directory of a fresh run back when the run failed before any work (a
-    config error, a missing dataset): its claim and config are removed. ``None``: the
-    directories this process's Hydra callback claimed."""
+    """Gives back the directory of a fresh run that failed before any work (its claim and
+    config are removed); ``None``: those this process's Hydra callback claimed."""
     for folder in [output_dir] if output_dir is not None else list(_CLAIMED):
         _CLAIMED.pop(folder.resolve(), None)
         if not any((folder / name).exists() for name in RUN_FILES[2:]):
@@ -100,15 +78,15 @@ def release_run_dir(output_dir: Path | None) -> None:
 def resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any], Path]:
     """The config, checkpoint and checkpoint file of the run ``trainer.resume`` names.
 
-    The config is the one the run was started with, typed like a composed one, with the
-    command line's ``RUNTIME_KEYS`` and the run's own directory.
+    The config is the run's own, with the command line's ``RUNTIME_KEYS`` and the run's
+    directory.
 
     Raises:
         FileNotFoundError: no checkpoint there.
         CheckpointError: no usable one.
     """
     path, ckpt = load_resumable(resolve_checkpoint(cfg.trainer.resume))
-    saved = OmegaConf.merge(schema(), ckpt["config"])
+    saved = _saved_config(ckpt)
     with open_dict(saved):
         for key in RUNTIME_KEYS:
             saved.trainer[key] = cfg.trainer[key]
@@ -118,11 +96,18 @@ def resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any], Path]:
     return saved, ckpt, path
 
 
+def _saved_config(ckpt: Mapping[str, Any]) -> DictConfig:
+    """A checkpoint's config, typed like a composed one."""
+    config = OmegaConf.merge(schema(), ckpt["config"])
+    assert isinstance(config, DictConfig)
+    return config
+
+
 def open_run(
     output_dir: Path, ckpt: Mapping[str, Any] | None, path: Path | None, env: D.DistEnv
 ) -> str:
-    """The run's id, on every process: rank 0 claims the directory of a fresh run, or
-    checks that a resumed checkpoint belongs to it (``resumed_run_id``).
+    """The run's id, on every process: rank 0 claims the directory of a fresh run (or takes
+    its Hydra callback's claim), or checks that a resumed checkpoint belongs to it.
 
     Raises:
         RunDirectoryError: the directory holds another run.
@@ -132,8 +117,10 @@ def open_run(
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         try:
-            fresh = ckpt is None or path is None
-            outcome = claim_run_dir(output_dir) if fresh else resumed_run_id(output_dir, ckpt, path)
+            if ckpt is None or path is None:
+                outcome = _CLAIMED.pop(output_dir.resolve(), None) or _claim(output_dir)
+            else:
+                outcome = resumed_run_id(output_dir, ckpt, path)
         except (RunDirectoryError, CheckpointError) as err:
             outcome = err
     outcome = D.broadcast_object(outcome)
@@ -143,9 +130,8 @@ def open_run(
 
 
 def resumed_run_id(output_dir: Path, ckpt: Mapping[str, Any], path: Path) -> str:
-    """The id of the run ``ckpt`` resumes, which must be the one of ``output_dir``.
-
-    A checkpoint or directory from before runs had ids passes (the directory gets one).
+    """The id of the run ``ckpt`` resumes, which must be that of ``output_dir`` (a
+    checkpoint or directory from before runs had ids passes; the directory gets one).
 
     Raises:
         CheckpointError: another run wrote the checkpoint; names both runs.
@@ -187,7 +173,7 @@ def settle_run_dir(config: DictConfig) -> tuple[str, bool]:
 
     A resumed run (``trainer.resume``) runs in its own directory; a fresh one claims
     ``hydra.run.dir`` now, so that a refused run writes nothing there (not even Hydra's
-    ``.hydra/``). A run given ``paths.output_dir`` claims that directory itself.
+    ``.hydra/``); one given ``paths.output_dir`` claims that later.
 
     Args:
         config: The composed config with its ``hydra`` node.
@@ -228,31 +214,11 @@ class TrainedModel:
     run_dir: Path
 
 
-def resolve_trained(path: str | Path) -> Path:
-    """A run directory (its ``checkpoints/best.pt``, else ``last.pt``) or a ``.pt`` file.
-
-    Raises:
-        FileNotFoundError: naming what was looked for.
-    """
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    for name in ("best.pt", "last.pt"):
-        candidate = path / "checkpoints" / name
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{path}: neither a checkpoint file nor a run directory with checkpoints/best.pt or "
-        "checkpoints/last.pt. Pass the folder a training run wrote (outputs/<date>/<time>) "
-        "or one of its .pt files."
-    )
-
-
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Rebuilds a trained model from a run directory or checkpoint file.
 
-    The weights of a run directory are those of its selected epoch (``best.pt``; a run
-    without a validation split selects its last epoch, so ``best.pt`` holds it as well).
+    A run directory gives its selected epoch (``checkpoints/best.pt``; without a validation
+    split, the last epoch), else ``checkpoints/last.pt``.
 
     Args:
         path: Run directory or ``.pt`` checkpoint written by ``bcnn-train``.
@@ -265,12 +231,19 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         FileNotFoundError: no checkpoint at ``path``.
         ValueError: the checkpoint does not hold a bcnn model.
     """
-    file = resolve_trained(path)
-    ckpt: dict[str, Any] = load_checkpoint(file)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+    path = Path(path).expanduser()
+    found = [path / "checkpoints" / name for name in ("best.pt", "last.pt")]
+    file = next((f for f in [path, *found] if f.is_file()), None)
+    if file is None:
+        raise FileNotFoundError(
+            f"{path}: neither a checkpoint file nor a run directory with checkpoints/best.pt "
+            "or checkpoints/last.pt. Pass the folder a training run wrote "
+            "(outputs/<date>/<time>) or one of its .pt files."
+        )
+    ckpt = load_checkpoint(file)
+    if "config" not in ckpt:
         raise ValueError(f"{file} is not a bcnn training checkpoint (no model and config)")
-    config = OmegaConf.merge(schema(), ckpt["config"])
-    assert isinstance(config, DictConfig)
+    config = _saved_config(ckpt)
     weights = ckpt["model"]
     classes = ckpt.get("classes")
     if classes is None:  # checkpoints written before class names were stored
@@ -280,10 +253,9 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     # convention a weights file brought (MatConvNet's) is restored from the checkpoint.
     with without_weight_sources(config):
         model = build_model(config, len(classes))
-    if ckpt.get("input_spec"):
-        spec = ckpt["input_spec"]
+    if spec := ckpt.get("input_spec"):
         model.set_input_spec(
-            InputSpec(**{k: tuple(v) if k in ("mean", "std") else v for k, v in spec.items()})
+            InputSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
         )
     model.load_state_dict(weights)
     model.to(device).eval()
@@ -292,8 +264,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
 
 @contextlib.contextmanager
 def without_weight_sources(config: DictConfig) -> Iterator[None]:
-    """Sets every ``pretrained`` of the backbone config to false, and every ``weights`` whose
-    file is gone to null, for the block."""
+    """For the block, sets every ``pretrained`` of the backbone config to false, and every
+    ``weights`` whose file is gone to null."""
     saved: list[tuple[DictConfig, str, Any]] = []
 
     def visit(node: Any) -> None:
