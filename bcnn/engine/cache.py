@@ -2,10 +2,9 @@
 
 :func:`build_cache` stores the descriptors of each image (and of its mirror image) as a
 memory-mapped ``(images, views, D)`` array in a folder named by a hash of all that
-determines them, so a second run reuses it. Writing is
-safe against a full disk (space reserved up front, rows written with ``pwrite``: an
-``OSError`` naming the sizes, never a SIGBUS of a memory-mapped write) and against other
-runs (a partial folder of its own, renamed into place under a per-key lock).
+determines them, so a second run reuses it. Writing is safe against a full disk (space
+reserved up front: an ``OSError`` naming the sizes, never a SIGBUS) and against other runs
+(a partial folder of its own, renamed into place under a per-key lock).
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ class _Store:
     """
 
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any) -> None:
-        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.dtype = np.dtype(dtype)
         self.row_bytes = shape[1] * shape[2] * self.dtype.itemsize
         with path.open("rb") as f:
             np.lib.format.read_magic(f)
@@ -98,15 +97,12 @@ class _Store:
             self.offset = f.tell()
         self.fd = os.open(path, os.O_WRONLY)
 
-    @classmethod
-    def create(cls, path: Path, shape: tuple[int, int, int], dtype: Any) -> None:
+    @staticmethod
+    def create(path: Path, shape: tuple[int, int, int], dtype: Any) -> None:
         """Writes the header and reserves the space of the data."""
-        header = {
-            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-            "fortran_order": False,
-            "shape": shape,
-        }
+        descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
         with path.open("wb") as f:
+            header = {"descr": descr, "fortran_order": False, "shape": shape}
             np.lib.format.write_array_header_1_0(f, header)
             size = f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
             f.flush()
@@ -236,10 +232,7 @@ def build_cache(
         identity: What besides the weights determines the descriptors (hashed).
         views: 1, or 2 to add the mirror image of every image.
         dtype: ``float32`` or ``float16`` storage.
-        batch_size: Images per forward pass.
-        device: Where the model lives.
         precision: Autocast setting of the backbone.
-        num_workers: DataLoader workers.
         env: The distributed environment: each process computes its share of images.
         progress: Show a progress bar over this process's batches.
 
@@ -264,7 +257,7 @@ def build_cache(
 
 @dataclass(frozen=True)
 class _Job:
-    """One cache to write: the arguments of ``build_cache`` and the key they hash to."""
+    """The arguments of ``build_cache`` and the key they hash to."""
 
     model: BilinearModel
     dataset: Split
@@ -316,17 +309,13 @@ def _write(job: _Job) -> None:
 
 
 def _reserve(job: _Job, tmp: Path) -> None:
-    """Rank 0 clears killed runs' leftovers and creates ``tmp`` with the array's full size.
-
-    Raises:
-        OSError: On every process when rank 0 could not (a full disk names the fixes).
-    """
+    """Rank 0 clears killed runs' leftovers and creates ``tmp`` with the array's full size;
+    when it cannot, every process raises its ``OSError`` (a full disk names the fixes)."""
     error: tuple[int | None, str] | None = None
     if job.env.is_main:
-        n, views, dim = job.shape
         log.info(
             "Caching %d x %d descriptors of dimension %d (%s): %s in %s",
-            n, views, dim, job.dtype, human_bytes(job.size), job.folder / job.key,
+            *job.shape, job.dtype, human_bytes(job.size), job.folder / job.key,
         )  # fmt: skip
         for stale in job.folder.glob(f".{job.key}.*.partial"):  # killed runs (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
@@ -347,11 +336,8 @@ def _reserve(job: _Job, tmp: Path) -> None:
 
 
 def _compute(job: _Job, store: _Store) -> np.ndarray:
-    """Writes this process's share of descriptors into ``store``, then closes it.
-
-    Returns:
-        (N,) labels of every image, summed over the processes.
-    """
+    """Writes this process's share of descriptors into ``store`` and closes it; returns the
+    (N,) labels of every image, summed over the processes."""
     model, n = job.model, len(job.dataset)
     labels = np.zeros(n, dtype=np.int64)
     rows = list(range(job.env.rank, n, job.env.world_size))

@@ -8,6 +8,7 @@ previous one when the newest is missing or unreadable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -62,24 +63,18 @@ def previous_path(path: str | Path) -> Path:
 
 def remove_temporaries(folder: str | Path) -> None:
     """Deletes what interrupted writes left in ``folder`` (``.<name>.*.tmp``)."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for stale in folder.glob(f".*{TMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+    for stale in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
     # The renames themselves reach the disk only with the directory's entry.
-    try:
+    with contextlib.suppress(OSError):  # Windows, filesystems without directory fsync
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - filesystems without directory fsync
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -146,10 +141,8 @@ def link_checkpoint(src: str | Path, dst: str | Path) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Turns ``trainer.resume`` (a run directory or a checkpoint file) into a file path.
-
-    A run directory gives ``checkpoints/last.pt``, or ``checkpoints/last.prev.pt`` when a
-    crash left only that one.
+    """Turns ``trainer.resume`` (a run directory: its ``checkpoints/last.pt``, or a
+    checkpoint file) into a file path; the file or its ``.prev`` sibling exists.
 
     Raises:
         FileNotFoundError: naming what was looked for.
@@ -226,12 +219,9 @@ def load_resumable(path: str | Path) -> tuple[Path, dict[str, Any]]:
     remove_temporaries(path.parent)
     problems = []
     for candidate in (path, previous_path(path)):
-        if not candidate.is_file():
-            problems.append(f"{candidate}: missing")
-            continue
         try:
             ckpt = load_checkpoint(candidate)
-        except CheckpointError as err:
+        except (FileNotFoundError, CheckpointError) as err:
             problems.append(str(err))
             continue
         missing = [k for k in RESUME_KEYS if k not in ckpt]

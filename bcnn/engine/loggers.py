@@ -131,8 +131,6 @@ class TensorBoardLogger(Logger):
     wrote after the checkpoint (``purge_step``), so no point appears twice.
 
     Args:
-        output_dir: The run directory.
-        run_config: The resolved config, recorded as text.
         log_dir: Sub-folder of the event files (``tensorboard --logdir <run dir>``).
         flush_secs: How often the writer flushes to disk.
     """
@@ -204,11 +202,8 @@ class WandbLogger(Logger):
 
     Args:
         output_dir: The run directory; wandb's files go under it.
-        run_config: The resolved config, recorded by wandb.
-        project: wandb project name.
-        entity: wandb entity (team or user); ``None`` uses the account's default.
+        entity: wandb team or user; ``None``: the account's default.
         mode: ``offline`` (default: nothing leaves the machine), ``online`` or ``disabled``.
-        tags: Run tags.
         name: Run name shown by wandb (``None``: wandb picks one).
     """
 
@@ -228,8 +223,7 @@ class WandbLogger(Logger):
             project=project, entity=entity, mode=mode, tags=list(tags), name=name,
             dir=str(output_dir), config=dict(run_config or {}),
         )  # fmt: skip
-        # wandb ids are lowercase letters and digits; this one is chosen here so that the
-        # checkpoint can keep it before the run starts.
+        # Chosen here (wandb ids: lowercase letters and digits) for checkpoints to keep.
         self.run_id: str = secrets.token_hex(6)
         self._run: Any = None
 
@@ -250,8 +244,7 @@ class WandbLogger(Logger):
 
     def log_summary(self, results: Mapping[str, Any]) -> None:
         """Sets the run's summary to the final results."""
-        for key, value in _numbers(results).items():
-            self.run.summary[key] = value
+        self.run.summary.update(_numbers(results))
 
     def close(self) -> None:
         if self._run is not None:
@@ -273,11 +266,8 @@ class Loggers(Logger):
     """Several loggers behind the interface of one; the CSV logger is always among them.
 
     Args:
-        output_dir: The run directory.
-        run_config: The resolved config.
         **backends: Logger config nodes by name (``_target_`` plus options), built with
-            ``output_dir`` and ``run_config``; ``None`` values are dropped
-            (``logger.wandb=null``). A ``csv`` key is added when missing.
+            ``output_dir`` and ``run_config``; ``None`` values are dropped.
     """
 
     def __init__(

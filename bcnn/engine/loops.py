@@ -1,10 +1,8 @@
-"""One training epoch and one evaluation pass, as plain functions (like torchvision's
-classification references: the model owns its input convention and its frozen parts).
-
-Loss sums, correct counts and the first non-finite loss stay on the device: the host reads
-them once per epoch, and every ``check_every`` steps to stop a diverged epoch early. The loss
-is computed in float32, so under fp16 a non-finite loss is real divergence or a forward
-overflow, never one of the GradScaler's skipped steps.
+"""One training epoch and one evaluation pass, as plain functions (the model owns its input
+convention and its frozen parts), and the sums they return. The sums stay on the device: the
+host reads them once per epoch, and every ``check_every`` steps to stop a diverged epoch
+early. The loss is float32, so under fp16 a non-finite loss is real divergence, never a
+GradScaler's skipped step.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from torch import nn
 from tqdm import tqdm
 
 from bcnn.engine import distributed as D
-from bcnn.engine.metrics import ConfusionMeter
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,6 +71,42 @@ class EpochStats:
         )
 
 
+class ConfusionMeter:
+    """A confusion matrix accumulated on ``device`` (updates cost no host synchronisation);
+    gives top-1 and mean per-class accuracy."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        """Adds a batch: scores (B, num_classes), integer targets (B,)."""
+        pred = scores.argmax(dim=1).to(self.matrix.device)
+        idx = targets.to(self.matrix.device) * self.num_classes + pred
+        self.matrix += torch.bincount(idx, minlength=self.num_classes**2).view_as(self.matrix)
+
+    def all_reduce(self) -> ConfusionMeter:
+        """Sums the matrix over the processes of a distributed run (in place)."""
+        self.matrix = D.all_reduce_sum(self.matrix)
+        return self
+
+    @property
+    def count(self) -> int:
+        """Number of samples seen."""
+        return int(self.matrix.sum())
+
+    def accuracy(self) -> float:
+        """Top-1 accuracy in percent (NaN before any update)."""
+        n = self.count
+        return float(self.matrix.diag().sum()) * 100.0 / n if n else float("nan")
+
+    def mean_class_accuracy(self) -> float:
+        """Mean over the classes present of per-class accuracy, in percent (NaN: none)."""
+        per_class = self.matrix.sum(dim=1)
+        present = per_class > 0
+        return float((self.matrix.diag()[present].double() / per_class[present]).mean()) * 100.0
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -97,19 +130,13 @@ def train_one_epoch(
     batches of B / k images, ``grad_accum=k`` takes the step one batch of B images would.
 
     Args:
-        model: Maps images (B, 3, H, W) to logits (B, C); may be wrapped in
-            ``DistributedDataParallel``.
+        model: Maps images (B, 3, H, W) to logits (B, C); may be a DDP wrapper.
         loader: Yields ``(images, labels (B,))``.
-        optimizer: Optimizer over the trainable parameters.
-        device: Where the model lives.
         scaler: Loss scaler (fp16), if any.
         precision: ``32``, ``bf16`` or ``fp16`` (autocast dtype).
-        grad_accum: Batches per optimizer step.
         grad_clip: Max global gradient norm, applied to unscaled gradients.
-        max_batches: Stop after this many batches.
         desc: Label of a progress bar; ``None`` shows none.
-        check_every: Stop the epoch at a non-finite loss, looked for (by all processes
-            together) every this many steps.
+        check_every: Steps between looks (by all processes together) for a non-finite loss.
         label_smoothing: Weight of the uniform distribution in the targets.
         mix: Maps a batch and its labels (B,) to mixed images and soft targets (B, C)
             (mixup, cutmix); accuracy still counts against the labels.
@@ -136,8 +163,7 @@ def train_one_epoch(
             logits = model(images)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         sync = (step + 1) % grad_accum == 0 or step + 1 == total
-        # Under DistributedDataParallel, gradients are all-reduced only on the last
-        # micro-batch of an accumulation.
+        # Under DDP, gradients are all-reduced only on an accumulation's last micro-batch.
         no_sync = getattr(model, "no_sync", None)
         with contextlib.nullcontext() if sync or no_sync is None else no_sync():
             scaler.scale(loss / grad_accum).backward()
@@ -177,12 +203,9 @@ def evaluate(
     max_batches: int | None = None,
     desc: str | None = None,
 ) -> ConfusionMeter:
-    """Evaluates ``model`` (images (B, 3, H, W) -> logits (B, num_classes)) on ``loader``.
-
-    Args:
-        flip: Average the softmax of each image and of its horizontal mirror.
-        max_batches: Stop after this many batches.
-        desc: Label of a progress bar; ``None`` shows none.
+    """Evaluates ``model`` (images (B, 3, H, W) -> logits (B, num_classes)) on at most
+    ``max_batches`` of ``loader``, averaging the softmax of each image and of its mirror
+    image with ``flip`` (a progress bar labelled ``desc`` unless None).
 
     Returns:
         The confusion matrix of this process's batches (on ``device``).

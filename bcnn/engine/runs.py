@@ -35,8 +35,7 @@ from bcnn.models.inputs import InputSpec
 RUN_FILES = ("run_id.txt", "config.yaml", "metrics.csv", "results.json", "checkpoints")
 # Directories claimed by this process's Hydra callback, awaiting their run: path -> run id.
 _CLAIMED: dict[Path, str] = {}
-# Command-line keys that win over a resumed run's config: where and how fast it runs, not
-# what it computes.
+# Command-line keys that win over a resumed run's config (where and how fast, not what).
 RUNTIME_KEYS = ("device", "num_workers", "progress")
 
 log = logging.getLogger(__name__)
@@ -76,10 +75,8 @@ def release_run_dir(output_dir: Path | None) -> None:
 
 
 def resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any], Path]:
-    """The config, checkpoint and checkpoint file of the run ``trainer.resume`` names.
-
-    The config is the run's own, with the command line's ``RUNTIME_KEYS`` and the run's
-    directory.
+    """The config (the run's own, with the command line's ``RUNTIME_KEYS``), checkpoint and
+    checkpoint file of the run ``trainer.resume`` names.
 
     Raises:
         FileNotFoundError: no checkpoint there.
@@ -169,17 +166,12 @@ def file_log(output_dir: Path, enabled: bool) -> Iterator[None]:
 
 
 def settle_run_dir(config: DictConfig) -> tuple[str, bool]:
-    """The run directory, chosen before Hydra writes into it (by rank 0 of a run).
+    """``(directory, resumed)``: the run directory of a composed config with its ``hydra``
+    node, chosen before Hydra writes there (by rank 0 of a run).
 
-    A resumed run (``trainer.resume``) runs in its own directory; a fresh one claims
-    ``hydra.run.dir`` now, so that a refused run writes nothing there (not even Hydra's
-    ``.hydra/``); one given ``paths.output_dir`` claims that later.
-
-    Args:
-        config: The composed config with its ``hydra`` node.
-
-    Returns:
-        ``(directory, resumed)``; Hydra must not write a second record into a resumed run.
+    A resumed run (``trainer.resume``) runs in its own directory (where Hydra must not
+    write a second record); a fresh one claims ``hydra.run.dir`` now, so that a refused run
+    writes nothing there; one given ``paths.output_dir`` claims that later.
 
     Raises:
         RunDirectoryError: the directory holds another run.
@@ -197,15 +189,9 @@ def settle_run_dir(config: DictConfig) -> tuple[str, bool]:
 
 @dataclass
 class TrainedModel:
-    """A model with what it was trained on.
-
-    Attributes:
-        model: The model in eval mode (uint8 or [0, 1] images in, logits out).
-        config: The run's resolved config (typed like a composed one).
-        classes: Class names; ``classes[i]`` names logit i.
-        checkpoint: The file the weights came from.
-        run_dir: The run directory (the checkpoint's grandparent).
-    """
+    """A model in eval mode (uint8 or [0, 1] images in, logits out) with its run's resolved
+    config, its class names (``classes[i]`` names logit i), its checkpoint file and its run
+    directory (the checkpoint's grandparent)."""
 
     model: BilinearModel
     config: DictConfig
@@ -215,17 +201,9 @@ class TrainedModel:
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """Rebuilds a trained model from a run directory or checkpoint file.
-
-    A run directory gives its selected epoch (``checkpoints/best.pt``; without a validation
-    split, the last epoch), else ``checkpoints/last.pt``.
-
-    Args:
-        path: Run directory or ``.pt`` checkpoint written by ``bcnn-train``.
-        device: Where to put the model.
-
-    Returns:
-        The model in eval mode, its config and class names.
+    """Rebuilds a trained model from a ``.pt`` checkpoint or a run directory: its selected
+    epoch (``checkpoints/best.pt``; without a validation split, the last), else
+    ``checkpoints/last.pt``.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.

@@ -87,12 +87,10 @@ def stage_inputs(run: _Run, stage: str) -> StageInputs:
     for role, (split, ds) in run.splits.items():
         if role == "val" and len(ds) == 0:
             continue
-        # The training split with the evaluation transform: the cache holds the centre
-        # view of each image (and its mirror image).
+        # The cache holds the centre view of each training image (and its mirror image).
         ds = run.train_view() if role == "train" else ds
         identity = {"dataset": dataset, "split": split, "precision": str(trainer.precision)}
-        # A limited run (trainer.limit_*_batches, debug=smoke) reads only the first
-        # batches: cache only those images.
+        # A limited run (limit_*_batches, debug=smoke) reads only the first batches: cache those.
         limit, size = trainer.limit_eval_batches, batch_size
         if role == "train":
             limit, size = trainer.limit_train_batches, node.batch_size
@@ -159,16 +157,8 @@ def mixing(stage: StageConfig, num_classes: int) -> Callable | None:
 
 
 class Stage:
-    """The optimization of one stage of a run, resumed from ``resume`` when given.
-
-    Args:
-        run: The run (``bcnn.engine.trainer._Run``: model, config, logger, evaluate, ...).
-        index: The stage's position in ``trainer.stages``.
-        name: ``linear`` or ``finetune``.
-        inputs: What the stage reads (``bcnn.engine.cache.stage_inputs``).
-        resume: The checkpoint the run resumes from in this stage, if any.
-        start_epoch: The first epoch to train.
-    """
+    """The optimization of stage ``name`` (at ``index`` in ``trainer.stages``) of ``run``,
+    resumed from the checkpoint ``resume`` at ``start_epoch`` when given."""
 
     def __init__(
         self,
@@ -339,8 +329,8 @@ class Stage:
 
 
 def fit_on_cache(run: _Run, index: int, name: str, inputs: StageInputs) -> Selection:
-    """A classifier that fits on cached descriptors in one go (``trains_on_cache``:
-    ``fit(features, labels)`` gives its ``objective`` and ``train_accuracy``), as one epoch.
+    """Fits a ``trains_on_cache`` classifier on cached descriptors in one go, as one epoch
+    (``fit(features, labels)`` gives its ``objective`` and ``train_accuracy``).
 
     Raises:
         ValueError: the stage does not read the feature cache.

@@ -31,8 +31,7 @@ from bcnn.engine import distributed as D
 from bcnn.engine import placement, runs
 from bcnn.engine.cache import Split
 from bcnn.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint
-from bcnn.engine.loops import EpochStats, autocast, evaluate
-from bcnn.engine.metrics import ConfusionMeter
+from bcnn.engine.loops import ConfusionMeter, EpochStats, autocast, evaluate
 from bcnn.engine.stage import Selection, Stage, StageInputs, fit_on_cache, stage_inputs
 from bcnn.errors import ConfigError, DivergenceError
 from bcnn.models import BilinearModel, build_model
@@ -89,21 +88,17 @@ def _check_stages(trainer: DictConfig, world_size: int) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Runs a complete training job described by a composed config.
-
-    Args:
-        cfg: The composed config (see ``configs/train.yaml``); validated first.
+    """Runs the training job of a composed config (``configs/train.yaml``), validated first.
 
     Returns:
-        The content of ``results.json``: ``test_acc``, ``test_mean_class_acc``,
-        ``val_acc``, ``val_mean_class_acc`` (percent, of the final model), ``stages``
-        (the same keys per stage) and ``output_dir``.
+        The content of ``results.json``: ``test_acc``, ``test_mean_class_acc``, ``val_acc``,
+        ``val_mean_class_acc`` (percent, of the final model), ``stages`` (the same keys per
+        stage) and ``output_dir``.
 
     Raises:
         ConfigError: an invalid config value (a ``ValueError``), naming the key.
         FileNotFoundError: a missing dataset file or resume checkpoint.
-        CheckpointError: no usable checkpoint to resume from, or another run's (a
-            ``ValueError``).
+        CheckpointError: no usable checkpoint to resume from, or another run's.
         RunDirectoryError: a fresh run pointed at another run's directory.
         DivergenceError: the loss stopped being finite (no ``results.json`` is written).
     """
@@ -153,7 +148,6 @@ class _Run:
         self.built_datasets: list[Split] = []
         self.step = 0  # optimizer steps over all stages: the loggers' x axis
 
-    # ---- set-up -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         start_stage, start_epoch = self._set_up()
         t_start = time.time()
@@ -173,8 +167,7 @@ class _Run:
         torch.manual_seed(cfg.seed)
         val_fraction = float(cfg.dataset.get("val_fraction", 0.0) or 0.0)
         names = {"train": "train", "val": "val"} if val_fraction > 0 else {"train": "trainval"}
-        # Built before the model: a missing or malformed dataset fails here, before any
-        # weights are loaded.
+        # Built before the model: a missing or malformed dataset fails before weights load.
         self.splits = {
             role: (split, self._dataset(split, augment=role == "train"))
             for role, split in {**names, "test": "test"}.items()
@@ -225,9 +218,7 @@ class _Run:
     def _build_model(self) -> BilinearModel:
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg, self.num_classes)
-        if self.env.enabled and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        ):
+        if self.env.enabled:  # a model without batch norm is returned as it is
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
         if self.tcfg.channels_last:
@@ -264,7 +255,6 @@ class _Run:
         summary = {k: v for k, v in info.items() if k != "log_likelihood"}
         log.info("Fitted the pooling head on %d training images: %s", len(ds), summary)
 
-    # ---- a stage --------------------------------------------------------------------------
     def _stage(self, index: int, name: str, resume: dict | None, start_epoch: int) -> None:
         """Trains one stage from ``start_epoch``, then evaluates its selected epoch once."""
         self.model.freeze_backbone(name != "finetune")
@@ -292,7 +282,6 @@ class _Run:
                 shutil.rmtree(inputs.cache_folder, ignore_errors=True)
         D.barrier()
 
-    # ---- helpers ------------------------------------------------------------------------
     def evaluate(self, net: nn.Module, inputs: StageInputs, role: str) -> ConfusionMeter:
         """``net`` on the stage's ``val`` or ``test`` split (each process takes every
         world_size-th image), reduced over the processes."""
