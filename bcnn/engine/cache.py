@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,11 +55,11 @@ def cache_key(model: nn.Module, identity: Mapping[str, Any]) -> str:
 
 def human_bytes(n: float) -> str:
     """``1536`` -> ``1.5 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} TiB"
 
 
 # Kept free beyond the cache: the rest of the run (checkpoints, logs) needs room too.
@@ -82,11 +82,9 @@ def _full_disk_errors(err: OSError) -> bool:
 
 
 class _Store:
-    """The ``features.npy`` array ``(N, V, D)`` of a cache being written, by plain file I/O.
-
-    Its blocks are reserved up front (``posix_fallocate``): a full disk is an ``OSError`` at
-    creation, never a SIGBUS in the middle of a memory-mapped write.
-    """
+    """The ``features.npy`` array ``(N, V, D)`` of a cache being written, by plain file I/O:
+    its blocks are reserved up front (``posix_fallocate``), so a full disk is an ``OSError``
+    at creation, never a SIGBUS in the middle of a memory-mapped write."""
 
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any) -> None:
         self.dtype = np.dtype(dtype)
@@ -127,22 +125,17 @@ class _Store:
             os.close(self.fd)
 
 
-@contextlib.contextmanager
-def _cache_lock(folder: Path, key: str, env: D.DistEnv) -> Iterator[None]:
-    """Serializes the runs that build or read one cache key (rank 0 holds the lock)."""
+def _cache_lock(folder: Path, key: str, env: D.DistEnv) -> contextlib.AbstractContextManager:
+    """Takes the lock that serializes the runs that build or read one cache key (held by
+    rank 0); the returned context releases it."""
     if not env.is_main:
-        yield
-        return
+        return contextlib.nullcontext()
     lock = FileLock(folder / f".{key}.lock")
     try:
-        lock.acquire(timeout=0)
+        return lock.acquire(timeout=0)
     except Timeout:
         log.info("Another run is writing the feature cache %s: waiting for it", folder / key)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+        return lock.acquire()
 
 
 def _readable(final: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -34,11 +35,9 @@ def env_from_torchrun() -> DistEnv:
     """Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as set by ``torchrun`` (or, in a
     SLURM job of several tasks, by submitit's helper)."""
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-        try:
+        with contextlib.suppress(ImportError):
             import submitit
-        except ImportError:
-            pass
-        else:
+
             submitit.helpers.TorchDistributedEnvironment().export()
     return DistEnv(
         rank=int(os.environ.get("RANK", 0)),

@@ -6,9 +6,9 @@ own key, so ``logger=[tensorboard,wandb]`` merges them into one node.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
-import logging
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -27,7 +27,6 @@ LogDir = Annotated[
     Check(lambda p: writable_dir(p) if Path(str(p)).is_absolute() else None, files=True),
 ]
 
-log = logging.getLogger(__name__)
 
 # The columns of metrics.csv; optional ones (ema_val_acc) follow when a row has them.
 COLUMNS = (
@@ -263,12 +262,9 @@ class WandbLogger(Logger):
 
 
 class Loggers(Logger):
-    """Several loggers behind the interface of one; the CSV logger is always among them.
-
-    Args:
-        **backends: Logger config nodes by name (``_target_`` plus options), built with
-            ``output_dir`` and ``run_config``; ``None`` values are dropped.
-    """
+    """Several loggers behind the interface of one: ``backends`` are logger config nodes by
+    name, built with ``output_dir`` and ``run_config`` (``None`` values are dropped); the
+    CSV logger is always among them."""
 
     def __init__(
         self,
@@ -312,16 +308,11 @@ class Loggers(Logger):
             logger.log_summary(results)
 
     def close(self) -> None:
-        """Closes every logger, the CSV logger (curves.png) even when another one fails."""
-        errors = []
-        for name, logger in self.loggers.items():
-            try:
-                logger.close()
-            except Exception as err:  # one failing backend must not lose the others' files
-                log.warning("Closing the %s logger failed: %s", name, err)
-                errors.append(err)
-        if errors:
-            raise errors[0]
+        """Closes every logger even when one fails (one backend must not lose the others'
+        files, curves.png among them); the failure is raised after."""
+        with contextlib.ExitStack() as stack:
+            for logger in self.loggers.values():
+                stack.callback(logger.close)
 
     def state_dict(self) -> dict[str, Any]:
         return {name: logger.state_dict() for name, logger in self.loggers.items()}

@@ -65,10 +65,8 @@ class EpochStats:
     def all_reduce(self) -> EpochStats:
         """The sums over the processes of a distributed run."""
         values = [self.loss_sum, self.correct, self.seen, self.nonfinite]
-        sums = D.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
-        return EpochStats(
-            float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3]), self.first_nonfinite_step
-        )
+        loss, correct, seen, bad = D.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
+        return EpochStats(float(loss), int(correct), int(seen), int(bad), self.first_nonfinite_step)
 
 
 class ConfusionMeter:

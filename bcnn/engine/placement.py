@@ -21,8 +21,7 @@ def output_dir(cfg: DictConfig, command: str, function: str) -> Path:
     """``paths.output_dir``, else Hydra's run directory.
 
     Raises:
-        ValueError: neither is set; names ``command`` (run through Hydra) and ``function``
-            (called directly).
+        ValueError: neither is set; names ``command`` and ``function``, the ways to set one.
     """
     if cfg.paths.get("output_dir"):
         return Path(cfg.paths.output_dir)

@@ -46,11 +46,8 @@ class RunDirectoryError(FileExistsError):
 
 
 def _claim(output_dir: Path) -> str:
-    """Claims ``output_dir`` for a fresh run; returns the run's new id.
-
-    Raises:
-        RunDirectoryError: the directory holds another run.
-    """
+    """Claims ``output_dir`` for a fresh run and returns its new id, or raises
+    ``RunDirectoryError`` when the directory holds another run."""
     with contextlib.suppress(FileExistsError):  # another run created run_id.txt first
         if not any((output_dir / name).exists() for name in RUN_FILES):
             with (output_dir / RUN_FILES[0]).open("x") as f:
@@ -127,12 +124,9 @@ def open_run(
 
 
 def resumed_run_id(output_dir: Path, ckpt: Mapping[str, Any], path: Path) -> str:
-    """The id of the run ``ckpt`` resumes, which must be that of ``output_dir`` (a
-    checkpoint or directory from before runs had ids passes; the directory gets one).
-
-    Raises:
-        CheckpointError: another run wrote the checkpoint; names both runs.
-    """
+    """The id of the run ``ckpt`` resumes, which must be that of ``output_dir`` (else a
+    ``CheckpointError`` names both runs); a checkpoint or directory from before runs had ids
+    passes (the directory gets one)."""
     file = output_dir / RUN_FILES[0]
     mine = file.read_text().strip() if file.is_file() else None
     theirs = ckpt.get("run_id")
