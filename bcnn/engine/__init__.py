@@ -1,8 +1,5 @@
-"""The training engine: two-stage training, evaluation, checkpoints, logging.
-
-``train`` is imported on first use: importing a small part (``bcnn.engine.loops``) does not
-pull in the whole trainer.
-"""
+"""The training engine; ``train`` is imported on first use, so that importing a small part
+(``bcnn.engine.loops``) does not pull in the whole trainer."""
 
 from typing import Any
 

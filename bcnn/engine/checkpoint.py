@@ -1,20 +1,14 @@
 """Checkpoints: written atomically with the previous one kept, read without running code.
 
-Format: ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts, and
-NumPy's random-generator state), read back with ``torch.load(weights_only=True)`` and
-:func:`safe_globals` as the only allowed non-torch types, so a crafted file cannot run
-code when passed to ``trainer.resume`` or to a command that loads a trained model.
-
-Writing (:func:`save_checkpoint`): the new file is written to a temporary file beside
-the target and flushed to disk; the current file becomes ``<name>.prev.pt``; the new one
-takes its place. A crash at any moment leaves a complete ``last.pt`` or
-``last.prev.pt`` (or both), and :func:`load_resumable` falls back to the previous one
-when the newest is missing or unreadable. Temporary files of a killed write are removed
-by the next write and by a resume.
+A checkpoint is a plain dict saved by ``torch.save`` and read with ``weights_only=True``
+(``bcnn.io.safe_load``), so a crafted file cannot run code. A crash at any moment leaves a
+complete ``last.pt`` or ``last.prev.pt``, and :func:`load_resumable` falls back to the
+previous one when the newest is missing or unreadable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
@@ -72,24 +66,18 @@ def previous_path(path: str | Path) -> Path:
 
 def remove_temporaries(folder: str | Path) -> None:
     """Deletes what interrupted writes left in ``folder`` (``.<name>.*.tmp``)."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for stale in folder.glob(f".*{TMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+    for stale in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
     # The renames themselves reach the disk only with the directory's entry.
-    try:
+    with contextlib.suppress(OSError):  # Windows, filesystems without directory fsync
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - filesystems without directory fsync
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
@@ -147,11 +135,9 @@ def _save(obj: Any, path: Path, keep_previous: bool) -> None:
 
 
 def link_checkpoint(src: str | Path, dst: str | Path) -> None:
-    """Makes ``dst`` the same checkpoint as ``src`` (atomically), without writing it again.
-
-    A hard link where the filesystem has them (checkpoints are replaced by renames, never
-    rewritten in place, so the two names never disagree), else a copy.
-    """
+    """Makes ``dst`` the same checkpoint as ``src`` (atomically): a hard link where the
+    filesystem has them (checkpoints are replaced by renames, never rewritten in place, so
+    the two names never disagree), else a copy."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.link{TMP_SUFFIX}")
     tmp.unlink(missing_ok=True)
@@ -167,10 +153,8 @@ def link_checkpoint(src: str | Path, dst: str | Path) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Turns ``trainer.resume`` (a run directory or a checkpoint file) into a file path.
-
-    A run directory gives ``checkpoints/last.pt``, or ``checkpoints/last.prev.pt`` when a
-    crash left only that one.
+    """Turns ``trainer.resume`` (a run directory: its ``checkpoints/last.pt``, or a
+    checkpoint file) into a file path; the file or its ``.prev`` sibling exists.
 
     Raises:
         FileNotFoundError: naming what was looked for.
@@ -240,16 +224,8 @@ RESUME_KEYS = ("model", "config", "stage_index", "next_epoch", "history", "rng")
 
 
 def load_resumable(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The newest usable checkpoint among ``path`` and its ``.prev`` sibling.
-
-    A missing, corrupt or incomplete ``last.pt`` (a crash during its write, a full disk)
-    is reported in the log and the previous checkpoint is used instead.
-
-    Args:
-        path: The checkpoint named by ``resolve_checkpoint``.
-
-    Returns:
-        ``(file, checkpoint)``.
+    """``(file, checkpoint)``: the newest usable one of ``path`` and its ``.prev`` sibling
+    (a missing, corrupt or incomplete ``path`` is logged).
 
     Raises:
         CheckpointError: neither file can be used; names both and why.
@@ -258,12 +234,9 @@ def load_resumable(path: str | Path) -> tuple[Path, dict[str, Any]]:
     remove_temporaries(path.parent)
     problems = []
     for candidate in (path, previous_path(path)):
-        if not candidate.is_file():
-            problems.append(f"{candidate}: missing")
-            continue
         try:
             ckpt = load_checkpoint(candidate)
-        except CheckpointError as err:
+        except (FileNotFoundError, CheckpointError) as err:
             problems.append(str(err))
             continue
         missing = [k for k in RESUME_KEYS if k not in ckpt]

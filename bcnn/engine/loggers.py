@@ -1,16 +1,14 @@
 """Metric loggers: ``metrics.csv`` and ``curves.png`` always, TensorBoard and wandb on request.
 
-The trainer builds ``cfg.logger`` with ``output_dir`` and ``run_config`` and talks to it
-through :class:`Logger`'s calls; steps are optimizer steps over all stages. Each option
-of the ``logger`` group is a :class:`Loggers` node with one backend under its own key, so
-``logger=[tensorboard,wandb]`` merges them into one node; the CSV logger is always added.
+Each option of the ``logger`` group is a :class:`Loggers` node with one backend under its
+own key, so ``logger=[tensorboard,wandb]`` merges them into one node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
-import logging
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -29,7 +27,6 @@ LogDir = Annotated[
     Check(lambda p: writable_dir(p) if Path(str(p)).is_absolute() else None, files=True),
 ]
 
-log = logging.getLogger(__name__)
 
 # The columns of metrics.csv; optional ones (ema_val_acc) follow when a row has them.
 COLUMNS = (
@@ -95,7 +92,7 @@ class Logger:
 
 class CSVLogger(Logger):
     """Keeps ``<output_dir>/metrics.csv`` at one row per stage and epoch (rewritten whole,
-    atomically); on ``close``, draws the training curves into ``<output_dir>/curves.png``."""
+    atomically); ``close`` draws ``<output_dir>/curves.png`` from it."""
 
     def __init__(self, output_dir: str | Path, run_config: Mapping[str, Any] | None = None) -> None:
         self.path = Path(output_dir) / "metrics.csv"
@@ -103,12 +100,10 @@ class CSVLogger(Logger):
         self.rows: list[Mapping[str, Any]] = []
 
     def restore(self, rows: Sequence[Mapping[str, Any]], step: int | None = None) -> None:
-        """Rewrites the file with ``rows`` (the history a resumed checkpoint carries)."""
         self.rows = list(rows)
         self._write()
 
     def log_epoch(self, row: Mapping[str, Any], step: int | None = None) -> None:
-        """Adds one epoch's row."""
         self.rows.append(row)
         self._write()
 
@@ -123,24 +118,18 @@ class CSVLogger(Logger):
         tmp.replace(self.path)
 
     def close(self) -> None:
-        """Draws ``curves.png`` from the rows written so far."""
         if self.path.exists():
             plot_training_curves(self.path, self.curves)
 
 
 class TensorBoardLogger(Logger):
     """TensorBoard event files under ``<output_dir>/<log_dir>``: scalars ``<stage>/<key>``
-    per epoch, ``<stage>/step_train_loss`` and ``<stage>/step_lr`` every
-    ``trainer.log_every_n_steps`` optimizer steps, the final results under ``final/``, and
-    the run's config as text. The x axis is the optimizer step over all stages (a call
-    without a step goes one past the last point).
-
-    A resumed run drops the events its previous process wrote after the checkpoint
-    (``purge_step``), so no point appears twice.
+    per epoch and per ``trainer.log_every_n_steps`` steps, the results under ``final/``, the
+    config as text. The x axis is the optimizer step over all stages (a call without a step
+    goes one past the last point). A resumed run drops the events its previous process
+    wrote after the checkpoint (``purge_step``), so no point appears twice.
 
     Args:
-        output_dir: The run directory.
-        run_config: The resolved config, recorded as text.
         log_dir: Sub-folder of the event files (``tensorboard --logdir <run dir>``).
         flush_secs: How often the writer flushes to disk.
     """
@@ -175,7 +164,6 @@ class TensorBoardLogger(Logger):
         return self._writer
 
     def restore(self, rows: Sequence[Mapping[str, Any]], step: int | None = None) -> None:
-        """Continues after the checkpoint's ``rows`` (and optimizer ``step``)."""
         self.step = self.resumed_at = len(rows) if step is None else step + 1
 
     def _add(self, scalars: Mapping[str, float], step: int | None) -> None:
@@ -185,12 +173,10 @@ class TensorBoardLogger(Logger):
         self.step = at + 1
 
     def log_epoch(self, row: Mapping[str, Any], step: int | None = None) -> None:
-        """Adds one epoch's scalars (``<stage>/<key>``)."""
         stage = row.get("stage", "train")
         self._add({f"{stage}/{k}": v for k, v in _numbers(row, ("stage", "epoch")).items()}, step)
 
     def log_step(self, values: Mapping[str, float], step: int) -> None:
-        """Adds per-step scalars by tag."""
         self._add(_numbers(values), step)
 
     def log_summary(self, results: Mapping[str, Any]) -> None:
@@ -202,7 +188,6 @@ class TensorBoardLogger(Logger):
                 self.writer.add_scalar(f"final/{stage}/{key}", value, self.step)
 
     def close(self) -> None:
-        """Flushes and closes the event file."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -211,17 +196,13 @@ class TensorBoardLogger(Logger):
 class WandbLogger(Logger):
     """Weights & Biases logging; offline unless configured.
 
-    The run is started on first use with a run id kept in ``state_dict()``: the trainer
-    stores it in every checkpoint and hands it back on resume, so the resumed process
-    continues the same wandb run instead of starting a second one.
+    The run id is chosen up front and kept in ``state_dict()`` (so in every checkpoint): a
+    resumed process continues the same wandb run instead of starting a second one.
 
     Args:
         output_dir: The run directory; wandb's files go under it.
-        run_config: The resolved config, recorded by wandb.
-        project: wandb project name.
-        entity: wandb entity (team or user); ``None`` uses the account's default.
+        entity: wandb team or user; ``None``: the account's default.
         mode: ``offline`` (default: nothing leaves the machine), ``online`` or ``disabled``.
-        tags: Run tags.
         name: Run name shown by wandb (``None``: wandb picks one).
     """
 
@@ -238,16 +219,10 @@ class WandbLogger(Logger):
     ) -> None:
         self._wandb = _optional("wandb")
         self.settings = dict(
-            project=project,
-            entity=entity,
-            mode=mode,
-            tags=list(tags),
-            name=name,
-            dir=str(output_dir),
-            config=dict(run_config or {}),
-        )
-        # wandb ids are lowercase letters and digits; this one is chosen here so that the
-        # checkpoint can keep it before the run starts.
+            project=project, entity=entity, mode=mode, tags=list(tags), name=name,
+            dir=str(output_dir), config=dict(run_config or {}),
+        )  # fmt: skip
+        # Chosen here (wandb ids: lowercase letters and digits) for checkpoints to keep.
         self.run_id: str = secrets.token_hex(6)
         self._run: Any = None
 
@@ -259,28 +234,23 @@ class WandbLogger(Logger):
         return self._run
 
     def log_epoch(self, row: Mapping[str, Any], step: int | None = None) -> None:
-        """Logs ``<stage>/<key>`` for each number of the row."""
         stage = row.get("stage", "train")
         data = {f"{stage}/{k}": v for k, v in _numbers(row, skip=("stage",)).items()}
         self.run.log(data, step=step)
 
     def log_step(self, values: Mapping[str, float], step: int) -> None:
-        """Logs per-step scalars by tag."""
         self.run.log(_numbers(values), step=step)
 
     def log_summary(self, results: Mapping[str, Any]) -> None:
         """Sets the run's summary to the final results."""
-        for key, value in _numbers(results).items():
-            self.run.summary[key] = value
+        self.run.summary.update(_numbers(results))
 
     def close(self) -> None:
-        """Finishes the run."""
         if self._run is not None:
             self._run.finish()
             self._run = None
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"run_id": ...}``: the id a resumed run continues."""
         return {"run_id": self.run_id}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
@@ -292,15 +262,9 @@ class WandbLogger(Logger):
 
 
 class Loggers(Logger):
-    """Several loggers behind the interface of one; the CSV logger is always among them.
-
-    Args:
-        output_dir: The run directory.
-        run_config: The resolved config.
-        **backends: Logger config nodes by name (``_target_`` plus options), built with
-            ``output_dir`` and ``run_config``; ``None`` values are dropped
-            (``logger.wandb=null``). A ``csv`` key is added when missing.
-    """
+    """Several loggers behind the interface of one: ``backends`` are logger config nodes by
+    name, built with ``output_dir`` and ``run_config`` (``None`` values are dropped); the
+    CSV logger is always among them."""
 
     def __init__(
         self,
@@ -328,42 +292,31 @@ class Loggers(Logger):
             )
 
     def restore(self, rows: Sequence[Mapping[str, Any]], step: int | None = None) -> None:
-        """Passes a resumed run's history to every logger."""
         for logger in self.loggers.values():
             logger.restore(rows, step)
 
     def log_epoch(self, row: Mapping[str, Any], step: int | None = None) -> None:
-        """Logs one epoch with every logger."""
         for logger in self.loggers.values():
             logger.log_epoch(row, step)
 
     def log_step(self, values: Mapping[str, float], step: int) -> None:
-        """Logs per-step scalars with every logger."""
         for logger in self.loggers.values():
             logger.log_step(values, step)
 
     def log_summary(self, results: Mapping[str, Any]) -> None:
-        """Logs the final results with every logger."""
         for logger in self.loggers.values():
             logger.log_summary(results)
 
     def close(self) -> None:
-        """Closes every logger, the CSV logger (curves.png) even when another one fails."""
-        errors = []
-        for name, logger in self.loggers.items():
-            try:
-                logger.close()
-            except Exception as err:  # one failing backend must not lose the others' files
-                log.warning("Closing the %s logger failed: %s", name, err)
-                errors.append(err)
-        if errors:
-            raise errors[0]
+        """Closes every logger even when one fails (one backend must not lose the others'
+        files, curves.png among them); the failure is raised after."""
+        with contextlib.ExitStack() as stack:
+            for logger in self.loggers.values():
+                stack.callback(logger.close)
 
     def state_dict(self) -> dict[str, Any]:
-        """Each logger's state by name."""
         return {name: logger.state_dict() for name, logger in self.loggers.items()}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        """Hands each logger its part of a checkpoint's ``state_dict()``."""
         for name, logger in self.loggers.items():
             logger.load_state_dict((state or {}).get(name))

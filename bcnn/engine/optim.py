@@ -1,10 +1,6 @@
-"""torch's optimizers and schedules that bcnn ships, with their arguments' limits declared.
-
-Each class is torch's own (same state dict, same behaviour) with an annotated signature,
-so that ``bcnn.config.validate`` refuses ``momentum=5`` or ``gamma=10`` by key before any
-work, as it does for every other config node (torch checks only some of its arguments, and
-silently runs others). The config groups ``optimizer`` and ``scheduler`` name them.
-"""
+"""torch's optimizers and schedules (same state dict, same behaviour) with annotated
+signatures, so that ``bcnn.config.validate`` refuses ``momentum=5`` or ``gamma=10`` by key
+before any work (torch checks only some of its arguments)."""
 
 from __future__ import annotations
 
@@ -44,8 +40,7 @@ class SGD(torch.optim.SGD):
 
 
 class _AdamArguments:
-    """The arguments of Adam and AdamW, declared once (AdamW's default decay is the
-    config's, not torch's 1e-2)."""
+    """The arguments of Adam and AdamW (AdamW's default decay is the config's, not 1e-2)."""
 
     @checked
     def __init__(

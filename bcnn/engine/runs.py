@@ -1,9 +1,8 @@
 """A run's directory: claimed by one run, identified, and read back as a trained model.
 
 A fresh run claims its directory by creating ``run_id.txt`` exclusively (of two runs
-started at once, one gets it); under ``train.py`` :func:`settle_run_dir` does so before
-Hydra writes there. Every checkpoint carries the id: a resume refuses another run's.
-Every command that uses a trained model starts at :func:`load_trained`.
+started at once, one gets it); every checkpoint carries the id, so a resume refuses
+another run's. Commands that use a trained model start at :func:`load_trained`.
 """
 
 from __future__ import annotations
@@ -31,13 +30,12 @@ from bcnn.engine.checkpoint import (
 from bcnn.models import BilinearModel, build_model
 from bcnn.models.inputs import InputSpec
 
-# Files whose presence means a directory holds a run; the first is the claim (the run's id),
-# the last three are its work (without them, a failed fresh run gives the directory back).
+# Files that mean a directory holds a run: first the claim (the run's id), last its work
+# (without which a failed fresh run gives the directory back).
 RUN_FILES = ("run_id.txt", "config.yaml", "metrics.csv", "results.json", "checkpoints")
 # Directories claimed by this process's Hydra callback, awaiting their run: path -> run id.
 _CLAIMED: dict[Path, str] = {}
-# Keys of the command line that win over a resumed checkpoint's config: they change
-# where and how fast the run executes, not what it computes.
+# Command-line keys that win over a resumed run's config (where and how fast, not what).
 RUNTIME_KEYS = ("device", "num_workers", "progress")
 
 log = logging.getLogger(__name__)
@@ -47,49 +45,25 @@ class RunDirectoryError(FileExistsError):
     """A fresh run was pointed at a directory that holds another run."""
 
 
-def run_dir_in_use(output_dir: str | Path) -> str | None:
-    """Why a fresh run may not use ``output_dir`` (it holds another run), or None."""
-    output_dir = Path(output_dir)
+def _claim(output_dir: Path) -> str:
+    """Claims ``output_dir`` for a fresh run and returns its new id, or raises
+    ``RunDirectoryError`` when the directory holds another run."""
+    with contextlib.suppress(FileExistsError):  # another run created run_id.txt first
+        if not any((output_dir / name).exists() for name in RUN_FILES):
+            with (output_dir / RUN_FILES[0]).open("x") as f:
+                f.write(run_id := secrets.token_hex(8))
+            return run_id
     found = [name for name in RUN_FILES if (output_dir / name).exists()]
-    if not found:
-        return None
-    return (
+    raise RunDirectoryError(
         f"{output_dir} already holds a run ({', '.join(found)}): resume it with "
         f"trainer.resume={output_dir}, or choose another directory (hydra.run.dir=<new "
         "folder>, or paths.output_dir=<new folder> when calling bcnn.engine.train)."
     )
 
 
-def claim_run_dir(output_dir: Path) -> str:
-    """Claims ``output_dir`` for a fresh run (or takes this process's callback claim).
-
-    Returns:
-        The new run's id, written to ``run_id.txt``.
-
-    Raises:
-        RunDirectoryError: the directory holds another run.
-    """
-    claimed = _CLAIMED.pop(output_dir.resolve(), None)
-    return claimed if claimed is not None else _claim(output_dir)
-
-
-def _claim(output_dir: Path) -> str:
-    problem = run_dir_in_use(output_dir)
-    if problem is None:
-        run_id = secrets.token_hex(8)
-        try:
-            with (output_dir / RUN_FILES[0]).open("x") as f:
-                f.write(run_id)
-            return run_id
-        except FileExistsError:
-            problem = run_dir_in_use(output_dir)
-    raise RunDirectoryError(problem)
-
-
 def release_run_dir(output_dir: Path | None) -> None:
-    """Gives the directory of a fresh run back when the run failed before any work (a
-    config error, a missing dataset): its claim and config are removed. ``None``: the
-    directories this process's Hydra callback claimed."""
+    """Gives back the directory of a fresh run that failed before any work (its claim and
+    config are removed); ``None``: those this process's Hydra callback claimed."""
     for folder in [output_dir] if output_dir is not None else list(_CLAIMED):
         _CLAIMED.pop(folder.resolve(), None)
         if not any((folder / name).exists() for name in RUN_FILES[2:]):
@@ -98,17 +72,15 @@ def release_run_dir(output_dir: Path | None) -> None:
 
 
 def resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any], Path]:
-    """The config, checkpoint and checkpoint file of the run ``trainer.resume`` names.
-
-    The config is the one the run was started with, typed like a composed one, with the
-    command line's ``RUNTIME_KEYS`` and the run's own directory.
+    """The config (the run's own, with the command line's ``RUNTIME_KEYS``), checkpoint and
+    checkpoint file of the run ``trainer.resume`` names.
 
     Raises:
         FileNotFoundError: no checkpoint there.
         CheckpointError: no usable one.
     """
     path, ckpt = load_resumable(resolve_checkpoint(cfg.trainer.resume))
-    saved = OmegaConf.merge(schema(), ckpt["config"])
+    saved = _saved_config(ckpt["config"])
     with open_dict(saved):
         for key in RUNTIME_KEYS:
             saved.trainer[key] = cfg.trainer[key]
@@ -118,11 +90,18 @@ def resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any], Path]:
     return saved, ckpt, path
 
 
+def _saved_config(config: Any) -> DictConfig:
+    """A saved config, typed like a composed one."""
+    merged = OmegaConf.merge(schema(), config)
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
 def open_run(
     output_dir: Path, ckpt: Mapping[str, Any] | None, path: Path | None, env: D.DistEnv
 ) -> str:
-    """The run's id, on every process: rank 0 claims the directory of a fresh run, or
-    checks that a resumed checkpoint belongs to it (``resumed_run_id``).
+    """The run's id, on every process: rank 0 claims the directory of a fresh run (or takes
+    its Hydra callback's claim), or checks that a resumed checkpoint belongs to it.
 
     Raises:
         RunDirectoryError: the directory holds another run.
@@ -132,8 +111,10 @@ def open_run(
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         try:
-            fresh = ckpt is None or path is None
-            outcome = claim_run_dir(output_dir) if fresh else resumed_run_id(output_dir, ckpt, path)
+            if ckpt is None or path is None:
+                outcome = _CLAIMED.pop(output_dir.resolve(), None) or _claim(output_dir)
+            else:
+                outcome = resumed_run_id(output_dir, ckpt, path)
         except (RunDirectoryError, CheckpointError) as err:
             outcome = err
     outcome = D.broadcast_object(outcome)
@@ -143,13 +124,9 @@ def open_run(
 
 
 def resumed_run_id(output_dir: Path, ckpt: Mapping[str, Any], path: Path) -> str:
-    """The id of the run ``ckpt`` resumes, which must be the one of ``output_dir``.
-
-    A checkpoint or directory from before runs had ids passes (the directory gets one).
-
-    Raises:
-        CheckpointError: another run wrote the checkpoint; names both runs.
-    """
+    """The id of the run ``ckpt`` resumes, which must be that of ``output_dir`` (else a
+    ``CheckpointError`` names both runs); a checkpoint or directory from before runs had ids
+    passes (the directory gets one)."""
     file = output_dir / RUN_FILES[0]
     mine = file.read_text().strip() if file.is_file() else None
     theirs = ckpt.get("run_id")
@@ -183,17 +160,12 @@ def file_log(output_dir: Path, enabled: bool) -> Iterator[None]:
 
 
 def settle_run_dir(config: DictConfig) -> tuple[str, bool]:
-    """The run directory, chosen before Hydra writes into it (by rank 0 of a run).
+    """``(directory, resumed)``: the run directory of a composed config with its ``hydra``
+    node, chosen before Hydra writes there (by rank 0 of a run).
 
-    A resumed run (``trainer.resume``) runs in its own directory; a fresh one claims
-    ``hydra.run.dir`` now, so that a refused run writes nothing there (not even Hydra's
-    ``.hydra/``). A run given ``paths.output_dir`` claims that directory itself.
-
-    Args:
-        config: The composed config with its ``hydra`` node.
-
-    Returns:
-        ``(directory, resumed)``; Hydra must not write a second record into a resumed run.
+    A resumed run (``trainer.resume``) runs in its own directory (where Hydra must not
+    write a second record); a fresh one claims ``hydra.run.dir`` now, so that a refused run
+    writes nothing there; one given ``paths.output_dir`` claims that later.
 
     Raises:
         RunDirectoryError: the directory holds another run.
@@ -211,15 +183,9 @@ def settle_run_dir(config: DictConfig) -> tuple[str, bool]:
 
 @dataclass
 class TrainedModel:
-    """A model with what it was trained on.
-
-    Attributes:
-        model: The model in eval mode (uint8 or [0, 1] images in, logits out).
-        config: The run's resolved config (typed like a composed one).
-        classes: Class names; ``classes[i]`` names logit i.
-        checkpoint: The file the weights came from.
-        run_dir: The run directory (the checkpoint's grandparent).
-    """
+    """A model in eval mode (uint8 or [0, 1] images in, logits out) with its run's resolved
+    config, its class names (``classes[i]`` names logit i), its checkpoint file and its run
+    directory (the checkpoint's grandparent)."""
 
     model: BilinearModel
     config: DictConfig
@@ -228,46 +194,26 @@ class TrainedModel:
     run_dir: Path
 
 
-def resolve_trained(path: str | Path) -> Path:
-    """A run directory (its ``checkpoints/best.pt``, else ``last.pt``) or a ``.pt`` file.
-
-    Raises:
-        FileNotFoundError: naming what was looked for.
-    """
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    for name in ("best.pt", "last.pt"):
-        candidate = path / "checkpoints" / name
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{path}: neither a checkpoint file nor a run directory with checkpoints/best.pt or "
-        "checkpoints/last.pt. Pass the folder a training run wrote (outputs/<date>/<time>) "
-        "or one of its .pt files."
-    )
-
-
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """Rebuilds a trained model from a run directory or checkpoint file.
-
-    The weights of a run directory are those of its selected epoch (``best.pt``; a run
-    without a validation split selects its last epoch, so ``best.pt`` holds it as well).
-
-    Args:
-        path: Run directory or ``.pt`` checkpoint written by ``bcnn-train``.
-        device: Where to put the model.
-
-    Returns:
-        The model in eval mode, its config and class names.
+    """Rebuilds a trained model from a ``.pt`` checkpoint or a run directory: its selected
+    epoch (``checkpoints/best.pt``; without a validation split, the last), else
+    ``checkpoints/last.pt``.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
         ValueError: the checkpoint does not hold a bcnn model.
     """
-    file = resolve_trained(path)
-    ckpt: dict[str, Any] = load_checkpoint(file)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+    path = Path(path).expanduser()
+    found = [path / "checkpoints" / name for name in ("best.pt", "last.pt")]
+    file = next((f for f in [path, *found] if f.is_file()), None)
+    if file is None:
+        raise FileNotFoundError(
+            f"{path}: neither a checkpoint file nor a run directory with checkpoints/best.pt "
+            "or checkpoints/last.pt. Pass the folder a training run wrote "
+            "(outputs/<date>/<time>) or one of its .pt files."
+        )
+    ckpt = load_checkpoint(file)
+    if "config" not in ckpt:
         raise ValueError(f"{file} is not a bcnn training checkpoint (no model and config)")
     weights = ckpt["model"]
     classes = ckpt.get("classes")
@@ -286,8 +232,7 @@ def rebuild_model(
     """A saved ``config`` merged onto the schema, and its model for saved weights to fill (no
     download, no weights file); ``input_spec`` (``InputSpec``'s fields) restores the input
     convention a weights file brought (MatConvNet's)."""
-    merged = OmegaConf.merge(schema(), config)
-    assert isinstance(merged, DictConfig)
+    merged = _saved_config(config)
     with without_weight_sources(merged):
         model = build_model(merged, num_classes)
     if input_spec:
@@ -298,8 +243,8 @@ def rebuild_model(
 
 @contextlib.contextmanager
 def without_weight_sources(config: DictConfig) -> Iterator[None]:
-    """Sets every ``pretrained`` of the backbone config to false, and every ``weights`` whose
-    file is gone to null, for the block."""
+    """For the block, sets every ``pretrained`` of the backbone config to false, and every
+    ``weights`` whose file is gone to null."""
     saved: list[tuple[DictConfig, str, Any]] = []
 
     def visit(node: Any) -> None:

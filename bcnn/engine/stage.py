@@ -1,42 +1,120 @@
-"""One training stage: its epoch loop, its optimization and the choice of its epoch.
-
-Beside the stage's optimizer and schedule, the recipe tools its config switches on (all
-off by default): label smoothing, mixup / cutmix (timm's ``Mixup``), a moving average of
-the weights (timm's ``ModelEmaV3``, validated beside them), early stopping, top-k
-checkpoints and the per-epoch optimizer reset of the authors' MATLAB trainer.
+"""One training stage: what it reads (images, or the feature cache), its epoch loop, its
+optimization and the choice of its epoch, with the recipe tools its config switches on
+(label smoothing, timm's mixup / cutmix and weight average, early stopping, top-k
+checkpoints, the MATLAB trainer's per-epoch optimizer reset).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from bcnn.config import StageConfig, instantiate
 from bcnn.engine import distributed as D
-from bcnn.engine.cache import StageInputs
+from bcnn.engine.cache import CachedViews, Split, ViewAverage, build_cache
 from bcnn.engine.checkpoint import link_checkpoint, save_atomic, save_checkpoint, set_rng_state
 from bcnn.engine.loops import EpochStats, train_one_epoch
-from bcnn.errors import DivergenceError
+from bcnn.errors import ConfigError, DivergenceError
+
+if TYPE_CHECKING:
+    from bcnn.engine.trainer import _Run
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class StageInputs:
+    """What a stage trains and evaluates: live images through the model, or cached
+    descriptors through the classifier alone (``net`` is then a ``ViewAverage``)."""
+
+    net: nn.Module
+    train: Split
+    val: Split | None
+    test: Split
+    eval_batch: int
+    workers: int
+    test_flip: bool
+    cache_folder: Path | None = None  # a cache inside the run directory: removed after use
+
+
+def stage_inputs(run: _Run, stage: str) -> StageInputs:
+    """What ``stage`` of ``run`` reads: the images, or, where ``trainer.cache_features``
+    allows, the feature cache of each split (only the classifier trains after a frozen
+    backbone, and the stage mixes no images; never in ``finetune``).
+
+    Raises:
+        ConfigError: ``trainer.cache_features=true`` where the cache cannot serve.
+    """
+    model, trainer, node = run.model, run.tcfg, run.tcfg[stage]
+    batch_size = trainer.eval_batch_size or node.batch_size  # also the batch that caches
+    mode = str(trainer.cache_features).lower()
+    trains = [n for n, p in model.named_parameters() if p.requires_grad]
+    extra = [n for n in trains if not n.startswith(("backbone.", "classifier."))]
+    why = [f"trainable layers besides the classifier after the backbone {extra}"] if extra else []
+    if node.mixup_alpha or node.cutmix_alpha:
+        why.append("a stage that mixes images (mixup_alpha, cutmix_alpha)")
+    if mode == "true" and why and stage != "finetune":
+        raise ConfigError(
+            "trainer.cache_features", f"true cannot serve {'; '.join(why)}: use auto or false"
+        )
+    if stage == "finetune" or mode == "false" or why:
+        sets = {role: ds for role, (_, ds) in run.splits.items()}
+        return StageInputs(
+            model, sets["train"], sets.get("val"), sets["test"], batch_size, trainer.num_workers,
+            trainer.test_flip,
+        )  # fmt: skip
+    folder = Path(trainer.cache_dir) if trainer.cache_dir else run.out / "feature_cache"
+    recipe = run.cfg.dataset.get("transform")
+    flips = {"train": bool(recipe and recipe.get("hflip", True)), "test": trainer.test_flip}
+    dataset = OmegaConf.to_container(run.cfg.dataset, resolve=True)
+    cache = {}
+    for role, (split, ds) in run.splits.items():
+        if role == "val" and len(ds) == 0:
+            continue
+        # The cache holds the centre view of each training image (and its mirror image).
+        ds = run.train_view() if role == "train" else ds
+        identity = {"dataset": dataset, "split": split, "precision": str(trainer.precision)}
+        # A limited run (limit_*_batches, debug=smoke) reads only the first batches: cache those.
+        limit, size = trainer.limit_eval_batches, batch_size
+        if role == "train":
+            limit, size = trainer.limit_train_batches, node.batch_size
+        if limit is not None and limit * size < len(ds):
+            ds = Subset(ds, range(limit * size))
+            identity["images"] = len(ds)
+        feats, labels = build_cache(
+            model, ds, folder, identity, views=2 if flips.get(role) else 1,
+            dtype=trainer.cache_dtype, batch_size=batch_size, device=run.device,
+            precision=trainer.precision, num_workers=trainer.num_workers, env=run.env,
+            progress=run.progress,
+        )  # fmt: skip
+        shape = model.descriptor_shape.dims
+        cache[role] = CachedViews(feats, labels, train=role == "train", shape=shape)
+    # Memory maps are read in-process; the cached views already hold the flips.
+    return StageInputs(
+        ViewAverage(model.classifier), cache["train"], cache.get("val"), cache["test"],
+        batch_size, workers=0, test_flip=False, cache_folder=None if trainer.cache_dir else folder,
+    )  # fmt: skip
+
+
+@dataclass
 class Selection:
-    """A stage's best epoch so far (by validation accuracy, else the latest) and, with
+    """A stage's best epoch (by validation accuracy, else the latest) and, with
     ``trainer.save_top_k``, its k best as ``(metric, epoch)``."""
 
     metric: float = -math.inf
@@ -51,7 +129,7 @@ class Selection:
         return False
 
     def rank(self, metric: float, epoch: int, k: int) -> list[int]:
-        """Adds ``epoch`` to the k best; returns the epochs that are not (or no more) among them."""
+        """Adds ``epoch`` to the k best; returns the epochs not (or no longer) among them."""
         self.top = sorted([*self.top, (metric, epoch)], key=lambda t: (-t[0], t[1]))
         dropped = [e for _, e in self.top[k:]]
         del self.top[k:]
@@ -79,20 +157,12 @@ def mixing(stage: StageConfig, num_classes: int) -> Callable | None:
 
 
 class Stage:
-    """The optimization of one stage of a run, resumed from ``resume`` when given.
-
-    Args:
-        run: The run (``bcnn.engine.trainer._Run``: model, config, logger, evaluate, ...).
-        index: The stage's position in ``trainer.stages``.
-        name: ``linear`` or ``finetune``.
-        inputs: What the stage reads (``bcnn.engine.cache.stage_inputs``).
-        resume: The checkpoint the run resumes from, when it resumes in this stage.
-        start_epoch: The first epoch to train.
-    """
+    """The optimization of stage ``name`` (at ``index`` in ``trainer.stages``) of ``run``,
+    resumed from the checkpoint ``resume`` at ``start_epoch`` when given."""
 
     def __init__(
         self,
-        run: Any,
+        run: _Run,
         index: int,
         name: str,
         inputs: StageInputs,
@@ -100,8 +170,8 @@ class Stage:
         start_epoch: int,
     ) -> None:
         self.run, self.index, self.name, self.inputs = run, index, name, inputs
-        self.cfg: StageConfig = OmegaConf.to_object(run.tcfg[name])
         node = run.tcfg[name]
+        self.cfg = cast(StageConfig, OmegaConf.to_object(node))
         backbone_lr = self.cfg.backbone_lr if name == "finetune" else None
         groups = run.model.param_groups(self.cfg.lr, backbone_lr)
         self.optimizer = instantiate(node.optimizer)(groups, lr=self.cfg.lr)
@@ -138,7 +208,7 @@ class Stage:
             net = DistributedDataParallel(inputs.net, device_ids=ids)
         # Every process shuffles with the same seed and takes its share of each global
         # batch, so N processes see exactly the batches one process would.
-        sampler = DistributedSampler(
+        sampler: DistributedSampler[int] = DistributedSampler(
             inputs.train, num_replicas=run.env.world_size, rank=run.env.rank, shuffle=True,
             seed=run.cfg.seed * 1_000_003 + self.index,
         )  # fmt: skip
@@ -160,7 +230,7 @@ class Stage:
                 net, loader, self.optimizer, run.device, scaler=self.scaler,
                 precision=run.precision, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
                 max_batches=run.tcfg.limit_train_batches, label_smoothing=cfg.label_smoothing,
-                mix=self.mix, after_step=lambda loss, lr=lr: self._after_step(loss, lr),
+                mix=self.mix, after_step=functools.partial(self._after_step, lr=lr),
                 desc=f"{self.name} {epoch + 1}/{cfg.epochs}" if run.progress else None,
             ).all_reduce()  # fmt: skip
             flags = [p.detach().isfinite().all() for p in inputs.net.parameters()]
@@ -180,8 +250,8 @@ class Stage:
             run.logger.log_step(tags, run.step)
 
     def _end_epoch(self, epoch: int, lr: float, stats: EpochStats, seconds: float) -> None:
-        """Validates the epoch (and the weight average), steps the schedule, selects and
-        checkpoints: ``last.pt``, ``best.pt`` and the top k."""
+        """Validates the epoch (and the weight average), steps the schedule, selects, and
+        writes ``last.pt``, ``best.pt`` and the top k."""
         run, inputs, k = self.run, self.inputs, self.run.tcfg.save_top_k
         has_val = inputs.val is not None and len(inputs.val) > 0
         val = run.evaluate(inputs.net, inputs, "val") if has_val else None
@@ -195,7 +265,8 @@ class Stage:
             self.scheduler.step()
         # The weight average is kept where it validates better, and without a validation
         # split (as timm does); there the latest epoch is the best.
-        ema = self.ema is not None and (not has_val or extra["ema_val_acc"] > row["val_acc"])
+        better = not has_val or extra.get("ema_val_acc", -math.inf) > row["val_acc"]
+        ema = self.ema if better else None
         metric = max(row["val_acc"], extra.get("ema_val_acc", -math.inf)) if has_val else epoch
         min_delta = self.cfg.early_stop_min_delta if has_val else 0.0
         improved = self.selection.offer(metric, epoch, min_delta)
@@ -204,8 +275,8 @@ class Stage:
             state = run.state((self.index, epoch + 1), self.selection, self.state_dict())
             # last.pt first: a crash between the two writes leaves a resumable run.
             save_checkpoint(state, pick := run.ckdir / "last.pt")
-            if ema:
-                weights = {**state["model"], **self.ema.module.state_dict()}
+            if ema is not None:
+                weights = {**state["model"], **ema.module.state_dict()}
                 save_atomic({**state, "model": weights}, pick := run.ckdir / "ema.pt")
             if improved:
                 link_checkpoint(pick, run.ckdir / "best.pt")
@@ -239,7 +310,7 @@ class Stage:
         causes = [f"a learning rate too high ({lrs}; or set trainer.{name}.grad_clip)"]
         for part, module in run.model.named_children():
             # The model's parts name their own suspects (matrix-function ridges, LRN, ...).
-            hints = module.divergence_hints() if hasattr(module, "divergence_hints") else []
+            hints: list[str] = getattr(module, "divergence_hints", list)()
             if hints:
                 causes.append(f"a {part} setting ({', '.join(f'{part}.{h}' for h in hints)})")
         if run.precision == "fp16":
@@ -257,14 +328,14 @@ class Stage:
         )
 
 
-def fit_on_cache(run: Any, index: int, name: str, inputs: StageInputs) -> Selection:
-    """A classifier that fits on cached descriptors in one go (``trains_on_cache``:
-    ``fit(features, labels)`` gives its ``objective`` and ``train_accuracy``), as one epoch.
+def fit_on_cache(run: _Run, index: int, name: str, inputs: StageInputs) -> Selection:
+    """Fits a ``trains_on_cache`` classifier on cached descriptors in one go, as one epoch
+    (``fit(features, labels)`` gives its ``objective`` and ``train_accuracy``).
 
     Raises:
         ValueError: the stage does not read the feature cache.
     """
-    classifier = run.model.classifier
+    classifier: Any = run.model.classifier  # has fit() (trains_on_cache)
     if inputs.net is run.model:
         raise ValueError(
             f"classifier={type(classifier).__name__} trains on cached descriptors: it needs "

@@ -1,13 +1,8 @@
 """``train(cfg) -> results``: the two-stage training run behind ``train.py``.
 
-A run builds its datasets, model and logger, trains the stages of ``trainer.stages`` in
-order (``linear``: backbone frozen; ``finetune``: everything trains), tests each stage's
-selected epoch, and writes into its run directory (README, "What a run writes"). A stage
-reads images or cached descriptors (``bcnn.engine.cache``) and runs its epochs
-(``bcnn.engine.stage``); ``bcnn.engine.runs`` claims and identifies the directory.
-Failure is loud and leaves the directory usable: config errors before any data is read,
-a refused directory or checkpoint of another run, ``DivergenceError`` with the last good
-checkpoint kept and no ``results.json``.
+The stages of ``trainer.stages`` run in order, each on images or cached descriptors
+(``bcnn.engine.cache``) for its epochs (``bcnn.engine.stage``), in a run directory claimed by
+``bcnn.engine.runs``. A failed run leaves that directory usable (README, "What a run writes").
 """
 
 from __future__ import annotations
@@ -29,16 +24,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from bcnn.config import instantiate, validate
 from bcnn.engine import distributed as D
 from bcnn.engine import placement, runs
-from bcnn.engine.cache import StageInputs, stage_inputs
+from bcnn.engine.cache import Split
 from bcnn.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint
-from bcnn.engine.loops import EpochStats, autocast, evaluate
-from bcnn.engine.metrics import ConfusionMeter
-from bcnn.engine.stage import Selection, Stage, fit_on_cache
+from bcnn.engine.loops import ConfusionMeter, EpochStats, autocast, evaluate
+from bcnn.engine.stage import Selection, Stage, StageInputs, fit_on_cache, stage_inputs
 from bcnn.errors import ConfigError, DivergenceError
 from bcnn.models import BilinearModel, build_model
 from bcnn.models.plan import check_plan
@@ -49,16 +43,12 @@ log = logging.getLogger(__name__)
 
 
 def check_batch_sizes(trainer: DictConfig, train_size: int, split: str = "train") -> None:
-    """Stage settings the training split cannot serve, known once the dataset is (before
-    the model is built or any image is read): a batch larger than the split, or
-    ``grad_accum`` above the batches of an epoch (one optimizer step per epoch).
-
-    A limited run (``trainer.limit_train_batches``, ``debug=smoke``) only checks that a
-    setting runs: there these are warnings.
+    """Refuses, before the model is built, a stage batch larger than the training split or
+    a ``grad_accum`` above an epoch's batches; a limited run (``trainer.limit_train_batches``,
+    ``debug=smoke``) only warns.
 
     Raises:
-        ConfigError: naming ``trainer.<stage>.batch_size`` or ``.grad_accum``, its value
-            and the split's size.
+        ConfigError: naming ``trainer.<stage>.batch_size`` or ``.grad_accum``.
     """
     limit = trainer.limit_train_batches
     for name in trainer.stages:
@@ -98,21 +88,17 @@ def _check_stages(trainer: DictConfig, world_size: int) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Runs a complete training job described by a composed config.
-
-    Args:
-        cfg: The composed config (see ``configs/train.yaml``); validated first.
+    """Runs the training job of a composed config (``configs/train.yaml``), validated first.
 
     Returns:
-        The content of ``results.json``: ``test_acc``, ``test_mean_class_acc``,
-        ``val_acc``, ``val_mean_class_acc`` (percent, of the final model), ``stages``
-        (the same keys per stage) and ``output_dir``.
+        The content of ``results.json``: ``test_acc``, ``test_mean_class_acc``, ``val_acc``,
+        ``val_mean_class_acc`` (percent, of the final model), ``stages`` (the same keys per
+        stage) and ``output_dir``.
 
     Raises:
         ConfigError: an invalid config value (a ``ValueError``), naming the key.
         FileNotFoundError: a missing dataset file or resume checkpoint.
-        CheckpointError: no usable checkpoint to resume from, or another run's (a
-            ``ValueError``).
+        CheckpointError: no usable checkpoint to resume from, or another run's.
         RunDirectoryError: a fresh run pointed at another run's directory.
         DivergenceError: the loss stopped being finite (no ``results.json`` is written).
     """
@@ -159,10 +145,9 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.stage_results: dict[str, dict[str, Any]] = {}
         self.logger: Any = None
-        self.built_datasets: list[Dataset] = []
+        self.built_datasets: list[Split] = []
         self.step = 0  # optimizer steps over all stages: the loggers' x axis
 
-    # ---- set-up -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         start_stage, start_epoch = self._set_up()
         t_start = time.time()
@@ -182,8 +167,7 @@ class _Run:
         torch.manual_seed(cfg.seed)
         val_fraction = float(cfg.dataset.get("val_fraction", 0.0) or 0.0)
         names = {"train": "train", "val": "val"} if val_fraction > 0 else {"train": "trainval"}
-        # Built before the model: a missing or malformed dataset fails here, before any
-        # weights are loaded.
+        # Built before the model: a missing or malformed dataset fails before weights load.
         self.splits = {
             role: (split, self._dataset(split, augment=role == "train"))
             for role, split in {**names, "test": "test"}.items()
@@ -221,18 +205,20 @@ class _Run:
         self._fit_pooling()
         return start
 
-    def _dataset(self, split: str, augment: bool) -> Dataset:
+    def _dataset(self, split: str, augment: bool) -> Split:
         """One split of the configured dataset, remembered for the skipped-image report."""
         ds = instantiate(self.cfg.dataset, split=split, augment=augment)
         self.built_datasets.append(ds)
         return ds
 
+    def train_view(self) -> Split:
+        """The training split with the evaluation transform."""
+        return self._dataset(self.splits["train"][0], augment=False)
+
     def _build_model(self) -> BilinearModel:
         torch.manual_seed(self.cfg.seed)
         model = build_model(self.cfg, self.num_classes)
-        if self.env.enabled and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        ):
+        if self.env.enabled:  # a model without batch norm is returned as it is
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = model.to(self.device)
         if self.tcfg.channels_last:
@@ -244,13 +230,12 @@ class _Run:
         return model
 
     def _fit_pooling(self) -> None:
-        """Fits a pooling head that learns from data before any training (the Fisher
-        vector's GMM, a PCA projection) on backbone maps of training images: all of them, or
-        ``pooling.fit_images`` evenly spaced ones, in a fixed order."""
+        """Fits a pooling head that learns from data (the Fisher vector's GMM, a PCA) on the
+        backbone maps of all training images, or of ``pooling.fit_images`` evenly spaced ones."""
         pooling = self.model.pooling
         if not getattr(pooling, "needs_fit", False):
             return
-        ds = self._dataset(self.splits["train"][0], augment=False)
+        ds = self.train_view()
         wanted = pooling.fit_images
         if wanted is not None and wanted < len(ds):
             # Evenly spaced: datasets list their images by class.
@@ -270,41 +255,23 @@ class _Run:
         summary = {k: v for k, v in info.items() if k != "log_likelihood"}
         log.info("Fitted the pooling head on %d training images: %s", len(ds), summary)
 
-    # ---- a stage --------------------------------------------------------------------------
     def _stage(self, index: int, name: str, resume: dict | None, start_epoch: int) -> None:
-        """Trains one stage from ``start_epoch``, then tests its selected epoch."""
-        cfg = self.tcfg[name]
+        """Trains one stage from ``start_epoch``, then evaluates its selected epoch once."""
         self.model.freeze_backbone(name != "finetune")
-        inputs = stage_inputs(
-            self.model, self.splits, lambda: self._dataset(self.splits["train"][0], False),
-            self.cfg, self.out, self.env, self.device, stage=name,
-            batch_size=self.tcfg.eval_batch_size or cfg.batch_size, progress=self.progress,
-        )  # fmt: skip
+        inputs = stage_inputs(self, name)
         if getattr(self.model.classifier, "trains_on_cache", False):
             selection, epochs = fit_on_cache(self, index, name, inputs), 1
         else:
             stage = Stage(self, index, name, inputs, resume, start_epoch)
             epochs, selection = stage.fit(start_epoch), stage.selection
-        self._finish_stage(index, name, inputs, selection, epochs)
-
-    def _finish_stage(
-        self,
-        index: int,
-        name: str,
-        inputs: StageInputs,
-        selection: Selection,
-        epochs: int,
-    ) -> None:
-        """Loads the selected epoch's weights, evaluates them once, records the stage."""
         if (self.ckdir / "best.pt").exists():
             self.model.load_state_dict(load_checkpoint(self.ckdir / "best.pt")["model"])
-        result = {"best_epoch": selection.epoch + 1, "epochs": epochs, "val_acc": None}
-        result["val_mean_class_acc"] = None
-        if inputs.val is not None and len(inputs.val) > 0:
-            val = self.evaluate(inputs.net, inputs, "val")
-            result.update(val_acc=val.accuracy(), val_mean_class_acc=val.mean_class_accuracy())
-        test = self.evaluate(inputs.net, inputs, "test")
-        result.update(test_acc=test.accuracy(), test_mean_class_acc=test.mean_class_accuracy())
+        result: dict[str, Any] = {"best_epoch": selection.epoch + 1, "epochs": epochs}
+        for role in ("val", "test"):
+            ds = getattr(inputs, role)
+            meter = self.evaluate(inputs.net, inputs, role) if ds is not None and len(ds) else None
+            result[f"{role}_acc"] = meter.accuracy() if meter else None
+            result[f"{role}_mean_class_acc"] = meter.mean_class_accuracy() if meter else None
         self.stage_results[name] = result
         log.info("Stage %s done: %s", name, result)
         if self.env.is_main:
@@ -315,7 +282,6 @@ class _Run:
                 shutil.rmtree(inputs.cache_folder, ignore_errors=True)
         D.barrier()
 
-    # ---- helpers ------------------------------------------------------------------------
     def evaluate(self, net: nn.Module, inputs: StageInputs, role: str) -> ConfusionMeter:
         """``net`` on the stage's ``val`` or ``test`` split (each process takes every
         world_size-th image), reduced over the processes."""
@@ -370,8 +336,8 @@ class _Run:
         selection: Selection,
         optimization: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """What a checkpoint holds: the weights, the stage's optimization (``Stage``), and
-        the run's progress, config and identity."""
+        """A checkpoint: the weights, the stage's ``optimization`` and the run's progress,
+        config and identity."""
         return {
             "model": self.model.state_dict(),
             **dict.fromkeys(("optimizer", "scheduler", "scaler", "ema")),
