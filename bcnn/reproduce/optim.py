@@ -6,16 +6,8 @@ The trainer builds three parameter groups (``BilinearModel.param_groups``): ``ba
 optimizer's weight decay. The authors' code sets some groups apart: the MATLAB B-CNN
 fine-tuning does not decay the classifier, the PyTorch code trains DenseNet's projection at
 lr 1e-3 in both stages. :func:`with_groups` is an optimizer factory for the stage's
-``optimizer`` node that applies such per-group settings::
-
-    trainer:
-      finetune:
-        optimizer:
-          _target_: bcnn.reproduce.optim.with_groups
-          optimizer: torch.optim.SGD
-          momentum: 0.9            # any other key goes to the optimizer
-          weight_decay: 5.0e-4
-          groups: {head: {weight_decay: 0.0}}
+``optimizer`` node that applies such per-group settings (configs/recipe/bcnn_matlab.yaml);
+its other keys go to the optimizer, within that optimizer's declared limits.
 """
 
 from __future__ import annotations
@@ -25,6 +17,9 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class
+
+from bcnn.errors import ConfigError
+from bcnn.limits import check_node
 
 GROUP_NAMES = ("backbone", "proj", "head")
 
@@ -82,4 +77,17 @@ def with_groups(
     return opt
 
 
+def _config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The other keys are arguments of ``optimizer``: checked as its own config node."""
+    node = {k: v for k, v in values.items() if k not in ("optimizer", "groups")}
+    try:
+        check_node(
+            {"_target_": values["optimizer"], "_partial_": True, **node}, "", ("params", "lr")
+        )
+    except ConfigError as err:
+        return err.key[1:].replace("_target_", "optimizer"), err.problem
+    return None
+
+
+with_groups.config_problem = _config_problem  # type: ignore[attr-defined]
 __all__ = ["GROUP_NAMES", "with_groups"]
