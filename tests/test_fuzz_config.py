@@ -263,33 +263,49 @@ def _kind(slot: Slot, value: Any) -> str:
     return "value"
 
 
-def make_case(rng: random.Random, pool: list[Pool], examples: dict) -> Case:
-    case = Case(rng.randrange(len(pool)))
+def _set(case: Case, slot: Slot, value: Any, invalid: bool) -> None:
+    plus = "+" if slot.current is ABSENT else ""
+    case.overrides.append(f"{plus}{slot.key}={_fmt(value)}")
+    if invalid:
+        case.invalid.add(slot.key)
+        case.kinds[slot.key] = _kind(slot, value)
+
+
+def _draw(case: Case, slot: Slot, rng: random.Random, examples: dict) -> None:
+    """A value for ``slot``, on one side of its limits or the other, or its removal."""
+    valid = valid_values(slot.ann, examples) if not slot.unknown else []
+    if slot.current is not ABSENT and not slot.unknown:
+        valid = [slot.current, *valid]
+    invalid = [1] if slot.unknown else list(violations(slot.ann, files=True))
+    # (Hydra cannot delete a key that holds null.)
+    removable = slot.removable and slot.current not in (ABSENT, None) and not slot.unknown
+    if removable and rng.random() < REMOVE_SHARE:
+        case.overrides.append(f"~{slot.key}")
+        if slot.required:
+            case.invalid.add(slot.key)
+        return
+    use_invalid = bool(invalid) and (not valid or rng.random() < INVALID_SHARE)
+    if use_invalid or valid:
+        _set(case, slot, rng.choice(invalid if use_invalid else valid), use_invalid)
+
+
+def make_case(rng: random.Random, pool: list[Pool], examples: dict, kind: str = "") -> Case:
+    """One random set of 1 to 3 keys; with ``kind``, one that holds an invalid value of that
+    kind (so that every kind is drawn, whatever the seed)."""
+    with_stale = [i for i, p in enumerate(pool) if p.stale]
+    case = Case(rng.choice(with_stale) if kind == "recipe-set key" else rng.randrange(len(pool)))
     combo = pool[case.combo]
     slots = [s for s in combo.slots if not s.unknown or rng.random() < UNKNOWN_SHARE]
-    for slot in rng.sample(slots, rng.randint(1, 3)):
-        valid = valid_values(slot.ann, examples) if not slot.unknown else []
-        if slot.current is not ABSENT and not slot.unknown:
-            valid = [slot.current, *valid]
-        invalid = [1] if slot.unknown else list(violations(slot.ann, files=True))
-        # (Hydra cannot delete a key that holds null.)
-        removable = slot.removable and slot.current not in (ABSENT, None) and not slot.unknown
-        if removable and rng.random() < REMOVE_SHARE:
-            case.overrides.append(f"~{slot.key}")
-            if slot.required:
-                case.invalid.add(slot.key)
-            continue
-        use_invalid = bool(invalid) and (not valid or rng.random() < INVALID_SHARE)
-        if not use_invalid and not valid:
-            continue
-        value = rng.choice(invalid if use_invalid else valid)
-        plus = "+" if slot.current is ABSENT else ""
-        case.overrides.append(f"{plus}{slot.key}={_fmt(value)}")
-        if use_invalid:
-            case.invalid.add(slot.key)
-            case.kinds[slot.key] = _kind(slot, value)
-    if combo.stale and rng.random() < FIX_SHARE:  # the fix the message suggests
-        case.overrides += [f"~{k}" for k in combo.stale]
+    chosen = rng.sample(slots, rng.randint(1, 3))
+    if kind in ("path", "boolean string", "optimizer/scheduler argument"):
+        bad = [(s, v) for s in combo.slots for v in violations(s.ann, True) if _kind(s, v) == kind]
+        slot, value = rng.choice(bad)
+        chosen = [s for s in chosen if s.key != slot.key]
+        _set(case, slot, value, invalid=True)
+    for slot in chosen:
+        _draw(case, slot, rng, examples)
+    if combo.stale and kind != "recipe-set key" and rng.random() < FIX_SHARE:
+        case.overrides += [f"~{k}" for k in combo.stale]  # the fix the message suggests
     elif combo.stale:
         case.invalid.update(combo.stale)
         case.kinds.update(dict.fromkeys(combo.stale, "recipe-set key"))
@@ -400,8 +416,10 @@ def group_pool(rng: random.Random, tmp: Path) -> list[Pool]:
         "folder": [f"dataset.root={_folder(tmp / 'images')}", "dataset.transform.size=16"],
     }
     pool = []
-    for _ in range(POOL):
+    for i in range(POOL):
         choice = {g: rng.choice(options) for g, options in GROUPS.items()}
+        if i == 0:  # issue 20's: the recipe of dataset=folder set the momentum of its SGD
+            choice |= {"dataset": "folder", "optimizer@trainer.linear.optimizer": "adam"}
         groups = [f"{g}={o}" for g, o in choice.items() if o not in (None, "two_stream")]
         if choice["backbone"] == "two_stream":
             groups += ["backbone=vgg_dm", *SMALL_STREAMS]
@@ -415,16 +433,18 @@ def group_pool(rng: random.Random, tmp: Path) -> list[Pool]:
 def test_random_override_sets_end_in_a_model_or_one_message(tmp_path: Path) -> None:
     rng = random.Random(1234)
     examples = {writable_dir: (str(tmp_path / "out"),)}
+    # Issue 20's kinds of value, each drawn twice whatever the seed; then any set.
+    kinds = ["path", "boolean string", "optimizer/scheduler argument", "recipe-set key"] * 2
     ends: Counter[str] = Counter()
     with initialize_config_module("bcnn.configs", version_base="1.3"):
         pool = group_pool(rng, tmp_path)
-        for _ in range(SETS):
-            ends[run_case(make_case(rng, pool, examples), pool)] += 1
-    # The draw covers both sides, and every kind of value issue 20 names is refused by key.
-    kinds = {"path", "boolean string", "optimizer/scheduler argument", "recipe-set key"}
+        for i in range(SETS):
+            case = make_case(rng, pool, examples, kinds[i] if i < len(kinds) else "")
+            ends[run_case(case, pool)] += 1
+    # The draw covers both sides, and every kind is refused by key.
     refused = sum(n for end, n in ends.items() if end in {"value", *kinds})
     assert refused > SETS // 4 and ends["built"] > SETS // 6, ends
-    assert kinds <= set(ends), ends
+    assert set(kinds) <= set(ends), ends
 
 
 # Issue 20's value kinds, each on its own (applied to one composed config).
