@@ -40,6 +40,7 @@ from bcnn.limits import (
     Seed,
     WritableDir,
     check_node,
+    is_target_node,
     problem,
     signature,
 )
@@ -167,6 +168,13 @@ class TrainerConfig:
     # Loggers record the training loss and learning rate every this many optimizer steps.
     log_every_n_steps: Annotated[int, Ge(1)] = 50
 
+    @staticmethod
+    def config_problem(values: dict[str, Any]) -> tuple[str, str] | None:
+        """A finetune stage trains the backbone."""
+        if "finetune" in values["stages"] and not values["finetune"]["backbone_lr"] > 0:
+            return "finetune.backbone_lr", "must be > 0 when the finetune stage runs"
+        return None
+
 
 @dataclass
 class PathsConfig:
@@ -273,23 +281,17 @@ def _check_fields(node: DictConfig, schema: type, prefix: str, files: bool) -> N
             found = problem(_plain(node[key], full), ann, files)
             if found:
                 raise ConfigError(full, found)
+    rule = getattr(schema, "config_problem", None)
+    if rule and (found_node := rule(_plain(node, prefix[:-1]))):
+        raise ConfigError(f"{prefix}{found_node[0]}", found_node[1])
 
 
 def _check_group(cfg: DictConfig, group: str, files: bool) -> None:
     plain = _plain(cfg.get(group), group)
-    provided = GROUP_ARGS[group]
-    if isinstance(plain, dict) and "_target_" in plain:
-        check_node(plain, group, provided, files=files)
-        return
-    if group == "logger" and isinstance(plain, dict) and plain:
-        # Several loggers at once: a mapping of named logger nodes.
-        for name, sub in plain.items():
-            if sub is not None:
-                check_node(sub, f"{group}.{name}", provided, files=files)
-        return
-    raise ConfigError(
-        group, f"select a config with a _target_ ({group}=<option>), got {show(plain)}"
-    )
+    if not is_target_node(plain):
+        why = f"select a config with a _target_ ({group}=<option>), got {show(plain)}"
+        raise ConfigError(group, why)
+    check_node(plain, group, GROUP_ARGS[group], files=files)
 
 
 def validate(cfg: DictConfig, files: bool = False) -> None:
@@ -314,10 +316,6 @@ def validate(cfg: DictConfig, files: bool = False) -> None:
     for group in GROUP_ARGS:
         _check_group(cfg, group, files)
     stages = list(cfg.trainer.stages)
-    if "finetune" in stages and not cfg.trainer.finetune.backbone_lr > 0:
-        raise ConfigError(
-            "trainer.finetune.backbone_lr", "must be > 0 when the finetune stage runs"
-        )
     for group in ("pooling", "classifier"):
         # A part that never fine-tunes (a Fisher vector, SVMs) says so, and why.
         why = getattr(get_object(cfg[group]._target_), "linear_stage_only", None)
@@ -357,10 +355,8 @@ def _switched(key: str) -> str:
 
 
 def _check_schedule(stage: DictConfig, prefix: str) -> None:
-    """Checks the stage's optimizer and schedule nodes, then builds both on a dummy parameter.
-
-    torch checks more of its own arguments (betas outside [0, 1)): building them surfaces
-    those errors, with the key, before any data is read.
+    """Checks the stage's optimizer and schedule nodes, then builds both on a dummy parameter:
+    the errors of classes that declare no limits (torch's own) surface before any data is read.
     """
     import torch
 
@@ -379,8 +375,6 @@ def _check_schedule(stage: DictConfig, prefix: str) -> None:
             optimizer = (
                 built([param], lr=float(stage.lr)) if optimizer is None else built(optimizer)
             )
-        except ConfigError as err:  # a limit of a class built with other arguments
-            raise ConfigError(f"{prefix}.{key}.{err.key.rsplit('.', 1)[-1]}", err.problem) from None
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{prefix}.{key}", str(err)) from None
 

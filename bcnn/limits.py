@@ -16,8 +16,9 @@ Three readers use the same declaration:
 
 :class:`Check` adds a check no bound expresses (a timm model name, a weights file); a
 class's ``config_problem(values)`` static method checks several of its values together
-(``num_classes <= num_textons!``). Every failure is one :class:`~bcnn.errors.ConfigError`
-naming the key, the value and what is allowed.
+(``num_classes <= num_textons!``), and its ``passes`` names the arguments it gives a nested
+node itself (a config may not set them). Every failure is one
+:class:`~bcnn.errors.ConfigError` naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -313,11 +314,15 @@ def _fits(value: Any, ann: Any) -> bool:
 # ---- signatures -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Param:
-    """One parameter of a target: its annotation (evaluated) and whether it is required."""
+    """One parameter of a target: its annotation (evaluated) and its default, if any."""
 
     name: str
     annotation: Any
-    required: bool
+    default: Any = inspect.Parameter.empty
+
+    @property
+    def required(self) -> bool:
+        return self.default is inspect.Parameter.empty
 
 
 @dataclass(frozen=True)
@@ -329,6 +334,7 @@ class Signature:
     takes_var_keyword: bool = False
 
 
+@functools.cache
 def _hints(func: Callable) -> dict[str, Any]:
     """Evaluated annotations of ``func`` (with ``Annotated`` metadata kept)."""
     func = inspect.unwrap(func)
@@ -383,24 +389,18 @@ def signature(target: Callable) -> Signature:
             if p.kind is inspect.Parameter.VAR_KEYWORD:
                 takes_var, var_keyword = True, ann
             elif p.kind is not inspect.Parameter.VAR_POSITIONAL and p.name not in params:
-                params[p.name] = Param(p.name, ann, p.default is inspect.Parameter.empty)
+                params[p.name] = Param(p.name, ann, p.default)
     return Signature(params, var_keyword if takes_var else None, takes_var)
 
 
-def defaults(target: Callable) -> dict[str, Any]:
-    """Default values of a target's parameters (a class: of its ``__init__``)."""
-    fn = vars(target).get("__init__", target.__init__) if inspect.isclass(target) else target
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return {}
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-
-
 def _node_problem(target: Any, values: Mapping[str, Any]) -> tuple[str, str] | None:
-    """The class's own check of several values together (``config_problem``), if any."""
+    """The class's own check of several values together (``config_problem``), if any, on
+    the values with the defaults of those not given."""
     rule = getattr(target, "config_problem", None)
-    return rule({**defaults(target), **values}) if callable(rule) else None
+    if not callable(rule):
+        return None
+    given = {n: p.default for n, p in signature(target).params.items() if not p.required}
+    return rule({**given, **values})
 
 
 # ---- config nodes and constructors ----------------------------------------------------------
@@ -469,7 +469,8 @@ def check_node(
         # Nodes taken through **kwargs are built by the target with what it was given (the
         # logger backends get the run directory too).
         ann = sig.var_keyword if param is None else param.annotation
-        check_value(value, ann, full, files, provided if param is None else ())
+        passes = getattr(target, "passes", {}).get(name, ())  # what it gives a nested node
+        check_value(value, ann, full, files, provided if param is None else passes)
     if not node.get("_partial_", False):
         missing = [n for n, p in sig.params.items() if p.required and n not in values]
         missing = [n for n in missing if n not in provided]
@@ -521,7 +522,7 @@ def checked(init: Callable) -> Callable:
 
     @functools.wraps(init)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
-        hints = _cached_hints(init)
+        hints = _hints(init)
         values: dict[str, Any] = {}
         for param, value in list(sig.bind(self, *args, **kwargs).arguments.items())[1:]:
             if sig.parameters[param].kind is inspect.Parameter.VAR_KEYWORD:
@@ -549,11 +550,6 @@ def _outermost(cls: type) -> Callable | None:
         if getattr(init, "_checked", False):
             return init
     return None
-
-
-@functools.cache
-def _cached_hints(func: Callable) -> dict[str, Any]:
-    return _hints(func)
 
 
 def _plain(value: Any) -> bool:

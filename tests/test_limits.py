@@ -25,6 +25,7 @@ from bcnn.errors import ConfigError
 from bcnn.limits import Check, Fields, check_node, checked, problem, signature
 from bcnn.models.shapes import FeatureShape
 from tests.conftest import CONFIG_DIR, compose_config
+from tests.declarations import violations
 
 
 # ---- the checker --------------------------------------------------------------------------
@@ -114,40 +115,6 @@ def test_checked_constructors_check_their_own_and_forwarded_arguments() -> None:
 
 
 # ---- every declaration, through both readers -----------------------------------------------
-def violations(ann: Any) -> Iterator[Any]:
-    """Values just outside what ``ann`` declares."""
-    origin, args = typing.get_origin(ann), typing.get_args(ann)
-    if origin in (typing.Union, __import__("types").UnionType):
-        for arm in args:
-            yield from (v for v in violations(arm) if problem(v, ann) is not None)
-        return
-    if origin is Annotated:
-        base = args[0]
-        metas = [
-            m for meta in ann.__metadata__ for m in (meta if isinstance(meta, Interval) else [meta])
-        ]
-        integer = base is int
-        for m in metas:
-            if isinstance(m, Ge):
-                yield m.ge - 1 if integer else m.ge - max(abs(m.ge), 1) * 0.5
-            elif isinstance(m, Gt):
-                yield m.gt
-            elif isinstance(m, Le):
-                yield m.le + 1 if integer else m.le * 2 + 1
-            elif isinstance(m, Lt):
-                yield m.lt
-            elif isinstance(m, MinLen) and m.min_length > 0:
-                yield []
-        yield from violations(base)
-        return
-    if origin is Literal:
-        yield "not-an-option"
-    elif ann is bool:
-        yield "yes"
-    elif ann is int:
-        yield 1.5
-
-
 def _declared(target: Any, provided: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
     for name, param in signature(target).params.items():
         if name not in provided:

@@ -402,6 +402,13 @@ class FileDataset(RecordDataset):
     files: ClassVar[tuple[str, ...]] = ()
     box_file: ClassVar[str | None] = None
 
+    @classmethod
+    def config_problem(cls, values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Only a dataset with object boxes crops to them."""
+        if values.get("bbox_crop") and cls.box_file is None:
+            return "bbox_crop", f"{cls.source.title} has no object boxes: set bbox_crop=false"
+        return None
+
     @checked
     def __init__(
         self,
@@ -415,8 +422,6 @@ class FileDataset(RecordDataset):
         bbox_crop: bool = False,
         name: NonEmpty | None = None,
     ) -> None:
-        if bbox_crop and self.box_file is None:
-            raise ValueError(f"{self.source.title} has no object boxes: set bbox_crop=false")
         # Set before parsing, which may read them (iNat reads one split's file).
         self.split, self.box_crop, self.on_bad_image = split, bool(bbox_crop), on_bad_image
         folder = self.locate(root)

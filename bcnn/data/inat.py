@@ -86,12 +86,12 @@ class INaturalist(FileDataset):
         self.folders = (str(version), ".")
         super().__init__(root, split, **common)
 
-    @staticmethod
-    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    @classmethod
+    def config_problem(cls, values: Mapping[str, Any]) -> tuple[str, str] | None:
         """Only the 2021 release has a mini training set."""
         if values.get("mini") and values.get("version") != 2021:
             return "mini", "exists only for version 2021 (train_mini.json)"
-        return None
+        return super().config_problem(values)
 
     def required_files(self, folder: Path | None) -> list[str]:
         """The JSON file of the split: the official val JSON for ``test``."""

@@ -23,6 +23,13 @@ Eps = Annotated[float, Gt(0), Lt(1)]
 class SGD(torch.optim.SGD):
     """``torch.optim.SGD`` with declared limits."""
 
+    @staticmethod
+    def config_problem(values: dict[str, Any]) -> tuple[str, str] | None:
+        """torch's rule: Nesterov momentum needs a momentum and no dampening."""
+        if values["nesterov"] and not (values["momentum"] > 0 and values["dampening"] == 0):
+            return "nesterov", "needs momentum > 0 and dampening = 0"
+        return None
+
     @checked
     def __init__(
         self,

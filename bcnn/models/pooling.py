@@ -353,6 +353,7 @@ class CompactPool(PoolingHead):
     """
 
     two_streams_ok = True
+    passes: ClassVar[dict] = {"sketch": ("in_dim", "in_dim2")}  # given to the sketch
 
     def __init__(
         self, in_channels: int | Sequence[int], sketch: Callable[..., nn.Module], **proj

@@ -23,6 +23,9 @@ from typing import Any
 import torch
 from hydra.utils import get_class
 
+from bcnn.errors import ConfigError
+from bcnn.limits import check_node
+
 GROUP_NAMES = ("backbone", "proj", "head")
 
 
@@ -72,3 +75,18 @@ def with_groups(
                 f"have; its settings are {sorted(opt.defaults)}"
             )
     return opt
+
+
+def _config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The other keys are arguments of ``optimizer``: checked as its own config node."""
+    node = {k: v for k, v in values.items() if k not in ("optimizer", "groups")}
+    try:
+        check_node(
+            {"_target_": values["optimizer"], "_partial_": True, **node}, "", ("params", "lr")
+        )
+    except ConfigError as err:
+        return err.key[1:].replace("_target_", "optimizer"), err.problem
+    return None
+
+
+with_groups.config_problem = _config_problem  # type: ignore[attr-defined]
