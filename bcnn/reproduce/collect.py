@@ -1,19 +1,10 @@
-"""Gather the jobs of a sweep directory into DataFrames; write summaries and table reports.
-
-Works on any multirun directory of ``train.py`` (one sub-folder per job, each with
-``.hydra/overrides.yaml`` and, once finished, ``results.json``), at any depth:
-:func:`collect_runs` (one row per job), :func:`summarize_sweep` (``summary.csv`` and
-``summary.md``) and :func:`table_report` (a published table filled in with our numbers next
-to the published ones, as Markdown, CSV, LaTeX and a PNG bar chart
-(:func:`plot_comparison`); a timing row reads the
-matrix-function benchmark results, :func:`benchmark_timings`).
-"""
+"""The jobs of any ``train.py`` multirun directory as DataFrames (:func:`collect_runs`), its
+summary (:func:`summarize_sweep`) and a published table's report (:func:`table_report`)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +13,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from bcnn.engine.curves import figure
-from bcnn.reproduce.launch import ROWS_DIR, read_manifest
+from bcnn.reproduce.launch import MANIFEST, ROWS_DIR
 from bcnn.reproduce.tables import Row, Table, published
 
 RESULT_KEYS = ("test_acc", "test_mean_class_acc", "val_acc", "val_mean_class_acc")
@@ -42,26 +33,14 @@ def find_jobs(sweep_dir: str | Path) -> list[Path]:
     return [root / j for j in sorted(rel, key=order) if ROWS_DIR not in j.parts]
 
 
-def read_overrides(job_dir: str | Path) -> list[str]:
-    """The task overrides Hydra recorded for a job (``[]`` when it recorded none)."""
-    path = Path(job_dir) / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
-
-
-def override_columns(overrides: Sequence[str]) -> dict[str, str]:
-    """``["a.b=1", "+c=x", "~d"]`` -> ``{"a.b": "1", "c": "x", "d": "<deleted>"}``."""
-    parts = [o.partition("=") for o in overrides]
-    return {key.lstrip("+~"): value if sep else "<deleted>" for key, sep, value in parts}
-
-
-def _run_record(root: Path, job: Path) -> dict[str, Any]:
-    recorded = read_overrides(job)
-    rec: dict[str, Any] = {
-        "job": job.relative_to(root).as_posix(),
-        "status": NO_RESULTS,
-        "overrides": " ".join(recorded),
-        **override_columns(recorded),
-    }
+def _run_record(root: Path, job: Path) -> tuple[dict[str, Any], list[str]]:
+    """A job's row and its override columns (``+c=x`` -> ``c: x``, ``~d`` -> ``d: <deleted>``)."""
+    path = job / ".hydra" / "overrides.yaml"
+    recorded = [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+    parts = [o.partition("=") for o in recorded]
+    overrides = {key.lstrip("+~"): value if sep else "<deleted>" for key, sep, value in parts}
+    rec: dict[str, Any] = {"job": job.relative_to(root).as_posix(), "status": NO_RESULTS}
+    rec |= {"overrides": " ".join(recorded), **overrides}
     if (job / "results.json").is_file():
         results = json.loads((job / "results.json").read_text())
         results.pop("output_dir", None)
@@ -75,32 +54,26 @@ def _run_record(root: Path, job: Path) -> dict[str, Any]:
         if {"stage", "epoch", "seconds"} <= set(m.columns):
             m = m.drop_duplicates(["stage", "epoch"], keep="last")
             rec.update(epochs_run=len(m), train_seconds=float(m["seconds"].sum()))
-    return rec
+    return rec, list(overrides)
 
 
 def collect_runs(sweep_dir: str | Path) -> pd.DataFrame:
-    """One row per job of a sweep directory.
+    """One row per job of a multirun directory, in job order.
 
     Columns: ``job`` (folder relative to ``sweep_dir``), ``status`` (``completed`` or
     ``no results``), ``overrides``, one column per override key, the keys of
     ``results.json`` flattened with dots (its ``dataset`` as ``dataset_name``), and
-    ``epochs_run`` and ``train_seconds`` from ``metrics.csv``.
-
-    Args:
-        sweep_dir: A multirun directory (``hydra.sweep.dir``).
-
-    Returns:
-        The DataFrame, in job order; empty (with ``job``, ``status``, ``overrides``) when
-        the directory holds no job.
+    ``epochs_run`` and ``train_seconds`` from ``metrics.csv``; only the first three when
+    the directory holds no job.
     """
     root = Path(sweep_dir)
     jobs = find_jobs(root)
     first = ["job", "status", "overrides"]
     if not jobs:
         return pd.DataFrame(columns=first)
-    df = pd.DataFrame.from_records([_run_record(root, job) for job in jobs])
-    keys = dict.fromkeys(k for job in jobs for k in override_columns(read_overrides(job)))
-    overrides = [k for k in keys if k not in first]
+    records = [_run_record(root, job) for job in jobs]
+    df = pd.DataFrame.from_records([rec for rec, _ in records])
+    overrides = [k for k in dict.fromkeys(k for _, keys in records for k in keys) if k not in first]
     metrics = [k for k in RESULT_KEYS if k in df.columns]
     rest = [c for c in df.columns if c not in {*first, *overrides, *metrics}]
     return df[first + overrides + metrics + rest]
@@ -121,13 +94,8 @@ def _is_number(text: str) -> bool:
 
 
 def markdown_table(df: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
-    """A GitHub Markdown table of ``df`` (index included when it is named).
-
-    Args:
-        df: The table; MultiIndex columns are joined with spaces.
-        formats: Format spec per (joined) column name, e.g. ``{"test_acc": ".2f"}``;
-            other floats use ``.2f``. Missing values are left empty.
-    """
+    """A GitHub Markdown table of ``df`` (its index when named; MultiIndex columns joined
+    with spaces); floats formatted by ``formats[column]`` (default ``.2f``), missing ones empty."""
     formats = formats or {}
     joined = isinstance(df.columns, pd.MultiIndex)
     names = [" ".join(str(p) for p in c if str(p)) if joined else str(c) for c in df.columns]
@@ -162,18 +130,9 @@ def latex_table(wide: pd.DataFrame, caption: str, label: str) -> str:
 
 
 def summarize_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) -> pd.DataFrame:
-    """Collects every job of a multirun into ``summary.csv`` and ``summary.md``.
-
-    ``summary.csv`` holds every column; ``summary.md`` the columns whose values differ
-    between the jobs, with those the whole sweep shares on one line above the table.
-
-    Args:
-        sweep_dir: The multirun directory.
-        out_dir: Where to write (default: ``sweep_dir``).
-
-    Returns:
-        :func:`collect_runs`' DataFrame: one row per job.
-    """
+    """Writes :func:`collect_runs` of a multirun into ``out_dir`` (default: ``sweep_dir``):
+    ``summary.csv`` (every column) and ``summary.md`` (the columns whose values differ between
+    the jobs, those the jobs share on one line above the table); returns the DataFrame."""
     df = collect_runs(sweep_dir)
     out = Path(out_dir) if out_dir is not None else Path(sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,8 +155,7 @@ def summarize_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) ->
 
 def find_benchmark(device: str | None = None) -> Path | None:
     """``benchmarks/results/matrix_functions_<device>.csv`` of the working directory or of
-    the source checkout (None: there is none); ``device`` None: ``cuda`` if visible, else
-    ``cpu``."""
+    the source checkout, if any (``device`` None: ``cuda`` if visible, else ``cpu``)."""
     if device is None:
         import torch
 
@@ -210,19 +168,10 @@ def find_benchmark(device: str | None = None) -> Path | None:
 
 
 def benchmark_timings(path: str | Path) -> dict[tuple[str, int], float]:
-    """Forward times (ms) of one 512x512 float32 square root, from a benchmark CSV.
-
-    Args:
-        path: A ``scripts/bench_matrix_functions.py`` results file (columns ``d``,
-            ``batch``, ``dtype``, ``method``, ``backward``, ``iters``, ``fwd_median_ms``).
-
-    Returns:
-        ``(method, iters) -> ms`` for Newton-Schulz (the ``lyapunov_iterative`` row: the
-        forward is the same whatever the backward) and ``("svd", 0)`` / ``("eigh", 0)``.
-
-    Raises:
-        ValueError: the file lacks a column it needs, naming it.
-    """
+    """Forward times (ms) of one 512x512 float32 square root, from the results file of
+    ``scripts/bench_matrix_functions.py``: ``(method, iters) -> ms`` for Newton-Schulz (its
+    ``lyapunov_iterative`` row: the forward is the same whatever the backward), ``("svd", 0)``
+    and ``("eigh", 0)``. A ValueError names a column the file lacks."""
     df = pd.read_csv(path)
     need = {"d", "batch", "dtype", "method", "backward", "iters", "fwd_median_ms"}
     if missing := sorted(need - set(df.columns)):
@@ -252,17 +201,8 @@ def _jobs_for(row: Row, runs: pd.DataFrame) -> list[pd.Series]:
     return found
 
 
-NUMERIC = (
-    "ours",
-    "ours_std",
-    "ours_splits",
-    "published",
-    "difference",
-    "second",
-    "published_std",
-    "ours_mean_class_acc",
-    "ours_val_acc",
-)
+NUMERIC: tuple[str, ...] = ("ours", "ours_std", "ours_splits", "published", "difference")
+NUMERIC += ("second", "published_std", "ours_mean_class_acc", "ours_val_acc")
 
 
 def _row_record(table: Table, row: Row, runs: pd.DataFrame, timings: dict) -> dict[str, Any]:
@@ -307,20 +247,9 @@ def _row_record(table: Table, row: Row, runs: pd.DataFrame, timings: dict) -> di
 def report_frame(
     table: Table, runs: pd.DataFrame, timings: dict[tuple[str, int], float] | None = None
 ) -> pd.DataFrame:
-    """The long report: one row per table row with ours, published and their difference.
-
-    Columns: ``table, row_id, label, <table.column_names>, cell``, :data:`NUMERIC`,
-    ``status, job``. ``ours`` is the run's test accuracy (%) (a timing row: the benchmark's
-    ms; a row with splits: the mean over those that completed, with ``ours_std`` and
-    ``ours_splits``), ``published`` the ``Row.key`` number, ``second`` the ``Row.paper``
-    one where it differs. ``status``: ``ok``, ``failed``, ``not run``, ``not runnable:
-    <reason>``, ``benchmark`` or ``no benchmark results``.
-
-    Args:
-        table: The table spec.
-        runs: :func:`collect_runs` of its sweep.
-        timings: :func:`benchmark_timings` for timing rows (None: left empty).
-    """
+    """The long report of ``table`` from :func:`collect_runs` ``runs`` and the timing rows'
+    :func:`benchmark_timings`: one row per table row, columns ``table, row_id, label,
+    <table.column_names>, cell``, :data:`NUMERIC`, ``status, job`` (docs/reproduce.md)."""
     df = pd.DataFrame.from_records([_row_record(table, r, runs, timings or {}) for r in table.rows])
     for col in NUMERIC:
         df[col] = pd.to_numeric(df[col]) if col in df.columns else float("nan")
@@ -330,11 +259,8 @@ def report_frame(
 
 def paper_layout(report: pd.DataFrame, table: Table) -> pd.DataFrame:
     """The report as the paper lays it out: a row per label, (column, measure) columns.
-
-    Measures: ``ours``, ``table.reference``, ``table.second`` where some cell has one,
-    ``diff``; with splits also ``ours sd`` and ``<reference> sd``. Columns are the rows'
-    column labels joined with spaces, in the table's order.
-    """
+    Measures: ``ours``, ``table.reference``, ``table.second`` where some cell has one, ``diff``;
+    with splits also ``ours sd`` and ``<reference> sd``."""
     col = report[list(table.column_names)].astype(str).agg(" ".join, axis=1)
     long = report.assign(column=col)
     spread = any(r.splits for r in table.rows)
@@ -357,17 +283,8 @@ def paper_layout(report: pd.DataFrame, table: Table) -> pd.DataFrame:
 
 
 def plot_comparison(report: pd.DataFrame, out_png: str | Path, title: str = "") -> Path:
-    """Horizontal bars of our accuracy next to the published one for every table cell.
-
-    Args:
-        report: ``table_report``'s long DataFrame (columns ``cell``, ``ours``,
-            ``published``); cells without a value get no bar.
-        out_png: Where to write the figure; its folder is created.
-        title: Figure title.
-
-    Returns:
-        ``out_png`` as a Path.
-    """
+    """Writes horizontal bars of ``ours`` next to ``published`` for every ``cell`` of a
+    :func:`report_frame` to ``out_png`` (its folder created) and returns its path."""
     n = len(report)
     fig = figure(8, 1.2 + 0.28 * max(n, 1))
     ax = fig.subplots()
@@ -395,18 +312,10 @@ def table_report(
     out_dir: str | Path | None = None,
     bench: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Writes the report of a table's sweep: ``<table>.md``, ``.csv``, ``.tex`` and ``.png``.
-
-    Args:
-        table: The table spec.
-        sweep_dir: Its sweep directory; jobs are matched to rows by folder name or
-            ``experiment=`` override (the row id).
-        out_dir: Where to write (default ``<sweep_dir>/report``).
-        bench: Benchmark results for timing rows (default: :func:`find_benchmark`).
-
-    Returns:
-        :func:`report_frame`'s long DataFrame (what the CSV holds).
-    """
+    """Writes the report of a table's sweep into ``out_dir`` (default ``<sweep_dir>/report``):
+    ``<table>.md``, ``.csv`` (:func:`report_frame`, returned), ``.tex`` and ``.png``. Jobs are
+    matched to rows by folder name or ``experiment=`` override (the row id); timing rows read
+    ``bench`` (default: :func:`find_benchmark`)."""
     sweep = Path(sweep_dir)
     out = Path(out_dir) if out_dir is not None else sweep / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -417,7 +326,8 @@ def table_report(
     report = report_frame(table, collect_runs(sweep), timings)
     report.to_csv(out / f"{table.name}.csv", index=False)
     wide = paper_layout(report, table)
-    smoke = bool((read_manifest(sweep) or {}).get("smoke"))
+    manifest = sweep / MANIFEST
+    smoke = manifest.is_file() and bool(json.loads(manifest.read_text()).get("smoke"))
     markdown = _report_markdown(table, report, wide, sweep, bench_path, smoke)
     (out / f"{table.name}.md").write_text(markdown)
     caption = (
@@ -433,10 +343,10 @@ def table_report(
 
 def _report_markdown(
     table: Table,
-    report: pd.DataFrame,
+    long: pd.DataFrame,
     wide: pd.DataFrame,
     sweep: Path,
-    bench_path: Path | None,
+    bench: Path | None,
     smoke: bool,
 ) -> str:
     """The Markdown page of a report: title, legend, the table, row statuses, notes."""
@@ -465,15 +375,15 @@ def _report_markdown(
             "",
         ]
     lines += [f"{table.description}. Sweep: `{sweep.resolve()}`.", "", legend, ""]
-    if bench_path is not None:
-        lines += [f"Time (ms): forward of one 512x512 square root from `{bench_path}`.", ""]
-    counts = report["status"].str.split(":").str[0].value_counts()
+    if bench is not None:
+        lines += [f"Time (ms): forward of one 512x512 square root from `{bench}`.", ""]
+    counts = long["status"].str.split(":").str[0].value_counts()
     fmts = {f"{c} {m}": "+.1f" if m == "diff" else ".1f" for c, m in wide.columns}
     lines += [
         markdown_table(wide, fmts),
         "Rows: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
     ]
-    problems = report[~report["status"].isin(["ok", "benchmark"])]
+    problems = long[~long["status"].isin(["ok", "benchmark"])]
     if len(problems):
         lines += ["", markdown_table(problems.set_index("cell")[["status"]]).rstrip("\n")]
     if table.notes:

@@ -1,20 +1,11 @@
-"""Launch a table: one Hydra multirun of ``train.py`` with exactly one job per row.
+"""Launch a table: one Hydra multirun of ``train.py`` with one job per row (docs/reproduce.md).
 
-The rows of a table are not a cartesian product (``CUB+box`` exists only for CUB, the
-ECCV 2018 gamma differs per dataset), so each job becomes a generated config of the
-``experiment`` group in ``<sweep_dir>/.rows/`` (its preset plus the row's overrides), and
-the multirun sweeps over them: ``python -m bcnn.train --multirun experiment=<job>,...
-hydra.searchpath=[file://<sweep_dir>/.rows] hydra.sweep.subdir=<job> [extra]``. A job is
-named by its row id (``<row id>__split<k>`` for a row's repeats); ``reproduce.json``
-records the rows and the command. Before anything runs, every job must compose and the
-dataset folders and weights files it names must exist (what is missing is listed once).
-
-Smoke mode keeps every row's head, stages, recipe and data protocol but swaps the backbone
-for the small CNN (two for a two-stream row), the budget for ``debug=smoke``'s epochs (run
-whole, on CPU) and each dataset for its own stand-in: the synthetic set with a seed and
-class count derived from the dataset's name, so that a row's columns are different runs.
-Backbone and dataset nodes are first reset to null (``reproduce/smoke_reset``): a preset's
-keys for the real ones (``pretrained``, ``partition``) would be merged into the small ones.
+A table is not a cartesian product (``CUB+box`` exists only for CUB), so each job becomes a
+generated ``experiment`` config in ``<sweep_dir>/.rows/`` and the multirun sweeps over those.
+Smoke mode keeps each row's head, stages and recipe but swaps in the small CNN, the
+``debug=smoke`` epochs on CPU and a synthetic stand-in per dataset. Its backbone and dataset
+nodes are first reset to null (``reproduce/smoke_reset``): a preset's keys for the real ones
+(``pretrained``, ``partition``) would otherwise be merged into the small ones.
 """
 
 from __future__ import annotations
@@ -42,10 +33,10 @@ ROWS_DIR = ".rows"
 MANIFEST = "reproduce.json"
 RESET_CONFIG = "reproduce/smoke_reset"
 
-# Smoke sizes (the seed and class count: smoke_dataset). Compact pooling's sketch shrinks
-# to SMOKE_SKETCH_DIM: 8192 dimensions per location made a smoke job take a minute. The
-# row keeps its gradient accumulation (a step per micro-batch of 8 at the recipe's rate
-# collapsed fine-tuned classifiers onto a few classes); debug=smoke's epochs run whole.
+# Smoke sizes. Compact pooling's sketch shrinks to SMOKE_SKETCH_DIM: 8192 dimensions per
+# location made a smoke job take a minute. The row keeps its gradient accumulation (a step
+# per micro-batch of 8 at the recipe's rate collapsed fine-tuned classifiers onto a few
+# classes); debug=smoke's epochs run whole.
 SMOKE_DATASET: dict[str, Any] = {"trainval_size": 384, "test_size": 512, "image_size": 16}
 SMOKE_CHANNELS = [8]
 SMOKE_SPLITS = 2  # repeats run per row with splits
@@ -54,14 +45,16 @@ SMOKE_TRAINER: dict[str, Any] = {"device": "cpu", "precision": "32", "num_worker
 SMOKE_TRAINER |= {"eval_batch_size": 256, "limit_train_batches": None, "limit_eval_batches": None}
 
 
-def split_overrides(overrides: Iterable[str]) -> tuple[dict[str, str], dict[str, Any]]:
-    """Splits Hydra overrides (``group=option``, ``a.b.c=value``) into group choices
-    (``{"dataset": "cub"}``) and a nested dict of values (``{"trainer": {"stages": [...]}}``).
+def compose_train(overrides: Sequence[str], hydra: bool = False) -> DictConfig:
+    """``train.py``'s config composed with ``overrides`` (``hydra``: with the hydra node)."""
+    with initialize_config_module("bcnn.configs", version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
-    Raises:
-        ValueError: a sweep, deletion, addition or list-index override, which a config
-            file cannot express.
-    """
+
+def split_overrides(overrides: Iterable[str]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Splits Hydra overrides into group choices (``{"dataset": "cub"}``) and a nested dict
+    of values (``{"trainer": {"stages": [...]}}``). A ValueError rejects a sweep, deletion,
+    addition or list index, which a config file cannot express."""
     parser = OverridesParser.create()
     root = resources.files("bcnn.configs")
     groups = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
@@ -88,23 +81,14 @@ def _group_node(group: str, option: str) -> dict[str, Any]:
         return OmegaConf.to_container(OmegaConf.load(f))  # type: ignore[return-value]
 
 
-def row_jobs(row: Row, smoke: bool = False) -> list[tuple[str, int | None]]:
-    """The jobs of a row: ``(job id, split index or None)``; smoke runs ``SMOKE_SPLITS``."""
-    if not row.splits:
-        return [(row.id, None)]
-    jobs: list[tuple[str, int | None]] = list(zip(row.job_ids, range(len(row.splits))))
-    return jobs[:SMOKE_SPLITS] if smoke else jobs
-
-
 def smoke_nodes(real: DictConfig, split: int | None) -> dict[str, Any]:
     """The nodes smoke mode puts into a row's config, from the row's composed ``real`` one.
 
-    The small CNN (a pair of them for a two-stream backbone); the synthetic stand-in of the
-    row's dataset at smoke sizes, with its validation fraction and a seed and class count
-    (4 to 6) derived from the dataset's name, so that each dataset column trains on data of
-    its own (a split moves to a further seed); compact pooling's sketch at
-    ``SMOKE_SKETCH_DIM``; a PCA projection at most the small CNN's channels (PCA has no more
-    directions).
+    The small CNN (two for a two-stream backbone); the synthetic set at smoke sizes with
+    the row's validation fraction and a seed and class count (4 to 6) derived from the
+    dataset's name, so that each dataset column is a run of its own (a split moves the
+    seed); the sketch at ``SMOKE_SKETCH_DIM``; a PCA projection at most the small CNN's
+    channels (PCA has no more directions).
     """
     small = {**_group_node("backbone", "small"), "channels": list(SMOKE_CHANNELS)}
     two = {"_target_": real.backbone._target_, "stream_a": small, "stream_b": dict(small)}
@@ -128,14 +112,8 @@ def smoke_nodes(real: DictConfig, split: int | None) -> dict[str, Any]:
 def row_config(
     row: Row, table: Table, split: int | None = None, smoke: dict[str, Any] | None = None
 ) -> str:
-    """The YAML text of a row's generated experiment config.
-
-    Args:
-        row: The row.
-        table: Its table (named in the header comment).
-        split: Index into ``row.splits`` of the job's repeat (None: no repeats).
-        smoke: The smoke version's nodes (:func:`smoke_nodes`); None: the full run.
-    """
+    """The YAML text of a row's generated experiment config: the job of ``row.splits[split]``
+    (None: no repeats), the full run or the smoke version (``smoke``: :func:`smoke_nodes`)."""
     overrides = [*row.overrides, *([row.splits[split]] if split is not None else [])]
     choices, body = split_overrides(overrides)
     experiment = choices.pop("experiment", None)
@@ -167,40 +145,13 @@ def searchpath_override(rows_dir: Path) -> str:
     return f"hydra.searchpath=[{_quote('file://' + str(Path(rows_dir).resolve()))}]"
 
 
-def _compose(overrides: Sequence[str]) -> DictConfig:
-    with initialize_config_module("bcnn.configs", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
-def select_rows(table: Table, patterns: Sequence[str] = ()) -> list[Row]:
-    """The rows of ``table`` whose id matches one of the fnmatch ``patterns`` (all if none)."""
-    if not patterns:
-        return list(table.rows)
-    rows = [r for r in table.rows if any(fnmatch.fnmatch(r.id, p) for p in patterns)]
-    if not rows:
-        raise ValueError(f"no row of {table.name} matches {list(patterns)}")
-    return rows
-
-
 def write_rows(
     table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool, extra: Sequence[str] = ()
 ) -> list[tuple[str, DictConfig]]:
-    """Writes one config per job into ``rows_dir/experiment/`` and composes each.
-
-    Args:
-        table: The table.
-        rows: Its rows to write.
-        rows_dir: The folder that joins Hydra's search path.
-        smoke: Write the smoke versions (see the module docstring).
-        extra: Overrides every job is composed with (not written).
-
-    Returns:
-        ``(job id, composed config)`` per job (the row ids, ``<row id>__split<k>`` for the
-        repeats of a row with splits), in row order.
-
-    Raises:
-        hydra.errors.HydraException: a row does not compose (before anything runs).
-    """
+    """Writes one config per job of ``rows`` into ``rows_dir/experiment/`` (the folder that
+    joins Hydra's search path; ``smoke``: the smoke versions, ``SMOKE_SPLITS`` repeats of a
+    row with splits) and composes each with ``extra``: ``(job id, config)`` in row order.
+    A row that does not compose raises Hydra's error before anything runs."""
     folder, search = rows_dir / "experiment", searchpath_override(rows_dir)
     folder.mkdir(parents=True, exist_ok=True)
     if smoke:
@@ -209,23 +160,19 @@ def write_rows(
         (rows_dir / f"{RESET_CONFIG}.yaml").write_text(reset)
     jobs = []
     for row in rows:
-        real = _compose(row.overrides) if smoke else None
-        for job, split in row_jobs(row, smoke):
+        real = compose_train(row.overrides) if smoke else None
+        for k, job in enumerate(row.job_ids[:SMOKE_SPLITS] if smoke else row.job_ids):
+            split = k if row.splits else None
             nodes = smoke_nodes(real, split) if real is not None else None
             (folder / f"{job}.yaml").write_text(row_config(row, table, split, nodes))
-            jobs.append((job, _compose([f"experiment={job}", search, *extra])))
+            jobs.append((job, compose_train([f"experiment={job}", search, *extra])))
     return jobs
 
 
 def missing_inputs(jobs: Sequence[tuple[str, DictConfig]]) -> list[str]:
-    """The dataset folders and weights files the jobs need and this machine lacks.
-
-    Each missing thing is listed once, with the jobs that need it. ImageNet weights that
-    a backbone downloads on first use (``pretrained: true``) are not checked.
-
-    Args:
-        jobs: ``(job id, composed config)`` pairs.
-    """
+    """The dataset folders and weights files the ``(job id, config)`` pairs need and this
+    machine lacks, each once with the jobs that need it. ImageNet weights that a backbone
+    downloads on first use are not checked."""
     needs: dict[str, list[str]] = {}
     datasets: dict[str, str | None] = {}
     for job, cfg in jobs:
@@ -244,26 +191,11 @@ def missing_inputs(jobs: Sequence[tuple[str, DictConfig]]) -> list[str]:
             problems.append(missing)
         for problem in problems:
             needs.setdefault(problem, []).append(job)
-    return [f"{p}: needed by {_some(ids)}" for p, ids in needs.items()]
-
-
-def _some(ids: list[str], most: int = 4) -> str:
-    more = f" and {len(ids) - most} more" if len(ids) > most else ""
-    return ", ".join(ids[:most]) + more
-
-
-def multirun_command(
-    names: Sequence[str],
-    rows_dir: Path,
-    sweep_dir: Path,
-    launcher: str | None = None,
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """The ``python -m bcnn.train --multirun ...`` command that runs the generated rows."""
-    cmd = [sys.executable, "-m", "bcnn.train", "--multirun", f"experiment={','.join(names)}"]
-    cmd += [searchpath_override(rows_dir), f"hydra.sweep.dir={_quote(str(sweep_dir.resolve()))}"]
-    cmd += ["hydra.sweep.subdir=${hydra.runtime.choices.experiment}"]
-    return cmd + ([f"hydra/launcher={launcher}"] if launcher else []) + list(extra)
+    lines = []
+    for problem, ids in needs.items():
+        more = f" and {len(ids) - 4} more" if len(ids) > 4 else ""
+        lines.append(f"{problem}: needed by {', '.join(ids[:4])}{more}")
+    return lines
 
 
 def launch_table(
@@ -275,35 +207,30 @@ def launch_table(
     patterns: Sequence[str] = (),
     dry_run: bool = False,
 ) -> int:
-    """Writes the rows of ``table`` and runs them as one Hydra multirun.
+    """Writes the rows of ``table`` and runs them as one Hydra multirun; returns its exit
+    status. Rows that cannot run and timing rows are listed in ``reproduce.json`` only.
 
     Args:
         table: The table spec.
         sweep_dir: Where the jobs write (``<sweep_dir>/<row id>/``).
         smoke: Smoke mode (synthetic data, small CNN, CPU).
         launcher: A ``hydra/launcher`` option (``joblib``, ``submitit_slurm``, ``slurm``...).
-        extra: Further overrides for every job (``trainer.device=cuda:1``, ``hydra.launcher.
-            partition=gpu``, ...).
+        extra: Further overrides for every job (``trainer.device=cuda:1``, ...).
         patterns: Only the rows whose id matches one of these fnmatch patterns.
-        dry_run: Write the configs and print the command (and what is missing) without
-            running it.
-
-    Rows that cannot run (``Row.reason``) and timing rows (``Row.benchmark``) are listed in
-    ``reproduce.json`` but launch no job.
-
-    Returns:
-        The exit status of the multirun (0 when every job succeeded).
+        dry_run: Write the configs and print the command (and what is missing) only.
 
     Raises:
-        FileNotFoundError: a dataset folder or weights file that a job needs is missing
-            (all of them listed once; not in smoke mode, printed only with ``dry_run``).
+        ValueError: no row matches ``patterns``.
+        FileNotFoundError: dataset folders or weights files that jobs need are missing
+            (listed once; not in smoke mode; printed only with ``dry_run``).
     """
-    selected = select_rows(table, patterns)
-    runnable = [r for r in selected if r.runnable]
+    selected = [r for r in table.rows if any(fnmatch.fnmatch(r.id, p) for p in patterns)]
+    if patterns and not selected:
+        raise ValueError(f"no row of {table.name} matches {list(patterns)}")
+    selected = selected or list(table.rows)
     rows_dir = sweep_dir / ROWS_DIR
     own = [o for o in extra if not o.lstrip("+~").startswith("hydra")]  # the jobs' settings
-    jobs = write_rows(table, runnable, rows_dir, smoke, own)
-    names = [job for job, _ in jobs]
+    jobs = write_rows(table, [r for r in selected if r.runnable], rows_dir, smoke, own)
     if missing := [] if smoke else missing_inputs(jobs):
         message = f"{table.name}: {len(missing)} input(s) missing, nothing was launched:\n"
         message += "\n".join(f"- {m}" for m in missing)
@@ -313,19 +240,16 @@ def launch_table(
         if not dry_run:
             raise FileNotFoundError(message)
         print(f"[reproduce] {message}", file=sys.stderr)
-    cmd = multirun_command(names, rows_dir, sweep_dir, launcher, extra)
+    names = [job for job, _ in jobs]
+    cmd = [sys.executable, "-m", "bcnn.train", "--multirun", f"experiment={','.join(names)}"]
+    cmd += [searchpath_override(rows_dir), f"hydra.sweep.dir={_quote(str(sweep_dir.resolve()))}"]
+    cmd += ["hydra.sweep.subdir=${hydra.runtime.choices.experiment}"]
+    cmd += ([f"hydra/launcher={launcher}"] if launcher else []) + list(extra)
     rows = [{"id": r.id, **{k: v for k, v in asdict(r).items() if v}} for r in selected]
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     manifest = {"table": table.name, "smoke": smoke, "started": started, "rows": rows}
-    manifest["command"] = cmd
-    (sweep_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (sweep_dir / MANIFEST).write_text(json.dumps({**manifest, "command": cmd}, indent=2))
     print("[reproduce] " + " ".join(cmd), file=sys.stderr)
     if dry_run or not names:
         return 0
     return subprocess.run(cmd, check=False).returncode
-
-
-def read_manifest(sweep_dir: Path) -> dict[str, Any] | None:
-    """``reproduce.json`` of a sweep directory, or None if there is none."""
-    path = Path(sweep_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None

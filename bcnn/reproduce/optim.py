@@ -1,19 +1,5 @@
-"""Per-group optimizer settings for the presets that reproduce the authors' code.
-
-The trainer's parameter groups are ``backbone``, ``proj`` (the 1x1 projection) and
-``head``, all with the optimizer's weight decay; the authors' code sets some apart (the
-MATLAB classifier is not decayed, DenseNet's projection trains at lr 1e-3). An optimizer
-node with :func:`with_groups` as its target applies such per-group settings::
-
-    trainer:
-      finetune:
-        optimizer:
-          _target_: bcnn.reproduce.optim.with_groups
-          optimizer: torch.optim.SGD
-          momentum: 0.9            # any other key goes to the optimizer
-          weight_decay: 5.0e-4
-          groups: {head: {weight_decay: 0.0}}
-"""
+"""Per-group optimizer settings for the presets that reproduce the authors' code (the MATLAB
+classifier is not decayed, DenseNet's projection trains at lr 1e-3; docs/reproduce.md)."""
 
 from __future__ import annotations
 
@@ -45,16 +31,12 @@ def with_groups(
         lr: The default learning rate (the trainer passes the stage's ``lr``).
         optimizer: Import path of a ``torch.optim.Optimizer`` class.
         groups: Group name (``backbone``, ``proj``, ``head``) -> settings that replace the
-            group's own, e.g. ``{"head": {"weight_decay": 0.0}, "proj": {"lr": 1e-3}}``.
-            A group absent from ``params`` (no projection, a frozen backbone) is skipped.
+            group's own, e.g. ``{"head": {"weight_decay": 0.0}}``; a group absent from
+            ``params`` (no projection, a frozen backbone) is skipped.
         **kwargs: The optimizer's other arguments (momentum, betas, weight_decay, ...).
 
-    Returns:
-        The optimizer.
-
     Raises:
-        ValueError: an unknown group name, a setting the optimizer does not have, or an
-            ``optimizer`` that is not an optimizer class.
+        ValueError: an unknown group name or setting, or not an optimizer class.
     """
     groups = {str(k): dict(v) for k, v in (groups or {}).items()}
     if unknown := sorted(set(groups) - set(GROUP_NAMES)):

@@ -1,15 +1,8 @@
-"""The training protocol of every experiment preset, and where each value comes from.
+"""Every experiment preset's protocol against ``bcnn/resources/protocols.csv`` (one line per
+(preset, field): value, source, deviation; fields defined in ``protocol_fields.csv``).
 
-``bcnn/resources/protocols.csv`` is the machine-readable protocol table: one line per
-(preset, field) with the value the preset composes to, the source the value comes from
-(a paper's table or a file of the authors' code) and, where bcnn does not do what the
-source did, the deviation; ``bcnn/resources/protocol_fields.csv`` defines the fields.
-``docs/protocols.md`` is the same table for reading (:func:`protocol_markdown`).
-:func:`protocol_of` reads the fields off a composed config, so the test suite checks every
-preset against the table and the docs against the CSV::
-
-    python -m bcnn.reproduce.protocols            # presets that differ from the table
-    python -m bcnn.reproduce.protocols --markdown # the docs page, from the CSV
+:func:`protocol_of` reads the fields off a composed config; :func:`protocol_markdown` writes
+``docs/protocols.md`` from the CSV. ``python -m bcnn.reproduce.protocols [--markdown]``.
 """
 
 from __future__ import annotations
@@ -23,37 +16,25 @@ from typing import Any
 
 import pandas as pd
 import torch
-from hydra import compose, initialize_config_module
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-import bcnn.config  # noqa: F401  (registers the schema that configs/train.yaml names)
 from bcnn.models.normalization import MatrixStep
 from bcnn.ops import resolve_sqrtm
+from bcnn.reproduce.launch import compose_train
+from bcnn.reproduce.tables import read_resource
 
 PROTOCOLS = "protocols.csv"
 COLUMNS = ("preset", "dataset", "field", "value", "source", "deviation")
-
-
-def _read(name: str) -> pd.DataFrame:
-    with (resources.files("bcnn") / "resources" / name).open() as f:
-        return pd.read_csv(f, dtype=str, keep_default_na=False)
-
-
-def _fields(names: Sequence[str]) -> tuple[str, ...]:
-    """The field names in table order, each ``<stage>.*`` once per stage."""
-    stage = [n for n in names if n.startswith("<stage>.")]
-    out: list[str] = []
-    for n in names:
-        if n == stage[0]:
-            out += [f.replace("<stage>", s) for s in ("linear", "finetune") for f in stage]
-        elif n not in stage:
-            out.append(n)
-    return tuple(out)
-
-
-DEFINITIONS = _read("protocol_fields.csv")
-FIELDS = _fields(list(DEFINITIONS["field"]))
+DEFINITIONS = read_resource("protocol_fields.csv", dtype=str, keep_default_na=False)
+# The fields in table order; the (contiguous) ``<stage>.*`` ones once per stage.
+_NAMES = list(DEFINITIONS["field"])
+_STAGE = [i for i, n in enumerate(_NAMES) if n.startswith("<stage>.")]
+FIELDS = tuple(
+    _NAMES[: _STAGE[0]]
+    + [_NAMES[i].replace("<stage>", s) for s in ("linear", "finetune") for i in _STAGE]
+    + _NAMES[_STAGE[-1] + 1 :]
+)
 
 
 def _name(target: Any) -> str:
@@ -62,17 +43,15 @@ def _name(target: Any) -> str:
 
 def _num(value: Any) -> str:
     """A number as the table writes it: ``1e-05``, ``0.9``, ``16``."""
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    return f"{float(value):g}"
 
 
 def _schedule(node: DictConfig) -> str:
     if "step_size" in node:
-        return f"x{_num(float(node.gamma))} every {node.step_size} epochs"
+        return f"x{_num(node.gamma)} every {node.step_size} epochs"
     if "patience" in node:
         return (
-            f"x{_num(float(node.factor))} after {node.patience} epochs without a better "
+            f"x{_num(node.factor)} after {node.patience} epochs without a better "
             f"validation accuracy (ReduceLROnPlateau, mode {node.mode})"
         )
     if "T_max" in node:
@@ -91,23 +70,22 @@ def _stage_fields(cfg: DictConfig, name: str) -> dict[str, str]:
     opt = cls.__name__
     groups = {k: dict(v) for k, v in (node.get("groups") or {}).items()}
     reset = ", state reset every epoch" if stage.get("reset_optimizer_each_epoch") else ""
-    out = {"optimizer": opt + reset, "lr": _num(float(stage.lr))}
+    out = {"optimizer": opt + reset, "lr": _num(stage.lr)}
     if name == "finetune":
-        out["backbone_lr"] = _num(float(stage.backbone_lr))
+        out["backbone_lr"] = _num(stage.backbone_lr)
     if cfg.pooling.get("proj_dim"):
         scale = float(cfg.pooling.get("proj_lr_scale", 1.0))
-        out["proj_lr"] = _num(float(groups.get("proj", {}).get("lr", float(stage.lr) * scale)))
+        out["proj_lr"] = _num(groups.get("proj", {}).get("lr", float(stage.lr) * scale))
     if "momentum" in node:
-        out["momentum"] = _num(float(node.momentum))
+        out["momentum"] = _num(node.momentum)
     if "betas" in node:
-        out["betas"] = ", ".join(_num(float(b)) for b in node.betas)
-        out["eps"] = _num(float(node.get("eps", 1e-8)))
+        out["betas"] = ", ".join(_num(b) for b in node.betas)
+        out["eps"] = _num(node.get("eps", 1e-8))
     kind = "decoupled" if issubclass(cls, torch.optim.AdamW) else "coupled"
-    out["weight_decay"] = f"{_num(float(node.get('weight_decay', 0.0)))} ({kind})"
-    decays = [f"{g}: {_num(float(s['weight_decay']))}" for g, s in sorted(groups.items())
-              if "weight_decay" in s]  # fmt: skip
+    out["weight_decay"] = f"{_num(node.get('weight_decay', 0.0))} ({kind})"
+    decays = {g: s["weight_decay"] for g, s in sorted(groups.items()) if "weight_decay" in s}
     if decays:
-        out["group_decay"] = ", ".join(decays)
+        out["group_decay"] = ", ".join(f"{g}: {_num(d)}" for g, d in decays.items())
     out["epochs"] = str(stage.epochs)
     out["batch"] = str(int(stage.batch_size) * int(stage.grad_accum))
     out["schedule"] = _schedule(stage.scheduler)
@@ -149,10 +127,10 @@ def _augment(cfg: DictConfig, live: str) -> str:
 def _pooling(node: DictConfig) -> str:
     name = _name(node._target_)
     if "gamma" in node:  # (gamma-)democratic weights
-        name += f" (gamma {_num(float(node.gamma))})"
+        name += f" (gamma {_num(node.gamma)})"
     elif "sketch" in node:
         sketch = node.sketch
-        gamma = f", gamma {_num(float(sketch.gamma))}" if "gamma" in sketch else ""
+        gamma = f", gamma {_num(sketch.gamma)}" if "gamma" in sketch else ""
         name += f" ({_name(sketch._target_)} {sketch.out_dim}{gamma})"
     elif "num_components" in node:  # a Fisher vector
         name += (
@@ -177,10 +155,10 @@ def _classifier(node: DictConfig) -> str:
     name = _name(node._target_)
     if getattr(get_class(node._target_), "trains_on_cache", False):  # the SVMs
         calibration = ", median calibration" if node.get("calibrate", True) else ""
-        return f"{name} (one-vs-all, C {_num(float(node.C))}, {node.loss} loss{calibration})"
+        return f"{name} (one-vs-all, C {_num(node.C)}, {node.loss} loss{calibration})"
     init = node.get("init", "zeros")
     if init == "normal" and node.get("init_std") is not None:
-        init += f" std {_num(float(node.init_std))}, bias {_num(float(node.init_bias))}"
+        init += f" std {_num(node.init_std)}, bias {_num(node.init_bias)}"
     rank = f"rank {node.rank}, " if "rank" in node else ""
     return f"{name} ({rank}init {init})"
 
@@ -246,21 +224,14 @@ def protocol_of(cfg: DictConfig) -> dict[str, str]:
     out["classifier"] = _classifier(cfg.classifier)
     out.update(_matrix_fields(cfg))
     if signsqrt := cfg.normalization.get("signsqrt"):
-        out["signsqrt.eps"] = _num(float(signsqrt.get("eps", 1e-8)))
+        out["signsqrt.eps"] = _num(signsqrt.get("eps", 1e-8))
     return out
 
 
 @cache
 def load_protocols() -> pd.DataFrame:
     """``bcnn/resources/protocols.csv`` (columns :data:`COLUMNS`), read once."""
-    return _read(PROTOCOLS)
-
-
-def compose_preset(preset: str, dataset: str | None = None) -> DictConfig:
-    """``train.py experiment=<preset> [dataset=<dataset>]`` as a composed config."""
-    overrides = [f"experiment={preset}"] + ([f"dataset={dataset}"] if dataset else [])
-    with initialize_config_module("bcnn.configs", version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+    return read_resource(PROTOCOLS, dtype=str, keep_default_na=False)
 
 
 def differences(preset: str) -> list[str]:
@@ -268,8 +239,9 @@ def differences(preset: str) -> list[str]:
     rows = load_protocols()[load_protocols()["preset"] == preset]
     if rows.empty:
         return [f"{preset}: not in {PROTOCOLS}"]
-    table, dataset = dict(zip(rows["field"], rows["value"])), rows["dataset"].iloc[0] or None
-    actual = protocol_of(compose_preset(preset, dataset))
+    table, dataset = dict(zip(rows["field"], rows["value"])), rows["dataset"].iloc[0]
+    overrides = [f"experiment={preset}"] + ([f"dataset={dataset}"] if dataset else [])
+    actual = protocol_of(compose_train(overrides, hydra=True))
     return [
         f"{preset}: {field}: table {table.get(field)!r}, config {actual.get(field)!r}"
         for field in sorted(set(table) | set(actual), key=_field_order)
@@ -286,11 +258,11 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]
     return ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
 
 
-def protocol_markdown(df: pd.DataFrame | None = None) -> str:
+def protocol_markdown() -> str:
     """``docs/protocols.md``: ``bcnn/resources/protocols_page.md``, the field definitions,
     then one table per recipe, each (field, value, source, deviation) once with the presets
     that have it (``all``: every preset of the recipe)."""
-    df = load_protocols() if df is None else df
+    df = load_protocols()
     page = (resources.files("bcnn") / "resources" / "protocols_page.md").read_text()
     fields = ((f"`{f}`", m) for f, m in DEFINITIONS.values)
     lines = [page.rstrip("\n"), "", *_md_table(("field", "meaning"), fields), ""]

@@ -1,16 +1,6 @@
-"""gamma-democratic aggregation in Tensor Sketch space (ECCV 2018, Tables 2-5).
-
-The 2048-channel ResNet-101 features make a 4.2M-entry matrix, so the paper aggregates in
-an 8192-dimensional Tensor Sketch space (tsungyu/o2dp ``run_experiments_sketcho2dp_resnet.m``).
-:class:`DemocraticSketch`, a ``sketch`` for ``pooling=compact``, is the Tensor Sketch of
-sum_i alpha_i x_i x_i^T / sum_i alpha_i: a sketch is linear in the outer product, so it is
-``TensorSketch`` of the features scaled by sqrt(n alpha_i / sum alpha) (gamma = 1: plain
-``TensorSketch``, the "TS + sum" row).
-
-The weights come from the exact second-order kernel (x_i^T x_j)^2 of the raw features
-(``bcnn.ops.democratic_weights``), whose estimate the sketches' inner products are; the
-authors' code runs the Sinkhorn iteration on the sketched features.
-"""
+"""gamma-democratic aggregation in Tensor Sketch space (ECCV 2018, Tables 2-5): 2048 ResNet-101
+channels make a 4.2M-entry matrix, so the paper aggregates in an 8192-dimensional sketch
+(tsungyu/o2dp ``run_experiments_sketcho2dp_resnet.m``)."""
 
 from __future__ import annotations
 
@@ -27,6 +17,12 @@ from bcnn.ops.compact import SketchDim
 
 class DemocraticSketch(nn.Module):
     """Tensor Sketch of the gamma-democratic second-order matrix: (B, n, C) -> (B, D).
+
+    A ``sketch`` for ``pooling=compact``. A sketch is linear in the outer product, so the
+    sketch of sum_i alpha_i x_i x_i^T / sum_i alpha_i is ``TensorSketch`` of the features
+    scaled by sqrt(n alpha_i / sum alpha) (gamma = 1: plain ``TensorSketch``). The weights
+    come from the exact kernel (x_i^T x_j)^2 of the raw features, which the sketches' inner
+    products estimate; the authors' code runs Sinkhorn on the sketched features.
 
     Args:
         in_dim: Channels C.
@@ -60,15 +56,8 @@ class DemocraticSketch(nn.Module):
         self.gamma, self.tau, self.iters = float(gamma), float(tau), int(iters)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Sketch of sum_i alpha_i x_i x_i^T / sum_i alpha_i.
-
-        Args:
-            x: ``(B, n, C)`` local features, channels last.
-            y: Must be None (one stream).
-
-        Returns:
-            ``(B, D)``; float32, or float64 for float64 input.
-        """
+        """Sketch of sum_i alpha_i x_i x_i^T / sum_i alpha_i of ``x`` ``(B, n, C)`` (channels
+        last; ``y`` must be None): ``(B, D)``, float32 or float64 for float64 input."""
         if y is not None:
             raise ValueError("DemocraticSketch aggregates one stream: got a second input")
         alpha = democratic_weights(x, gamma=self.gamma, tau=self.tau, iters=self.iters, detach=True)
