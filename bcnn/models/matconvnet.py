@@ -1,29 +1,11 @@
 """Conversion of MatConvNet ``.mat`` models (VGG-M, VGG-D) to bcnn backbone state dicts.
 
-The original B-CNN networks are MatConvNet files from
-https://www.vlfeat.org/matconvnet/pretrained/ (``imagenet-vgg-m.mat``,
-``imagenet-vgg-verydeep-16.mat``). Supported layouts (MAT-file v5/v7, what
-``scipy.io.loadmat`` reads; v7.3/HDF5 files must be re-saved with ``-v7`` first):
-
-* **simplenn, legacy fields** (MatConvNet < 1.0-beta8): ``layers{i}`` structs with
-  ``filters`` / ``biases``; LRN layers of type ``normalize``; ``normalization`` at the top.
-* **simplenn** (MatConvNet >= 1.0-beta8, the files on the download page):
-  ``layers{i}.weights = {W, b}``; LRN type ``lrn`` (or ``normalize``); normalization in
-  ``meta.normalization`` or at the top level.
-* **DagNN**: ``layers(i)`` with ``type = 'dagnn.Conv' | 'dagnn.ReLU' | 'dagnn.LRN' |
-  'dagnn.Pooling'``, hyper-parameters in ``block`` and parameter names in ``params``,
-  values in the top-level ``params(j).name / .value``; layers taken in file order.
-
-The variables may sit at the top level (``save(f, '-struct', 'net')``, the official
-files) or inside one ``net`` struct.
-
-Conversion walks our backbone's ``features`` (an ``nn.Sequential``) and the ``.mat`` layers
-side by side, checking every hyper-parameter (kernel, stride, padding, LRN constants,
-pooling window), and stops after our last module (relu5 / relu5_3): pool5 and the fully
-connected layers are not converted. Filters go from MatConvNet's H x W x C_in x C_out
-(rows first, cross-correlation like torch) to torch's C_out x C_in x H x W. The average
-image (H x W x 3 or 1 x 1 x 3) becomes the mean colour of an ``InputSpec`` with
-``scale=255``, ``std=1``, RGB (MatConvNet's importers reorder Caffe's BGR filters to RGB).
+Reads MAT-file v5/v7 (``scipy.io.loadmat``; v7.3/HDF5 files must be re-saved with ``-v7``)
+in three layouts: simplenn with legacy ``filters``/``biases`` fields (MatConvNet <
+1.0-beta8), simplenn with ``weights = {W, b}`` (the files on the download page), and DagNN
+(``dagnn.*`` layers, values in the top-level ``params``); the variables at the top level or
+inside a ``net`` struct. Our backbone's modules and the file's layers are walked side by
+side, every hyper-parameter checked (docs/models.md).
 """
 
 from __future__ import annotations
@@ -31,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +26,26 @@ from bcnn.models.inputs import InputSpec
 
 ARCHS = ("vgg_m", "vgg_d")
 
+# Layer types of both layouts (simplenn's LRN was "normalize" before 1.0-beta8).
+_KINDS = {
+    "normalize": "lrn",
+    "dagnn.Conv": "conv",
+    "dagnn.ReLU": "relu",
+    "dagnn.LRN": "lrn",
+    "dagnn.Pooling": "pool",
+}
+
 
 @dataclass
 class MatLayer:
     """One MatConvNet layer in a layout-independent form.
 
     Attributes:
-        name: Layer name (``conv1``, ``relu1``, ...).
         kind: ``conv``, ``relu``, ``lrn``, ``pool`` or the original type for others.
-        weight: Conv filters, H x W x C_in x C_out (float32), or None.
+        weight: Conv filters H x W x C_in x C_out, float32, without their unit dimensions
+            (``loadmat`` drops them: a 1x1 filter bank is C_in x C_out), or None.
         bias: Conv biases (C_out,), or None.
-        stride: (sy, sx).
-        pad: (top, bottom, left, right).
-        pool: Pooling window (h, w).
+        stride, pad, pool: (sy, sx), (top, bottom, left, right), the pooling window (h, w).
         method: Pooling method (``max`` / ``avg``).
         lrn: LRN ``[N, kappa, alpha, beta]``.
     """
@@ -65,155 +54,68 @@ class MatLayer:
     kind: str
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
-    stride: tuple[int, int] = (1, 1)
-    pad: tuple[int, int, int, int] = (0, 0, 0, 0)
-    pool: tuple[int, int] = (1, 1)
+    stride: tuple[int, ...] = (1, 1)
+    pad: tuple[int, ...] = (0, 0, 0, 0)
+    pool: tuple[int, ...] = (1, 1)
     method: str = "max"
     lrn: tuple[float, ...] = ()
 
 
 @dataclass
 class MatNet:
-    """A parsed MatConvNet file: its layers, input normalization and layout name."""
+    """A parsed MatConvNet file: its layers, mean input colour and layout name."""
 
     layers: list[MatLayer]
     average_colour: tuple[float, float, float] | None
     layout: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- reading the .mat file
-
-
-def _plain(x: Any) -> Any:
-    """scipy.io.loadmat objects -> dicts, lists, str and numeric ndarrays."""
-    from scipy.io.matlab import mat_struct
-
-    if isinstance(x, mat_struct):
-        return {name: _plain(getattr(x, name)) for name in x._fieldnames}
-    if isinstance(x, np.ndarray):
-        if x.dtype == object:
-            return [_plain(e) for e in x.ravel(order="F")]
-        if x.dtype.kind == "U":
-            return "".join(x.ravel(order="F").tolist())
-        return x
-    return x
-
-
-def _one(x: Any) -> Any:
-    """Unwraps single-element lists (1x1 cells and structs)."""
-    while isinstance(x, list) and len(x) == 1:
-        x = x[0]
-    return x
 
 
 def _ints(x: Any, n: int) -> tuple[int, ...]:
-    """A MatConvNet size/stride/pad field as n ints (a scalar is repeated)."""
-    v = np.asarray(_one(x), dtype=np.float64).ravel()
-    if v.size == 1:
-        v = np.repeat(v, n)
+    """A size/stride/pad field as n ints: a scalar is repeated, a [y x] pad is [y y x x]."""
+    v = np.asarray(x, dtype=np.float64).ravel()
+    if v.size == 1 or (n == 4 and v.size == 2):
+        v = v.repeat(n // v.size)
     if v.size != n:
         raise ValueError(f"expected {n} values, got {v.tolist()}")
     return tuple(round(float(e)) for e in v)
 
 
-def _pad4(x: Any) -> tuple[int, int, int, int]:
-    v = np.asarray(_one(x) if x is not None else 0, dtype=np.float64).ravel()
-    if v.size == 1:
-        v = np.repeat(v, 4)
-    elif v.size == 2:  # [pad_y pad_x]
-        v = np.array([v[0], v[0], v[1], v[1]])
-    a, b, c, d = (round(float(e)) for e in v)
-    return a, b, c, d
-
-
 def _array(x: Any) -> np.ndarray | None:
-    x = _one(x)
-    if x is None or (isinstance(x, np.ndarray) and x.size == 0) or isinstance(x, list):
-        return None
-    return np.asarray(x, dtype=np.float32)
+    """A numeric field as float32, None when absent or empty."""
+    return None if x is None or np.size(x) == 0 else np.asarray(x, dtype=np.float32)
 
 
-def _conv_weight(w: np.ndarray) -> np.ndarray:
-    # Trailing singleton dimensions vanish in MATLAB (a 1-output filter bank is
-    # H x W x C_in); restore the 4-D layout.
-    return w.reshape(*w.shape, *([1] * (4 - w.ndim))) if w.ndim < 4 else w
+def _as_list(x: Any) -> list[Any]:
+    """A struct array or cell as a list (``loadmat`` gives a lone element as itself)."""
+    if isinstance(x, list) or (isinstance(x, np.ndarray) and x.dtype == object):
+        return list(x)
+    return [x]
 
 
-_SIMPLENN_KINDS = {"conv": "conv", "relu": "relu", "lrn": "lrn", "normalize": "lrn", "pool": "pool"}
-_DAGNN_KINDS = {
-    "dagnn.Conv": "conv",
-    "dagnn.ReLU": "relu",
-    "dagnn.LRN": "lrn",
-    "dagnn.Pooling": "pool",
-}
-
-
-def _hyper_parameters(out: MatLayer, fields: dict[str, Any], pool_key: str) -> MatLayer:
-    """Fill the stride, padding, pooling and LRN fields of ``out`` by its kind.
-
-    Args:
-        out: The layer, its ``kind`` already set.
-        fields: Where the hyper-parameters sit: a simplenn layer or a DagNN ``block``.
-        pool_key: The pooling window's field (``pool`` in simplenn, ``poolSize`` in DagNN).
-
-    Returns:
-        ``out``, filled in.
-    """
-    if out.kind == "pool":
-        out.pool = _ints(fields[pool_key], 2)  # type: ignore[assignment]
-        out.method = str(_one(fields.get("method", "max")))
-    if out.kind in ("conv", "pool"):
-        out.stride = _ints(fields.get("stride", 1), 2)  # type: ignore[assignment]
-        out.pad = _pad4(fields.get("pad", 0))
-    elif out.kind == "lrn":
-        out.lrn = tuple(float(v) for v in np.asarray(_one(fields["param"])).ravel())
-    return out
-
-
-def _simplenn_layer(layer: dict[str, Any]) -> tuple[MatLayer, bool]:
-    ltype = str(_one(layer.get("type", "")))
-    out = MatLayer(name=str(_one(layer.get("name", ""))), kind=_SIMPLENN_KINDS.get(ltype, ltype))
-    legacy = False
+def _parse_layer(layer: dict[str, Any], params: dict[str, Any]) -> MatLayer:
+    """A simplenn layer, or a DagNN one (hyper-parameters in ``block``, parameter names in
+    ``params``, their values in the file's ``params``)."""
+    kind = str(layer.get("type", ""))
+    out = MatLayer(name=str(layer.get("name", "")), kind=_KINDS.get(kind, kind))
+    fields = layer["block"] if isinstance(layer.get("block"), dict) else layer
     if out.kind == "conv":
-        if "weights" in layer:
-            w = layer["weights"]
-            w = w if isinstance(w, list) else [w]
-            out.weight = _array(w[0])
-            out.bias = _array(w[1]) if len(w) > 1 else None
-        else:
-            legacy = True
-            out.weight = _array(layer.get("filters"))
-            out.bias = _array(layer.get("biases"))
+        if "block" in layer:
+            values = [params[str(name)] for name in _as_list(layer.get("params", []))]
+        else:  # weights = {W, b}, or the legacy fields
+            values = _as_list(layer.get("weights", [layer.get("filters"), layer.get("biases")]))
+        out.weight = _array(values[0])
+        out.bias = _array(values[1]) if len(values) > 1 else None
         if out.weight is None:
             raise ValueError(f"conv layer {out.name!r} has no filters")
-        out.weight = _conv_weight(out.weight)
-    return _hyper_parameters(out, layer, "pool"), legacy
-
-
-def _dagnn_layer(layer: dict[str, Any], params: dict[str, np.ndarray]) -> MatLayer:
-    ltype = str(_one(layer.get("type", "")))
-    block = _one(layer.get("block", {})) or {}
-    out = MatLayer(name=str(_one(layer.get("name", ""))), kind=_DAGNN_KINDS.get(ltype, ltype))
-    if out.kind == "conv":
-        names = layer.get("params", [])
-        names = [str(_one(n)) for n in (names if isinstance(names, list) else [names])]
-        out.weight = _conv_weight(np.asarray(params[names[0]], dtype=np.float32))
-        out.bias = np.asarray(params[names[1]], dtype=np.float32) if len(names) > 1 else None
-    return _hyper_parameters(out, block, "poolSize")
-
-
-def _average_colour(norm: Any) -> tuple[float, float, float] | None:
-    norm = _one(norm)
-    if not isinstance(norm, dict) or "averageImage" not in norm:
-        return None
-    avg = _array(norm["averageImage"])
-    if avg is None:
-        return None
-    # H x W x 3 mean image (Caffe imports) or 1 x 1 x 3 / 3 x 1 colour: the B-CNN code
-    # uses the mean colour, mean(mean(averageImage, 1), 2).
-    colour = avg.reshape(-1, 3).mean(axis=0)
-    return float(colour[0]), float(colour[1]), float(colour[2])
+    if out.kind == "pool":
+        out.pool = _ints(fields.get("pool", fields.get("poolSize")), 2)
+        out.method = str(fields.get("method", "max"))
+    if out.kind in ("conv", "pool"):
+        out.stride = _ints(fields.get("stride", 1), 2)
+        out.pad = _ints(fields.get("pad", 0), 4)
+    elif out.kind == "lrn":
+        out.lrn = tuple(float(v) for v in np.ravel(fields["param"]))
+    return out
 
 
 def read_matconvnet(path: str | os.PathLike) -> MatNet:
@@ -237,35 +139,27 @@ def read_matconvnet(path: str | os.PathLike) -> MatNet:
             f"{path} is a MATLAB v7.3 (HDF5) file, which scipy cannot read: re-save it in "
             "MATLAB with `net = load(f); save(f2, '-struct', 'net', '-v7')`"
         )
-    raw = loadmat(str(path), struct_as_record=False, squeeze_me=False)
-    top = {k: _plain(v) for k, v in raw.items() if not k.startswith("__")}
-    if "layers" not in top and "net" in top:
-        top = _one(top["net"])
-    if not isinstance(top, dict) or "layers" not in top:
+    top = loadmat(str(path), simplify_cells=True)
+    if "layers" not in top and isinstance(top.get("net"), dict):
+        top = top["net"]
+    if "layers" not in top:
         raise ValueError(f"{path}: no 'layers' variable; not a MatConvNet model?")
-    layers = top["layers"]
-    layers = [_one(entry) for entry in (layers if isinstance(layers, list) else [layers])]
-    meta = _one(top.get("meta")) if "meta" in top else None
-    norm = top.get("normalization")
-    if norm is None and isinstance(meta, dict):
-        norm = meta.get("normalization")
-    if layers and str(_one(layers[0].get("type", ""))).startswith("dagnn."):
-        params_raw = top.get("params", [])
-        params_raw = params_raw if isinstance(params_raw, list) else [params_raw]
-        params = {str(_one(p["name"])): np.asarray(_one(p["value"])) for p in map(_one, params_raw)}
-        parsed = [_dagnn_layer(layer, params) for layer in layers]
+    params = {str(p["name"]): p["value"] for p in _as_list(top.get("params", []))}
+    raw = _as_list(top["layers"])
+    layers = [_parse_layer(layer, params) for layer in raw]
+    if raw and str(raw[0].get("type", "")).startswith("dagnn."):
         layout = "dagnn"
+    elif any("filters" in layer for layer in raw):
+        layout = "simplenn-legacy"
     else:
-        parsed, legacy = [], False
-        for layer in layers:
-            mat_layer, is_legacy = _simplenn_layer(layer)
-            parsed.append(mat_layer)
-            legacy = legacy or is_legacy
-        layout = "simplenn-legacy" if legacy else "simplenn"
-    return MatNet(layers=parsed, average_colour=_average_colour(norm), layout=layout)
-
-
-# ---------------------------------------------------------------- mapping onto torch
+        layout = "simplenn"
+    norm = top.get("normalization") or (top.get("meta") or {}).get("normalization") or {}
+    avg = _array(norm.get("averageImage"))
+    colour = None
+    if avg is not None:  # an H x W x 3 image (Caffe imports) or a colour: the B-CNN code
+        c = avg.reshape(-1, 3).mean(axis=0)  # uses the mean colour
+        colour = (float(c[0]), float(c[1]), float(c[2]))
+    return MatNet(layers=layers, average_colour=colour, layout=layout)
 
 
 def _check(ok: bool, layer: MatLayer, module_name: str, what: str) -> None:
@@ -277,22 +171,21 @@ def _check(ok: bool, layer: MatLayer, module_name: str, what: str) -> None:
 
 
 def _match_pool(layer: MatLayer, name: str, m: nn.MaxPool2d) -> None:
-    k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
-    s = m.stride if isinstance(m.stride, tuple) else (m.stride,) * 2
-    p = m.padding if isinstance(m.padding, tuple) else (m.padding,) * 2
+    k, s, p = (
+        (v, v) if isinstance(v, int) else tuple(v) for v in (m.kernel_size, m.stride, m.padding)
+    )
     _check(layer.method == "max", layer, name, f"method {layer.method} is not max")
-    _check(layer.pool == tuple(k), layer, name, f"window {layer.pool} vs {tuple(k)}")
-    _check(layer.stride == tuple(s), layer, name, f"stride {layer.stride} vs {tuple(s)}")
+    _check(layer.pool == k, layer, name, f"window {layer.pool} vs {k}")
+    _check(layer.stride == s, layer, name, f"stride {layer.stride} vs {s}")
     t, b, left, r = layer.pad
     # MatConvNet's asymmetric [0 s-1 0 s-1] pad equals torch's ceil_mode for every input
     # size: floor((H - k + s - 1) / s) = ceil((H - k) / s), the extra window clipped.
-    extra = (b - t, r - left)
     want = (s[0] - 1, s[1] - 1) if m.ceil_mode else (0, 0)
     _check(
-        (t, left) == tuple(p) and extra == want,
+        (t, left) == p and (b - t, r - left) == want,
         layer,
         name,
-        f"pad {layer.pad} vs padding {tuple(p)} with ceil_mode={m.ceil_mode}",
+        f"pad {layer.pad} vs padding {p} with ceil_mode={m.ceil_mode}",
     )
 
 
@@ -306,6 +199,31 @@ def _match_lrn(layer: MatLayer, name: str, m: nn.LocalResponseNorm) -> None:
         f"param [N kappa alpha beta] = {list(layer.lrn)} vs ours {list(ours)}; set "
         f"backbone.lrn=[{int(n)},{kappa},{alpha},{beta}]",
     )
+
+
+def _convert_conv(
+    layer: MatLayer, name: str, module: nn.Conv2d, prefix: str
+) -> dict[str, torch.Tensor]:
+    """MatConvNet's H x W x C_in x C_out filters (cross-correlation, like torch) -> torch's
+    C_out x C_in x H x W."""
+    assert layer.weight is not None
+    c_out, c_in, kh, kw = module.weight.shape
+    full = (kh, kw, c_in, c_out)
+    _check(
+        [d for d in layer.weight.shape if d != 1] == [d for d in full if d != 1],
+        layer,
+        name,
+        f"filters {layer.weight.shape} (H W Cin Cout) vs {full}",
+    )
+    weight = np.ascontiguousarray(layer.weight.reshape(full).transpose(3, 2, 0, 1))
+    _check(layer.stride == module.stride, layer, name, f"stride {layer.stride}")
+    p = module.padding
+    _check(layer.pad == (p[0], p[0], p[1], p[1]), layer, name, f"pad {layer.pad} vs {p}")
+    out = {f"{prefix}{name}.weight": torch.from_numpy(weight)}
+    if module.bias is not None:
+        bias = np.zeros(c_out, np.float32) if layer.bias is None else layer.bias.ravel()
+        out[f"{prefix}{name}.bias"] = torch.from_numpy(bias.copy())
+    return out
 
 
 def convert_layers(
@@ -326,18 +244,14 @@ def convert_layers(
     Raises:
         ValueError: the layer sequences or a hyper-parameter differ.
     """
+    kinds = {nn.Conv2d: "conv", nn.ReLU: "relu", nn.LocalResponseNorm: "lrn", nn.MaxPool2d: "pool"}
     state: dict[str, torch.Tensor] = {}
     layers = iter([layer for layer in net.layers if layer.kind != "dropout"])
     for prefix, stack in stacks:
         for name, module in stack.named_children():
             if isinstance(module, nn.Dropout):
                 continue
-            kind = {
-                nn.Conv2d: "conv",
-                nn.ReLU: "relu",
-                nn.LocalResponseNorm: "lrn",
-                nn.MaxPool2d: "pool",
-            }.get(type(module))
+            kind = kinds.get(type(module))
             if kind is None:
                 raise TypeError(
                     f"cannot convert into module {name!r} of type {type(module).__name__}"
@@ -355,27 +269,6 @@ def convert_layers(
     return state
 
 
-def _convert_conv(
-    layer: MatLayer, name: str, module: nn.Conv2d, prefix: str
-) -> dict[str, torch.Tensor]:
-    assert layer.weight is not None
-    weight = torch.from_numpy(np.ascontiguousarray(layer.weight.transpose(3, 2, 0, 1)))
-    _check(
-        weight.shape == module.weight.shape,
-        layer,
-        name,
-        f"filters {layer.weight.shape} (H W Cin Cout) vs {tuple(module.weight.shape)}",
-    )
-    _check(layer.stride == module.stride, layer, name, f"stride {layer.stride}")
-    p = module.padding
-    _check(layer.pad == (p[0], p[0], p[1], p[1]), layer, name, f"pad {layer.pad} vs {p}")
-    out = {f"{prefix}{name}.weight": weight}
-    if module.bias is not None:
-        bias = np.zeros(weight.shape[0], np.float32) if layer.bias is None else layer.bias
-        out[f"{prefix}{name}.bias"] = torch.from_numpy(bias.ravel().copy())
-    return out
-
-
 # Convolutions before fc6, and fc6's window, per architecture.
 _FEATURE_CONVS = {"vgg_m": (5, 6), "vgg_d": (13, 7)}
 
@@ -388,21 +281,7 @@ def _fc_width(net: MatNet, arch: str) -> int | None:
     if len(convs) < n + 2 or convs[n].weight is None:
         return None
     fc6 = convs[n].weight
-    return int(fc6.shape[3]) if fc6.shape[:2] == (window, window) else None
-
-
-def build_target(arch: str, **kwargs: Any) -> nn.Module:
-    """Our backbone for ``arch`` (``vgg_m`` or ``vgg_d``) through fc7, on the meta device.
-
-    Only the layer structure and shapes are needed to map the file onto it: the meta
-    device spares allocating and initializing fc6 (100M weights for VGG-D).
-    """
-    from bcnn.models.backbones import VGG16FC7, VGGMFC7
-
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    with torch.device("meta"):
-        return (VGGMFC7 if arch == "vgg_m" else VGG16FC7)(**kwargs)
+    return int(fc6.shape[3]) if fc6.ndim == 4 and fc6.shape[:2] == (window, window) else None
 
 
 def guess_arch(net: MatNet) -> str:
@@ -421,6 +300,10 @@ def convert_matconvnet(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Converts a MatConvNet file into a state dict of our ``arch`` backbone.
 
+    The layers up to relu5 (relu5_3) fill ``features``; fc6 and fc7, when the file holds
+    them, fill ``fc`` (read by ``vgg_*_fc7``); the mean colour becomes the input convention
+    (RGB, 0-255, std 1).
+
     Args:
         path: ``imagenet-vgg-m.mat`` or ``imagenet-vgg-verydeep-16.mat`` (or a file with
             the same structure).
@@ -431,17 +314,22 @@ def convert_matconvnet(
         ``(state_dict, meta)``: the state dict loads into ``VGGM`` / ``VGG16`` strictly;
         ``meta`` holds ``input_spec`` (dict), ``arch``, ``source`` and ``layout``.
     """
+    from bcnn.models.backbones import VGG16FC7, VGGMFC7
+
     net = read_matconvnet(path)
     arch = guess_arch(net) if arch == "auto" else arch
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     kwargs: dict[str, Any] = {"lrn": lrn} if lrn is not None and arch == "vgg_m" else {}
     fc_dim = _fc_width(net, arch)
-    target = build_target(arch, **kwargs, fc_dim=fc_dim or 4096)
+    # On the meta device: the mapping needs shapes only (VGG-D's fc6 is 100M weights).
+    with torch.device("meta"):
+        target = (VGGMFC7 if arch == "vgg_m" else VGG16FC7)(**kwargs, fc_dim=fc_dim or 4096)
     stacks = [("features.", target.features)]
-    if fc_dim is not None:  # fc6 and fc7 too: the file serves vgg_*_fc7 as well
+    if fc_dim is not None:
         stacks.append(("fc.", target.fc))
     state = convert_layers(net, stacks)
-    own = {f"{prefix}{k}" for prefix, stack in stacks for k in stack.state_dict()}
-    missing = own - set(state)
+    missing = {f"{prefix}{k}" for prefix, stack in stacks for k in stack.state_dict()} - set(state)
     if missing:
         raise ValueError(f"conversion left keys unset: {sorted(missing)}")
     colour = net.average_colour or target.input_spec.mean
