@@ -37,10 +37,9 @@ def timm_name(value: Any) -> str | None:
 class TimmBackbone(Backbone):
     """A timm model's last (or chosen) feature map: (B, 3, H, W) -> (B, C, H/r, W/r).
 
-    Built with ``timm.create_model(name, features_only=True, out_indices=(out_index,))``;
-    C and the reduction r come from the model's ``feature_info``, the input convention
-    (mean/std) from its ``pretrained_cfg``. Token models (ViT, DeiT, EVA, DINOv2) take any
-    input size (timm's ``dynamic_img_size``); their patch tokens are the locations.
+    timm's ``features_only`` wrapper; C and the reduction r from its ``feature_info``, the
+    input convention from its ``pretrained_cfg``. Token models take any input size (timm's
+    ``dynamic_img_size``); their patch tokens are the locations.
 
     Args:
         name: A timm model name (``timm.list_models()``), optionally with a pretrained tag
@@ -68,19 +67,14 @@ class TimmBackbone(Backbone):
         super().__init__()
 
         def create(with_weights: bool) -> torch.nn.Module:
-            for extra in (*TOKEN_KWARGS, {}):
+            options = dict(pretrained=with_weights, features_only=True, out_indices=(out_index,))
+            for extra in TOKEN_KWARGS:
                 try:
-                    return timm.create_model(
-                        name,
-                        pretrained=with_weights,
-                        features_only=True,
-                        out_indices=(out_index,),
-                        **{**extra, **(model_kwargs or {})},
-                    )
+                    return timm.create_model(name, **options, **extra | dict(model_kwargs or {}))
                 except TypeError as err:
-                    if not extra or "dynamic_img" not in str(err):
+                    if "dynamic_img" not in str(err):
                         raise
-            raise AssertionError("unreachable: the last attempt returns or raises")
+            return timm.create_model(name, **options, **(model_kwargs or {}))
 
         try:
             self.model = create(pretrained)
