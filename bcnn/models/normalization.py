@@ -73,15 +73,12 @@ class Step(nn.Module):
 
 
 class MatrixStep(Step):
-    """A function of symmetric PSD (B, d, d) matrices, applied to A + ridge.
-
-    Runs in float32 (float64 stays) with autocast off: the pooled matrices are
-    ill-conditioned and half precision would lose them.
+    """A function of symmetric PSD (B, d, d) matrices, applied to A + ridge, in float32
+    (float64 stays) with autocast off: the pooled matrices are ill-conditioned.
 
     Args:
-        eps: Ridge added before the function; >= 0.
-        eps_mode: ``abs`` or ``trace`` (see the module docstring).
-        method: The function's method while a gradient flows.
+        eps, eps_mode: The ridge (see the module docstring).
+        method: The method while a gradient flows.
         eval_method: The method where no gradient flows; None = ``method``.
     """
 
@@ -158,18 +155,14 @@ class MatrixStep(Step):
 
 
 class MatrixPower(MatrixStep):
-    """(A + ridge)^p, 0 < p <= 1 (ECCV 2018's matrix power normalization).
-
-    ``p = 0.5`` goes through ``bcnn.ops.sqrtm`` (``method``, ``iters``, ``backward``), any
-    other p through the eigendecomposition of ``bcnn.ops.powm``.
+    """(A + ridge)^p, 0 < p <= 1 (ECCV 2018): p = 0.5 through ``bcnn.ops.sqrtm``, any other
+    p through the eigendecomposition of ``bcnn.ops.powm``.
 
     Args:
         p: Exponent in (0, 1].
-        method, iters, backward: ``sqrtm`` options, used when p = 0.5.
+        method, iters, backward, eval_method, eval_iters: ``MatrixSqrt``'s, for p = 0.5.
         eps, eps_mode: The ridge (see the module docstring).
         floor: Absolute eigenvalue floor inside ``powm``.
-        eval_method, eval_iters: ``sqrtm`` method and iterations where no gradient flows,
-            p = 0.5 only; None = ``method`` / ``iters``.
     """
 
     scale: str = "fro"  # Newton-Schulz pre-scaling
@@ -257,20 +250,17 @@ class MatrixPower(MatrixStep):
 
 
 class MatrixSqrt(MatrixPower):
-    """(A + ridge)^(1/2) through ``bcnn.ops.sqrtm``: ``MatrixPower`` at p = 0.5, with the
-    Newton-Schulz pre-scaling.
+    """(A + ridge)^(1/2) through ``bcnn.ops.sqrtm``: ``MatrixPower`` at p = 0.5.
 
     Args:
         method: ``newton_schulz`` (the paper: approximate on purpose at 5 iterations),
             ``eigh``, ``svd`` or ``auto`` (device-dependent).
         iters: Newton-Schulz iterations.
-        backward: ``lyapunov_iterative``, ``lyapunov_eig``, ``autograd``, ``svd``,
-            ``identity`` or ``auto`` (the one that matches ``method``).
+        backward: ``sqrtm``'s backward; ``auto`` is the one that matches ``method``.
         scale: Newton-Schulz pre-scaling, ``fro`` or ``trace``.
         eps, eps_mode: The ridge (see the module docstring).
         eval_method, eval_iters: Method and iterations where no gradient flows; None =
-            ``method`` / ``iters`` (``method=svd backward=lyapunov_eig
-            eval_method=newton_schulz eval_iters=5``: BMVC 2017's fine-tuning protocol).
+            ``method`` / ``iters``.
     """
 
     @checked

@@ -104,19 +104,11 @@ def _cd_block(
 ) -> np.ndarray:
     """Dual coordinate descent over the rows of one block, all classes at once.
 
-    For row j and every class: gradient g = y f_j - 1 + D_jj alpha_j, then
-    alpha_j <- clip(alpha_j - g / Qbar_jj, 0, U) (the exact minimizer along that
-    coordinate), and the block's decision values move by G[j] * delta.
-
-    Args:
-        fT: ``(K, m)`` current decision values of the block's rows (updated in place).
-        G: ``(m, m)`` Gram matrix of the block's augmented rows.
-        A: ``(m, K)`` dual variables of the block's rows (updated in place).
-        Y: ``(m, K)`` +-1 targets.
-        upper: Box bound U (inf for the squared hinge).
-        diag: Diagonal D_jj added to the dual Hessian (0 for the hinge).
-        sweeps: Passes over the block's rows.
-        rng: Row order.
+    For row j and every class: g = y f_j - 1 + D_jj alpha_j, alpha_j <- clip(alpha_j -
+    g / Qbar_jj, 0, U) (the exact minimizer along that coordinate), then the block's
+    decision values ``fT`` (K, m) move by G[j] (m, m) times the change. ``A`` (m, K), the
+    dual variables, and ``fT`` are updated in place; ``Y`` (m, K) holds the +-1 targets,
+    ``upper`` the box bound U (inf for the squared hinge), ``diag`` D_jj (0 for the hinge).
 
     Returns:
         ``(m, K)`` change of y * alpha per row: W moves by its transpose times the rows.
@@ -173,10 +165,8 @@ def train_linear_svm(
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Trains K one-vs-all linear SVMs on every view of every image of a feature cache.
 
-    Stopping: once every class's relative duality gap (P_k - D_k) / P_k, estimated during an
-    epoch, is at most ``tol``, one more read of the cache computes the exact gap, and
-    training stops if it is within ``tol`` too (it bounds the primal's relative
-    suboptimality).
+    Once every class's relative duality gap (P_k - D_k) / P_k estimated during an epoch is
+    at most ``tol``, one more read computes the exact gap, and training stops if it is too.
 
     Args:
         features: ``(N, V, D)`` (or ``(N, D)``) array-like with numpy indexing (a feature
@@ -318,39 +308,6 @@ class _DualState:
 
 
 @torch.no_grad()
-def _view_scores(
-    features: RowArray, W: Tensor, b: Tensor, batch_rows: int, name: str
-) -> np.ndarray:
-    """``(N, V, K)`` float32 decision values ``x_v @ W.T + b`` of every view."""
-    N, V, D = _check_features(features, name)
-    if W.dim() != 2 or W.shape[1] != D or tuple(b.shape) != (W.shape[0],):
-        raise ValueError(
-            f"{name}: expected W (K, {D}) to match the features and b (K,), got "
-            f"{tuple(W.shape)} and {tuple(b.shape)}"
-        )
-    scores = np.empty((N, V, W.shape[0]), dtype=np.float32)
-    for idx, X in _blocks(features, np.arange(N), batch_rows, W.device, W.dtype):
-        scores[idx] = (X @ W.T + b).view(len(idx), V, -1).float().cpu().numpy()
-    return scores
-
-
-def svm_scores(features: RowArray, W: Tensor, b: Tensor, batch_rows: int = 256) -> Tensor:
-    """Decision values averaged over the views (flip-averaged test scores).
-
-    Args:
-        features: ``(N, V, D)`` (or ``(N, D)``) array-like, read ``batch_rows`` rows at a
-            time.
-        W: ``(K, D)`` weights; the blocks go to its device and dtype.
-        b: ``(K,)`` intercepts.
-        batch_rows: Images per block.
-
-    Returns:
-        ``(N, K)`` float32 on the CPU: mean over views of ``x_v @ W.T + b``.
-    """
-    return torch.from_numpy(_view_scores(features, W, b, batch_rows, "svm_scores").mean(1))
-
-
-@torch.no_grad()
 def median_calibration(
     features: RowArray,
     labels: Any,
@@ -374,10 +331,18 @@ def median_calibration(
     Returns:
         Calibrated ``W`` and ``b`` (new tensors, same device and dtype).
     """
-    scores = _view_scores(features, W, b, batch_rows, "median_calibration")
-    N, V, K = scores.shape
-    scores = scores.reshape(N * V, K)
+    N, V, D = _check_features(features, "median_calibration")
+    if W.dim() != 2 or W.shape[1] != D or tuple(b.shape) != (W.shape[0],):
+        raise ValueError(
+            f"median_calibration: expected W (K, {D}) to match the features and b (K,), got "
+            f"{tuple(W.shape)} and {tuple(b.shape)}"
+        )
+    K = W.shape[0]
     y = np.repeat(_check_labels(labels, N, K, "median_calibration"), V)
+    scores = np.empty((N, V, K), dtype=np.float32)
+    for idx, X in _blocks(features, np.arange(N), batch_rows, W.device, W.dtype):
+        scores[idx] = (X @ W.T + b).view(len(idx), V, -1).float().cpu().numpy()
+    scores = scores.reshape(N * V, K)
     positive = y[:, None] == np.arange(K)[None, :]
 
     def medians(rows: np.ndarray, empty: float) -> np.ndarray:
