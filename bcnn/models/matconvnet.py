@@ -42,11 +42,9 @@ class MatLayer:
 
     Attributes:
         kind: ``conv``, ``relu``, ``lrn``, ``pool`` or the original type for others.
-        weight: Conv filters H x W x C_in x C_out, float32, without their unit dimensions
-            (``loadmat`` drops them: a 1x1 filter bank is C_in x C_out), or None.
-        bias: Conv biases (C_out,), or None.
+        weight: Conv filters H x W x C_in x C_out, float32, without the unit dimensions
+            that ``loadmat`` drops (a 1x1 filter bank is C_in x C_out), or None.
         stride, pad, pool: (sy, sx), (top, bottom, left, right), the pooling window (h, w).
-        method: Pooling method (``max`` / ``avg``).
         lrn: LRN ``[N, kappa, alpha, beta]``.
     """
 
@@ -233,10 +231,9 @@ def convert_layers(
 
     Args:
         net: The parsed file.
-        stacks: ``(key prefix, layers)`` of the backbone, in network order (e.g.
-            ``("features.", backbone.features)``); layers are Conv2d, ReLU,
-            LocalResponseNorm, MaxPool2d and Dropout (which, like the file's dropout
-            layers, carries nothing to convert).
+        stacks: ``(key prefix, layers)`` in network order (``("features.",
+            backbone.features)``) of Conv2d, ReLU, LocalResponseNorm, MaxPool2d and Dropout
+            (skipped, as the file's dropout layers).
 
     Returns:
         A state dict for the stacks (keys with their prefixes), float32 tensors.
