@@ -65,6 +65,8 @@ class LowRankBilinearClassifier(nn.Module):
         bias: Learn a per-class bias.
     """
 
+    signs: torch.Tensor
+
     @checked
     def __init__(
         self,

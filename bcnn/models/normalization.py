@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, ClassVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +165,9 @@ class MatrixPower(MatrixStep):
         floor: Absolute eigenvalue floor inside ``powm``.
     """
 
-    scale: str = "fro"  # Newton-Schulz pre-scaling
+    method: Method
+    eval_method: Method | None
+    scale: Scale = "fro"  # Newton-Schulz pre-scaling
 
     @checked
     def __init__(
@@ -203,7 +205,7 @@ class MatrixPower(MatrixStep):
             return "backward", str(err).removeprefix("sqrtm: ")
         return None
 
-    def settings(self, gradient: bool) -> tuple[str, int]:
+    def settings(self, gradient: bool) -> tuple[Method, int]:
         """(method, iters) of the p = 0.5 root when a gradient flows (``gradient``) or not."""
         if gradient:
             return self.method, self.iters
@@ -219,17 +221,20 @@ class MatrixPower(MatrixStep):
         return out
 
     def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
-        ridge = {"eps": self.eps, "eps_mode": self.eps_mode}
+        eps, eps_mode = self.eps, self.eps_mode
         if self.p != 0.5:
             if not small_side_cheaper(n, d, "eigh"):
                 return None
-            return functools.partial(powm_from_features, p=self.p, floor=self.floor, **ridge)
+            return functools.partial(
+                powm_from_features, p=self.p, eps=eps, eps_mode=eps_mode, floor=self.floor
+            )
         # The small side reproduces an exact root with the exact (lyapunov_eig) gradient and
         # Newton-Schulz with the gradient of its unrolled iterations (autograd) only.
         found = self.fused_settings()
         if found is None:
             return None
         method, backward = resolve_sqrtm(found[0], self.backward, device_type, d)
+        route: Literal["eigh", "newton_schulz"]
         if method in ("eigh", "svd") and backward == "lyapunov_eig":
             route = "eigh"
         elif method == "newton_schulz" and backward == "autograd":
@@ -239,7 +244,12 @@ class MatrixPower(MatrixStep):
         if not small_side_cheaper(n, d, route, found[1]):
             return None
         return functools.partial(
-            sqrtm_from_features, method=route, iters=found[1], scale=self.scale, **ridge
+            sqrtm_from_features,
+            method=route,
+            iters=found[1],
+            scale=self.scale,
+            eps=eps,
+            eps_mode=eps_mode,
         )
 
     def extra_repr(self) -> str:
@@ -437,7 +447,7 @@ class NormalizationChain(nn.Module):
             ((n, s) for n, s in steps.items() if s is not None),
             key=lambda item: PHASES.index(item[1].phase),
         )
-        self.steps = nn.ModuleDict(ordered)
+        self.steps = nn.ModuleDict(dict(ordered))
 
     def output_shape(self, shape: FeatureShape) -> FeatureShape:
         """Per-sample shape after every step, for a pooled per-sample ``shape``.
@@ -447,7 +457,7 @@ class NormalizationChain(nn.Module):
         """
         for name, step in self.steps.items():
             try:
-                shape = step.output_shape(shape)
+                shape = cast(Step, step).output_shape(shape)
             except ValueError as err:
                 raise ValueError(f"normalization.{name}: {err}") from None
         return shape

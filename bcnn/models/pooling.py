@@ -16,7 +16,7 @@ from torch import nn
 
 from bcnn.limits import Channels, NonNegative, PositiveInt, Seed, checked
 from bcnn.models.shapes import FeatureShape
-from bcnn.ops import GMM, democratic_pool, fisher_vector, fit_gmm
+from bcnn.ops import GMM, RandomMaclaurin, TensorSketch, democratic_pool, fisher_vector, fit_gmm
 
 Features = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -153,12 +153,13 @@ class PoolingHead(nn.Module):
                 grams[i] = grams[i] + (feats.mT @ feats).sum(0) / feats.shape[1] ** 2
             images += xs[0].shape[0]
         explained = []
-        for gram, proj in zip(grams, self.proj, strict=True):
+        convs = [m for m in self.proj.modules() if isinstance(m, nn.Conv2d)]  # one a stream
+        for gram, conv in zip(grams, convs, strict=True):
             values, vectors = torch.linalg.eigh(gram)  # ascending
-            k = proj[0].out_channels
+            k = conv.out_channels
             top, basis = values.flip(0)[:k].clamp_min(1e-12), vectors.flip(1)[:, :k]
             weight = (basis * top.rsqrt()).T  # (k, C): s^-1/2 u^T per output channel
-            proj[0].weight.copy_(weight.view_as(proj[0].weight).to(proj[0].weight.dtype))
+            conv.weight.copy_(weight.view_as(conv.weight).to(conv.weight.dtype))
             explained.append(float(values.flip(0)[:k].sum() / values.sum().clamp_min(1e-30)))
         self.proj_fitted.fill_(True)
         return {"images": images, "explained": explained}
@@ -308,7 +309,10 @@ class CompactPool(PoolingHead):
     two_streams_ok = True
 
     def __init__(
-        self, in_channels: int | Sequence[int], sketch: Callable[..., nn.Module], **proj
+        self,
+        in_channels: int | Sequence[int],
+        sketch: Callable[..., TensorSketch | RandomMaclaurin],
+        **proj: Any,
     ) -> None:
         super().__init__(in_channels, **proj)
         c2 = self.channels[1] if len(self.channels) == 2 else None
@@ -316,7 +320,7 @@ class CompactPool(PoolingHead):
 
     @property
     def output_shape(self) -> FeatureShape:
-        return FeatureShape((int(self.sketch.out_dim),))
+        return FeatureShape((self.sketch.out_dim,))
 
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) or a pair -> (B, D), float32."""
@@ -384,7 +388,7 @@ class FisherPool(PoolingHead):
         return None
 
     @property
-    def needs_fit(self) -> bool:  # type: ignore[override]
+    def needs_fit(self) -> bool:
         """True until the GMM has been fitted (or loaded from a checkpoint)."""
         return not bool(self.fitted)
 

@@ -342,11 +342,11 @@ def median_calibration(
     scores = np.empty((N, V, K), dtype=np.float32)
     for idx, X in _blocks(features, np.arange(N), batch_rows, W.device, W.dtype):
         scores[idx] = (X @ W.T + b).view(len(idx), V, -1).float().cpu().numpy()
-    scores = scores.reshape(N * V, K)
+    flat = scores.reshape(N * V, K)
     positive = y[:, None] == np.arange(K)[None, :]
 
     def medians(rows: np.ndarray, empty: float) -> np.ndarray:
-        return np.array([np.median(scores[rows[:, k], k]) if rows[:, k].any() else empty
+        return np.array([np.median(flat[rows[:, k], k]) if rows[:, k].any() else empty
                          for k in range(K)])  # fmt: skip
 
     mp, mn = medians(positive, 1.0), medians(~positive, 0.0)

@@ -18,7 +18,7 @@ from bcnn.models.backbones.base import (
     WeightsFile,
     WeightsUnavailableError,
 )
-from bcnn.models.inputs import InputSpec
+from bcnn.models.inputs import IMAGENET, InputSpec
 
 # Token models (ViT, DeiT, EVA, DINOv2; Swin without the padding) take any input size with
 # these; other models refuse them (a TypeError) and are built without.
@@ -66,8 +66,10 @@ class TimmBackbone(Backbone):
     ) -> None:
         super().__init__()
 
-        def create(with_weights: bool) -> torch.nn.Module:
-            options = dict(pretrained=with_weights, features_only=True, out_indices=(out_index,))
+        # timm's features_only wrapper; its feature_info and pretrained_cfg are untyped.
+        def create(with_weights: bool) -> Any:
+            options: dict[str, Any] = {"pretrained": with_weights, "features_only": True}
+            options["out_indices"] = (out_index,)
             for extra in TOKEN_KWARGS:
                 try:
                     return timm.create_model(name, **options, **extra | dict(model_kwargs or {}))
@@ -79,7 +81,8 @@ class TimmBackbone(Backbone):
         try:
             self.model = create(pretrained)
         except IndexError:  # timm's message names no key
-            levels = len(timm.create_model(name, features_only=True).feature_info)
+            every: Any = timm.create_model(name, features_only=True)
+            levels = len(every.feature_info)
             raise ConfigError(
                 "backbone.out_index",
                 f"{out_index} but timm's {name!r} has {levels} feature levels: use 0 to "
@@ -113,9 +116,10 @@ class TimmBackbone(Backbone):
         self.out_channels = int(self.model.feature_info.channels()[-1])
         self.reduction = int(self.model.feature_info.reduction()[-1])
         cfg = self.model.pretrained_cfg
+        m, s = cfg.get("mean", IMAGENET.mean), cfg.get("std", IMAGENET.std)
         self.input_spec = InputSpec(
-            mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
-            std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+            mean=(float(m[0]), float(m[1]), float(m[2])),
+            std=(float(s[0]), float(s[1]), float(s[2])),
         )
         self.load_weights_file(weights, module=self.model)
 

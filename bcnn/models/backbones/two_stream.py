@@ -50,13 +50,13 @@ class TwoStream(Backbone):
 
     def __init__(self, stream_a: Backbone, stream_b: Backbone) -> None:
         super().__init__()
-        for s in (stream_a, stream_b):
-            if isinstance(s.out_channels, tuple):
-                raise ValueError("TwoStream: each stream must give a single feature map")
+        ca, cb = stream_a.out_channels, stream_b.out_channels
+        if isinstance(ca, tuple) or isinstance(cb, tuple):
+            raise ValueError("TwoStream: each stream must give a single feature map")
         self.stream_a = stream_a
         self.stream_b = stream_b
         self.adapt_b = InputAdapter(stream_a.input_spec, stream_b.input_spec)
-        self.out_channels = (int(stream_a.out_channels), int(stream_b.out_channels))
+        self.out_channels = (int(ca), int(cb))
         self.input_spec = stream_a.input_spec
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
