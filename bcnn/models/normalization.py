@@ -78,20 +78,18 @@ class MatrixStep(Step):
 
     Args:
         eps, eps_mode: The ridge (see the module docstring).
-        method: The method while a gradient flows.
-        eval_method: The method where no gradient flows; None = ``method``.
     """
 
     phase = "matrix"
+    # The method while a gradient flows, and where none does (None: the same); see settings.
+    method: str
+    eval_method: str | None = None
 
     @checked
-    def __init__(
-        self, eps: NonNegative, eps_mode: EpsMode, method: str, eval_method: str | None
-    ) -> None:
+    def __init__(self, eps: NonNegative, eps_mode: EpsMode) -> None:
         super().__init__()
         self.eps = float(eps)
         self.eps_mode = eps_mode
-        self.method, self.eval_method = method, eval_method
 
     def output_shape(self, shape: FeatureShape) -> FeatureShape:
         if not shape.is_matrix:
@@ -182,8 +180,9 @@ class MatrixPower(MatrixStep):
         eval_method: Method | None = None,
         eval_iters: Iters | None = None,
     ) -> None:
-        super().__init__(eps, eps_mode, method, eval_method)
+        super().__init__(eps, eps_mode)
         self.p, self.floor = float(p), floor
+        self.method, self.eval_method = method, eval_method
         self.iters, self.backward, self.eval_iters = iters, backward, eval_iters
 
     @staticmethod
@@ -312,8 +311,8 @@ class MatrixLog(MatrixStep):
         floor: Positive = 1e-10,
         eval_method: LogMethod | None = None,
     ) -> None:
-        super().__init__(eps, eps_mode, method, eval_method)
-        self.floor = floor
+        super().__init__(eps, eps_mode)
+        self.method, self.eval_method, self.floor = method, eval_method, floor
 
     @staticmethod
     def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
