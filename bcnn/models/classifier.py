@@ -1,9 +1,5 @@
-"""Classifiers on top of the normalized descriptor (vector) or the normalized matrix.
-
-``build_model`` passes ``in_features``, the per-sample ``FeatureShape`` the normalization
-chain produces: vectors (D,) when the chain vectorizes (the linear classifier), (d1, d2)
-matrices when it ends before that (the low-rank bilinear classifier reads the matrix).
-"""
+"""Classifiers of the normalized descriptor: vectors (D,), or the (d1, d2) matrix when the
+chain ends before vectorizing (``in_features``, the chain's ``FeatureShape``)."""
 
 from __future__ import annotations
 
@@ -71,17 +67,10 @@ class LinearClassifier(nn.Linear):
 class LowRankBilinearClassifier(nn.Module):
     """Low-rank bilinear classifier (Kong & Fowlkes, CVPR 2017) on the pooled matrix.
 
-    Each class k scores the matrix A with a rank-r matrix W_k instead of a d^2-long
-    weight vector: score_k(A) = <W_k, A>_F + b_k.
-
-    * Symmetric A (d x d): W_k = U_k+ U_k+^T - U_k- U_k-^T with r/2 columns each (the
-      paper's positive and negative parts; a PSD A gives u^T A u >= 0, so both signs are
-      needed). score_k = sum_r s_r u_kr^T A u_kr.
-    * Two-stream A = x_a x_b^T (d_a x d_b): W_k = U_k V_k^T, score_k = sum_r u_kr^T A v_kr.
-
-    Parameters: K r d (symmetric) instead of K d^2 for the linear classifier (200 classes,
-    d = 512, r = 8: 0.8M vs 52M). Compute and activation memory are B d K r (the product
-    A U): for thousands of classes reduce d first with ``pooling.proj_dim``.
+    score_k(A) = <W_k, A>_F + b_k with a rank-r W_k: U_k+ U_k+^T - U_k- U_k-^T for a
+    symmetric A (both signs: a PSD A gives u^T A u >= 0), U_k V_k^T for a two-stream
+    x_a x_b^T. K r d parameters instead of K d^2; compute and memory B d K r
+    (docs/models.md).
 
     Args:
         in_features: The matrix shape: symmetric (d, d) or two-stream (d_a, d_b); supplied
@@ -96,6 +85,8 @@ class LowRankBilinearClassifier(nn.Module):
             average: a Frobenius-normalized A gives scores of order 1/d at the start).
         init_bias: The bias of ``normal``.
     """
+
+    signs: torch.Tensor
 
     @checked
     def __init__(
@@ -159,10 +150,9 @@ class LowRankBilinearClassifier(nn.Module):
 class SVMClassifier(LinearClassifier):
     """One-vs-all linear SVMs on the descriptors, as the papers' no-fine-tuning rows.
 
-    A linear layer whose weights are not learned by gradient descent: the trainer's
-    linear stage fits them on the cached descriptors of the training images and their
-    mirror images (``fit``, ``bcnn.models.svm``), and test scores are the decision values
-    averaged over an image and its flip (``average_views = "scores"``).
+    A linear layer that the linear stage fits (``fit``, ``bcnn.models.svm``) on the cached
+    descriptors of the training images and their flips; test scores are averaged over an
+    image and its flip (``average_views = "scores"``).
 
     Args:
         in_features: The descriptor shape (vectors), supplied by ``build_model``.

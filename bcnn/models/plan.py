@@ -1,10 +1,6 @@
-"""What a config builds, known before anything is allocated: shapes, sizes and memory.
-
-``plan_model`` builds the model on torch's ``meta`` device and runs one image of fake
-tensors (``FakeTensorMode``: shapes, no data) through it, adding up the bytes of every
-tensor the pass creates; ``check_plan`` and ``check_dataset_memory`` turn that, and the
-config, into one ``ConfigError`` or warnings before any data or model work.
-"""
+"""What a config builds, known before anything is allocated: shapes, sizes and memory
+(``plan_model``: the model on the ``meta`` device, one image of fake tensors through it),
+turned into one ``ConfigError`` or warnings before any work (docs/models.md, "The plan")."""
 
 from __future__ import annotations
 
@@ -109,9 +105,9 @@ def _minimum_size(backbone: nn.Module, size: int) -> int | None:
     def runs(side: int) -> bool:
         try:
             backbone(torch.empty(1, 3, side, side))
-            return True
         except (RuntimeError, ValueError, AssertionError):
             return False
+        return True
 
     sides = range(size + 1, MAX_SIDE + 1)
     first = bisect.bisect_left(sides, True, key=runs)

@@ -106,15 +106,9 @@ class Backbone(nn.Module):
 
 @contextlib.contextmanager
 def torchvision_download(what: str, tv_weights: Any) -> Iterator[None]:
-    """Re-raises a failed download of torchvision weights as one actionable error.
-
-    Args:
-        what: The model, for the message (e.g. ``"VGG-16 (torchvision)"``).
-        tv_weights: A torchvision ``WeightsEnum`` member (``VGG16_Weights.IMAGENET1K_V1``).
-
-    Raises:
-        WeightsUnavailableError: the body raised a network error (no cached file, offline).
-    """
+    """Re-raises a network error of the body (offline, no cached file) as one
+    ``WeightsUnavailableError`` naming the URL of ``tv_weights`` (a torchvision
+    ``WeightsEnum`` member) and where to put the file; ``what`` names the model."""
     try:
         yield
     except NETWORK_ERRORS as err:
@@ -274,14 +268,8 @@ def load_weights(
 
 
 class InputAdapter(nn.Module):
-    """Converts images from one ``InputSpec`` convention to another (per-channel affine):
-    a two-stream backbone's second stream gets its own convention (MatConvNet VGG-M's 0-255
-    minus the mean) from the first's (torchvision VGG-D's standardized [0, 1]) exactly.
-
-    Args:
-        src: The convention of the incoming images.
-        dst: The convention to produce.
-    """
+    """Converts images from the ``src`` convention to ``dst`` exactly (per-channel affine):
+    a two-stream backbone's second stream gets its own convention from the first's."""
 
     weight: torch.Tensor
     bias: torch.Tensor

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from annotated_types import MinLen
@@ -15,14 +15,11 @@ from bcnn.models.inputs import InputSpec
 
 
 class SmallCNN(Backbone):
-    """Stack of 3x3 conv + ReLU blocks, max-pooling between blocks, any input size.
-
-    With ``channels=(32, 64)`` a 32x32 image gives a (B, 64, 16, 16) map (one pooling
-    per block except the last). Randomly initialized; there are no pretrained weights.
+    """Blocks of 3x3 conv + ReLU with 2x2 max-pooling between them, randomly initialized:
+    ``channels=(32, 64)`` maps a 32x32 image to (B, 64, 16, 16).
 
     Args:
         channels: Output channels of each block.
-        in_chans: Input channels: 3, the RGB images every dataset gives.
         batch_norm: Insert BatchNorm after each convolution.
     """
 
@@ -30,12 +27,11 @@ class SmallCNN(Backbone):
     def __init__(
         self,
         channels: Annotated[Sequence[Channels], MinLen(1)] = (32, 64),
-        in_chans: Literal[3] = 3,
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        prev = in_chans
+        prev = 3
         for i, ch in enumerate(channels):
             if i > 0:
                 layers.append(nn.MaxPool2d(2))
@@ -51,5 +47,5 @@ class SmallCNN(Backbone):
         self.input_spec = InputSpec(mean=(0.5, 0.5, 0.5), std=(0.125, 0.125, 0.125))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Maps images (B, in_chans, H, W) to features (B, C, H / 2^(k-1), W / 2^(k-1))."""
+        """(B, 3, H, W) -> (B, C, H / 2^(k-1), W / 2^(k-1)) for k blocks."""
         return self.features(x)

@@ -18,7 +18,7 @@ from bcnn.models.backbones.base import (
     WeightsFile,
     WeightsUnavailableError,
 )
-from bcnn.models.inputs import InputSpec
+from bcnn.models.inputs import IMAGENET, InputSpec
 
 # Token models (ViT, DeiT, EVA, DINOv2; Swin without the padding) take any input size with
 # these; other models refuse them (a TypeError) and are built without.
@@ -37,10 +37,9 @@ def timm_name(value: Any) -> str | None:
 class TimmBackbone(Backbone):
     """A timm model's last (or chosen) feature map: (B, 3, H, W) -> (B, C, H/r, W/r).
 
-    Built with ``timm.create_model(name, features_only=True, out_indices=(out_index,))``;
-    C and the reduction r come from the model's ``feature_info``, the input convention
-    (mean/std) from its ``pretrained_cfg``. Token models (ViT, DeiT, EVA, DINOv2) take any
-    input size (timm's ``dynamic_img_size``); their patch tokens are the locations.
+    timm's ``features_only`` wrapper; C and the reduction r from its ``feature_info``, the
+    input convention from its ``pretrained_cfg``. Token models take any input size (timm's
+    ``dynamic_img_size``); their patch tokens are the locations.
 
     Args:
         name: A timm model name (``timm.list_models()``), optionally with a pretrained tag
@@ -67,25 +66,23 @@ class TimmBackbone(Backbone):
     ) -> None:
         super().__init__()
 
-        def create(with_weights: bool) -> torch.nn.Module:
-            for extra in (*TOKEN_KWARGS, {}):
+        # timm's features_only wrapper; its feature_info and pretrained_cfg are untyped.
+        def create(with_weights: bool) -> Any:
+            options: dict[str, Any] = {"pretrained": with_weights, "features_only": True}
+            options["out_indices"] = (out_index,)
+            for extra in TOKEN_KWARGS:
                 try:
-                    return timm.create_model(
-                        name,
-                        pretrained=with_weights,
-                        features_only=True,
-                        out_indices=(out_index,),
-                        **{**extra, **(model_kwargs or {})},
-                    )
+                    return timm.create_model(name, **options, **extra | dict(model_kwargs or {}))
                 except TypeError as err:
-                    if not extra or "dynamic_img" not in str(err):
+                    if "dynamic_img" not in str(err):
                         raise
-            raise AssertionError("unreachable: the last attempt returns or raises")
+            return timm.create_model(name, **options, **(model_kwargs or {}))
 
         try:
             self.model = create(pretrained)
         except IndexError:  # timm's message names no key
-            levels = len(timm.create_model(name, features_only=True).feature_info)
+            every: Any = timm.create_model(name, features_only=True)
+            levels = len(every.feature_info)
             raise ConfigError(
                 "backbone.out_index",
                 f"{out_index} but timm's {name!r} has {levels} feature levels: use 0 to "
@@ -119,9 +116,10 @@ class TimmBackbone(Backbone):
         self.out_channels = int(self.model.feature_info.channels()[-1])
         self.reduction = int(self.model.feature_info.reduction()[-1])
         cfg = self.model.pretrained_cfg
+        m, s = cfg.get("mean", IMAGENET.mean), cfg.get("std", IMAGENET.std)
         self.input_spec = InputSpec(
-            mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
-            std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+            mean=(float(m[0]), float(m[1]), float(m[2])),
+            std=(float(s[0]), float(s[1]), float(s[2])),
         )
         self.load_weights_file(weights, module=self.model)
 

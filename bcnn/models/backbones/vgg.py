@@ -58,8 +58,7 @@ def _init_like_torchvision(module: nn.Module) -> None:
 class VGG16(Backbone):
     """VGG-D (VGG-16) up to relu5_3, pool5 dropped: (B, 3, 448, 448) -> (B, 512, 28, 28).
 
-    The module is torchvision's ``vgg16().features[:30]`` (keys ``features.0.weight`` ...),
-    so torchvision's checkpoint file loads as it is through ``weights``.
+    torchvision's ``vgg16().features[:30]``, so its checkpoint file loads as it is.
 
     Args:
         pretrained: Load torchvision's ImageNet weights (``IMAGENET1K_V1``) through its
@@ -99,9 +98,9 @@ class VGG16(Backbone):
 class VGGM(Backbone):
     """VGG-M (Chatfield et al., BMVC 2014) up to relu5: (B, 3, 448, 448) -> (B, 512, 27, 27).
 
-    Layer for layer (and named like) MatConvNet's ``imagenet-vgg-m.mat``, whose pool2 pad
-    at the bottom/right is ``ceil_mode=True`` here (448: 221 -> 110 -> 54 -> 27). No
-    torchvision weights: convert the file with ``scripts/convert_matconvnet.py``.
+    Layer for layer (and named like) MatConvNet's ``imagenet-vgg-m.mat`` (its pool2 pad at
+    the bottom/right is ``ceil_mode=True``); convert it with
+    ``scripts/convert_matconvnet.py``.
 
     Args:
         pretrained: Must be False (raises with instructions otherwise).
@@ -170,16 +169,14 @@ class VGGM(Backbone):
         return [f"lrn={self.lrn}"]
 
 
-def _fc_stack(
-    pool5: nn.Module, in_channels: int, window: int, dim: int, dropout: float
-) -> nn.Sequential:
+def _fc_stack(pool5: nn.Module, window: int, dim: int, dropout: float) -> nn.Sequential:
     """pool5, then fc6 and fc7 as convolutions (+ ReLU, dropout): a 224 image gives (B, dim,
     1, 1), the fc7 activations; larger images a map of fc7 activations."""
-    return nn.Sequential(
+    stack = nn.Sequential(
         OrderedDict(
             [
                 ("pool5", pool5),
-                ("fc6", nn.Conv2d(in_channels, dim, window)),
+                ("fc6", nn.Conv2d(512, dim, window)),
                 ("relu6", nn.ReLU(inplace=True)),
                 ("drop6", nn.Dropout(dropout)),
                 ("fc7", nn.Conv2d(dim, dim, 1)),
@@ -187,6 +184,8 @@ def _fc_stack(
             ]
         )
     )
+    _init_like_torchvision(stack)
+    return stack
 
 
 def _classifier_as_conv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -206,9 +205,8 @@ def _classifier_as_conv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 class VGG16FC7(VGG16):
     """VGG-D through fc7 + ReLU, the FC-CNN [D] features of ICCV 2015: 224 -> (B, 4096, 1, 1).
 
-    fc6 and fc7 are torchvision's ``classifier.0`` / ``classifier.3`` written as 7x7 and 1x1
-    convolutions after pool5, equal to the linear layers on the 7x7 pool5 map of a 224 image
-    (larger images give a map of fc7 activations, which ``pooling=avg`` averages).
+    fc6 and fc7 are torchvision's ``classifier.0`` / ``classifier.3`` as 7x7 and 1x1
+    convolutions after pool5 (larger images give a map, which ``pooling=avg`` averages).
 
     Args:
         pretrained: Load torchvision's ImageNet weights through its download cache.
@@ -227,8 +225,7 @@ class VGG16FC7(VGG16):
         fc_dim: Channels = 4096,
     ) -> None:
         super().__init__()
-        self.fc = _fc_stack(nn.MaxPool2d(2, 2), 512, 7, int(fc_dim), dropout)
-        _init_like_torchvision(self.fc)
+        self.fc = _fc_stack(nn.MaxPool2d(2, 2), 7, int(fc_dim), dropout)
         self.out_channels = int(fc_dim)
         self._load(pretrained, weights)
 
@@ -241,8 +238,7 @@ class VGGMFC7(VGGM):
     """VGG-M through fc7 + ReLU, the FC-CNN [M] features of ICCV 2015: 224 -> (B, 4096, 1, 1).
 
     ``VGGM``'s layers, then MatConvNet's pool5 (3x3, stride 2, pad [0 1 0 1]), fc6 (6x6) and
-    fc7 (1x1) under the keys ``fc.*`` of ``scripts/convert_matconvnet.py``'s files (which
-    ``VGGM`` ignores: one converted file serves both).
+    fc7 (1x1), keys ``fc.*`` of the converted file (which ``VGGM`` ignores).
 
     Args:
         pretrained: Must be False (see ``VGGM``).
@@ -262,9 +258,7 @@ class VGGMFC7(VGGM):
         fc_dim: Channels = 4096,
     ) -> None:
         super().__init__(pretrained=pretrained, weights=None, lrn=lrn)
-        pool5 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
-        self.fc = _fc_stack(pool5, 512, 6, int(fc_dim), dropout)
-        _init_like_torchvision(self.fc)
+        self.fc = _fc_stack(nn.MaxPool2d(3, stride=2, ceil_mode=True), 6, int(fc_dim), dropout)
         self.out_channels = int(fc_dim)
         self.load_weights_file(weights)
 
