@@ -344,7 +344,10 @@ def _switched(key: str) -> str:
     owners = [
         c.__name__
         for c in vars(optim).values()
-        if isinstance(c, type) and c.__module__ == optim.__name__ and name in signature(c).params
+        if isinstance(c, type)
+        and c.__module__ == optim.__name__
+        and not c.__name__.startswith("_")
+        and name in signature(c).params
     ]
     if not owners:
         return ""

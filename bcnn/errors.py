@@ -6,6 +6,7 @@ own switch). The foundation layer: it imports no other bcnn module.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import traceback
@@ -55,6 +56,15 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         if err.__cause__ is not None:
             raise err.__cause__ from None
         raise
+
+
+def optional_import(module: str, extra: str, use: str) -> Any:
+    """Imports ``module``, an optional dependency, or raises an ImportError naming the extra
+    (``pip install 'bcnn[<extra>]'``) that installs it for ``use``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"{use} needs {module}: pip install 'bcnn[{extra}]'") from err
 
 
 class WeightsUnavailableError(RuntimeError):

@@ -260,7 +260,7 @@ REFUSED = [
     (["backbone=vgg_d_fc7", "backbone.dropout=1.5"], "backbone.dropout", r"in \[0, 1\)"),
     (["backbone=vgg_d_fc7", "backbone.fc_dim=0"], "backbone.fc_dim", ">= 1|in \\[1"),
     (["backbone=vgg_d_fc7", "backbone.fc_dim=-1"], "backbone.fc_dim", ">= 1|in \\[1"),
-    (["+backbone.in_chans=1"], "backbone.in_chans", "one of 3"),
+    (["+backbone.in_chans=1"], "backbone.in_chans", "takes no such argument"),
     (["trainer.test_flip='yes'"], "trainer.test_flip", "true or false"),
     (["trainer.progress='no'"], "trainer.progress", "true or false"),
     (["pooling.proj_bn='yes'"], "pooling.proj_bn", "true or false"),

@@ -29,11 +29,14 @@ PANDAS_EXTRAS = {"to_markdown": "tabulate", "to_latex": "jinja2", "to_excel": "o
 TOOLS = {
     "pytest-xdist": ("Makefile", "pytest -n"),
     "ruff": ("Makefile", "ruff check"),
+    "mypy": ("Makefile", "mypy"),
     "build": ("tests/test_wheel.py", '"-m", "build"'),
 }
 # Guarded imports used only where some other package happens to bring them.
 USED_IF_PRESENT = {"httpx": "network errors of huggingface_hub's httpx transport (base.py)"}
 PLUGIN = re.compile(r"hydra_plugins\.(\w+)")
+# Optional packages imported by name (bcnn.errors.optional_import).
+OPTIONAL = re.compile(r'optional_import\(\s*"(\w+)"')
 
 
 def normalize(name: str) -> str:
@@ -115,7 +118,7 @@ def implied(paths: Iterable[Path]) -> set[str]:
     for path in paths:
         text = path.read_text()
         needed |= {dist for method, dist in PANDAS_EXTRAS.items() if f".{method}(" in text}
-        needed |= {normalize(name) for name in PLUGIN.findall(text)}
+        needed |= {normalize(name) for name in PLUGIN.findall(text) + OPTIONAL.findall(text)}
     return needed
 
 

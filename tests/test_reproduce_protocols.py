@@ -11,7 +11,7 @@ from fixtures.datasets import MAKERS
 from omegaconf import OmegaConf, open_dict
 
 from bcnn.engine import train
-from bcnn.reproduce.optim import with_groups
+from bcnn.engine.optim import with_groups
 from bcnn.reproduce.protocols import (
     COLUMNS,
     FIELDS,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -35,10 +34,12 @@ def env_from_torchrun() -> DistEnv:
     """Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as set by ``torchrun`` (or, in a
     SLURM job of several tasks, by submitit's helper)."""
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-        with contextlib.suppress(ImportError):
+        try:
             import submitit
 
             submitit.helpers.TorchDistributedEnvironment().export()
+        except ImportError:
+            pass  # not a submitit job: SLURM's own variables, read below
     return DistEnv(
         rank=int(os.environ.get("RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),

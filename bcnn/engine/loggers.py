@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib
 import math
 import secrets
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from typing import Annotated, Any, Literal
 from omegaconf import DictConfig, OmegaConf
 
 from bcnn.engine.curves import plot_training_curves
+from bcnn.errors import optional_import
 from bcnn.limits import Check, NonEmpty, PositiveInt, checked, non_empty, writable_dir
 
 # Relative to the run directory (checked with it); an absolute one is checked here.
@@ -51,17 +51,6 @@ def _numbers(mapping: Mapping[str, Any], skip: Sequence[str] = ()) -> dict[str, 
         and not isinstance(v, bool)
         and math.isfinite(v)
     }
-
-
-def _optional(extra: str, module: str | None = None) -> Any:
-    """Imports ``module`` (default: ``extra``) of ``logger=<extra>``, or names the extra."""
-    try:
-        return importlib.import_module(module or extra)
-    except ImportError as err:
-        raise ImportError(
-            f"logger={extra} needs the {extra} package: pip install 'bcnn[{extra}]' (or use "
-            "the default logger=csv)"
-        ) from err
 
 
 class Logger:
@@ -142,8 +131,11 @@ class TensorBoardLogger(Logger):
         log_dir: LogDir = "tensorboard",
         flush_secs: PositiveInt = 30,
     ) -> None:
-        _optional("tensorboard")  # what torch.utils.tensorboard writes with
-        self._writer_class = _optional("tensorboard", "torch.utils.tensorboard").SummaryWriter
+        # torch.utils.tensorboard writes with the tensorboard package.
+        optional_import("tensorboard", "tensorboard", "logger=tensorboard")
+        self._writer_class = optional_import(
+            "torch.utils.tensorboard", "tensorboard", "logger=tensorboard"
+        ).SummaryWriter
         self.dir = Path(output_dir) / log_dir
         self.flush_secs = flush_secs
         self.run_config = dict(run_config or {})
@@ -217,7 +209,7 @@ class WandbLogger(Logger):
         tags: Sequence[str] = (),
         name: str | None = None,
     ) -> None:
-        self._wandb = _optional("wandb")
+        self._wandb = optional_import("wandb", "wandb", "logger=wandb")
         self.settings = dict(
             project=project, entity=entity, mode=mode, tags=list(tags), name=name,
             dir=str(output_dir), config=dict(run_config or {}),

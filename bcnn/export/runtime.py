@@ -7,7 +7,6 @@ and ``probabilities(images)``, flip-averaged as the run evaluated (docs/deploy.m
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import warnings
 import zipfile
@@ -23,6 +22,7 @@ from safetensors.torch import load_model
 from bcnn.data.transforms import build_transforms
 from bcnn.engine.placement import resolve_device
 from bcnn.engine.runs import load_trained, rebuild_model
+from bcnn.errors import optional_import
 
 METADATA = "bcnn_export.json"
 # ONNX metadata_props key holding the same JSON.
@@ -100,14 +100,6 @@ def _reading(file: Path, what: str) -> Iterator[None]:
         raise ValueError(f"{file} is not {what} ({detail})") from err
 
 
-def optional_module(name: str) -> Any:
-    """``onnx`` or ``onnxruntime``, or an ImportError naming the extra that installs it."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as err:
-        raise ImportError(f"ONNX models need {name}: pip install 'bcnn[export]'") from err
-
-
 def _from_run(path: Path, device: torch.device) -> Predictor:
     trained = load_trained(path, device=device)
     return Predictor(
@@ -130,7 +122,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         with _reading(path / METADATA, "the metadata bcnn-export writes"):
             return json.loads((path / METADATA).read_text())
     if path.suffix == ".onnx":
-        onnx = optional_module("onnx")
+        onnx = optional_import("onnx", "export", "ONNX models")
         with _reading(path, "an ONNX model"):
             props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         if ONNX_METADATA_KEY not in props:
@@ -152,7 +144,7 @@ def from_export(meta: Mapping[str, Any], file: Path, device: torch.device) -> Pr
     """
     fmt = meta["format"]
     if fmt == "onnx":
-        ort = optional_module("onnxruntime")
+        ort = optional_import("onnxruntime", "export", "ONNX models")
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")

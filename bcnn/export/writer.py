@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 import bcnn
 from bcnn.engine.checkpoint import load_checkpoint
 from bcnn.engine.runs import TrainedModel
+from bcnn.errors import optional_import
 from bcnn.export.graph import exportable
 from bcnn.export.parity import check, natural_images, parity_text
-from bcnn.export.runtime import METADATA, ONNX_METADATA_KEY, optional_module, quiet_jit
+from bcnn.export.runtime import METADATA, ONNX_METADATA_KEY, quiet_jit
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _write_model(
         if fmt == "torchscript":
             torch.jit.save(torch.jit.trace(graph, example, check_trace=False), str(file))
         elif fmt == "onnx":
-            optional_module("onnx")
+            optional_import("onnx", "export", "ONNX models")
             warnings.simplefilter("ignore")
             # The TorchScript-based exporter: seconds where the dynamo exporter takes
             # minutes on the unrolled matrix iterations; the graph is traceable by design.
@@ -100,7 +101,7 @@ def _embed(file: Path, fmt: str, meta: str) -> None:
         with quiet_jit():
             torch.jit.save(torch.jit.load(str(file)), str(file), _extra_files={METADATA: meta})
     elif fmt == "onnx":
-        onnx = optional_module("onnx")
+        onnx = optional_import("onnx", "export", "ONNX models")
         proto = onnx.load(str(file))
         onnx.helper.set_model_props(proto, {ONNX_METADATA_KEY: meta})
         onnx.save(proto, str(file))

@@ -239,7 +239,7 @@ class DemocraticHead(PoolingHead):
         **proj: Projection options of ``PoolingHead``.
     """
 
-    order: ClassVar[int]
+    order: ClassVar[Literal[1, 2]]
 
     @checked
     def __init__(
@@ -283,7 +283,7 @@ class DemocraticPool(DemocraticHead):
     sum alpha, weights equalizing each location's share of the second-order kernel; gamma = 1
     is ``sum`` (CUB/Cars 0.5, Aircraft 0.0). Arguments: those of ``DemocraticHead``."""
 
-    order = 2
+    order: ClassVar[Literal[1, 2]] = 2
 
 
 class DemocraticAvgPool(DemocraticHead):
@@ -291,7 +291,7 @@ class DemocraticAvgPool(DemocraticHead):
     sum_x alpha_x x / sum alpha, (B, C, H, W) -> (B, C); gamma = 1 is ``avg``. Arguments:
     those of ``DemocraticHead``."""
 
-    order = 1
+    order: ClassVar[Literal[1, 2]] = 1
 
 
 class CompactPool(PoolingHead):

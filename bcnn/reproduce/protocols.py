@@ -65,7 +65,7 @@ def _schedule(node: DictConfig) -> str:
 def _stage_fields(cfg: DictConfig, name: str) -> dict[str, str]:
     stage = cfg.trainer[name]
     node = stage.optimizer
-    # bcnn.reproduce.optim.with_groups names the optimizer and its per-group settings.
+    # bcnn.engine.optim.with_groups names the optimizer and its per-group settings.
     cls = get_class(node.get("optimizer", node._target_))
     opt = cls.__name__
     groups = {k: dict(v) for k, v in (node.get("groups") or {}).items()}

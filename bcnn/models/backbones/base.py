@@ -128,9 +128,10 @@ def input_spec_from_meta(meta: Mapping[str, Any]) -> InputSpec | None:
     spec = json.loads(spec) if isinstance(spec, str) else spec
     if spec is None:
         return None
+    (m0, m1, m2), (s0, s1, s2) = map(float, spec["mean"]), map(float, spec["std"])
     return InputSpec(
-        mean=tuple(map(float, spec["mean"])),
-        std=tuple(map(float, spec["std"])),
+        mean=(m0, m1, m2),
+        std=(s0, s1, s2),
         color=str(spec.get("color", "RGB")),
         scale=float(spec.get("scale", 1.0)),
     )
