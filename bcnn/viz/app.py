@@ -191,7 +191,7 @@ def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
     t = cfg.viz.texture
     runs = load_runs(cfg, device)
     backbone, spec, source = _texture_network(cfg, runs)
-    taps = FeatureTaps(backbone, t.layers, spec).to(device)
+    taps = FeatureTaps(backbone, t.layers, spec, avg_pool=t.pool == "avg").to(device)
     exemplar, origin = _texture_exemplar(cfg, runs)
     weights = OmegaConf.to_container(t.layer_weights) if t.layer_weights else None
     result = synthesize_texture(
@@ -203,6 +203,7 @@ def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
         steps=int(t.steps),
         lr=t.lr,
         layer_weights=weights,  # type: ignore[arg-type]
+        tv_weight=float(t.tv_weight),
         seed=int(cfg.seed),
     )
     _write_texture_files(out, exemplar, result)
@@ -289,7 +290,7 @@ def _texture_starts(
         raise ValueError("viz.inverse.init=texture needs the run's (or a) dataset")
     t = cfg.viz.texture
     model = runs[0].model
-    taps = FeatureTaps(model.backbone, t.layers, model.input_spec).to(device)
+    taps = FeatureTaps(model.backbone, t.layers, model.input_spec, t.pool == "avg").to(device)
     textures = [
         synthesize_texture(
             taps,
@@ -298,6 +299,7 @@ def _texture_starts(
             optimizer=t.optimizer,
             steps=int(t.steps),
             lr=t.lr,
+            tv_weight=float(t.tv_weight),
             seed=int(cfg.seed) + i,
         ).image
         for i, c in enumerate(targets)
