@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import benchlib as bench
 import numpy as np
 import PIL
 import torch
@@ -36,7 +37,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.io import decode_jpeg, read_file
 
-from bcnn import bench
 from bcnn.data.base import Record, RecordDataset
 from bcnn.data.transforms import build_transforms
 

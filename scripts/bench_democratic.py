@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import benchlib as bench
 import torch
 
-from bcnn import bench
 from bcnn.ops.democratic import FACTORED_RATIO, democratic_weights, factored_is_cheaper
 
 SHAPES = ("1024x64", "1024x128", "1024x256", "3136x64", "784x128", "784x512", "256x64")

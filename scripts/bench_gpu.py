@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported in main(), after the check for missing packages
-    from bcnn.bench import RunInfo
+    from benchlib import RunInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO_ROOT / "scripts"
@@ -316,7 +316,7 @@ def _check(target: str, value: float, ok: bool, unit: str, source: str, digits: 
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
-    from bcnn import bench
+    import benchlib as bench
 
     return bench.read_csv(path)[1] if path.exists() else []
 
@@ -390,7 +390,7 @@ def heads_checks(out: Path, dev: str) -> list[Check]:
     tag = "cpu" if dev == "cpu" else "gpu"
     source = f"model_heads_{tag}.csv"
     path = out / source
-    from bcnn import bench
+    import benchlib as bench
 
     meta, rows = bench.read_csv(path) if path.exists() else ({}, [])
     setting = (meta.get("backbone", "vgg_d"), meta.get("batch"), meta.get("size"))
@@ -429,7 +429,7 @@ CHECKS = {
 
 def targets_section(out: Path, command: str = "make bench-gpu") -> str:
     """The README's "GPU targets" section from ``bench_gpu_cuda.csv`` in ``out`` (if any)."""
-    from bcnn import bench
+    import benchlib as bench
 
     path = out / "bench_gpu_cuda.csv"
     lines = ["## GPU targets", ""]
@@ -461,7 +461,7 @@ def targets_section(out: Path, command: str = "make bench-gpu") -> str:
 
 def report(args: argparse.Namespace, info: RunInfo, outcomes: list[Outcome]) -> list[Check]:
     """Writes ``bench_gpu_<device>.csv`` / ``.md`` and the README's "GPU targets" section."""
-    from bcnn import bench
+    import benchlib as bench
 
     dev = info.device.type
     checks = {name: fn(args.out, dev) for name, fn in CHECKS.items() if name in args.parts}
@@ -518,9 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     sys.path.insert(0, str(REPO_ROOT))  # the checkout's bcnn, installed or not
+    import benchlib as bench
     import torch
-
-    from bcnn import bench
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

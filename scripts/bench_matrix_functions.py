@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import benchlib as bench
 import torch
 
-from bcnn import bench
 from bcnn.ops import SQRTM_AUTO_TABLE, resolve_sqrtm, sqrtm
 from bcnn.ops.sqrtm import lyapunov_iterative_matmuls, newton_schulz_matmuls
 
@@ -494,7 +494,7 @@ def report(
     md = [
         f"- auto table in use: {auto_row}",
         f"- timing: best (and median) {'process CPU' if args.clock == 'cpu' else 'wall'} time "
-        f"per call of up to {args.repeats} runs after warm-up (`bcnn.bench.measure`: "
+        f"per call of up to {args.repeats} runs after warm-up (`benchlib.measure`: "
         "torch.utils.benchmark's adaptive_autorange; a measurement stops repeating after "
         f"{args.budget_s} s of timed runs); CUDA synchronized around each run; *_ms columns "
         "are the best run, *_median_ms the median",

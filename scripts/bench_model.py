@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import benchlib as bench
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
 import bcnn.config  # noqa: F401  (registers the train_schema the root config extends)
-from bcnn import bench
 from bcnn.models import build_model
 
 # name -> (overrides, description). The sum rows use the published chains.

@@ -34,10 +34,10 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+import benchlib as bench
 import torch
 import torch.nn.functional as F
 
-from bcnn import bench
 from bcnn.models.normalization import add_ridge
 from bcnn.ops import (
     logm,

@@ -30,6 +30,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import benchlib as bench
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
@@ -37,7 +38,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import bcnn.config  # noqa: F401  (registers the schema)
-from bcnn import bench
 from bcnn.engine import distributed as D
 from bcnn.engine.cache import CachedViews, ViewAverage, build_cache
 from bcnn.engine.loops import autocast, train_one_epoch

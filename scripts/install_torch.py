@@ -13,8 +13,12 @@ exist``. So this script
 
 1. picks where to look: with no NVIDIA GPU (``nvidia-smi`` missing or failing) it adds
    PyTorch's CPU index, where reachable, to pip's configured indexes (its ``+cpu``
-   builds sort above the same version without a label, so pip prefers them); otherwise
-   pip's configured indexes alone. ``TORCH_INDEX_URL`` chooses an index instead (e.g.
+   builds sort above the same version without a label, so pip prefers them). Where that
+   index is unreachable it looks for a CPU pair among what pip can see (its configured
+   indexes, ``find-links`` / ``PIP_FIND_LINKS`` wheel folders: ``pip index versions``)
+   and takes the newest; only with no CPU torchvision at all does it install PyPI's
+   CUDA build, and says so, with its size, before installing. With a GPU: pip's
+   configured indexes. ``TORCH_INDEX_URL`` chooses an index instead (e.g.
    https://download.pytorch.org/whl/cu126);
 2. lets pip resolve both packages together (``pip install --dry-run --report``) and,
    while their labels differ, excludes the odd one and resolves again;
@@ -48,8 +52,16 @@ CHECK = (
 )
 MAX_ROUNDS = 4
 
+# Measured for torch 2.14.1+cu130 (Linux x86_64, Python 3.11): the 32 wheels of torch,
+# torchvision and their dependencies (nvidia-* included), and a .venv with bcnn[dev].
+CUDA_SIZE = "about 3 GB of wheels, a 6.4 GB environment"
+
 # (torch version, torchvision version) that pip would install, given extra requirements.
 Resolver = Callable[[Sequence[str]], tuple[str, str]]
+# The versions of a package pip can see (newest first).
+Lister = Callable[[str], list[str]]
+# (pip index arguments, preferred label, what and why, the pair when already chosen).
+Plan = tuple[list[str], str | None, str, tuple[str, str] | None]
 
 
 class InstallError(RuntimeError):
@@ -115,6 +127,32 @@ def pip_resolver(index_args: Sequence[str], specs: Sequence[str]) -> Resolver:
     return resolve
 
 
+def pip_versions(name: str) -> list[str]:
+    """The versions of ``name`` pip can see, newest first: its configured indexes and
+    find-links folders, local labels included (``pip index versions``)."""
+    cmd = [*PIP, "index", "versions", name]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = re.search(r"Available versions: (.*)", proc.stdout)
+    return [v.strip() for v in found.group(1).split(",")] if found else []
+
+
+def cpu_pair(versions: Lister, resolve: Resolver) -> tuple[str, str] | None:
+    """The newest CPU torch and CPU torchvision pip can install together, or None.
+
+    Each CPU torchvision (newest first) is resolved with its own torch pin: pip takes
+    the ``+cpu`` torch of that version where one is available (it sorts above the
+    unlabelled build). A CPU torch beside a CUDA torchvision is no pair.
+    """
+    for vision in (v for v in versions("torchvision") if label(v) == "cpu"):
+        try:
+            pair = resolve([f"torchvision=={vision}"])
+        except InstallError:
+            continue
+        if label(pair[0]) == label(pair[1]) == "cpu":
+            return pair
+    return None
+
+
 def choose_pair(resolve: Resolver, prefer: str | None) -> tuple[str, str]:
     """Resolves until torch and torchvision carry the same local label.
 
@@ -146,20 +184,33 @@ def choose_pair(resolve: Resolver, prefer: str | None) -> tuple[str, str]:
     )
 
 
-def plan() -> tuple[list[str], str | None, str]:
-    """Where to look: ``(pip index arguments, preferred label, description)``."""
+def plan(resolver: Callable[[list[str]], Resolver], versions: Lister = pip_versions) -> Plan:
+    """Where to look, and the pair itself when it had to be found here.
+
+    Args:
+        resolver: A resolver for pip index arguments (``pip_resolver`` with the floors).
+        versions: What pip can see of a package (``pip_versions``).
+    """
     override = os.environ.get("TORCH_INDEX_URL")
     if override:
-        return ["--index-url", override], None, f"TORCH_INDEX_URL={override}"
+        return ["--index-url", override], None, f"TORCH_INDEX_URL={override}", None
     if has_nvidia_gpu():
-        return [], None, "an NVIDIA GPU is present: pip's configured indexes (CUDA build)"
+        return [], None, "an NVIDIA GPU is present: pip's configured indexes (CUDA build)", None
     if reachable(CPU_INDEX):
-        return ["--extra-index-url", CPU_INDEX], "cpu", f"no NVIDIA GPU: CPU build ({CPU_INDEX})"
+        where = f"no NVIDIA GPU: CPU build ({CPU_INDEX})"
+        return ["--extra-index-url", CPU_INDEX], "cpu", where, None
+    pair = cpu_pair(versions, resolver([]))
+    if pair:
+        return [], "cpu", f"no NVIDIA GPU, {CPU_INDEX} unreachable: a CPU pair pip has", pair
     return (
         [],
         "",
-        f"no NVIDIA GPU, but {CPU_INDEX} is unreachable: pip's configured indexes "
-        "(on Linux PyPI's build includes CUDA, several GB)",
+        f"WARNING: no NVIDIA GPU and {CPU_INDEX} is unreachable, and pip sees no CPU "
+        "torchvision (a CPU torch beside a CUDA torchvision cannot load its operators): "
+        f"installing PyPI's build, which includes CUDA ({CUDA_SIZE}). To keep to the CPU "
+        "build, put torch-*+cpu and torchvision-*+cpu wheels into a folder named by "
+        "PIP_FIND_LINKS, or set TORCH_INDEX_URL to an index that has both",
+        None,
     )
 
 
@@ -170,9 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         specs = requirements(PYPROJECT.read_text())
-        index_args, prefer, where = plan()
+        index_args, prefer, where, pair = plan(lambda args: pip_resolver(args, specs))
         print(f"[install_torch] {where}")
-        torch_v, vision_v = choose_pair(pip_resolver(index_args, specs), prefer)
+        torch_v, vision_v = pair or choose_pair(pip_resolver(index_args, specs), prefer)
         print(f"[install_torch] torch=={torch_v} torchvision=={vision_v}")
         if args.dry_run:
             return 0

@@ -1,8 +1,6 @@
 """``bcnn-prepare-data`` from a checkout: download, install and verify the datasets."""
 
-import sys
-
-from bcnn.cli.prepare_data import main, parse_args  # noqa: F401  (tests import them from here)
+from bcnn.cli.prepare_data import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.datasets import MAKERS
+from omegaconf import OmegaConf, open_dict
 
 from bcnn.config import validate
 from bcnn.engine import train
@@ -134,3 +135,57 @@ def test_pca_projection_whitens_the_top_principal_directions() -> None:
         BilinearPool(6, proj_init="pca")
     with pytest.raises(ValueError, match=r"at most as many directions.*\(6\).*proj_dim=7"):
         BilinearPool(6, proj_dim=7, proj_init="pca")
+
+
+def test_classifier_init_follows_the_config() -> None:
+    from bcnn.models.classifier import LinearClassifier, LowRankBilinearClassifier, SVMClassifier
+    from bcnn.models.shapes import FeatureShape
+
+    torch.manual_seed(0)
+    zeros = LinearClassifier(4096, 50)
+    assert not zeros.weight.any() and not zeros.bias.any()
+    matlab = LinearClassifier(4096, 50, init="normal", init_std=1e-3, init_bias=0.1)
+    assert matlab.weight.std().item() == pytest.approx(1e-3, rel=0.02)
+    assert torch.equal(matlab.bias, torch.full((50,), 0.1))
+    fc8 = LinearClassifier(4096, 50, init="normal", init_std=0.01)
+    assert fc8.weight.std().item() == pytest.approx(0.01, rel=0.02) and not fc8.bias.any()
+    default = LinearClassifier(4096, 50, init="torch")  # nn.Linear's: U(+-1/sqrt(fan in))
+    bound = 4096**-0.5
+    assert default.weight.abs().max() <= bound and default.weight.std() > bound / 2
+    assert default.bias.abs().max() <= bound and default.bias.any()
+    svm = SVMClassifier(64, 3, init="normal", init_bias=0.1)  # accepted; fit() replaces it
+    assert torch.equal(svm.bias, torch.full((3,), 0.1))
+    shape = FeatureShape((64, 64), symmetric=True)
+    own = LowRankBilinearClassifier(shape, 10)  # U ~ N(0, 1/d)
+    assert own.U.std().item() == pytest.approx(64**-0.5, rel=0.05) and not own.bias.any()
+    small = LowRankBilinearClassifier(shape, 10, init_std=1e-3, init_bias=0.1)
+    assert small.U.std().item() == pytest.approx(1e-3, rel=0.05)
+    assert torch.equal(small.bias, torch.full((10,), 0.1))
+    uniform = LowRankBilinearClassifier(shape, 10, init="torch")
+    assert uniform.U.abs().max() <= 64**-0.5 and uniform.bias.abs().max() <= 1 / 64
+
+
+@pytest.mark.parametrize(
+    ("overrides", "std", "bias"),
+    [
+        ([], 0.0, 0.0),  # recipe=fast: zeros
+        (["recipe=bcnn_matlab"], 1e-3, 0.1),  # initializeNetworkSharedWeights.m
+        (["experiment=iccv15_t1_fccnn_d"], 0.01, 0.0),  # imdb_cnn_train.m
+        (["recipe=bcnn_pytorch"], None, None),  # nn.Linear's own
+    ],
+)
+def test_each_recipe_starts_its_classifier_as_the_authors(
+    overrides: list[str], std: float | None, bias: float | None
+) -> None:
+    from bcnn.models import build_model
+
+    torch.manual_seed(0)
+    cfg = compose_config(overrides)
+    with open_dict(cfg):  # the small CNN instead of VGG-16 (the preset sets its weights)
+        cfg.backbone = OmegaConf.create({"_target_": "bcnn.models.backbones.SmallCNN"})
+    head = build_model(cfg, num_classes=40).classifier
+    if std is None:
+        assert head.weight.std() > 0 and head.weight.abs().max() <= head.in_features**-0.5
+    else:
+        assert head.weight.std().item() == pytest.approx(std, rel=0.05, abs=1e-12)
+        assert torch.equal(head.bias, torch.full_like(head.bias, bias))

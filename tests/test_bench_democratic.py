@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bcnn import bench
+import benchlib as bench
+
 from bcnn.ops.democratic import factored_is_cheaper
 from tests.conftest import load_script
 

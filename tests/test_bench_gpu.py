@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import benchlib as bench
 import pytest
 
-from bcnn import bench
 from tests.conftest import REPO_ROOT, load_script, subprocess_env
 
 

@@ -1,4 +1,4 @@
-"""bcnn.bench: timing, run description and result files shared by the benchmark scripts."""
+"""scripts/benchlib.py: timing, run description and result files shared by the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ import math
 import time
 from pathlib import Path
 
+import benchlib as bench
 import pytest
 import torch
-
-from bcnn import bench
 
 CPU = torch.device("cpu")
 

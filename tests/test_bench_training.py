@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import benchlib as bench
 import pytest
 
-from bcnn import bench
 from tests.conftest import load_script
 
 IMAGES, BATCH = 10, 4

@@ -16,9 +16,11 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 from bcnn.cli.evaluate import dataset_config, most_confused, run_eval
+from bcnn.config import instantiate
 from bcnn.data.synthetic import SyntheticDataset
 from bcnn.engine import train
 from bcnn.engine.runs import TrainedModel, load_trained
+from bcnn.errors import ConfigError
 from tests.conftest import compose_config, run_train
 
 SMOKE = ["debug=smoke", "dataset.trainval_size=120", "dataset.test_size=60"]
@@ -94,6 +96,17 @@ def test_eval_rejects_a_dataset_with_other_classes(run_dir: Path, tmp_path: Path
         run_eval(eval_config(f"checkpoint={run_dir}", "split=dev"), tmp_path)
 
 
+@pytest.mark.parametrize(
+    "option",
+    ["split=dev", "precision=64", "batch_size=0", "num_workers=-1", "flip=yes", "top_confused=-1"],
+)
+def test_a_bad_option_is_refused_before_the_checkpoint_is_read(option: str, tmp_path: Path):
+    key = option.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^Invalid config value for '{key}'"):
+        run_eval(eval_config(f"checkpoint={tmp_path / 'none.pt'}", option), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_new_data_dir_moves_the_run_dataset_root(tmp_path: Path) -> None:
     run_config = compose_config(["dataset=cub", "paths.data_dir=/old/data"])
     OmegaConf.resolve(run_config)  # checkpoints hold the resolved config
@@ -126,3 +139,21 @@ def test_bcnn_eval_command(run_dir: Path, tmp_path: Path) -> None:
     assert "top-1" in proc.stdout and "mean per-class accuracy" in proc.stdout
     assert (tmp_path / "eval" / "metrics.json").is_file()
     assert (tmp_path / "eval" / "evaluate.log").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_on_a_machine_without_a_gpu_is_one_message(run_dir: Path, tmp_path: Path) -> None:
+    proc = _command(f"checkpoint={run_dir}", "device=cuda", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[0].startswith(
+        "bcnn-eval: error: Invalid config value for 'device': 'cuda' but "
+    )
+    assert len(proc.stderr.splitlines()) == 2 and "Traceback" not in proc.stderr  # + the hint
+
+
+def test_a_dataset_of_photographs_composes(tmp_path: Path) -> None:
+    # A photograph dataset's config selects its training recipe, which eval.yaml must let it.
+    cfg = eval_config("checkpoint=x", "dataset=cub", f"dataset.root={tmp_path}")
+    assert cfg.dataset.name == "cub" and cfg.dataset.root == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="CUB"):
+        instantiate(cfg.dataset, split="test", augment=False)

@@ -4,8 +4,11 @@ reported by name, CSV/JSON output, and the exported models predicting like the r
 from __future__ import annotations
 
 import json
+import warnings
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -154,3 +157,47 @@ def test_user_errors_print_one_message(
     assert exit_info.value.code == 2
     assert export_cli.main([str(tmp_path / "nowhere"), "--format", "onnx"]) == 1
     assert "checkpoints/best.pt" in capsys.readouterr().err
+
+
+def _not_a_model(kind: str, folder: Path) -> Path:
+    """A file that looks like a model bcnn reads and is not one."""
+    if kind == "fake_torchscript":  # a zip with bcnn's metadata entry, but no TorchScript
+        path = folder / "model.torchscript.pt"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("model/extra/bcnn_export.json", json.dumps({"format": "torchscript"}))
+            zf.writestr("model/data.pkl", b"garbage")
+    elif kind == "plain_torchscript":  # TorchScript, but not from bcnn-export
+        path = folder / "model.pt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    elif kind == "random_checkpoint":
+        path = folder / "run" / "checkpoints" / "last.pt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        path = folder / "model.onnx"
+        path.write_bytes(np.random.default_rng(1).bytes(512))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("fake_torchscript", "is not a TorchScript model torch can load"),
+        ("plain_torchscript", "a TorchScript model without bcnn metadata"),
+        ("random_checkpoint", "is not a checkpoint"),
+        ("corrupt_onnx", "is not an ONNX model"),
+    ],
+)
+def test_a_file_that_is_not_a_model_is_named_in_one_message(
+    kind: str, expected: str, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if kind == "corrupt_onnx":
+        pytest.importorskip("onnx")
+    path = _not_a_model(kind, tmp_path)
+    model = path.parent.parent if kind == "random_checkpoint" else path  # a run directory
+    assert predict_cli.main([str(model), str(images / "img0.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{predict_cli.PROG}: error: {path}") and expected in err
+    assert "Traceback" not in err and "never holds" not in err and len(err.splitlines()) == 2

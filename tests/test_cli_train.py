@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,13 +13,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from torch.utils.data import TensorDataset
 
-from bcnn.cli.errors import UserError, is_user_error, run_command, user_errors
+from bcnn.cli.callbacks import TrainCallbacks
 from bcnn.config import validate
 from bcnn.engine import distributed as D
 from bcnn.engine.cache import build_cache
+from bcnn.errors import UserError, is_user_error, run_command, user_errors
 from bcnn.models import build_model
 from bcnn.train import objective, optimized_metric
 from tests.conftest import compose_config, run_train
@@ -126,12 +129,54 @@ def test_optuna_search_runs_without_a_validation_split(tmp_path: Path) -> None:
         with (sweep / job / "metrics.csv").open() as f:
             last_train_acc.append(float(list(csv.DictReader(f))[-1]["train_acc"]))
     assert best["best_value"] == pytest.approx(max(last_train_acc))
-    assert set(best["best_params"]) == {
-        "trainer.linear.lr",
-        "trainer.finetune.lr",
-        "trainer.finetune.backbone_lr",
-        "trainer.finetune.optimizer.weight_decay",
-    }
+    # trainer.stages=[linear]: the fine-tuning settings are not searched.
+    assert set(best["best_params"]) == {"trainer.linear.lr"}
+
+
+@pytest.mark.parametrize(
+    ("stages", "searched"),
+    [
+        ("[linear]", ["trainer.linear.lr"]),
+        (
+            "[finetune]",
+            [
+                "trainer.finetune.lr",
+                "trainer.finetune.backbone_lr",
+                "trainer.finetune.optimizer.weight_decay",
+            ],
+        ),
+        (
+            "[linear,finetune]",
+            [
+                "trainer.linear.lr",
+                "trainer.finetune.lr",
+                "trainer.finetune.backbone_lr",
+                "trainer.finetune.optimizer.weight_decay",
+            ],
+        ),
+    ],
+)
+def test_a_search_leaves_out_the_stages_that_do_not_run(stages: str, searched: list[str]) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    with initialize_config_module("bcnn.configs", version_base="1.3"):
+        overrides = ["hparams_search=optuna", f"trainer.stages={stages}"]
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    TrainCallbacks().on_multirun_start(cfg)
+    assert list(cfg.hydra.sweeper.params) == searched
+
+
+def test_a_slurm_sweep_without_slurm_is_one_message(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    if shutil.which("srun"):
+        pytest.skip("a SLURM node: the sweep would be submitted")
+    args = ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", *SMOKE]
+    proc = _train([*args, f"hydra.sweep.dir={tmp_path}"])
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "bcnn-train: error: hydra/launcher=slurm submits the jobs to SLURM, but this machine "
+        "has no srun (it is not a SLURM node): run the sweep on the cluster, or here with "
+        "hydra/launcher=joblib (or submitit_local)"
+    )
 
 
 @pytest.mark.parametrize("progress", [True, False])

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures.datasets import BOX_COLOR, make_cub, nearest_label, write_image
+from fixtures.datasets import BOX_COLOR, make_cub, make_dtd, nearest_label, write_image
 from PIL import Image
 
 from bcnn.data.base import (
+    VERIFY_COMMAND,
     BadImageError,
     Record,
     RecordDataset,
@@ -20,6 +21,7 @@ from bcnn.data.base import (
     split_train_val,
 )
 from bcnn.data.cub import CUB200
+from bcnn.data.dtd import DTD
 from bcnn.data.source import DatasetSource
 
 
@@ -101,13 +103,25 @@ def test_odd_image_formats_are_converted_to_rgb(tmp_path: Path) -> None:
         assert raw.format == "PNG"  # really a PNG behind the .jpg name
 
 
-def test_truncated_image_fails_with_its_path(tmp_path: Path) -> None:
+def test_truncated_image_fails_with_its_path_and_the_fixes(tmp_path: Path) -> None:
     truth = make_cub(tmp_path, special=False, truncated=True)
     (bad,) = truth.special
     ds = CUB200(tmp_path, "trainval")
     index = [r.path for r in ds.records].index(bad)
-    with pytest.raises(BadImageError, match=bad.split("/")[-1]):
+    with pytest.raises(BadImageError, match=bad.split("/")[-1]) as info:
         ds[index]
+    verify = VERIFY_COMMAND.format(name="cub", root=ds.root)
+    assert "set dataset.on_bad_image=skip" in str(info.value) and verify in str(info.value)
+
+
+def test_an_image_in_two_official_splits_is_refused(tmp_path: Path) -> None:
+    truth = make_dtd(tmp_path)
+    leaked = truth.train[0][0].removeprefix("images/")
+    with open(tmp_path / "dtd" / "labels" / "test1.txt", "a", encoding="utf-8") as f:
+        f.write(f"{leaked}\n")
+    with pytest.raises(ValueError, match=rf"dtd/images/{leaked} is listed in both train and test"):
+        DTD(tmp_path, "trainval")
+    assert len(DTD(tmp_path, "test", partition=2)) == len(truth.test)  # other lists are fine
 
 
 def test_skip_replaces_bad_images_deterministically_and_logs(tmp_path: Path, caplog) -> None:
@@ -158,7 +172,7 @@ def test_write_samples_and_imagefolder_style_attributes(tmp_path: Path) -> None:
     assert lines == ["a b/c.jpg 1", "d.jpg 0"]
     assert [tuple(line.rsplit(" ", 1)) for line in lines] == [("a b/c.jpg", "1"), ("d.jpg", "0")]
     assert ds.samples == [(str(tmp_path / "a b/c.jpg"), 1), (str(tmp_path / "d.jpg"), 0)]
-    assert ds.targets == [1, 0] and ds.num_classes == 2 and len(ds) == 2
+    assert ds.targets == [1, 0] and len(ds) == 2
     write_image(tmp_path / "d.jpg", 0)
     assert ds[1] == ((32, 24), 0)  # the transform gets the PIL image
     assert ds[-1] == ((32, 24), 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -116,6 +118,37 @@ def test_folder_bad_images_follow_the_policy(tmp_path: Path) -> None:
         FolderDataset(tmp_path, "trainval")[index]
 
 
+def test_folder_lists_each_file_once_through_a_link_loop(tmp_path: Path) -> None:
+    truth = make_folder(tmp_path, "tree", per_class=(6, 2, 2))
+    os.symlink(".", tmp_path / "crow" / "again")  # crow/again/again/... without end
+    os.symlink(tmp_path / "crow" / "img_03.jpg", tmp_path / "crow" / "twin.jpg")
+    parts = splits(FolderDataset, tmp_path)
+    listed = pairs(parts["trainval"]) + pairs(parts["test"])
+    assert sorted(listed) == sorted(truth.train)  # 30 files, each once; no link path
+    assert not set(pairs(parts["test"])) & set(pairs(parts["trainval"]))
+
+
+def test_folder_refuses_a_file_in_two_classes_or_splits(tmp_path: Path) -> None:
+    make_folder(tmp_path, "split")
+    os.symlink(tmp_path / "train" / "crow", tmp_path / "train" / "barn owl" / "crows")
+    with pytest.raises(ValueError, match=r"train/crow/img_00\.jpg is the same file as .*crows"):
+        FolderDataset(tmp_path, "train")
+    os.unlink(tmp_path / "train" / "barn owl" / "crows")
+    test_image = tmp_path / "test" / "crow" / "img_07.jpg"
+    test_image.unlink()
+    os.link(tmp_path / "train" / "crow" / "img_00.jpg", test_image)  # a hard link
+    with pytest.raises(ValueError, match=r"test/crow/img_07\.jpg is the same file as"):
+        FolderDataset(tmp_path, "test")
+
+
+def test_folder_says_once_that_test_is_carved(tmp_path: Path, caplog) -> None:
+    make_folder(tmp_path, "tree")
+    with caplog.at_level(logging.INFO, logger="bcnn.data.custom"):
+        for split in ("train", "val", "test", "train"):  # what a training run builds
+            FolderDataset(tmp_path, split)
+    assert sum("has no test set" in m for m in caplog.messages) == 1
+
+
 # ---------------------------------------------------------------------------- csv
 @pytest.mark.parametrize("header", [True, False])
 def test_csv_lists_with_and_without_header(tmp_path: Path, header: bool) -> None:
@@ -137,28 +170,31 @@ def test_csv_lists_with_and_without_header(tmp_path: Path, header: bool) -> None
 def test_csv_labels_paths_and_class_order(tmp_path: Path) -> None:
     images = tmp_path / "pictures"
     rows = []
-    for k, label in enumerate(["10", "2", "0", "2", "10", "0"]):
+    for k, label in enumerate(["10", "2", "0", "2", "10", "0", "10", "2", "0"]):
         write_image(images / f"{k}.jpg", int(label) % len(PALETTE))
         rows.append(f"{k}.jpg,{label}")
     lists = tmp_path / "lists"
-    write_lines(lists / "train.csv", rows)
-    write_lines(lists / "val.csv", [f"{images / '0.jpg'},10"])  # an absolute path
-    write_lines(lists / "test.csv", rows[:3])
+    write_lines(lists / "train.csv", rows[:6])
+    write_lines(lists / "val.csv", [f"{images / '6.jpg'},10"])  # an absolute path
+    write_lines(lists / "test.csv", rows[7:])
     files = {f"{s}_csv": f"lists/{s}.csv" for s in ("train", "val", "test")}
     ds = CSVDataset(tmp_path, "train", image_root="pictures", **files)
     assert ds.classes == ["0", "2", "10"]  # integers sort numerically
     assert [r.label for r in ds.records] == [2, 1, 0, 1, 2, 0]
     assert ds.records[0].path == "pictures/0.jpg" and ds[0][1] == 2
     val = CSVDataset(tmp_path, "val", image_root=str(images), **files)
-    assert val.records[0].path == str(images / "0.jpg") and len(val) == 1
+    assert val.records[0].path == str(images / "6.jpg") and len(val) == 1
     named = CSVDataset(
         tmp_path, "train", image_root="pictures", classes=["10", "2", "0", "5"], **files
     )
     assert named.classes == ["10", "2", "0", "5"] and named.targets == [0, 1, 2, 1, 0, 2]
     # Without image_root, paths are relative to each CSV's own folder.
-    write_lines(lists / "local.csv", [f"../pictures/{row}" for row in rows])
-    local = CSVDataset(tmp_path, "test", train_csv="lists/local.csv", test_csv="lists/local.csv")
-    assert local.records[1].path == "pictures/1.jpg" and local[1][1] == 1
+    write_lines(lists / "local.csv", [f"../pictures/{row}" for row in rows[:6]])
+    write_lines(lists / "local_test.csv", [f"../pictures/{row}" for row in rows[6:]])
+    local = CSVDataset(
+        tmp_path, "test", train_csv="lists/local.csv", test_csv="lists/local_test.csv"
+    )
+    assert local.records[1].path == "pictures/7.jpg" and local[1][1] == 1
 
 
 def test_csv_errors_name_the_file_line_and_value(tmp_path: Path) -> None:
@@ -182,6 +218,16 @@ def test_csv_errors_name_the_file_line_and_value(tmp_path: Path) -> None:
         CSVDataset(tmp_path, "train", classes=["crow"])
     with pytest.raises(FileNotFoundError, match=r"missing .*nope\.csv[\s\S]*path,label"):
         CSVDataset(tmp_path, "train", train_csv="nope.csv")
+
+
+def test_an_image_in_two_csv_splits_is_refused(tmp_path: Path) -> None:
+    make_csv(tmp_path)
+    train_row = (tmp_path / "train.csv").read_text().splitlines()[1]
+    with open(tmp_path / "test.csv", "a", encoding="utf-8") as f:
+        f.write(f"{train_row}\n")
+    image = train_row.split(",")[1].strip('"')
+    with pytest.raises(ValueError, match=rf"{image} is listed in both train and test"):
+        CSVDataset(tmp_path, "train")
 
 
 # ---------------------------------------------------------------------------- configs

@@ -6,6 +6,8 @@ import hashlib
 import io
 import os
 import shutil
+import socket
+import sys
 import tarfile
 import threading
 import zipfile
@@ -16,8 +18,9 @@ from pathlib import Path
 
 import pytest
 from fixtures.datasets import MAKERS, make_dtd
+from hydra import compose, initialize_config_module
 
-from bcnn.cli.prepare_data import sources
+from bcnn.cli.prepare_data import prepare_data, sources
 from bcnn.data.cars import StanfordCars
 from bcnn.data.cub import CUB200
 from bcnn.data.download import (
@@ -32,7 +35,7 @@ from bcnn.data.download import (
 from bcnn.data.inat import INaturalist
 from bcnn.data.nabirds import NABirds
 from bcnn.data.source import Archive
-from tests.conftest import load_script
+from tests.conftest import REPO_ROOT, run_train
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -259,15 +262,15 @@ def test_install_local_checks_known_files(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ CLI
-@pytest.fixture(scope="module")
-def cli():
-    return load_script("prepare_data").main
+def prepare_cli(*overrides: str) -> int:
+    """``bcnn-prepare-data *overrides`` as its Hydra application runs it (errors raise)."""
+    with initialize_config_module("bcnn.configs", version_base="1.3"):
+        cfg = compose("prepare_data", overrides=[*overrides, "progress=false"])
+    return prepare_data(cfg)
 
 
-def test_cli_help_lists_every_dataset(cli, capsys) -> None:
-    with pytest.raises(SystemExit) as info:
-        cli(["--help"])
-    assert info.value.code == 0
+def test_cli_lists_every_dataset_without_one(capsys) -> None:
+    assert prepare_cli() == 0
     out = capsys.readouterr().out
     assert sorted(sources()) == sorted(MAKERS)  # the eight benchmarks, found through configs
     for name, source in sources().items():
@@ -275,37 +278,52 @@ def test_cli_help_lists_every_dataset(cli, capsys) -> None:
     assert "nabirds.tar.gz  md5 df21a9e4db349a14e2b08adfd45873bd" in out
     assert "cars_test_annos_withlabels.mat" in out and "Kaggle" in out
     assert "fff73e5086ae6bdbea199a49dfb8a4c1" in out  # DTD
+    with pytest.raises(ValueError, match="synthetic has no files to prepare"):
+        prepare_cli("dataset=synthetic")
 
 
-def test_cli_download_failure_and_manual_datasets(cli, server, tmp_path: Path, capsys) -> None:
+def test_cli_download_failure_and_manual_datasets(server, tmp_path: Path, capsys) -> None:
     base, www = server
     (www / "dtd").mkdir()
     (www / "dtd" / "dtd-r1.0.1.tar.gz").write_bytes(tgz({"dtd/labels/train1.txt": b""}))
     root = tmp_path / "dtd"
-    assert cli(["dataset=dtd", f"root={root}", "--base-url", base, "--no-progress"]) == 1
-    assert "MD5" in capsys.readouterr().err and not root.exists()
-    assert cli(["--dataset", "nabirds", "--root", str(tmp_path / "nb")]) == 1
+    with pytest.raises(ChecksumError, match="MD5"):
+        prepare_cli("dataset=dtd", f"root={root}", f"base_url={base}")
+    assert not root.exists()
+    assert prepare_cli("dataset=nabirds", f"root={tmp_path / 'nb'}") == 1
     out = capsys.readouterr().out
-    assert "dl.allaboutbirds.org" in out and "--archive" in out and not (tmp_path / "nb").exists()
+    assert "dl.allaboutbirds.org" in out and "archive=" in out and not (tmp_path / "nb").exists()
 
 
-def test_cli_verify_reports_missing_and_unreadable_files(cli, tmp_path: Path, capsys) -> None:
+def test_cli_offline_names_the_url_and_the_archive_route(tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a port nothing listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        base = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    root = tmp_path / "cub"
+    script = [sys.executable, str(REPO_ROOT / "scripts" / "prepare_data.py")]
+    args = ["dataset=cub", f"root={root}", f"base_url={base}", "progress=false"]
+    proc = run_train(args, cwd=tmp_path, script=script, full_error=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    message = proc.stderr.splitlines()[0]
+    assert message.startswith("bcnn-prepare-data: error: could not download CUB-200-2011 (")
+    assert f"fetch {base}/cub/CUB_200_2011.tgz on a machine that can" in message
+    assert f"bcnn-prepare-data dataset=cub root={root} archive=<file>" in message
+    assert not root.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_verify_reports_missing_and_unreadable_files(tmp_path: Path, capsys) -> None:
     truth = make_dtd(tmp_path / "dtd")
-    assert (
-        cli(["--dataset", "dtd", "--root", str(tmp_path / "dtd"), "--verify", "--no-progress"]) == 0
-    )
+    assert prepare_cli("dataset=dtd", f"root={tmp_path / 'dtd'}", "verify=true") == 0
     assert "18 images, 0 missing, 0 unreadable" in capsys.readouterr().out
     folder = tmp_path / "dtd" / "dtd"
     missing, broken = folder / truth.train[0][0], folder / truth.test[0][0]
     missing.unlink()
     broken.write_bytes(broken.read_bytes()[:100])
-    assert (
-        cli(["dataset=dtd", f"root={tmp_path / 'dtd'}", "--verify", "--no-progress", "partition=2"])
-        == 1
-    )
+    verify = ["dataset=dtd", f"dataset.root={tmp_path / 'dtd'}", "verify=true"]
+    assert prepare_cli(*verify, "dataset.partition=2") == 1
     out = capsys.readouterr().out
     assert f"{missing}: missing" in out and f"{broken}: unreadable" in out
     assert "1 missing, 1 unreadable" in out
     shutil.rmtree(folder / "labels")
-    assert cli(["dataset=dtd", f"root={tmp_path / 'dtd'}", "--verify"]) == 1
-    assert "labels/train1.txt" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=r"labels/train1\.txt"):
+        prepare_cli(*verify)

@@ -1,4 +1,5 @@
-"""Reading images of every mode as 8-bit RGB, and totalling skipped images across workers."""
+"""Reading images of every mode as upright 8-bit RGB within size limits, and totalling
+skipped images across workers."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures.datasets import PALETTE, nearest_label, write_image
-from fixtures.images import write_unusual_images
+from fixtures.images import write_png_header, write_sideways_jpeg, write_unusual_images
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from bcnn.data.base import Record, RecordDataset
-from bcnn.data.images import BadImageError, open_rgb, to_8bit
+from bcnn.data.images import MAX_ASPECT_RATIO, MAX_PIXELS, BadImageError, open_rgb, to_8bit
+from bcnn.errors import is_user_error, message
 
 
 def test_unusual_modes_convert_to_the_expected_rgb(tmp_path: Path) -> None:
@@ -112,3 +114,49 @@ def test_fail_policy_records_nothing_and_lists_nothing(tmp_path: Path) -> None:
 
 def _first(batch: list) -> tuple:
     return batch[0]
+
+
+def test_exif_orientation_is_applied_after_the_box_crop(tmp_path: Path) -> None:
+    write_sideways_jpeg(tmp_path / "phone.jpg")
+    upright = np.asarray(open_rgb(tmp_path / "phone.jpg"), dtype=int)
+    assert upright.shape == (32, 16, 3)  # turned: stored 32 wide x 16 high
+    red, blue = np.array([255, 0, 0]), np.array([0, 0, 255])
+    assert np.abs(upright[:12] - red).max() < 40 and np.abs(upright[20:] - blue).max() < 40
+    # The box is in the stored pixel grid (the red left half); the crop is then turned.
+    records = [Record("phone.jpg", 0, (0, 0, 12, 16))]
+    crop = np.asarray(RecordDataset(tmp_path, records, ["x"], box_crop=True)[0][0], dtype=int)
+    assert crop.shape == (12, 16, 3) and np.abs(crop - red).max() < 40
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_huge_and_elongated_images_are_bad_images(tmp_path: Path) -> None:
+    side = int(MAX_PIXELS**0.5) + 1
+    write_png_header(tmp_path / "bomb.png", side, side)  # refused from its header alone
+    with pytest.raises(BadImageError, match=r"bomb\.png has .* pixels, above .*MAX_PIXELS"):
+        open_rgb(tmp_path / "bomb.png")
+    thin = (1, 40 * MAX_ASPECT_RATIO)
+    Image.new("RGB", thin, (200, 30, 30)).save(tmp_path / "thin.png")
+    write_image(tmp_path / "good.jpg", 1)
+    records = [Record("thin.png", 0), Record("good.jpg", 1)]
+    classes = ["a", "b"]
+    recipe = {"recipe": "short_side", "size": 32}  # would make a 32 x 64,000 image of it
+    ds = RecordDataset(tmp_path, records, classes, transform=recipe, on_bad_image="skip")
+    image, label = ds[0]  # skipped and counted like an unreadable file
+    assert tuple(image.shape) == (3, 32, 32) and label == 1
+    assert ds.skipped() == [str(tmp_path / "thin.png")]
+    with pytest.raises(BadImageError, match=rf"thin\.png is 1 x {thin[1]} pixels.*MAX_ASPECT"):
+        RecordDataset(tmp_path, records, classes, transform=recipe)[0]
+
+
+def test_a_worker_bad_image_error_is_the_same_one_line_message(tmp_path: Path) -> None:
+    """A DataLoader worker's error reaches the main process rebuilt from its traceback."""
+    ds = _dataset_with_bad_images(tmp_path, bad={3})
+    ds.on_bad_image = "fail"
+    with pytest.raises(BadImageError) as direct:
+        ds[3]
+    with pytest.raises(BadImageError) as from_worker:
+        list(DataLoader(ds, batch_size=1, num_workers=2, collate_fn=_first))
+    assert "Traceback" not in str(from_worker.value) and "\n" not in str(from_worker.value)
+    assert str(from_worker.value) == str(direct.value)
+    assert "3.jpg" in str(direct.value) and "dataset.on_bad_image=skip" in str(direct.value)
+    assert is_user_error(from_worker.value) and message(from_worker.value) == str(direct.value)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from fixtures.datasets import MAKERS, build, make_folder
 
+from bcnn.data.custom import FolderDataset
 from bcnn.engine import train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_train
 
 
 def smoke_run(run_dir: Path, *overrides: str) -> dict:
@@ -56,3 +57,19 @@ def test_smoke_training_run_on_own_folder(tmp_path: Path) -> None:
     listed = [pair for pairs in written.values() for pair in pairs]
     assert sorted(listed) == sorted((p, str(label)) for p, label in truth.train)  # a partition
     assert {label for _, label in written["test"]} == {"0", "1", "2"}  # stratified
+
+
+@pytest.mark.slow
+def test_a_bad_image_read_by_a_worker_stops_the_run_with_one_line(tmp_path: Path) -> None:
+    truth = make_folder(tmp_path / "photos", "tree")
+    (truth.root / "crow" / "img_00.jpg").write_bytes(b"\xff\xd8 not an image")
+    ds = FolderDataset(truth.root, "trainval")
+    with pytest.raises(OSError) as in_process:  # what the same file says without workers
+        ds[[r.path for r in ds.records].index("crow/img_00.jpg")]
+    args = ["dataset=folder", f"dataset.root={truth.root}", "debug=smoke", "backbone=small"]
+    args += ["dataset.transform.size=32", "trainer.num_workers=2"]
+    proc = run_train([*args, f"hydra.run.dir={tmp_path / 'run'}"], full_error=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if "error" in line] == [
+        f"bcnn-train: error: {in_process.value}"
+    ]

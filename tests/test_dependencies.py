@@ -95,7 +95,8 @@ def imports(path: Path) -> Iterator[tuple[str, bool]]:
 
 def third_party(paths: Iterable[Path]) -> dict[str, bool]:
     """Distribution -> whether every import of it is guarded, over ``paths``."""
-    local = {p.stem for p in REPO_ROOT.iterdir()}
+    # The checkout's top level, and scripts/ (on the tests' path: benchlib).
+    local = {p.stem for p in [*REPO_ROOT.iterdir(), *(REPO_ROOT / "scripts").iterdir()]}
     found: dict[str, bool] = {}
     for path in paths:
         siblings = {p.stem for p in path.parent.iterdir()}

@@ -3,7 +3,9 @@ concurrent runs on one cache or one run directory."""
 
 from __future__ import annotations
 
+import collections
 import errno
+import io
 import json
 import logging
 import math
@@ -12,28 +14,32 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from bcnn.engine import cache, train
+from bcnn.engine import cache, checkpoint, train
 from bcnn.engine import distributed as D
-from bcnn.engine import trainer as trainer_module
+from bcnn.engine import stage as stage_module
 from bcnn.engine.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_resumable,
     previous_path,
+    save_atomic,
     save_checkpoint,
 )
 from bcnn.engine.loops import train_one_epoch
-from bcnn.engine.runs import load_trained
-from bcnn.engine.trainer import DivergenceError, RunDirectoryError
+from bcnn.engine.runs import RunDirectoryError, load_trained
+from bcnn.engine.trainer import DivergenceError
 from bcnn.models import build_model
 from tests.conftest import REPO_ROOT, compose_config, run_train, start_train
 
@@ -186,6 +192,81 @@ def test_failed_write_leaves_no_temporary_file(
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
 
 
+class _NearlyFullDisk(io.RawIOBase):
+    """The file ``os.fdopen`` gives on a disk with ``room`` bytes left: a write beyond
+    fails with ENOSPC, which torch.save reports as "unexpected pos ..." (its RuntimeError)."""
+
+    def __init__(self, fd: int, room: int) -> None:
+        os.close(fd)
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= size
+        return size
+
+
+@pytest.mark.parametrize("save", [save_checkpoint, save_atomic])
+def test_a_checkpoint_on_a_full_disk_says_so_and_keeps_the_previous_ones(
+    save, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(8)}}, path)
+    save_checkpoint({"model": {"w": torch.full((8,), 2.0)}}, path)
+    new = {"model": {"w": torch.zeros(64, 64)}}
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: _NearlyFullDisk(fd, 2000))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: Usage(10**6, 10**6 - 3000, 3000))
+    with pytest.raises(OSError) as err:
+        save(new, path)
+    monkeypatch.undo()
+    message = str(err.value)
+    assert err.value.errno == errno.ENOSPC and "unexpected pos" not in message
+    buffer = io.BytesIO()
+    torch.save(new, buffer)
+    needed = cache.human_bytes(buffer.tell())  # 16.0 KiB of weights, and the archive
+    assert "disk is full" in message and str(path) in message and str(path.parent) in message
+    assert (
+        f"needs {needed}" in message and "2.9 KiB free" in message and "trainer.resume" in message
+    )
+    assert _pt_files(path.parent) == ["last.prev.pt", "last.pt"]  # no temporary file left
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((8,), 2.0))
+    assert torch.equal(load_checkpoint(previous_path(path))["model"]["w"], torch.ones(8))
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("random", "is not a checkpoint (torch.save writes zip archives"),
+        ("zip", "is not a checkpoint (a zip archive that torch.save did not write)"),
+        ("torchscript", "is not a checkpoint but a TorchScript model"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_is_named_as_such(
+    kind: str, expected: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "last.pt"
+    if kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("notes/readme.txt", "not a checkpoint")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(path))
+    with pytest.raises(CheckpointError) as err, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.load's note that it dispatches to torch.jit
+        load_checkpoint(path)
+    assert str(err.value).startswith(f"{path} {expected}")
+    assert "never holds" not in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
 def test_kill_between_last_and_best_leaves_a_resumable_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -194,7 +275,7 @@ def test_kill_between_last_and_best_leaves_a_resumable_run(
     def killed(*args):
         raise KeyboardInterrupt  # stands for a kill right after last.pt was written
 
-    monkeypatch.setattr(trainer_module, "link_checkpoint", killed)
+    monkeypatch.setattr(stage_module, "link_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         train(compose_config(LINEAR, run_dir))
     monkeypatch.undo()
@@ -205,10 +286,18 @@ def test_kill_between_last_and_best_leaves_a_resumable_run(
 
 
 # ---- divergence ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("model", "suspects"),
+    [
+        (["normalization=sqrt_l2"], ["normalization.sqrt.eps=", "normalization.sqrt.iters=5"]),
+        (["pooling=democratic"], ["pooling.tau=", "pooling.gamma=", "pooling.iters="]),
+    ],
+    ids=["matrix_sqrt", "democratic"],
+)
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model: list[str], suspects: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = trainer_module.train_one_epoch
+    real = stage_module.train_one_epoch
     calls = []
 
     def poisoned(net, *args, **kwargs):
@@ -218,13 +307,13 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
                 getattr(net, "module", net).classifier.weight.fill_(math.nan)
         return real(net, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train_one_epoch", poisoned)
+    monkeypatch.setattr(stage_module, "train_one_epoch", poisoned)
     run_dir = tmp_path / "run"
-    overrides = [*LINEAR, "normalization=sqrt_l2", "trainer.linear.epochs=3"]
+    overrides = [*LINEAR, *model, "trainer.linear.epochs=3"]
     with pytest.raises(DivergenceError) as err:
         train(compose_config(overrides, run_dir))
     message = str(err.value)
-    parts = ("linear stage", "epoch 2/3", "step 1", "trainer.linear.lr=", "normalization.sqrt.eps")
+    parts = ("linear stage", "epoch 2/3", "step 1", "trainer.linear.lr=", *suspects)
     for part in parts:
         assert part in message, message
     assert not (run_dir / "results.json").exists()
@@ -232,6 +321,13 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert kept["next_epoch"] == 1
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
     assert len((run_dir / "metrics.csv").read_text().strip().splitlines()) == 2  # header + 1
+
+
+def test_divergence_names_the_backbone_setting_that_caused_it(tmp_path: Path) -> None:
+    # VGG-M's LRN with kappa = alpha = 0 divides by zero: the backbone names its setting.
+    overrides = [*LINEAR, "backbone=vgg_m", "backbone.lrn=[5,0,0,0.75]"]
+    with pytest.raises(DivergenceError, match=r"backbone\.lrn=\[5, 0, 0, 0\.75\]"):
+        train(compose_config(overrides, tmp_path / "run"))
 
 
 def test_learning_rate_divergence_fails_with_one_message(tmp_path: Path) -> None:
@@ -427,6 +523,47 @@ def test_concurrent_runs_on_one_cache_directory_both_succeed(tmp_path: Path) -> 
 
 
 # ---- run directories -----------------------------------------------------------------------
+def _files(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_checkpoint_only_resumes_the_run_that_wrote_it(tmp_path: Path) -> None:
+    runs = {name: tmp_path / name for name in ("avg", "sum")}
+    for pooling, run_dir in runs.items():
+        train(compose_config([*LINEAR, f"pooling={pooling}"], run_dir))
+    foreign = runs["avg"] / "checkpoints" / "last.pt"
+    mine = runs["sum"] / "checkpoints" / "last.pt"
+    mine.write_bytes(foreign.read_bytes())  # a checkpoint of another run, copied in
+    before = _files(runs["sum"])
+    with pytest.raises(CheckpointError) as err:
+        train(compose_config([f"trainer.resume={runs['sum']}"], runs["sum"]))
+    message = str(err.value)
+    ids = [(d / "run_id.txt").read_text() for d in runs.values()]
+    assert all(i in message for i in ids) and str(runs["avg"]) in message, message
+    assert str(mine) in message and len(message.splitlines()) == 1
+    assert _files(runs["sum"]) == before  # nothing of the other run written
+
+
+@pytest.mark.slow
+def test_a_refused_start_writes_nothing_into_the_run_directory(tmp_path: Path) -> None:
+    """The moment two runs race for: the directory is taken after train.py looked, before
+    Hydra writes its record and log; the late run leaves no file there."""
+    run_dir = tmp_path / "run"
+    _finished_run(run_dir)
+    before = _files(run_dir)
+    code = (
+        "import hydra, bcnn.config; from bcnn.engine import trainer; "
+        "hydra.main(version_base='1.3', config_path='pkg://bcnn.configs', "
+        "config_name='train')(trainer.train)()"
+    )
+    proc = run_train(
+        [*LINEAR, "seed=2", f"hydra.run.dir={run_dir}"], script=[sys.executable, "-c", code]
+    )
+    assert proc.returncode != 0
+    assert "already holds a run" in proc.stderr and f"trainer.resume={run_dir}" in proc.stderr
+    assert _files(run_dir) == before and not (run_dir / ".hydra").exists()
+
+
 def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     _finished_run(run_dir)
@@ -439,7 +576,7 @@ def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_runs_into_one_directory_at_once(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    procs = [_start([*LINEAR, f"hydra.run.dir={run_dir}"]) for _ in range(2)]
+    procs = [_start([*LINEAR, f"seed={seed}", f"hydra.run.dir={run_dir}"]) for seed in (1, 2)]
     outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes[0] == 0 and codes[1] != 0, [o[1][-1500:] for o in outs]
@@ -448,6 +585,10 @@ def test_two_runs_into_one_directory_at_once(tmp_path: Path) -> None:
     rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2  # header + the two epochs of one run
     assert json.loads((run_dir / "results.json").read_text())["stages"].keys() == {"linear"}
+    # Hydra's record is the winner's too.
+    seed = OmegaConf.load(run_dir / "config.yaml").seed
+    assert f"seed={seed}" in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").seed == seed
 
 
 def test_runs_and_sweeps_composed_in_one_second_get_distinct_directories() -> None:

@@ -86,11 +86,18 @@ class FakeWandb:
 
     def __init__(self) -> None:
         self.inits: list[dict[str, Any]] = []
+        self.runs: list[SimpleNamespace] = []
 
     def init(self, **kwargs: Any) -> SimpleNamespace:
         self.inits.append(kwargs)
-        run = SimpleNamespace(id=kwargs["id"], logged=[], summary={}, finished=False)
-        run.log = run.logged.append
+        run = SimpleNamespace(id=kwargs["id"], logged=[], steps=[], summary={}, finished=False)
+
+        def log(data: dict[str, Any], step: int | None = None) -> None:
+            run.logged.append(data)
+            run.steps.append(step)
+
+        run.log = log
+        self.runs.append(run)
         run.finish = lambda: setattr(run, "finished", True)
         return run
 
@@ -141,3 +148,39 @@ def test_missing_packages_name_the_extra(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ImportError, match=r"pip install 'bcnn\[wandb\]'"):
         WandbLogger(tmp_path)
+
+
+def test_loss_and_learning_rate_every_n_optimizer_steps(
+    tmp_path: Path, fake_wandb: FakeWandb
+) -> None:
+    overrides = ["debug=smoke", "dataset.trainval_size=120", "dataset.test_size=60"]
+    overrides += ["trainer.stages=[linear]", "logger=[tensorboard,wandb]"]
+    # debug=smoke: 3 batches per epoch, 2 epochs: 6 optimizer steps.
+    train(compose_config([*overrides, "trainer.log_every_n_steps=2"], tmp_path))
+    scalars = _scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["linear/step_train_loss"]] == [2, 4, 6]
+    assert all(v > 0 for _, v in scalars["linear/step_train_loss"])
+    assert scalars["linear/step_lr"][0] == (2, 10.0)  # the recipe's linear lr
+    assert [s for s, _ in scalars["linear/train_loss"]] == [3, 6]  # epochs, at their step
+    # wandb: the same steps, in order; the epoch rows at the step they ended on.
+    (run,) = fake_wandb.runs
+    assert run.steps == [2, 3, 4, 6, 6]
+    assert set(run.logged[0]) == {"linear/step_train_loss", "linear/step_lr"}
+    assert "linear/val_acc" in run.logged[1]
+
+
+def test_a_resumed_tensorboard_log_drops_the_steps_after_the_checkpoint(tmp_path: Path) -> None:
+    first = TensorBoardLogger(tmp_path)
+    for step in (1, 2, 3, 4):
+        first.log_step({"linear/step_train_loss": float(step)}, step)
+    first.log_epoch(ROWS[0], 2)
+    first.log_epoch(ROWS[1], 4)  # the process died before this epoch's checkpoint
+    first.close()
+    resumed = TensorBoardLogger(tmp_path)
+    resumed.restore(ROWS[:1], step=2)
+    resumed.log_step({"linear/step_train_loss": 30.0}, 3)
+    resumed.log_epoch({**ROWS[1], "train_acc": 33.0}, 3)
+    resumed.close()
+    scalars = _scalars(tmp_path / "tensorboard")
+    assert scalars["linear/step_train_loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert scalars["linear/train_acc"] == [(2, 10.0), (3, 33.0)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bcnn.engine.loops import evaluate, train_one_epoch
+from tests.conftest import REPO_ROOT, subprocess_env
 
 CPU = torch.device("cpu")
 
@@ -107,3 +110,52 @@ def test_flip_averages_the_softmax_of_the_two_views() -> None:
     assert torch.equal(flipped.matrix, expected)
     assert flipped.count == plain.count == 6
     assert not torch.equal(flipped.matrix, plain.matrix)  # the views disagree here
+
+
+def test_label_smoothing_and_mixed_targets_reach_the_loss() -> None:
+    x, y = _data(8)[:]
+
+    def one_step(**options) -> tuple[float, int]:
+        model = _model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        stats = train_one_epoch(model, [(x, y)], optimizer, CPU, **options)
+        return stats.loss, stats.correct
+
+    with torch.no_grad():
+        logits, flipped = _model()(x), _model()(x.flip(0))
+    smoothed = nn.functional.cross_entropy(logits, y, label_smoothing=0.2)
+    assert one_step(label_smoothing=0.2)[0] == pytest.approx(float(smoothed), rel=1e-6)
+    assert one_step()[0] != pytest.approx(float(smoothed), rel=1e-3)
+
+    def mix(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images.flip(0), torch.full((len(labels), 3), 1 / 3)
+
+    loss, correct = one_step(mix=mix)
+    assert loss == pytest.approx(float(-flipped.log_softmax(1).mean(1).mean()), rel=1e-6)
+    # Accuracy is counted against the labels, on the mixed images.
+    assert correct == int((flipped.argmax(1) == y).sum())
+
+
+def test_after_step_sees_each_optimizer_step() -> None:
+    losses: list[float] = []
+    loader = DataLoader(_data(), batch_size=4)
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def record(loss: torch.Tensor) -> None:
+        losses.append(float(loss))
+
+    train_one_epoch(model, loader, optimizer, CPU, grad_accum=2, after_step=record)
+    assert len(losses) == 2  # 4 batches, one step per 2
+
+
+def test_importing_the_loops_does_not_import_the_trainer() -> None:
+    code = "import sys, bcnn.engine.loops; sys.exit('bcnn.engine.trainer' in sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
+        text=True, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from bcnn.engine import train  # the package still offers it, on first use
+
+    assert train.__module__ == "bcnn.engine.trainer"

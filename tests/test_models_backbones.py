@@ -182,3 +182,59 @@ def test_timm_backbone_declares_channels_and_spec(tmp_path):
     torch.save(backbone.state_dict(), tmp_path / "r18.pt")
     again = TimmBackbone("resnet18", out_index=-2, weights=str(tmp_path / "r18.pt"))
     torch.testing.assert_close(again.model.conv1.weight, backbone.model.conv1.weight)
+
+
+@pytest.mark.parametrize(
+    ("name", "sizes"),
+    [
+        # ViT/DeiT patch 16: 2x2 and 14x14 tokens; EVA-02 patch 14 pads 32 to 42: 3x3.
+        ("vit_tiny_patch16_224", {32: 2, 224: 14}),
+        ("eva02_tiny_patch14_224", {32: 3, 224: 16}),
+    ],
+)
+def test_token_backbones_take_any_input_size(name, sizes):
+    backbone = TimmBackbone(name).eval()
+    assert backbone.reduction in (14, 16)
+    with torch.no_grad():
+        for size, grid in sizes.items():
+            # The patch tokens only: no class token among the locations.
+            assert backbone(torch.randn(1, 3, size, size)).shape == (1, 192, grid, grid)
+
+
+def test_prefix_tokens_join_the_patch_tokens_on_request():
+    x = torch.randn(2, 3, 64, 64)
+    patches = TimmBackbone("vit_tiny_patch16_224").eval()
+    torch.manual_seed(0)
+    both = TimmBackbone("vit_tiny_patch16_224", prefix_tokens=True).eval()
+    both.load_state_dict(patches.state_dict())
+    with torch.no_grad():
+        grid, tokens = patches(x), both(x)
+    assert grid.shape == (2, 192, 4, 4) and tokens.shape == (2, 192, 1, 1 + 16)
+    torch.testing.assert_close(tokens[:, :, 0, 1:], grid.flatten(2))  # class token first
+    with pytest.raises(ValueError, match=r"backbone\.prefix_tokens=true: .* no class"):
+        TimmBackbone("convnext_atto", prefix_tokens=True)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "convnext_atto"])
+def test_timm_weights_files_of_the_original_model_load(name, tmp_path):
+    import timm
+
+    # The file a user downloads holds the whole model (head included) under timm's names,
+    # which timm's feature wrappers rename ("stages.0" -> "stages_0", a ViT under "model.").
+    dynamic = {"dynamic_img_size": True} if name.startswith("vit") else {}
+    original = timm.create_model(name, **dynamic).eval()
+    save_file({k: v.contiguous() for k, v in original.state_dict().items()}, tmp_path / "m.st")
+    (tmp_path / "m.st").rename(tmp_path / "model.safetensors")
+    backbone = TimmBackbone(name, weights=str(tmp_path / "model.safetensors")).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        if name.startswith("vit"):
+            expected = original.forward_intermediates(x, indices=1, intermediates_only=True)[-1]
+        else:
+            expected = original.forward_features(x)
+        torch.testing.assert_close(backbone(x), expected)
+
+
+def test_a_feature_level_timm_does_not_have_names_the_key() -> None:
+    with pytest.raises(ValueError, match=r"'backbone\.out_index': 10 but timm's 'resnet18' has 5"):
+        TimmBackbone("resnet18", out_index=10)

@@ -90,10 +90,15 @@ def test_a_training_step_with_eval_settings_keeps_the_dxd_route() -> None:
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: MatrixSqrt(eval_method="exact"), r"MatrixSqrt: eval_method must be one of"),
-        (lambda: MatrixSqrt(method="qr"), r"MatrixSqrt: method must be one of"),
-        (lambda: MatrixSqrt(eval_iters=-1), r"MatrixSqrt: eval_iters must be >= 0"),
-        (lambda: MatrixLog(eval_method="newton_schulz"), r"MatrixLog: eval_method must be one"),
+        (lambda: MatrixSqrt(eval_method="exact"), r"'MatrixSqrt\.eval_method': must be one of"),
+        (lambda: MatrixSqrt(method="qr"), r"'MatrixSqrt\.method': must be one of"),
+        (lambda: MatrixSqrt(eval_iters=-1), r"'MatrixSqrt\.eval_iters': must be in \[0, 1000\]"),
+        (lambda: MatrixLog(eval_method="newton_schulz"), r"'MatrixLog\.eval_method': must be one"),
+        (lambda: MatrixLog(method="iterative", eps=0), r"'MatrixLog\.eps': must be > 0"),
+        (
+            lambda: MatrixSqrt(method="eigh", backward="autograd"),
+            r"'MatrixSqrt\.backward': backward='autograd' differentiates",
+        ),
         (lambda: MatrixPower(p=0.3, eval_method="newton_schulz"), r"p = 0.5 only"),
     ],
 )

@@ -13,8 +13,11 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from bcnn.models.backbones import VGG16, VGG16FC7, VGGM, VGGMFC7
-from bcnn.models.matconvnet import convert_matconvnet, read_matconvnet, save_weights
 from tests.conftest import load_script
+
+script = load_script("convert_matconvnet")
+convert_matconvnet, read_matconvnet = script.convert_matconvnet, script.read_matconvnet
+save_weights = script.save_weights
 
 LRN = [5.0, 2.0, 1e-4, 0.75]
 # (name, kh, kw, cin, cout, stride, pad) of VGG-M up to conv5, as in imagenet-vgg-m.mat.
@@ -336,7 +339,6 @@ def test_vgg16_conversion_reproduces_matconvnet_forward(tmp_path):
 
 
 def test_convert_script_and_backbone_weights(vggm_mats, tmp_path):
-    script = load_script("convert_matconvnet")
     for suffix in (".safetensors", ".pt"):
         out = tmp_path / f"vgg_m{suffix}"
         assert script.main([str(vggm_mats["simplenn"]), "-o", str(out)]) == 0

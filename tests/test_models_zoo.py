@@ -15,7 +15,11 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
 import bcnn.config  # noqa: F401  (registers the train_schema the root config extends)
+from bcnn.config import instantiate
+from bcnn.engine import train
 from bcnn.models import build_model
+from bcnn.models.plan import plan_model
+from tests.conftest import compose_config
 
 NUM_CLASSES = 3
 POOLINGS = ["avg", "sum", "democratic", "democratic_avg", "spectral", "compact", "fisher"]
@@ -42,6 +46,9 @@ BACKBONES = {
     # fc6 needs the 7x7 (6x6) pool5 map of a 224 image; narrow fc layers keep it fast.
     "vgg_d_fc7": (["backbone.fc_dim=32"], 224, 32),
     "vgg_m_fc7": (["backbone.fc_dim=32"], 224, 32),
+    # The ViT-B/16 and ConvNeXt-B presets, as their tiny family members.
+    "vit_b16": (["backbone.name=vit_tiny_patch16_224"], 64, 192),
+    "convnext_b": (["backbone.name=convnext_atto"], 64, 320),
 }
 REAL_NORM = {
     "avg": "l2",
@@ -268,3 +275,55 @@ def test_projection_has_its_own_learning_rate():
     assert model.features(torch.rand(2, 3, 16, 16)).shape == (2, 16)
     # The projection trains in the linear stage: it is not part of the backbone.
     assert {id(p) for p in groups["proj"]["params"]} <= {id(p) for p in model.head_parameters()}
+
+
+# The heads docs/models.md pairs with the ViT-B/16 and ConvNeXt-B presets.
+SUM_SQRT = ["pooling=sum", "normalization=sqrt_l2", "normalization.sqrt.method=eigh"]
+DEMOCRATIC = ["pooling=democratic", "normalization=signsqrt_l2"]
+TINY = {"vit_b16": "vit_tiny_patch16_224", "convnext_b": "convnext_atto"}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "head", "size"),
+    [
+        ("vit_b16", SUM_SQRT, 32),
+        ("vit_b16", DEMOCRATIC, 224),
+        ("convnext_b", DEMOCRATIC, 32),
+        ("convnext_b", SUM_SQRT, 224),
+    ],
+    ids=["vit-sqrt-32", "vit-democratic-224", "convnext-democratic-32", "convnext-sqrt-224"],
+)
+def test_modern_presets_train_from_random_weights(backbone, head, size, tmp_path):
+    data = [f"dataset.image_size={size}", "dataset.trainval_size=20", "dataset.test_size=8"]
+    # Both stages, one batch each: that the preset runs, not how well.
+    short = [
+        "trainer.linear.epochs=1",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_eval_batches=1",
+    ]
+    overrides = [f"backbone={backbone}", f"backbone.name={TINY[backbone]}", *head, *data, *short]
+    results = train(compose_config(["debug=smoke", *overrides], tmp_path))
+    assert (tmp_path / "results.json").exists() and 0 <= results["test_acc"] <= 100
+    assert set(results["stages"]) == {"linear", "finetune"}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size", "grid", "gram"),
+    [
+        # ViT-B/16: 196 tokens < 768 channels at 224 (n x n route); 784 > 768 at 448.
+        ("vit_b16", 224, 14, True),
+        ("vit_b16", 448, 28, False),
+        # ConvNeXt-B: 49 and 196 locations, both < 1024 channels.
+        ("convnext_b", 224, 7, True),
+        ("convnext_b", 448, 14, True),
+    ],
+)
+def test_modern_presets_descriptors_and_routes(backbone, size, grid, gram):
+    # The real (base-size) presets, planned without memory: what docs/models.md lists.
+    cfg = compose_config([f"backbone={backbone}", *SUM_SQRT])
+    planned = plan_model(cfg, size, 200, "dataset.transform.size")
+    channels = {"vit_b16": 768, "convnext_b": 1024}[backbone]
+    assert planned.map_shape == (channels, grid, grid)
+    assert planned.descriptor.numel == channels**2
+    step = instantiate(cfg.normalization).train().leading_matrix_step()
+    assert (step.small_side(grid * grid, channels, "cpu") is not None) == gram

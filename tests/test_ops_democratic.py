@@ -127,7 +127,7 @@ def test_first_order_fixed_point_and_limits() -> None:
     torch.testing.assert_close(pooled, (alpha[..., None] * X).sum(-2) / alpha.sum(-1, True))
     # gamma = 1: the mean feature.
     torch.testing.assert_close(democratic_pool(X, gamma=1.0, order=1), X.mean(-2))
-    with pytest.raises(ValueError, match="order must be 1 or 2"):
+    with pytest.raises(ValueError, match="order must be one of 1, 2"):
         democratic_weights(X, order=3)
 
 

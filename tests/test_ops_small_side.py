@@ -307,7 +307,7 @@ def test_cost_rule() -> None:
         assert 1.0 < ratios[0] < ratios[1]
     with pytest.raises(ValueError, match="method"):
         small_side_cheaper(10, 20, "svd")
-    with pytest.raises(ValueError, match="n and d"):
+    with pytest.raises(ValueError, match="n must be >= 1"):
         small_side_cheaper(0, 20)
 
 

@@ -10,14 +10,13 @@ import pandas as pd
 import pytest
 
 from bcnn.engine.curves import plot_training_curves
-from bcnn.reproduce import collect_runs, summarize_sweep, table_report
+from bcnn.reproduce.collect import collect_runs, summarize_sweep, table_report
 from bcnn.reproduce.tables import TABLES, published
 from tests.conftest import load_script
 
 _script = load_script
 
 
-reproduce = _script("reproduce")
 summarize_script = _script("summarize_sweep")
 
 
@@ -158,19 +157,26 @@ def test_plot_training_curves_handles_stages_resumes_and_no_validation(tmp_path:
     assert out.is_file() and out.stat().st_size > 1000
 
 
-def test_reproduce_cli_lists_tables_and_rejects_bad_input(capsys, tmp_path: Path) -> None:
-    assert reproduce.main(["list"]) == 0
-    listing = capsys.readouterr().out
-    assert all(name in listing for name in TABLES)
-    assert reproduce.main(["--help"]) == 0
-    assert "smoke" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="unknown table"):
-        reproduce.main(["table=nope"])
-    with pytest.raises(SystemExit, match="sweep_dir"):
-        reproduce.main(["table=talk_nabirds", "launch=false"])
-    options, extra = reproduce.parse_args(
-        ["table=talk_nabirds", "smoke=true", "trainer.device=cuda"]
-    )
-    assert options == {"table": "talk_nabirds", "smoke": "true"} and extra == [
-        "trainer.device=cuda"
-    ]
+def test_timing_rows_read_the_benchmark_results(tmp_path: Path) -> None:
+    # talk_newton_schulz's timing row: one 512x512 float32 root, batch 1, per method; the
+    # Newton-Schulz forward is read from its lyapunov_iterative row.
+    bench = tmp_path / "matrix_functions_cpu.csv"
+    pd.DataFrame(
+        [
+            (512, 1, "float32", "newton_schulz", "autograd", 5, 9.0),
+            (512, 1, "float32", "newton_schulz", "lyapunov_iterative", 5, 4.5),
+            (512, 1, "float32", "newton_schulz", "lyapunov_iterative", 10, 8.0),
+            (512, 1, "float32", "svd", "svd", 0, 30.0),
+            (256, 1, "float32", "svd", "svd", 0, 3.0),  # another size: not read
+        ],
+        columns=["d", "batch", "dtype", "method", "backward", "iters", "fwd_median_ms"],
+    ).to_csv(bench, index=False)
+    report = table_report(TABLES["talk_newton_schulz"], tmp_path, bench=bench)
+    times = report[report["label"] == "Time (ms)"].set_index("row_id")
+    assert times.loc["time_ms__5", "ours"] == 4.5 and times.loc["time_ms__10", "ours"] == 8.0
+    assert times.loc["time_ms__svd", "ours"] == 30.0
+    assert times.loc["time_ms__svd", "status"] == "benchmark"
+    assert times.loc["time_ms__0", "status"] == "no benchmark results"
+    assert math.isnan(times.loc["time_ms__5", "difference"])  # not an accuracy
+    md = (tmp_path / "report" / "talk_newton_schulz.md").read_text()
+    assert str(bench) in md

@@ -74,7 +74,7 @@ def test_recipes_for_real_and_built_in_data() -> None:
         25,
         256,
     )
-    assert t.finetune.optimizer._target_ == "torch.optim.Adam"
+    assert t.finetune.optimizer._target_ == "bcnn.engine.optim.Adam"
     assert list(t.finetune.optimizer.betas) == [0.99, 0.999]
     assert (t.finetune.lr, t.finetune.backbone_lr, t.finetune.epochs) == (1e-2, 1e-4, 45)
     assert real.dataset.val_fraction == 0.1  # new work: held-out validation, best epoch

@@ -23,13 +23,13 @@ def test_smoke_talk_table_tells_first_from_second_order_and_reports(tmp_path: Pa
     # must score above the first-order one.
     sweep = tmp_path / "sweep"
     script = [sys.executable, str(REPO_ROOT / "scripts" / "reproduce.py")]
-    rows = "fc_d__birds,bilinear_d_plus_m__birds"
+    rows = ["fc_d__birds", "bilinear_d_plus_m__birds"]
     args = ["table=talk_fine_grained", "smoke=true", "collect=true", f"sweep_dir={sweep}"]
-    proc = run_train([*args, f"rows={rows}"], cwd=tmp_path, timeout=400, script=script)
+    proc = run_train([*args, f"rows=[{','.join(rows)}]"], cwd=tmp_path, timeout=400, script=script)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
     acc = {}
-    for row_id in rows.split(","):
+    for row_id in rows:
         results = json.loads((sweep / row_id / "results.json").read_text())
         assert results["dataset"] == "synthetic"
         # The row's protocol: trainval, last epoch (no validation split).
@@ -66,7 +66,7 @@ def test_smoke_rows_with_different_normalizations_score_differently(tmp_path: Pa
     # process: B-CNN (signed sqrt, L2) and the matrix square root + signed sqrt + L2.
     table = TABLES["talk_normalization"]
     rows = [table.row("sgnsqrt__birds"), table.row("sqrta_plus_sgnsqrt__birds")]
-    names = launch.write_rows(table, rows, tmp_path / "rows", smoke=True)
+    names = [job for job, _ in launch.write_rows(table, rows, tmp_path / "rows", smoke=True)]
     search = launch.searchpath_override(tmp_path / "rows")
     scores = []
     for name in names:
@@ -111,3 +111,22 @@ def test_smoke_of_the_new_tables_runs_lrbp_and_splits(tmp_path: Path) -> None:
     assert cell["ours_splits"] == 2 and cell["ours"] == pytest.approx(sum(accs) / 2)
     assert cell["ours_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
     assert (cell["published"], cell["published_std"]) == (76.2, 0.7)
+
+
+@pytest.mark.slow
+def test_smoke_report_of_iccv15_table1_differs_across_dataset_columns(tmp_path: Path) -> None:
+    # B-CNN [M,M] without fine-tuning on its four dataset columns: every column trains on
+    # its own stand-in data, so the report's numbers differ between CUB, Cars and Aircraft.
+    sweep = tmp_path / "sweep"
+    script = [sys.executable, str(REPO_ROOT / "scripts" / "reproduce.py")]
+    args = ["table=iccv15_table1", "smoke=true", "collect=true", f"sweep_dir={sweep}"]
+    proc = run_train([*args, "rows=b_cnn_m_m__*__nf"], cwd=tmp_path, timeout=400, script=script)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = pd.read_csv(sweep / "report" / "iccv15_table1.csv").set_index("row_id")
+    ours = {c: report.loc[f"b_cnn_m_m__{c}__nf", "ours"] for c in ("cub", "cars", "aircraft")}
+    assert len(set(ours.values())) == 3, ours
+    classes = {
+        c: json.loads((sweep / f"b_cnn_m_m__{c}__nf" / "results.json").read_text())["num_classes"]
+        for c in ours
+    }
+    assert sorted(classes.values()) == [4, 5, 6]

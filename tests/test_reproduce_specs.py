@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from fixtures.datasets import MAKERS
 from omegaconf import DictConfig, OmegaConf
 
 from bcnn.config import validate
 from bcnn.reproduce import launch
-from bcnn.reproduce.tables import (
-    TABLES,
-    experiments_of,
-    plateau_patience,
-    published,
-    runnable_rows,
-)
+from bcnn.reproduce.tables import TABLES, Row, Table, published
 from tests.conftest import CONFIG_DIR, compose_config
+
+
+def runnable_rows(table: Table) -> list[Row]:
+    return [r for r in table.rows if r.runnable]
+
+
+def experiments_of(tables: Iterable[Table]) -> list[str]:
+    return sorted({r.experiment for t in tables for r in t.rows if r.experiment})
+
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 # Shared parts that are not published rows by themselves.
@@ -49,19 +54,12 @@ NOT_TRAINED = {
 }
 # ECCV 2018, Table 1: the best gamma and p per dataset (VGG-16), and the starting network.
 ECCV18 = {
-    "cub": (0.5, 0.3, "cub", True),
-    "cars": (0.5, 0.5, "cars", True),
-    "aircraft": (0.0, 0.3, "aircraft", True),
-    "dtd": (0.3, 0.6, "dtd", False),
-    "fmd": (0.8, 0.7, "fmd", False),
-    "mit": (0.3, 0.6, "mit_indoor", False),
-}
-NS_ITERS = {
-    "bmvc17_t3_ns0": 0,
-    "bmvc17_t3_ns1": 1,
-    "bmvc17_t3_ns5": 5,
-    "bmvc17_t3_ns10": 10,
-    "bmvc17_t3_ns20": 20,
+    "CUB": (0.5, 0.3, "cub", True),
+    "Cars": (0.5, 0.5, "cars", True),
+    "Aircraft": (0.0, 0.3, "aircraft", True),
+    "DTD": (0.3, 0.6, "dtd", False),
+    "FMD": (0.8, 0.7, "fmd", False),
+    "MIT Indoor": (0.3, 0.6, "mit_indoor", False),
 }
 
 
@@ -72,6 +70,14 @@ def _target(node: DictConfig) -> str:
 def _steps(cfg: DictConfig) -> list[str]:
     """The chain's steps (vectorize aside), in config order."""
     return [k for k, v in cfg.normalization.items() if k not in ("_target_", "vectorize") and v]
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    # The talk's tables reuse rows of the paper tables: compose each distinct row once.
+    cfg = compose_config(list(overrides))
+    validate(cfg)
+    return cfg
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -111,13 +117,17 @@ def test_experiment_composes_with_the_published_protocol(name: str) -> None:
     assert t.test_flip == (not name.startswith("densenet"))
 
 
-@pytest.mark.parametrize("dataset", sorted(ECCV18))
-def test_eccv18_presets_use_the_published_gamma_p_and_start(dataset: str) -> None:
-    gamma, p, option, fine_grained = ECCV18[dataset]
-    demo = compose_config([f"experiment=eccv18_t1_gdemocratic_{dataset}"])
-    power = compose_config([f"experiment=eccv18_t1_mpow_{dataset}"])
+@pytest.mark.parametrize("column", sorted(ECCV18))
+def test_eccv18_rows_use_the_published_gamma_p_and_start(column: str) -> None:
+    gamma, p, option, fine_grained = ECCV18[column]
+    table = TABLES["eccv18_table1"]
+    slug = column.lower().replace(" ", "_")
+    demo = _composed(table.row(f"gamma_democratic__{slug}").overrides)
+    power = _composed(table.row(f"matrix_power__{slug}").overrides)
     assert _target(demo.pooling) == "DemocraticPool" and demo.pooling.gamma == gamma
     assert (demo.pooling.tau, demo.pooling.iters) == (0.5, 10)
+    for label, expected in (("democratic", 0.0), ("sum", 1.0)):
+        assert _composed(table.row(f"{label}__{slug}").overrides).pooling.gamma == expected
     assert _target(power.pooling) == "BilinearPool" and power.normalization.mpow.p == p
     assert power.normalization.mpow.method == "eigh"  # exact matrix power, as the paper
     assert _steps(power) == ["mpow", "signsqrt", "l2"]
@@ -126,24 +136,28 @@ def test_eccv18_presets_use_the_published_gamma_p_and_start(dataset: str) -> Non
         assert cfg.dataset.name == option and _target(cfg.backbone) == "VGG16"
         if fine_grained:  # starts from the B-CNN fine-tuned on the same dataset
             assert not cfg.backbone.pretrained
-            assert cfg.backbone.weights.endswith(f"bcnn_vgg_d_ft_{dataset}.pt")
+            assert cfg.backbone.weights.endswith(f"bcnn_vgg_d_ft_{option}.pt")
         else:  # ImageNet weights
             assert cfg.backbone.pretrained and cfg.backbone.weights is None
-    if dataset == "dtd":
+    if option == "dtd":
         assert demo.dataset.partition == 1
 
 
-@pytest.mark.parametrize("name", sorted(NS_ITERS))
-def test_bmvc17_table3_newton_schulz_iterations(name: str) -> None:
-    cfg = compose_config([f"experiment={name}"])
-    sqrt = cfg.normalization.sqrt
-    assert (sqrt.method, sqrt.iters) == ("newton_schulz", NS_ITERS[name])
-    assert _steps(cfg) == ["sqrt", "signsqrt", "l2"]
+def test_bmvc17_table3_newton_schulz_iterations() -> None:
+    for row in TABLES["bmvc17_table3"].rows[:15]:  # 0, 1, 5, 10, 20 iterations
+        cfg = _composed(row.overrides)
+        sqrt = cfg.normalization.sqrt
+        iters = int(row.label.split()[1])
+        assert (sqrt.method, sqrt.iters) == ("newton_schulz", iters), row.id
+        assert _steps(cfg) == ["sqrt", "signsqrt", "l2"]
 
 
 def test_bmvc17_matrix_function_choices() -> None:
-    exact = compose_config(["experiment=bmvc17_t1_vgg_d_sqrt_signsqrt"])  # Table 3 "SVD"
+    exact = _composed(TABLES["bmvc17_table3"].row("svd__cub").overrides)  # Table 3 "SVD"
     assert exact.normalization.sqrt.method == "svd"
+    assert exact == _composed(
+        TABLES["bmvc17_table1"].row("sqrta_plus_sgnsqrt__vgg_d__cub").overrides
+    )
     # Fine-tuning: exact root and Lyapunov gradient; test features: 5 Newton-Schulz.
     improved = compose_config(["experiment=bmvc17_t2_improved_vgg_m"])
     sqrt = improved.normalization.sqrt
@@ -154,8 +168,8 @@ def test_bmvc17_matrix_function_choices() -> None:
     )
     grad_svd = compose_config(["experiment=bmvc17_t3_ft_grad_svd"]).normalization.sqrt
     assert (grad_svd.method, grad_svd.backward, grad_svd.eval_iters) == ("svd", "svd", 5)
-    log = compose_config(["experiment=bmvc17_t1_vgg_m_log_signsqrt"])
-    assert _steps(log) == ["log", "signsqrt", "l2"]
+    log = _composed(TABLES["bmvc17_table1"].row("loga_plus_sgnsqrt__vgg_m__cub").overrides)
+    assert _steps(log) == ["log", "signsqrt", "l2"] and _target(log.backbone) == "VGGM"
     dm = compose_config(["experiment=iccv15_t1_bcnn_dm"])
     assert _target(dm.backbone) == "TwoStream" and dm.backbone.stream_a.pretrained
     dense = compose_config(["experiment=densenet_inat_bilinear"])
@@ -206,21 +220,44 @@ def test_talk_tables_print_the_talks_numbers_and_the_papers_where_they_differ() 
     assert timing.benchmark == ("newton_schulz", 5) and published(timing.key)[0] == 4.0
 
 
+# iNat 2018 supercategories: training images (the talk's slide).
+INAT_TRAIN_IMAGES = {
+    "Plantae": 118800,
+    "Animalia": 5966,
+    "Reptilia": 22754,
+    "Amphibia": 11156,
+    "Aves": 143950,
+    "Mollusca": 8007,
+    "Fungi": 6864,
+    "Mammalia": 20104,
+    "Arachnida": 4037,
+    "Insecta": 87192,
+    "Actinopterygii": 7835,
+}
+
+
+def plateau_patience(train_images: int, rounds: int = 10) -> int:
+    """train_cnn.py's ReduceLROnPlateau patience in epochs: it validates every
+    ``max(10000, N // 5)`` images with a patience of 10 rounds; this trainer steps per epoch."""
+    return max(1, round(rounds * max(10000, train_images // 5) / train_images))
+
+
 def test_densenet_first_order_inat_rows_convert_the_plateau_patience() -> None:
-    # train_cnn.py validates every max(10000, N // 5) images; patience 10 rounds.
     assert plateau_patience(143950) == 2 and plateau_patience(5966) == 17
+    rows = [r for r in TABLES["talk_densenet"].rows if r.id.startswith("inat_")]
+    assert len(rows) == 2 * len(INAT_TRAIN_IMAGES)
+    for row in rows:
+        supercategory = row.label.removeprefix("iNat ")
+        patience = [o for o in row.overrides if o.startswith("trainer.finetune.scheduler.")]
+        if row.columns == ("DenseNet (regular)",):
+            expected = plateau_patience(INAT_TRAIN_IMAGES[supercategory])
+            assert patience == [f"trainer.finetune.scheduler.patience={expected}"], row.id
+        else:
+            assert patience == [], row.id
     row = TABLES["talk_densenet"].row("inat_aves__densenet_regular")
     cfg = compose_config(list(row.overrides))
     assert _target(cfg.trainer.finetune.scheduler) == "ReduceLROnPlateau"
     assert cfg.trainer.finetune.scheduler.patience == 2 and cfg.dataset.supercategory == "Aves"
-
-
-@functools.cache
-def _composed(overrides: tuple[str, ...]) -> DictConfig:
-    # The talk's tables reuse rows of the paper tables: compose each distinct row once.
-    cfg = compose_config(list(overrides))
-    validate(cfg)
-    return cfg
 
 
 @pytest.mark.parametrize("name", sorted(TABLES))
@@ -264,7 +301,7 @@ def test_generated_row_configs_equal_direct_composition(tmp_path: Path) -> None:
     # row's overrides give on the command line. One table with every kind of override.
     table = TABLES["eccv18_table1"]
     rows = [table.rows[0], table.rows[3], table.rows[-1]]
-    names = launch.write_rows(table, rows, tmp_path, smoke=False)
+    names = [job for job, _ in launch.write_rows(table, rows, tmp_path, smoke=False)]
     search = launch.searchpath_override(tmp_path)
     for row, name in zip(rows, names):
         generated = compose_config([f"experiment={name}", search])
@@ -275,7 +312,7 @@ def test_generated_row_configs_equal_direct_composition(tmp_path: Path) -> None:
 def test_smoke_rows_keep_the_head_and_swap_data_and_backbone(tmp_path: Path) -> None:
     table = TABLES["iccv15_table1"]
     rows = [r for r in table.rows if r.id in ("b_cnn_d_m__cub_plus_box__ft", "fc_cnn_m__cars__nf")]
-    names = launch.write_rows(table, rows, tmp_path, smoke=True)
+    names = [job for job, _ in launch.write_rows(table, rows, tmp_path, smoke=True)]
     search = launch.searchpath_override(tmp_path)
     for row, name in zip(rows, names):
         smoke = compose_config([f"experiment={name}", search])
@@ -313,7 +350,7 @@ def test_rows_with_splits_launch_one_job_per_split(tmp_path: Path) -> None:
     # first two, each on another synthetic dataset, with a smaller sketch.
     table = TABLES["eccv18_tables2_5"]
     row = table.row("ts_plus_gamma_democratic__dtd")
-    names = launch.write_rows(table, [row], tmp_path / "full", smoke=False)
+    names = [job for job, _ in launch.write_rows(table, [row], tmp_path / "full", smoke=False)]
     assert names == [f"{row.id}__split{k}" for k in range(1, 11)]
     search = launch.searchpath_override(tmp_path / "full")
     third = compose_config([f"experiment={names[2]}", search])
@@ -321,7 +358,7 @@ def test_rows_with_splits_launch_one_job_per_split(tmp_path: Path) -> None:
     assert third.pooling.sketch.out_dim == 8192 and third.pooling.sketch.gamma == 0.5
     assert _target(third.classifier) == "SVMClassifier"
 
-    smoke = launch.write_rows(table, [row], tmp_path / "smoke", smoke=True)
+    smoke = [job for job, _ in launch.write_rows(table, [row], tmp_path / "smoke", smoke=True)]
     assert smoke == names[: launch.SMOKE_SPLITS]
     search = launch.searchpath_override(tmp_path / "smoke")
     seeds = []
@@ -332,3 +369,103 @@ def test_rows_with_splits_launch_one_job_per_split(tmp_path: Path) -> None:
         assert _target(cfg.pooling.sketch) == "DemocraticSketch"
         seeds.append(cfg.dataset.seed)
     assert len(set(seeds)) == len(smoke)
+
+
+CHAINS = {
+    "none": ["vectorize"],
+    "l2": ["vectorize", "l2"],
+    "signsqrt_l2": ["vectorize", "signsqrt", "l2"],
+    "log_l2": ["log", "vectorize", "l2"],
+    "log_signsqrt_l2": ["log", "vectorize", "signsqrt", "l2"],
+    "sqrt_l2": ["sqrt", "vectorize", "l2"],
+    "sqrt_signsqrt_l2": ["sqrt", "vectorize", "signsqrt", "l2"],
+}
+
+
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_normalization_chains_compose_the_shared_steps(chain: str) -> None:
+    steps = CONFIG_DIR / "normalization" / "step"
+    assert sorted(p.stem for p in (CONFIG_DIR / "normalization").glob("*.yaml")) == sorted(CHAINS)
+    assert "Vectorize" not in (CONFIG_DIR / "normalization" / f"{chain}.yaml").read_text()
+    node = compose_config([f"normalization={chain}"]).normalization
+    assert _target(node) == "NormalizationChain"
+    assert [k for k in node if k != "_target_"] == CHAINS[chain]
+    for name in CHAINS[chain]:  # each step is the shared node of normalization/step/
+        assert node[name] == OmegaConf.load(steps / f"{name}.yaml"), name
+    # normalization.<step>.<key>=... still reaches one step of one chain.
+    last = CHAINS[chain][-1]
+    key = {"vectorize": "triu", "l2": "_target_", "signsqrt": "eps"}[last]
+    if key != "_target_":
+        value = True if key == "triu" else 0.5
+        changed = compose_config([f"normalization={chain}", f"normalization.{last}.{key}={value}"])
+        assert changed.normalization[last][key] == value
+    if "sqrt" in CHAINS[chain]:
+        changed = compose_config([f"normalization={chain}", "normalization.sqrt.iters=7"])
+        assert changed.normalization.sqrt.iters == 7 and node.sqrt.iters == 5
+
+
+def test_frozen_features_and_fc_cnn_keep_the_aspect_ratio_on_every_dataset() -> None:
+    # MATLAB: get_bcnn_features.m, get_dcnn_features.m and get_rcnn_features.m read the
+    # model's keepAspect (true) for every dataset, as imdb_cnn_train.m fine-tunes FC-CNN;
+    # the B-CNN fine-tuning (run_experiments_bcnn_train.m) keeps it for CUB only.
+    t1 = TABLES["iccv15_table1"]
+    for row in t1.rows:
+        dataset, setting = row.columns
+        if dataset != "Cars" and (dataset, row.label[:2]) not in (
+            ("Aircraft", "FC"),
+            ("Aircraft", "FV"),
+        ):
+            continue
+        keeps = setting == "nf" or not row.label.startswith("B-CNN")
+        recipe = _composed(row.overrides).dataset.transform.recipe
+        assert (recipe == "short_side") == keeps, row.id
+    for name, row_id in (
+        ("bmvc17_table1", "loga__vgg_m__aircraft"),
+        ("bmvc17_table1", "sgnsqrt__vgg_d__cars"),
+        ("bmvc17_table3", "newton_schulz_0_iterations__aircraft"),
+    ):
+        cfg = _composed(TABLES[name].row(row_id).overrides)
+        assert cfg.dataset.transform.recipe == "short_side", row_id
+
+
+def test_a_table_checks_the_data_and_weights_of_every_row_before_launching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # BMVC 2017 Table 2: 12 rows on CUB, Cars, Aircraft, half of them with VGG-M weights.
+    monkeypatch.setenv("BCNN_WEIGHTS", str(tmp_path / "weights"))
+    table, data = TABLES["bmvc17_table2"], tmp_path / "data"
+    extra = [f"paths.data_dir={data}", "hydra.launcher.n_jobs=2"]  # hydra.*: the launcher's
+    with pytest.raises(FileNotFoundError) as err:
+        launch.launch_table(table, tmp_path / "sweep", extra=extra)
+    lines = str(err.value).splitlines()
+    assert "nothing was launched" in lines[0]
+    missing = [line for line in lines if line.startswith("- ")]
+    assert len(missing) == 4  # each once: three dataset folders, one weights file
+    assert sum("vgg_m.safetensors" in line for line in missing) == 1
+    for folder in ("cub", "cars", "aircraft"):
+        assert sum(str(data / folder) in line for line in missing) == 1, folder
+    assert "and 2 more" in next(line for line in missing if "vgg_m" in line)  # 6 rows need it
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [".rows"]  # no job ran
+    for name in ("cub", "cars", "aircraft"):
+        MAKERS[name](data / name)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "vgg_m.safetensors").write_bytes(b"")
+    assert launch.launch_table(table, tmp_path / "sweep", extra=extra, dry_run=True) == 0
+    assert "missing" not in capsys.readouterr().err
+
+
+def test_smoke_columns_train_on_stand_ins_of_their_own(tmp_path: Path) -> None:
+    # The dataset columns of a row must be different runs in smoke mode: each dataset
+    # gets the synthetic set with its own seed and class count; CUB+box shares CUB's.
+    table = TABLES["iccv15_table1"]
+    rows = [r for r in table.rows if r.id.startswith("b_cnn_m_m__") and r.id.endswith("__nf")]
+    names = [job for job, _ in launch.write_rows(table, rows, tmp_path, smoke=True)]
+    search = launch.searchpath_override(tmp_path)
+    data = {}
+    for row, name in zip(rows, names):
+        cfg = compose_config([f"experiment={name}", search])
+        assert cfg.dataset.name == "synthetic"
+        data[row.columns[0]] = (cfg.dataset.seed, cfg.dataset.num_classes)
+    assert data["CUB"] == data["CUB+box"]
+    assert len({data["CUB"], data["Cars"], data["Aircraft"]}) == 3
+    assert len({classes for _, classes in data.values()}) == 3

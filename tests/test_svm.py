@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn import svm as sklearn_svm
 
-from bcnn.engine.svm import median_calibration, svm_scores, train_linear_svm
+from bcnn.models.svm import median_calibration, train_linear_svm
 
 N_CLASSES, DIM, VIEWS = 5, 64, 2
 
@@ -54,7 +54,7 @@ def test_agrees_with_liblinear(data: dict[str, np.ndarray], loss: str, tol: floa
     rows, labels = Xtr.reshape(-1, DIM), np.repeat(ytr, VIEWS)
     ref = sklearn_svm.LinearSVC(C=1.0, loss=loss, dual=True, tol=1e-5, max_iter=100_000)
     ref.fit(rows, labels)
-    ours_scores = svm_scores(Xte, W, b).numpy()
+    ours_scores = (torch.from_numpy(Xte) @ W.T + b).mean(1).numpy()
     ref_scores = ref.decision_function(Xte.reshape(-1, DIM)).reshape(len(yte), VIEWS, -1).mean(1)
     acc = (ours_scores.argmax(1) == yte).mean()
     ref_acc = (ref_scores.argmax(1) == yte).mean()
@@ -118,19 +118,9 @@ def test_streams_a_float16_memmap(data: dict[str, np.ndarray], tmp_path: Path) -
     torch.testing.assert_close(b, b2, rtol=0, atol=0)
 
     cache.largest = 0
-    scores = svm_scores(cache, W, b, batch_rows=16)
+    Wc, bc = median_calibration(cache, ytr, W, b, batch_rows=16)  # streams too
     assert cache.largest <= 16
-    assert scores.shape == (len(ytr), N_CLASSES)
-
-
-def test_scores_average_the_views(data: dict[str, np.ndarray]) -> None:
-    X = data["Xte"][:50]
-    gen = torch.Generator().manual_seed(0)
-    W, b = torch.randn(N_CLASSES, DIM, generator=gen), torch.randn(N_CLASSES, generator=gen)
-    expected = (torch.from_numpy(X) @ W.T + b).mean(1)
-    torch.testing.assert_close(svm_scores(X, W, b, batch_rows=7), expected)
-    # A 2-D cache is one view per image.
-    torch.testing.assert_close(svm_scores(X[:, 0], W, b), torch.from_numpy(X[:, 0]) @ W.T + b)
+    assert Wc.shape == W.shape and bc.shape == b.shape
 
 
 def test_deterministic_and_view_order_free(data: dict[str, np.ndarray]) -> None:
@@ -174,4 +164,4 @@ def test_bad_inputs_are_named(data: dict[str, np.ndarray]) -> None:
     with pytest.raises(TypeError, match="integers"):
         train_linear_svm(Xtr, ytr.astype(np.float32), N_CLASSES)
     with pytest.raises(ValueError, match=r"W \(K, 64\)"):
-        svm_scores(Xtr, torch.zeros(N_CLASSES, 10), torch.zeros(N_CLASSES))
+        median_calibration(Xtr, ytr, torch.zeros(N_CLASSES, 10), torch.zeros(N_CLASSES))

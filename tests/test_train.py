@@ -15,6 +15,8 @@ import torch
 
 from bcnn.engine import train
 from bcnn.engine.checkpoint import load_checkpoint
+from bcnn.engine.trainer import check_batch_sizes
+from bcnn.errors import ConfigError
 from tests.conftest import compose_config, run_train, start_train
 
 RESULT_KEYS = {"test_acc", "test_mean_class_acc", "val_acc", "val_mean_class_acc"}
@@ -155,3 +157,51 @@ def test_resume_with_missing_checkpoint_fails_clearly(tmp_path: Path) -> None:
     cfg = compose_config([f"trainer.resume={tmp_path / 'nowhere'}"], tmp_path)
     with pytest.raises(FileNotFoundError, match=r"checkpoints/last\.pt"):
         train(cfg)
+
+
+def test_plateau_schedule_in_min_mode_is_refused_before_any_work(tmp_path: Path) -> None:
+    overrides = ["scheduler@trainer.linear.scheduler=plateau", "trainer.linear.scheduler.mode=min"]
+    with pytest.raises(ConfigError, match="higher is better: use max") as err:
+        train(compose_config(overrides, tmp_path))
+    assert err.value.key == "trainer.linear.scheduler.mode"
+    assert not any(tmp_path.iterdir())  # not even the claim of the directory
+
+
+def test_grad_accum_above_the_batches_of_an_epoch_is_refused(tmp_path: Path) -> None:
+    cfg = compose_config(["trainer.linear.batch_size=8", "trainer.linear.grad_accum=5"])
+    with pytest.raises(ConfigError, match="5 exceeds the 4 batches") as err:
+        check_batch_sizes(cfg.trainer, 32)
+    assert err.value.key == "trainer.linear.grad_accum"
+    cfg.trainer.linear.grad_accum = 4
+    check_batch_sizes(cfg.trainer, 32)
+    # Through train: before the model is built, nothing of a run is left behind.
+    overrides = ["dataset.trainval_size=60", "dataset.test_size=20"]
+    overrides += ["trainer.linear.batch_size=8", "trainer.linear.grad_accum=1000"]
+    with pytest.raises(ConfigError, match=r"trainer\.linear\.grad_accum"):
+        train(compose_config(overrides, tmp_path))
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "run_id.txt").exists()
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_optimizer_state_reset_at_each_epoch(
+    reset: bool, tmp_path: Path, smoke_overrides: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bcnn.engine import stage
+
+    buffers, real = [], stage.train_one_epoch
+
+    def recording(net, loader, optimizer, *args, **kwargs):
+        buffers.append([s["momentum_buffer"] for s in optimizer.state.values()])
+        return real(net, loader, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "train_one_epoch", recording)
+    overrides = [*smoke_overrides, "trainer.stages=[linear]", "trainer.linear.epochs=3"]
+    train(
+        compose_config([*overrides, f"trainer.linear.reset_optimizer_each_epoch={reset}"], tmp_path)
+    )
+    # Each epoch starts from zero momentum (no buffer yet) with the reset, from the last
+    # epoch's buffers without it.
+    assert [len(b) > 0 for b in buffers] == [False, not reset, not reset]
+    # The schedule goes on either way (cosine over the 3 epochs).
+    lrs = [float(r["lr"]) for r in _rows(tmp_path)]
+    assert lrs[0] > lrs[1] > lrs[2] > 0

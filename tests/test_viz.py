@@ -316,7 +316,7 @@ def test_maps_command_writes_its_files_and_leaves_the_run_alone(tiny_run: Path, 
         [
             sys.executable,
             "-m",
-            "bcnn.viz",
+            "bcnn.cli.viz",
             "kind=maps",
             f"run={tiny_run}",
             "viz=smoke",
@@ -414,7 +414,7 @@ def test_bad_requests_fail_with_the_key_to_fix(
 
 
 def test_command_prints_a_user_error_as_one_message(tmp_path: Path) -> None:
-    viz = [sys.executable, "-m", "bcnn.viz"]
+    viz = [sys.executable, "-m", "bcnn.cli.viz"]
     proc = run_train(["kind=movie"], cwd=tmp_path, timeout=120, script=viz, full_error=False)
     assert proc.returncode == 1
     assert "bcnn-viz: error: kind must be one of texture, inverse, maps, report" in proc.stderr

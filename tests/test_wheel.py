@@ -30,6 +30,7 @@ COMMANDS = (
     "bcnn-predict",
     "bcnn-export",
     "bcnn-viz",
+    "bcnn-summarize-sweep",
 )
 
 
@@ -94,6 +95,7 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path: Path, smoke_ov
     assert modules <= names, f"modules missing from the wheel: {sorted(modules - names)}"
     assert {"bcnn/py.typed", "bcnn-0.1.0.dist-info/licenses/LICENSE"} <= names
     assert not [n for n in names if "__pycache__" in n or n.startswith(("tests/", "scripts/"))]
+    assert not [n for n in names if "bench" in n], "benchmark code is not for users"
     for command in COMMANDS:
         assert f"{command} = bcnn." in entry_points
     with tarfile.open(sdist) as tf:
@@ -170,7 +172,7 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path: Path, smoke_ov
     assert again.stdout.splitlines()[1].split()[:2] == predicted.stdout.splitlines()[1].split()[:2]
     assert not list(work.iterdir()), "a command wrote into the working folder"
 
-    listing = _run([str(bin_dir / "bcnn-reproduce"), "list"], work, env)
+    listing = _run([str(bin_dir / "bcnn-reproduce")], work, env)
     assert "nabirds" in listing.stdout
     manual = subprocess.run(
         [str(bin_dir / "bcnn-prepare-data"), "dataset=nabirds", f"root={tmp_path / 'nb'}"],
@@ -182,4 +184,7 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path: Path, smoke_ov
         check=False,
     )
     # NABirds has no public download: the command prints the manual steps and exits 1.
-    assert manual.returncode == 1 and "bcnn-prepare-data --dataset nabirds" in manual.stdout
+    assert manual.returncode == 1 and "bcnn-prepare-data dataset=nabirds" in manual.stdout
+    summary = _run([str(bin_dir / "bcnn-summarize-sweep"), "--help"], work, env)
+    assert "sweep_dir" in summary.stdout
+    assert not list(work.iterdir()), "a command wrote into the working folder"

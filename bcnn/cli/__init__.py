@@ -1,8 +1,3 @@
-"""Installed command-line programs besides ``bcnn-train`` (``bcnn/train.py``).
-
-``bcnn-eval`` (``evaluate``, a Hydra app), ``bcnn-predict`` (``predict``), ``bcnn-export``
-(``export``), ``bcnn-prepare-data`` (``prepare_data``) and ``bcnn-reproduce``
-(``reproduce``). Each module holds one program's ``main``; ``pyproject.toml`` names it
-under ``[project.scripts]``. ``errors`` is their shared handling of user errors: one
-message, the traceback with ``HYDRA_FULL_ERROR=1``.
-"""
+"""The console scripts, the top layer: Hydra applications (``evaluate``, ``viz``,
+``prepare_data``, ``reproduce``, with ``bcnn/train.py``) that run ``overrides.check_overrides``
+first, and argparse ones that take file paths (``predict``, ``export``)."""

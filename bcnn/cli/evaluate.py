@@ -1,44 +1,37 @@
-"""Evaluate a trained model: ``bcnn-eval checkpoint=<run dir or .pt> [split=test] [dataset=...]``.
-
-A Hydra application (``configs/eval.yaml``): every key is an override, ``--cfg job``
-prints the composed config. The model comes back through ``bcnn.engine.runs.load_trained``
-and is scored by the training loop's own ``bcnn.engine.loops.evaluate`` (flip averaging and
-precision as the run evaluated, unless overridden). Written into its own folder
-(``outputs/eval/<date>/<time>_<id>``, or ``hydra.run.dir=...``)::
-
-    metrics.json            top-1, mean per-class accuracy, images, split, dataset, model
-    per_class.csv           per class: images, correct, accuracy, most frequent wrong guess
-    confusion_matrix.csv    counts, rows = true class, columns = predicted class
-    confusion_matrix.png    the same, each row normalized
-    most_confused.csv       the most frequent (true, predicted) pairs of different classes
+"""``bcnn-eval checkpoint=<run dir or .pt> [split=test] [dataset=...]``: top-1, per-class
+accuracy and confusions of a trained model (``configs/eval.yaml``; the files it writes are
+listed in docs/deploy.md). The model is scored by the training loop's own
+``bcnn.engine.loops.evaluate``, with the flips and precision the run evaluated with.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import hydra
 import numpy as np
 import pandas as pd
+from annotated_types import Ge
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from bcnn.cli.errors import user_errors
-from bcnn.config import PRECISIONS, instantiate
-from bcnn.data import SPLITS
-from bcnn.engine.curves import figure
+from bcnn.cli.overrides import check_overrides
+from bcnn.config import TrainerConfig, instantiate
+from bcnn.data.base import Split
 from bcnn.engine.loops import evaluate
 from bcnn.engine.placement import resolve_device
 from bcnn.engine.runs import TrainedModel, load_trained
+from bcnn.errors import user_errors
+from bcnn.limits import check_value
+from bcnn.viz.report import confused_pairs, confusion_figure
 
 log = logging.getLogger(__name__)
 PROG = "bcnn-eval"
-# Tick labels are drawn up to this many classes; beyond, the matrix is shown unlabelled.
-MAX_LABELLED = 40
 
 
 def overridden(key: str) -> bool:
@@ -77,28 +70,31 @@ def dataset_config(cfg: DictConfig, trained: TrainedModel, move_data_dir: bool) 
 
 
 def _check(cfg: DictConfig) -> None:
-    if cfg.split not in SPLITS:
-        raise ValueError(
-            f"Invalid config value for 'split': choose one of {SPLITS}, got {cfg.split!r}"
-        )
-    if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
-        raise ValueError(
-            f"Invalid config value for 'precision': choose one of {PRECISIONS} or null, "
-            f"got {cfg.precision!r}"
-        )
-    for key in ("batch_size", "limit_batches"):
-        if cfg[key] is not None and int(cfg[key]) < 1:
-            raise ValueError(f"Invalid config value for '{key}': must be >= 1 or null")
-    if int(cfg.top_confused) < 0:
-        raise ValueError("Invalid config value for 'top_confused': must be >= 0")
+    """Checks eval.yaml's own keys, before the checkpoint is read; those that are also the
+    trainer's take its limits."""
+    if cfg.precision is not None:  # precision=32 on the command line is an integer
+        cfg.precision = str(cfg.precision)
+    trainer = typing.get_type_hints(TrainerConfig, include_extras=True)
+    limits: dict[str, Any] = {
+        "split": Split,
+        "device": trainer["device"],
+        "precision": trainer["precision"] | None,
+        "batch_size": trainer["eval_batch_size"],
+        "limit_batches": trainer["limit_eval_batches"],
+        "num_workers": trainer["num_workers"],
+        "flip": trainer["test_flip"] | None,
+        "progress": trainer["progress"],
+        "top_confused": Annotated[int, Ge(0)],
+    }
+    for key, ann in limits.items():
+        check_value(cfg[key], ann, key)
 
 
 def per_class_table(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """Per class: images, correct, accuracy (%) and the most frequent wrong prediction."""
-    totals = matrix.sum(1)
-    correct = np.diag(matrix)
-    off = matrix.copy()
-    np.fill_diagonal(off, 0)
+    """Per class of the ``(C, C)`` counts ``matrix`` (rows = true class): images, correct,
+    accuracy (%) and the most frequent wrong prediction."""
+    totals, correct = matrix.sum(1), np.diag(matrix)
+    off = matrix - np.diag(correct)
     worst = off.argmax(1)
     return pd.DataFrame(
         {
@@ -117,49 +113,18 @@ def per_class_table(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
 
 def most_confused(matrix: np.ndarray, classes: list[str], top: int) -> pd.DataFrame:
     """The ``top`` most frequent (true, predicted) pairs with true != predicted."""
-    off = matrix.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(-off, axis=None, kind="stable")[:top]
-    rows = []
-    for flat in order:
-        t, p = divmod(int(flat), len(classes))
-        if off[t, p] == 0:
-            break
-        rows.append(
-            {
-                "true": classes[t],
-                "predicted": classes[p],
-                "count": int(off[t, p]),
-                "share_of_true_class": 100.0 * off[t, p] / max(int(matrix[t].sum()), 1),
-            }
-        )
+    rows = [
+        (classes[t], classes[p], n, 100.0 * n / max(int(matrix[t].sum()), 1))
+        for t, p, n in confused_pairs(matrix, top)
+    ]
     return pd.DataFrame(rows, columns=["true", "predicted", "count", "share_of_true_class"])
-
-
-def plot_confusion(matrix: np.ndarray, classes: list[str], out: Path, title: str) -> Path:
-    """Row-normalized confusion matrix as a PNG (class names as ticks up to 40 classes)."""
-    totals = matrix.sum(1, keepdims=True)
-    normalized = np.divide(matrix, np.maximum(totals, 1))
-    n = len(classes)
-    side = min(max(4.0, 0.25 * n + 2.0), 16.0)
-    fig = figure(side + 1.0, side)
-    ax = fig.add_subplot()
-    image = ax.imshow(normalized, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    if n <= MAX_LABELLED:
-        ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), classes, fontsize=7)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title, fontsize=9)
-    fig.savefig(out, dpi=120)
-    return out
 
 
 def _split_dataset(
     cfg: DictConfig, trained: TrainedModel, move_data_dir: bool
-) -> tuple[DictConfig, Dataset, list[str]]:
-    """The dataset config and the split to evaluate on, and the split's class names.
+) -> tuple[DictConfig, Any, list[str]]:
+    """The dataset config, the split to evaluate on (a map-style dataset with a length) and
+    the split's class names.
 
     Raises:
         ValueError: the split is empty, or its classes are not the model's.
@@ -167,69 +132,20 @@ def _split_dataset(
     ds_cfg = dataset_config(cfg, trained, move_data_dir)
     dataset = instantiate(ds_cfg, split=cfg.split, augment=False)
     if len(dataset) == 0:
-        hint = (
-            " (the run trained without a validation split: dataset.val_fraction=0)"
-            if cfg.split == "val"
-            else ""
-        )
+        hint = " (the run trained without a validation split: dataset.val_fraction=0)"
         raise ValueError(
-            f"split {cfg.split!r} of {ds_cfg.get('name', 'the dataset')} is empty{hint}"
+            f"split {cfg.split!r} of {ds_cfg.get('name', 'the dataset')} is empty"
+            + (hint if cfg.split == "val" else "")
         )
     classes = list(getattr(dataset, "classes", trained.classes))
-    _check_classes(classes, trained.classes)
-    return ds_cfg, dataset, classes
-
-
-def _check_classes(classes: list[str], model_classes: list[str]) -> None:
-    """Raises ValueError naming the first difference when the two class lists differ."""
-    if classes == model_classes:
-        return
-    differ = [(a, b) for a, b in zip(classes, model_classes) if a != b][:1]
-    raise ValueError(
-        f"The dataset's {len(classes)} classes are not the model's {len(model_classes)}"
-        + (
-            f" (the dataset's {differ[0][0]!r} where the model has {differ[0][1]!r})"
-            if differ
-            else ""
+    if classes != trained.classes:
+        differ = [(a, b) for a, b in zip(classes, trained.classes) if a != b][:1]
+        first = "".join(f" (the dataset's {a!r} where the model has {b!r})" for a, b in differ)
+        raise ValueError(
+            f"The dataset's {len(classes)} classes are not the model's {len(trained.classes)}"
+            f"{first}: evaluate on the dataset the model was trained on, with the same class list"
         )
-        + ": evaluate on the dataset the model was trained on, with the same class list"
-    )
-
-
-def _eval_settings(cfg: DictConfig, run: DictConfig) -> tuple[bool, str, int]:
-    """``(flip, precision, batch_size)``: the command line's, else as the run evaluated."""
-    flip = bool(run.trainer.test_flip if cfg.flip is None else cfg.flip)
-    precision = str(run.trainer.precision if cfg.precision is None else cfg.precision)
-    last_stage = run.trainer.stages[-1]
-    batch_size = int(
-        cfg.batch_size or run.trainer.eval_batch_size or run.trainer[last_stage].batch_size
-    )
-    return flip, precision, batch_size
-
-
-def _write_tables(
-    output_dir: Path, matrix: np.ndarray, classes: list[str], top: int, title: str
-) -> pd.DataFrame:
-    """Writes the per-class, confusion and most-confused tables and the confusion plot.
-
-    Args:
-        output_dir: Where the files go (created).
-        matrix: ``(C, C)`` confusion counts, rows = true class.
-        classes: The C class names.
-        top: How many most-confused pairs to list.
-        title: The plot's title.
-
-    Returns:
-        The most-confused pairs (see ``most_confused``).
-    """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    per_class = per_class_table(matrix, classes)
-    per_class.to_csv(output_dir / "per_class.csv", index=False, float_format="%.4f")
-    pd.DataFrame(matrix, index=classes, columns=classes).to_csv(output_dir / "confusion_matrix.csv")
-    confused = most_confused(matrix, classes, top)
-    confused.to_csv(output_dir / "most_confused.csv", index=False, float_format="%.4f")
-    plot_confusion(matrix, classes, output_dir / "confusion_matrix.png", title)
-    return confused
+    return ds_cfg, dataset, classes
 
 
 def run_eval(cfg: DictConfig, output_dir: Path, move_data_dir: bool = False) -> dict[str, Any]:
@@ -252,7 +168,11 @@ def run_eval(cfg: DictConfig, output_dir: Path, move_data_dir: bool = False) -> 
     device = resolve_device(str(cfg.device))
     trained = load_trained(cfg.checkpoint, device=device)
     ds_cfg, dataset, classes = _split_dataset(cfg, trained, move_data_dir)
-    flip, precision, batch_size = _eval_settings(cfg, trained.config)
+    # Flips, precision and batch size: the command line's, else as the run evaluated.
+    run = trained.config.trainer
+    flip = bool(run.test_flip if cfg.flip is None else cfg.flip)
+    precision = str(run.precision if cfg.precision is None else cfg.precision)
+    batch_size = int(cfg.batch_size or run.eval_batch_size or run[run.stages[-1]].batch_size)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -275,9 +195,18 @@ def run_eval(cfg: DictConfig, output_dir: Path, move_data_dir: bool = False) -> 
     )
     top1, mean_class = meter.accuracy(), meter.mean_class_accuracy()
     name = ds_cfg.get("name", "dataset")
-    title = f"{name} {cfg.split}: top-1 {top1:.2f}%, mean per class {mean_class:.2f}%"
     matrix = meter.matrix.cpu().numpy()
-    confused = _write_tables(output_dir, matrix, classes, int(cfg.top_confused), title)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    per_class = per_class_table(matrix, classes)
+    per_class.to_csv(output_dir / "per_class.csv", index=False, float_format="%.4f")
+    pd.DataFrame(matrix, index=classes, columns=classes).to_csv(output_dir / "confusion_matrix.csv")
+    confused = most_confused(matrix, classes, int(cfg.top_confused))
+    confused.to_csv(output_dir / "most_confused.csv", index=False, float_format="%.4f")
+    fig = confusion_figure(matrix, classes)
+    fig.suptitle(
+        f"{name} {cfg.split}: top-1 {top1:.2f}%, mean per class {mean_class:.2f}%", fontsize=9
+    )
+    fig.savefig(output_dir / "confusion_matrix.png", dpi=120)
     metrics = {
         "top1": top1,
         "mean_class_acc": mean_class,
@@ -322,20 +251,10 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """``bcnn-eval``: evaluates a trained model (see the module docstring)."""
+    """``bcnn-eval``: evaluates a trained model."""
+    check_overrides(PROG, "eval")
     _hydra_main()
 
 
 if __name__ == "__main__":
     main()
-
-
-__all__ = [
-    "dataset_config",
-    "main",
-    "most_confused",
-    "per_class_table",
-    "plot_confusion",
-    "run_eval",
-    "summary",
-]

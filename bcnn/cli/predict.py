@@ -1,21 +1,10 @@
 """Class probabilities for image files: ``bcnn-predict MODEL IMAGES... [--topk 5]``.
 
 MODEL is a run directory, a ``.pt`` checkpoint, a folder written by ``bcnn-export`` or its
-``model.onnx`` / ``model.torchscript.pt``. IMAGES are files or folders (searched
-recursively for files with an image extension PIL knows). Each image is read like the
-training loader reads it (any format PIL decodes, converted to RGB) and goes through the
-run's evaluation transform; probabilities are flip-averaged when the run evaluated so
-(``trainer.test_flip``; ``--flip`` / ``--no-flip`` override).
-
-Prints a table and, with ``--out preds.csv`` or ``--out preds.json``, writes every top-k
-prediction. An unreadable file is reported by name and the others are still predicted.
-
-Exit status: 0; 1 when an image could not be read (the others are in the output) or on an
-error; 2 on bad arguments.
-
-Examples:
-    bcnn-predict outputs/2026-11-29/15-33-04 photo.jpg birds/ --topk 3
-    bcnn-predict exported/model.onnx birds/ --out predictions.csv
+``model.onnx`` / ``model.torchscript.pt``; IMAGES are files or folders. Images are read
+and transformed as the run evaluated them (docs/deploy.md). An unreadable file is reported
+by name and the others are still predicted. Exit status: 0; 1 when an image could not be
+read or on an error; 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -33,8 +22,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from bcnn.cli.errors import run_command
 from bcnn.data.base import BadImageError, Record, RecordDataset
+from bcnn.errors import run_command
 from bcnn.export.runtime import Predictor, load_predictor
 
 PROG = "bcnn-predict"
@@ -192,20 +181,10 @@ def write(predictions: Sequence[Prediction], out: Path) -> None:
         for p in predictions
         for r, (c, i, q) in enumerate(zip(p.classes, p.indices, p.probabilities, strict=True), 1)
     ]
-    rows += [
-        {
-            "image": str(p.image),
-            "rank": "",
-            "class": "",
-            "index": "",
-            "probability": "",
-            "error": p.error,
-        }
-        for p in predictions
-        if p.error
-    ]
+    rows += [{"image": str(p.image), "error": p.error} for p in predictions if p.error]
     columns = ["image", "rank", "class", "index", "probability", "error"]
-    pd.DataFrame(rows, columns=columns).to_csv(out, index=False)
+    # object: the ranks of a table with empty cells stay integers.
+    pd.DataFrame(rows, columns=columns, dtype=object).to_csv(out, index=False)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -1,143 +1,78 @@
-"""Reproduce a published table: one Hydra multirun of train.py, one job per row.
-
-Installed as ``bcnn-reproduce``; ``python scripts/reproduce.py`` runs the same.
-
-Usage::
-
-    bcnn-reproduce list
-    bcnn-reproduce table=<name> [smoke=true] [collect=true] [launcher=<name>]
-        [sweep_dir=<dir>] [rows=<pattern>,...] [launch=false] [dry_run=true]
-        [Hydra overrides for every job ...]
-
-Options (``key=value``; anything else is passed to every job as a Hydra override):
-
-    table      a table name (``list`` shows them)
-    smoke      true: every row on the synthetic dataset with a small CNN on CPU
-    collect    true: write the report (<sweep_dir>/report/<table>.{md,csv,tex,png})
-    launch     false: do not train, only collect an existing sweep_dir
-    launcher   a hydra/launcher option: joblib, submitit_local, submitit_slurm, slurm
-    sweep_dir  where the jobs write (default multirun/<table>[_smoke]/<date_time>)
-    rows       only the rows whose id matches one of these fnmatch patterns (e.g. *__cub*)
-    dry_run    true: write the row configs and print the command, run nothing
-    bench      matrix-function benchmark CSV for a timing row (talk_newton_schulz);
-               default benchmarks/results/matrix_functions_<cuda|cpu>.csv of this machine
-
-Examples::
-
-    bcnn-reproduce table=bmvc17_table2 collect=true trainer.device=cuda
-    bcnn-reproduce table=talk_nabirds smoke=true collect=true
-    bcnn-reproduce table=talk_newton_schulz collect=true trainer.device=cuda
-    bcnn-reproduce table=iccv15_table1 launcher=slurm \\
-        hydra.launcher.partition=gpu collect=true
-    bcnn-reproduce table=iccv15_table1 launch=false collect=true \\
-        sweep_dir=multirun/iccv15_table1/2025-01-01_00-00-00
+"""``bcnn-reproduce`` (= ``python scripts/reproduce.py``, ``configs/reproduce.yaml``):
+train and report a published table, one Hydra multirun of train.py with a job per row; an
+override for every job is added with a ``+`` (``+trainer.device=cuda``). And
+``bcnn-summarize-sweep``, the summary of any sweep.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bcnn.cli.errors import run_command
-from bcnn.reproduce.collect import table_report
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from bcnn.cli.overrides import check_overrides
+from bcnn.errors import run_command, user_errors
+from bcnn.reproduce.collect import summarize_sweep, table_report
 from bcnn.reproduce.launch import launch_table
 from bcnn.reproduce.tables import TABLES, get_table
 
-OPTIONS = (
-    "table",
-    "smoke",
-    "collect",
-    "launch",
-    "launcher",
-    "sweep_dir",
-    "rows",
-    "dry_run",
-    "bench",
-)
-BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+PROG = "bcnn-reproduce"
 
 
 def table_list() -> str:
-    """One line per table: name, row count and description."""
+    """One line per table: its name and description."""
     width = max(len(n) for n in TABLES)
     return "\n".join(f"  {n:<{width}}  {t.description}" for n, t in TABLES.items())
 
 
-def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Splits ``argv`` into this script's options and the Hydra overrides for the jobs."""
-    options: dict[str, str] = {}
-    extra: list[str] = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in OPTIONS:
-            options[key] = value
-        else:
-            extra.append(arg)
-    return options, extra
+def reproduce(cfg: DictConfig, extra: Sequence[str] = ()) -> int:
+    """Launches and/or collects ``cfg.table`` (``configs/reproduce.yaml``).
 
+    Args:
+        cfg: The composed config.
+        extra: Overrides for every job (``trainer.device=cuda``, ...).
 
-def flag(options: dict[str, str], key: str, default: bool) -> bool:
-    """A boolean option; exits with a message on a value that is not a boolean."""
-    value = options.get(key)
-    if value is None:
-        return default
-    if value.lower() not in BOOLEANS:
-        sys.exit(f"{key}={value}: use true or false")
-    return BOOLEANS[value.lower()]
+    Returns:
+        The exit status of the multirun (0 when every job succeeded, or nothing ran).
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs the command line (``sys.argv[1:]`` when ``argv`` is None); returns the exit status.
-
-    A user error (a missing folder, a bad value) prints one message and returns 1.
+    Raises:
+        KeyError: an unknown table.
+        ValueError: ``launch=false`` without ``sweep_dir``.
     """
-    return run_command("bcnn-reproduce", _main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(__doc__ + "\nTables:\n" + table_list())
-        return 0
-    if argv[0] == "list":
+    if cfg.table is None:
+        print(f"{PROG} table=<name> [smoke=true] [collect=true] ...; the tables:")
         print(table_list())
         return 0
-    options, extra = parse_args(argv)
-    if "table" not in options:
-        sys.exit("name a table: table=<name> (bcnn-reproduce list)")
-    try:
-        table = get_table(options["table"])
-    except KeyError as err:
-        sys.exit(str(err.args[0]))
-    smoke = flag(options, "smoke", False)
-    launch, collect = flag(options, "launch", True), flag(options, "collect", False)
-    if "sweep_dir" in options:
-        sweep_dir = Path(options["sweep_dir"])
-    elif not launch:
-        sys.exit("launch=false collects an existing sweep: pass sweep_dir=<dir>")
-    else:
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-        sweep_dir = Path("multirun") / (table.name + ("_smoke" if smoke else "")) / stamp
-    sweep_dir = sweep_dir.resolve()
+    table = get_table(cfg.table)
+    if cfg.sweep_dir is None and not cfg.launch:
+        raise ValueError("launch=false collects an existing sweep: pass sweep_dir=<dir>")
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    default = Path("multirun") / (table.name + ("_smoke" if cfg.smoke else "")) / stamp
+    sweep_dir = Path(cfg.sweep_dir or default).resolve()
     status = 0
-    if launch:
+    if cfg.launch:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        patterns = [p for p in options.get("rows", "").split(",") if p]
+        rows = cfg.rows or []
         status = launch_table(
             table,
             sweep_dir,
-            smoke=smoke,
-            launcher=options.get("launcher"),
+            smoke=cfg.smoke,
+            launcher=cfg.launcher,
             extra=extra,
-            patterns=patterns,
-            dry_run=flag(options, "dry_run", False),
+            patterns=[rows] if isinstance(rows, str) else list(rows),
+            dry_run=cfg.dry_run,
         )
         if status:
             print(f"[reproduce] some jobs failed (exit status {status})", file=sys.stderr)
-    if collect:
-        report = table_report(table, sweep_dir, bench=options.get("bench"))
+    if cfg.collect:
+        report = table_report(table, sweep_dir, bench=cfg.bench)
         done = int((report["status"] == "ok").sum())
         trained = sum(r.runnable for r in table.rows)
         print(f"[reproduce] {done}/{trained} rows done; report in {sweep_dir / 'report'}")
@@ -145,5 +80,40 @@ def _main(argv: Sequence[str] | None) -> int:
     return status
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+@hydra.main(version_base="1.3", config_path="pkg://bcnn.configs", config_name="reproduce")
+def _hydra_main(cfg: DictConfig) -> None:
+    overrides = HydraConfig.get().overrides
+    # +key=value: for the jobs, without its +.
+    extra = [o[1:] for o in [*overrides.task, *overrides.hydra] if o.startswith("+")]
+    GlobalHydra.instance().clear()  # launch_table composes the rows with Hydra's compose API
+    with user_errors(PROG):
+        status = reproduce(cfg, extra)
+    if status:
+        sys.exit(status)
+
+
+def main() -> None:
+    """``bcnn-reproduce``: trains and reports a published table."""
+    check_overrides(PROG, "reproduce")
+    _hydra_main()
+
+
+def summarize_main(argv: Sequence[str] | None = None) -> int:
+    """``bcnn-summarize-sweep <sweep_dir> [out_dir]``; returns 1 when the folder holds no job."""
+    parser = argparse.ArgumentParser(
+        prog="bcnn-summarize-sweep",
+        description="Writes summary.csv and summary.md of every job of a multirun (default: "
+        "into it) and prints the Markdown.",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory of train.py")
+    parser.add_argument("out_dir", type=Path, nargs="?", help="where to write (the sweep)")
+    args = parser.parse_args(argv)
+
+    def body(_: object) -> int:
+        if not args.sweep_dir.is_dir():
+            raise FileNotFoundError(f"no such directory: {args.sweep_dir}")
+        jobs = summarize_sweep(args.sweep_dir, args.out_dir)
+        print((Path(args.out_dir or args.sweep_dir) / "summary.md").read_text())
+        return 0 if len(jobs) else 1
+
+    return run_command("bcnn-summarize-sweep", body, argv)

@@ -1,21 +1,21 @@
-"""FGVC-Aircraft 2013b: 10,000 images, 100 variants / 70 families / 30 manufacturers.
+"""FGVC-Aircraft 2013b: 100 variants / 70 families / 30 manufacturers, official splits.
 
-Split protocol: the official lists. The dataset ships its own validation set, so
-``train`` and ``val`` are the official ``images_<level>_train.txt`` and ``_val.txt``
-(``val_fraction``/``val_seed`` are not used), ``trainval`` is their union (what B-CNN
-trains on) and ``test`` is ``_test.txt``.
+The dataset ships its own val set: ``train``/``val`` are the official lists
+(``val_fraction`` is unused) and ``trainval`` their union, what B-CNN trains on.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from annotated_types import Ge
 from PIL import Image
 
 from bcnn.data.base import Box, FileDataset, Record, Splits, read_rows
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
+from bcnn.limits import checked
 
 CLASS_FILES = {
     "variant": "variants.txt",
@@ -25,15 +25,11 @@ CLASS_FILES = {
 
 
 class FGVCAircraft(FileDataset):
-    """FGVC-Aircraft at one annotation level, with the photographer banner cropped off.
+    """FGVC-Aircraft at one annotation level, with the copyright banner cropped off.
 
-    Image ids are kept as strings (leading zeros matter) and split lines are parsed with
-    ``split(" ", 1)`` because class names hold spaces and ``/`` (``F/A-18``). Classes are
-    in the order of the level's class file (``variants.txt``...), as in torchvision.
-
-    Every image carries a 20-pixel copyright banner at the bottom; it is cropped off
-    first (``crop_banner``), then the optional box crop (``bbox_crop``, from
-    ``images_box.txt``) is applied, clipped to what is left.
+    Image ids stay strings (leading zeros matter); lines are split once because class
+    names hold spaces and ``/`` (``F/A-18``). Classes are in the order of the level's
+    class file, as in torchvision. The banner is cropped first, then the box.
 
     Args:
         root: ``data/aircraft`` (holding ``fgvc-aircraft-2013b/data``) or the ``data``
@@ -42,50 +38,24 @@ class FGVCAircraft(FileDataset):
         level: ``variant`` (100 classes), ``family`` (70) or ``manufacturer`` (30).
         crop_banner: Remove the bottom ``banner_height`` pixels of every image.
         banner_height: Height of the banner in pixels.
-        **common: The options of :class:`~bcnn.data.base.FileDataset` (``val_fraction``
-            and ``val_seed`` are unused: Aircraft has an official val set).
+        **common: The options of :class:`~bcnn.data.base.FileDataset`.
     """
 
-    source = DatasetSource(
-        name="aircraft",
-        title="FGVC-Aircraft 2013b",
-        homepage="https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/",
-        layout="""\
-<root>/                        e.g. data/aircraft (root may also be .../data itself)
-  fgvc-aircraft-2013b/data/
-    images/<7-digit id>.jpg
-    variants.txt  families.txt  manufacturers.txt
-    images_{variant,family,manufacturer}_{train,val,test}.txt
-    images_box.txt             (used by bbox_crop)""",
-        variants={
-            "default": (
-                Archive(
-                    "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
-                    "d4acdd33327262359767eeaa97a4f732",
-                    creates="fgvc-aircraft-2013b/data/variants.txt",
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("aircraft")
     folders = ("fgvc-aircraft-2013b/data", "data", ".")
     box_file = "images_box.txt"
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
         split: str,
         *,
-        level: str = "variant",
+        level: Literal["variant", "family", "manufacturer"] = "variant",
         crop_banner: bool = True,
-        banner_height: int = 20,
+        banner_height: Annotated[int, Ge(0)] = 20,
         **common: Any,
     ) -> None:
-        if level not in CLASS_FILES:
-            raise ValueError(
-                f"FGVCAircraft level must be one of {sorted(CLASS_FILES)}, got {level!r}"
-            )
-        if banner_height < 0:
-            raise ValueError(f"banner_height must be >= 0, got {banner_height}")
         self.level, self.crop_banner, self.banner_height = level, crop_banner, banner_height
         super().__init__(root, split, **common)
 

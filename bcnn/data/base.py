@@ -1,21 +1,16 @@
 """One dataset base for every loader: files on disk -> records ``(path, label[, box])`` -> items.
 
-A loader declares where its data comes from and how it sits on disk (class attributes of
-:class:`FileDataset`: ``source``, ``folders``, ``files``, ``box_file``) and implements
-only :meth:`FileDataset.parse`, which reads its own annotation files into
-:class:`Record` lists and class names. Everything else lives here: finding the dataset
-folder below ``root`` and the one clear error when files are missing
-(:func:`require_files`), the shared options, split selection (:func:`select_split`,
-:func:`split_train_val`), image decoding with the bad-image policy and the skip log
-shared by DataLoader workers, optional box crops, and the sample lists written into a
-run directory.
+A loader declares its source and layout (class attributes of :class:`FileDataset`) and
+implements only :meth:`FileDataset.parse`. The rest lives here: finding the dataset
+folder, the missing-file error, the shared options, split selection, image decoding with
+the bad-image policy, box crops and the sample lists written into a run directory.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 import uuid
@@ -23,31 +18,33 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, get_args
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from bcnn.data.images import BadImageError, open_rgb
+from bcnn.data.images import open_rgb
 from bcnn.data.source import DatasetSource
-from bcnn.data.transforms import build_transforms
+from bcnn.data.transforms import RecipeMapping, build_transforms
+from bcnn.errors import BadImageError
+from bcnn.limits import Fraction, NonEmpty, Seed, checked
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "trainval", "test")
-BAD_IMAGE_POLICIES = ("fail", "skip")
+Split = Literal["train", "val", "trainval", "test"]
+SPLITS: tuple[str, ...] = get_args(Split)
+BadImagePolicy = Literal["fail", "skip"]
+# How a user lists every unreadable image of a dataset (named in the bad-image error).
+VERIFY_COMMAND = "python scripts/prepare_data.py dataset={name} root={root} verify=true"
 
 # (left, upper, right, lower) in PIL pixel coordinates: right/lower are exclusive.
 Box = tuple[float, float, float, float]
-Transform = Mapping[str, Any] | Callable[[Image.Image], Any] | None
+Transform = RecipeMapping | Callable[[Image.Image], Any] | None
 
 
 class Record(NamedTuple):
-    """One image of a dataset.
-
-    A NamedTuple rather than a dataclass: iNaturalist holds millions of these, and a
-    tuple costs no per-instance dict.
+    """One image of a dataset (a NamedTuple: iNaturalist holds millions of them).
 
     Attributes:
         path: Image path relative to the dataset folder, ``/``-separated.
@@ -78,68 +75,29 @@ class Splits(NamedTuple):
     val: list[Record] | None = None
 
 
-def find_dataset_dir(
-    root: str | os.PathLike | None, marker: str, candidates: Sequence[str]
-) -> Path | None:
-    """Finds the folder that holds a dataset's files below a user-given root.
-
-    Users point ``root`` either at the folder an archive was extracted into
-    (``data/cub``, holding ``CUB_200_2011/``) or at the extracted folder itself, so each
-    loader lists where its ``marker`` may sit.
-
-    Args:
-        root: Folder given by the user (``dataset.root``), or ``None``.
-        marker: A file or folder that identifies the dataset folder, relative to it.
-        candidates: Sub-folders of ``root`` to try in order (``"."`` for ``root`` itself).
-            The first one is the documented layout and is returned when none matches,
-            so that :func:`require_files` then reports paths of that layout.
-
-    Returns:
-        The dataset folder (not checked for existence when nothing matched), or ``None``
-        when ``root`` is ``None``.
-    """
-    if root is None:
-        return None
-    for sub in candidates:
-        if (Path(root) / sub / marker).exists():
-            return Path(root) / sub
-    return Path(root) / candidates[0]
-
-
 def require_files(
     root: str | os.PathLike | None, relpaths: Iterable[str], source: DatasetSource
 ) -> Path:
-    """Checks that a dataset's files exist, raising one readable error if not.
-
-    Args:
-        root: The dataset folder the ``relpaths`` are relative to.
-        relpaths: Files (or folders) that must exist.
-        source: The dataset's declaration: its title, layout and how to obtain it.
-
-    Returns:
-        ``root`` as a ``Path``.
+    """Checks that a dataset's files exist (``relpaths`` below ``root``); returns ``root``.
 
     Raises:
-        FileNotFoundError: ``root`` is ``None`` or does not exist, or a file is missing.
-            The message names the first missing path, the layout and how to obtain it.
+        FileNotFoundError: ``root`` is ``None`` or missing, or a file is missing; the
+            message names the first missing path, the layout and how to obtain it.
     """
     if root is None:
-        parts = [f"{source.title}: no dataset root given (set dataset.root=... or BCNN_DATA)."]
+        problem = "no dataset root given (set dataset.root=... or BCNN_DATA)"
+    elif not (root := Path(root)).is_dir():
+        problem = f"dataset folder {root} does not exist"
+    elif missing := [p for p in relpaths if not (root / p).exists()]:
+        more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}...)"
+        problem = f"missing {root / missing[0]}{more if len(missing) > 1 else ''}"
     else:
-        root = Path(root)
-        missing = [p for p in relpaths if not (root / p).exists()]
-        if root.is_dir() and not missing:
-            return root
-        if not root.is_dir():
-            parts = [f"{source.title}: dataset folder {root} does not exist."]
-        else:
-            more = f" (and {len(missing) - 1} more: {', '.join(missing[1:4])}...)"
-            more = more if len(missing) > 1 else ""
-            parts = [f"{source.title}: missing {root / missing[0]}{more}."]
-    parts.append(f"Expected layout:\n{source.layout.rstrip()}")
-    parts.append(f"How to obtain it: {source.how_to_obtain()}")
-    parts.append("Point dataset.root=<folder> (or the BCNN_DATA environment variable) at the data.")
-    raise FileNotFoundError("\n".join(parts))
+        return root
+    raise FileNotFoundError(
+        f"{source.title}: {problem}.\nExpected layout:\n{source.layout.rstrip()}\n"
+        f"How to obtain it: {source.how_to_obtain()}\n"
+        "Point dataset.root=<folder> (or the BCNN_DATA environment variable) at the data."
+    )
 
 
 def read_rows(path: str | os.PathLike, maxsplit: int = -1) -> list[list[str]]:
@@ -156,21 +114,37 @@ def read_rows(path: str | os.PathLike, maxsplit: int = -1) -> list[list[str]]:
         ]
 
 
+def class_folders(tree: Path) -> list[str]:
+    """The sorted names of the folders in ``tree``, hidden ones left out."""
+    return sorted(d.name for d in tree.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def splits_by_folder(lists: Mapping[str, Path], prefix: str) -> Splits:
+    """Reads list files of ``<class>/<file>`` lines; classes are the sorted class folders.
+
+    Args:
+        lists: ``train``, ``test`` and optionally ``val`` -> its list file.
+        prefix: The folder the listed paths are relative to, below the dataset folder.
+    """
+    paths = {s: [row[0] for row in read_rows(f, 0)] for s, f in lists.items()}
+    classes = sorted({p.split("/", 1)[0] for ps in paths.values() for p in ps})
+    index = {name: i for i, name in enumerate(classes)}
+    records = {
+        s: [Record(f"{prefix}/{p}", index[p.split("/", 1)[0]]) for p in ps]
+        for s, ps in paths.items()
+    }
+    return Splits(classes, **records)
+
+
 def split_train_val(
     records: Sequence[Record], fraction: float, seed: int
 ) -> tuple[list[Record], list[Record]]:
     """Carves a deterministic, class-stratified held-out set out of training records.
 
     Each class with ``n >= 2`` images gives ``clamp(round(fraction * n), 1, n - 1)`` of
-    them to the held-out set (classes with one image stay in train, so every class can
-    be learned). The choice depends only on ``seed``, the class and the set of paths in
-    that class (paths are sorted first), not on the order of ``records``; its own
-    generator per class means adding a class does not reshuffle the others.
-
-    Args:
-        records: The records to split.
-        fraction: Share of each class held out, in ``[0, 1)``; 0 holds out nothing.
-        seed: Seed of the split.
+    them (``fraction`` in ``[0, 1)``) to the held-out set. The choice depends only on
+    ``seed``, the class and its set of paths, not on the order of ``records`` nor on the
+    other classes.
 
     Returns:
         ``(kept, held_out)``, each in the order of ``records``.
@@ -204,23 +178,11 @@ def select_split(
     val_fraction: float = 0.1,
     val_seed: int = 0,
 ) -> list[Record]:
-    """Maps ``train|val|trainval|test`` onto a dataset's official lists.
+    """The records of ``split`` (one of ``SPLITS``) from a dataset's official lists.
 
-    Without an official val list (``val=None``), ``train``/``val`` are carved from the
-    official train list by :func:`split_train_val` and ``trainval`` is all of it. With an
-    official val list, ``train``/``val`` are the official lists, ``trainval`` is their
-    union and ``val_fraction``/``val_seed`` are not used.
-
-    Args:
-        split: One of ``SPLITS``.
-        train: Official training records.
-        test: Official test records.
-        val: Official validation records, if the dataset has them.
-        val_fraction: Share of each class held out as val when carving.
-        val_seed: Seed of the carving.
-
-    Returns:
-        The records of ``split``.
+    Without an official ``val`` list, ``train``/``val`` are carved from ``train`` by
+    :func:`split_train_val` (``val_fraction``, ``val_seed``) and ``trainval`` is all of
+    it; with one, ``train``/``val`` are the official lists and ``trainval`` their union.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -234,30 +196,18 @@ def select_split(
     return carved_train if split == "train" else carved_val
 
 
-def check_options(split: str, val_fraction: float, on_bad_image: str) -> None:
-    """Validates the constructor arguments every dataset shares, before any parsing."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
-
-
-def accepted_options(cls: type) -> set[str]:
-    """The keyword arguments a dataset class accepts (for checking config keys).
-
-    Follows ``**common`` from a loader's ``__init__`` up to the base that takes them.
-    """
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in klass.__dict__:
-            continue
-        params = list(inspect.signature(klass.__dict__["__init__"]).parameters.values())[1:]
-        names.update(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names
+def check_disjoint(splits: Splits, folder: Path, title: str) -> None:
+    """Raises ``ValueError`` naming an image listed in two of the official splits."""
+    lists = {s: getattr(splits, s) for s in ("train", "val", "test") if getattr(splits, s)}
+    seen: dict[str, str] = {}
+    for split, records in lists.items() if len(lists) > 1 else ():
+        for record in records:
+            path = os.path.normpath(os.path.join(folder, record.path))
+            if seen.setdefault(path, split) != split:
+                raise ValueError(
+                    f"{title}: {path} is listed in both {seen[path]} and {split}: a model "
+                    "would be tested on an image it trained on; list it in one split only"
+                )
 
 
 def _remove_skip_log(folder: Path, owner_pid: int) -> None:
@@ -270,19 +220,11 @@ def _remove_skip_log(folder: Path, owner_pid: int) -> None:
 class RecordDataset(Dataset):
     """A map-style dataset over ``(path, label[, box])`` records.
 
-    Images are read by :func:`bcnn.data.images.open_rgb` (8-bit RGB whatever the stored
-    mode: grayscale, CMYK, palette, 16-bit, transparency, a PNG behind a ``.jpg`` name).
-    An image that cannot be read (missing, truncated, not an image) either raises
-    :class:`BadImageError` naming its path (``on_bad_image="fail"``) or is skipped
-    (``"skip"``): the item is then replaced by the next readable record in index order
-    (wrapping around), together with that record's label, and a warning is logged once
-    per bad file and process. The replacement is deterministic, so a run is
-    reproducible.
-
-    Skips are totalled across processes: each one is appended to a small log file (one
-    per process, in a private temporary folder the dataset chooses when it is built and
-    removes when the building process drops it), so :meth:`skipped` in the main process
-    also lists what DataLoader workers skipped.
+    An image that cannot be read raises :class:`BadImageError` naming its path and the
+    fixes (``on_bad_image="fail"``) or is skipped (``"skip"``): replaced by the next
+    readable record in index order, with its label (docs/datasets.md). Each skip is
+    appended to a log file per process, in a temporary folder named when the dataset is
+    built, so :meth:`skipped` in the main process lists what DataLoader workers skipped.
 
     Attributes:
         root: The dataset folder record paths are relative to.
@@ -293,6 +235,7 @@ class RecordDataset(Dataset):
         box_crop: Whether images are cropped to their record's box.
     """
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike,
@@ -300,13 +243,9 @@ class RecordDataset(Dataset):
         classes: Sequence[str],
         transform: Transform = None,
         augment: bool = False,
-        on_bad_image: str = "fail",
+        on_bad_image: BadImagePolicy = "fail",
         box_crop: bool = False,
     ) -> None:
-        if on_bad_image not in BAD_IMAGE_POLICIES:
-            raise ValueError(
-                f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
-            )
         self.root = Path(root)
         self.records = list(records)
         self.classes = list(classes)
@@ -344,18 +283,8 @@ class RecordDataset(Dataset):
         """The label of every record, in order."""
         return [r.label for r in self.records]
 
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (``len(classes)``, also those absent from this split)."""
-        return len(self.classes)
-
     def skipped(self) -> list[str]:
-        """Paths of the images skipped so far, by this process or any DataLoader worker.
-
-        Returns:
-            Full paths (``root / record.path``), each once, in record order; empty with
-            ``on_bad_image="fail"``.
-        """
+        """Full paths of the images skipped so far by any process, each once, in order."""
         indices = set(self._bad)
         if self._skip_log is not None and self._skip_log.is_dir():
             for log in self._skip_log.glob("*.txt"):
@@ -383,12 +312,10 @@ class RecordDataset(Dataset):
                 image = self.load_image(record)
             except BadImageError as err:
                 if self.on_bad_image == "fail":
-                    raise
+                    raise BadImageError(f"{err}; {self.bad_image_fix()}") from err
                 self._skip(i, err)
                 continue
-            if self.transform is not None:
-                image = self.transform(image)
-            return image, record.label
+            return (image if self.transform is None else self.transform(image)), record.label
         raise BadImageError(f"{type(self).__name__}: no readable image left in this split")
 
     def _skip(self, index: int, err: BadImageError) -> None:
@@ -404,13 +331,18 @@ class RecordDataset(Dataset):
         except OSError as log_err:
             logger.warning("Cannot record the skip in %s: %s", self._skip_log, log_err)
 
+    def bad_image_fix(self) -> str:
+        """What to do about an unreadable image, for the error that names it."""
+        return "set dataset.on_bad_image=skip to train without it"
+
     def load_image(self, record: Record) -> Image.Image:
-        """Opens one record's image as RGB, cropped as configured.
+        """Opens one record's image as upright RGB, cropped as configured.
 
         Raises:
-            BadImageError: The file is missing, truncated or not a decodable image.
+            BadImageError: The file is missing, truncated, too large or not a decodable
+                image (see :func:`bcnn.data.images.open_rgb`).
         """
-        return self.crop(open_rgb(self.root / record.path), record)
+        return open_rgb(self.root / record.path, lambda image: self.crop(image, record))
 
     def crop(self, image: Image.Image, record: Record) -> Image.Image:
         """Crops to the record's box when ``box_crop`` is on (box clipped to the image).
@@ -426,11 +358,7 @@ class RecordDataset(Dataset):
         return image.crop((left, upper, right, lower))
 
     def write_samples(self, path: str | os.PathLike) -> None:
-        """Writes the split as ``<relpath> <label>`` lines, relative to ``root``.
-
-        Paths may contain spaces (iNat 2017 species folders): read the label with
-        ``line.rsplit(" ", 1)``.
-        """
+        """Writes the split as ``<relpath> <label>`` lines (split at the last space)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
@@ -444,21 +372,12 @@ class RecordDataset(Dataset):
 class FileDataset(RecordDataset):
     """A dataset read from files below a root folder: the base of every loader.
 
-    A subclass declares, as class attributes:
-
-    * ``source``: its :class:`~bcnn.data.source.DatasetSource` (title, layout, how to
-      obtain it, download URLs and MD5s);
-    * ``folders``: where below ``root`` the dataset folder may sit (``"."`` for ``root``
-      itself), the documented one first;
-    * ``files``: files and folders that must exist in it (the first one marks the folder);
-    * ``box_file``: the file of object boxes read when ``bbox_crop`` is on (``""`` when
-      the boxes come with the annotations, ``None`` when the dataset has none);
-
-    and implements :meth:`parse`. Options of its own are keyword arguments of its
-    ``__init__``, stored on ``self`` before it passes ``**common`` on to this one.
-    Constructing one validates the shared options, finds the dataset folder, checks its
-    files (one clear error naming what is missing), parses the official lists and
-    selects the split.
+    A subclass declares ``source`` (its :class:`~bcnn.data.source.DatasetSource`),
+    ``folders`` (where below ``root`` the dataset folder may sit, the documented one
+    first), ``files`` (what must exist in it; the first marks the folder) and
+    ``box_file`` (read when ``bbox_crop`` is on; ``""`` when the boxes come with the
+    annotations, ``None`` when there are none), and implements :meth:`parse`
+    (docs/datasets.md, "Adding a dataset").
 
     Args:
         root: The folder holding the dataset (``dataset.root``).
@@ -473,40 +392,42 @@ class FileDataset(RecordDataset):
         bbox_crop: Crop every image to its annotated box (datasets with boxes only).
         name: The dataset's name in results (default: ``source.name``).
 
-    Attributes:
-        name: As given.
-        split: As given.
-
     Raises:
         FileNotFoundError: A file the dataset needs is missing.
-        ValueError: An option is out of range, or an annotation file is inconsistent.
+        ValueError: An annotation file is inconsistent, or an image is in two splits.
     """
 
     source: ClassVar[DatasetSource]
-    folders: ClassVar[tuple[str, ...]] = (".",)
+    folders: tuple[str, ...] = (".",)  # a loader may set its own in __init__ (iNat)
     files: ClassVar[tuple[str, ...]] = ()
     box_file: ClassVar[str | None] = None
 
+    @classmethod
+    def config_problem(cls, values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Only a dataset with object boxes crops to them."""
+        if values.get("bbox_crop") and cls.box_file is None:
+            return "bbox_crop", f"{cls.source.title} has no object boxes: set bbox_crop=false"
+        return None
+
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
-        split: str,
+        split: Split,
         transform: Transform = None,
         augment: bool = False,
-        val_fraction: float = 0.1,
-        val_seed: int = 0,
-        on_bad_image: str = "fail",
+        val_fraction: Fraction = 0.1,
+        val_seed: Seed = 0,
+        on_bad_image: BadImagePolicy = "fail",
         bbox_crop: bool = False,
-        name: str | None = None,
+        name: NonEmpty | None = None,
     ) -> None:
-        check_options(split, val_fraction, on_bad_image)
-        if bbox_crop and self.box_file is None:
-            raise ValueError(f"{self.source.title} has no object boxes: set bbox_crop=false")
         # Set before parsing, which may read them (iNat reads one split's file).
         self.split, self.box_crop, self.on_bad_image = split, bool(bbox_crop), on_bad_image
         folder = self.locate(root)
         folder = require_files(folder, self.required_files(folder), self.source)
         parsed = self.parse(folder)
+        check_disjoint(parsed, folder, self.source.title)
         records = select_split(
             split,
             train=parsed.train,
@@ -520,43 +441,24 @@ class FileDataset(RecordDataset):
         )
         self.name = name or self.source.name
 
+    def bad_image_fix(self) -> str:
+        """Skip it, or list every unreadable image with the verify command."""
+        verify = VERIFY_COMMAND.format(name=self.source.name, root=shlex.quote(str(self.root)))
+        return f"{super().bad_image_fix()}, or list every unreadable one with `{verify}`"
+
     def locate(self, root: str | os.PathLike | None) -> Path | None:
-        """The dataset folder below ``root``: the first of ``folders`` holding the first
-        required file (``None`` when ``root`` is)."""
-        return find_dataset_dir(root, self.required_files(None)[0], self.folders)
+        """The first of ``folders`` below ``root`` holding the first required file, else
+        the first of them, the documented layout (``None`` when ``root`` is)."""
+        if root is None:
+            return None
+        found = [Path(root).expanduser() / sub for sub in self.folders]
+        marker = self.required_files(None)[:1]
+        return next((f for f in found if all((f / m).exists() for m in marker)), found[0])
 
     def required_files(self, folder: Path | None) -> list[str]:
-        """Files and folders the dataset folder must hold, with the options given.
-
-        Args:
-            folder: The dataset folder, for loaders whose files depend on what is there
-                (``None`` while it is being located).
-        """
+        """What the dataset folder must hold (``folder`` is ``None`` while locating it)."""
         return [*self.files, *([self.box_file] if self.box_crop and self.box_file else [])]
 
     def parse(self, folder: Path) -> Splits:
-        """Reads the dataset's own files into its official lists and class names.
-
-        Args:
-            folder: The dataset folder, its required files checked.
-        """
+        """Reads the dataset's own files in ``folder`` into its official lists and classes."""
         raise NotImplementedError
-
-
-__all__ = [
-    "BAD_IMAGE_POLICIES",
-    "SPLITS",
-    "BadImageError",
-    "Box",
-    "FileDataset",
-    "Record",
-    "RecordDataset",
-    "Splits",
-    "accepted_options",
-    "check_options",
-    "find_dataset_dir",
-    "read_rows",
-    "require_files",
-    "select_split",
-    "split_train_val",
-]

@@ -1,10 +1,4 @@
-"""Stanford Cars: 196 classes, 16,185 images (8,144 train / 8,041 test).
-
-Split protocol: the official train/test split. ``trainval`` is the whole official train
-set, ``train``/``val`` carve a stratified ``val_fraction`` of it, ``test`` is the
-official test set (labels from ``cars_test_annos_withlabels.mat`` or the ``test`` flag
-of ``cars_annos.mat``).
-"""
+"""Stanford Cars: 196 classes, official train/test split, from either published layout."""
 
 from __future__ import annotations
 
@@ -14,10 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from bcnn.data.base import FileDataset, Record, Splits
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.source import DatasetSource
 
 TEST_LABELS = "cars_test_annos_withlabels.mat"
-_CARS = "http://ai.stanford.edu/~jkrause"
 
 
 def _load_mat(path: Path, key: str) -> np.ndarray:
@@ -29,12 +22,8 @@ def _load_mat(path: Path, key: str) -> np.ndarray:
 
 def _box(entry: np.void) -> tuple[float, float, float, float]:
     # MATLAB boxes are 1-based and inclusive.
-    return (
-        float(entry["bbox_x1"]) - 1,
-        float(entry["bbox_y1"]) - 1,
-        float(entry["bbox_x2"]),
-        float(entry["bbox_y2"]),
-    )
+    x1, y1, x2, y2 = (float(entry[f"bbox_{k}"]) for k in ("x1", "y1", "x2", "y2"))
+    return (x1 - 1, y1 - 1, x2, y2)
 
 
 def _devkit_records(folder: Path, annos: str, image_dir: str) -> list[Record]:
@@ -51,59 +40,18 @@ def _devkit_records(folder: Path, annos: str, image_dir: str) -> list[Record]:
 
 
 class StanfordCars(FileDataset):
-    """Stanford Cars from either of its two published layouts, detected automatically.
+    """Stanford Cars from either published layout (``source.layout``), detected by its files.
 
-    * ``devkit`` (torchvision, TFDS): ``cars_train/``, ``cars_test/``,
-      ``devkit/cars_meta.mat``, ``devkit/cars_train_annos.mat`` and the test labels in
-      ``cars_test_annos_withlabels.mat`` at the root or in ``devkit/``. Kaggle's doubled
-      ``cars_train/cars_train/`` folders are accepted as they are.
-    * ``car_ims`` (the B-CNN authors): ``car_ims/`` plus ``cars_annos.mat``, whose
-      ``test`` field gives the split.
-
-    ``.mat`` struct fields are read by name, so both layouts share one parser. Labels are
-    ``class - 1``; ``classes`` are the ``class_names`` of the ``.mat`` files. ``root`` is
-    ``data/cars``; the options are those of :class:`~bcnn.data.base.FileDataset`
-    (``bbox_crop`` crops to the annotated box).
+    ``devkit`` (torchvision, Kaggle, TFDS) or ``car_ims`` (the B-CNN authors'; the
+    ``test`` field of ``cars_annos.mat`` gives the split). ``.mat`` struct fields are read
+    by name; labels are ``class - 1``. ``root`` is ``data/cars``; the options are those of
+    :class:`~bcnn.data.base.FileDataset`.
 
     Attributes:
         layout: ``"devkit"`` or ``"car_ims"``, the layout found.
     """
 
-    source = DatasetSource(
-        name="cars",
-        title="Stanford Cars",
-        homepage="https://ai.stanford.edu/~jkrause/cars/car_dataset.html (offline)",
-        layout="""\
-<root>/                        e.g. data/cars; either layout A (devkit):
-  cars_train/00001.jpg ...     cars_test/00001.jpg ...   (Kaggle's doubled
-                               cars_train/cars_train/ is accepted too)
-  devkit/cars_meta.mat  devkit/cars_train_annos.mat
-  cars_test_annos_withlabels.mat   (here or in devkit/)
-or layout B (the B-CNN authors'):
-  car_ims/000001.jpg ...  cars_annos.mat""",
-        manual="""\
-no public download; the original host ai.stanford.edu/~jkrause is offline (torchvision
-  issue #7545).
-  1. Images: Kaggle dataset jessicali9530/stanford-cars-dataset (cars_train/, cars_test/),
-     or car_ims.tgz + cars_annos.mat from an archive mirror (layout B).
-  2. Devkit: car_devkit.tgz, re-hosted at
-     https://github.com/pytorch/vision/files/11644847/car_devkit.tgz
-  3. Test labels: cars_test_annos_withlabels.mat (e.g. a Kaggle mirror); put it in the
-     root or in devkit/.
-  4. Install each file with checksum verification where its MD5 is known:
-     bcnn-prepare-data --dataset cars --root data/cars --archive FILE ...""",
-        known_files=tuple(
-            Archive(f"{_CARS}/{path}", md5, creates=creates, extract=not path.endswith(".mat"))
-            for path, md5, creates in (
-                ("cars/car_devkit.tgz", "c3b158d763b6e2245038c8ad08e45376", "devkit"),
-                ("car196/cars_train.tgz", "065e5b463ae28d29e77c1b4b166cfe61", "cars_train"),
-                ("car196/cars_test.tgz", "4ce7ebf6a94d07f1952d94dd34c4d501", "cars_test"),
-                (f"car196/{TEST_LABELS}", "b0a2b23655a3edd16d84508592a98d10", TEST_LABELS),
-                ("car196/car_ims.tgz", "d5c8f0aa497503f355e17dc7886c3f14", "car_ims"),
-                ("car196/cars_annos.mat", "b407c6086d669747186bd1d764ff9dbc", "cars_annos.mat"),
-            )
-        ),
-    )
+    source = DatasetSource.named("cars")
     box_file = ""  # boxes are fields of the .mat annotations
 
     def locate(self, root: str | os.PathLike | None) -> Path | None:

@@ -1,13 +1,7 @@
 """Your own images: a folder with one sub-folder per class, or CSV lists of (path, label).
 
-Both loaders are :class:`~bcnn.data.base.FileDataset` s like the benchmarks: the same
-splits (``train``/``val``/``trainval``/``test``), bad-image policy, box-free crops,
-``skipped()`` and split lists written into the run directory.
-
-Where there is no official test set (no ``test/`` folder, no test CSV), ``test`` is a
-seeded, class-stratified ``test_fraction`` of the training images (seed ``split_seed``),
-carved by :func:`~bcnn.data.base.split_train_val` before ``val`` is carved from the rest
-(``val_fraction``, ``val_seed``); the trainer's ``splits/*.txt`` record the result.
+Without an official test set (no ``test/`` folder, no test CSV), ``test`` is a seeded,
+class-stratified ``test_fraction`` of the training images, carved before ``val``.
 """
 
 from __future__ import annotations
@@ -16,31 +10,39 @@ import csv
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from annotated_types import Interval
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from bcnn.data.base import FileDataset, Record, Splits, split_train_val
+from bcnn.data.base import FileDataset, Record, Splits, class_folders, split_train_val
 from bcnn.data.source import DatasetSource
+from bcnn.limits import Seed, checked
 
 logger = logging.getLogger(__name__)
 
 SPLIT_FOLDERS = ("train", "val", "test")
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
+def _image_files(top: Path) -> Iterator[str]:
+    """The image files below ``top``, sorted, hidden files and folders left out.
 
-
-def _carve_test(splits: Splits, fraction: float, seed: int, where: str) -> Splits:
-    """Holds out a stratified ``fraction`` of ``train`` as ``test`` when there is none."""
-    if splits.test:
-        return splits
-    logger.info("%s has no test set: test = a seeded %.0f%% of each class", where, 100 * fraction)
-    train, test = split_train_val(splits.train, fraction, seed)
-    return splits._replace(train=train, test=test)
+    Links are followed, but each folder is entered once: a link back to a parent folder
+    (``class/again -> .``) ends there instead of listing its images again and again.
+    """
+    entered: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        stat = os.stat(dirpath)
+        if (stat.st_dev, stat.st_ino) in entered:
+            dirnames.clear()
+            continue
+        entered.add((stat.st_dev, stat.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS):
+                yield os.path.join(dirpath, name)
 
 
 class _OwnData(FileDataset):
@@ -55,66 +57,49 @@ class _OwnData(FileDataset):
         **common: The options of :class:`~bcnn.data.base.FileDataset`.
     """
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
         split: str,
         *,
-        test_fraction: float = 0.2,
-        split_seed: int = 0,
+        test_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.2,
+        split_seed: Seed = 0,
         **common: Any,
     ) -> None:
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.test_fraction, self.split_seed = float(test_fraction), int(split_seed)
         super().__init__(root, split, **common)
 
-    def locate(self, root: str | os.PathLike | None) -> Path | None:
-        """``root`` itself."""
-        return None if root is None else Path(root).expanduser()
+    def carve_test(self, splits: Splits, folder: Path) -> Splits:
+        """Holds out a stratified ``test_fraction`` of ``train`` as ``test`` when there is none."""
+        if splits.test:
+            return splits
+        if self.split == "test":  # said once, by the split it is about
+            logger.info(
+                "%s has no test set: test = a seeded %.0f%% of each class",
+                folder,
+                100 * self.test_fraction,
+            )
+        train, test = split_train_val(splits.train, self.test_fraction, self.split_seed)
+        return splits._replace(train=train, test=test)
 
 
 class FolderDataset(_OwnData):
     """Images sorted into one sub-folder per class (like ``torchvision.datasets.ImageFolder``).
 
-    Two layouts, told apart by a ``train/`` folder:
-
-    * ``root/train/<class>/...`` with optional ``root/val/<class>/...`` and
-      ``root/test/<class>/...``: the official splits. ``val/`` and ``test/`` may lack
-      classes but not add any.
-    * ``root/<class>/...``: a single tree; ``test`` and ``val`` are carved from it.
-
-    Classes are the sorted names of the class folders (of ``train/``). Images are the
-    files below a class folder, at any depth, with an image extension (``.jpg``,
-    ``.jpeg``, ``.png``, ``.ppm``, ``.bmp``, ``.pgm``, ``.tif``, ``.tiff``, ``.webp``, any
-    case); hidden files and folders (``.DS_Store``, ``._x.jpg``, ``.ipynb_checkpoints``)
-    are ignored.
-
-    Args:
-        root: The folder (``dataset.root``).
-        split: ``train``, ``val``, ``trainval`` or ``test``.
-        **options: ``test_fraction``, ``split_seed`` and the options of
-            :class:`~bcnn.data.base.FileDataset`.
+    Either ``root/train/<class>/...`` with optional ``val/`` and ``test/`` folders (which
+    may lack classes but not add any), or a single tree ``root/<class>/...``; classes are
+    the sorted class-folder names, images the files with an image extension at any depth
+    below them (docs/datasets.md). The options are ``test_fraction``, ``split_seed`` and
+    those of :class:`~bcnn.data.base.FileDataset`.
 
     Raises:
-        FileNotFoundError: ``root`` is missing.
         ValueError: No class folders, a class folder without images, a class in
-            ``val/`` or ``test/`` that ``train/`` lacks, or ``val/``/``test/`` without
-            ``train/``.
+            ``val/`` or ``test/`` that ``train/`` lacks, ``val/``/``test/`` without
+            ``train/``, or one file in two classes or splits.
     """
 
-    source = DatasetSource(
-        name="folder",
-        title="Image folder",
-        layout="""\
-<root>/                        either split folders:
-  train/<class>/<image>        (any depth below the class folder)
-  val/<class>/<image>          (optional: else val is carved from train)
-  test/<class>/<image>         (optional: else test is carved from train)
-or a single tree (test and val are carved from it):
-  <class>/<image>""",
-        manual="your own images: arrange them as shown and set dataset.root=<folder>.",
-    )
+    source = DatasetSource.named("folder")
 
     def parse(self, folder: Path) -> Splits:
         """Lists the class folders and their images; carves the missing splits."""
@@ -124,57 +109,69 @@ or a single tree (test and val are carved from it):
                 f"{folder} has {' and '.join(s + '/' for s in present)} but no train/ folder; "
                 "add train/<class>/ folders, or put the class folders directly in it"
             )
-        classes = self._class_folders(folder / "train" if present else folder)
-        trees = {s: folder / s for s in present} if present else {"train": folder}
-        lists = {s: self._images(folder, tree, classes) for s, tree in trees.items()}
-        splits = Splits(classes, lists["train"], lists.get("test", []), lists.get("val"))
-        return _carve_test(splits, self.test_fraction, self.split_seed, str(folder))
-
-    @staticmethod
-    def _class_folders(tree: Path) -> list[str]:
-        classes = sorted(d.name for d in tree.iterdir() if d.is_dir() and not _is_hidden(d.name))
-        if not classes:
+        tree = folder / "train" if present else folder
+        if not (classes := class_folders(tree)):
             raise ValueError(
                 f"{tree} holds no class folders: put each class's images in {tree}/<class name>/"
             )
-        return classes
+        trees = {s: folder / s for s in present} if present else {"train": folder}
+        seen: dict[tuple[int, int] | str, tuple[Path, Record]] = {}
+        lists = {s: self._images(folder, tree, classes, seen) for s, tree in trees.items()}
+        splits = Splits(classes, lists["train"], lists.get("test", []), lists.get("val"))
+        return self.carve_test(splits, folder)
 
     @staticmethod
-    def _images(folder: Path, tree: Path, classes: Sequence[str]) -> list[Record]:
-        """The images of ``tree/<class>/``, as records relative to ``folder``."""
-        names = [d.name for d in tree.iterdir() if d.is_dir() and not _is_hidden(d.name)]
+    def _images(
+        folder: Path,
+        tree: Path,
+        classes: Sequence[str],
+        seen: dict[tuple[int, int] | str, tuple[Path, Record]],
+    ) -> list[Record]:
+        """The images of ``tree/<class>/``, as records relative to ``folder``.
+
+        Each file is listed once, however many links lead to it: ``seen`` maps each file
+        (device and inode) to where it was first found, across the split folders.
+        """
+        names = class_folders(tree)
         if unknown := sorted(set(names) - set(classes)):
             raise ValueError(
                 f"class folder {tree / unknown[0]} is not a class of {folder / 'train'} "
                 f"(classes: {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
             )
-
-        def is_image(path: str) -> bool:
-            parts = Path(path).relative_to(tree).parts
-            return path.lower().endswith(IMG_EXTENSIONS) and not any(map(_is_hidden, parts))
-
-        index = {name: classes.index(name) for name in names}
-        found = make_dataset(str(tree), index, is_valid_file=is_image, allow_empty=True)
-        if empty := sorted(set(names) - {classes[label] for _, label in found}):
-            raise ValueError(
-                f"class folder {tree / empty[0]} holds no images "
-                f"(extensions: {' '.join(IMG_EXTENSIONS)}); remove it or add images"
-            )
-        return [Record(Path(p).relative_to(folder).as_posix(), label) for p, label in found]
+        records: list[Record] = []
+        for name in names:
+            count, top = len(records), tree / name
+            # Strings, not Paths, for each file: pathlib would take most of the listing time.
+            prefix, start = top.relative_to(folder).as_posix(), len(str(top)) + 1
+            for path in _image_files(top):
+                rel = f"{prefix}/{path[start:].replace(os.sep, '/')}"
+                record = Record(rel, classes.index(name))
+                try:
+                    stat = os.stat(path)
+                    key: tuple[int, int] | str = (stat.st_dev, stat.st_ino)
+                except OSError:  # a broken link: a bad image when read
+                    key = record.path
+                first_tree, first = seen.setdefault(key, (tree, record))
+                if first is record:
+                    records.append(record)
+                elif first_tree != tree or first.label != record.label:
+                    raise ValueError(
+                        f"{folder / record.path} is the same file as {folder / first.path} "
+                        "(a link or a hard link): an image belongs to one class and one "
+                        "split; remove one of them"
+                    )
+            if len(records) == count:
+                raise ValueError(
+                    f"class folder {tree / name} holds no images "
+                    f"(extensions: {' '.join(IMG_EXTENSIONS)}); remove it or add images"
+                )
+        return records
 
 
 class CSVDataset(_OwnData):
-    """Images listed in CSV files, one per split, as ``path,label`` rows.
+    """Images listed in CSV files, one per split, as ``path,label`` rows (docs/datasets.md).
 
-    Each CSV has a ``path`` and a ``label`` column: named in a header row (other columns
-    are ignored), or, without a header, the first two columns. Labels are class names
-    (or numbers). Paths are relative to ``image_root`` when given, else to the CSV's own
-    folder, or absolute. The train CSV is required; the val and test CSVs are used when
-    they exist, else those splits are carved from train.
-
-    Classes are ``classes`` when given (that order), else the sorted distinct labels of
-    the train CSV, sorted numerically when every label is an integer (so labels
-    ``0..K-1`` keep their numbers).
+    The ``path`` and ``label`` columns are named in a header row, or else the first two.
 
     Args:
         root: The folder holding the CSV files (``dataset.root``).
@@ -184,7 +181,8 @@ class CSVDataset(_OwnData):
         test_csv: The test CSV; used if it exists.
         image_root: Folder the image paths are relative to (relative to ``root``, or
             absolute); ``None``: each CSV's own folder.
-        classes: The class names in label order; ``None``: from the train CSV.
+        classes: The class names in label order; ``None``: the train CSV's labels, sorted
+            (numerically when all are integers, so ``0..K-1`` keep their numbers).
         **options: ``test_fraction``, ``split_seed`` and the options of
             :class:`~bcnn.data.base.FileDataset`.
 
@@ -195,18 +193,9 @@ class CSVDataset(_OwnData):
             ``classes`` is given), a row without a path or label, or an empty train CSV.
     """
 
-    source = DatasetSource(
-        name="csv",
-        title="CSV image lists",
-        layout="""\
-<root>/
-  train.csv                    path,label rows (a header row naming them is optional)
-  val.csv                      (optional: else val is carved from train)
-  test.csv                     (optional: else test is carved from train)
-  images...                    paths relative to the CSV's folder (or image_root)""",
-        manual="your own lists: write them as shown and set dataset.root=<folder>.",
-    )
+    source = DatasetSource.named("csv")
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
@@ -219,98 +208,73 @@ class CSVDataset(_OwnData):
         classes: Sequence[str] | None = None,
         **options: Any,
     ) -> None:
-        self.csv_files = {"train": train_csv, "val": val_csv, "test": test_csv}
+        self.train_csv, self.other_csvs = train_csv, {"val": val_csv, "test": test_csv}
         self.image_root = image_root
         self.class_names = None if classes is None else [str(c) for c in classes]
         super().__init__(root, split, **options)
 
     def required_files(self, folder: Path | None) -> list[str]:
         """The train CSV."""
-        return [self.csv_files["train"]]
+        return [self.train_csv]
 
     def parse(self, folder: Path) -> Splits:
         """Reads the CSVs present; names the classes; checks labels and files."""
-        rows = {
-            s: self._read(folder / name)
-            for s, name in self.csv_files.items()
-            if name and (s == "train" or (folder / name).is_file())
-        }
+        rows = {"train": _read_csv(folder / self.train_csv)}
+        for split, name in self.other_csvs.items():
+            if name and (folder / name).is_file():
+                rows[split] = _read_csv(folder / name)
         if not rows["train"]:
-            raise ValueError(f"{folder / self.csv_files['train']} lists no images")
-        classes = self.class_names or _sorted_labels(label for *_, label in rows["train"])
+            raise ValueError(f"{folder / self.train_csv} lists no images")
+        labels = sorted({label for *_, label in rows["train"]})
+        if all(re.fullmatch(r"[+-]?\d+", label) for label in labels):
+            labels.sort(key=int)  # so that labels 0..K-1 keep their numbers
+        classes = self.class_names or labels
+        origin = "dataset.classes" if self.class_names else str(folder / self.train_csv)
+        known = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
         index = {name: i for i, name in enumerate(classes)}
-        records = {s: self._records(folder, s, r, index) for s, r in rows.items()}
-        splits = Splits(classes, records["train"], records.get("test", []), records.get("val"))
-        return _carve_test(splits, self.test_fraction, self.split_seed, str(folder))
-
-    @staticmethod
-    def _read(path: Path) -> list[tuple[Path, int, str, str]]:
-        """``(csv, line, path, label)`` for every row of one CSV."""
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            lines = [(n, row) for n, row in enumerate(csv.reader(f), 1) if any(map(str.strip, row))]
-        header = [c.strip().lower() for c in lines[0][1]] if lines else []
-        columns = (0, 1)
-        if "path" in header and "label" in header:
-            columns, lines = (header.index("path"), header.index("label")), lines[1:]
-        out = []
-        for number, row in lines:
-            if len(row) <= max(columns) or not row[columns[0]].strip():
-                raise ValueError(f"{path} line {number}: expected a path and a label, got {row}")
-            out.append((path, number, row[columns[0]].strip(), row[columns[1]].strip()))
-        return out
-
-    def _records(
-        self,
-        folder: Path,
-        split: str,
-        rows: list[tuple[Path, int, str, str]],
-        index: dict[str, int],
-    ) -> list[Record]:
-        """Records of one CSV's rows; unknown labels raise, missing files are reported."""
-        records, missing = [], []
-        for csv_path, number, image, label in rows:
-            if label not in index:
-                known = ", ".join(list(index)[:10]) + (", ..." if len(index) > 10 else "")
-                raise ValueError(
-                    f"{csv_path} line {number}: label {label!r} is not a class "
-                    f"(classes, from {self._class_origin(folder)}: {known})"
-                )
-            base = folder / self.image_root if self.image_root else csv_path.parent
-            full = (base / image).expanduser()
-            if not full.is_file():
-                missing.append(f"{csv_path} line {number}: {full}")
-            path = image if Path(image).is_absolute() else os.path.relpath(full, folder)
-            records.append(Record(Path(path).as_posix(), index[label]))
-        if missing:
-            self._report_missing(split, missing)
-        return records
-
-    def _class_origin(self, folder: Path) -> str:
-        return "dataset.classes" if self.class_names else str(folder / self.csv_files["train"])
-
-    def _report_missing(self, split: str, missing: list[str]) -> None:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        if self.on_bad_image == "skip":
+        records: dict[str, list[Record]] = {split: [] for split in rows}
+        missing = []
+        for split, split_rows in rows.items():
+            for csv_path, number, image, label in split_rows:
+                if label not in index:
+                    raise ValueError(
+                        f"{csv_path} line {number}: label {label!r} is not a class "
+                        f"(classes, from {origin}: {known})"
+                    )
+                base = folder / self.image_root if self.image_root else csv_path.parent
+                full = (base / image).expanduser()
+                if not full.is_file():
+                    missing.append(f"{csv_path} line {number}: {full}")
+                path = image if Path(image).is_absolute() else os.path.relpath(full, folder)
+                records[split].append(Record(Path(path).as_posix(), index[label]))
+        if missing and self.on_bad_image == "skip":
             logger.warning(
-                "%d images of the %s CSV do not exist; they will be skipped. First: %s",
+                "%d listed images do not exist; they will be skipped. First: %s",
                 len(missing),
-                split,
                 missing[0],
             )
-            return
-        raise FileNotFoundError(
-            f"missing image {missing[0]}{more}; fix the paths (relative to "
-            f"{'dataset.image_root' if self.image_root else 'the CSV folder'}) or set "
-            "dataset.on_bad_image=skip"
-        )
+        elif missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise FileNotFoundError(
+                f"missing image {missing[0]}{more}; fix the paths (relative to "
+                f"{'dataset.image_root' if self.image_root else 'the CSV folder'}) or set "
+                "dataset.on_bad_image=skip"
+            )
+        splits = Splits(classes, records["train"], records.get("test", []), records.get("val"))
+        return self.carve_test(splits, folder)
 
 
-def _sorted_labels(labels: Any) -> list[str]:
-    """Distinct labels, sorted numerically when all are integers, else as strings."""
-    distinct = set(labels)
-    if all(re.fullmatch(r"[+-]?\d+", label) for label in distinct):
-        return sorted(distinct, key=int)
-    return sorted(distinct)
-
-
-__all__ = ["CSVDataset", "FolderDataset"]
+def _read_csv(path: Path) -> list[tuple[Path, int, str, str]]:
+    """``(csv, line, path, label)`` for every row of one CSV."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        lines = [(n, row) for n, row in enumerate(csv.reader(f), 1) if any(map(str.strip, row))]
+    header = [c.strip().lower() for c in lines[0][1]] if lines else []
+    columns = (0, 1)
+    if "path" in header and "label" in header:
+        columns, lines = (header.index("path"), header.index("label")), lines[1:]
+    out = []
+    for number, row in lines:
+        if len(row) <= max(columns) or not row[columns[0]].strip():
+            raise ValueError(f"{path} line {number}: expected a path and a label, got {row}")
+        out.append((path, number, row[columns[0]].strip(), row[columns[1]].strip()))
+    return out

@@ -1,18 +1,10 @@
 """Fetching a dataset's files: what no library does for us.
 
-torchvision downloads (``download_url``) and checksums (``calculate_md5``), and
-``tarfile``'s ``"data"`` filter (``zipfile`` sanitizes member names by itself) keeps
-every member inside the target folder. This module adds what neither does:
-
-* all-or-nothing: a file is downloaded into a temporary folder and moved into place only
-  once complete and verified; an archive is unpacked into a temporary folder next to its
-  target and moved into place only when the whole archive was read, and folders a failed
-  call created are removed again, so a failure leaves nothing behind;
-* mirrors: ``<base_url>/<dataset>/<file>`` instead of the official URL;
-* local archives: files obtained by hand (gated or offline hosts), checked against their
-  published MD5 by file name and installed where they belong.
-
-What to fetch is declared by each loader (its :class:`~bcnn.data.source.DatasetSource`).
+torchvision downloads and checksums; ``tarfile``'s ``"data"`` filter (and ``zipfile``
+itself) keeps every member inside the target folder. This module adds all-or-nothing
+downloads and extraction (a failure leaves nothing behind, not even the folders it
+created), mirrors (``<base_url>/<dataset>/<file>``) and files obtained by hand, checked
+against their published MD5 by file name. What to fetch is each loader's ``source``.
 """
 
 from __future__ import annotations
@@ -110,17 +102,9 @@ def safe_extract(
 ) -> list[str]:
     """Extracts a tar (any compression) or zip archive into ``dest``, all or nothing.
 
-    Members are unpacked into a temporary folder inside ``dest`` and moved into ``dest``
-    only when the whole archive was read without error. Existing entries are never
-    overwritten.
-
-    Args:
-        archive: The archive file.
-        dest: The target folder (created if missing).
-        progress: Show a tqdm bar.
-
-    Returns:
-        The names of the top-level entries created in ``dest``.
+    Members are unpacked into a temporary folder inside ``dest`` (created if missing) and
+    moved into it only when the whole archive was read; existing entries are never
+    overwritten. Returns the names of the top-level entries created.
 
     Raises:
         UnsafeArchiveError: A tar member would land outside the folder (``..``, a link
@@ -188,16 +172,14 @@ def fetch(
         dataset: Dataset name, used for the mirror URL.
         base_url: Mirror base URL; defaults to ``$BCNN_DATA_MIRROR``, else the official URL.
         keep_archive: Keep the downloaded archive after extraction.
-        progress: Show a progress bar while extracting (torchvision's download always
-            shows its own).
+        progress: Show a progress bar while extracting.
 
     Returns:
         ``False`` when ``archive.creates`` already existed and nothing was done.
 
     Raises:
         ChecksumError, ExtractionError, UnsafeArchiveError, urllib.error.URLError: The
-            download or extraction failed; partial files and folders created by this
-            call are removed.
+            download or extraction failed; what this call created is removed.
     """
     root = Path(root)
     if archive.creates and (root / archive.creates).exists():
@@ -245,11 +227,11 @@ def prepare(
         raise ValueError(
             f"{source.name} variant must be one of {sorted(source.variants)}, got {variant!r}"
         )
-    fetched = []
-    for archive in source.variants[variant]:
-        if fetch(archive, root, source.name, base_url, keep_archives, progress):
-            fetched.append(archive.filename)
-    return fetched
+    return [
+        archive.filename
+        for archive in source.variants[variant]
+        if fetch(archive, root, source.name, base_url, keep_archives, progress)
+    ]
 
 
 def install_local(
@@ -283,19 +265,3 @@ def install_local(
         else:
             safe_extract(path, target, progress)
     return archive
-
-
-__all__ = [
-    "DATA_ENV",
-    "MIRROR_ENV",
-    "ChecksumError",
-    "ExtractionError",
-    "UnsafeArchiveError",
-    "check_md5",
-    "download",
-    "fetch",
-    "install_local",
-    "mirror_url",
-    "prepare",
-    "safe_extract",
-]

@@ -1,61 +1,45 @@
-"""Describable Textures Dataset: 47 classes x 120 images, ten official partitions.
+"""Describable Textures Dataset: 47 classes, ten official train/val/test partitions.
 
-Split protocol: partition ``k`` (1-10) has official ``train{k}``/``val{k}``/``test{k}``
-lists of 40 images per class each. ``train``/``val`` are those lists
-(``val_fraction``/``val_seed`` are not used), ``trainval`` is their union (what B-CNN
-trains on) and ``test`` is ``test{k}``. Papers report the mean over partitions 1-10.
+Split protocol (docs/datasets.md): ``trainval`` is ``train{k}`` + ``val{k}`` (what B-CNN
+trains on), ``test`` is ``test{k}``; papers report the mean over partitions 1-10.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from bcnn.data.base import FileDataset, Record, Splits, read_rows
-from bcnn.data.source import Archive, DatasetSource
+from annotated_types import Interval
+
+from bcnn.data.base import FileDataset, Splits, splits_by_folder
+from bcnn.data.source import DatasetSource
+from bcnn.limits import checked
 
 
 class DTD(FileDataset):
-    """DTD, one partition of its official splits.
-
-    Classes are the sorted folder names that appear in the partition's three lists.
+    """DTD, one partition of its official splits; classes are the sorted folder names.
 
     Args:
         root: ``data/dtd`` (holding ``dtd/``) or ``dtd/`` itself.
         split: ``train``, ``val``, ``trainval`` or ``test``.
         partition: Which of the ten official splits, 1-10.
-        **common: The options of :class:`~bcnn.data.base.FileDataset` (``val_fraction``
-            and ``val_seed`` are unused: DTD has official val lists).
+        **common: The options of :class:`~bcnn.data.base.FileDataset`.
     """
 
-    source = DatasetSource(
-        name="dtd",
-        title="Describable Textures Dataset (DTD)",
-        homepage="https://www.robots.ox.ac.uk/~vgg/data/dtd/",
-        layout="""\
-<root>/                        e.g. data/dtd (root may also be dtd/ itself)
-  dtd/
-    images/<class>/<class>_<NNNN>.jpg
-    labels/{train,val,test}{1..10}.txt""",
-        variants={
-            "default": (
-                Archive(
-                    "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
-                    "fff73e5086ae6bdbea199a49dfb8a4c1",
-                    creates="dtd/labels/train1.txt",
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("dtd")
     folders = ("dtd", ".")
 
+    @checked
     def __init__(
-        self, root: str | os.PathLike | None, split: str, *, partition: int = 1, **common: Any
+        self,
+        root: str | os.PathLike | None,
+        split: str,
+        *,
+        partition: Annotated[int, Interval(ge=1, le=10)] = 1,
+        **common: Any,
     ) -> None:
         self.partition = int(partition)
-        if not 1 <= self.partition <= 10:
-            raise ValueError(f"DTD partition must be in 1..10, got {partition}")
         super().__init__(root, split, **common)
 
     def _lists(self) -> dict[str, str]:
@@ -67,11 +51,4 @@ class DTD(FileDataset):
 
     def parse(self, folder: Path) -> Splits:
         """Reads the partition's lists (lines such as ``banded/banded_0002.jpg``)."""
-        paths = {s: [row[0] for row in read_rows(folder / f, 0)] for s, f in self._lists().items()}
-        classes = sorted({p.split("/", 1)[0] for ps in paths.values() for p in ps})
-        index = {name: i for i, name in enumerate(classes)}
-        official = {
-            s: [Record(f"images/{p}", index[p.split("/", 1)[0]]) for p in ps]
-            for s, ps in paths.items()
-        }
-        return Splits(classes, **official)
+        return splits_by_folder({s: folder / f for s, f in self._lists().items()}, "images")

@@ -1,31 +1,25 @@
-"""Flickr Material Database: 10 materials x 100 images, no official split.
-
-Split protocol: the usual random per-class halves. Trial ``t`` shuffles each class with
-its own generator seeded by ``(t, class index)`` and puts the first ``train_fraction``
-(50 of 100) in the official-train half and the rest in ``test``. ``trainval`` is the
-train half, ``train``/``val`` carve a stratified ``val_fraction`` of it. Papers report
-mean and standard deviation over trials (usually 10); the trainer's saved sample lists
-record each trial's split.
-"""
+"""Flickr Material Database: 10 materials x 100 images, no official split."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from annotated_types import Ge, Interval
 
-from bcnn.data.base import FileDataset, Record, Splits
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.base import FileDataset, Record, Splits, class_folders
+from bcnn.data.source import DatasetSource
+from bcnn.limits import checked
 
 
 class FMD(FileDataset):
-    """FMD with a seeded per-class train/test split.
+    """FMD with a seeded per-class train/test split (docs/datasets.md).
 
-    Only ``*.jpg`` files directly under ``image/<material>/`` are used: the archive also
-    holds masks, MATLAB scripts and ``Thumbs.db`` files. Classes are the sorted material
-    folder names.
+    Trial ``t`` shuffles each class with a generator seeded by ``(t, class index)``; the
+    first ``train_fraction`` is the train half. Only ``*.jpg`` files directly under
+    ``image/<material>/`` count: the archive also holds masks, scripts and ``Thumbs.db``.
 
     Args:
         root: ``data/fmd`` (holding ``image/``).
@@ -35,47 +29,27 @@ class FMD(FileDataset):
         **common: The options of :class:`~bcnn.data.base.FileDataset`.
     """
 
-    source = DatasetSource(
-        name="fmd",
-        title="Flickr Material Database (FMD)",
-        homepage="https://people.csail.mit.edu/celiu/CVPR2010/FMD/",
-        layout="""\
-<root>/                        e.g. data/fmd (the zip has no top folder)
-  image/<material>/<material>_<moderate|object|final>_<NNN>_new.jpg
-  mask/...                     (not used)""",
-        variants={
-            "default": (
-                Archive(
-                    "http://people.csail.mit.edu/celiu/CVPR2010/FMD/FMD.zip",
-                    "0721ba72cd981aa9599a81bbfaaebd75",
-                    creates="image",
-                ),
-            )
-        },
-    )
+    source = DatasetSource.named("fmd")
     folders = (".", "FMD")
     files = ("image",)
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
         split: str,
         *,
-        trial: int = 1,
-        train_fraction: float = 0.5,
+        trial: Annotated[int, Ge(1)] = 1,
+        train_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.5,
         **common: Any,
     ) -> None:
-        if not 0.0 < train_fraction < 1.0:
-            raise ValueError(f"FMD train_fraction must be in (0, 1), got {train_fraction}")
         self.trial, self.train_fraction = int(trial), train_fraction
         super().__init__(root, split, **common)
 
     def parse(self, folder: Path) -> Splits:
         """Lists each material's images and splits them with the trial's generators."""
         image_dir = folder / "image"
-        classes = sorted(
-            d.name for d in image_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-        )
+        classes = class_folders(image_dir)
         train: list[Record] = []
         test: list[Record] = []
         for label, name in enumerate(classes):

@@ -1,26 +1,19 @@
 """iNaturalist 2017 / 2018 / 2021, read from the competition's COCO-style JSON files.
 
-Split protocol. The competitions publish train and val annotations but no test labels,
-so the official val set plays the role of the test set:
-
-* ``test``: the official val JSON (``val2017.json``, ``val2018.json``, ``val.json``).
-* ``trainval``: the whole official train JSON.
-* ``train`` / ``val``: a stratified ``val_fraction`` of the official train set is held
-  out as our ``val`` for model selection; ``train`` is the rest.
-
-With ``supercategory`` set (the B-CNN iNat subsets), only its categories are kept and
-they are re-indexed ``0..K-1`` in the order of the JSON ``categories`` list.
+There are no public test labels, so ``test`` is the official val JSON (docs/datasets.md).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from bcnn.data.base import FileDataset, Record, Splits, find_dataset_dir
-from bcnn.data.source import Archive, DatasetSource
+from bcnn.data.base import FileDataset, Record, Splits
+from bcnn.data.source import DatasetSource
+from bcnn.limits import checked
 
 # version -> (train JSON, val JSON); the 2021 "mini" train set swaps in train_mini.json.
 ANNOTATIONS = {
@@ -30,44 +23,15 @@ ANNOTATIONS = {
 }
 TAXONOMY_FIELDS = ("kingdom", "phylum", "class", "order", "family", "genus")
 
-_S3 = "https://ml-inat-competition-datasets.s3.amazonaws.com"
-
-
-def _archives(version: str, files: dict[str, str | None], creates: str = "") -> tuple[Archive, ...]:
-    """One version's downloads: ``name -> md5`` under ``<_S3>/<version>/``, into ``<version>/``.
-
-    Each creates the file or folder its name starts with (``val.json.tar.gz`` creates
-    ``val.json``), unless ``creates`` names one for all.
-    """
-    return tuple(
-        Archive(
-            f"{_S3}/{version}/{name}",
-            md5,
-            subdir=version,
-            creates=f"{version}/{creates or name.removesuffix('.tar.gz')}",
-        )
-        for name, md5 in files.items()
-    )
-
-
-_VAL_2021 = {
-    "val.tar.gz": "f6f6e0e242e3d4c9569ba56400938afc",
-    "val.json.tar.gz": "4d761e0f6a86cc63e8f7afc91f6a8f0b",
-}
-
 
 def select_categories(
     categories: list[dict[str, Any]], supercategory: str | None
 ) -> list[dict[str, Any]]:
     """Keeps the categories of one supercategory, in list order.
 
-    A name matching some category's ``supercategory`` field wins. Otherwise it is
-    looked up in the taxonomy fields, so the Latin names of the 2017/2018 subsets
-    (``Aves``, ``Plantae``...) also select from 2021, whose supercategories are English
-    (``Birds``, ``Plants``...): ``Aves`` matches ``class == "Aves"``.
-
-    Raises:
-        ValueError: Nothing matches; the message lists the supercategories present.
+    A name matching some category's ``supercategory`` field wins; else the taxonomy
+    fields, so the Latin names of 2017/2018 (``Aves``) also select from 2021, whose
+    supercategories are English (``Birds``): ``Aves`` matches ``class == "Aves"``.
     """
     if supercategory is None:
         return list(categories)
@@ -86,20 +50,16 @@ def select_categories(
 class INaturalist(FileDataset):
     """iNaturalist from its JSON annotations, optionally one supercategory.
 
-    Images and labels are joined on ``image_id`` (never on list position: the
-    ``images`` and ``annotations`` lists need not be aligned). Labels index the kept
-    categories in JSON list order. For 2018, an optional ``categories.json`` next to the
-    annotations (the un-obfuscated release) replaces category names and taxonomy by id.
-    Only the JSON file of the split asked for is read (the official val JSON for
-    ``test``, the train JSON otherwise).
+    Images and labels are joined on ``image_id``, never on list position. Only the JSON
+    file of the split asked for is read.
 
     Args:
         root: ``data/inat`` holding one folder per version (``2018/``...), or the
             version folder itself. Image paths are the JSON ``file_name`` relative to it.
-        split: ``train``, ``val``, ``trainval`` or ``test`` (see the module docstring).
+        split: ``train``, ``val``, ``trainval`` or ``test``.
         version: 2017, 2018 or 2021.
-        supercategory: Keep only this supercategory (``Aves``, ``Plantae``... or the
-            2021 English names ``Birds``, ``Plants``...); ``None`` keeps all.
+        supercategory: Keep only this supercategory (``Aves``, or 2021's ``Birds``...),
+            re-indexed ``0..K-1`` in list order; ``None`` keeps all.
         mini: 2021 only: train on ``train_mini.json`` (50 images per species).
         **common: The options of :class:`~bcnn.data.base.FileDataset`.
 
@@ -107,82 +67,31 @@ class INaturalist(FileDataset):
         categories: The kept category dicts; ``categories[label]`` has ``id``, ``name``,
             ``supercategory`` and, from 2018 on, the taxonomy fields.
         category_ids: JSON category id of each label.
-
-    Raises:
-        ValueError: Unknown version, ``mini`` with 2017/2018, an unknown supercategory,
-            or a JSON without annotations (a test-set file).
     """
 
-    source = DatasetSource(
-        name="inat",
-        title="iNaturalist 2017 / 2018 / 2021",
-        homepage="https://github.com/visipedia/inat_comp",
-        layout="""\
-<root>/                        e.g. data/inat; one folder per version:
-  2017/  train2017.json  val2017.json   train_val_images/<Super>/<species>/<md5>.jpg
-  2018/  train2018.json  val2018.json  [categories.json: real names]
-         train_val2018/<Super>/<category id>/<md5>.jpg
-  2021/  train.json or train_mini.json  val.json
-         train/ or train_mini/<NNNNN_Kingdom_..._species>/<uuid>.jpg   val/...""",
-        default_variant="2018",
-        variants={
-            "2017": (
-                *_archives("2017", {"train_val_images.tar.gz": "7c784ea5e424efaec655bd392f87301f"}),
-                *_archives("2017", {"train_val2017.zip": None}, creates="train2017.json"),
-            ),
-            "2018": (
-                *_archives("2018", {"train_val2018.tar.gz": "b1c6952ce38f31868cc50ea72d066cc3"}),
-                *_archives(
-                    "2018",
-                    {
-                        "train2018.json.tar.gz": "bfa29d89d629cbf04d826a720c0a68b0",
-                        "val2018.json.tar.gz": "f2ed8bfe3e9901cdefceb4e53cd3775d",
-                        "categories.json.tar.gz": None,
-                    },
-                ),
-            ),
-            "2021": _archives(
-                "2021",
-                {
-                    "train.tar.gz": "e0526d53c7f7b2e3167b2b43bb2690ed",
-                    "train.json.tar.gz": "38a7bb733f7a09214d44293460ec0021",
-                    **_VAL_2021,
-                },
-            ),
-            "2021_mini": _archives(
-                "2021",
-                {
-                    "train_mini.tar.gz": "db6ed8330e634445efc8fec83ae81442",
-                    "train_mini.json.tar.gz": "395a35be3651d86dc3b0d365b8ea5f92",
-                    **_VAL_2021,
-                },
-            ),
-        },
-    )
+    source = DatasetSource.named("inat")
 
+    @checked
     def __init__(
         self,
         root: str | os.PathLike | None,
         split: str,
         *,
-        version: int = 2018,
+        version: Literal[2017, 2018, 2021] = 2018,
         supercategory: str | None = None,
         mini: bool = False,
         **common: Any,
     ) -> None:
-        version = int(version)
-        if version not in ANNOTATIONS:
-            raise ValueError(
-                f"iNaturalist version must be one of {sorted(ANNOTATIONS)}, got {version}"
-            )
-        if mini and version != 2021:
-            raise ValueError("iNaturalist mini=True exists only for version 2021 (train_mini.json)")
         self.version, self.supercategory, self.mini = version, supercategory, mini
+        self.folders = (str(version), ".")
         super().__init__(root, split, **common)
 
-    def locate(self, root: str | os.PathLike | None) -> Path | None:
-        """The version's folder below ``root``, or ``root`` itself."""
-        return find_dataset_dir(root, self.required_files(None)[0], (str(self.version), "."))
+    @classmethod
+    def config_problem(cls, values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Only the 2021 release has a mini training set."""
+        if values.get("mini") and values.get("version") != 2021:
+            return "mini", "exists only for version 2021 (train_mini.json)"
+        return super().config_problem(values)
 
     def required_files(self, folder: Path | None) -> list[str]:
         """The JSON file of the split: the official val JSON for ``test``."""
@@ -196,38 +105,26 @@ class INaturalist(FileDataset):
         path = folder / self.required_files(folder)[0]
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        categories = data["categories"]
-        if self.version == 2018:
-            categories = self._real_names(categories, folder / "categories.json")
-        self.categories = select_categories(categories, self.supercategory)
-        self.category_ids = [c["id"] for c in self.categories]
-        label_of = {cid: label for label, cid in enumerate(self.category_ids)}
-        records = self._join(data, path, label_of)
-        classes = [str(c["name"]) for c in self.categories]
-        if self.split == "test":
-            return Splits(classes, train=[], test=records)
-        return Splits(classes, train=records, test=[])
-
-    @staticmethod
-    def _real_names(categories: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
-        """Overlays the released 2018 names and taxonomy on the obfuscated ones, by id."""
-        if not path.is_file():
-            return categories
-        with open(path, encoding="utf-8") as f:
-            real = {c["id"]: c for c in json.load(f)}
-        return [{**c, **real.get(c["id"], {})} for c in categories]
-
-    @staticmethod
-    def _join(data: dict[str, Any], path: Path, label_of: dict[int, int]) -> list[Record]:
-        """Pairs each image with its annotation by ``image_id``; drops other categories."""
         if not data.get("annotations"):
             raise ValueError(
                 f"iNaturalist: {path} has no annotations (a test-set file cannot be used here)"
             )
+        categories = data["categories"]
+        if self.version == 2018 and (folder / "categories.json").is_file():
+            # The released names and taxonomy overlay the obfuscated ones, by id.
+            with open(folder / "categories.json", encoding="utf-8") as f:
+                real = {c["id"]: c for c in json.load(f)}
+            categories = [{**c, **real.get(c["id"], {})} for c in categories]
+        self.categories = select_categories(categories, self.supercategory)
+        self.category_ids = [c["id"] for c in self.categories]
+        label_of = {cid: label for label, cid in enumerate(self.category_ids)}
         category_of = {a["image_id"]: a["category_id"] for a in data["annotations"]}
-        records = []
-        for image in data["images"]:
-            category = category_of.get(image["id"])
-            if category in label_of:
-                records.append(Record(image["file_name"], label_of[category]))
-        return records
+        records = [
+            Record(image["file_name"], label_of[category_of[image["id"]]])
+            for image in data["images"]
+            if category_of.get(image["id"]) in label_of
+        ]
+        classes = [str(c["name"]) for c in self.categories]
+        if self.split == "test":
+            return Splits(classes, train=[], test=records)
+        return Splits(classes, train=records, test=[])

@@ -1,16 +1,26 @@
-"""How a dataset is obtained and how it sits on disk: the declarations every loader makes.
+"""How a dataset is obtained and how it sits on disk.
 
-Each loader module declares one :class:`DatasetSource` beside its parsing code (the class
-attribute ``source`` of its :class:`~bcnn.data.base.FileDataset`); the loaders quote it in
-their missing-file errors, and ``bcnn-prepare-data`` finds it through the loader class a
-``configs/dataset/<name>.yaml`` points at, to download, install and describe the data.
-This module holds only data: downloading and extraction live in :mod:`bcnn.data.download`.
+The declarations are data, in ``bcnn/resources/datasets.yaml``; each loader holds its own
+as the class attribute ``source`` (``DatasetSource.named("cub")``), quotes it in its
+missing-file errors, and ``bcnn-prepare-data`` finds it through the loader class a
+``configs/dataset/<name>.yaml`` points at. Downloading lives in :mod:`bcnn.data.download`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+
+@functools.cache
+def _declared() -> dict[str, Any]:
+    text = (resources.files("bcnn") / "resources" / "datasets.yaml").read_text("utf-8")
+    return yaml.safe_load(text)
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class DatasetSource:
         default_variant: The variant downloaded by default.
         manual: How to obtain the data by hand (gated or dead hosts, or user data).
         known_files: Further files with known MD5s that users obtain by hand and install
-            with ``bcnn-prepare-data --archive``.
+            with ``bcnn-prepare-data archive=<file>``.
     """
 
     name: str
@@ -76,14 +86,22 @@ class DatasetSource:
             return self.manual.strip()
         urls = ", ".join(a.url for a in self.variants[self.default_variant])
         return (
-            f"run `bcnn-prepare-data --dataset {self.name} --root <root>` "
+            f"run `bcnn-prepare-data dataset={self.name} root=<root>` "
             f"(downloads {urls}), or download from {self.homepage} and extract into the root."
         )
+
+    @classmethod
+    def named(cls, name: str) -> DatasetSource:
+        """The declaration of dataset ``name`` in ``bcnn/resources/datasets.yaml``."""
+        fields = dict(_declared()[name])
+        fields["variants"] = {
+            variant: tuple(Archive(**a) for a in archives)
+            for variant, archives in fields.get("variants", {}).items()
+        }
+        fields["known_files"] = tuple(Archive(**a) for a in fields.get("known_files", ()))
+        return cls(name=name, **fields)
 
     def all_files(self) -> tuple[Archive, ...]:
         """Every file with a known name and checksum, downloadable or not."""
         files = [a for archives in self.variants.values() for a in archives]
         return tuple(dict.fromkeys([*files, *self.known_files]))
-
-
-__all__ = ["Archive", "DatasetSource"]

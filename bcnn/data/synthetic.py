@@ -1,28 +1,25 @@
 """The built-in synthetic dataset: texture classes told apart only by co-occurrences.
 
-Every image is a grid of cells. Each cell shows a stripe pattern of one of ``K``
-orientations plus a constant colour from a ``K``-colour palette, both zero-mean. A class
-is a pairing of orientations with colours (a permutation): in a class-``k`` image, a cell
-with orientation ``o`` has colour ``pi_k(o)`` (with probability ``1 - cell_noise``).
-Orientations are drawn uniformly, so every class has the same orientation histogram and
-the same colour histogram: first-order statistics are shared. Only which orientation
-co-occurs with which colour at the same place tells the classes apart, which is what a
-bilinear (second-order) descriptor captures and an average-pooled one mostly misses.
-
-Images are generated as zero-mean floats x and stored as uint8 images like any decoded
-photograph, ``round(255 (x / 8 + 1/2))`` (x stays within about +-3, far inside the range;
-the quantization step, 0.03, is a tenth of the pixel noise). The small CNN's input
-convention (mean 0.5, std 0.125 on [0, 1] pixels) maps them back to x.
+A class pairs ``K`` stripe orientations with ``K`` colours; every class has the same
+orientation and colour histograms, so only which orientation co-occurs with which colour
+in a cell tells the classes apart: what a bilinear (second-order) descriptor captures and
+an average-pooled one mostly misses (docs/datasets.md). Images are generated as zero-mean
+floats x, stored as uint8 ``round(255 (x / 8 + 1/2))`` like any decoded photograph.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Ge, Interval
 from torch.utils.data import Dataset
+
+from bcnn.data.base import Split
+from bcnn.limits import Fraction, NonEmpty, Seed, checked
 
 
 class SyntheticDataset(Dataset):
@@ -50,54 +47,60 @@ class SyntheticDataset(Dataset):
     Items are ``(image, label)`` with ``image`` a uint8 tensor (3, S, S).
     """
 
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Enough texton pairings for the classes; whole cells in an image."""
+        classes, textons = values["num_classes"], values["num_textons"]
+        if classes > math.factorial(textons):
+            return (
+                "num_classes",
+                f"at most num_textons! = {math.factorial(textons)} classes exist with "
+                f"num_textons={textons}; got {classes} (raise dataset.num_textons)",
+            )
+        if values["image_size"] % values["cell_size"]:
+            return "image_size", f"must be a multiple of cell_size={values['cell_size']}"
+        return None
+
+    @checked
     def __init__(
         self,
         root: str | None = None,
-        split: str = "train",
+        split: Split = "train",
         transform: Any = None,
         augment: bool = False,
-        num_classes: int = 12,
-        num_textons: int = 4,
-        image_size: int = 32,
-        cell_size: int = 8,
-        trainval_size: int = 2400,
-        test_size: int = 1200,
-        val_fraction: float = 0.2,
-        val_seed: int = 0,
-        cell_noise: float = 0.1,
-        pixel_noise: float = 0.3,
-        seed: int = 0,
-        name: str = "synthetic",
+        num_classes: Annotated[int, Ge(2)] = 12,
+        # num_textons! pairings are enumerated: 8! = 40320 is plenty.
+        num_textons: Annotated[int, Interval(ge=2, le=8)] = 4,
+        image_size: Annotated[int, Interval(ge=1, le=4096)] = 32,
+        cell_size: Annotated[int, Interval(ge=1, le=4096)] = 8,
+        trainval_size: Annotated[int, Interval(ge=2, le=10**7)] = 2400,
+        test_size: Annotated[int, Interval(ge=1, le=10**7)] = 1200,
+        val_fraction: Fraction = 0.2,
+        val_seed: Seed = 0,
+        cell_noise: Annotated[float, Interval(ge=0, le=1)] = 0.1,
+        # The uint8 encoding holds x in [-4, 4]: more noise only saturates.
+        pixel_noise: Annotated[float, Interval(ge=0, le=4)] = 0.3,
+        seed: Seed = 0,
+        name: NonEmpty = "synthetic",
     ) -> None:
-        if num_classes > math.factorial(num_textons):
-            raise ValueError(
-                f"synthetic: num_classes={num_classes} exceeds num_textons!="
-                f"{math.factorial(num_textons)} distinct pairings; raise dataset.num_textons"
-            )
-        if image_size % cell_size:
-            raise ValueError(
-                f"synthetic: image_size={image_size} must be a multiple of cell_size={cell_size}"
-            )
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"synthetic: val_fraction must be in [0, 1), got {val_fraction}")
         self.split, self.name = split, name
-        self._make_textons(num_classes, num_textons, cell_size, seed)
-        self._cfg = dict(
-            image_size=image_size,
-            cell_size=cell_size,
-            cell_noise=cell_noise,
-            pixel_noise=pixel_noise,
-        )
+        self.image_size, self.cell_size = image_size, cell_size
+        self.cell_noise, self.pixel_noise = cell_noise, pixel_noise
+        self._make_textons(num_classes, num_textons, seed)
         if split == "test":
             images, labels = self._generate(test_size, seed * 1000 + 2)
         else:
             images, labels = self._generate(trainval_size, seed * 1000 + 1)
-            keep = self._split_indices(split, trainval_size, val_fraction, val_seed)
-            images, labels = images[keep], labels[keep]
+            if split != "trainval":  # train and val partition trainval
+                gen = torch.Generator().manual_seed(val_seed)
+                order = torch.randperm(trainval_size, generator=gen)
+                n_val = round(val_fraction * trainval_size)
+                keep = order[:n_val] if split == "val" else order[n_val:]
+                images, labels = images[keep], labels[keep]
         self.images = images
         self.targets = labels.tolist()
 
-    def _make_textons(self, num_classes: int, num_textons: int, cell_size: int, seed: int) -> None:
+    def _make_textons(self, num_classes: int, num_textons: int, seed: int) -> None:
         """Draws the class pairings and the palette; builds the stripe patterns."""
         gen = torch.Generator().manual_seed(seed)
         perms = list(itertools.permutations(range(num_textons)))
@@ -108,8 +111,8 @@ class SyntheticDataset(Dataset):
         palette = palette - palette.mean(0)  # the palette's mean colour is grey
         self.palette = palette / palette.norm(dim=1, keepdim=True)
         yy, xx = torch.meshgrid(
-            torch.arange(cell_size, dtype=torch.float32),
-            torch.arange(cell_size, dtype=torch.float32),
+            torch.arange(self.cell_size, dtype=torch.float32),
+            torch.arange(self.cell_size, dtype=torch.float32),
             indexing="ij",
         )
         angles = [math.pi * k / num_textons for k in range(num_textons)]
@@ -117,33 +120,20 @@ class SyntheticDataset(Dataset):
             [torch.cos(math.pi / 2 * (xx * math.cos(a) + yy * math.sin(a))) for a in angles]
         )  # (K, cell, cell), period of 4 pixels
 
-    @staticmethod
-    def _split_indices(split: str, n: int, val_fraction: float, val_seed: int) -> torch.Tensor:
-        """Indices into the ``n`` trainval images of ``train``, ``val`` or ``trainval``."""
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(val_seed))
-        n_val = round(val_fraction * n)
-        if split == "val":
-            return order[:n_val]
-        if split == "train":
-            return order[n_val:]
-        if split == "trainval":
-            return torch.arange(n)
-        raise ValueError(f"synthetic: unknown split {split!r}")
-
     def _generate(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        size, cell = self._cfg["image_size"], self._cfg["cell_size"]
+        size, cell = self.image_size, self.cell_size
         gen = torch.Generator().manual_seed(seed)
         k = self.palette.shape[0]
         grid = size // cell
         labels = torch.randint(len(self.classes), (n,), generator=gen)
         orient = torch.randint(k, (n, grid, grid), generator=gen)
         colour = self.pairings[labels][torch.arange(n)[:, None, None], orient]
-        noisy = torch.rand(n, grid, grid, generator=gen) < self._cfg["cell_noise"]
+        noisy = torch.rand(n, grid, grid, generator=gen) < self.cell_noise
         colour = torch.where(noisy, torch.randint(k, (n, grid, grid), generator=gen), colour)
         # (n, g, g, 1, cell, cell) + (n, g, g, 3, 1, 1) -> (n, 3, g*cell, g*cell)
         cells = self.stripes[orient][:, :, :, None] + self.palette[colour][..., None, None]
         images = cells.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, size, size)
-        images = images + self._cfg["pixel_noise"] * torch.randn(images.shape, generator=gen)
+        images = images + self.pixel_noise * torch.randn(images.shape, generator=gen)
         encoded = (images / 8 + 0.5).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
         return encoded.contiguous(), labels
 

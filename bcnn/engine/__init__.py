@@ -1,5 +1,14 @@
-"""The training engine: two-stage training, evaluation, checkpoints, logging."""
+"""The training engine; ``train`` is imported on first use, so that importing a small part
+(``bcnn.engine.loops``) does not pull in the whole trainer."""
 
-from bcnn.engine.trainer import train
+from typing import Any
 
 __all__ = ["train"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "train":
+        from bcnn.engine.trainer import train
+
+        return train
+    raise AttributeError(f"module 'bcnn.engine' has no attribute {name!r}")

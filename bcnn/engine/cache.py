@@ -1,21 +1,10 @@
-"""Cached linear stage: descriptors of a frozen model computed once, then reused.
+"""Feature cache of a stage with a frozen backbone: descriptors computed once, then read.
 
-With the backbone frozen, every epoch of the linear stage would recompute the same
-descriptors. Instead they are computed once per image, and once more for its mirror
-image when flips are on, and stored as a ``.npy`` array ``(images, views, D)`` (matrix
-descriptors are stored flattened) that training reads memory-mapped. The cache lives in
-a folder named by a hash of everything that determines the descriptors (the weights, the
-dataset config, the split and the images used, the views and the storage dtype), so a
-second run with the same setting reuses it.
-
-Writing is safe against a full disk and against other runs:
-
-* the array's space is reserved when the file is created (``posix_fallocate``) and rows
-  are written with ordinary file I/O: a full disk is an ``OSError`` naming the folder,
-  the size needed and the space free, never a SIGBUS of a memory-mapped write;
-* a run writes into a partial folder of its own and renames it into place when done,
-  holding a lock file per key (``.<key>.lock``): a second run with the same key waits,
-  then reuses what the first wrote.
+:func:`build_cache` stores the descriptors of each image (and of its mirror image) as a
+memory-mapped ``(images, views, D)`` array in a folder named by a hash of all that
+determines them, so a second run reuses it. Writing is safe against a full disk (space
+reserved up front: an ``OSError`` naming the sizes, never a SIGBUS) and against other runs
+(a partial folder of its own, renamed into place under a per-key lock).
 """
 
 from __future__ import annotations
@@ -28,7 +17,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,32 +36,30 @@ from bcnn.models import BilinearModel
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
+# A map-style dataset of (image, label) items with a length (torch's Dataset type has none).
+Split = Any
 
 
 def cache_key(model: nn.Module, identity: Mapping[str, Any]) -> str:
-    """Hash of the weights that produce descriptors and of ``identity``.
-
-    The classifier is left out: it is what trains on the cache.
-    """
+    """Hash of ``identity`` and of the weights before the classifier (which trains on it)."""
     h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         if name.startswith("classifier."):
             continue
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be viewed
-        # as bytes directly.
+        # reshape(-1): a 0-dim buffer (num_batches_tracked) cannot be viewed as bytes.
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         h.update(data.numpy().tobytes())
     return h.hexdigest()[:24]
 
 
 def human_bytes(n: float) -> str:
-    """``1536`` -> ``1.5 KiB``: the unit that keeps the number readable."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.1f} TiB"
 
 
 # Kept free beyond the cache: the rest of the run (checkpoints, logs) needs room too.
@@ -90,31 +77,17 @@ def _disk_full(folder: Path, needed: int) -> OSError:
     )
 
 
-def check_disk(folder: Path, needed: int) -> None:
-    """Raises before writing when ``folder``'s disk cannot hold ``needed`` bytes.
-
-    Raises:
-        OSError: (ENOSPC) naming the folder, the size needed and the size free in readable
-            units, and the fixes.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    if needed * 1.05 + DISK_MARGIN > shutil.disk_usage(folder).free:
-        raise _disk_full(folder, needed)
-
-
 def _full_disk_errors(err: OSError) -> bool:
     return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class _Store:
-    """The ``features.npy`` array ``(N, V, D)`` of a cache being written, by ordinary file I/O.
-
-    The file's blocks are reserved up front (``posix_fallocate``): a full disk is an
-    ``OSError`` at creation, never a SIGBUS in the middle of a memory-mapped write.
-    """
+    """The ``features.npy`` array ``(N, V, D)`` of a cache being written, by plain file I/O:
+    its blocks are reserved up front (``posix_fallocate``), so a full disk is an ``OSError``
+    at creation, never a SIGBUS in the middle of a memory-mapped write."""
 
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: Any) -> None:
-        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.dtype = np.dtype(dtype)
         self.row_bytes = shape[1] * shape[2] * self.dtype.itemsize
         with path.open("rb") as f:
             np.lib.format.read_magic(f)
@@ -122,15 +95,12 @@ class _Store:
             self.offset = f.tell()
         self.fd = os.open(path, os.O_WRONLY)
 
-    @classmethod
-    def create(cls, path: Path, shape: tuple[int, int, int], dtype: Any) -> None:
-        """Writes the header and reserves the data's space; the file then has its full size."""
-        header = {
-            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-            "fortran_order": False,
-            "shape": shape,
-        }
+    @staticmethod
+    def create(path: Path, shape: tuple[int, int, int], dtype: Any) -> None:
+        """Writes the header and reserves the space of the data."""
+        descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
         with path.open("wb") as f:
+            header = {"descr": descr, "fortran_order": False, "shape": shape}
             np.lib.format.write_array_header_1_0(f, header)
             size = f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
             f.flush()
@@ -140,19 +110,12 @@ class _Store:
                 f.truncate(size)
 
     def write(self, rows: list[int], values: np.ndarray) -> None:
-        """Writes ``values[i]`` into row ``rows[i]``; runs of consecutive rows in one call."""
-        values = np.ascontiguousarray(values, dtype=self.dtype)
-        start = 0
-        while start < len(rows):
-            end = start + 1
-            while end < len(rows) and rows[end] == rows[end - 1] + 1:
-                end += 1
-            data = memoryview(values[start:end].tobytes())
-            position = self.offset + rows[start] * self.row_bytes
+        """Writes ``values[i]`` (V, D) into row ``rows[i]``."""
+        for row, value in zip(rows, values.astype(self.dtype)):
+            data, position = memoryview(value.tobytes()), self.offset + row * self.row_bytes
             while data:
                 written = os.pwrite(self.fd, data, position)
                 data, position = data[written:], position + written
-            start = end
 
     def close(self) -> None:
         """Flushes the rows to disk and closes the file."""
@@ -162,26 +125,21 @@ class _Store:
             os.close(self.fd)
 
 
-@contextlib.contextmanager
-def _cache_lock(folder: Path, key: str, env: D.DistEnv) -> Iterator[None]:
-    """Serializes the runs that build or read one cache key (rank 0 holds the lock)."""
+def _cache_lock(folder: Path, key: str, env: D.DistEnv) -> contextlib.AbstractContextManager:
+    """Takes the lock that serializes the runs that build or read one cache key (held by
+    rank 0); the returned context releases it."""
     if not env.is_main:
-        yield
-        return
+        return contextlib.nullcontext()
     lock = FileLock(folder / f".{key}.lock")
     try:
-        lock.acquire(timeout=0)
+        return lock.acquire(timeout=0)
     except Timeout:
         log.info("Another run is writing the feature cache %s: waiting for it", folder / key)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
+        return lock.acquire()
 
 
 def _readable(final: Path) -> bool:
-    """A finished cache whose arrays open (a truncated file fails here, not with SIGBUS)."""
+    """Whether a finished cache's arrays open (a truncated one fails here, not with SIGBUS)."""
     if not (final / "meta.json").is_file():
         return False
     try:
@@ -193,43 +151,38 @@ def _readable(final: Path) -> bool:
     return True
 
 
+@dataclass(eq=False)
 class CachedViews(Dataset):
-    """Items of a feature cache.
+    """Items of a feature cache: in training one random view (*shape) (the image or its
+    mirror, as random flipping gives), in evaluation all views (V, *shape).
 
-    In training, each item is one randomly chosen view (*shape) (the image or its mirror,
-    as random flipping would give); in evaluation, all views (V, *shape).
-
-    Args:
+    Attributes:
         features: (N, V, D) descriptors (D = prod(shape)).
         labels: (N,) labels.
         train: Training items (one view) or evaluation items (all views).
         shape: Per-sample descriptor shape, (D,) or (d1, d2).
     """
 
-    def __init__(
-        self, features: np.ndarray, labels: np.ndarray, train: bool, shape: tuple[int, ...]
-    ) -> None:
-        self.features, self.labels, self.train, self.shape = features, labels, train, shape
+    features: np.ndarray
+    labels: np.ndarray
+    train: bool
+    shape: tuple[int, ...]
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         views = torch.tensor(self.features[index], dtype=torch.float32)
+        label = int(self.labels[index])
         if self.train:
-            return views[int(torch.randint(len(views), ()))].view(self.shape), int(
-                self.labels[index]
-            )
-        return views.view(len(views), *self.shape), int(self.labels[index])
+            return views[int(torch.randint(len(views), ()))].view(self.shape), label
+        return views.view(len(views), *self.shape), label
 
 
 class ViewAverage(nn.Module):
-    """The classifier on cached descriptors.
-
-    In training mode it maps one view (B, *shape) to logits; in eval mode all views
-    (B, V, *shape) to the log of their averaged softmax (flip-averaged test scores), or to
-    their averaged scores for a classifier whose ``average_views`` is ``"scores"`` (SVMs).
-    """
+    """The classifier on cached descriptors: in eval mode it averages the softmax over the
+    views (flip-averaged test scores), or the scores where ``average_views`` is ``"scores"``
+    (SVMs)."""
 
     def __init__(self, classifier: nn.Module) -> None:
         super().__init__()
@@ -237,7 +190,8 @@ class ViewAverage(nn.Module):
         self.average = getattr(classifier, "average_views", "softmax")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, *shape) -> (B, C) logits (training), (B, V, *shape) -> (B, C) (eval)."""
+        """(B, *shape) -> (B, C) logits (training); (B, V, *shape) -> (B, C) log-probabilities
+        or scores (eval)."""
         if self.training:
             return self.classifier(z)
         scores = self.classifier(z.flatten(0, 1)).float()
@@ -249,7 +203,7 @@ class ViewAverage(nn.Module):
 @torch.no_grad()
 def build_cache(
     model: BilinearModel,
-    dataset: Dataset,
+    dataset: Split,
     folder: Path,
     identity: Mapping[str, Any],
     *,
@@ -265,18 +219,15 @@ def build_cache(
     """Computes (or reuses) the descriptors of ``dataset`` under ``model.features``.
 
     Args:
-        model: The model (unwrapped); only its ``features`` are used.
-        dataset: The split, built with its deterministic (evaluation) transform.
+        model: The model (unwrapped); only its ``features`` run.
+        dataset: The split, with its deterministic (evaluation) transform.
         folder: Parent folder of the caches.
         identity: What besides the weights determines the descriptors (hashed).
         views: 1, or 2 to add the mirror image of every image.
         dtype: ``float32`` or ``float16`` storage.
-        batch_size: Images per forward pass.
-        device: Where the model lives.
-        precision: Autocast setting for the backbone.
-        num_workers: DataLoader workers.
+        precision: Autocast setting of the backbone.
         env: The distributed environment: each process computes its share of images.
-        progress: Show a progress bar over the batches (this process's share).
+        progress: Show a progress bar over this process's batches.
 
     Returns:
         Read-only memory maps: features (N, views, D) and labels (N,).
@@ -288,23 +239,21 @@ def build_cache(
     D.barrier()
     # One run writes a key at a time; a run that waited then finds it finished and reuses it.
     with _cache_lock(folder, key, env):
-        ready = D.broadcast_object(_readable(final) if env.is_main else None)
-        if ready:
+        if D.broadcast_object(_readable(final) if env.is_main else None):
             log.info("Reusing the feature cache %s", final)
         else:
             job = _Job(model, dataset, folder, key, identity, views, dtype, batch_size, device,
                        precision, num_workers, env, progress)  # fmt: skip
             _write(job)
-    features = np.load(final / "features.npy", mmap_mode="r")
-    return features, np.load(final / "labels.npy")
+    return np.load(final / "features.npy", mmap_mode="r"), np.load(final / "labels.npy")
 
 
 @dataclass(frozen=True)
 class _Job:
-    """One cache to write: the arguments of ``build_cache`` and the key they hash to."""
+    """The arguments of ``build_cache`` and the key they hash to."""
 
     model: BilinearModel
-    dataset: Dataset
+    dataset: Split
     folder: Path
     key: str
     identity: Mapping[str, Any]
@@ -316,11 +265,6 @@ class _Job:
     num_workers: int
     env: D.DistEnv
     progress: bool
-
-    @property
-    def final(self) -> Path:
-        """Where the finished cache lives."""
-        return self.folder / self.key
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -343,37 +287,34 @@ def _write(job: _Job) -> None:
         labels = _compute(job, _Store(tmp / "features.npy", job.shape, DTYPES[job.dtype]))
         D.barrier()
         if job.env.is_main:
-            _publish(job, tmp, labels)
+            np.save(tmp / "labels.npy", labels)
+            meta = {**job.identity, "views": job.views}
+            (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+            shutil.rmtree(job.folder / job.key, ignore_errors=True)
+            tmp.rename(job.folder / job.key)
         D.barrier()
-    except OSError as err:
+    except BaseException as err:
         if job.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if _full_disk_errors(err):
+        if isinstance(err, OSError) and _full_disk_errors(err):
             raise _disk_full(job.folder, job.size) from None
-        raise
-    except BaseException:
-        if job.env.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def _reserve(job: _Job, tmp: Path) -> None:
-    """Rank 0 clears killed runs' leftovers and creates ``tmp`` with the array's full size.
-
-    Raises:
-        OSError: On every process when rank 0 could not (a full disk names the fixes).
-    """
+    """Rank 0 clears killed runs' leftovers and creates ``tmp`` with the array's full size;
+    when it cannot, every process raises its ``OSError`` (a full disk names the fixes)."""
     error: tuple[int | None, str] | None = None
     if job.env.is_main:
-        n, views, dim = job.shape
         log.info(
             "Caching %d x %d descriptors of dimension %d (%s): %s in %s",
-            n, views, dim, job.dtype, human_bytes(job.size), job.final,
+            *job.shape, job.dtype, human_bytes(job.size), job.folder / job.key,
         )  # fmt: skip
         for stale in job.folder.glob(f".{job.key}.*.partial"):  # killed runs (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            check_disk(job.folder, job.size)
+            if job.size * 1.05 + DISK_MARGIN > shutil.disk_usage(job.folder).free:
+                raise _disk_full(job.folder, job.size)
             tmp.mkdir(parents=True)
             _Store.create(tmp / "features.npy", job.shape, DTYPES[job.dtype])
         except OSError as err:
@@ -388,11 +329,8 @@ def _reserve(job: _Job, tmp: Path) -> None:
 
 
 def _compute(job: _Job, store: _Store) -> np.ndarray:
-    """Writes this process's share of descriptors into ``store``, then closes it.
-
-    Returns:
-        (N,) labels of every image, summed over the processes.
-    """
+    """Writes this process's share of descriptors into ``store`` and closes it; returns the
+    (N,) labels of every image, summed over the processes."""
     model, n = job.model, len(job.dataset)
     labels = np.zeros(n, dtype=np.int64)
     rows = list(range(job.env.rank, n, job.env.world_size))
@@ -413,12 +351,3 @@ def _compute(job: _Job, store: _Store) -> np.ndarray:
         done += len(targets)
     store.close()
     return D.all_reduce_sum(torch.from_numpy(labels)).numpy()
-
-
-def _publish(job: _Job, tmp: Path, labels: np.ndarray) -> None:
-    """Saves the labels and metadata into ``tmp`` and renames it to the final folder."""
-    np.save(tmp / "labels.npy", labels)
-    meta = {**job.identity, "views": job.views}
-    (tmp / "meta.json").write_text(json.dumps(meta, default=str))
-    shutil.rmtree(job.final, ignore_errors=True)
-    tmp.rename(job.final)

@@ -1,20 +1,16 @@
 """Checkpoints: written atomically with the previous one kept, read without running code.
 
-Format: ``torch.save`` of a plain dict (tensors, numbers, strings, lists, dicts, and
-NumPy's random-generator state), read back with ``torch.load(weights_only=True)`` and
-:func:`safe_globals` as the only allowed non-torch types, so a crafted file cannot run
-code when passed to ``trainer.resume`` or to a command that loads a trained model.
-
-Writing (:func:`save_checkpoint`): the new file is written to a temporary file beside
-the target and flushed to disk; the current file becomes ``<name>.prev.pt``; the new one
-takes its place. A crash at any moment leaves a complete ``last.pt`` or
-``last.prev.pt`` (or both), and :func:`load_resumable` falls back to the previous one
-when the newest is missing or unreadable. Temporary files of a killed write are removed
-by the next write and by a resume.
+A checkpoint is a plain dict saved by ``torch.save`` and read with ``weights_only=True``
+(``bcnn.io.safe_load``), so a crafted file cannot run code. A crash at any moment leaves a
+complete ``last.pt`` or ``last.prev.pt``, and :func:`load_resumable` falls back to the
+previous one when the newest is missing or unreadable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import logging
 import os
 import pickle
@@ -29,33 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from bcnn.io import safe_load
+
 log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (corrupt, foreign or unsafe); names the file."""
-
-
-def safe_globals() -> list[Any]:
-    """The non-torch types a bcnn checkpoint holds, allowed under ``weights_only=True``.
-
-    NumPy array reconstruction for the NumPy random-generator state (a uint32 array):
-    data types only, no callable that could run code.
-    """
-    core = getattr(np, "_core", None) or np.core
-    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float32, np.float64)]
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
-
-
-def safe_load(path: str | os.PathLike) -> Any:
-    """``torch.load`` onto the CPU with ``weights_only=True`` and only :func:`safe_globals`.
-
-    A crafted file cannot run code; it raises (``pickle.UnpicklingError``) instead.
-    """
-    with torch.serialization.safe_globals(safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -87,33 +66,43 @@ def previous_path(path: str | Path) -> Path:
 
 def remove_temporaries(folder: str | Path) -> None:
     """Deletes what interrupted writes left in ``folder`` (``.<name>.*.tmp``)."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for stale in folder.glob(f".*{TMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
+    for stale in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
     # The renames themselves reach the disk only with the directory's entry.
-    try:
+    with contextlib.suppress(OSError):  # Windows, filesystems without directory fsync
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - filesystems without directory fsync
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """Saves ``obj`` with ``torch.save`` so ``path`` is never left half-written.
 
     Writes a temporary file in the same directory, flushes it to disk, then renames it
-    over ``path``. The temporary file is removed if the write fails.
+    over ``path``. The temporary file is removed if the write fails; on a full disk the
+    ``OSError`` (ENOSPC) names the folder, the size the file needs and the space free.
+    """
+    _save(obj, Path(path), keep_previous=False)
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> None:
+    """Writes a checkpoint atomically and keeps the one it replaces as ``<name>.prev.pt``.
+
+    Order: temporary file (flushed) -> current file renamed to the ``.prev`` name -> the
+    temporary file renamed to ``path``. Every moment leaves at least one complete file,
+    a full disk included (an ``OSError`` as for :func:`save_atomic`).
     """
     path = Path(path)
+    remove_temporaries(path.parent)
+    _save(dict(obj), path, keep_previous=True)
+
+
+def _save(obj: Any, path: Path, keep_previous: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
@@ -121,43 +110,34 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> None:
-    """Writes a checkpoint atomically and keeps the one it replaces as ``<name>.prev.pt``.
-
-    Order: temporary file (flushed) -> current file renamed to the ``.prev`` name -> the
-    temporary file renamed to ``path``. Every moment leaves at least one complete file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(obj), f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
+        if keep_previous and path.exists():
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        cause: BaseException | None = err  # torch reports a failed write as a RuntimeError
+        while cause is not None and getattr(cause, "errno", None) not in FULL_DISK:
+            cause = cause.__context__
+        if cause is None:
+            raise
+        from bcnn.engine.cache import human_bytes
+
+        needed = io.BytesIO()
+        torch.save(obj, needed)  # in memory this time: the size the file needs
+        free = human_bytes(shutil.disk_usage(path.parent).free)
+        raise OSError(
+            errno.ENOSPC,
+            f"The disk is full: the checkpoint {path} needs {human_bytes(needed.tell())} and "
+            f"{path.parent} has {free} free. The checkpoints written before are intact: free "
+            "some space, then resume the run (trainer.resume=<run directory>).",
+        ) from err
     _fsync_dir(path.parent)
 
 
 def link_checkpoint(src: str | Path, dst: str | Path) -> None:
-    """Makes ``dst`` the same checkpoint as ``src`` (atomically), without writing it again.
-
-    A hard link where the filesystem has them (checkpoints are replaced by renames, never
-    rewritten in place, so the two names never disagree), else a copy.
-    """
+    """Makes ``dst`` the same checkpoint as ``src`` (atomically): a hard link where the
+    filesystem has them (checkpoints are replaced by renames, never rewritten in place, so
+    the two names never disagree), else a copy."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.link{TMP_SUFFIX}")
     tmp.unlink(missing_ok=True)
@@ -173,10 +153,8 @@ def link_checkpoint(src: str | Path, dst: str | Path) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Turns ``trainer.resume`` (a run directory or a checkpoint file) into a file path.
-
-    A run directory gives ``checkpoints/last.pt``, or ``checkpoints/last.prev.pt`` when a
-    crash left only that one.
+    """Turns ``trainer.resume`` (a run directory: its ``checkpoints/last.pt``, or a
+    checkpoint file) into a file path; the file or its ``.prev`` sibling exists.
 
     Raises:
         FileNotFoundError: naming what was looked for.
@@ -192,25 +170,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _why_unreadable(path: Path, err: BaseException) -> str:
-    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err).lower():
-        # torch names the refused global, e.g. "Unsupported global: GLOBAL posix.system".
-        detail = next(
-            (
-                line.strip()
-                for line in str(err).splitlines()
-                if "global" in line.lower() and "unsupported" in line.lower()
-            ),
-            str(err).splitlines()[0],
-        )
+    """Why ``safe_load`` refused ``path``: one sentence naming the file."""
+    cannot = f"Cannot read the checkpoint {path}"
+    # torch names a refused global, e.g. "Unsupported global: GLOBAL posix.system".
+    lines = [line.strip() for line in str(err).splitlines() if "global" in line.lower()]
+    if isinstance(err, pickle.UnpicklingError) and any("unsupported" in x.lower() for x in lines):
         return (
-            f"it asks to load objects a bcnn checkpoint never holds ({detail}); refused "
-            "without running it. Only load checkpoints you trust"
+            f"{cannot}: it asks to load objects a bcnn checkpoint never holds ({lines[-1]}); "
+            "refused without running it. Only load checkpoints you trust."
         )
-    if path.stat().st_size == 0:
-        return "the file is empty (an interrupted write?)"
-    if isinstance(err, (zipfile.BadZipFile, EOFError)) or "zip" in str(err).lower():
-        return f"the file is truncated or corrupt ({type(err).__name__}: {err})"
-    return f"{type(err).__name__}: {err}"
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        return f"{cannot}: the file is empty (an interrupted write?)."
+    if head != b"PK\x03\x04":
+        return f"{path} is not a checkpoint (torch.save writes zip archives; this file is not one)."
+    if not zipfile.is_zipfile(path):
+        return f"{cannot}: the file is truncated or corrupt ({type(err).__name__}: {err})."
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    if any(name.endswith("/constants.pkl") for name in names):
+        return f"{path} is not a checkpoint but a TorchScript model."
+    if not any(name.endswith("/data.pkl") for name in names):
+        return f"{path} is not a checkpoint (a zip archive that torch.save did not write)."
+    return f"{cannot}: {type(err).__name__}: {err}."
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -228,9 +211,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = safe_load(path)
     except Exception as err:
-        raise CheckpointError(
-            f"Cannot read the checkpoint {path}: {_why_unreadable(path, err)}."
-        ) from None
+        raise CheckpointError(_why_unreadable(path, err)) from None
     if not isinstance(obj, dict) or "model" not in obj:
         kind = type(obj).__name__
         raise CheckpointError(
@@ -243,16 +224,8 @@ RESUME_KEYS = ("model", "config", "stage_index", "next_epoch", "history", "rng")
 
 
 def load_resumable(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The newest usable checkpoint among ``path`` and its ``.prev`` sibling.
-
-    A missing, corrupt or incomplete ``last.pt`` (a crash during its write, a full disk)
-    is reported in the log and the previous checkpoint is used instead.
-
-    Args:
-        path: The checkpoint named by ``resolve_checkpoint``.
-
-    Returns:
-        ``(file, checkpoint)``.
+    """``(file, checkpoint)``: the newest usable one of ``path`` and its ``.prev`` sibling
+    (a missing, corrupt or incomplete ``path`` is logged).
 
     Raises:
         CheckpointError: neither file can be used; names both and why.
@@ -261,12 +234,9 @@ def load_resumable(path: str | Path) -> tuple[Path, dict[str, Any]]:
     remove_temporaries(path.parent)
     problems = []
     for candidate in (path, previous_path(path)):
-        if not candidate.is_file():
-            problems.append(f"{candidate}: missing")
-            continue
         try:
             ckpt = load_checkpoint(candidate)
-        except CheckpointError as err:
+        except (FileNotFoundError, CheckpointError) as err:
             problems.append(str(err))
             continue
         missing = [k for k in RESUME_KEYS if k not in ckpt]

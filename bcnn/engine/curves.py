@@ -1,8 +1,5 @@
-"""Training curves of one run (``curves.png``), drawn by the loggers.
-
-Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
-switch), so they work on headless machines and inside training processes.
-"""
+"""Training curves of one run (``curves.png``), drawn on an Agg canvas without pyplot (no
+global backend switch), so they work on headless machines and inside training processes."""
 
 from __future__ import annotations
 
@@ -27,19 +24,9 @@ def figure(width: float, height: float) -> Figure:
 
 
 def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
-    """Loss and accuracy per epoch, one colour per stage, from a run's ``metrics.csv``.
-
-    The stages are drawn one after the other on a common epoch axis (a dashed line marks
-    where fine-tuning starts). Validation curves are left out when the run has no
-    validation split (all NaN).
-
-    Args:
-        metrics_csv: ``metrics.csv`` with columns ``stage, epoch, train_loss, train_acc,
-            val_acc`` (``lr``, ``val_mean_class_acc``, ``seconds`` are not needed).
-        out_png: Where to write the figure; its folder is created.
-
-    Returns:
-        ``out_png`` as a Path.
+    """Draws loss and accuracy per epoch from a run's ``metrics.csv`` (columns ``stage,
+    epoch, train_loss, train_acc, val_acc``) into ``out_png`` (returned), the stages one
+    after the other in their own colours; no validation curve without a validation split.
     """
     df = pd.read_csv(metrics_csv)
     # A resumed run may log an epoch twice: the last entry is the one that counts.
@@ -47,20 +34,15 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
     df["step"] = np.arange(1, len(df) + 1)
     fig = figure(10, 3.8)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    colors = {}
     for i, (stage, part) in enumerate(df.groupby("stage", sort=False)):
-        color = colors.setdefault(stage, f"C{i}")
-        ax_loss.plot(part["step"], part["train_loss"], "-o", ms=3, color=color, label=stage)
-        ax_acc.plot(
-            part["step"], part["train_acc"], "-o", ms=3, color=color, label=f"{stage} train"
-        )
+        x, style = part["step"], {"ms": 3, "color": f"C{i}"}
+        ax_loss.plot(x, part["train_loss"], "-o", label=stage, **style)
+        ax_acc.plot(x, part["train_acc"], "-o", label=f"{stage} train", **style)
         if part["val_acc"].notna().any():
-            ax_acc.plot(
-                part["step"], part["val_acc"], "--s", ms=3, color=color, label=f"{stage} val"
-            )
+            ax_acc.plot(x, part["val_acc"], "--s", label=f"{stage} val", **style)
         if i > 0:
             for ax in (ax_loss, ax_acc):
-                ax.axvline(part["step"].iloc[0] - 0.5, color="0.6", ls=":", lw=1)
+                ax.axvline(x.iloc[0] - 0.5, color="0.6", ls=":", lw=1)
     ax_loss.set(xlabel="epoch (all stages)", ylabel="training loss", title="Loss")
     ax_acc.set(xlabel="epoch (all stages)", ylabel="accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):

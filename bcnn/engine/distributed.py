@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -31,17 +32,12 @@ class DistEnv:
 
 
 def env_from_torchrun() -> DistEnv:
-    """Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as set by ``torchrun``.
-
-    A SLURM job started by submitit with several tasks (``hydra/launcher=slurm`` with
-    ``tasks_per_node > 1``) gets the same variables from submitit's helper.
-    """
+    """Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as set by ``torchrun`` (or, in a
+    SLURM job of several tasks, by submitit's helper)."""
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-        try:
+        with contextlib.suppress(ImportError):
             import submitit
-        except ImportError:
-            pass
-        else:
+
             submitit.helpers.TorchDistributedEnvironment().export()
     return DistEnv(
         rank=int(os.environ.get("RANK", 0)),
@@ -51,11 +47,8 @@ def env_from_torchrun() -> DistEnv:
 
 
 def init() -> DistEnv:
-    """Joins the process group when launched by torchrun (idempotent).
-
-    CPU tensors are reduced with gloo and CUDA tensors with NCCL, so metrics kept on the
-    CPU and gradients on the GPU both work. Single-process runs do nothing.
-    """
+    """Joins the process group of a distributed run (idempotent): gloo for CPU tensors
+    (metrics), NCCL for CUDA ones (gradients)."""
     env = env_from_torchrun()
     if env.enabled and not dist.is_initialized():
         backend = "gloo"

@@ -1,38 +1,34 @@
 """Metric loggers: ``metrics.csv`` and ``curves.png`` always, TensorBoard and wandb on request.
 
-The trainer builds ``cfg.logger`` with ``output_dir`` and ``run_config`` and talks to the
-result through five calls: ``restore(rows)`` (a resumed run's history), ``log_epoch(row)``,
-``log_summary(results)``, ``close()``, and ``state_dict()`` / ``load_state_dict(state)``
-(what a checkpoint keeps, e.g. the wandb run id, so that a resumed run continues the same
-wandb run).
-
-Every option of the ``logger`` config group is a :class:`Loggers` node with one backend
-under its own key, so selecting several options merges them into one node::
-
-    python train.py logger=tensorboard            # metrics.csv + TensorBoard
-    python train.py logger=[tensorboard,wandb]    # metrics.csv + TensorBoard + wandb
-    python train.py logger=wandb logger.wandb.mode=online
-
-:class:`Loggers` always adds the CSV logger: ``metrics.csv`` and ``curves.png`` are written
-whatever the selection.
+Each option of the ``logger`` group is a :class:`Loggers` node with one backend under its
+own key, so ``logger=[tensorboard,wandb]`` merges them into one node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import logging
+import importlib
 import math
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
 from bcnn.engine.curves import plot_training_curves
+from bcnn.limits import Check, NonEmpty, PositiveInt, checked, non_empty, writable_dir
 
-log = logging.getLogger(__name__)
+# Relative to the run directory (checked with it); an absolute one is checked here.
+LogDir = Annotated[
+    str,
+    Check(non_empty),
+    Check(lambda p: writable_dir(p) if Path(str(p)).is_absolute() else None, files=True),
+]
 
+
+# The columns of metrics.csv; optional ones (ema_val_acc) follow when a row has them.
 COLUMNS = (
     "stage",
     "epoch",
@@ -57,112 +53,131 @@ def _numbers(mapping: Mapping[str, Any], skip: Sequence[str] = ()) -> dict[str, 
     }
 
 
-class CSVLogger:
-    """Writes one row per stage and epoch to ``<output_dir>/metrics.csv``; on ``close``,
-    draws the training curves into ``<output_dir>/curves.png``.
+def _optional(extra: str, module: str | None = None) -> Any:
+    """Imports ``module`` (default: ``extra``) of ``logger=<extra>``, or names the extra."""
+    try:
+        return importlib.import_module(module or extra)
+    except ImportError as err:
+        raise ImportError(
+            f"logger={extra} needs the {extra} package: pip install 'bcnn[{extra}]' (or use "
+            "the default logger=csv)"
+        ) from err
 
-    Args:
-        output_dir: The run directory.
-        run_config: The resolved config (unused here; other loggers record it).
-    """
+
+class Logger:
+    """What the trainer calls; a backend overrides what it records (the rest does nothing)."""
+
+    def restore(self, rows: Sequence[Mapping[str, Any]], step: int | None = None) -> None:
+        """Continues a resumed run after its history ``rows`` and optimizer ``step``."""
+
+    def log_epoch(self, row: Mapping[str, Any], step: int | None = None) -> None:
+        """Records one epoch's metrics (keys: ``COLUMNS``) at optimizer step ``step``."""
+
+    def log_step(self, values: Mapping[str, float], step: int) -> None:
+        """Records scalars by tag (``<stage>/step_train_loss``) at optimizer step ``step``."""
+
+    def log_summary(self, results: Mapping[str, Any]) -> None:
+        """Records the final results."""
+
+    def close(self) -> None:
+        """Finishes writing."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this logger (e.g. the wandb run id a resume continues)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Restores ``state_dict()``'s content."""
+
+
+class CSVLogger(Logger):
+    """Keeps ``<output_dir>/metrics.csv`` at one row per stage and epoch (rewritten whole,
+    atomically); ``close`` draws ``<output_dir>/curves.png`` from it."""
 
     def __init__(self, output_dir: str | Path, run_config: Mapping[str, Any] | None = None) -> None:
         self.path = Path(output_dir) / "metrics.csv"
         self.curves = Path(output_dir) / "curves.png"
+        self.rows: list[Mapping[str, Any]] = []
 
-    def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Rewrites the file with ``rows`` (the history a resumed checkpoint carries)."""
+    def restore(self, rows: Sequence[Mapping[str, Any]], step: int | None = None) -> None:
+        self.rows = list(rows)
+        self._write()
+
+    def log_epoch(self, row: Mapping[str, Any], step: int | None = None) -> None:
+        self.rows.append(row)
+        self._write()
+
+    def _write(self) -> None:
+        extra = dict.fromkeys(k for row in self.rows for k in row if k not in COLUMNS)
+        columns = [*COLUMNS, *extra]
         tmp = self.path.with_suffix(".csv.tmp")
         with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            writer.writerows({k: row.get(k) for k in COLUMNS} for row in rows)
+            writer.writerows({k: row.get(k) for k in columns} for row in self.rows)
         tmp.replace(self.path)
 
-    def log_epoch(self, row: Mapping[str, Any]) -> None:
-        """Appends one epoch's metrics (keys: ``COLUMNS``)."""
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: row.get(k) for k in COLUMNS})
-
-    def log_summary(self, results: Mapping[str, Any]) -> None:
-        """Records the final results (the CSV logger leaves them to results.json)."""
-
     def close(self) -> None:
-        """Draws ``curves.png`` from the rows written so far."""
         if self.path.exists():
             plot_training_curves(self.path, self.curves)
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of this logger (nothing: the history rebuilds the file)."""
-        return {}
 
-    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        """Restores ``state_dict()``'s content (nothing to restore)."""
-
-
-class TensorBoardLogger:
+class TensorBoardLogger(Logger):
     """TensorBoard event files under ``<output_dir>/<log_dir>``: scalars ``<stage>/<key>``
-    per epoch (x axis: epochs over all stages), the final results under ``final/``, and the
-    run's config as text.
-
-    A resumed run drops the events its previous process wrote after the checkpoint
-    (``purge_step``), so no epoch appears twice.
+    per epoch and per ``trainer.log_every_n_steps`` steps, the results under ``final/``, the
+    config as text. The x axis is the optimizer step over all stages (a call without a step
+    goes one past the last point). A resumed run drops the events its previous process
+    wrote after the checkpoint (``purge_step``), so no point appears twice.
 
     Args:
-        output_dir: The run directory.
-        run_config: The resolved config, recorded as text.
         log_dir: Sub-folder of the event files (``tensorboard --logdir <run dir>``).
         flush_secs: How often the writer flushes to disk.
     """
 
+    @checked
     def __init__(
         self,
         output_dir: str | Path,
         run_config: Mapping[str, Any] | None = None,
-        log_dir: str = "tensorboard",
-        flush_secs: int = 30,
+        log_dir: LogDir = "tensorboard",
+        flush_secs: PositiveInt = 30,
     ) -> None:
-        try:
-            import tensorboard  # noqa: F401  (what torch.utils.tensorboard writes with)
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise ImportError(
-                "logger=tensorboard needs the tensorboard package: pip install "
-                "'bcnn[tensorboard]' (or use logger=csv)"
-            ) from err
-        self._writer_class = SummaryWriter
+        _optional("tensorboard")  # what torch.utils.tensorboard writes with
+        self._writer_class = _optional("tensorboard", "torch.utils.tensorboard").SummaryWriter
         self.dir = Path(output_dir) / log_dir
         self.flush_secs = flush_secs
         self.run_config = dict(run_config or {})
-        self.step = 0
+        self.step = 0  # where the next point goes when the caller gives no step
+        self.resumed_at: int | None = None
         self._writer: Any = None
 
     @property
     def writer(self) -> Any:
-        """The ``SummaryWriter``, opened on first use (after a resume has set ``step``)."""
+        """The ``SummaryWriter``, opened on first use (after a resume has set its step)."""
         if self._writer is None:
             self._writer = self._writer_class(
-                str(self.dir), flush_secs=self.flush_secs, purge_step=self.step or None
+                str(self.dir), flush_secs=self.flush_secs, purge_step=self.resumed_at
             )
-            if self.step == 0 and self.run_config:
+            if self.resumed_at is None and self.run_config:
                 text = OmegaConf.to_yaml(OmegaConf.create(self.run_config))
                 self._writer.add_text("config", f"```yaml\n{text}\n```", 0)
         return self._writer
 
-    def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Continues after the ``rows`` a resumed checkpoint carries."""
-        self.step = len(rows)
+    def restore(self, rows: Sequence[Mapping[str, Any]], step: int | None = None) -> None:
+        self.step = self.resumed_at = len(rows) if step is None else step + 1
 
-    def log_epoch(self, row: Mapping[str, Any]) -> None:
-        """Adds one epoch's scalars at the next step."""
+    def _add(self, scalars: Mapping[str, float], step: int | None) -> None:
+        writer, at = self.writer, self.step if step is None else step
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, at)
+        self.step = at + 1
+
+    def log_epoch(self, row: Mapping[str, Any], step: int | None = None) -> None:
         stage = row.get("stage", "train")
-        for key, value in _numbers(row, skip=("stage", "epoch")).items():
-            self.writer.add_scalar(f"{stage}/{key}", value, self.step)
-        self.step += 1
+        self._add({f"{stage}/{k}": v for k, v in _numbers(row, ("stage", "epoch")).items()}, step)
+
+    def log_step(self, values: Mapping[str, float], step: int) -> None:
+        self._add(_numbers(values), step)
 
     def log_summary(self, results: Mapping[str, Any]) -> None:
         """Adds the final accuracies (``final/<key>``) and those of each stage."""
@@ -173,65 +188,41 @@ class TensorBoardLogger:
                 self.writer.add_scalar(f"final/{stage}/{key}", value, self.step)
 
     def close(self) -> None:
-        """Flushes and closes the event file."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
-    def state_dict(self) -> dict[str, Any]:
-        """Nothing: ``restore`` sets the step from the checkpoint's history."""
-        return {}
 
-    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        """Nothing to restore (see ``state_dict``)."""
-
-
-class WandbLogger:
+class WandbLogger(Logger):
     """Weights & Biases logging; offline unless configured.
 
-    The run is started on first use with a run id kept in ``state_dict()``: the trainer
-    stores it in every checkpoint and hands it back on resume, so the resumed process
-    continues the same wandb run instead of starting a second one.
+    The run id is chosen up front and kept in ``state_dict()`` (so in every checkpoint): a
+    resumed process continues the same wandb run instead of starting a second one.
 
     Args:
         output_dir: The run directory; wandb's files go under it.
-        run_config: The resolved config, recorded by wandb.
-        project: wandb project name.
-        entity: wandb entity (team or user); ``None`` uses the account's default.
+        entity: wandb team or user; ``None``: the account's default.
         mode: ``offline`` (default: nothing leaves the machine), ``online`` or ``disabled``.
-        tags: Run tags.
         name: Run name shown by wandb (``None``: wandb picks one).
     """
 
+    @checked
     def __init__(
         self,
         output_dir: str | Path,
         run_config: Mapping[str, Any] | None = None,
-        project: str = "bcnn",
+        project: NonEmpty = "bcnn",
         entity: str | None = None,
-        mode: str = "offline",
+        mode: Literal["offline", "online", "disabled"] = "offline",
         tags: Sequence[str] = (),
         name: str | None = None,
     ) -> None:
-        try:
-            import wandb
-        except ImportError as err:
-            raise ImportError(
-                "logger=wandb needs the wandb package: pip install 'bcnn[wandb]' "
-                "(or use the default logger=csv)"
-            ) from err
-        self._wandb = wandb
+        self._wandb = _optional("wandb")
         self.settings = dict(
-            project=project,
-            entity=entity,
-            mode=mode,
-            tags=list(tags),
-            name=name,
-            dir=str(output_dir),
-            config=dict(run_config or {}),
-        )
-        # wandb ids are lowercase letters and digits; this one is chosen here so that the
-        # checkpoint can keep it before the run starts.
+            project=project, entity=entity, mode=mode, tags=list(tags), name=name,
+            dir=str(output_dir), config=dict(run_config or {}),
+        )  # fmt: skip
+        # Chosen here (wandb ids: lowercase letters and digits) for checkpoints to keep.
         self.run_id: str = secrets.token_hex(6)
         self._run: Any = None
 
@@ -242,27 +233,24 @@ class WandbLogger:
             self._run = self._wandb.init(id=self.run_id, resume="allow", **self.settings)
         return self._run
 
-    def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Nothing to rewrite: the resumed wandb run already holds the earlier epochs."""
-
-    def log_epoch(self, row: Mapping[str, Any]) -> None:
-        """Logs ``<stage>/<key>`` for each number of the row."""
+    def log_epoch(self, row: Mapping[str, Any], step: int | None = None) -> None:
         stage = row.get("stage", "train")
-        self.run.log({f"{stage}/{k}": v for k, v in _numbers(row, skip=("stage",)).items()})
+        data = {f"{stage}/{k}": v for k, v in _numbers(row, skip=("stage",)).items()}
+        self.run.log(data, step=step)
+
+    def log_step(self, values: Mapping[str, float], step: int) -> None:
+        self.run.log(_numbers(values), step=step)
 
     def log_summary(self, results: Mapping[str, Any]) -> None:
         """Sets the run's summary to the final results."""
-        for key, value in _numbers(results).items():
-            self.run.summary[key] = value
+        self.run.summary.update(_numbers(results))
 
     def close(self) -> None:
-        """Finishes the run."""
         if self._run is not None:
             self._run.finish()
             self._run = None
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"run_id": ...}``: the id a resumed run continues."""
         return {"run_id": self.run_id}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
@@ -273,16 +261,10 @@ class WandbLogger:
             self.run_id = str(state["run_id"])
 
 
-class Loggers:
-    """Several loggers behind the interface of one; the CSV logger is always among them.
-
-    Args:
-        output_dir: The run directory.
-        run_config: The resolved config.
-        **backends: Logger config nodes by name (``_target_`` plus options), built with
-            ``output_dir`` and ``run_config``; ``None`` values are dropped
-            (``logger.wandb=null``). A ``csv`` key is added when missing.
-    """
+class Loggers(Logger):
+    """Several loggers behind the interface of one: ``backends`` are logger config nodes by
+    name, built with ``output_dir`` and ``run_config`` (``None`` values are dropped); the
+    CSV logger is always among them."""
 
     def __init__(
         self,
@@ -290,9 +272,9 @@ class Loggers:
         run_config: Mapping[str, Any] | None = None,
         **backends: Any,
     ) -> None:
-        from bcnn.config import instantiate
+        from bcnn.errors import instantiate
 
-        self.loggers: dict[str, Any] = {}
+        self.loggers: dict[str, Logger] = {}
         if "csv" not in backends:
             self.loggers["csv"] = CSVLogger(output_dir, run_config)
         for name, node in backends.items():
@@ -309,38 +291,32 @@ class Loggers:
                 node, output_dir=output_dir, run_config=run_config, _recursive_=False
             )
 
-    def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Passes a resumed run's history to every logger."""
+    def restore(self, rows: Sequence[Mapping[str, Any]], step: int | None = None) -> None:
         for logger in self.loggers.values():
-            logger.restore(rows)
+            logger.restore(rows, step)
 
-    def log_epoch(self, row: Mapping[str, Any]) -> None:
-        """Logs one epoch with every logger."""
+    def log_epoch(self, row: Mapping[str, Any], step: int | None = None) -> None:
         for logger in self.loggers.values():
-            logger.log_epoch(row)
+            logger.log_epoch(row, step)
+
+    def log_step(self, values: Mapping[str, float], step: int) -> None:
+        for logger in self.loggers.values():
+            logger.log_step(values, step)
 
     def log_summary(self, results: Mapping[str, Any]) -> None:
-        """Logs the final results with every logger."""
         for logger in self.loggers.values():
             logger.log_summary(results)
 
     def close(self) -> None:
-        """Closes every logger, the CSV logger (curves.png) even when another one fails."""
-        errors = []
-        for name, logger in self.loggers.items():
-            try:
-                logger.close()
-            except Exception as err:  # one failing backend must not lose the others' files
-                log.warning("Closing the %s logger failed: %s", name, err)
-                errors.append(err)
-        if errors:
-            raise errors[0]
+        """Closes every logger even when one fails (one backend must not lose the others'
+        files, curves.png among them); the failure is raised after."""
+        with contextlib.ExitStack() as stack:
+            for logger in self.loggers.values():
+                stack.callback(logger.close)
 
     def state_dict(self) -> dict[str, Any]:
-        """Each logger's state by name."""
         return {name: logger.state_dict() for name, logger in self.loggers.items()}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        """Hands each logger its part of a checkpoint's ``state_dict()``."""
         for name, logger in self.loggers.items():
             logger.load_state_dict((state or {}).get(name))

@@ -1,24 +1,15 @@
-"""One training epoch and one evaluation pass, as plain functions.
-
-Shaped like torchvision's classification references: a model, a loader, an optimizer
-and a few settings. The model owns its input convention and its frozen parts
-(``BilinearModel.normalize_input``, ``freeze_backbone``), so the loops only move batches
-to the device and step. Loss sums and correct counts stay on the device and are read once
-per epoch: no host synchronisation per step.
-
-A non-finite training loss (divergence) is recorded on the device as well, and looked at
-every ``check_every`` steps and at the end of the epoch: the epoch stops early and its
-``EpochStats`` say at which step the loss first stopped being finite. Under fp16 the
-loss is still computed in float32 (from ``logits.float()``), so a non-finite loss is real
-divergence or an overflow of the forward pass, which no loss scaling can undo; the
-GradScaler's own skipped steps (inf/nan gradients of a finite loss) are not counted.
+"""One training epoch and one evaluation pass, as plain functions (the model owns its input
+convention and its frozen parts), and the sums they return. The sums stay on the device: the
+host reads them once per epoch, and every ``check_every`` steps to stop a diverged epoch
+early. The loss is float32, so under fp16 a non-finite loss is real divergence, never a
+GradScaler's skipped step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +18,6 @@ from torch import nn
 from tqdm import tqdm
 
 from bcnn.engine import distributed as D
-from bcnn.engine.metrics import ConfusionMeter
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,11 +38,8 @@ def _batches(loader: Iterable, max_batches: int | None, desc: str | None) -> tup
 
 @dataclass
 class EpochStats:
-    """Sums over the batches of one training epoch (summable across processes).
-
-    ``nonfinite`` counts the processes whose loss was NaN or infinite at some step (the
-    first such step of this process: ``first_nonfinite_step``, 0-based).
-    """
+    """Sums over the batches of one training epoch; ``nonfinite`` counts the processes whose
+    loss was not finite at some step (this process's first: ``first_nonfinite_step``)."""
 
     loss_sum: float
     correct: int
@@ -62,7 +49,7 @@ class EpochStats:
 
     @property
     def diverged(self) -> bool:
-        """Whether some step's loss was NaN or infinite (in any process)."""
+        """Whether some step's loss was not finite (in any process)."""
         return self.nonfinite > 0
 
     @property
@@ -76,15 +63,46 @@ class EpochStats:
         return 100.0 * self.correct / self.seen if self.seen else math.nan
 
     def all_reduce(self) -> EpochStats:
-        """The sums over every process of a distributed run (itself when single-process)."""
-        sums = D.all_reduce_sum(
-            torch.tensor(
-                [self.loss_sum, self.correct, self.seen, self.nonfinite], dtype=torch.float64
-            )
-        )
-        return EpochStats(
-            float(sums[0]), int(sums[1]), int(sums[2]), int(sums[3]), self.first_nonfinite_step
-        )
+        """The sums over the processes of a distributed run."""
+        values = [self.loss_sum, self.correct, self.seen, self.nonfinite]
+        loss, correct, seen, bad = D.all_reduce_sum(torch.tensor(values, dtype=torch.float64))
+        return EpochStats(float(loss), int(correct), int(seen), int(bad), self.first_nonfinite_step)
+
+
+class ConfusionMeter:
+    """A confusion matrix accumulated on ``device`` (updates cost no host synchronisation);
+    gives top-1 and mean per-class accuracy."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+
+    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        """Adds a batch: scores (B, num_classes), integer targets (B,)."""
+        pred = scores.argmax(dim=1).to(self.matrix.device)
+        idx = targets.to(self.matrix.device) * self.num_classes + pred
+        self.matrix += torch.bincount(idx, minlength=self.num_classes**2).view_as(self.matrix)
+
+    def all_reduce(self) -> ConfusionMeter:
+        """Sums the matrix over the processes of a distributed run (in place)."""
+        self.matrix = D.all_reduce_sum(self.matrix)
+        return self
+
+    @property
+    def count(self) -> int:
+        """Number of samples seen."""
+        return int(self.matrix.sum())
+
+    def accuracy(self) -> float:
+        """Top-1 accuracy in percent (NaN before any update)."""
+        n = self.count
+        return float(self.matrix.diag().sum()) * 100.0 / n if n else float("nan")
+
+    def mean_class_accuracy(self) -> float:
+        """Mean over the classes present of per-class accuracy, in percent (NaN: none)."""
+        per_class = self.matrix.sum(dim=1)
+        present = per_class > 0
+        return float((self.matrix.diag()[present].double() / per_class[present]).mean()) * 100.0
 
 
 def train_one_epoch(
@@ -100,6 +118,9 @@ def train_one_epoch(
     max_batches: int | None = None,
     desc: str | None = None,
     check_every: int = 50,
+    label_smoothing: float = 0.0,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    after_step: Callable[[torch.Tensor], None] | None = None,
 ) -> EpochStats:
     """Trains ``model`` for one pass over ``loader``.
 
@@ -107,25 +128,24 @@ def train_one_epoch(
     batches of B / k images, ``grad_accum=k`` takes the step one batch of B images would.
 
     Args:
-        model: Maps images (B, 3, H, W) to logits (B, C); only parameters with
-            ``requires_grad`` change. May be wrapped in ``DistributedDataParallel``.
+        model: Maps images (B, 3, H, W) to logits (B, C); may be a DDP wrapper.
         loader: Yields ``(images, labels (B,))``.
-        optimizer: Optimizer over the trainable parameters.
-        device: Where the model lives.
-        scaler: Loss scaler (fp16); ``None`` for none.
+        scaler: Loss scaler (fp16), if any.
         precision: ``32``, ``bf16`` or ``fp16`` (autocast dtype).
-        grad_accum: Batches per optimizer step.
         grad_clip: Max global gradient norm, applied to unscaled gradients.
-        max_batches: Stop after this many batches.
         desc: Label of a progress bar; ``None`` shows none.
-        check_every: Look for a non-finite loss every this many steps (one host
-            synchronisation; all processes agree), and stop the epoch when there is one.
+        check_every: Steps between looks (by all processes together) for a non-finite loss.
+        label_smoothing: Weight of the uniform distribution in the targets.
+        mix: Maps a batch and its labels (B,) to mixed images and soft targets (B, C)
+            (mixup, cutmix); accuracy still counts against the labels.
+        after_step: Called with the micro-batch loss after each optimizer step.
 
     Returns:
-        The epoch's summed loss, correct predictions and images seen (this process), and
-        the number of non-finite losses with the first step that had one.
+        This process's sums, with the first step whose loss was not finite.
     """
     model.train()
+    # A disabled scaler steps the optimizer as it is.
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     batches, total = _batches(loader, max_batches, desc)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -136,18 +156,25 @@ def train_one_epoch(
     for step, (images, labels) in enumerate(batches):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        images, targets = mix(images, labels) if mix is not None else (images, labels)
         with autocast(device, precision):
             logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
         sync = (step + 1) % grad_accum == 0 or step + 1 == total
-        # Under DistributedDataParallel, gradients are all-reduced only on the last
-        # micro-batch of an accumulation.
+        # Under DDP, gradients are all-reduced only on an accumulation's last micro-batch.
         no_sync = getattr(model, "no_sync", None)
         with contextlib.nullcontext() if sync or no_sync is None else no_sync():
-            scaled = loss / grad_accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            scaler.scale(loss / grad_accum).backward()
         if sync:
-            _step(optimizer, scaler, grad_clip)
+            if grad_clip is not None:
+                scaler.unscale_(optimizer)
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step(loss.detach())
         loss_sum += loss.detach() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.shape[0]
@@ -162,22 +189,6 @@ def train_one_epoch(
     )
 
 
-def _step(
-    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, grad_clip: float | None
-) -> None:
-    if grad_clip is not None:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -190,17 +201,9 @@ def evaluate(
     max_batches: int | None = None,
     desc: str | None = None,
 ) -> ConfusionMeter:
-    """Evaluates ``model`` on ``loader``.
-
-    Args:
-        model: Maps images (B, 3, H, W) to logits (B, num_classes).
-        loader: Yields ``(images, labels)``.
-        num_classes: Size of the confusion matrix.
-        device: Where the model lives.
-        precision: Autocast setting, as in training.
-        flip: Average the softmax of each image and of its horizontal mirror.
-        max_batches: Stop after this many batches.
-        desc: Label of a progress bar; ``None`` shows none.
+    """Evaluates ``model`` (images (B, 3, H, W) -> logits (B, num_classes)) on at most
+    ``max_batches`` of ``loader``, averaging the softmax of each image and of its mirror
+    image with ``flip`` (a progress bar labelled ``desc`` unless None).
 
     Returns:
         The confusion matrix of this process's batches (on ``device``).

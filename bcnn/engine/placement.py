@@ -1,8 +1,5 @@
-"""Where a command runs and writes: its device and its output directory.
-
-Shared by training, evaluation, export and visualization, so that ``device=auto`` and
-``paths.output_dir`` mean the same in every command.
-"""
+"""Where a command runs and writes, the same in every command: its device and its output
+directory."""
 
 from __future__ import annotations
 
@@ -23,13 +20,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
 def output_dir(cfg: DictConfig, command: str, function: str) -> Path:
     """``paths.output_dir``, else Hydra's run directory.
 
-    Args:
-        cfg: The composed config (its ``paths`` node).
-        command: What a user runs to get a directory from Hydra (named in the error).
-        function: The Python entry point that needs ``paths.output_dir`` (named too).
-
     Raises:
-        ValueError: neither is set (a direct call without ``paths.output_dir``).
+        ValueError: neither is set; names ``command`` and ``function``, the ways to set one.
     """
     if cfg.paths.get("output_dir"):
         return Path(cfg.paths.output_dir)

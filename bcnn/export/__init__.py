@@ -1,11 +1,5 @@
-"""Exporting trained models (safetensors, TorchScript, ONNX) and running them again.
-
-* ``bcnn.export.graph``: an exportable copy of a model (matrix functions as products).
-* ``bcnn.export.writer``: ``export_trained`` writes the model, its metadata and model card.
-* ``bcnn.export.runtime``: ``load_predictor`` scores images with a run, a checkpoint or an
-  exported model.
-
-See docs/deploy.md.
+"""Exporting trained models (safetensors, TorchScript, ONNX) and running them again: ``graph``
+(an exportable copy), ``writer``, ``parity`` (the check), ``runtime`` (docs/deploy.md).
 """
 
 from bcnn.export.graph import exact_iterations, exportable

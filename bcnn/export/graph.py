@@ -1,39 +1,25 @@
 """An exportable copy of a trained model: the same function, in operations graphs can hold.
 
-TorchScript (tracing) cannot save the Python autograd Functions of ``bcnn.ops`` (the
-guarded signed power, the custom-backward square root), the ONNX exporter rejects the
-in-place diagonal updates of the Newton-Schulz iteration, and ONNX has no
-eigendecomposition. Inference needs none of these: the gradients are not used, and the
-matrix functions can all be written with matrix products. ``exportable(model)`` returns a
-deep copy of the model whose normalization steps are replaced by such versions:
-
-==========================================  ==================================================
-eager step                                  exported as
-==========================================  ==================================================
-``SignedPower`` / ``SignedSqrt``            the same formula, plain tensor operations
-``MatrixSqrt(method=newton_schulz)``        the same coupled Newton-Schulz, same iterations
-``MatrixSqrt(method=eigh|svd|auto)``        Newton-Schulz with ``exact_iterations`` (a note)
-``MatrixPower(p=0.5)``                      as ``MatrixSqrt``, by its ``method``
-``MatrixPower(p != 0.5)`` (eigh)            exp(p log A): Newton-Schulz log, scaled Taylor exp
-``MatrixLog`` (eigh or iterative)           log A = 2^k log(A^(1/2^k)): k Newton-Schulz roots
-                                            and a Gregory (atanh) series
-==========================================  ==================================================
-
-Everything else (backbones, poolings, vectorize, L2, classifiers) exports as it is. Every
-replacement computes in float32 (float64 for float64 input), like the eager steps.
+Tracing cannot save ``bcnn.ops``' autograd Functions, the ONNX exporter rejects in-place
+diagonal updates, and ONNX has no eigendecomposition: ``exportable(model)`` writes each
+step with plain tensor operations and matrix products, in the eager steps' compute dtype
+(the table of replacements is in docs/deploy.md).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bcnn.models import BilinearModel
 from bcnn.models.normalization import (
+    L2Normalize,
     MatrixLog,
     MatrixPower,
     MatrixSqrt,
@@ -41,24 +27,20 @@ from bcnn.models.normalization import (
     SignedPower,
     Step,
     Vectorize,
-    add_ridge,
 )
+from bcnn.models.shapes import FeatureShape
 from bcnn.ops import TensorSketch, resolve_sqrtm
-from bcnn.ops._utils import compute_dtype
+from bcnn.ops._utils import compute_dtype, frobenius_norm
 
-# Newton-Schulz multiplies the distance of an eigenvalue l << 1 of A / ||A||_F from
-# convergence by about 2.25 per iteration, then converges quadratically: an eigenvalue
-# ratio r needs about log(1 / r) / log(2.25) iterations plus a few. float32 resolves
-# eigenvalues only down to ~eps * l_max (an exact eigh is no more accurate below), so
-# ratios beyond 1 / eps need no more iterations.
+# Newton-Schulz brings an eigenvalue l << 1 of A / ||A||_F closer by a factor ~2.25 per
+# iteration, then converges quadratically. float32 resolves eigenvalues only down to
+# ~eps * l_max (an exact eigh no better), so ratios beyond 1 / eps need no more iterations.
 _GROWTH = math.log(2.25)
 _QUADRATIC_STEPS = 6
-# The logarithm is log(A) = 2^k log(A^(1/2^k)), with the Gregory series
-# log(R) = 2 atanh(Z) = 2 (Z + Z^3/3 + Z^5/5 + ...), Z = (R - I)(R + I)^-1. After k = 3
-# roots an eigenvalue ratio of 1e-7 (the float32 floor) is 0.13, |z| = 0.77, where 18 odd
-# terms leave 4e-8 (times 2^k). Few roots matter more than few terms: every root's
-# rounding error is multiplied by 2^k (6 roots with a Mercator series were 4x less
-# accurate in float32, measured on 64 x 64 Gram matrices).
+# log(A) = 2^k log(A^(1/2^k)) and log(R) = 2 atanh(Z) = 2 (Z + Z^3/3 + ...), Z = (R - I)
+# (R + I)^-1: after k = 3 roots the float32 floor ratio 1e-7 is 0.13, |z| = 0.77, where 18
+# odd terms leave 4e-8 (times 2^k). Each root's rounding error is multiplied by 2^k: 6
+# roots with a Mercator series were 4x less accurate (float32, 64 x 64 Gram matrices).
 LOG_ROOTS = 3
 LOG_TERMS = 18
 # Newton's iteration for (R + I)^-1 from I / 2: R + I has eigenvalues in (1, 2], so the
@@ -72,20 +54,11 @@ EXP_TERMS = 10
 
 
 def exact_iterations(d: int, eps: float, eps_mode: str, dtype: torch.dtype = torch.float32) -> int:
-    """Newton-Schulz iterations that stand in for an exact root of a ridged (d, d) matrix.
+    """Newton-Schulz iterations that stand in for an exact root of a ridged (d, d) matrix:
+    ceil(log(1 / r) / log(2.25)) + 6 for the smallest eigenvalue ratio r that matters.
 
-    With ``eps_mode="trace"`` the smallest eigenvalue of A + eps tr(A)/d I is at least
-    eps / d times its Frobenius norm; otherwise (or eps = 0) nothing bounds it, and the
-    precision of ``dtype`` sets the ratio that matters.
-
-    Args:
-        d: Matrix size.
-        eps: The step's ridge.
-        eps_mode: ``"trace"`` or ``"abs"``.
-        dtype: Compute dtype.
-
-    Returns:
-        ceil(log(1 / r) / log(2.25)) + 6 for the smallest relevant eigenvalue ratio r.
+    With ``eps_mode="trace"`` (and eps > 0) the ridge eps tr(A)/d I bounds r below by
+    eps / d; otherwise only the precision of the compute ``dtype`` does.
     """
     floor = torch.finfo(dtype).eps
     ratio = max(eps / d, floor) if eps_mode == "trace" and eps > 0 else floor
@@ -101,10 +74,7 @@ def _eye_like(a: Tensor) -> Tensor:
 
 
 def newton_schulz_sqrt(a: Tensor, iters: int, scale: str = "fro") -> Tensor:
-    """A^(1/2) by the coupled Newton-Schulz iteration, without in-place updates.
-
-    The iteration of ``bcnn.ops.sqrtm(method="newton_schulz")`` (same scaling, same
-    iterates), written for tracing and export.
+    """A^(1/2): the iterates of ``bcnn.ops.sqrtm(method="newton_schulz")``, not in place.
 
     Args:
         a: (B, d, d) symmetric PSD, float32 or float64.
@@ -115,11 +85,11 @@ def newton_schulz_sqrt(a: Tensor, iters: int, scale: str = "fro") -> Tensor:
         (B, d, d).
     """
     a = (a + _t(a)) * 0.5
-    tiny = torch.finfo(a.dtype).eps
     if scale == "fro":
-        c = (a * a).sum((-2, -1), keepdim=True).clamp_min(tiny * tiny).sqrt()
+        c = frobenius_norm(a)
     else:
-        c = a.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(tiny)[..., None, None]
+        trace = a.diagonal(dim1=-2, dim2=-1).sum(-1)
+        c = trace.clamp_min(torch.finfo(a.dtype).eps)[..., None, None]
     eye = _eye_like(a)
     y = a / c
     z: Tensor | None = None
@@ -132,25 +102,20 @@ def newton_schulz_sqrt(a: Tensor, iters: int, scale: str = "fro") -> Tensor:
     return y * c.sqrt()
 
 
-def newton_schulz_log(
-    a: Tensor, iters: int, roots: int = LOG_ROOTS, terms: int = LOG_TERMS
-) -> Tensor:
+def newton_schulz_log(a: Tensor, iters: int) -> Tensor:
     """log(A) = log(c) I + 2^k log((A / c)^(1/2^k)): Newton-Schulz roots, a Gregory series.
 
     Args:
         a: (B, d, d) symmetric positive definite.
         iters: Newton-Schulz iterations per root.
-        roots: k.
-        terms: Odd terms of the series 2 atanh(Z).
 
     Returns:
         (B, d, d).
     """
     a = (a + _t(a)) * 0.5
-    tiny = torch.finfo(a.dtype).eps
-    c = (a * a).sum((-2, -1), keepdim=True).clamp_min(tiny * tiny).sqrt()
+    c = frobenius_norm(a)
     r = a / c
-    for _ in range(roots):
+    for _ in range(LOG_ROOTS):
         r = newton_schulz_sqrt(r, iters)
     eye = _eye_like(a)
     shifted = r + eye
@@ -159,10 +124,10 @@ def newton_schulz_log(
         inverse = inverse @ (eye * 2.0 - shifted @ inverse)
     z = (r - eye) @ inverse
     z2 = z @ z
-    acc = eye / (2 * terms - 1)
-    for j in range(terms - 1, 0, -1):
+    acc = eye / (2 * LOG_TERMS - 1)
+    for j in range(LOG_TERMS - 1, 0, -1):
         acc = eye / (2 * j - 1) + z2 @ acc
-    return (z @ acc) * float(2 ** (roots + 1)) + torch.log(c) * eye
+    return (z @ acc) * float(2 ** (LOG_ROOTS + 1)) + torch.log(c) * eye
 
 
 def newton_schulz_power(a: Tensor, p: float, iters: int) -> Tensor:
@@ -176,8 +141,7 @@ def newton_schulz_power(a: Tensor, p: float, iters: int) -> Tensor:
     Returns:
         (B, d, d).
     """
-    tiny = torch.finfo(a.dtype).eps
-    c = (a * a).sum((-2, -1), keepdim=True).clamp_min(tiny * tiny).sqrt()
+    c = frobenius_norm(a)
     m = newton_schulz_log(a / c, iters) * (p / 2**EXP_SQUARINGS)
     eye = _eye_like(a)
     e = eye + m / EXP_TERMS
@@ -189,12 +153,9 @@ def newton_schulz_power(a: Tensor, p: float, iters: int) -> Tensor:
 
 
 class ExportTensorSketch(nn.Module):
-    """``TensorSketch`` without the FFT: the same sketch as a scatter of the pooled matrix.
-
-    The Tensor Sketch of M = (1/n) sum_i x_i y_i^T is sum_{a,b} s1(a) s2(b) M_ab
-    e_{(h1(a) + h2(b)) mod D} (the circular convolution of the two count sketches that the
-    eager module computes through ``torch.fft``). Exported FFTs run as plain DFTs in
-    onnxruntime, about 1e-3 off in float32; this form is exact up to summation order.
+    """``TensorSketch`` without the FFT: sum_ab s1(a) s2(b) M_ab e_((h1(a) + h2(b)) mod D) of
+    the pooled M = (1/n) sum_i x_i y_i^T, a scatter. Exported FFTs run as plain DFTs in
+    onnxruntime, about 1e-3 off in float32; this is exact up to summation order.
 
     Args:
         sketch: The trained module (its hashes and signs are copied).
@@ -205,7 +166,7 @@ class ExportTensorSketch(nn.Module):
 
     def __init__(self, sketch: TensorSketch) -> None:
         super().__init__()
-        self.in_dim, self.in_dim2, self.out_dim = sketch.in_dim, sketch.in_dim2, sketch.out_dim
+        self.out_dim = sketch.out_dim
         index = (sketch.h1[:, None] + sketch.h2[None, :]) % sketch.out_dim
         self.register_buffer("index", index.flatten())
         self.register_buffer("sign", (sketch.s1[:, None] * sketch.s2[None, :]).flatten())
@@ -222,11 +183,8 @@ class ExportTensorSketch(nn.Module):
 
 
 class ExportVectorize(Step):
-    """``Vectorize(triu=True)`` with its indices and scale as buffers (no ``triu_indices``).
-
-    Args:
-        d: Matrix size.
-    """
+    """``Vectorize(triu=True)`` of (d, d) matrices with buffers, no ``triu_indices`` (which
+    the ONNX exporter lacks)."""
 
     phase = "vectorize"
     index: Tensor
@@ -243,118 +201,102 @@ class ExportVectorize(Step):
         return a.flatten(1).index_select(1, self.index) * self.scale.to(a.dtype)
 
 
-class ExportSignedPower(Step):
-    """``SignedPower`` without its custom backward: sign(z) ((|z| + eps)^p - eps^p)."""
+class ExportStep(Step):
+    """A step of plain tensor operations, e.g. ``partial(signed_power, p=0.5, eps=1e-8)``."""
 
-    def __init__(self, p: float, eps: float) -> None:
+    def __init__(self, function: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
-        self.p, self.eps = float(p), float(eps)
+        self.fn = function
 
     def forward(self, z: Tensor) -> Tensor:
-        """Any shape -> same shape."""
-        return torch.sign(z) * ((z.abs() + self.eps).pow(self.p) - self.eps**self.p)
+        """(B, ...) -> (B, ...)."""
+        return self.fn(z)
+
+    def extra_repr(self) -> str:
+        return repr(self.fn)
+
+
+def signed_power(z: Tensor, p: float, eps: float) -> Tensor:
+    """sign(z) ((|z| + eps)^p - eps^p): ``SignedPower`` without its autograd Function (which
+    TorchScript cannot save)."""
+    return torch.sign(z) * ((z.abs() + eps).pow(p) - eps**p)
+
+
+def l2_normalize(z: Tensor, eps: float, blocks: int, pad: int) -> Tensor:
+    """``L2Normalize`` of (B, ...) whose sum of squares adds ``blocks`` sums of the padded
+    (B, D): onnxruntime sums float32 values one after another, 4e-5 off over a 512-channel
+    descriptor (docs/deploy.md); sums of about sqrt(D) values are as accurate as torch's."""
+    flat = z.flatten(1)
+    squares = F.pad(flat * flat, (0, pad)).unflatten(1, (blocks, -1))
+    norm = squares.sum(-1).sum(-1, keepdim=True).sqrt().clamp_min(eps)
+    return (flat / norm).view_as(z)
 
 
 class ExportMatrixFunction(MatrixStep):
-    """A matrix step as products only: ``sqrt``, ``log`` or ``power`` of A + ridge.
+    """A matrix step as products only: ``function`` of A + ridge (``eps``, ``eps_mode``) +
+    ``floor`` I (the eager eigenvalue floor of a logarithm or power).
 
     Args:
-        kind: ``"sqrt"``, ``"log"`` or ``"power"``.
-        iters: Newton-Schulz iterations (per root for log and power).
-        eps: The eager step's ridge.
-        eps_mode: Its ridge mode.
-        p: Exponent (``power``).
-        scale: Newton-Schulz scaling (``sqrt``).
-        floor: Added to the diagonal before a logarithm (the eager eigenvalue floor).
+        function: (B, d, d) -> (B, d, d), e.g. ``partial(newton_schulz_sqrt, iters=23)``.
     """
 
     def __init__(
-        self,
-        kind: str,
-        iters: int,
-        eps: float,
-        eps_mode: str,
-        p: float = 0.5,
-        scale: str = "fro",
-        floor: float = 0.0,
+        self, function: Callable[[Tensor], Tensor], eps: float, eps_mode: str, floor: float = 0.0
     ) -> None:
         super().__init__(eps, eps_mode)
-        self.kind, self.iters, self.p, self.scale, self.floor = kind, int(iters), p, scale, floor
+        self.fn, self.floor = function, floor
 
-    def forward(self, a: Tensor) -> Tensor:
-        """(B, d, d) -> (B, d, d), float32 (float64 for float64 input)."""
-        a = a if a.dtype == torch.float64 else a.float()
-        a = add_ridge(a, self.eps, self.eps_mode)
-        if self.kind == "sqrt":
-            return newton_schulz_sqrt(a, self.iters, self.scale)
-        if self.floor > 0:
-            a = a + self.floor * _eye_like(a)
-        if self.kind == "log":
-            return newton_schulz_log(a, self.iters)
-        return newton_schulz_power(a, self.p, self.iters)
+    def function(self, a: Tensor) -> Tensor:
+        return self.fn(a + self.floor * _eye_like(a) if self.floor > 0 else a)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, iters={self.iters}, p={self.p}, " + super().extra_repr()
+        return f"{self.fn!r}, floor={self.floor}, " + super().extra_repr()
 
 
-@dataclass
-class ExportPlan:
-    """What ``exportable`` replaced: one line per changed step, for the log and model card."""
-
-    notes: list[str] = field(default_factory=list)
-
-
-def _replacement(name: str, step: Step, d: int, device_type: str) -> tuple[Step, str | None]:
+def _replacement(
+    name: str, step: Step, shape: FeatureShape, device_type: str
+) -> tuple[Step, str | None]:
     """The exportable version of one normalization step and a note when it approximates."""
+    d = shape.dims[-1]
+    if isinstance(step, L2Normalize):
+        blocks = max(1, math.isqrt(shape.numel))
+        return ExportStep(
+            partial(l2_normalize, eps=step.eps, blocks=blocks, pad=-shape.numel % blocks)
+        ), None
     if isinstance(step, SignedPower):
-        return ExportSignedPower(step.p, step.eps), None
+        return ExportStep(partial(signed_power, p=step.p, eps=step.eps)), None
     if isinstance(step, Vectorize) and step.triu:
         return ExportVectorize(d), None
     if not isinstance(step, MatrixStep):
         return step, None
     exact = exact_iterations(d, step.eps, step.eps_mode)
-    where = f"normalization.{name}"
-    if isinstance(step, (MatrixSqrt, MatrixPower)) and (
-        isinstance(step, MatrixSqrt) or step.p == 0.5
-    ):
+    ridge = (step.eps, step.eps_mode)
+    roots = f"{LOG_ROOTS} Newton-Schulz roots of {exact} iterations"
+    if isinstance(step, MatrixSqrt) or (isinstance(step, MatrixPower) and step.p == 0.5):
         method, _ = resolve_sqrtm(step.method, "auto", device_type, d)
         scale = getattr(step, "scale", "fro")
+        iters = step.iters if method == "newton_schulz" else exact
+        new = ExportMatrixFunction(partial(newton_schulz_sqrt, iters=iters, scale=scale), *ridge)
         if method == "newton_schulz":
-            return ExportMatrixFunction(
-                "sqrt", step.iters, step.eps, step.eps_mode, scale=scale
-            ), None
-        note = (
-            f"{where}: the exact matrix square root ({method}) is exported as {exact} "
-            "Newton-Schulz iterations (matrix products only)"
+            return new, None
+        note = f"the exact matrix square root ({method}) is exported as {exact} Newton-Schulz"
+    elif isinstance(step, MatrixPower):
+        new = ExportMatrixFunction(
+            partial(newton_schulz_power, p=step.p, iters=exact), *ridge, step.floor
         )
-        return ExportMatrixFunction("sqrt", exact, step.eps, step.eps_mode, scale=scale), note
-    if isinstance(step, MatrixPower):
-        note = (
-            f"{where}: the matrix power p={step.p} (eigendecomposition) is exported as "
-            f"exp(p log A), the log by {LOG_ROOTS} Newton-Schulz roots of {exact} iterations"
+        note = f"the matrix power p={step.p} (eigh) is exported as exp(p log A), the log by {roots}"
+    elif isinstance(step, MatrixLog):
+        new = ExportMatrixFunction(partial(newton_schulz_log, iters=exact), *ridge, step.floor)
+        note = f"the matrix logarithm ({step.method}) is exported as {roots} and an atanh series"
+    else:
+        raise ValueError(
+            f"normalization.{name}: {type(step).__name__} has no exportable form; export "
+            "supports MatrixSqrt, MatrixPower, MatrixLog and steps of plain tensor operations"
         )
-        return (
-            ExportMatrixFunction(
-                "power", exact, step.eps, step.eps_mode, p=step.p, floor=step.floor
-            ),
-            note,
-        )
-    if isinstance(step, MatrixLog):
-        note = (
-            f"{where}: the matrix logarithm ({step.method}) is exported as {LOG_ROOTS} "
-            f"Newton-Schulz roots of {exact} iterations and a {LOG_TERMS}-term atanh series"
-        )
-        return (
-            ExportMatrixFunction("log", exact, step.eps, step.eps_mode, floor=step.floor),
-            note,
-        )
-    raise ValueError(
-        f"{where}: {type(step).__name__} has no exportable form; export supports the steps "
-        "MatrixSqrt, MatrixPower, MatrixLog, Vectorize, SignedPower/SignedSqrt and L2Normalize"
-    )
+    return new, f"normalization.{name}: {note}"
 
 
-def exportable(model: BilinearModel) -> tuple[BilinearModel, ExportPlan]:
+def exportable(model: BilinearModel) -> tuple[BilinearModel, list[str]]:
     """A copy of ``model`` in eval mode whose every step traces and exports.
 
     Args:
@@ -366,34 +308,17 @@ def exportable(model: BilinearModel) -> tuple[BilinearModel, ExportPlan]:
     Raises:
         ValueError: a normalization step with no exportable form, naming its key.
     """
-    plan = ExportPlan()
+    notes: list[str] = []
     copied = copy.deepcopy(model).eval()
     shape = copied.pooling.output_shape
     device_type = next(copied.parameters()).device.type
     steps = copied.normalization.steps
-    for name in list(steps.keys()):
-        step = steps[name]
-        d = shape.dims[-1]
-        new, note = _replacement(name, step, d, device_type)
-        steps[name] = new
-        if note:
-            plan.notes.append(note)
+    for name, step in list(steps.items()):
+        assert isinstance(step, Step)  # a NormalizationChain holds steps only
+        steps[name], note = _replacement(name, step, shape, device_type)
+        notes += [note] if note else []
         shape = step.output_shape(shape)
     sketch = getattr(copied.pooling, "sketch", None)
     if isinstance(sketch, TensorSketch):
         copied.pooling.sketch = ExportTensorSketch(sketch)
-    return copied, plan
-
-
-__all__ = [
-    "ExportMatrixFunction",
-    "ExportPlan",
-    "ExportSignedPower",
-    "ExportTensorSketch",
-    "ExportVectorize",
-    "exact_iterations",
-    "exportable",
-    "newton_schulz_log",
-    "newton_schulz_power",
-    "newton_schulz_sqrt",
-]
+    return copied, notes

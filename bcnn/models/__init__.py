@@ -4,20 +4,16 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from bcnn.config import instantiate
+from bcnn.errors import instantiate
 from bcnn.models.model import BilinearModel
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> BilinearModel:
     """Assembles backbone, pooling head, normalization chain and classifier.
 
-    Each part is built from its config group (``_target_``). The pooling head gets
-    ``in_channels`` from the backbone (a pair for two-stream backbones); the classifier
-    gets ``in_features``, the per-sample shape the chain reports for the pooling's output
-    (``(D,)`` for vectors, ``(d1, d2)`` when the chain keeps the matrix). Combinations that
-    cannot work (a matrix step after a vector pooling, a matrix function of a two-stream
-    x_a x_b^T, a vector classifier on matrices) raise a ``ValueError`` naming the config
-    key and the fix before any weights are trained.
+    The pooling head gets ``in_channels`` from the backbone (a pair for two streams), the
+    classifier ``in_features``, the shape the chain gives. Combinations that cannot work
+    raise a ``ValueError`` naming the config key and the fix before any training.
 
     Args:
         cfg: The composed config; reads its ``backbone``, ``pooling``, ``normalization``

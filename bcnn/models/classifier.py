@@ -1,19 +1,18 @@
-"""Classifiers on top of the normalized descriptor (vector) or the normalized matrix.
-
-``build_model`` passes ``in_features``, the per-sample ``FeatureShape`` the normalization
-chain produces: vectors (D,) when the chain vectorizes (the linear classifier), (d1, d2)
-matrices when it ends before that (the low-rank bilinear classifier reads the matrix).
-"""
+"""Classifiers of the normalized descriptor: vectors (D,), or the (d1, d2) matrix when the
+chain ends before vectorizing (``in_features``, the chain's ``FeatureShape``)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from annotated_types import Gt, Interval
 from torch import nn
 
+from bcnn.limits import Positive, PositiveInt, checked
 from bcnn.models.shapes import FeatureShape
+from bcnn.models.svm import median_calibration, train_linear_svm
 
 
 class LinearClassifier(nn.Linear):
@@ -24,9 +23,24 @@ class LinearClassifier(nn.Linear):
             ``build_model``.
         num_classes: Number of classes, supplied by ``build_model``.
         bias: Learn a bias.
+        init: ``zeros`` (bcnn's default: descriptors are L2-normalized and the linear stage
+            runs at lr ~ 1, where a random start only adds noise), ``normal`` (weights
+            N(0, init_std^2), as the authors' MATLAB code) or ``torch`` (``nn.Linear``'s
+            own, as their PyTorch code). The recipes set it (``configs/recipe/``).
+        init_std: Standard deviation of the ``normal`` weights.
+        init_bias: The bias of ``zeros`` and ``normal`` (the MATLAB B-CNN: 0.1).
     """
 
-    def __init__(self, in_features: int | FeatureShape, num_classes: int, bias: bool = True):
+    @checked
+    def __init__(
+        self,
+        in_features: int | FeatureShape,
+        num_classes: int,
+        bias: bool = True,
+        init: Literal["zeros", "normal", "torch"] = "zeros",
+        init_std: Annotated[float, Gt(0)] = 0.01,
+        init_bias: float = 0.0,
+    ) -> None:
         if isinstance(in_features, FeatureShape):
             if in_features.is_matrix:
                 raise ValueError(
@@ -35,12 +49,15 @@ class LinearClassifier(nn.Linear):
                     "{_target_: bcnn.models.normalization.Vectorize})"
                 )
             in_features = in_features.dims[0]
-        super().__init__(int(in_features), num_classes, bias=bias)
-        # Zero init: descriptors are L2-normalized and the linear stage uses lr ~ 1,
-        # where a random init only adds noise to the first epochs.
-        nn.init.zeros_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        super().__init__(int(in_features), num_classes, bias=bias)  # init "torch"
+        if init != "torch":
+            with torch.no_grad():
+                if init == "normal":
+                    self.weight.normal_(0.0, init_std)
+                else:
+                    self.weight.zero_()
+                if self.bias is not None:
+                    self.bias.fill_(init_bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, num_classes) logits in z's dtype."""
@@ -50,17 +67,10 @@ class LinearClassifier(nn.Linear):
 class LowRankBilinearClassifier(nn.Module):
     """Low-rank bilinear classifier (Kong & Fowlkes, CVPR 2017) on the pooled matrix.
 
-    Each class k scores the matrix A with a rank-r matrix W_k instead of a d^2-long
-    weight vector: score_k(A) = <W_k, A>_F + b_k.
-
-    * Symmetric A (d x d): W_k = U_k+ U_k+^T - U_k- U_k-^T with r/2 columns each (the
-      paper's positive and negative parts; a PSD A gives u^T A u >= 0, so both signs are
-      needed). score_k = sum_r s_r u_kr^T A u_kr.
-    * Two-stream A = x_a x_b^T (d_a x d_b): W_k = U_k V_k^T, score_k = sum_r u_kr^T A v_kr.
-
-    Parameters: K r d (symmetric) instead of K d^2 for the linear classifier (200 classes,
-    d = 512, r = 8: 0.8M vs 52M). Compute and activation memory are B d K r (the product
-    A U): for thousands of classes reduce d first with ``pooling.proj_dim``.
+    score_k(A) = <W_k, A>_F + b_k with a rank-r W_k: U_k+ U_k+^T - U_k- U_k-^T for a
+    symmetric A (both signs: a PSD A gives u^T A u >= 0), U_k V_k^T for a two-stream
+    x_a x_b^T. K r d parameters instead of K d^2; compute and memory B d K r
+    (docs/models.md).
 
     Args:
         in_features: The matrix shape: symmetric (d, d) or two-stream (d_a, d_b); supplied
@@ -68,14 +78,28 @@ class LowRankBilinearClassifier(nn.Module):
         num_classes: K, supplied by ``build_model``.
         rank: r per class (8 in the paper); for symmetric A, ceil(r/2) positive terms.
         bias: Learn a per-class bias.
+        init: ``normal``: U (and V) N(0, init_std^2), the bias ``init_bias``; ``torch``:
+            ``nn.Linear``'s rule, uniform in +-1/sqrt(fan in) (d for U and V, d1 d2 for the
+            bias). A zero start has no gradient, so ``zeros`` is not an option.
+        init_std: Standard deviation of ``normal``; None: 1/sqrt(d) (unit-norm columns on
+            average: a Frobenius-normalized A gives scores of order 1/d at the start).
+        init_bias: The bias of ``normal``.
     """
 
+    signs: torch.Tensor
+
+    @checked
     def __init__(
-        self, in_features: FeatureShape, num_classes: int, rank: int = 8, bias: bool = True
+        self,
+        in_features: FeatureShape,
+        num_classes: int,
+        rank: Annotated[int, Interval(ge=1, le=4096)] = 8,
+        bias: bool = True,
+        init: Literal["normal", "torch"] = "normal",
+        init_std: Annotated[float, Gt(0)] | None = None,
+        init_bias: float = 0.0,
     ) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"classifier.rank must be >= 1, got {rank}")
         if not in_features.is_matrix:
             raise ValueError(
                 f"classifier=lowrank reads the pooled matrix but the normalization chain gives "
@@ -86,18 +110,21 @@ class LowRankBilinearClassifier(nn.Module):
         self.symmetric = in_features.symmetric
         self.shape = (d1, d2)
         self.num_classes, self.rank = int(num_classes), int(rank)
-        # Random init (a zero U has zero gradient); unit-norm columns on average, so a
-        # Frobenius-normalized A gives scores of order 1/d at the start.
-        self.U = nn.Parameter(torch.randn(num_classes * rank, d1) / math.sqrt(d1))
-        self.V = (
-            None
-            if self.symmetric
-            else nn.Parameter(torch.randn(num_classes * rank, d2) / math.sqrt(d2))
-        )
+
+        def factor(d: int) -> nn.Parameter:
+            if init == "torch":
+                return nn.Parameter(torch.empty(num_classes * rank, d).uniform_(-1, 1) / d**0.5)
+            return nn.Parameter(torch.randn(num_classes * rank, d) * (init_std or d**-0.5))
+
+        self.U = factor(d1)
+        self.V = None if self.symmetric else factor(d2)
         signs = torch.ones(rank)
         signs[(rank + 1) // 2 :] = -1.0
         self.register_buffer("signs", signs if self.symmetric else torch.ones(rank))
-        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+        start = torch.full((num_classes,), float(init_bias))
+        if init == "torch":
+            start.uniform_(-1, 1).div_(math.sqrt(d1 * d2))
+        self.bias = nn.Parameter(start) if bias else None
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """(B, d1, d2) normalized matrices -> (B, num_classes) logits."""
@@ -123,10 +150,9 @@ class LowRankBilinearClassifier(nn.Module):
 class SVMClassifier(LinearClassifier):
     """One-vs-all linear SVMs on the descriptors, as the papers' no-fine-tuning rows.
 
-    A linear layer whose weights are not learned by gradient descent: the trainer's
-    linear stage fits them on the cached descriptors of the training images and their
-    mirror images (``fit``, ``bcnn.engine.svm``), and test scores are the decision values
-    averaged over an image and its flip (``average_views = "scores"``).
+    A linear layer that the linear stage fits (``fit``, ``bcnn.models.svm``) on the cached
+    descriptors of the training images and their flips; test scores are averaged over an
+    image and its flip (``average_views = "scores"``).
 
     Args:
         in_features: The descriptor shape (vectors), supplied by ``build_model``.
@@ -137,27 +163,30 @@ class SVMClassifier(LinearClassifier):
         tol: Relative duality gap at which training stops.
         max_epochs: Most passes over the cached descriptors.
         bias: Learn the intercepts (regularized, as LinearSVC and ``vl_svmtrain`` do).
+        init, init_std, init_bias: As :class:`LinearClassifier` (accepted so that a
+            recipe's setting composes; the fit replaces these weights).
     """
 
     trains_on_cache = True
+    linear_stage_only = "SVMs are fitted on cached descriptors in the linear stage only"
     average_views = "scores"
 
+    @checked
     def __init__(
         self,
         in_features: int | FeatureShape,
         num_classes: int,
-        C: float = 1.0,
-        loss: str = "hinge",
+        C: Positive = 1.0,
+        loss: Literal["hinge", "squared_hinge"] = "hinge",
         calibrate: bool = True,
-        tol: float = 1e-3,
-        max_epochs: int = 200,
+        tol: Positive = 1e-3,
+        max_epochs: PositiveInt = 200,
         bias: bool = True,
+        init: Literal["zeros", "normal", "torch"] = "zeros",
+        init_std: Annotated[float, Gt(0)] = 0.01,
+        init_bias: float = 0.0,
     ) -> None:
-        super().__init__(in_features, num_classes, bias=bias)
-        if not 0 < C < math.inf:
-            raise ValueError(f"classifier.C must be > 0 and finite, got {C}")
-        if loss not in ("hinge", "squared_hinge"):
-            raise ValueError(f"classifier.loss must be hinge or squared_hinge, got {loss!r}")
+        super().__init__(in_features, num_classes, bias, init, init_std, init_bias)
         self.C, self.loss, self.calibrate = float(C), loss, bool(calibrate)
         self.tol, self.max_epochs = float(tol), int(max_epochs)
         self.requires_grad_(False)  # trained by fit(), never by the optimizer
@@ -173,8 +202,6 @@ class SVMClassifier(LinearClassifier):
         Returns:
             The solver's information (epochs, objective, training accuracy, ...).
         """
-        from bcnn.engine.svm import median_calibration, train_linear_svm
-
         W, b, info = train_linear_svm(
             features, labels, self.out_features, C=self.C, loss=self.loss,
             bias=self.bias is not None, tol=self.tol, max_epochs=self.max_epochs,

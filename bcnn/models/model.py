@@ -1,5 +1,5 @@
-"""The assembled model: images -> input normalization -> backbone -> pooling -> normalization
-chain -> classifier."""
+"""The assembled model: images -> input normalization -> backbone -> pooling -> chain ->
+classifier."""
 
 from __future__ import annotations
 
@@ -16,11 +16,9 @@ from bcnn.models.shapes import FeatureShape
 class BilinearModel(nn.Module):
     """A second-order (or first-order baseline) classification model.
 
-    The model owns its input convention: it takes uint8 images (B, 3, H, W) (0-255) or
-    floats in [0, 1] and normalizes them for its backbone itself (``input_norm``, whose
-    constants are non-persistent buffers). It also owns freezing: after
-    ``freeze_backbone()`` the backbone receives no gradient and stays in eval mode (frozen
-    batch-norm statistics) whatever ``train()`` is called with.
+    It takes uint8 images (B, 3, H, W) or floats in [0, 1] and normalizes them for its
+    backbone itself (``input_norm``). After ``freeze_backbone()`` the backbone gets no
+    gradient and stays in eval mode (frozen batch-norm statistics) whatever ``train()`` says.
 
     Attributes:
         channels_last: Convert the normalized images to channels-last memory format (set
@@ -83,21 +81,17 @@ class BilinearModel(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W), uint8 or float in [0, 1] -> normalized descriptors (B, D).
-
-        Matrix heads give float32 (matrix steps run with autocast off); with a classifier
-        that reads matrices (``wants_matrix``) the descriptor is the normalized matrix
-        (B, d1, d2).
-        """
+        """Images (B, 3, H, W), uint8 or float in [0, 1] -> descriptors (B, D), or the
+        normalized matrices (B, d1, d2) for a chain without ``vectorize``; float32 after
+        matrix steps."""
         return self.head(self.backbone(self.normalize_input(images)))
 
     def head(self, fmap: Features) -> torch.Tensor:
         """Pooling, then the normalization chain: backbone map(s) -> descriptor.
 
         Sum pooling followed by a matrix function goes through the n x n Gram matrix of the
-        n locations when that is cheaper and gives the same value and gradient (fewer
-        locations than channels: VGG-D at 224, DenseNet-201 without projection, ViTs; see
-        ``bcnn.ops.small_side``).
+        n locations where that is cheaper and equal in value and gradient (fewer locations
+        than channels; ``MatrixStep.small_side``).
         """
         step = self.normalization.leading_matrix_step()
         if step is None or type(self.pooling) is not BilinearPool or len(self.pooling.channels) > 1:
@@ -128,9 +122,8 @@ class BilinearModel(nn.Module):
             backbone_lr: Learning rate of the backbone; ``None`` leaves it out (frozen).
 
         Returns:
-            A list of ``{"params", "lr", "name"}`` dicts for ``torch.optim``, without empty
-            groups. The 1x1 projection of the pooling head (``pooling.proj_dim``), when
-            there is one, is its own group ``"proj"`` at ``lr * pooling.proj_lr_scale``.
+            ``{"params", "lr", "name"}`` dicts for ``torch.optim``, without empty groups;
+            the pooling's projection is group ``"proj"`` at ``lr * pooling.proj_lr_scale``.
         """
         proj = self.pooling.projection_parameters()
         proj_ids = {id(p) for p in proj}

@@ -1,45 +1,30 @@
 """Normalization chains: matrix functions, vectorization, then elementwise steps.
 
-A chain is a set of named steps (the keys of the ``normalization`` config node, so a step
-is addressable on the command line: ``normalization.sqrt.iters=20``,
-``normalization.signsqrt=null`` drops it). Steps run in three phases, in config order
-within each phase: matrix steps on the pooled (B, d, d) matrix (``MatrixSqrt``,
-``MatrixLog``, ``MatrixPower``), then ``Vectorize`` (B, d, d) -> (B, D), then elementwise
-steps (``SignedPower``/``SignedSqrt``, ``L2Normalize``). A classifier that reads the
-matrix itself (``classifier=lowrank``) takes a chain without ``vectorize``: the
-elementwise steps then act on the matrix (``l2`` is the Frobenius normalization).
+A chain is a set of named steps (the keys of the ``normalization`` node, so each is
+addressable: ``normalization.sqrt.iters=20``, ``normalization.signsqrt=null``), run in three
+phases (``PHASES``) and in config order within a phase (docs/models.md). Each step reports
+the shape it produces, so an impossible chain fails when the model is built.
 
-Each step reports the shape it produces (``output_shape``), so the chain and the model
-builder need no shape arithmetic of their own, and a step that cannot act on its input
-(a matrix function after a vector pooling, a square root of x_a x_b^T) says so when the
-model is built.
-
-A matrix step can compute differently when no gradient flows through it (``eval_method``,
-``eval_iters``): BMVC 2017's MATLAB code fine-tunes with an exact root and the Lyapunov
-gradient but extracts the features it classifies with five Newton-Schulz iterations.
-"No gradient flows" means evaluation (``model.eval()`` or ``torch.no_grad()``) and frozen
-features (the linear stage, cached or not), so both linear-stage paths see the same
-descriptors.
-
-The ridge ``eps`` of the matrix steps is either absolute (``eps_mode="abs"``, in the units
-of A: BMVC 2017 uses eps = 1 for MatConvNet VGG-D features, whose largest eigenvalue is
-~1e6) or relative to the mean eigenvalue tr(A)/d (``eps_mode="trace"``, the presets'
-choice): the same value then suits any backbone and input scaling, whereas the Gram
-matrix of torchvision VGG-D features ([0, 1] standardized input) is ~3000x smaller than
-that of MatConvNet's (0-255 input) and an absolute eps = 1 would swamp it.
+A matrix step may compute differently where no gradient flows (``eval_method``,
+``eval_iters``: evaluation and frozen features, so both linear-stage paths see the same
+descriptors): BMVC 2017 fine-tunes with an exact root but classifies features from five
+Newton-Schulz iterations. Its ridge ``eps`` is absolute (``eps_mode="abs"``) or relative to
+the mean eigenvalue (``"trace"``), which suits any backbone's scale (docs/models.md).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Gt, Le
 from torch import nn
 
+from bcnn.limits import NonNegative, Positive, checked
 from bcnn.models.shapes import FeatureShape
 from bcnn.ops import (
     logm,
@@ -52,12 +37,15 @@ from bcnn.ops import (
     sqrtm,
     sqrtm_from_features,
 )
-from bcnn.ops.sqrtm import METHODS as SQRTM_METHODS
+from bcnn.ops.small_side import EpsMode
+from bcnn.ops.spectral import LogMethod
+from bcnn.ops.sqrtm import Backward, Iters, Method, Scale
 
 # A function of the locations X (B, n, d) giving f(X^T X / n + ridge) (B, d, d).
 SmallSideRoute = Callable[[torch.Tensor], torch.Tensor]
 
-EPS_MODES = ("abs", "trace")
+# An exponent of a power normalization.
+Exponent = Annotated[float, Gt(0), Le(1)]
 
 
 def add_ridge(a: torch.Tensor, eps: float, eps_mode: str) -> torch.Tensor:
@@ -71,7 +59,7 @@ def add_ridge(a: torch.Tensor, eps: float, eps_mode: str) -> torch.Tensor:
     if eps_mode == "trace":
         mean_eig = a.diagonal(dim1=-2, dim2=-1).sum(-1) / d
         return a + (eps * mean_eig)[..., None, None] * eye
-    raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+    raise ValueError(f"eps_mode must be one of {get_args(EpsMode)}, got {eps_mode!r}")
 
 
 class Step(nn.Module):
@@ -85,24 +73,21 @@ class Step(nn.Module):
 
 
 class MatrixStep(Step):
-    """A function of symmetric PSD (B, d, d) matrices, applied to A + ridge.
-
-    Runs in float32 (float64 stays float64) with autocast off: the pooled matrices are
-    ill-conditioned and half precision would lose them.
+    """A function of symmetric PSD (B, d, d) matrices, applied to A + ridge, in float32
+    (float64 stays) with autocast off: the pooled matrices are ill-conditioned.
 
     Args:
-        eps: Ridge added before the function (see the module docstring); >= 0.
-        eps_mode: ``abs`` or ``trace``.
+        eps, eps_mode: The ridge (see the module docstring).
     """
 
     phase = "matrix"
+    # The method while a gradient flows, and where none does (None: the same); see settings.
+    method: str
+    eval_method: str | None = None
 
-    def __init__(self, eps: float, eps_mode: str) -> None:
+    @checked
+    def __init__(self, eps: NonNegative, eps_mode: EpsMode) -> None:
         super().__init__()
-        if not eps >= 0:  # also rejects NaN
-            raise ValueError(f"{type(self).__name__}: eps must be >= 0, got {eps}")
-        if eps_mode not in EPS_MODES:
-            raise ValueError(f"{type(self).__name__}: eps_mode must be one of {EPS_MODES}")
         self.eps = float(eps)
         self.eps_mode = eps_mode
 
@@ -125,14 +110,23 @@ class MatrixStep(Step):
         """The matrix function of the ridged (B, d, d) ``a`` (float32 or float64)."""
         raise NotImplementedError
 
-    def gradient_flows(self, a: torch.Tensor | None = None) -> bool:
-        """Whether a gradient flows through this step for input ``a``.
+    def settings(self, gradient: bool) -> Any:
+        """The method used when a gradient flows (``gradient``) or not."""
+        return self.method if gradient else (self.eval_method or self.method)
 
-        True in training mode with autograd on and ``a`` requiring a gradient; ``a=None``
-        (the input is not known yet) answers for an input that requires one.
-        """
+    def gradient_flows(self, a: torch.Tensor | None = None) -> bool:
+        """Whether a gradient flows through this step for input ``a``: training mode, autograd
+        on and ``a`` requiring a gradient (``a=None``: an input that requires one)."""
         wants = True if a is None else a.requires_grad
         return self.training and torch.is_grad_enabled() and wants
+
+    def fused_settings(self) -> Any:
+        """The settings a fused route must reproduce, or None where the input decides them
+        (training mode with separate evaluation settings)."""
+        gradient = self.gradient_flows()
+        if gradient and self.settings(True) != self.settings(False):
+            return None
+        return self.settings(gradient)
 
     def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
         """The n x n route for A = X^T X / n of n locations and d channels, or None.
@@ -148,257 +142,212 @@ class MatrixStep(Step):
             a = a if a.dtype == torch.float64 else a.float()
             return self.function(add_ridge(a, self.eps, self.eps_mode))
 
+    def divergence_hints(self) -> list[str]:
+        """The settings of this step that can make training diverge (``key=value``)."""
+        return [f"{k}={getattr(self, k)}" for k in ("eps", "iters") if hasattr(self, k)]
+
     def extra_repr(self) -> str:
-        return f"eps={self.eps}, eps_mode={self.eps_mode}"
+        evaluation = [(k, getattr(self, k, None)) for k in ("eval_method", "eval_iters")]
+        shown = [f"{k}={v}" for k, v in evaluation if v is not None]
+        return ", ".join([*shown, f"eps={self.eps}", f"eps_mode={self.eps_mode}"])
 
 
-class MatrixSqrt(MatrixStep):
-    """(A + eps I)^(1/2) through ``bcnn.ops.sqrtm``.
+class MatrixPower(MatrixStep):
+    """(A + ridge)^p, 0 < p <= 1 (ECCV 2018): p = 0.5 through ``bcnn.ops.sqrtm``, any other
+    p through the eigendecomposition of ``bcnn.ops.powm``.
 
     Args:
-        method: ``newton_schulz`` (the paper: approximate on purpose at 5 iterations),
-            ``eigh``, ``svd`` or ``auto`` (device-dependent: avoid where results must not
-            depend on the device).
-        iters: Newton-Schulz iterations.
-        backward: ``lyapunov_iterative``, ``lyapunov_eig``, ``autograd``, ``svd``,
-            ``identity`` or ``auto`` (the one that matches ``method``).
-        scale: Newton-Schulz pre-scaling, ``fro`` or ``trace``.
-        eps: Ridge added before the root (see the module docstring).
-        eps_mode: ``abs`` or ``trace``.
-        eval_method: Forward method where no gradient flows (evaluation, frozen
-            features); None = ``method``. E.g. ``method=svd backward=lyapunov_eig
-            eval_method=newton_schulz eval_iters=5``: BMVC 2017's fine-tuning protocol.
-        eval_iters: Newton-Schulz iterations where no gradient flows; None = ``iters``.
+        p: Exponent in (0, 1].
+        method, iters, backward, eval_method, eval_iters: ``MatrixSqrt``'s, for p = 0.5.
+        eps, eps_mode: The ridge (see the module docstring).
+        floor: Absolute eigenvalue floor inside ``powm``.
     """
 
+    method: Method
+    eval_method: Method | None
+    scale: Scale = "fro"  # Newton-Schulz pre-scaling
+
+    @checked
     def __init__(
         self,
-        method: str = "newton_schulz",
-        iters: int = 5,
-        backward: str = "auto",
-        scale: str = "fro",
-        eps: float = 1e-4,
-        eps_mode: str = "trace",
-        eval_method: str | None = None,
-        eval_iters: int | None = None,
+        p: Exponent = 0.5,
+        method: Method = "newton_schulz",
+        iters: Iters = 5,
+        backward: Backward = "auto",
+        eps: NonNegative = 1e-4,
+        eps_mode: EpsMode = "trace",
+        floor: Positive = 1e-10,
+        eval_method: Method | None = None,
+        eval_iters: Iters | None = None,
     ) -> None:
         super().__init__(eps, eps_mode)
-        _check_root_settings(type(self).__name__, method, iters, eval_method, eval_iters)
-        self.method, self.iters, self.backward, self.scale = method, iters, backward, scale
-        self.eval_method, self.eval_iters = eval_method, eval_iters
+        self.p, self.floor = float(p), floor
+        self.method, self.eval_method = method, eval_method
+        self.iters, self.backward, self.eval_iters = iters, backward, eval_iters
 
-    def settings(self, gradient: bool) -> tuple[str, int]:
-        """(method, iters) used when a gradient flows (``gradient``) or not."""
-        return _root_settings(self, gradient)
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The evaluation settings choose the square root's method: p = 0.5 only; the
+        backward must differentiate the method (``resolve_sqrtm``)."""
+        p = values.get("p", 0.5)
+        if p != 0.5:
+            if values["eval_method"] is not None or values["eval_iters"] is not None:
+                return (
+                    "eval_method",
+                    f"eval_method/eval_iters choose the square root's method and apply to "
+                    f"p = 0.5 only (p = {p} always uses the eigendecomposition); drop them",
+                )
+            return None
+        try:
+            resolve_sqrtm(values["method"], values["backward"])
+        except ValueError as err:
+            return "backward", str(err).removeprefix("sqrtm: ")
+        return None
+
+    def settings(self, gradient: bool) -> tuple[Method, int]:
+        """(method, iters) of the p = 0.5 root when a gradient flows (``gradient``) or not."""
+        if gradient:
+            return self.method, self.iters
+        iters = self.iters if self.eval_iters is None else self.eval_iters
+        return self.eval_method or self.method, iters
 
     def function(self, a: torch.Tensor) -> torch.Tensor:
+        if self.p != 0.5:
+            return powm(a, self.p, eps=self.floor)
         method, iters = self.settings(self.gradient_flows(a))
         out = sqrtm(a, method=method, iters=iters, backward=self.backward, scale=self.scale)
         assert isinstance(out, torch.Tensor)
         return out
 
     def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
-        return _sqrt_small_side(self, n, d, device_type, self.scale)
+        eps, eps_mode = self.eps, self.eps_mode
+        if self.p != 0.5:
+            if not small_side_cheaper(n, d, "eigh"):
+                return None
+            return functools.partial(
+                powm_from_features, p=self.p, eps=eps, eps_mode=eps_mode, floor=self.floor
+            )
+        # The small side reproduces an exact root with the exact (lyapunov_eig) gradient and
+        # Newton-Schulz with the gradient of its unrolled iterations (autograd) only.
+        found = self.fused_settings()
+        if found is None:
+            return None
+        method, backward = resolve_sqrtm(found[0], self.backward, device_type, d)
+        route: Literal["eigh", "newton_schulz"]
+        if method in ("eigh", "svd") and backward == "lyapunov_eig":
+            route = "eigh"
+        elif method == "newton_schulz" and backward == "autograd":
+            route = "newton_schulz"
+        else:
+            return None
+        if not small_side_cheaper(n, d, route, found[1]):
+            return None
+        return functools.partial(
+            sqrtm_from_features,
+            method=route,
+            iters=found[1],
+            scale=self.scale,
+            eps=eps,
+            eps_mode=eps_mode,
+        )
 
     def extra_repr(self) -> str:
-        return (
-            f"method={self.method}, iters={self.iters}, backward={self.backward}, "
-            f"scale={self.scale}, " + _eval_repr(self) + super().extra_repr()
-        )
+        if self.p != 0.5:
+            return f"p={self.p}, " + super().extra_repr()
+        root = f"method={self.method}, iters={self.iters}, backward={self.backward}"
+        return f"{root}, scale={self.scale}, " + super().extra_repr()
+
+
+class MatrixSqrt(MatrixPower):
+    """(A + ridge)^(1/2) through ``bcnn.ops.sqrtm``: ``MatrixPower`` at p = 0.5.
+
+    Args:
+        method: ``newton_schulz`` (the paper: approximate on purpose at 5 iterations),
+            ``eigh``, ``svd`` or ``auto`` (device-dependent).
+        iters: Newton-Schulz iterations.
+        backward: ``sqrtm``'s backward; ``auto`` is the one that matches ``method``.
+        scale: Newton-Schulz pre-scaling, ``fro`` or ``trace``.
+        eps, eps_mode: The ridge (see the module docstring).
+        eval_method, eval_iters: Method and iterations where no gradient flows; None =
+            ``method`` / ``iters``.
+    """
+
+    @checked
+    def __init__(
+        self,
+        method: Method = "newton_schulz",
+        iters: Iters = 5,
+        backward: Backward = "auto",
+        scale: Scale = "fro",
+        eps: NonNegative = 1e-4,
+        eps_mode: EpsMode = "trace",
+        eval_method: Method | None = None,
+        eval_iters: Iters | None = None,
+    ) -> None:
+        super().__init__(
+            0.5, method, iters, backward, eps, eps_mode,
+            eval_method=eval_method, eval_iters=eval_iters,
+        )  # fmt: skip
+        self.scale = scale
 
 
 class MatrixLog(MatrixStep):
-    """log(A + eps I) through ``bcnn.ops.logm``.
+    """log(A + ridge) through ``bcnn.ops.logm``.
 
     Args:
         method: ``eigh`` (exact, Daleckii-Krein gradient) or ``iterative`` (repeated
             Newton-Schulz roots; matmuls only).
-        eps: Ridge added before the logarithm (see the module docstring).
-        eps_mode: ``abs`` or ``trace``.
+        eps, eps_mode: The ridge (see the module docstring).
         floor: Absolute eigenvalue floor inside ``logm`` (guards an all-zero matrix).
-        eval_method: Method where no gradient flows (evaluation, frozen features); None =
-            ``method``.
+        eval_method: Method where no gradient flows; None = ``method``.
     """
 
-    METHODS: ClassVar[tuple[str, ...]] = ("eigh", "iterative")
-
+    @checked
     def __init__(
         self,
-        method: str = "eigh",
-        eps: float = 1e-4,
-        eps_mode: str = "trace",
-        floor: float = 1e-10,
-        eval_method: str | None = None,
+        method: LogMethod = "eigh",
+        eps: NonNegative = 1e-4,
+        eps_mode: EpsMode = "trace",
+        floor: Positive = 1e-10,
+        eval_method: LogMethod | None = None,
     ) -> None:
         super().__init__(eps, eps_mode)
-        for key, value in (("method", method), ("eval_method", eval_method)):
-            if value is not None and value not in self.METHODS:
-                raise ValueError(f"MatrixLog: {key} must be one of {self.METHODS}, got {value!r}")
-        self.method = method
-        self.floor = floor
-        self.eval_method = eval_method
+        self.method, self.eval_method, self.floor = method, eval_method, floor
 
-    def settings(self, gradient: bool) -> str:
-        """The method used when a gradient flows (``gradient``) or not."""
-        return self.method if gradient else (self.eval_method or self.method)
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """The iterative logarithm needs a ridge: its repeated roots of a singular matrix
+        reach log(0)."""
+        iterative = "iterative" in (values["method"], values["eval_method"])
+        if iterative and values["eps"] == 0:
+            return "eps", "must be > 0 with method=iterative (a singular matrix has log 0)"
+        return None
 
     def function(self, a: torch.Tensor) -> torch.Tensor:
         return logm(a, method=self.settings(self.gradient_flows(a)), eps=self.floor)
 
     def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
-        gradient = self.gradient_flows()
-        if gradient and self.eval_method not in (None, self.method):
-            return None  # the input decides the method: keep the d x d route
-        if self.settings(gradient) != "eigh" or not small_side_cheaper(n, d, "eigh"):
+        if self.fused_settings() != "eigh" or not small_side_cheaper(n, d, "eigh"):
             return None
         return functools.partial(
             logm_from_features, eps=self.eps, eps_mode=self.eps_mode, floor=self.floor
         )
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, " + _eval_repr(self) + super().extra_repr()
-
-
-class MatrixPower(MatrixStep):
-    """(A + eps I)^p, 0 < p <= 1 (ECCV 2018's matrix power normalization).
-
-    ``p = 0.5`` goes through ``sqrtm`` (``method``, ``iters``, ``backward``), any other p
-    through the eigendecomposition of ``powm``.
-
-    Args:
-        p: Exponent in (0, 1].
-        method, iters, backward: ``sqrtm`` options, used when p = 0.5.
-        eps: Ridge added first (see the module docstring).
-        eps_mode: ``abs`` or ``trace``.
-        floor: Absolute eigenvalue floor inside ``powm``.
-        eval_method, eval_iters: ``sqrtm`` method and iterations where no gradient flows
-            (evaluation, frozen features), p = 0.5 only; None = ``method`` / ``iters``.
-    """
-
-    def __init__(
-        self,
-        p: float = 0.5,
-        method: str = "newton_schulz",
-        iters: int = 5,
-        backward: str = "auto",
-        eps: float = 1e-4,
-        eps_mode: str = "trace",
-        floor: float = 1e-10,
-        eval_method: str | None = None,
-        eval_iters: int | None = None,
-    ) -> None:
-        super().__init__(eps, eps_mode)
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"MatrixPower: p must be in (0, 1], got {p}")
-        if p != 0.5 and (eval_method is not None or eval_iters is not None):
-            raise ValueError(
-                f"MatrixPower: eval_method/eval_iters choose the square root's method and apply "
-                f"to p = 0.5 only (p = {p} always uses the eigendecomposition); drop them"
-            )
-        _check_root_settings("MatrixPower", method, iters, eval_method, eval_iters)
-        self.p = float(p)
-        self.floor = floor
-        self.method, self.iters, self.backward = method, iters, backward
-        self.eval_method, self.eval_iters = eval_method, eval_iters
-
-    def settings(self, gradient: bool) -> tuple[str, int]:
-        """(method, iters) of the p = 0.5 root when a gradient flows (``gradient``) or not."""
-        return _root_settings(self, gradient)
-
-    def function(self, a: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.5:
-            method, iters = self.settings(self.gradient_flows(a))
-            out = sqrtm(a, method=method, iters=iters, backward=self.backward)
-            assert isinstance(out, torch.Tensor)
-            return out
-        return powm(a, self.p, eps=self.floor)
-
-    def small_side(self, n: int, d: int, device_type: str) -> SmallSideRoute | None:
-        if self.p == 0.5:
-            return _sqrt_small_side(self, n, d, device_type, "fro")
-        if not small_side_cheaper(n, d, "eigh"):
-            return None
-        return functools.partial(
-            powm_from_features, p=self.p, eps=self.eps, eps_mode=self.eps_mode, floor=self.floor
-        )
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, " + _eval_repr(self) + super().extra_repr()
-
-
-def _check_root_settings(
-    name: str, method: str, iters: int, eval_method: str | None, eval_iters: int | None
-) -> None:
-    """Rejects an unknown square-root method or a negative iteration count, by key."""
-    for key, value in (("method", method), ("eval_method", eval_method)):
-        if value is not None and value not in SQRTM_METHODS:
-            raise ValueError(f"{name}: {key} must be one of {SQRTM_METHODS}, got {value!r}")
-    for key, count in (("iters", iters), ("eval_iters", eval_iters)):
-        if count is not None and not count >= 0:
-            raise ValueError(f"{name}: {key} must be >= 0, got {count}")
-
-
-def _root_settings(step: MatrixSqrt | MatrixPower, gradient: bool) -> tuple[str, int]:
-    if gradient:
-        return step.method, step.iters
-    iters = step.iters if step.eval_iters is None else step.eval_iters
-    return step.eval_method or step.method, iters
-
-
-def _eval_repr(step: MatrixStep) -> str:
-    text = ""
-    if getattr(step, "eval_method", None) is not None:
-        text += f"eval_method={step.eval_method}, "
-    if getattr(step, "eval_iters", None) is not None:
-        text += f"eval_iters={step.eval_iters}, "
-    return text
-
-
-def _sqrt_small_side(
-    step: MatrixSqrt | MatrixPower, n: int, d: int, device_type: str, scale: str
-) -> SmallSideRoute | None:
-    """The n x n square root that equals ``sqrtm`` with the step's method and backward.
-
-    The small side reproduces an exact root with the exact (``lyapunov_eig``) gradient, and
-    Newton-Schulz with the gradient of its unrolled iterations (``autograd``); the other
-    backward choices (iterative Lyapunov, SVD formula, identity) keep the d x d route. A
-    step with separate evaluation settings in training mode also keeps it: whether a
-    gradient flows, and so which settings apply, is only known from its input.
-    """
-    gradient = step.gradient_flows()
-    if gradient and step.settings(True) != step.settings(False):
-        return None
-    method, iters = step.settings(gradient)
-    method, backward = resolve_sqrtm(method, step.backward, device_type, d)
-    if method in ("eigh", "svd") and backward == "lyapunov_eig":
-        route = "eigh"
-    elif method == "newton_schulz" and backward == "autograd":
-        route = "newton_schulz"
-    else:
-        return None
-    if not small_side_cheaper(n, d, route, iters):
-        return None
-    return functools.partial(
-        sqrtm_from_features,
-        method=route,
-        iters=iters,
-        scale=scale,
-        eps=step.eps,
-        eps_mode=step.eps_mode,
-    )
+        return f"method={self.method}, " + super().extra_repr()
 
 
 class Vectorize(Step):
     """(B, d1, d2) matrices -> (B, d1 d2) vectors; vectors pass unchanged.
 
     Args:
-        triu: Keep the upper triangle of symmetric matrices, (B, d(d+1)/2), with the
-            off-diagonal entries scaled by sqrt(2) so that inner products of the vectors
-            equal the Frobenius inner products of the matrices.
+        triu: Keep the upper triangle of symmetric matrices, (B, d(d+1)/2), the off-diagonal
+            entries scaled by sqrt(2) so that inner products stay the Frobenius ones.
     """
 
     phase = "vectorize"
 
+    @checked
     def __init__(self, triu: bool = False) -> None:
         super().__init__()
         self.triu = triu
@@ -432,22 +381,17 @@ class Vectorize(Step):
 
 
 class SignedPower(Step):
-    """Elementwise sign(z) |z|^p, 0 < p <= 1, with a bounded gradient at 0.
-
-    The value is sign(z) ((|z| + eps)^p - eps^p): 0 at 0, continuous, and its derivative
-    p (|z| + eps)^(p - 1) is at most p eps^(p - 1) where the exact one is infinite.
+    """Elementwise sign(z) ((|z| + eps)^p - eps^p), 0 < p <= 1: 0 at 0, continuous, and its
+    derivative is at most p eps^(p - 1) where the exact one is infinite.
 
     Args:
         p: Exponent in (0, 1].
         eps: Guard added under the power; > 0.
     """
 
-    def __init__(self, p: float = 0.5, eps: float = 1e-8) -> None:
+    @checked
+    def __init__(self, p: Exponent = 0.5, eps: Positive = 1e-8) -> None:
         super().__init__()
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"{type(self).__name__}: p must be in (0, 1], got {p}")
-        if not 0 < eps < math.inf:
-            raise ValueError(f"{type(self).__name__}: eps must be > 0 and finite, got {eps}")
         self.p, self.eps = float(p), float(eps)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -459,20 +403,18 @@ class SignedPower(Step):
 
 
 class SignedSqrt(SignedPower):
-    """Elementwise sign(z) sqrt(|z|) with a guarded gradient at 0 (``SignedPower``, p = 0.5).
+    """Elementwise sign(z) sqrt(|z|) with a guarded gradient at 0 (``SignedPower``, p = 0.5)."""
 
-    Args:
-        eps: Guard added under the root; > 0.
-    """
-
-    def __init__(self, eps: float = 1e-8) -> None:
+    @checked
+    def __init__(self, eps: Positive = 1e-8) -> None:
         super().__init__(0.5, eps)
 
 
 class L2Normalize(Step):
     """Divides each sample by its L2 norm (Frobenius for matrices), floored at ``eps``."""
 
-    def __init__(self, eps: float = 1e-12) -> None:
+    @checked
+    def __init__(self, eps: Positive = 1e-12) -> None:
         super().__init__()
         self.eps = eps
 
@@ -504,7 +446,7 @@ class NormalizationChain(nn.Module):
             ((n, s) for n, s in steps.items() if s is not None),
             key=lambda item: PHASES.index(item[1].phase),
         )
-        self.steps = nn.ModuleDict(ordered)
+        self.steps = nn.ModuleDict(dict(ordered))
 
     def output_shape(self, shape: FeatureShape) -> FeatureShape:
         """Per-sample shape after every step, for a pooled per-sample ``shape``.
@@ -514,10 +456,19 @@ class NormalizationChain(nn.Module):
         """
         for name, step in self.steps.items():
             try:
-                shape = step.output_shape(shape)
+                shape = cast(Step, step).output_shape(shape)
             except ValueError as err:
                 raise ValueError(f"normalization.{name}: {err}") from None
         return shape
+
+    def divergence_hints(self) -> list[str]:
+        """Its steps' settings that can make training diverge (``<step>.<key>=value``)."""
+        return [
+            f"{name}.{hint}"
+            for name, step in self.steps.items()
+            if isinstance(step, MatrixStep)
+            for hint in step.divergence_hints()
+        ]
 
     def leading_matrix_step(self) -> MatrixStep | None:
         """The first step when it is a matrix function (the one sum pooling can fuse with)."""

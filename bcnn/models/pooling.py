@@ -1,45 +1,24 @@
 """Pooling heads: feature map(s) (B, C, H, W) -> (B, d, d) matrix or (B, D) vector.
 
 Every head takes ``in_channels`` from ``build_model`` (the backbone's ``out_channels``: an
-int, or a pair for two-stream backbones) and an optional 1x1 projection applied to each
-stream first (``proj_dim``; DenseNet-201's 1920 channels -> 128 in the public code):
-
-==================  =========  ================================================  ============
-head                output     what                                              two streams
-==================  =========  ================================================  ============
-``avg``             (B, C)     mean feature (first-order baseline)               concatenated
-``sum``             (B, d, d)  (1/n) sum_x x x^T (B-CNN)                         x_a x_b^T
-``democratic``      (B, d, d)  sum_x alpha_x x x^T, democratic (ECCV 2018)       error
-``democratic_avg``  (B, C)     sum_x alpha_x x, democratic first order           error
-``compact``         (B, D)     Tensor Sketch / Random Maclaurin (CVPR 2016)      two-input
-``fisher``          (B, 2KC)   improved Fisher vector, K-component GMM (FV-CNN)  error
-==================  =========  ================================================  ============
-
-``pooling=spectral`` is a preset, not a head: ``sum`` followed by the normalization
-chain's matrix-power step (``normalization.mpow``).
+int, or a pair for two-stream backbones) and an optional 1x1 projection of each stream
+(``proj_dim``). The heads, their outputs and their two-stream forms: docs/models.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from annotated_types import Gt, Interval, Le
 from torch import nn
 
+from bcnn.limits import Channels, NonNegative, PositiveInt, Seed, checked
 from bcnn.models.shapes import FeatureShape
-from bcnn.ops import GMM, democratic_pool, fisher_vector, fit_gmm
+from bcnn.ops import GMM, RandomMaclaurin, TensorSketch, democratic_pool, fisher_vector, fit_gmm
 
 Features = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
-
-def _as_streams(in_channels: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(in_channels, Sequence):
-        streams = tuple(int(c) for c in in_channels)
-        if len(streams) not in (1, 2):
-            raise ValueError(f"pooling: expected 1 or 2 streams, got in_channels={in_channels}")
-        return streams
-    return (int(in_channels),)
 
 
 def locations(x: torch.Tensor) -> torch.Tensor:
@@ -47,32 +26,22 @@ def locations(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
-class Projection(nn.Sequential):
-    """1x1 convolution without bias (+ BatchNorm, + ReLU): (B, C, H, W) -> (B, k, H, W).
+def _as_list(x: Features) -> list[torch.Tensor]:
+    return list(x) if isinstance(x, (tuple, list)) else [x]
 
-    Args:
-        in_channels: C.
-        out_channels: k.
-        bn: Append BatchNorm2d.
-        relu: Append ReLU (after the BatchNorm).
-    """
 
-    def __init__(self, in_channels: int, out_channels: int, bn: bool = False, relu: bool = False):
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 1, bias=False)]
-        if bn:
-            layers.append(nn.BatchNorm2d(out_channels))
-        if relu:
-            layers.append(nn.ReLU(inplace=True))
-        super().__init__(*layers)
+def _projection(in_channels: int, out_channels: int, bn: bool, relu: bool) -> nn.Sequential:
+    """1x1 convolution without bias (+ BatchNorm, + ReLU): (B, C, H, W) -> (B, k, H, W)."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 1, bias=False)]
+    if bn:
+        layers.append(nn.BatchNorm2d(out_channels))
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
 class PoolingHead(nn.Module):
-    """Base of the pooling heads.
-
-    Subclasses set ``output_shape``, the per-sample shape of their output: symmetric (d, d)
-    matrices, (d_a, d_b) for two-stream x_a x_b^T, or (D,) vectors.
-    ``two_streams_ok`` says whether the head accepts the pair of maps of a two-stream
-    backbone.
+    """Base of the pooling heads; ``two_streams_ok``: it takes a two-stream backbone's pair.
 
     Args:
         in_channels: Channels of the backbone's map, or a pair for two streams.
@@ -83,46 +52,41 @@ class PoolingHead(nn.Module):
         proj_lr_scale: Learning rate of the projection relative to the head's learning
             rate (its own optimizer group, see ``BilinearModel.param_groups``).
         proj_init: ``random`` (the convolution's default), or ``pca``: fitted before
-            training (``fit``) to the first ``proj_dim`` principal directions of the local
-            features' uncentred second moment, each scaled by its eigenvalue^(-1/2) (low-rank
-            bilinear pooling, Kong & Fowlkes' ``main001_PCAinitP4caffe.m``).
+            training (``fit``) as low-rank bilinear pooling does (Kong & Fowlkes'
+            ``main001_PCAinitP4caffe.m``; docs/models.md).
         fit_images: Training images the fit reads (evenly spaced; None: all of them).
     """
 
-    output_shape: FeatureShape
     two_streams_ok: ClassVar[bool] = False
+    # Why the head never fine-tunes (the trainer then refuses a finetune stage), or None.
+    linear_stage_only: ClassVar[str | None] = None
     proj_fitted: torch.Tensor
 
+    @checked
     def __init__(
         self,
         in_channels: int | Sequence[int],
-        proj_dim: int | None = None,
+        proj_dim: Channels | None = None,
         proj_bn: bool = False,
         proj_relu: bool = False,
-        proj_lr_scale: float = 1.0,
-        proj_init: str = "random",
-        fit_images: int | None = None,
+        proj_lr_scale: NonNegative = 1.0,
+        proj_init: Literal["random", "pca"] = "random",
+        fit_images: PositiveInt | None = None,
     ) -> None:
         super().__init__()
-        if proj_init not in ("random", "pca"):
-            raise ValueError(f"pooling.proj_init must be random or pca, got {proj_init!r}")
-        if proj_init == "pca" and not proj_dim:
-            raise ValueError(
-                "pooling.proj_init=pca initializes the projection: set pooling.proj_dim"
-            )
         self.proj_init, self.fit_images = proj_init, fit_images
         # Persistent: a checkpoint says whether the projection was fitted.
         self.register_buffer("proj_fitted", torch.tensor(proj_init != "pca"))
-        streams = _as_streams(in_channels)
+        streams = tuple(
+            map(int, in_channels if isinstance(in_channels, Sequence) else [in_channels])
+        )
+        if len(streams) not in (1, 2):
+            raise ValueError(f"pooling: expected 1 or 2 streams, got in_channels={in_channels}")
         if len(streams) == 2 and not self.two_streams_ok:
             raise ValueError(
                 f"{type(self).__name__} does not combine two feature maps (two-stream "
                 "backbone such as vgg_dm); use pooling=sum, compact or avg"
             )
-        if not proj_lr_scale >= 0:
-            raise ValueError(f"pooling.proj_lr_scale must be >= 0, got {proj_lr_scale}")
-        if proj_dim is not None and (isinstance(proj_dim, bool) or not proj_dim >= 1):
-            raise ValueError(f"pooling.proj_dim must be a positive integer or null, got {proj_dim}")
         if proj_init == "pca" and proj_dim and proj_dim > min(streams):
             raise ValueError(
                 f"pooling.proj_init=pca gives at most as many directions as the backbone "
@@ -132,15 +96,28 @@ class PoolingHead(nn.Module):
         self.proj: nn.ModuleList | None = None
         if proj_dim:
             self.proj = nn.ModuleList(
-                Projection(c, int(proj_dim), proj_bn, proj_relu) for c in streams
+                _projection(c, int(proj_dim), proj_bn, proj_relu) for c in streams
             )
             streams = (int(proj_dim),) * len(streams)
         self.channels = streams
         self.proj_lr_scale = float(proj_lr_scale)
 
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """A PCA-initialized projection needs its size."""
+        if values.get("proj_init") == "pca" and not values.get("proj_dim"):
+            return "proj_init", "pca initializes the projection: set pooling.proj_dim"
+        return None
+
+    @property
+    def output_shape(self) -> FeatureShape:
+        """Per-sample shape of the output: symmetric (d, d) matrices, (d_a, d_b) for a
+        two-stream x_a x_b^T, or (D,) vectors."""
+        raise NotImplementedError
+
     def streams(self, x: Features) -> list[torch.Tensor]:
         """The input map(s) as a list, projected when the head has a projection."""
-        xs = list(x) if isinstance(x, (tuple, list)) else [x]
+        xs = _as_list(x)
         if len(xs) != len(self.channels):
             raise ValueError(
                 f"{type(self).__name__} was built for {len(self.channels)} feature map(s) "
@@ -169,19 +146,20 @@ class PoolingHead(nn.Module):
         grams: list[torch.Tensor] = [0] * len(self.channels)  # type: ignore[list-item]
         images = 0
         for fmap in maps:
-            xs = list(fmap) if isinstance(fmap, (tuple, list)) else [fmap]
+            xs = _as_list(fmap)
             for i, x in enumerate(xs):
                 feats = locations(x).double()  # (B, n, C)
                 # Each image's x x^T summed over locations, divided by n^2 as the authors do.
                 grams[i] = grams[i] + (feats.mT @ feats).sum(0) / feats.shape[1] ** 2
             images += xs[0].shape[0]
         explained = []
-        for gram, proj in zip(grams, self.proj, strict=True):
+        convs = [m for m in self.proj.modules() if isinstance(m, nn.Conv2d)]  # one a stream
+        for gram, conv in zip(grams, convs, strict=True):
             values, vectors = torch.linalg.eigh(gram)  # ascending
-            k = proj[0].out_channels
+            k = conv.out_channels
             top, basis = values.flip(0)[:k].clamp_min(1e-12), vectors.flip(1)[:, :k]
             weight = (basis * top.rsqrt()).T  # (k, C): s^-1/2 u^T per output channel
-            proj[0].weight.copy_(weight.view_as(proj[0].weight).to(proj[0].weight.dtype))
+            conv.weight.copy_(weight.view_as(conv.weight).to(conv.weight.dtype))
             explained.append(float(values.flip(0)[:k].sum() / values.sum().clamp_min(1e-30)))
         self.proj_fitted.fill_(True)
         return {"images": images, "explained": explained}
@@ -192,16 +170,14 @@ class PoolingHead(nn.Module):
 
 
 class AvgPool(PoolingHead):
-    """First-order baseline: the mean feature over locations, (B, C, H, W) -> (B, C).
-
-    Two streams give the concatenation of both means, (B, C_a + C_b).
-    """
+    """First-order baseline: the mean feature over locations, (B, C, H, W) -> (B, C); two
+    streams give the concatenation of both means, (B, C_a + C_b)."""
 
     two_streams_ok = True
 
-    def __init__(self, in_channels: int | Sequence[int], **proj) -> None:
-        super().__init__(in_channels, **proj)
-        self.output_shape = FeatureShape((sum(self.channels),))
+    @property
+    def output_shape(self) -> FeatureShape:
+        return FeatureShape((sum(self.channels),))
 
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) or a pair -> (B, out_dim)."""
@@ -236,19 +212,15 @@ def bilinear(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
 
 
 class BilinearPool(PoolingHead):
-    """Sum (bilinear) pooling: A = (1/n) sum_x x x^T over the n = H W locations.
-
-    Two streams give the asymmetric x_a x_b^T (B, C_a, C_b) of B-CNN [D, M]. Output
-    float32 (float64 for float64 features).
-    """
+    """Sum (bilinear) pooling: A = (1/n) sum_x x x^T over the n = H W locations; two streams
+    give the x_a x_b^T (B, C_a, C_b) of B-CNN [D, M]. Float32 (float64 stays)."""
 
     two_streams_ok = True
 
-    def __init__(self, in_channels: int | Sequence[int], **proj) -> None:
-        super().__init__(in_channels, **proj)
-        self.output_shape = FeatureShape(
-            (self.channels[0], self.channels[-1]), symmetric=len(self.channels) == 1
-        )
+    @property
+    def output_shape(self) -> FeatureShape:
+        c = self.channels
+        return FeatureShape((c[0], c[-1]), symmetric=len(c) == 1)
 
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, C); a pair -> (B, C_a, C_b)."""
@@ -256,10 +228,10 @@ class BilinearPool(PoolingHead):
 
 
 class DemocraticHead(PoolingHead):
-    """Base of the gamma-democratic heads: the Sinkhorn settings and the weights' order.
+    """Base of the gamma-democratic heads (``bcnn.ops.democratic_pool``), one stream.
 
     Args:
-        in_channels: C (one stream).
+        in_channels: C.
         gamma: 1 = sum (average) pooling, 0 = fully democratic.
         tau: Damping of the Sinkhorn updates.
         iters: Sinkhorn iterations (10 in the paper).
@@ -269,17 +241,22 @@ class DemocraticHead(PoolingHead):
 
     order: ClassVar[int]
 
+    @checked
     def __init__(
         self,
         in_channels: int | Sequence[int],
-        gamma: float = 0.5,
-        tau: float = 0.5,
-        iters: int = 10,
+        gamma: Annotated[float, Interval(ge=0, le=1)] = 0.5,
+        tau: Annotated[float, Gt(0), Le(1)] = 0.5,
+        iters: Annotated[int, Interval(ge=1, le=1000)] = 10,
         detach: bool = False,
-        **proj,
+        **proj: Any,
     ) -> None:
         super().__init__(in_channels, **proj)
         self.gamma, self.tau, self.iters, self.detach = float(gamma), float(tau), int(iters), detach
+
+    @property
+    def output_shape(self) -> FeatureShape:
+        return FeatureShape((self.channels[0],) * self.order, symmetric=self.order == 2)
 
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, C) (second order) or (B, C) (first order), float32."""
@@ -293,67 +270,58 @@ class DemocraticHead(PoolingHead):
             order=self.order,
         )
 
+    def divergence_hints(self) -> list[str]:
+        """The Sinkhorn settings, which can make training diverge (``key=value``)."""
+        return [f"tau={self.tau}", f"gamma={self.gamma}", f"iters={self.iters}"]
+
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, tau={self.tau}, iters={self.iters}, detach={self.detach}"
 
 
 class DemocraticPool(DemocraticHead):
-    """gamma-democratic aggregation (Lin et al., ECCV 2018): A = sum_x alpha_x x x^T.
-
-    The weights equalize each location's contribution to the second-order kernel (see
-    ``bcnn.ops.democratic_pool``); normalized by sum alpha so that gamma = 1 is ``sum``.
-    Arguments: those of ``DemocraticHead`` (gamma: CUB/Cars 0.5, Aircraft 0.0).
-    """
+    """gamma-democratic aggregation (Lin et al., ECCV 2018): A = sum_x alpha_x x x^T /
+    sum alpha, weights equalizing each location's share of the second-order kernel; gamma = 1
+    is ``sum`` (CUB/Cars 0.5, Aircraft 0.0). Arguments: those of ``DemocraticHead``."""
 
     order = 2
 
-    def __init__(self, in_channels: int | Sequence[int], **kwargs) -> None:
-        super().__init__(in_channels, **kwargs)
-        self.output_shape = FeatureShape((self.channels[0],) * 2, symmetric=True)
-
 
 class DemocraticAvgPool(DemocraticHead):
-    """First-order gamma-democratic aggregation: xi = sum_x alpha_x x / sum_x alpha_x.
-
-    The weights equalize each location's contribution to the linear kernel x^T x'
-    (democratic aggregation of Murray et al., 2016; the first-order rows of Lin et al.,
-    ECCV 2018, Tables 2-5), (B, C, H, W) -> (B, C); gamma = 1 is ``avg``. Arguments: those
-    of ``DemocraticHead``.
-    """
+    """First-order gamma-democratic aggregation (Murray et al., 2016; ECCV 2018 Tables 2-5):
+    sum_x alpha_x x / sum alpha, (B, C, H, W) -> (B, C); gamma = 1 is ``avg``. Arguments:
+    those of ``DemocraticHead``."""
 
     order = 1
 
-    def __init__(self, in_channels: int | Sequence[int], **kwargs) -> None:
-        super().__init__(in_channels, **kwargs)
-        self.output_shape = FeatureShape((self.channels[0],))
-
 
 class CompactPool(PoolingHead):
-    """Compact bilinear pooling (Gao et al., CVPR 2016): (B, C, H, W) -> (B, D).
-
-    A random feature map of the averaged outer product whose inner products approximate
-    those of the full (1/n) sum_x x x^T (two streams: of x_a x_b^T).
+    """Compact bilinear pooling (Gao et al., CVPR 2016): (B, C, H, W) -> (B, D), a random
+    feature map whose inner products approximate those of (1/n) sum_x x x^T (or x_a x_b^T).
 
     Args:
         in_channels: C, or (C_a, C_b) for two streams.
-        sketch: Builds the random feature map from the channel counts:
-            ``sketch(in_dim, in_dim2=...)`` -> a module mapping (B, n, C) (and (B, n, C_b))
-            to (B, D) with an ``out_dim`` attribute. In the config, a ``_partial_`` of
-            ``bcnn.ops.TensorSketch`` or ``bcnn.ops.RandomMaclaurin`` with ``out_dim``
-            (8192 in the paper) and ``seed`` (the random projections are buffers, saved in
-            the state dict).
+        sketch: ``sketch(in_dim, in_dim2=...)`` -> a module (B, n, C) (and (B, n, C_b)) ->
+            (B, D) with an ``out_dim``: a ``_partial_`` of ``bcnn.ops.TensorSketch`` or
+            ``bcnn.ops.RandomMaclaurin`` (its random projections are saved buffers).
         **proj: Projection options of ``PoolingHead``.
     """
 
     two_streams_ok = True
+    passes: ClassVar[dict] = {"sketch": ("in_dim", "in_dim2")}  # given to the sketch
 
     def __init__(
-        self, in_channels: int | Sequence[int], sketch: Callable[..., nn.Module], **proj
+        self,
+        in_channels: int | Sequence[int],
+        sketch: Callable[..., TensorSketch | RandomMaclaurin],
+        **proj: Any,
     ) -> None:
         super().__init__(in_channels, **proj)
         c2 = self.channels[1] if len(self.channels) == 2 else None
         self.sketch = sketch(self.channels[0], in_dim2=c2)
-        self.output_shape = FeatureShape((int(self.sketch.out_dim),))
+
+    @property
+    def output_shape(self) -> FeatureShape:
+        return FeatureShape((self.sketch.out_dim,))
 
     def forward(self, x: Features) -> torch.Tensor:
         """(B, C, H, W) or a pair -> (B, D), float32."""
@@ -363,11 +331,9 @@ class CompactPool(PoolingHead):
 class FisherPool(PoolingHead):
     """Improved Fisher vector of the local features (FV-CNN): (B, C, H, W) -> (B, 2 K C).
 
-    The FV [D] / FV [M] baseline of ICCV 2015 (Cimpoi et al.'s FV-CNN): a K-component
-    diagonal GMM of the backbone's local features, and per image the gradients with
-    respect to its means and variances (``bcnn.ops.fisher_vector``); the chain's signed
-    square root and L2 make it "improved". The GMM is fitted once by EM on a seeded sample
-    of frozen backbone features before training (``fit``; the trainer calls it); its
+    The FV [D] / FV [M] baseline of ICCV 2015 (``bcnn.ops.fisher_vector``; the chain's
+    signed square root and L2 make it "improved"). The K-component GMM is fitted once by EM
+    on a seeded sample of frozen backbone features before training (``fit``); its
     parameters are buffers, so checkpoints and the feature-cache key carry them.
 
     Args:
@@ -381,41 +347,46 @@ class FisherPool(PoolingHead):
     """
 
     fitted: torch.Tensor
+    linear_stage_only = (
+        "the Fisher vector's GMM is fitted once on frozen features and FV-CNN never "
+        "fine-tunes through it"
+    )
 
+    @checked
     def __init__(
         self,
         in_channels: int | Sequence[int],
-        num_components: int = 64,
-        num_samples: int = 64_000,
-        samples_per_image: int = 200,
-        em_iters: int = 100,
-        seed: int = 0,
-        **proj,
+        num_components: Annotated[int, Interval(ge=1, le=65536)] = 64,
+        num_samples: PositiveInt = 64_000,
+        samples_per_image: PositiveInt = 200,
+        em_iters: Annotated[int, Interval(ge=1, le=100_000)] = 100,
+        seed: Seed = 0,
+        **proj: Any,
     ) -> None:
         super().__init__(in_channels, **proj)
-        for key, value in (
-            ("num_components", num_components),
-            ("num_samples", num_samples),
-            ("samples_per_image", samples_per_image),
-            ("em_iters", em_iters),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"pooling.{key} must be a positive integer, got {value!r}")
-        if num_samples < num_components:
-            raise ValueError(
-                f"pooling.num_samples={num_samples} must be at least pooling.num_components="
-                f"{num_components}"
-            )
-        if self.proj_init == "pca":
-            raise ValueError("pooling=fisher: pooling.proj_init=pca is not supported; use random")
         if self.fit_images is None:  # as many images as the sample needs
             self.fit_images = -(-num_samples // samples_per_image)
-        d = self.channels[0]
-        self.gmm = GMM(num_components, d)
+        self.gmm = GMM(num_components, self.channels[0])
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.num_samples, self.samples_per_image = num_samples, samples_per_image
         self.em_iters, self.seed = em_iters, seed
-        self.output_shape = FeatureShape((2 * num_components * d,))
+
+    @property
+    def output_shape(self) -> FeatureShape:
+        return FeatureShape((2 * self.gmm.means.numel(),))
+
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """EM needs a sample at least as large as the mixture; PCA init is not offered."""
+        if values["num_samples"] < values["num_components"]:
+            return (
+                "num_samples",
+                f"must be at least pooling.num_components={values['num_components']}, got "
+                f"{values['num_samples']}",
+            )
+        if values.get("proj_init") == "pca":
+            return "proj_init", "pooling=fisher does not support pca; use random"
+        return None
 
     @property
     def needs_fit(self) -> bool:

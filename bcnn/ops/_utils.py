@@ -1,23 +1,54 @@
-"""Small helpers shared by the matrix functions: compute dtype, autocast, guards."""
+"""Small helpers shared by the ops: argument checks, compute dtype, autocast, guards."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-# Half precision cannot hold the dynamic range of Gram matrices of VGG features (largest
-# eigenvalue ~1e6, smallest ~0) and LAPACK/cuSOLVER have no half kernels: compute in float32.
-_UPCAST = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+from bcnn.limits import problem
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def check_args(func: F) -> F:
+    """Decorator: plain arguments of ``func`` must fit their declared ``Literal`` or
+    ``Annotated`` annotations, else ``ValueError`` naming ``func`` and the argument."""
+    sig = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        hints = _declared(func)
+        for name, value in sig.bind(*args, **kwargs).arguments.items():
+            if name in hints and isinstance(value, (bool, int, float, str)):
+                found = problem(value, hints[name])
+                if found:
+                    raise ValueError(f"{func.__name__}: {name} {found}")
+        return func(*args, **kwargs)
+
+    return typing.cast(F, wrapper)
+
+
+@functools.cache
+def _declared(func: Callable) -> dict[str, Any]:
+    """The annotations of ``func`` that declare limits (generic forms, not plain types)."""
+    hints = typing.get_type_hints(func, include_extras=True)
+    return {k: v for k, v in hints.items() if typing.get_origin(v) is not None}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype the matrix functions compute in: float64 stays, everything else is float32."""
-    if dtype == torch.float64:
-        return torch.float64
-    return _UPCAST.get(dtype, torch.float32)
+    """Dtype the matrix functions compute in: float64 stays, everything else is float32.
+
+    Half precision cannot hold the dynamic range of Gram matrices of VGG features (largest
+    eigenvalue ~1e6, smallest ~0) and LAPACK/cuSOLVER have no half kernels.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @contextlib.contextmanager
@@ -44,14 +75,9 @@ def check_square(A: Tensor, name: str) -> int:
     """Validate a batch of square matrices ``(..., d, d)`` and return ``d``."""
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
         raise ValueError(f"{name}: expected (..., d, d) matrices, got shape {tuple(A.shape)}")
-    if not (A.is_floating_point()):
+    if not A.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {A.dtype}")
     return A.shape[-1]
-
-
-def machine_eps(dtype: torch.dtype) -> float:
-    """Machine epsilon of a floating dtype (a python float: no device sync)."""
-    return torch.finfo(dtype).eps
 
 
 def frobenius_norm(A: Tensor) -> Tensor:
@@ -60,7 +86,7 @@ def frobenius_norm(A: Tensor) -> Tensor:
     Clamping the squared norm (not the norm) keeps the sqrt's backward finite at 0, and the
     floor keeps A / ||A||_F finite for the zero matrix.
     """
-    eps = machine_eps(A.dtype)
+    eps = torch.finfo(A.dtype).eps
     return (A * A).sum((-2, -1), keepdim=True).clamp_min(eps * eps).sqrt()
 
 
@@ -68,16 +94,6 @@ def add_to_diagonal_(M: Tensor, value: float) -> Tensor:
     """M += value * I in place over the last two dims (cheaper than materialising I)."""
     M.diagonal(dim1=-2, dim2=-1).add_(value)
     return M
-
-
-def sandwich(V: Tensor, M: Tensor) -> Tensor:
-    """V M V^T."""
-    return V @ M @ V.mT
-
-
-def sandwich_t(V: Tensor, M: Tensor) -> Tensor:
-    """V^T M V."""
-    return V.mT @ M @ V
 
 
 def from_spectrum(V: Tensor, f: Tensor) -> Tensor:

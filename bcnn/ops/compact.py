@@ -1,72 +1,54 @@
 """Compact bilinear pooling (Gao et al., CVPR 2016): Tensor Sketch and Random Maclaurin.
 
-Both map the pooled outer product (1/n) sum_i x_i y_i^T (C x C2 dimensions) to ``out_dim``
-dimensions such that inner products are preserved in expectation:
-E <phi(x, y), phi(u, v)> = (x^T u)(y^T v), so E <phi(x), phi(y)> = (x^T y)^2 for the
-symmetric form. The random projections are buffers (saved in the state dict) drawn from a
-local ``torch.Generator`` seeded by ``seed``: the global RNG is never touched.
-
-Feature layout: ``(..., n, C)``, n locations (H*W) and channels last; a ``(B, C, H, W)``
-map becomes ``x.flatten(2).transpose(1, 2)``. Outputs average over the n locations.
+Both map the averaged outer product (1/n) sum_i x_i y_i^T of ``(..., n, C)`` features to
+``out_dim`` numbers whose inner products are (x^T u)(y^T v) in expectation. The random
+projections are buffers drawn from a local generator seeded by ``seed`` (the global RNG is
+never touched). See docs/ops.md.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Interval
 from torch import Tensor, nn
 
+from bcnn.limits import Seed, checked
 from bcnn.ops._utils import autocast_disabled, compute_dtype
 
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(int(seed))
+# Output dimension of a sketch (8192 in the papers); 2^24 floats per image is the most a
+# batch can hold.
+SketchDim = Annotated[int, Interval(ge=1, le=2**24)]
 
 
 def _rademacher(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
     return torch.randint(0, 2, shape, generator=gen).to(torch.float32).mul_(2).sub_(1)
 
 
-def _check_pair(x: Tensor, y: Tensor | None, in_dim: int, in_dim2: int, name: str) -> Tensor:
-    if x.dim() < 2 or x.shape[-1] != in_dim:
-        raise ValueError(f"{name}: expected x of shape (..., n, {in_dim}), got {tuple(x.shape)}")
-    if y is None:
-        if in_dim2 != in_dim:
-            raise ValueError(f"{name}: in_dim2={in_dim2} != in_dim={in_dim}: pass y")
-        return x
-    if y.shape[:-1] != x.shape[:-1] or y.shape[-1] != in_dim2:
-        raise ValueError(
-            f"{name}: expected y of shape {(*x.shape[:-1], in_dim2)}, got {tuple(y.shape)}"
-        )
-    return y
-
-
 class _CompactBilinear(nn.Module):
-    """Shared dimensions, input checks and compute dtype of the compact bilinear maps.
+    """Dimensions, input checks and compute dtype shared by the compact bilinear maps."""
 
-    Subclasses draw their random projections (buffers) in ``_draw`` and implement ``_map``.
-
-    Args:
-        in_dim: Channels C of x.
-        out_dim: Output dimension D.
-        seed: Seed of the random projections.
-        in_dim2: Channels of y for the two-input form (default: ``in_dim``).
-    """
-
+    @checked
     def __init__(
-        self, in_dim: int, out_dim: int = 8192, seed: int = 0, in_dim2: int | None = None
+        self,
+        in_dim: int,
+        out_dim: SketchDim = 8192,
+        seed: Seed = 0,
+        in_dim2: int | None = None,
     ) -> None:
         super().__init__()
         self.in_dim = in_dim
         self.in_dim2 = in_dim if in_dim2 is None else in_dim2
         self.out_dim = out_dim
-        self._draw(_generator(seed))
+        self._draw(torch.Generator(device="cpu").manual_seed(int(seed)))
 
     def _draw(self, gen: torch.Generator) -> None:
-        """Register the random projections, drawn from ``gen``, as buffers."""
+        """Registers the random projections, drawn from ``gen``, as buffers."""
         raise NotImplementedError
 
     def _map(self, x: Tensor, y: Tensor) -> Tensor:
-        """The averaged map of checked ``(..., n, C)`` inputs already in the compute dtype."""
+        """The map of checked ``(..., n, C)`` inputs in the compute dtype: ``(..., out_dim)``."""
         raise NotImplementedError
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -79,7 +61,17 @@ class _CompactBilinear(nn.Module):
         Returns:
             ``(..., out_dim)``; float32, or float64 for float64 input.
         """
-        y = _check_pair(x, y, self.in_dim, self.in_dim2, type(self).__name__)
+        name, d1, d2 = type(self).__name__, self.in_dim, self.in_dim2
+        if x.dim() < 2 or x.shape[-1] != d1:
+            raise ValueError(f"{name}: expected x of shape (..., n, {d1}), got {tuple(x.shape)}")
+        if y is None:
+            if d2 != d1:
+                raise ValueError(f"{name}: in_dim2={d2} != in_dim={d1}: pass y")
+            y = x
+        elif y.shape[:-1] != x.shape[:-1] or y.shape[-1] != d2:
+            raise ValueError(
+                f"{name}: expected y of shape {(*x.shape[:-1], d2)}, got {tuple(y.shape)}"
+            )
         dtype = compute_dtype(torch.promote_types(x.dtype, y.dtype))
         with autocast_disabled(x.device.type):
             return self._map(x.to(dtype), y.to(dtype))
@@ -107,19 +99,16 @@ class TensorSketch(_CompactBilinear):
     s2: Tensor
 
     def _draw(self, gen: torch.Generator) -> None:
-        """Hashes h1 (in_dim,), h2 (in_dim2,) into [0, out_dim) and +-1 signs s1, s2."""
-        bins = self.out_dim
-        self.register_buffer("h1", torch.randint(0, bins, (self.in_dim,), generator=gen))
-        self.register_buffer("s1", _rademacher((self.in_dim,), gen))
-        self.register_buffer("h2", torch.randint(0, bins, (self.in_dim2,), generator=gen))
-        self.register_buffer("s2", _rademacher((self.in_dim2,), gen))
+        # Hashes into [0, out_dim) and +-1 signs, drawn in the order h1, s1, h2, s2.
+        for k, dim in ((1, self.in_dim), (2, self.in_dim2)):
+            self.register_buffer(f"h{k}", torch.randint(0, self.out_dim, (dim,), generator=gen))
+            self.register_buffer(f"s{k}", _rademacher((dim,), gen))
 
     def _count_sketch(self, v: Tensor, h: Tensor, s: Tensor) -> Tensor:
         out = v.new_zeros(*v.shape[:-1], self.out_dim)
         return out.index_add(-1, h, v * s.to(v.dtype))
 
     def _map(self, x: Tensor, y: Tensor) -> Tensor:
-        """Sketch of (1/n) sum_i x_i y_i^T for ``(..., n, C)`` inputs; ``(..., out_dim)``."""
         fx = torch.fft.rfft(self._count_sketch(x, self.h1, self.s1), dim=-1)
         fy = torch.fft.rfft(self._count_sketch(y, self.h2, self.s2), dim=-1)
         # The sketch is linear in x y^T: average in the frequency domain, one irfft.
@@ -144,12 +133,10 @@ class RandomMaclaurin(_CompactBilinear):
     W2: Tensor
 
     def _draw(self, gen: torch.Generator) -> None:
-        """Rademacher matrices W1 (in_dim, out_dim) and W2 (in_dim2, out_dim)."""
         self.register_buffer("W1", _rademacher((self.in_dim, self.out_dim), gen))
         self.register_buffer("W2", _rademacher((self.in_dim2, self.out_dim), gen))
 
     def _map(self, x: Tensor, y: Tensor) -> Tensor:
-        """Features of (1/n) sum_i x_i y_i^T for ``(..., n, C)`` inputs; ``(..., out_dim)``."""
         px = x @ self.W1.to(x.dtype)
         py = y @ self.W2.to(y.dtype)
         return (px * py).mean(-2) * self.out_dim**-0.5

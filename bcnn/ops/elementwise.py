@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from bcnn.limits import Positive
+from bcnn.ops._utils import check_args
+from bcnn.ops.spectral import Power
+
 
 class _SignedPower(torch.autograd.Function):
     """sign(x) ((|x| + eps)^p - eps^p) with the derivative p (|x| + eps)^(p - 1)."""
@@ -23,42 +27,33 @@ class _SignedPower(torch.autograd.Function):
         return grad * ctx.p * base.pow(ctx.p - 1.0), None, None
 
 
-def signed_power(x: torch.Tensor, p: float, eps: float = 1e-8) -> torch.Tensor:
-    """Signed power ``sign(x) |x|^p`` for 0 < p <= 1 with a guarded gradient.
+@check_args
+def signed_power(x: torch.Tensor, p: Power, eps: Positive = 1e-8) -> torch.Tensor:
+    """Signed power ``sign(x) |x|^p``, 0 < p <= 1, with a guarded gradient.
 
-    The forward value is ``sign(x) ((|x| + eps)^p - eps^p)``: 0 at 0, continuous and close
-    to the exact signed power; its derivative ``p (|x| + eps)^(p - 1)`` is at most
-    ``p eps^(p - 1)``.
+    The value is ``sign(x) ((|x| + eps)^p - eps^p)``: 0 at 0, close to the exact signed
+    power; its derivative ``p (|x| + eps)^(p - 1)`` is at most ``p eps^(p - 1)``.
 
     Args:
         x: Any shape, any floating dtype.
         p: Exponent in (0, 1].
-        eps: Guard added inside the power; must be > 0.
+        eps: Guard added inside the power.
 
     Returns:
         Tensor of the same shape and dtype as ``x``.
     """
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"signed_power: p must be in (0, 1], got {p}")
-    if eps <= 0:
-        raise ValueError(f"signed_power: eps must be > 0, got {eps}")
     return _SignedPower.apply(x, float(p), float(eps))
 
 
 def signed_sqrt(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Signed square root ``sign(x) sqrt(|x|)`` with a guarded gradient.
-
-    ``signed_power(x, 0.5, eps)``: the value is ``sign(x) (sqrt(|x| + eps) - sqrt(eps))``,
-    within ``sqrt(eps)`` of the exact signed square root, and the derivative
-    ``1 / (2 sqrt(|x| + eps))`` is at most ``1 / (2 sqrt(eps))``.
+    """Signed square root ``signed_power(x, 0.5, eps)``: within sqrt(eps) of sign(x) |x|^0.5,
+    derivative at most 1 / (2 sqrt(eps)).
 
     Args:
         x: Any shape, any floating dtype.
-        eps: Guard added under the root; must be > 0.
+        eps: Guard added under the root, > 0.
 
     Returns:
         Tensor of the same shape and dtype as ``x``.
     """
-    if eps <= 0:
-        raise ValueError(f"signed_sqrt: eps must be > 0, got {eps}")
     return signed_power(x, 0.5, eps)

@@ -1,34 +1,22 @@
 """Diagonal-covariance GMM (EM) and the improved Fisher vector (Perronnin et al., ECCV 2010).
 
-FV-CNN (Cimpoi et al.; the baseline of Lin et al., ICCV 2015) encodes the n local
-descriptors x_i in R^d of an image (conv features, channels last) with a K-component
-diagonal GMM (w_k, mu_k, sigma_k^2) fitted by EM on descriptors sampled from training
-images. With posteriors gamma_ik = p(k | x_i):
-
-    u_k = 1 / (n sqrt(w_k))  sum_i gamma_ik (x_i - mu_k) / sigma_k
-    v_k = 1 / (n sqrt(2 w_k)) sum_i gamma_ik [((x_i - mu_k) / sigma_k)^2 - 1]
-
-and the Fisher vector is ``[u_1, ..., u_K, v_1, ..., v_K]`` (2 K d numbers; the layout of
-VLFeat's ``vl_fisher``, which the authors' code calls with ``'Improved'``). "Improved" adds
-the signed square root and L2 normalization; in bcnn these are steps of the normalization
-chain, so :func:`fisher_vector` leaves them off unless ``improved=True``.
-
-Everything is written with matrix products (sum_i gamma_ik x_i = Gamma^T X and
-sum_i gamma_ik x_i^2 = Gamma^T X^2), so no ``(B, n, K, d)`` tensor is ever formed: the
-largest intermediates are ``(B, n, d)`` and ``(B, n, K)``. The expanded quadratic forms
-cancel when the data sit far from the origin relative to their spread, so both EM and the
-encoder work in coordinates centred on the mixture's mean (an exact shift).
+The encoding of FV-CNN (Cimpoi et al.; a baseline of Lin et al., ICCV 2015), laid out as
+VLFeat's ``vl_fisher``; formulas and EM details in docs/ops.md. Everything is written with
+matrix products (sum_i gamma_ik x_i = Gamma^T X), so no ``(B, n, K, d)`` tensor is formed.
+The expanded quadratic forms cancel when the data sit far from the origin relative to their
+spread, so EM and the encoder work in coordinates centred on the mixture's mean (exact).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from bcnn.ops._utils import autocast_disabled, compute_dtype, to_compute
+from bcnn.limits import Positive, PositiveInt, checked
+from bcnn.ops._utils import autocast_disabled, check_args, compute_dtype, to_compute
 from bcnn.ops.elementwise import signed_sqrt
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -67,17 +55,15 @@ class GMM(nn.Module):
     means: Tensor
     variances: Tensor
 
-    def __init__(self, num_components: int, dim: int, dtype: torch.dtype = torch.float32) -> None:
+    @checked
+    def __init__(
+        self, num_components: PositiveInt, dim: PositiveInt, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
-        if num_components < 1 or dim < 1:
-            raise ValueError(
-                f"GMM: num_components and dim must be >= 1, got {num_components}, {dim}"
-            )
-        self.register_buffer(
-            "weights", torch.full((num_components,), 1.0 / num_components, dtype=dtype)
-        )
-        self.register_buffer("means", torch.zeros(num_components, dim, dtype=dtype))
-        self.register_buffer("variances", torch.ones(num_components, dim, dtype=dtype))
+        K = num_components
+        self.register_buffer("weights", torch.full((K,), 1.0 / K, dtype=dtype))
+        self.register_buffer("means", torch.zeros(K, dim, dtype=dtype))
+        self.register_buffer("variances", torch.ones(K, dim, dtype=dtype))
 
     @property
     def num_components(self) -> int:
@@ -89,48 +75,12 @@ class GMM(nn.Module):
         """d."""
         return self.means.shape[1]
 
-    @property
-    def output_dim(self) -> int:
-        """Length 2 K d of the Fisher vector."""
-        return 2 * self.num_components * self.dim
-
     def extra_repr(self) -> str:
         return f"num_components={self.num_components}, dim={self.dim}"
-
-    def _params(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Weights, means, variances on ``like``'s device and dtype; centre sum_k w_k mu_k."""
-        w, mu, var = (t.to(like) for t in (self.weights, self.means, self.variances))
-        return w, mu, var, w @ mu
-
-    def log_joint(self, X: Tensor) -> Tensor:
-        """log w_k + log N(x_i | k): ``(..., n, d) -> (..., n, K)`` in the compute dtype."""
-        _check_descriptors(X, self.dim, "GMM.log_joint")
-        with autocast_disabled(X.device.type):
-            X = to_compute(X)
-            w, mu, var, c = self._params(X)
-            return _log_joint(X - c, w.log(), mu - c, var)
-
-    def log_likelihood(self, X: Tensor) -> Tensor:
-        """log p(x_i) under the mixture: ``(..., n, d) -> (..., n)``."""
-        return torch.logsumexp(self.log_joint(X), dim=-1)
-
-    def posteriors(self, X: Tensor) -> Tensor:
-        """gamma_ik = p(k | x_i): ``(..., n, d) -> (..., n, K)``, rows summing to one."""
-        return torch.softmax(self.log_joint(X), dim=-1)
 
     def forward(self, X: Tensor, improved: bool = False) -> Tensor:
         """Fisher vectors of ``X``: ``(..., n, d) -> (..., 2 K d)``; see :func:`fisher_vector`."""
         return fisher_vector(X, self, improved=improved)
-
-
-def _check_descriptors(X: Tensor, dim: int, name: str) -> None:
-    if X.dim() < 2 or X.shape[-1] != dim:
-        raise ValueError(
-            f"{name}: expected descriptors of shape (..., n, {dim}) (channels last; a "
-            f"(B, C, H, W) map is x.flatten(2).transpose(1, 2)), got {tuple(X.shape)}"
-        )
-    if not X.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {X.dtype}")
 
 
 def fisher_vector(
@@ -146,30 +96,35 @@ def fisher_vector(
     u_k = 1/(n sqrt(w_k)) sum_i gamma_ik (x_i - mu_k)/sigma_k and
     v_k = 1/(n sqrt(2 w_k)) sum_i gamma_ik [((x_i - mu_k)/sigma_k)^2 - 1], with the
     posteriors gamma_ik computed in log space. Differentiable w.r.t. ``X`` (through the
-    posteriors as well); the GMM is fixed. Computes in float32 (float64 for float64 input)
-    with autocast off.
+    posteriors as well); the GMM is fixed.
 
     Args:
         X: ``(..., n, d)`` local descriptors (n locations, channels last).
         gmm: The mixture.
-        improved: Also apply the signed square root (bcnn's ``signed_sqrt``, whose
-            gradient guard moves values by at most 1e-4) and L2 normalization: the
-            "improved" Fisher vector. Off by default: bcnn's normalization chain has both
+        improved: Also apply ``signed_sqrt`` (whose gradient guard moves values by at most
+            1e-4) and L2 normalization. Off by default: bcnn's normalization chain has both
             as steps (``signsqrt``, ``l2``).
         min_posterior: Posteriors below this are set to zero. VLFeat skips terms with
             gamma_ik < 1e-6 (an efficiency shortcut); 0 keeps every term.
         eps: Floor on the L2 norm when ``improved`` (VLFeat: 1e-12).
 
     Returns:
-        ``(..., 2 K d)``.
+        ``(..., 2 K d)``; float32 (float64 for float64 input), autocast disabled.
     """
-    _check_descriptors(X, gmm.dim, "fisher_vector")
+    if X.dim() < 2 or X.shape[-1] != gmm.dim:
+        raise ValueError(
+            f"fisher_vector: expected descriptors of shape (..., n, {gmm.dim}) (channels last; "
+            f"a (B, C, H, W) map is x.flatten(2).transpose(1, 2)), got {tuple(X.shape)}"
+        )
+    if not X.is_floating_point():
+        raise TypeError(f"fisher_vector: expected a floating-point tensor, got {X.dtype}")
     n = X.shape[-2]
     if n == 0:
         raise ValueError("fisher_vector: X has no descriptors (n = 0)")
     with autocast_disabled(X.device.type):
         X = to_compute(X)
-        w, mu, var, c = gmm._params(X)
+        w, mu, var = (t.to(X) for t in (gmm.weights, gmm.means, gmm.variances))
+        c = w @ mu
         Xc, muc = X - c, mu - c
         gamma = torch.softmax(_log_joint(Xc, w.log(), muc, var), dim=-1)  # (..., n, K)
         if min_posterior > 0:
@@ -205,12 +160,9 @@ def _kmeanspp(X: Tensor, K: int, gen: torch.Generator) -> Tensor:
 
 
 def _assign(X: Tensor, centers: Tensor, chunk: int) -> Tensor:
-    out = []
+    """The nearest centre of each row of X, computed in row chunks."""
     cc = centers.pow(2).sum(-1)
-    for s in range(0, X.shape[0], chunk):
-        x = X[s : s + chunk]
-        out.append((cc - 2.0 * x @ centers.T).argmin(-1))
-    return torch.cat(out)
+    return torch.cat([(cc - 2.0 * x @ centers.T).argmin(-1) for x in X.split(chunk)])
 
 
 def _lloyd(X: Tensor, centers: Tensor, iters: int, chunk: int) -> tuple[Tensor, Tensor]:
@@ -231,47 +183,32 @@ def _lloyd(X: Tensor, centers: Tensor, iters: int, chunk: int) -> tuple[Tensor, 
     return centers, assign
 
 
+@check_args
 def fit_gmm(
     samples: Tensor,
-    num_components: int = 64,
+    num_components: PositiveInt = 64,
     max_iters: int = 100,
     tol: float = 1e-6,
-    init: str | GMM = "kmeans",
+    init: Literal["kmeans", "random"] | GMM = "kmeans",
     kmeans_iters: int = 10,
-    var_floor: float = 1e-4,
+    var_floor: Positive = 1e-4,
     min_weight: float = 1e-6,
     seed: int = 0,
     chunk_size: int = 65536,
 ) -> tuple[GMM, dict[str, Any]]:
-    """Fits a diagonal-covariance GMM to ``samples`` by EM.
+    """Fits a diagonal-covariance GMM to ``samples`` by EM (as VLFeat's ``vl_gmm``).
 
-    Initialization (seeded by ``seed``, through a local generator):
-
-    - ``"kmeans"`` (the authors' ``vl_gmm(..., 'Initialization', 'kmeans')``): k-means++
-      seeding, ``kmeans_iters`` Lloyd iterations, then weights = cluster fractions, means =
-      centres, variances = within-cluster variances (the data variance for clusters with
-      fewer than two points).
-    - ``"random"`` (VLFeat's ``'rand'``): means = K distinct random samples, variances =
-      the data variance, uniform weights.
-    - a :class:`GMM` with K components: EM continues from its parameters.
-
-    EM then alternates E-steps (posteriors in log space, in row chunks, sufficient
-    statistics accumulated in float64) and M-steps. Every variance is floored at
-    ``var_floor * max_j Var(x_j)`` (the authors' ``'CovarianceBound'``); the floored
-    update is the exact maximizer under that constraint, so the log-likelihood never
-    decreases. A component whose weight falls below ``min_weight`` (VLFeat's encoder skips
-    such components) is re-seeded at the sample with the lowest likelihood (data
-    variance, weight 1/N); this is the only step that may lower the likelihood and is
-    counted in ``info["reseeded"]``. EM stops when the mean log-likelihood gains less than
-    ``tol * |LL|`` in an iteration.
+    The initialization and EM steps (variance floor, re-seeding, stopping rule) are
+    described in docs/ops.md.
 
     Args:
         samples: ``(N, d)`` descriptors, N >= num_components. float64 samples fit in
             float64; anything else in float32. Any device (EM runs where the samples are).
         num_components: K.
         max_iters: Maximum number of EM iterations.
-        tol: Relative tolerance on the mean log-likelihood.
-        init: ``"kmeans"``, ``"random"`` or a :class:`GMM` to start from.
+        tol: EM stops when the mean log-likelihood gains less than ``tol * |LL|``.
+        init: ``kmeans`` (k-means++ and Lloyd), ``random`` (K distinct samples) or a
+            :class:`GMM` to continue from; seeded by ``seed`` through a local generator.
         kmeans_iters: Lloyd iterations after k-means++ seeding (``init="kmeans"``).
         var_floor: Variance floor relative to the largest per-dimension data variance.
         min_weight: Components lighter than this are re-seeded.
@@ -286,8 +223,8 @@ def fit_gmm(
         of the returned parameters last; non-decreasing unless a re-seed happened),
         ``reseeded`` (number of re-seeded components).
     """
-    N, d = _check_fit_args(samples, num_components, init, var_floor)
-    K = int(num_components)
+    N, d = _check_samples(samples, num_components, init)
+    K = num_components
     dtype = compute_dtype(samples.dtype)
     with torch.no_grad(), autocast_disabled(samples.device.type):
         X64 = samples.to(torch.float64)
@@ -299,10 +236,12 @@ def fit_gmm(
         data_var = data_var.clamp_min(floor)
         X = (samples.to(dtype) - center.to(dtype)).contiguous()  # EM in centred coordinates
         gen = torch.Generator().manual_seed(int(seed))
-        w, mu, var = _initial_params(X, init, K, gen, center, data_var, floor, kmeans_iters)
+        w, mu, var = _initial_params(
+            X, init, K, gen, center, data_var, floor, kmeans_iters, chunk_size
+        )
 
         history: list[float] = []
-        reseeded, iterations = 0, 0
+        reseeded = 0
         converged = just_reseeded = False
         for it in range(max_iters):
             ll, S0, S1, S2, worst = _e_step(X, w, mu, var, chunk_size)
@@ -311,7 +250,6 @@ def fit_gmm(
             if not just_reseeded and gain <= tol * abs(history[-1]):
                 converged = True
                 break
-            iterations += 1
             w, mu, var, n_reseeded = _m_step(S0, S1, S2, N, X[worst], data_var, floor, min_weight)
             just_reseeded = n_reseeded > 0
             reseeded += n_reseeded
@@ -323,7 +261,7 @@ def fit_gmm(
         gmm.means.copy_((mu + center).to(dtype))
         gmm.variances.copy_(var.to(dtype))
     info = {
-        "iterations": iterations,
+        "iterations": len(history) - 1,  # one E-step per iteration, plus the final one
         "converged": converged,
         "log_likelihood": history,
         "reseeded": reseeded,
@@ -331,35 +269,25 @@ def fit_gmm(
     return gmm, info
 
 
-def _check_fit_args(
-    samples: Tensor, num_components: int, init: str | GMM, var_floor: float
-) -> tuple[int, int]:
-    """Validates ``fit_gmm``'s arguments; returns (N, d)."""
+def _check_samples(samples: Tensor, K: int, init: str | GMM) -> tuple[int, int]:
+    """Checks ``fit_gmm``'s samples against K and an initial GMM; returns (N, d)."""
     if samples.dim() != 2:
         raise ValueError(f"fit_gmm: samples must be (N, d), got shape {tuple(samples.shape)}")
     N, d = samples.shape
-    K = int(num_components)
-    if K < 1:
-        raise ValueError(f"fit_gmm: num_components must be >= 1, got {K}")
     if N < K:
         raise ValueError(
             f"fit_gmm: {N} samples cannot fit num_components={K}; sample more descriptors "
             "or lower num_components"
         )
-    if isinstance(init, GMM):
-        if (init.num_components, init.dim) != (K, d):
-            raise ValueError(
-                f"fit_gmm: init GMM has {init.num_components} components of dimension "
-                f"{init.dim}; expected num_components={K} and the samples' d={d}"
-            )
-    elif init not in ("kmeans", "random"):
-        raise ValueError(f"fit_gmm: init must be 'kmeans', 'random' or a GMM, got {init!r}")
+    if isinstance(init, GMM) and (init.num_components, init.dim) != (K, d):
+        raise ValueError(
+            f"fit_gmm: init GMM has {init.num_components} components of dimension "
+            f"{init.dim}; expected num_components={K} and the samples' d={d}"
+        )
     if not samples.is_floating_point():
         raise TypeError(f"fit_gmm: samples must be floating point, got {samples.dtype}")
     if not bool(torch.isfinite(samples).all()):
         raise ValueError("fit_gmm: samples contain NaN or Inf")
-    if var_floor <= 0:
-        raise ValueError(f"fit_gmm: var_floor must be > 0, got {var_floor}")
     return N, d
 
 
@@ -372,7 +300,7 @@ def _initial_params(
     data_var: Tensor,
     floor: float,
     kmeans_iters: int,
-    chunk: int = 65536,
+    chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Initial float64 (weights (K,), centred means (K, d), variances (K, d))."""
     f64, dev = torch.float64, X.device

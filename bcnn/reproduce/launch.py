@@ -1,37 +1,11 @@
-"""Launch a table: one Hydra multirun of ``train.py`` with exactly one job per row.
+"""Launch a table: one Hydra multirun of ``train.py`` with one job per row (docs/reproduce.md).
 
-Hydra's basic sweeper takes the cartesian product of its sweeps, but the rows of a table
-are not a product (``CUB+box`` exists only for CUB, the ECCV 2018 gamma differs per
-dataset). So every row becomes a small generated config of the ``experiment`` group: it
-includes the row's own ``experiment=`` preset and sets the row's other overrides. The
-generated files live in ``<sweep_dir>/.rows/``, which joins Hydra's search path, and the
-multirun sweeps over them::
-
-    python -m bcnn.train --multirun experiment=<row id>,<row id>,... \\
-        hydra.searchpath=[file://<sweep_dir>/.rows] hydra.sweep.dir=<sweep_dir> \\
-        hydra.sweep.subdir=${hydra.runtime.choices.experiment} [hydra/launcher=...] [extra]
-
-Each job's directory is named by its row id (a row with repeats, ``Row.splits``, e.g. the
-ten DTD partitions: one job per split, ``<row id>__split<k>``). ``reproduce.json`` in the
-sweep directory records the table, the rows and the command.
-
-Smoke mode keeps every row's pooling, normalization, classifier, stages, recipe
-(optimizers, learning rates, schedules) and data protocol (trainval or a held-out
-validation split) but swaps the data for the built-in synthetic dataset, the backbone for
-the small CNN (two small CNNs for two-stream rows, so that x_a x_b^T pooling still runs)
-and the budget for the ``debug=smoke`` preset's: its epochs and batch sizes, on CPU. It
-runs those epochs whole on a 384-image synthetic training set and tests 512 images (the
-preset alone caps an epoch at three batches, which leaves every classifier at its zero
-initialization and every row of a table at one score): a few seconds per row on 2 CPU
-cores, and rows that differ in pooling or normalization score differently. Backbone and
-dataset nodes are first reset to null (``reproduce/smoke_reset.yaml``) because a preset's
-keys for the real backbone (``pretrained``, ``weights``) or dataset (``partition``) would
-otherwise be merged into the small ones. Compact pooling sketches to ``SMOKE_SKETCH_DIM``
-dimensions instead of the row's, and a PCA-initialized projection keeps at most the small
-CNN's channels. A row with repeats runs its first
-``SMOKE_SPLITS`` splits, each on the synthetic dataset generated from another seed (the
-split's own override names a real dataset's key), so that their mean and standard
-deviation are computed from different runs.
+A table is not a cartesian product (``CUB+box`` exists only for CUB), so each job becomes a
+generated ``experiment`` config in ``<sweep_dir>/.rows/`` and the multirun sweeps over those.
+Smoke mode keeps each row's head, stages and recipe but swaps in the small CNN, the
+``debug=smoke`` epochs on CPU and a synthetic stand-in per dataset. Its backbone and dataset
+nodes are first reset to null (``reproduce/smoke_reset``): a preset's keys for the real ones
+(``pretrained``, ``partition``) would otherwise be merged into the small ones.
 """
 
 from __future__ import annotations
@@ -41,7 +15,9 @@ import json
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -50,192 +26,105 @@ from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-import bcnn.config  # noqa: F401  (registers the schema that configs/train.yaml names)
+from bcnn.config import instantiate
 from bcnn.reproduce.tables import Row, Table
 
 ROWS_DIR = ".rows"
 MANIFEST = "reproduce.json"
 RESET_CONFIG = "reproduce/smoke_reset"
 
-# Smoke settings: small synthetic data, a one-block CNN, the debug=smoke training budget.
-# The validation fraction is the row's own (0: train on trainval, keep the last epoch).
-SMOKE_DATASET: dict[str, Any] = {
-    "num_classes": 4,
-    "trainval_size": 384,
-    "test_size": 512,
-    "image_size": 16,
-}
+# Smoke sizes. Compact pooling's sketch shrinks to SMOKE_SKETCH_DIM: 8192 dimensions per
+# location made a smoke job take a minute. The row keeps its gradient accumulation (a step
+# per micro-batch of 8 at the recipe's rate collapsed fine-tuned classifiers onto a few
+# classes); debug=smoke's epochs run whole.
+SMOKE_DATASET: dict[str, Any] = {"trainval_size": 384, "test_size": 512, "image_size": 16}
 SMOKE_CHANNELS = [8]
-# Splits run per row with repeats in smoke mode (split k: synthetic data of seed k).
-SMOKE_SPLITS = 2
-# Sketch dimension of compact pooling in smoke mode: the small CNN's 8 channels have a
-# 64-entry outer product, and an 8192-dimensional sketch of every location made a smoke
-# job take a minute on 2 CPU cores.
+SMOKE_SPLITS = 2  # repeats run per row with splits
 SMOKE_SKETCH_DIM = 512
-# The epochs and batch sizes are the debug=smoke preset's (configs/debug/smoke.yaml);
-# these run its epochs whole and make a row's own settings CPU-friendly. The row keeps its
-# gradient accumulation: a step then averages the gradients of batch_size x grad_accum
-# images, as the recipe's steps do (one step per micro-batch of 8 at the recipe's
-# learning rate collapsed fine-tuned classifiers onto the same few classes).
-SMOKE_TRAINER: dict[str, Any] = {
-    "device": "cpu",
-    "precision": "32",
-    "num_workers": 0,
-    "limit_train_batches": None,
-    "limit_eval_batches": None,
-    "eval_batch_size": 256,
-}
-TWO_STREAM_TARGET = "bcnn.models.backbones.TwoStream"
+SMOKE_TRAINER: dict[str, Any] = {"device": "cpu", "precision": "32", "num_workers": 0}
+SMOKE_TRAINER |= {"eval_batch_size": 256, "limit_train_batches": None, "limit_eval_batches": None}
 
 
-def config_groups() -> frozenset[str]:
-    """The config groups of ``bcnn.configs`` (folders such as ``dataset``, ``backbone``)."""
-    root = resources.files("bcnn.configs")
-    return frozenset(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+def compose_train(overrides: Sequence[str], hydra: bool = False) -> DictConfig:
+    """``train.py``'s config composed with ``overrides`` (``hydra``: with the hydra node)."""
+    with initialize_config_module("bcnn.configs", version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
 
 def split_overrides(overrides: Iterable[str]) -> tuple[dict[str, str], dict[str, Any]]:
-    """Splits a row's overrides into group choices and a nested dict of key values.
-
-    Args:
-        overrides: Hydra overrides: ``group=option`` or ``a.b.c=value``.
-
-    Returns:
-        ``(choices, body)``: ``{"dataset": "cub", ...}`` and e.g.
-        ``{"trainer": {"stages": ["linear"]}}``.
-
-    Raises:
-        ValueError: a sweep, deletion, addition or list-index override, which a config
-            file cannot express.
-    """
+    """Splits Hydra overrides into group choices (``{"dataset": "cub"}``) and a nested dict
+    of values (``{"trainer": {"stages": [...]}}``). A ValueError rejects a sweep, deletion,
+    addition or list index, which a config file cannot express."""
     parser = OverridesParser.create()
-    groups = config_groups()
+    root = resources.files("bcnn.configs")
+    groups = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
     choices: dict[str, str] = {}
-    body: dict[str, Any] = {}
+    body = OmegaConf.create()
     for text in overrides:
         o = parser.parse_override(text)
-        key = o.key_or_group
         if o.is_sweep_override() or o.is_delete() or o.is_add() or o.package:
             raise ValueError(f"row override {text!r}: use plain group=option or key=value")
-        if key in groups:
-            choices[key] = str(o.value())
-            continue
-        parts = key.split(".")
-        if any(p.isdigit() for p in parts):
+        if o.key_or_group in groups:
+            choices[o.key_or_group] = str(o.value())
+        elif any(p.isdigit() for p in o.key_or_group.split(".")):
             raise ValueError(
                 f"row override {text!r} indexes a list, which a config file cannot merge: "
                 "put the whole list in an experiment file"
             )
-        node = body
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = o.value()
-    return choices, body
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+        else:
+            OmegaConf.update(body, o.key_or_group, o.value(), force_add=True)
+    return choices, OmegaConf.to_container(body)  # type: ignore[return-value]
 
 
 def _group_node(group: str, option: str) -> dict[str, Any]:
-    path = resources.files("bcnn.configs").joinpath(group, f"{option}.yaml")
-    with path.open() as f:
-        node = OmegaConf.to_container(OmegaConf.load(f))
-    assert isinstance(node, dict)
-    return node
+    with (resources.files("bcnn.configs") / group / f"{option}.yaml").open() as f:
+        return OmegaConf.to_container(OmegaConf.load(f))  # type: ignore[return-value]
 
 
-def smoke_backbone(two_stream: bool) -> dict[str, Any]:
-    """The small CNN's config node, or a two-stream pair of them."""
-    small = _group_node("backbone", "small")
-    small["channels"] = list(SMOKE_CHANNELS)
-    if not two_stream:
-        return small
-    return {"_target_": TWO_STREAM_TARGET, "stream_a": small, "stream_b": dict(small)}
+def smoke_nodes(real: DictConfig, split: int | None) -> dict[str, Any]:
+    """The nodes smoke mode puts into a row's config, from the row's composed ``real`` one.
 
-
-def smoke_dataset(val_fraction: float = 0.0) -> dict[str, Any]:
-    """The synthetic dataset's config node at smoke sizes, with the row's val fraction."""
-    return _merge(
-        _group_node("dataset", "synthetic"), {**SMOKE_DATASET, "val_fraction": val_fraction}
-    )
-
-
-def smoke_pooling(pooling: Any) -> dict[str, Any]:
-    """Keys of a row's pooling node replaced at smoke sizes (empty: none).
-
-    Compact pooling's sketch shrinks to ``SMOKE_SKETCH_DIM``; a PCA-initialized
-    projection keeps at most the small CNN's channels (PCA has no more directions).
+    The small CNN (two for a two-stream backbone); the synthetic set at smoke sizes with
+    the row's validation fraction and a seed and class count (4 to 6) derived from the
+    dataset's name, so that each dataset column is a run of its own (a split moves the
+    seed); the sketch at ``SMOKE_SKETCH_DIM``; a PCA projection at most the small CNN's
+    channels (PCA has no more directions).
     """
-    patch: dict[str, Any] = {}
+    small = {**_group_node("backbone", "small"), "channels": list(SMOKE_CHANNELS)}
+    two = {"_target_": real.backbone._target_, "stream_a": small, "stream_b": dict(small)}
+    code = zlib.crc32(str(real.dataset.name).encode())
+    own = {"num_classes": 4 + code % 3, "seed": code % 10_000 + (split or 0)}
+    val_fraction = float(real.dataset.get("val_fraction") or 0.0)
+    dataset = {**_group_node("dataset", "synthetic"), **SMOKE_DATASET, **own}
+    nodes: dict[str, Any] = {
+        "backbone": two if "stream_a" in real.backbone else small,
+        "dataset": {**dataset, "val_fraction": val_fraction},
+        "trainer": SMOKE_TRAINER,
+    }
+    pooling, dim = real.pooling, real.pooling.get("proj_dim")
     if "sketch" in pooling:
-        patch["sketch"] = {"out_dim": SMOKE_SKETCH_DIM}
-    dim = pooling.get("proj_dim")
+        nodes["pooling"] = {"sketch": {"out_dim": SMOKE_SKETCH_DIM}}
     if pooling.get("proj_init") == "pca" and dim and dim > SMOKE_CHANNELS[-1]:
-        patch["proj_dim"] = SMOKE_CHANNELS[-1]
-    return patch
-
-
-def row_jobs(row: Row, smoke: bool = False) -> list[tuple[str, int | None]]:
-    """The jobs of a row: ``(job id, split index or None)``; smoke runs ``SMOKE_SPLITS``."""
-    if not row.splits:
-        return [(row.id, None)]
-    jobs = list(zip(row.job_ids, range(len(row.splits))))
-    return jobs[:SMOKE_SPLITS] if smoke else jobs
+        nodes.setdefault("pooling", {})["proj_dim"] = SMOKE_CHANNELS[-1]
+    return nodes
 
 
 def row_config(
-    row: Row,
-    table: Table,
-    smoke: bool = False,
-    two_stream: bool = False,
-    val_fraction: float = 0.0,
-    split: int | None = None,
-    pooling: dict[str, Any] | None = None,
+    row: Row, table: Table, split: int | None = None, smoke: dict[str, Any] | None = None
 ) -> str:
-    """The YAML text of a row's generated experiment config.
-
-    Args:
-        row: The row.
-        table: Its table (named in the header comment).
-        smoke: Write the smoke version (see the module docstring).
-        two_stream: Smoke only: the row's backbone gives two feature maps.
-        val_fraction: Smoke only: the row's ``dataset.val_fraction``.
-        split: Index into ``row.splits`` of the job's repeat (None: no repeats).
-        pooling: Smoke only: keys of the row's pooling node replaced at smoke sizes
-            (``smoke_pooling``).
-    """
-    overrides = list(row.overrides)
-    if split is not None:
-        overrides.append(row.splits[split])
+    """The YAML text of a row's generated experiment config: the job of ``row.splits[split]``
+    (None: no repeats), the full run or the smoke version (``smoke``: :func:`smoke_nodes`)."""
+    overrides = [*row.overrides, *([row.splits[split]] if split is not None else [])]
     choices, body = split_overrides(overrides)
     experiment = choices.pop("experiment", None)
+    defaults: list[Any] = [f"/experiment/{experiment}"] if experiment else []
     if smoke:
         choices.update(backbone="small", dataset="synthetic")
-        body.pop("backbone", None)
-        body.pop("dataset", None)
-        dataset = smoke_dataset(val_fraction)
-        if split is not None:  # another synthetic dataset per split
-            dataset["seed"] = split + 1
-        smoke_body: dict[str, Any] = {
-            "backbone": smoke_backbone(two_stream),
-            "dataset": dataset,
-            "trainer": SMOKE_TRAINER,
-        }
-        if pooling:
-            smoke_body["pooling"] = pooling
-        body = _merge(body, smoke_body)
-    defaults: list[Any] = []
-    if experiment:
-        defaults.append(f"/experiment/{experiment}")
-    if smoke:
+        body = {k: v for k, v in body.items() if k not in ("backbone", "dataset")}
+        body = OmegaConf.to_container(OmegaConf.merge(body, smoke))  # type: ignore[assignment]
         defaults += [f"/{RESET_CONFIG}", "/debug/smoke"]
-    defaults.append("_self_")
-    defaults += [{f"override /{g}": o} for g, o in choices.items()]
-    kind = "SMOKE: synthetic data, small CNN" if smoke else "full run"
+    defaults += ["_self_", *({f"override /{g}": o} for g, o in choices.items())]
+    kind = "SMOKE: stand-in data, small CNN" if smoke else "full run"
     header = [
         "# @package _global_",
         f"# Generated by scripts/reproduce.py ({kind}).",
@@ -256,75 +145,57 @@ def searchpath_override(rows_dir: Path) -> str:
     return f"hydra.searchpath=[{_quote('file://' + str(Path(rows_dir).resolve()))}]"
 
 
-def _compose(overrides: Sequence[str]) -> DictConfig:
-    with initialize_config_module("bcnn.configs", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
-def select_rows(table: Table, patterns: Sequence[str] = ()) -> list[Row]:
-    """The rows of ``table`` whose id matches one of the fnmatch ``patterns`` (all if none)."""
-    if not patterns:
-        return list(table.rows)
-    rows = [r for r in table.rows if any(fnmatch.fnmatch(r.id, p) for p in patterns)]
-    if not rows:
-        raise ValueError(f"no row of {table.name} matches {list(patterns)}")
-    return rows
-
-
-def write_rows(table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool) -> list[str]:
-    """Writes one config per job into ``rows_dir/experiment/`` and checks each composes.
-
-    Returns:
-        The generated config names (the job ids: the row ids, ``<row id>__split<k>`` for
-        the repeats of a row with splits), in row order.
-
-    Raises:
-        hydra.errors.HydraException: a row does not compose (before anything runs).
-    """
-    exp_dir = rows_dir / "experiment"
-    exp_dir.mkdir(parents=True, exist_ok=True)
+def write_rows(
+    table: Table, rows: Sequence[Row], rows_dir: Path, smoke: bool, extra: Sequence[str] = ()
+) -> list[tuple[str, DictConfig]]:
+    """Writes one config per job of ``rows`` into ``rows_dir/experiment/`` (the folder that
+    joins Hydra's search path; ``smoke``: the smoke versions, ``SMOKE_SPLITS`` repeats of a
+    row with splits) and composes each with ``extra``: ``(job id, config)`` in row order.
+    A row that does not compose raises Hydra's error before anything runs."""
+    folder, search = rows_dir / "experiment", searchpath_override(rows_dir)
+    folder.mkdir(parents=True, exist_ok=True)
     if smoke:
-        reset = rows_dir / f"{RESET_CONFIG}.yaml"
-        reset.parent.mkdir(parents=True, exist_ok=True)
-        reset.write_text("# @package _global_\nbackbone: null\ndataset: null\n")
-    names = []
-    search = searchpath_override(rows_dir)
+        (rows_dir / "reproduce").mkdir(exist_ok=True)
+        reset = "# @package _global_\nbackbone: null\ndataset: null\n"
+        (rows_dir / f"{RESET_CONFIG}.yaml").write_text(reset)
+    jobs = []
     for row in rows:
-        two_stream, val_fraction, pooling = False, 0.0, None
-        if smoke:
-            real = _compose(row.overrides)
-            two_stream = real.backbone.get("_target_") == TWO_STREAM_TARGET
-            val_fraction = float(real.dataset.get("val_fraction", 0.0) or 0.0)
-            pooling = smoke_pooling(real.pooling)
-        for job, split in row_jobs(row, smoke):
-            text = row_config(row, table, smoke, two_stream, val_fraction, split, pooling)
-            (exp_dir / f"{job}.yaml").write_text(text)
-            _compose([f"experiment={job}", search])
-            names.append(job)
-    return names
+        real = compose_train(row.overrides) if smoke else None
+        for k, job in enumerate(row.job_ids[:SMOKE_SPLITS] if smoke else row.job_ids):
+            split = k if row.splits else None
+            nodes = smoke_nodes(real, split) if real is not None else None
+            (folder / f"{job}.yaml").write_text(row_config(row, table, split, nodes))
+            jobs.append((job, compose_train([f"experiment={job}", search, *extra])))
+    return jobs
 
 
-def multirun_command(
-    names: Sequence[str],
-    rows_dir: Path,
-    sweep_dir: Path,
-    launcher: str | None = None,
-    extra: Sequence[str] = (),
-) -> list[str]:
-    """The ``python -m bcnn.train --multirun ...`` command that runs the generated rows."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "bcnn.train",
-        "--multirun",
-        f"experiment={','.join(names)}",
-        searchpath_override(rows_dir),
-        f"hydra.sweep.dir={_quote(str(sweep_dir.resolve()))}",
-        "hydra.sweep.subdir=${hydra.runtime.choices.experiment}",
-    ]
-    if launcher:
-        cmd.append(f"hydra/launcher={launcher}")
-    return cmd + list(extra)
+def missing_inputs(jobs: Sequence[tuple[str, DictConfig]]) -> list[str]:
+    """The dataset folders and weights files the ``(job id, config)`` pairs need and this
+    machine lacks, each once with the jobs that need it. ImageNet weights that a backbone
+    downloads on first use are not checked."""
+    needs: dict[str, list[str]] = {}
+    datasets: dict[str, str | None] = {}
+    for job, cfg in jobs:
+        b = cfg.backbone
+        nodes = [b, *(b[k] for k in ("stream_a", "stream_b") if k in b)]  # two streams
+        files = [str(n.weights) for n in nodes if n.get("weights")]  # resolved
+        problems = [f"weights file {w}" for w in files if not Path(w).is_file()]
+        node = OmegaConf.to_yaml(cfg.dataset, resolve=True)
+        if node not in datasets:
+            try:
+                instantiate(cfg.dataset, split="test", augment=False)
+                datasets[node] = None
+            except FileNotFoundError as err:
+                datasets[node] = str(err).splitlines()[0].rstrip(".")
+        if missing := datasets[node]:
+            problems.append(missing)
+        for problem in problems:
+            needs.setdefault(problem, []).append(job)
+    lines = []
+    for problem, ids in needs.items():
+        more = f" and {len(ids) - 4} more" if len(ids) > 4 else ""
+        lines.append(f"{problem}: needed by {', '.join(ids[:4])}{more}")
+    return lines
 
 
 def launch_table(
@@ -336,55 +207,49 @@ def launch_table(
     patterns: Sequence[str] = (),
     dry_run: bool = False,
 ) -> int:
-    """Writes the rows of ``table`` and runs them as one Hydra multirun.
+    """Writes the rows of ``table`` and runs them as one Hydra multirun; returns its exit
+    status. Rows that cannot run and timing rows are listed in ``reproduce.json`` only.
 
     Args:
         table: The table spec.
         sweep_dir: Where the jobs write (``<sweep_dir>/<row id>/``).
         smoke: Smoke mode (synthetic data, small CNN, CPU).
         launcher: A ``hydra/launcher`` option (``joblib``, ``submitit_slurm``, ``slurm``...).
-        extra: Further overrides for every job (``trainer.device=cuda:1``, ``hydra.launcher.
-            partition=gpu``, ...).
+        extra: Further overrides for every job (``trainer.device=cuda:1``, ...).
         patterns: Only the rows whose id matches one of these fnmatch patterns.
-        dry_run: Write the configs and print the command without running it.
+        dry_run: Write the configs and print the command (and what is missing) only.
 
-    Rows that cannot run (``Row.reason``) and timing rows (``Row.benchmark``) are listed in
-    ``reproduce.json`` but launch no job.
-
-    Returns:
-        The exit status of the multirun (0 when every job succeeded).
+    Raises:
+        ValueError: no row matches ``patterns``.
+        FileNotFoundError: dataset folders or weights files that jobs need are missing
+            (listed once; not in smoke mode; printed only with ``dry_run``).
     """
-    selected = select_rows(table, patterns)
-    runnable = [r for r in selected if r.runnable]
+    selected = [r for r in table.rows if any(fnmatch.fnmatch(r.id, p) for p in patterns)]
+    if patterns and not selected:
+        raise ValueError(f"no row of {table.name} matches {list(patterns)}")
+    selected = selected or list(table.rows)
     rows_dir = sweep_dir / ROWS_DIR
-    names = write_rows(table, runnable, rows_dir, smoke)
-    cmd = multirun_command(names, rows_dir, sweep_dir, launcher, extra)
-    manifest = {
-        "table": table.name,
-        "smoke": smoke,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "rows": [
-            {
-                "id": r.id,
-                "label": r.label,
-                "columns": list(r.columns),
-                "overrides": list(r.overrides),
-                **({"splits": list(r.splits)} if r.splits else {}),
-                **({"reason": r.reason} if r.reason else {}),
-                **({"benchmark": list(r.benchmark)} if r.benchmark else {}),
-            }
-            for r in selected
-        ],
-        "command": cmd,
-    }
-    (sweep_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    own = [o for o in extra if not o.lstrip("+~").startswith("hydra")]  # the jobs' settings
+    jobs = write_rows(table, [r for r in selected if r.runnable], rows_dir, smoke, own)
+    if missing := [] if smoke else missing_inputs(jobs):
+        message = f"{table.name}: {len(missing)} input(s) missing, nothing was launched:\n"
+        message += "\n".join(f"- {m}" for m in missing)
+        message += (
+            "\nDatasets: docs/datasets.md (scripts/prepare_data.py); weights: docs/reproduce.md."
+        )
+        if not dry_run:
+            raise FileNotFoundError(message)
+        print(f"[reproduce] {message}", file=sys.stderr)
+    names = [job for job, _ in jobs]
+    cmd = [sys.executable, "-m", "bcnn.train", "--multirun", f"experiment={','.join(names)}"]
+    cmd += [searchpath_override(rows_dir), f"hydra.sweep.dir={_quote(str(sweep_dir.resolve()))}"]
+    cmd += ["hydra.sweep.subdir=${hydra.runtime.choices.experiment}"]
+    cmd += ([f"hydra/launcher={launcher}"] if launcher else []) + list(extra)
+    rows = [{"id": r.id, **{k: v for k, v in asdict(r).items() if v}} for r in selected]
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    manifest = {"table": table.name, "smoke": smoke, "started": started, "rows": rows}
+    (sweep_dir / MANIFEST).write_text(json.dumps({**manifest, "command": cmd}, indent=2))
     print("[reproduce] " + " ".join(cmd), file=sys.stderr)
     if dry_run or not names:
         return 0
     return subprocess.run(cmd, check=False).returncode
-
-
-def read_manifest(sweep_dir: Path) -> dict[str, Any] | None:
-    """``reproduce.json`` of a sweep directory, or None if there is none."""
-    path = Path(sweep_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,22 +1,5 @@
-"""Per-group optimizer settings for the presets that reproduce the authors' code.
-
-The trainer builds three parameter groups (``BilinearModel.param_groups``): ``backbone``
-(at ``trainer.<stage>.backbone_lr``), ``proj`` (the pooling head's 1x1 projection, at
-``lr * pooling.proj_lr_scale``) and ``head`` (at ``trainer.<stage>.lr``), all with the
-optimizer's weight decay. The authors' code sets some groups apart: the MATLAB B-CNN
-fine-tuning does not decay the classifier, the PyTorch code trains DenseNet's projection at
-lr 1e-3 in both stages. :func:`with_groups` is an optimizer factory for the stage's
-``optimizer`` node that applies such per-group settings::
-
-    trainer:
-      finetune:
-        optimizer:
-          _target_: bcnn.reproduce.optim.with_groups
-          optimizer: torch.optim.SGD
-          momentum: 0.9            # any other key goes to the optimizer
-          weight_decay: 5.0e-4
-          groups: {head: {weight_decay: 0.0}}
-"""
+"""Per-group optimizer settings for the presets that reproduce the authors' code (the MATLAB
+classifier is not decayed, DenseNet's projection trains at lr 1e-3; docs/reproduce.md)."""
 
 from __future__ import annotations
 
@@ -25,6 +8,9 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class
+
+from bcnn.errors import ConfigError
+from bcnn.limits import check_node
 
 GROUP_NAMES = ("backbone", "proj", "head")
 
@@ -45,20 +31,15 @@ def with_groups(
         lr: The default learning rate (the trainer passes the stage's ``lr``).
         optimizer: Import path of a ``torch.optim.Optimizer`` class.
         groups: Group name (``backbone``, ``proj``, ``head``) -> settings that replace the
-            group's own, e.g. ``{"head": {"weight_decay": 0.0}, "proj": {"lr": 1e-3}}``.
-            A group absent from ``params`` (no projection, a frozen backbone) is skipped.
+            group's own, e.g. ``{"head": {"weight_decay": 0.0}}``; a group absent from
+            ``params`` (no projection, a frozen backbone) is skipped.
         **kwargs: The optimizer's other arguments (momentum, betas, weight_decay, ...).
 
-    Returns:
-        The optimizer.
-
     Raises:
-        ValueError: an unknown group name, a setting the optimizer does not have, or an
-            ``optimizer`` that is not an optimizer class.
+        ValueError: an unknown group name or setting, or not an optimizer class.
     """
     groups = {str(k): dict(v) for k, v in (groups or {}).items()}
-    unknown = sorted(set(groups) - set(GROUP_NAMES))
-    if unknown:
+    if unknown := sorted(set(groups) - set(GROUP_NAMES)):
         raise ValueError(
             f"with_groups: unknown group(s) {unknown} in 'groups'; the trainer's groups are "
             f"{list(GROUP_NAMES)}"
@@ -66,15 +47,11 @@ def with_groups(
     cls = get_class(optimizer)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise ValueError(f"with_groups: optimizer={optimizer!r} is not a torch optimizer class")
-    built = []
-    for group in params:
-        if isinstance(group, dict) and group.get("name") in groups:
-            group = {**group, **groups[group["name"]]}
-        built.append(group)
-    opt = cls(built, lr=lr, **kwargs)
+    named = [g if isinstance(g, dict) else {"params": [g]} for g in params]
+    build: Any = cls  # each optimizer class takes its own keyword arguments
+    opt = build([{**g, **groups.get(str(g.get("name")), {})} for g in named], lr=lr, **kwargs)
     for name, settings in groups.items():
-        extra = sorted(set(settings) - set(opt.defaults))
-        if extra:
+        if extra := sorted(set(settings) - set(opt.defaults)):
             raise ValueError(
                 f"with_groups: groups.{name} sets {extra}, which {cls.__name__} does not "
                 f"have; its settings are {sorted(opt.defaults)}"
@@ -82,4 +59,16 @@ def with_groups(
     return opt
 
 
-__all__ = ["GROUP_NAMES", "with_groups"]
+def _config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The other keys are arguments of ``optimizer``: checked as its own config node."""
+    node = {k: v for k, v in values.items() if k not in ("optimizer", "groups")}
+    try:
+        check_node(
+            {"_target_": values["optimizer"], "_partial_": True, **node}, "", ("params", "lr")
+        )
+    except ConfigError as err:
+        return err.key[1:].replace("_target_", "optimizer"), err.problem
+    return None
+
+
+with_groups.config_problem = _config_problem  # type: ignore[attr-defined]

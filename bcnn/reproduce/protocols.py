@@ -1,47 +1,8 @@
-"""The training protocol of every experiment preset, and where each value comes from.
+"""Every experiment preset's protocol against ``bcnn/resources/protocols.csv`` (one line per
+(preset, field): value, source, deviation; fields defined in ``protocol_fields.csv``).
 
-``bcnn/resources/protocols.csv`` is the machine-readable protocol table: one line per
-(preset, field) with the value the preset composes to, the source the value comes from
-(a paper's table or a file of the authors' code) and, where bcnn does not do what the
-source did, the deviation. ``docs/protocols.md`` is the same table for reading
-(:func:`protocol_markdown`). :func:`protocol_of` reads the fields off a composed config,
-so the test suite checks every preset against the table and the docs against the CSV::
-
-    python -m bcnn.reproduce.protocols            # presets that differ from the table
-    python -m bcnn.reproduce.protocols --markdown # the docs page, from the CSV
-
-Fields (``<stage>`` is ``linear`` or ``finetune``, present when the preset runs it and
-trains it by gradient descent: the SVMs of ``classifier=svm`` are fitted on the cached
-descriptors instead, and their settings are the ``classifier`` field's):
-
-========================  ================================================================
-``dataset``               the dataset the preset composes with (its default)
-``model``                 backbone, pooling (with its projection), normalization steps
-``recipe``                the ``recipe`` group option (configs/recipe/)
-``input``                 resize and crop of the images (``transform`` recipe)
-``train_augment``         random crop and/or horizontal flip at training time
-``test_view``             the centre view, or the centre view averaged with its flip
-``training_split``        ``trainval``, or ``train`` with a held-out validation fraction
-``epoch_selection``       ``last`` epoch, or ``best validation`` epoch
-``stages``                the stages run
-``<stage>.optimizer``     the torch optimizer
-``<stage>.lr``            learning rate of the head (classifier)
-``<stage>.backbone_lr``   learning rate of the backbone (fine-tuning)
-``<stage>.proj_lr``       learning rate of the 1x1 projection (when there is one)
-``<stage>.momentum``      SGD momentum
-``<stage>.betas``         Adam betas
-``<stage>.eps``           Adam eps
-``<stage>.weight_decay``  weight decay (``coupled`` L2 for SGD/Adam, ``decoupled`` AdamW)
-``<stage>.group_decay``   per-group weight decay that differs from the optimizer's
-``<stage>.epochs``        epochs
-``<stage>.batch``         images per optimizer step (micro-batch x accumulation)
-``<stage>.schedule``      learning-rate schedule
-``classifier``            the classifier (an SVM: its cost, loss and calibration)
-``matrix.function``       the matrix step (sqrt, log, power p) and its ridge
-``matrix.train``          its method (and iterations) and backward where a gradient flows
-``matrix.test``           its method (and iterations) for frozen features and evaluation
-``signsqrt.eps``          the guard of the signed square root
-========================  ================================================================
+:func:`protocol_of` reads the fields off a composed config; :func:`protocol_markdown` writes
+``docs/protocols.md`` from the CSV. ``python -m bcnn.reproduce.protocols [--markdown]``.
 """
 
 from __future__ import annotations
@@ -54,45 +15,26 @@ from importlib import resources
 from typing import Any
 
 import pandas as pd
+import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from bcnn.models.normalization import MatrixStep
 from bcnn.ops import resolve_sqrtm
+from bcnn.reproduce.launch import compose_train
+from bcnn.reproduce.tables import read_resource
 
 PROTOCOLS = "protocols.csv"
 COLUMNS = ("preset", "dataset", "field", "value", "source", "deviation")
-STAGE_FIELDS = (
-    "optimizer",
-    "lr",
-    "backbone_lr",
-    "proj_lr",
-    "momentum",
-    "betas",
-    "eps",
-    "weight_decay",
-    "group_decay",
-    "epochs",
-    "batch",
-    "schedule",
+DEFINITIONS = read_resource("protocol_fields.csv", dtype=str, keep_default_na=False)
+# The fields in table order; the (contiguous) ``<stage>.*`` ones once per stage.
+_NAMES = list(DEFINITIONS["field"])
+_STAGE = [i for i, n in enumerate(_NAMES) if n.startswith("<stage>.")]
+FIELDS = tuple(
+    _NAMES[: _STAGE[0]]
+    + [_NAMES[i].replace("<stage>", s) for s in ("linear", "finetune") for i in _STAGE]
+    + _NAMES[_STAGE[-1] + 1 :]
 )
-FIELDS = (
-    "dataset",
-    "model",
-    "recipe",
-    "input",
-    "train_augment",
-    "test_view",
-    "training_split",
-    "epoch_selection",
-    "stages",
-    *(f"linear.{f}" for f in STAGE_FIELDS),
-    *(f"finetune.{f}" for f in STAGE_FIELDS),
-    "classifier",
-    "matrix.function",
-    "matrix.train",
-    "matrix.test",
-    "signsqrt.eps",
-)
-MATRIX_STEPS = ("MatrixSqrt", "MatrixLog", "MatrixPower")
 
 
 def _name(target: Any) -> str:
@@ -101,103 +43,79 @@ def _name(target: Any) -> str:
 
 def _num(value: Any) -> str:
     """A number as the table writes it: ``1e-05``, ``0.9``, ``16``."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
+    return f"{float(value):g}"
 
 
-def _optimizer(stage: DictConfig) -> tuple[str, dict[str, Any]]:
-    """The torch optimizer class name and the per-group settings of a stage."""
-    node = stage.optimizer
-    groups: dict[str, Any] = {}
-    name = _name(node._target_)
-    if name == "with_groups":
-        name = _name(node.optimizer)
-        groups = {k: dict(v) for k, v in (node.get("groups") or {}).items()}
-    return name, groups
-
-
-def _schedule(stage: DictConfig) -> str:
-    node = stage.scheduler
-    name = _name(node._target_)
-    if name == "ConstantLR":
-        return "constant" if float(node.get("factor", 1.0)) == 1.0 else f"constant x{node.factor}"
-    if name == "StepLR":
-        return f"x{_num(float(node.gamma))} every {node.step_size} epochs"
-    if name == "ReduceLROnPlateau":
+def _schedule(node: DictConfig) -> str:
+    if "step_size" in node:
+        return f"x{_num(node.gamma)} every {node.step_size} epochs"
+    if "patience" in node:
         return (
-            f"x{_num(float(node.factor))} after {node.patience} epochs without a better "
+            f"x{_num(node.factor)} after {node.patience} epochs without a better "
             f"validation accuracy (ReduceLROnPlateau, mode {node.mode})"
         )
-    if name == "CosineAnnealingLR":
+    if "T_max" in node:
         return "cosine to 0"
-    return name
+    if "total_iters" in node:
+        factor = float(node.get("factor", 1.0))
+        return "constant" if factor == 1.0 else f"constant x{node.factor}"
+    return _name(node._target_)
 
 
 def _stage_fields(cfg: DictConfig, name: str) -> dict[str, str]:
     stage = cfg.trainer[name]
-    opt, groups = _optimizer(stage)
     node = stage.optimizer
-    out = {"optimizer": opt, "lr": _num(float(stage.lr))}
+    # bcnn.reproduce.optim.with_groups names the optimizer and its per-group settings.
+    cls = get_class(node.get("optimizer", node._target_))
+    opt = cls.__name__
+    groups = {k: dict(v) for k, v in (node.get("groups") or {}).items()}
+    reset = ", state reset every epoch" if stage.get("reset_optimizer_each_epoch") else ""
+    out = {"optimizer": opt + reset, "lr": _num(stage.lr)}
     if name == "finetune":
-        out["backbone_lr"] = _num(float(stage.backbone_lr))
+        out["backbone_lr"] = _num(stage.backbone_lr)
     if cfg.pooling.get("proj_dim"):
-        proj = groups.get("proj", {})
-        lr = proj.get("lr", float(stage.lr) * float(cfg.pooling.get("proj_lr_scale", 1.0)))
-        out["proj_lr"] = _num(float(lr))
-    if opt == "SGD":
-        out["momentum"] = _num(float(node.get("momentum", 0.0)))
-    if opt in ("Adam", "AdamW"):
-        out["betas"] = ", ".join(_num(float(b)) for b in node.get("betas", (0.9, 0.999)))
-        out["eps"] = _num(float(node.get("eps", 1e-8)))
-    kind = "decoupled" if opt == "AdamW" else "coupled"
-    out["weight_decay"] = f"{_num(float(node.get('weight_decay', 0.0)))} ({kind})"
-    decays = [
-        f"{g}: {_num(float(s['weight_decay']))}"
-        for g, s in sorted(groups.items())
-        if "weight_decay" in s
-    ]
+        scale = float(cfg.pooling.get("proj_lr_scale", 1.0))
+        out["proj_lr"] = _num(groups.get("proj", {}).get("lr", float(stage.lr) * scale))
+    if "momentum" in node:
+        out["momentum"] = _num(node.momentum)
+    if "betas" in node:
+        out["betas"] = ", ".join(_num(b) for b in node.betas)
+        out["eps"] = _num(node.get("eps", 1e-8))
+    kind = "decoupled" if issubclass(cls, torch.optim.AdamW) else "coupled"
+    out["weight_decay"] = f"{_num(node.get('weight_decay', 0.0))} ({kind})"
+    decays = {g: s["weight_decay"] for g, s in sorted(groups.items()) if "weight_decay" in s}
     if decays:
-        out["group_decay"] = ", ".join(decays)
+        out["group_decay"] = ", ".join(f"{g}: {_num(d)}" for g, d in decays.items())
     out["epochs"] = str(stage.epochs)
     out["batch"] = str(int(stage.batch_size) * int(stage.grad_accum))
-    out["schedule"] = _schedule(stage)
+    out["schedule"] = _schedule(stage.scheduler)
     return {f"{name}.{k}": v for k, v in out.items()}
 
 
 def _input(transform: DictConfig | None) -> tuple[str, str]:
-    """(``input``, ``train_augment``) of a dataset's transform recipe."""
+    """(``input``, the augmentation of live images) of a dataset's transform recipe."""
     if not transform:
         return "generated at its own size", "none"
-    recipe = transform.get("recipe", "short_side")
-    size = int(transform.get("size", 448))
-    flip = bool(transform.get("hflip", True))
+    recipe, size = transform.get("recipe", "short_side"), int(transform.get("size", 448))
+    text, crop = f"short side {size}, crop {size}x{size}", True
     if recipe == "square":
         text, crop = f"resize to {size}x{size}", False
     elif recipe == "resize_crop":
         resize = int(transform.get("resize") or round(size * 8 / 7))
-        text, crop = f"resize to {resize}x{resize}, crop {size}x{size}", True
-    else:
-        text, crop = f"short side {size}, crop {size}x{size}", True
-    augment = " + ".join(p for p, on in (("random crop", crop), ("flip", flip)) if on)
-    return text, augment or "none"
+        text = f"resize to {resize}x{resize}, crop {size}x{size}"
+    parts = (("random crop", crop), ("flip", bool(transform.get("hflip", True))))
+    return text, " + ".join(p for p, on in parts if on) or "none"
 
 
 def _augment(cfg: DictConfig, live: str) -> str:
-    """What the training images look like, per stage: the linear stage of a model whose
-    only trainable layer is the classifier reads cached descriptors of the centre view (and
-    of its mirror image when the recipe flips), the other stages the augmented images."""
+    """What each stage trains on: the linear stage of a model whose only trainable layer is
+    the classifier reads cached descriptors of the centre view (and of its mirror image
+    when the recipe flips), the other stages the augmented images."""
     transform = cfg.dataset.get("transform")
-    cached = str(
-        cfg.trainer.get("cache_features", "auto")
-    ).lower() != "false" and not cfg.pooling.get("proj_dim")
+    cache_on = str(cfg.trainer.get("cache_features", "auto")).lower() != "false"
     parts = []
     for stage in cfg.trainer.stages:
-        if stage == "linear" and cached and transform:
+        if stage == "linear" and cache_on and not cfg.pooling.get("proj_dim") and transform:
             flip = " and its mirror image" if transform.get("hflip", True) else ""
             view = "centre crop" if "crop" in _input(transform)[0] else "whole image"
             parts.append(f"{stage}: cached {view}{flip}")
@@ -208,99 +126,77 @@ def _augment(cfg: DictConfig, live: str) -> str:
 
 def _pooling(node: DictConfig) -> str:
     name = _name(node._target_)
-    if name in ("DemocraticPool", "DemocraticAvgPool"):
-        name += f" (gamma {_num(float(node.gamma))})"
-    elif name == "CompactPool":
+    if "gamma" in node:  # (gamma-)democratic weights
+        name += f" (gamma {_num(node.gamma)})"
+    elif "sketch" in node:
         sketch = node.sketch
-        name += f" ({_name(sketch._target_)} {sketch.out_dim}"
-        if "gamma" in sketch:
-            name += f", gamma {_num(float(sketch.gamma))}"
-        name += ")"
-    elif name == "FisherPool":
+        gamma = f", gamma {_num(sketch.gamma)}" if "gamma" in sketch else ""
+        name += f" ({_name(sketch._target_)} {sketch.out_dim}{gamma})"
+    elif "num_components" in node:  # a Fisher vector
         name += (
             f" ({node.num_components} components, {node.num_samples} samples, at most "
             f"{node.samples_per_image} per image)"
         )
-    if node.get("proj_dim"):
-        name = f"1x1 conv to {node.proj_dim}, {name}"
-    return name
+    return f"1x1 conv to {node.proj_dim}, {name}" if node.get("proj_dim") else name
 
 
 def _model(cfg: DictConfig) -> str:
-    backbone = _name(cfg.backbone._target_)
-    if backbone == "TwoStream":
-        backbone = (
-            f"{_name(cfg.backbone.stream_a._target_)} x {_name(cfg.backbone.stream_b._target_)}"
-        )
-    elif backbone == "TimmBackbone":
-        backbone = f"timm {cfg.backbone.name}"
+    node = cfg.backbone
+    backbone = _name(node._target_)
+    if "stream_a" in node:
+        backbone = f"{_name(node.stream_a._target_)} x {_name(node.stream_b._target_)}"
+    elif "name" in node:  # a timm model
+        backbone = f"timm {node.name}"
     steps = [k for k, v in cfg.normalization.items() if k != "_target_" and v]
     return f"{backbone} | {_pooling(cfg.pooling)} | {', '.join(steps)}"
 
 
-def _svm(cfg: DictConfig) -> bool:
-    """Whether the classifier is fitted on cached descriptors (no optimizer, no epochs)."""
-    return _name(cfg.classifier._target_) == "SVMClassifier"
-
-
-def _classifier(cfg: DictConfig) -> str:
-    node = cfg.classifier
+def _classifier(node: DictConfig) -> str:
     name = _name(node._target_)
-    if name == "SVMClassifier":
+    if getattr(get_class(node._target_), "trains_on_cache", False):  # the SVMs
         calibration = ", median calibration" if node.get("calibrate", True) else ""
-        return f"SVMClassifier (one-vs-all, C {_num(float(node.C))}, {node.loss} loss{calibration})"
-    if name == "LowRankBilinearClassifier":
-        return f"{name} (rank {node.rank})"
-    return name
+        return f"{name} (one-vs-all, C {_num(node.C)}, {node.loss} loss{calibration})"
+    init = node.get("init", "zeros")
+    if init == "normal" and node.get("init_std") is not None:
+        init += f" std {_num(node.init_std)}, bias {_num(node.init_bias)}"
+    rank = f"rank {node.rank}, " if "rank" in node else ""
+    return f"{name} ({rank}init {init})"
+
+
+def _root(method: str, iters: int) -> str:
+    return f"newton_schulz {iters}" if method == "newton_schulz" else method
 
 
 def _matrix_fields(cfg: DictConfig) -> dict[str, str]:
-    for key, step in cfg.normalization.items():
-        if key == "_target_" or not step or _name(step.get("_target_")) not in MATRIX_STEPS:
+    """The fields of the chain's first matrix step."""
+    steps = [(k, s) for k, s in cfg.normalization.items() if k != "_target_" and s]
+    for key, step in steps:
+        if not issubclass(get_class(step._target_), MatrixStep):
             continue
-        kind = _name(step._target_)
-        ridge = float(step.get("eps", 1e-4))
-        mode = step.get("eps_mode", "trace")
-        ridge_text = (
-            "no ridge"
-            if ridge == 0
-            else (
-                f"ridge {_num(ridge)} x mean eigenvalue"
-                if mode == "trace"
-                else f"ridge {_num(ridge)}"
-            )
-        )
+        ridge, kind = float(step.get("eps", 1e-4)), _name(step._target_)
+        scale = " x mean eigenvalue" if step.get("eps_mode") == "trace" else ""
+        ridge_text = f"ridge {_num(ridge)}{scale}" if ridge else "no ridge"
+        p = float(step.get("p", 0.5))
         label = {"MatrixSqrt": "sqrt", "MatrixLog": "log"}.get(kind, f"power {step.get('p')}")
-        if kind == "MatrixPower" and float(step.get("p", 0.5)) == 0.5:
-            label = "power 0.5 (sqrt)"
+        label = "power 0.5 (sqrt)" if label == "power 0.5" else label
         out = {"matrix.function": f"{label} (step {key}), {ridge_text}"}
-        if kind == "MatrixLog":
-            method = step.get("method", "eigh")
-            out["matrix.train"] = f"{method}, backward exact"
-            out["matrix.test"] = step.get("eval_method") or method
-            return out
-        if kind == "MatrixPower" and float(step.get("p", 0.5)) != 0.5:
-            out["matrix.train"] = "eigh, backward exact"
-            out["matrix.test"] = "eigh"
-            return out
-
-        def describe(method: str, iters: int) -> str:
-            return f"newton_schulz {iters}" if method == "newton_schulz" else method
-
+        if kind == "MatrixLog" or p != 0.5:
+            method = step.get("method", "eigh") if kind == "MatrixLog" else "eigh"
+            test = step.get("eval_method") or method
+            return {**out, "matrix.train": f"{method}, backward exact", "matrix.test": test}
         method, iters = step.get("method", "newton_schulz"), int(step.get("iters", 5))
         backward = step.get("backward", "auto")
         if method != "auto":  # what "auto" resolves to (device-independent for a method)
             backward = resolve_sqrtm(method, backward)[1]
-        out["matrix.train"] = f"{describe(method, iters)}, backward {backward}"
-        test_method = step.get("eval_method") or method
         test_iters = iters if step.get("eval_iters") is None else int(step.eval_iters)
-        out["matrix.test"] = describe(test_method, test_iters)
+        out["matrix.train"] = f"{_root(method, iters)}, backward {backward}"
+        out["matrix.test"] = _root(step.get("eval_method") or method, test_iters)
         return out
     return {}
 
 
 def protocol_of(cfg: DictConfig) -> dict[str, str]:
-    """The protocol fields (see the module docstring) of a composed config.
+    """The protocol fields (``bcnn/resources/protocol_fields.csv``) of a composed config.
 
     Args:
         cfg: A config composed like ``train.py`` does (``experiment=<preset>`` ...).
@@ -316,130 +212,71 @@ def protocol_of(cfg: DictConfig) -> dict[str, str]:
     out["input"], live = _input(cfg.dataset.get("transform"))
     out["train_augment"] = _augment(cfg, live)
     flip = "averaged with its mirror image" if cfg.trainer.test_flip else "alone"
-    centre = "centre crop" if "crop" in out["input"] else "whole image"
-    out["test_view"] = f"{centre}, {flip}"
+    out["test_view"] = f"{'centre crop' if 'crop' in out['input'] else 'whole image'}, {flip}"
     val = float(cfg.dataset.get("val_fraction", 0.0) or 0.0)
     out["training_split"] = "trainval" if val == 0 else f"train ({_num(val)} held out as val)"
     out["epoch_selection"] = "last" if val == 0 else "best validation"
     out["stages"] = ", ".join(cfg.trainer.stages)
+    fitted = getattr(get_class(cfg.classifier._target_), "trains_on_cache", False)
     for stage in cfg.trainer.stages:
-        if stage == "linear" and _svm(cfg):
-            continue  # fitted on the cache, not by the stage's optimizer
-        out.update(_stage_fields(cfg, stage))
-    out["classifier"] = _classifier(cfg)
+        if not (stage == "linear" and fitted):  # an SVM is fitted, not trained by a stage
+            out.update(_stage_fields(cfg, stage))
+    out["classifier"] = _classifier(cfg.classifier)
     out.update(_matrix_fields(cfg))
-    signsqrt = cfg.normalization.get("signsqrt")
-    if signsqrt:
-        out["signsqrt.eps"] = _num(float(signsqrt.get("eps", 1e-8)))
+    if signsqrt := cfg.normalization.get("signsqrt"):
+        out["signsqrt.eps"] = _num(signsqrt.get("eps", 1e-8))
     return out
 
 
 @cache
 def load_protocols() -> pd.DataFrame:
-    """``bcnn/resources/protocols.csv`` as a DataFrame (read once)."""
-    with resources.files("bcnn").joinpath("resources", PROTOCOLS).open() as f:
-        df = pd.read_csv(f, dtype=str, keep_default_na=False)
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{PROTOCOLS} lacks the columns {missing}")
-    return df
-
-
-def expected(preset: str) -> dict[str, str]:
-    """The table's field -> value for ``preset``; empty if the table does not list it."""
-    df = load_protocols()
-    rows = df[df["preset"] == preset]
-    return dict(zip(rows["field"], rows["value"]))
-
-
-def compose_preset(preset: str, dataset: str | None = None) -> DictConfig:
-    """``train.py experiment=<preset> [dataset=<dataset>]`` as a composed config."""
-    from hydra import compose, initialize_config_module
-
-    import bcnn.config  # noqa: F401  (registers the schema)
-
-    overrides = [f"experiment={preset}"] + ([f"dataset={dataset}"] if dataset else [])
-    with initialize_config_module("bcnn.configs", version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+    """``bcnn/resources/protocols.csv`` (columns :data:`COLUMNS`), read once."""
+    return read_resource(PROTOCOLS, dtype=str, keep_default_na=False)
 
 
 def differences(preset: str) -> list[str]:
     """Where ``preset`` composes to something else than the table says (empty: agrees)."""
-    table = expected(preset)
-    if not table:
+    rows = load_protocols()[load_protocols()["preset"] == preset]
+    if rows.empty:
         return [f"{preset}: not in {PROTOCOLS}"]
-    df = load_protocols()
-    dataset = df.loc[df["preset"] == preset, "dataset"].iloc[0] or None
-    actual = protocol_of(compose_preset(preset, dataset))
-    out = []
-    for field in sorted(set(table) | set(actual), key=_field_order):
-        if table.get(field) != actual.get(field):
-            out.append(
-                f"{preset}: {field}: table {table.get(field)!r}, config {actual.get(field)!r}"
-            )
-    return out
+    table, dataset = dict(zip(rows["field"], rows["value"])), rows["dataset"].iloc[0]
+    overrides = [f"experiment={preset}"] + ([f"dataset={dataset}"] if dataset else [])
+    actual = protocol_of(compose_train(overrides, hydra=True))
+    return [
+        f"{preset}: {field}: table {table.get(field)!r}, config {actual.get(field)!r}"
+        for field in sorted(set(table) | set(actual), key=_field_order)
+        if table.get(field) != actual.get(field)
+    ]
 
 
 def _field_order(field: str) -> int:
     return FIELDS.index(field) if field in FIELDS else len(FIELDS)
 
 
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    cells = [header, ["---"] * len(header), *rows]
+    return ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
 
 
-def protocol_markdown(df: pd.DataFrame | None = None) -> str:
-    """``docs/protocols.md``: the protocol table, grouped by recipe.
-
-    For each recipe, the fields every preset of the group shares (same value, source and
-    deviation) form one table; for the other fields, each variant is listed once with
-    the presets that have it.
-    """
-    df = load_protocols() if df is None else df
-    lines = [
-        "# Protocols of the experiment presets",
-        "",
-        "Generated from `bcnn/resources/protocols.csv` by "
-        "`python -m bcnn.reproduce.protocols --markdown`; the test suite checks that every "
-        "preset of `configs/experiment/` composes to these values "
-        "(`tests/test_reproduce_protocols.py`) and that this page matches the CSV. "
-        "**Source**: where the value comes from (a paper's table, or a file of the authors' "
-        "code: cvl-umass/bilinear-cnn at d6a05aa for PyTorch; tsungyu/bcnn, read from its "
-        "mirror dendisuhubdy/bcnn at 54b7296, and tsungyu/o2dp for MATLAB). "
-        "**Deviation**: what bcnn does differently, when it does. Values are those of the "
-        "preset with its default dataset; `dataset=<name>` changes only the data fields. "
-        "Field definitions: `bcnn/reproduce/protocols.py`.",
-        "",
-    ]
-    recipe_of = {
-        p: dict(zip(g["field"], g["value"])).get("recipe", "") for p, g in df.groupby("preset")
-    }
-    for recipe in sorted(set(recipe_of.values())):
-        presets = sorted(p for p, r in recipe_of.items() if r == recipe)
-        part = df[df["preset"].isin(presets)]
-        shared, varied = [], []
-        for field, rows in part.groupby("field", sort=False):
-            variants: dict[tuple[str, str, str], list[str]] = {}
-            for r in rows.itertuples():
-                variants.setdefault((r.value, r.source, r.deviation), []).append(r.preset)
-            if len(rows) == len(presets) and len(variants) == 1:
-                shared.append((field, *next(iter(variants))))
-            else:
-                varied += [(field, *k, v) for k, v in variants.items()]
-        shared.sort(key=lambda t: _field_order(t[0]))
-        varied.sort(key=lambda t: (_field_order(t[0]), t[4]))
+def protocol_markdown() -> str:
+    """``docs/protocols.md``: ``bcnn/resources/protocols_page.md``, the field definitions,
+    then one table per recipe, each (field, value, source, deviation) once with the presets
+    that have it (``all``: every preset of the recipe)."""
+    df = load_protocols()
+    page = (resources.files("bcnn") / "resources" / "protocols_page.md").read_text()
+    fields = ((f"`{f}`", m) for f, m in DEFINITIONS.values)
+    lines = [page.rstrip("\n"), "", *_md_table(("field", "meaning"), fields), ""]
+    recipe_of = df[df["field"] == "recipe"].set_index("preset")["value"]
+    for recipe, part in df.groupby(df["preset"].map(recipe_of).fillna("")):
+        presets = sorted(set(part["preset"]))
+        rows = []
+        for (field, *text), group in part.groupby(["field", "value", "source", "deviation"]):
+            who = sorted(group["preset"])
+            presets_text = "all" if who == presets else ", ".join(f"`{p}`" for p in who)
+            rows.append((field, text[0], presets_text, *text[1:]))
+        rows.sort(key=lambda r: (_field_order(r[0]), r[2] != "all", r[2]))
         lines += [f"## recipe `{recipe}`", "", "Presets: " + ", ".join(f"`{p}`" for p in presets)]
-        lines += ["", "Shared by these presets:", ""]
-        lines += ["| field | value | source | deviation |", "|---|---|---|---|"]
-        lines += [f"| {f} | {_md(v)} | {_md(s)} | {_md(d)} |" for f, v, s, d in shared]
-        if varied:
-            lines += ["", "Per preset:", ""]
-            lines += ["| field | value | presets | source | deviation |", "|---|---|---|---|---|"]
-            lines += [
-                f"| {f} | {_md(v)} | {', '.join(f'`{p}`' for p in ps)} | {_md(s)} | {_md(d)} |"
-                for f, v, s, d, ps in varied
-            ]
-        lines.append("")
+        lines += ["", *_md_table(("field", "value", "presets", "source", "deviation"), rows), ""]
     return "\n".join(lines)
 
 
@@ -457,17 +294,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(problems) if problems else "every preset agrees with the table")
     return 1 if problems else 0
 
-
-__all__ = [
-    "COLUMNS",
-    "FIELDS",
-    "compose_preset",
-    "differences",
-    "expected",
-    "load_protocols",
-    "protocol_markdown",
-    "protocol_of",
-]
 
 if __name__ == "__main__":
     sys.exit(main())

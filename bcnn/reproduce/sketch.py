@@ -1,32 +1,28 @@
-"""gamma-democratic aggregation in Tensor Sketch space (ECCV 2018, Tables 2-5).
-
-With ResNet-101 features (2048 channels at 14x14) the full second-order matrix has 4.2M
-entries, so the paper aggregates in an 8192-dimensional Tensor Sketch space instead
-(tsungyu/o2dp ``run_experiments_sketcho2dp_resnet.m``: a ``CompactBilinearTSLayer``
-sketch of every location, then ``GammaDemocraticPool``, signed square root and L2).
-
-:class:`DemocraticSketch` is a ``sketch`` for ``pooling=compact``
-(``bcnn.models.pooling.CompactPool``): it returns the Tensor Sketch of the
-gamma-democratic matrix sum_i alpha_i x_i x_i^T / sum_i alpha_i. A Tensor Sketch is linear
-in the outer product, so that sketch is the average of the location sketches with
-weights n alpha_i / sum alpha, i.e. ``TensorSketch`` of the features scaled by
-sqrt(n alpha_i / sum alpha). gamma = 1 gives ``TensorSketch`` itself (the "TS + sum" row).
-
-The weights come from the exact second-order kernel (x_i^T x_j)^2 of the raw features
-(``bcnn.ops.democratic_weights``), whose estimate the sketches' inner products are; the
-authors' code runs the Sinkhorn iteration on the sketched features.
-"""
+"""gamma-democratic aggregation in Tensor Sketch space (ECCV 2018, Tables 2-5): 2048 ResNet-101
+channels make a 4.2M-entry matrix, so the paper aggregates in an 8192-dimensional sketch
+(tsungyu/o2dp ``run_experiments_sketcho2dp_resnet.m``)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Interval
 from torch import Tensor, nn
 
+from bcnn.limits import Seed, checked
 from bcnn.ops import TensorSketch, democratic_weights
+from bcnn.ops.compact import SketchDim
 
 
 class DemocraticSketch(nn.Module):
     """Tensor Sketch of the gamma-democratic second-order matrix: (B, n, C) -> (B, D).
+
+    A ``sketch`` for ``pooling=compact``. A sketch is linear in the outer product, so the
+    sketch of sum_i alpha_i x_i x_i^T / sum_i alpha_i is ``TensorSketch`` of the features
+    scaled by sqrt(n alpha_i / sum alpha) (gamma = 1: plain ``TensorSketch``). The weights
+    come from the exact kernel (x_i^T x_j)^2 of the raw features, which the sketches' inner
+    products estimate; the authors' code runs Sinkhorn on the sketched features.
 
     Args:
         in_dim: Channels C.
@@ -38,14 +34,15 @@ class DemocraticSketch(nn.Module):
         in_dim2: Must be None or C: democratic aggregation has one stream.
     """
 
+    @checked
     def __init__(
         self,
         in_dim: int,
-        out_dim: int = 8192,
-        seed: int = 0,
-        gamma: float = 0.5,
-        tau: float = 0.5,
-        iters: int = 10,
+        out_dim: SketchDim = 8192,
+        seed: Seed = 0,
+        gamma: Annotated[float, Interval(ge=0, le=1)] = 0.5,
+        tau: Annotated[float, Interval(gt=0, le=1)] = 0.5,
+        iters: Annotated[int, Interval(ge=1, le=1000)] = 10,
         in_dim2: int | None = None,
     ) -> None:
         super().__init__()
@@ -59,15 +56,8 @@ class DemocraticSketch(nn.Module):
         self.gamma, self.tau, self.iters = float(gamma), float(tau), int(iters)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Sketch of sum_i alpha_i x_i x_i^T / sum_i alpha_i.
-
-        Args:
-            x: ``(B, n, C)`` local features, channels last.
-            y: Must be None (one stream).
-
-        Returns:
-            ``(B, D)``; float32, or float64 for float64 input.
-        """
+        """Sketch of sum_i alpha_i x_i x_i^T / sum_i alpha_i of ``x`` ``(B, n, C)`` (channels
+        last; ``y`` must be None): ``(B, D)``, float32 or float64 for float64 input."""
         if y is not None:
             raise ValueError("DemocraticSketch aggregates one stream: got a second input")
         alpha = democratic_weights(x, gamma=self.gamma, tau=self.tau, iters=self.iters, detach=True)
@@ -77,6 +67,3 @@ class DemocraticSketch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, tau={self.tau}, iters={self.iters}"
-
-
-__all__ = ["DemocraticSketch"]

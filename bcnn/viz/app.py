@@ -1,9 +1,9 @@
-"""``bcnn-viz``: what a model learned, as pictures (``configs/viz.yaml``, docs/visualize.md).
+"""``visualize(cfg)``, the function behind ``bcnn-viz`` (``bcnn.cli.viz``,
+``configs/viz.yaml``, docs/visualize.md): what a model learned, as pictures.
 
 ``bcnn-viz kind=<texture|inverse|maps|report> run=<training run dir> [viz.<kind>.<key>=...]``
-(also ``python -m bcnn.viz``) writes into its own directory (Hydra's run directory,
-``outputs/viz/<date>/<time>_<id>``, or ``paths.output_dir``), never into the training run's.
-``visualize(cfg)`` is the function behind it; tests call it directly.
+writes into its own directory (Hydra's run directory, ``outputs/viz/<date>/<time>_<id>``,
+or ``paths.output_dir``), never into the training run's.
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from bcnn.cli.errors import user_errors
-from bcnn.config import instantiate
+from bcnn.config import check_device, instantiate
 from bcnn.engine.placement import output_dir, resolve_device
 from bcnn.engine.runs import TrainedModel, load_trained
 from bcnn.models.inputs import InputSpec
@@ -205,6 +203,7 @@ def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
         layer_weights=weights,  # type: ignore[arg-type]
         tv_weight=float(t.tv_weight),
         seed=int(cfg.seed),
+        desc="texture" if cfg.progress else None,
     )
     _write_texture_files(out, exemplar, result)
     summary = _texture_summary(result, taps.layers, source, origin, t.optimizer)
@@ -301,6 +300,7 @@ def _texture_starts(
             lr=t.lr,
             tv_weight=float(t.tv_weight),
             seed=int(cfg.seed) + i,
+            desc=f"start {i + 1}/{len(targets)}" if cfg.progress else None,
         ).image
         for i, c in enumerate(targets)
     ]
@@ -347,6 +347,7 @@ def _inverse(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
         norm_p=float(v.norm_p),
         init=init,
         seed=int(cfg.seed),
+        desc="inverse" if cfg.progress else None,
     )
     _write_inverse_files(out, result, targets, classes, int(v.columns))
     summary = {
@@ -502,6 +503,7 @@ def _report(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
         device=device,
         opacity=float(cfg.viz.maps.opacity),
         maps_supported=_maps_supported(trained),
+        progress=bool(cfg.progress),
     )
     log.info("Report written to %s", path)
     return {"report": str(path)}
@@ -531,19 +533,9 @@ def visualize(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg, "bcnn-viz", "bcnn.viz.visualize")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(int(cfg.seed))
+    check_device(str(cfg.device), "device")
     device = resolve_device(str(cfg.device))
     handlers = {"texture": _texture, "inverse": _inverse, "maps": _maps, "report": _report}
     summary = handlers[kind](cfg, out, device)
     summary["output_dir"] = str(out)
     return summary
-
-
-@hydra.main(version_base="1.3", config_path="pkg://bcnn.configs", config_name="viz")
-def _hydra_main(cfg: DictConfig) -> None:
-    with user_errors("bcnn-viz"):
-        visualize(cfg)
-
-
-def main() -> None:
-    """Entry point of ``bcnn-viz`` and ``python -m bcnn.viz``."""
-    _hydra_main()

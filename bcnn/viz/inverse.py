@@ -15,6 +15,7 @@ from typing import Annotated
 import torch
 from annotated_types import Ge
 from torch import nn
+from tqdm import tqdm
 
 
 def total_variation(images: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
@@ -72,6 +73,7 @@ def maximal_images(
     norm_p: float = 6.0,
     init: torch.Tensor | None = None,
     seed: int = 0,
+    desc: str | None = None,
 ) -> InverseResult:
     """The maximal image of each target class (module docstring), optimized jointly.
 
@@ -87,6 +89,7 @@ def maximal_images(
         init: (K, 3, H, W) start images in [0, 1] (e.g. synthesized textures); ``None``:
             mid-grey plus small uniform noise.
         seed: Seed of the noise.
+        desc: The label of a progress bar; ``None``: no bar.
 
     Raises:
         ValueError: no models or targets, or an ``init`` of another shape.
@@ -116,7 +119,7 @@ def maximal_images(
         prior = tv_weight * total_variation(x, tv_beta) + norm_weight * norm_penalty(x, norm_p)
         return logp - prior  # (K,), maximized
 
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=desc, disable=desc is None, leave=False):
         value = objective()
         history.append(float(value.detach().mean()))
         # autograd.grad, not backward: no gradient is accumulated in the models' weights.

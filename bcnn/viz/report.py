@@ -17,17 +17,21 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from bcnn.engine.curves import plot_training_curves
 from bcnn.engine.runs import TrainedModel
 from bcnn.viz.contributions import class_contributions
 from bcnn.viz.figures import draw_image, draw_overlay, figure, labelled_grid, png_data_uri
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
@@ -71,14 +75,16 @@ def predict(
     batch_size: int = 64,
     max_images: int | None = None,
     device: torch.device | str = "cpu",
+    desc: str | None = None,
 ) -> Predictions:
-    """Softmax of ``model`` on the first ``max_images`` images of ``dataset`` (all: None)."""
+    """Softmax of ``model`` on the first ``max_images`` images of ``dataset`` (all: None);
+    a progress bar labelled ``desc`` unless it is None."""
     n = len(dataset)  # type: ignore[arg-type]
     count = n if max_images is None else min(n, int(max_images))
     loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, shuffle=False)
     model.eval()
     labels, probs = [], []
-    for images, target in loader:
+    for images, target in tqdm(loader, desc=desc, disable=desc is None, leave=False):
         probs.append(model(images.to(device)).float().softmax(1).cpu())
         labels.append(torch.as_tensor(target))
     return Predictions(
@@ -142,7 +148,9 @@ def _curves_section(run_dir: Path) -> str:
         return _img(png_data_uri(png), "training curves")
 
 
-def _confusion_figure(matrix: np.ndarray, classes: Sequence[str]):
+def confusion_figure(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
+    """The ``(K, K)`` counts (row = true class) normalized per row, with the class names as
+    ticks up to 40 classes and the counts in the cells up to 16 (also ``bcnn-eval``'s)."""
     k = len(classes)
     side = min(11.0, 2.5 + 0.32 * k)
     fig = figure(side, side * 0.85)
@@ -240,7 +248,7 @@ def _confusion_section(matrix: np.ndarray, classes: Sequence[str], split: str) -
         f"<h2>Confusion matrix ({html.escape(split)})</h2>",
         f'<p class="note">{int(matrix.sum())} images of the {html.escape(split)} split; '
         f"accuracy {accuracy:.2f}% (without test-time flipping).</p>",
-        _img(png_data_uri(_confusion_figure(matrix, classes)), "confusion matrix"),
+        _img(png_data_uri(confusion_figure(matrix, classes)), "confusion matrix"),
         "<h3>Per-class accuracy" + (" (worst 25)" if len(shown) < len(classes) else "") + "</h3>",
         _table(["class", "images", "accuracy (%)"], class_rows),
     ]
@@ -316,6 +324,7 @@ def build_report(
     device: torch.device | str = "cpu",
     opacity: float = 0.55,
     maps_supported: bool = True,
+    progress: bool = False,
 ) -> Path:
     """Writes the HTML report of a trained run.
 
@@ -331,12 +340,18 @@ def build_report(
         device: Where the model runs.
         opacity: Of the contribution maps.
         maps_supported: Draw contribution maps (False for heads they do not cover).
+        progress: Show a progress bar while the split is evaluated.
 
     Returns:
         ``path``.
     """
     preds = predict(
-        trained.model, dataset, batch_size=batch_size, max_images=max_images, device=device
+        trained.model,
+        dataset,
+        batch_size=batch_size,
+        max_images=max_images,
+        device=device,
+        desc=f"report: {split}" if progress else None,
     )
     matrix = confusion_matrix(preds.labels, preds.preds, len(trained.classes))
     parts = [

@@ -22,6 +22,7 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 from annotated_types import Ge
+from tqdm import tqdm
 
 from bcnn.models.pooling import bilinear
 from bcnn.viz.inverse import total_variation
@@ -97,6 +98,7 @@ def synthesize_texture(
     tv_weight: Annotated[float, Ge(0)] = 0.0,
     init: torch.Tensor | None = None,
     seed: int = 0,
+    desc: str | None = None,
 ) -> TextureResult:
     """An image whose Gram matrices at ``taps.layers`` match those of ``target``.
 
@@ -118,6 +120,7 @@ def synthesize_texture(
         tv_weight: Weight of the prior TV_2(I) / TV_2(T) (``bcnn.viz.inverse``).
         init: Start image (3, H, W) in [0, 1] instead of the noise.
         seed: Seed of the noise.
+        desc: The label of a progress bar per scale; ``None``: no bar.
 
     Raises:
         ValueError: bad scales, or weights for unknown layers.
@@ -150,7 +153,8 @@ def synthesize_texture(
         result.scale_starts.append(len(result.losses))
         result.sizes.append((hw[0], hw[1]))
         x = _resize(x, hw).clamp(0, 1)
-        x = _optimize(taps, x, targets, layer_weights, optimizer, steps, lr, tv, result)
+        bar = f"{desc} {hw[0]}x{hw[1]}" if desc else None
+        x = _optimize(taps, x, targets, layer_weights, optimizer, steps, lr, tv, result, bar)
     result.image = x.detach()[0].cpu()
     return result
 
@@ -165,6 +169,7 @@ def _optimize(
     lr: float | None,
     tv_weight: float,
     result: TextureResult,
+    desc: str | None = None,
 ) -> torch.Tensor:
     """Runs ``steps`` iterations from ``x`` (1, 3, H, W) in [0, 1]; returns the result and
     appends the Gram loss at the start of every iteration and at the end to ``result``.
@@ -198,7 +203,7 @@ def _optimize(
         loss.backward()
         return loss
 
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=desc, disable=desc is None, leave=False):
         # One iteration per call (L-BFGS keeps its curvature history in its state); its
         # first evaluation is at the current image.
         first = len(grams)

@@ -1,16 +1,6 @@
-"""What every backbone declares, and the weight-loading helpers they share.
-
-Weights come from one of three places:
-
-* ``pretrained=True``: ImageNet weights through torchvision's or timm's own download and
-  cache. Offline without a cached file, :func:`download_hint` turns the network error into
-  one :class:`WeightsUnavailableError` that names the URL and the cache path to fill.
-* ``weights=<file>``: a local state dict (``.pt``/``.pth``, read with ``weights_only=True``)
-  or ``.safetensors`` file, loaded by :func:`load_weights`. Files written by
-  ``scripts/convert_matconvnet.py`` also carry the input convention of the original network
-  (:func:`input_spec_from_meta`).
-* neither: random initialization (tests, smoke runs).
-"""
+"""What every backbone declares, and the weight-loading helpers they share: weights come
+from ``pretrained=True`` (a download; offline, one :class:`WeightsUnavailableError` names
+the URL and the path to fill), ``weights=<file>`` (:func:`load_weights`) or neither."""
 
 from __future__ import annotations
 
@@ -19,11 +9,14 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from bcnn.errors import WeightsUnavailableError, show
+from bcnn.io import safe_load
+from bcnn.limits import Check
 from bcnn.models.inputs import IMAGENET, InputSpec
 
 # Network errors of urllib (URLError), requests/huggingface_hub (OSError subclasses) and
@@ -36,15 +29,35 @@ try:  # pragma: no cover - depends on the installed huggingface_hub transport
 except ImportError:  # pragma: no cover
     pass
 
-# Key prefixes stripped from a weights file when every key carries them: DataParallel /
-# DDP wrappers ("module.") and our own TimmBackbone wrapper ("model.").
-_WRAPPER_PREFIXES = ("module.", "model.")
 # Metadata key holding the input convention in .safetensors files (string values only).
 SAFETENSORS_SPEC_KEY = "bcnn.input_spec"
 
 
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights cannot be obtained (offline, or none exist for the model)."""
+def weights_file(value: Any) -> str | None:
+    """A :class:`~bcnn.limits.Check`: a local file that looks like a torch or safetensors one."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        return f"no such file: {path} (pass a .pt/.pth state dict or a .safetensors file)"
+    with path.open("rb") as f:
+        head = f.read(8)
+    if path.suffix == ".safetensors":
+        # 8-byte little-endian header length, then a JSON header.
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= size <= path.stat().st_size - 8:
+            return f"{path} is not a .safetensors file (its header is unreadable)"
+        return None
+    # torch.save writes a zip archive; files of torch < 1.6 start with a pickle opcode.
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        return (
+            f"{path} is neither a torch file (.pt/.pth) nor a .safetensors file: pass the "
+            "weights of this backbone (see docs/models.md)"
+        )
+    return None
+
+
+WeightsFile = Annotated[str, Check(weights_file, files=True)]
 
 
 class Backbone(nn.Module):
@@ -58,6 +71,17 @@ class Backbone(nn.Module):
     out_channels: int | tuple[int, int]
     input_spec: InputSpec = IMAGENET
 
+    @staticmethod
+    def config_problem(values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """``pretrained=true`` and ``weights=<file>`` together are ambiguous."""
+        if values.get("pretrained") is True and values.get("weights"):
+            return (
+                "weights",
+                "set either pretrained=true (download ImageNet weights) or weights=<file>, "
+                f"not both (weights={show(values['weights'])})",
+            )
+        return None
+
     def load_weights_file(
         self,
         path: str | os.PathLike | None,
@@ -65,9 +89,8 @@ class Backbone(nn.Module):
         module: nn.Module | None = None,
         remap: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
-        """Loads ``backbone.weights`` when set and adopts the input convention it records.
-
-        A file that records no convention leaves ``input_spec`` as the backbone set it.
+        """Loads ``backbone.weights`` when set and adopts the input convention it records
+        (a file that records none leaves ``input_spec`` as it is).
 
         Args:
             path: ``.pt``/``.pth`` state dict or ``.safetensors`` file (see
@@ -81,66 +104,33 @@ class Backbone(nn.Module):
         self.input_spec = input_spec_from_meta(meta) or self.input_spec
 
 
-def check_weight_source(name: str, pretrained: bool, weights: str | None) -> None:
-    """Rejects ``pretrained=True`` together with ``weights=<file>`` (ambiguous)."""
-    if pretrained and weights:
-        raise ValueError(
-            f"{name}: set either backbone.pretrained=true (download ImageNet weights) or "
-            f"backbone.weights=<file> (local file), not both (weights={weights!r})"
-        )
-
-
-def hub_cache_path(url: str) -> Path:
-    """Where ``torch.hub.load_state_dict_from_url`` looks for ``url``'s file."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-
-
 @contextlib.contextmanager
-def download_hint(what: str, url: str, destination: str | os.PathLike) -> Iterator[None]:
-    """Re-raises a failed weights download as one actionable error.
-
-    Args:
-        what: The model, for the message (e.g. ``"VGG-16 (torchvision)"``).
-        url: Where the weights are downloaded from.
-        destination: Where the library looks for a cached copy.
-
-    Raises:
-        WeightsUnavailableError: the body raised a network error (no cached file, offline).
-    """
+def torchvision_download(what: str, tv_weights: Any) -> Iterator[None]:
+    """Re-raises a network error of the body (offline, no cached file) as one
+    ``WeightsUnavailableError`` naming the URL of ``tv_weights`` (a torchvision
+    ``WeightsEnum`` member) and where to put the file; ``what`` names the model."""
     try:
         yield
     except NETWORK_ERRORS as err:
+        destination = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(tv_weights.url)
         raise WeightsUnavailableError(
             f"Could not download the pretrained weights of {what} ({type(err).__name__}: "
-            f"{err}). Offline? On a machine with internet, fetch\n  {url}\nand put the file "
-            f"at\n  {destination}\n(torch hub cache; TORCH_HOME moves it), or pass "
+            f"{err}). Offline? On a machine with internet, fetch\n  {tv_weights.url}\nand put "
+            f"the file at\n  {destination}\n(torch hub cache; TORCH_HOME moves it), or pass "
             "backbone.weights=<local state dict or .safetensors> with "
             "backbone.pretrained=false."
         ) from err
 
 
-@contextlib.contextmanager
-def torchvision_download(what: str, tv_weights: Any) -> Iterator[None]:
-    """:func:`download_hint` for a torchvision weights entry (its URL and hub cache path).
-
-    Args:
-        what: The model, for the message (e.g. ``"VGG-16 (torchvision)"``).
-        tv_weights: A torchvision ``WeightsEnum`` member (``VGG16_Weights.IMAGENET1K_V1``).
-    """
-    with download_hint(what, tv_weights.url, hub_cache_path(tv_weights.url)):
-        yield
-
-
 def input_spec_from_meta(meta: Mapping[str, Any]) -> InputSpec | None:
     """The ``InputSpec`` recorded in a weights file's metadata, or None if absent."""
     spec = meta.get("input_spec")
+    spec = json.loads(spec) if isinstance(spec, str) else spec
     if spec is None:
         return None
-    if isinstance(spec, str):
-        spec = json.loads(spec)
     return InputSpec(
-        mean=tuple(float(v) for v in spec["mean"]),
-        std=tuple(float(v) for v in spec["std"]),
+        mean=tuple(map(float, spec["mean"])),
+        std=tuple(map(float, spec["std"])),
         color=str(spec.get("color", "RGB")),
         scale=float(spec.get("scale", 1.0)),
     )
@@ -157,15 +147,13 @@ def input_spec_to_meta(spec: InputSpec) -> dict[str, Any]:
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Reads a state dict and its metadata from a local file.
-
-    Accepts ``.safetensors`` (metadata from its header) and torch files read with
-    ``weights_only=True``: a bare state dict, ``{"state_dict": ..., "meta": ...}`` (what
-    ``scripts/convert_matconvnet.py`` writes) or a training checkpoint ``{"model": ...}``.
+    """Reads a state dict and its metadata from a ``.safetensors`` file (metadata from its
+    header) or a torch file read with ``weights_only=True``: a bare state dict,
+    ``{"state_dict": ..., "meta": ...}`` (what ``scripts/convert_matconvnet.py`` writes) or a
+    training checkpoint ``{"model": ...}``.
 
     Returns:
-        ``(state_dict, meta)``; ``meta`` may hold ``input_spec`` (see
-        :func:`input_spec_from_meta`).
+        ``(state_dict, meta)``; ``meta`` may hold ``input_spec``.
 
     Raises:
         FileNotFoundError: naming the file when it does not exist.
@@ -176,12 +164,11 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise FileNotFoundError(f"backbone.weights: no such file: {path}")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
-            state = load_file(str(path))
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
         except Exception as err:
             raise ValueError(
                 f"backbone.weights={path}: not a readable .safetensors file "
@@ -192,7 +179,6 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             meta["input_spec"] = json.loads(header[SAFETENSORS_SPEC_KEY])
         return state, meta
     # Imported here: bcnn.engine imports the models package.
-    from bcnn.engine.checkpoint import safe_load
 
     try:
         obj = safe_load(path)
@@ -217,16 +203,13 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return dict(obj), meta
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
-    """Maps the keys of a whole-model or wrapped checkpoint onto ``module``'s keys."""
-    own = set(module.state_dict())
-    # A bcnn model checkpoint: keep the backbone part.
-    if not own & set(state) and any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-    for prefix in _WRAPPER_PREFIXES:
-        if not own & set(state) and state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
+def _canonical(key: str) -> str:
+    """A key without wrapper prefixes (a bcnn model's ``backbone.``, DataParallel's
+    ``module.``, our timm wrapper's ``model.``) and with timm's feature-wrapper renaming
+    (``stages_0`` for ``stages.0``) undone."""
+    while key.startswith(("backbone.", "module.", "model.")):
+        key = key.split(".", 1)[1]
+    return key.replace("_", ".")
 
 
 def load_weights(
@@ -236,10 +219,9 @@ def load_weights(
 ) -> dict[str, Any]:
     """Loads a local weights file into ``module``, strictly, with errors naming the file.
 
-    Keys of parts of the original network that the backbone drops (the classifier of
-    VGG/DenseNet, the head or later stages of a timm model: any key whose first component
-    is not a child of ``module``) are ignored, so the original ImageNet checkpoint files
-    load as they are. Every other mismatch is an error.
+    Keys of parts the backbone drops (a classifier, a timm model's head or later stages:
+    first component not a child of ``module``) are ignored, so the original checkpoint
+    files load as they are; every other mismatch is an error.
 
     Args:
         module: The module to fill (the backbone's network).
@@ -254,8 +236,9 @@ def load_weights(
         RuntimeError: missing keys, unexpected keys or shape mismatches, listed.
     """
     state, meta = read_weights(path)
-    state = _strip_prefixes(remap(state) if remap else state, module)
     own = module.state_dict()
+    names = {_canonical(k): k for k in own}
+    state = {names.get(_canonical(k), k): v for k, v in (remap(state) if remap else state).items()}
     children = {name for name, _ in module.named_children()}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(k for k in set(state) - set(own) if k.split(".", 1)[0] in children)
@@ -265,12 +248,9 @@ def load_weights(
         if state[k].shape != own[k].shape
     )
     if missing or unexpected or shapes:
-
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
-
         problems = [
-            f"{label}: {head(items)}"
+            f"{label}: {', '.join(items[:8])}"
+            + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
             for label, items in (
                 ("missing keys", missing),
                 ("unexpected keys", unexpected),
@@ -288,17 +268,8 @@ def load_weights(
 
 
 class InputAdapter(nn.Module):
-    """Converts images from one ``InputSpec`` convention to another (per-channel affine).
-
-    Used by two-stream backbones whose streams were trained with different conventions
-    (torchvision VGG-D: [0, 1] standardized; MatConvNet VGG-M: mean-subtracted 0-255): the
-    data pipeline produces the first stream's convention and the second stream's input is
-    derived from it exactly.
-
-    Args:
-        src: The convention of the incoming images.
-        dst: The convention to produce.
-    """
+    """Converts images from the ``src`` convention to ``dst`` exactly (per-channel affine):
+    a two-stream backbone's second stream gets its own convention from the first's."""
 
     weight: torch.Tensor
     bias: torch.Tensor

@@ -8,7 +8,8 @@ import torch
 import torchvision
 from torch import nn
 
-from bcnn.models.backbones.base import Backbone, check_weight_source, torchvision_download
+from bcnn.limits import checked
+from bcnn.models.backbones.base import Backbone, WeightsFile, torchvision_download
 from bcnn.models.inputs import IMAGENET
 
 # torchvision's own DenseNet checkpoints still use the pre-1.0 layer names
@@ -39,9 +40,9 @@ class DenseNet201(Backbone):
             ``densenet201-c1103571.pth`` loads as it is).
     """
 
-    def __init__(self, pretrained: bool = False, weights: str | None = None) -> None:
+    @checked
+    def __init__(self, pretrained: bool = False, weights: WeightsFile | None = None) -> None:
         super().__init__()
-        check_weight_source("densenet201", pretrained, weights)
         if pretrained:
             tv_weights = torchvision.models.DenseNet201_Weights.IMAGENET1K_V1
             with torchvision_download("DenseNet-201 (torchvision)", tv_weights):

@@ -3,34 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from annotated_types import MinLen
 from torch import nn
 
+from bcnn.limits import Channels, checked
 from bcnn.models.backbones.base import Backbone
 from bcnn.models.inputs import InputSpec
 
 
 class SmallCNN(Backbone):
-    """Stack of 3x3 conv + ReLU blocks, max-pooling between blocks, any input size.
-
-    With ``channels=(32, 64)`` a 32x32 image gives a (B, 64, 16, 16) map (one pooling
-    per block except the last). Randomly initialized; there are no pretrained weights.
+    """Blocks of 3x3 conv + ReLU with 2x2 max-pooling between them, randomly initialized:
+    ``channels=(32, 64)`` maps a 32x32 image to (B, 64, 16, 16).
 
     Args:
         channels: Output channels of each block.
-        in_chans: Input channels.
         batch_norm: Insert BatchNorm after each convolution.
     """
 
+    @checked
     def __init__(
-        self, channels: Sequence[int] = (32, 64), in_chans: int = 3, batch_norm: bool = False
+        self,
+        channels: Annotated[Sequence[Channels], MinLen(1)] = (32, 64),
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        if not channels:
-            raise ValueError("SmallCNN: backbone.channels must name at least one block")
         layers: list[nn.Module] = []
-        prev = in_chans
+        prev = 3
         for i, ch in enumerate(channels):
             if i > 0:
                 layers.append(nn.MaxPool2d(2))
@@ -46,5 +47,5 @@ class SmallCNN(Backbone):
         self.input_spec = InputSpec(mean=(0.5, 0.5, 0.5), std=(0.125, 0.125, 0.125))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Maps images (B, in_chans, H, W) to features (B, C, H / 2^(k-1), W / 2^(k-1))."""
+        """(B, 3, H, W) -> (B, C, H / 2^(k-1), W / 2^(k-1)) for k blocks."""
         return self.features(x)

@@ -8,11 +8,8 @@ from bcnn.models.backbones.base import Backbone, InputAdapter
 
 
 def _nearest_indices(big: int, small: int, device: torch.device) -> torch.Tensor:
-    """0-based ``round(linspace(1, big, small)) - 1`` with MATLAB's round-half-up.
-
-    Integer arithmetic: the half-way cases (28 -> 27 has one) must round up as in MATLAB,
-    which float ``linspace`` plus ``torch.round`` (half to even) would not reproduce.
-    """
+    """0-based ``round(linspace(1, big, small)) - 1`` with MATLAB's round-half-up, in
+    integers: ``torch.round`` rounds half to even, and 28 -> 27 has a half-way case."""
     if small == 1:
         return torch.zeros(1, dtype=torch.long, device=device)
     k = torch.arange(small, device=device)
@@ -20,11 +17,9 @@ def _nearest_indices(big: int, small: int, device: torch.device) -> torch.Tensor
 
 
 def align_maps(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Subsamples the larger of two maps to the other's spatial size, as the B-CNN code does.
-
-    The authors' ``vl_nnbilinearclpool`` keeps rows/columns ``round(linspace(1, H, h))`` of
-    the larger map: for VGG-D (28x28) against VGG-M (27x27) that drops one row and one
-    column (the 14th, 1-based). Each dimension is handled on its own.
+    """Subsamples the larger of two maps to the other's spatial size, as the B-CNN code does
+    (``vl_nnbilinearclpool`` keeps rows/columns ``round(linspace(1, H, h))``: VGG-D's 28x28
+    against VGG-M's 27x27 loses the 14th row and column).
 
     Args:
         a: (B, Ca, Ha, Wa).
@@ -45,10 +40,8 @@ def align_maps(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 class TwoStream(Backbone):
     """Two backbones on the same image; returns both maps aligned to one spatial size.
 
-    The pooling computes x_a x_b^T at every location (``BilinearPool`` with two inputs).
-    The data pipeline produces ``stream_a``'s input convention; ``stream_b``'s input is
-    converted from it exactly (e.g. torchvision VGG-D [0, 1] standardized -> MatConvNet
-    VGG-M mean-subtracted 0-255).
+    The images come in ``stream_a``'s input convention; ``stream_b``'s is converted from it
+    exactly (``InputAdapter``).
 
     Args:
         stream_a: First backbone (its ``input_spec`` is this backbone's).
@@ -57,13 +50,13 @@ class TwoStream(Backbone):
 
     def __init__(self, stream_a: Backbone, stream_b: Backbone) -> None:
         super().__init__()
-        for s in (stream_a, stream_b):
-            if isinstance(s.out_channels, tuple):
-                raise ValueError("TwoStream: each stream must give a single feature map")
+        ca, cb = stream_a.out_channels, stream_b.out_channels
+        if isinstance(ca, tuple) or isinstance(cb, tuple):
+            raise ValueError("TwoStream: each stream must give a single feature map")
         self.stream_a = stream_a
         self.stream_b = stream_b
         self.adapt_b = InputAdapter(stream_a.input_spec, stream_b.input_spec)
-        self.out_channels = (int(stream_a.out_channels), int(stream_b.out_channels))
+        self.out_channels = (int(ca), int(cb))
         self.input_spec = stream_a.input_spec
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Annotated, Any
 
 import torch
 import torchvision
+from annotated_types import Interval
 from torch import nn
 from torchvision.models import vgg as tv_vgg
 
+from bcnn.limits import Channels, Check, checked
 from bcnn.models.backbones.base import (
     Backbone,
+    WeightsFile,
     WeightsUnavailableError,
-    check_weight_source,
     torchvision_download,
 )
 from bcnn.models.inputs import IMAGENET, InputSpec
@@ -24,9 +27,23 @@ _VGG16_RELU5_3 = 30
 
 # MatConvNet's VGG-M expects RGB in [0, 255] minus the average image of its training set;
 # the converter records the exact colour from the .mat, this is the usual ImageNet mean.
-MATCONVNET_IMAGENET = InputSpec(
-    mean=(123.68, 116.78, 103.94), std=(1.0, 1.0, 1.0), color="RGB", scale=255.0
-)
+MATCONVNET_IMAGENET = InputSpec(mean=(123.68, 116.78, 103.94), std=(1.0, 1.0, 1.0), scale=255.0)
+
+
+def _lrn(value: Any) -> str | None:
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return f"must be [N, kappa, alpha, beta], got {value}"
+    n, kappa, alpha, beta = value
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return f"N (the first element) must be an integer >= 1, got {n}"
+    if min(kappa, alpha, beta) < 0:
+        return f"kappa, alpha and beta must be >= 0, got {value}"
+    return None
+
+
+# Local response normalization [N, kappa, alpha, beta] in MatConvNet's convention.
+LRN = Annotated[Sequence[float], Check(_lrn)]
+Dropout = Annotated[float, Interval(ge=0, lt=1)]
 
 
 def _init_like_torchvision(module: nn.Module) -> None:
@@ -41,8 +58,7 @@ def _init_like_torchvision(module: nn.Module) -> None:
 class VGG16(Backbone):
     """VGG-D (VGG-16) up to relu5_3, pool5 dropped: (B, 3, 448, 448) -> (B, 512, 28, 28).
 
-    The module is torchvision's ``vgg16().features[:30]`` (keys ``features.0.weight`` ...),
-    so torchvision's checkpoint file loads as it is through ``weights``.
+    torchvision's ``vgg16().features[:30]``, so its checkpoint file loads as it is.
 
     Args:
         pretrained: Load torchvision's ImageNet weights (``IMAGENET1K_V1``) through its
@@ -52,22 +68,27 @@ class VGG16(Backbone):
             ``imagenet-vgg-verydeep-16.mat``, whose input convention is then adopted).
     """
 
-    def __init__(self, pretrained: bool = False, weights: str | None = None) -> None:
+    @checked
+    def __init__(self, pretrained: bool = False, weights: WeightsFile | None = None) -> None:
         super().__init__()
-        check_weight_source("vgg_d", pretrained, weights)
+        # Only the convolutional part: building torchvision's whole vgg16() would also
+        # initialize its 120M-parameter classifier (seconds on a CPU) to throw it away.
+        features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=False)
+        self.features = features[:_VGG16_RELU5_3]
+        _init_like_torchvision(self.features)
+        self.out_channels = 512
+        self.input_spec = IMAGENET
+        self._load(pretrained, weights)
+
+    def _load(self, pretrained: bool, weights: str | None) -> None:
+        """torchvision's ImageNet weights or a local file (a classifier reshaped to fc*)."""
         if pretrained:
             tv_weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
             with torchvision_download("VGG-16 (torchvision)", tv_weights):
-                features = torchvision.models.vgg16(weights=tv_weights).features
-        else:
-            # Only the convolutional part: building torchvision's whole vgg16() would also
-            # initialize its 120M-parameter classifier (seconds on a CPU) to throw it away.
-            features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=False)
-            _init_like_torchvision(features)
-        self.features = features[:_VGG16_RELU5_3]
-        self.out_channels = 512
-        self.input_spec = IMAGENET
-        self.load_weights_file(weights)
+                state = tv_weights.get_state_dict(progress=False)
+            own = self.state_dict()
+            self.load_state_dict({k: v for k, v in _classifier_as_conv(state).items() if k in own})
+        self.load_weights_file(weights, remap=_classifier_as_conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 512, H / 16, W / 16)."""
@@ -77,17 +98,9 @@ class VGG16(Backbone):
 class VGGM(Backbone):
     """VGG-M (Chatfield et al., BMVC 2014) up to relu5: (B, 3, 448, 448) -> (B, 512, 27, 27).
 
-    Layer for layer the ``imagenet-vgg-m.mat`` network of MatConvNet (named like its
-    layers, so that the converter maps them one to one)::
-
-        conv1 96 7x7 s2, relu, LRN, maxpool 3x3 s2
-        conv2 256 5x5 s2 pad 1, relu, LRN, maxpool 3x3 s2 pad [0 1 0 1]
-        conv3 512 3x3 pad 1, relu; conv4 512 3x3 pad 1, relu; conv5 512 3x3 pad 1, relu
-
-    MatConvNet pads pool2 by one row and column at the bottom/right; with a 3x3 window and
-    stride 2 that is exactly ``ceil_mode=True`` (448: 221 -> 110 -> 54 -> 27).
-    There are no torchvision weights: convert the MatConvNet file with
-    ``scripts/convert_matconvnet.py`` and pass it as ``weights``.
+    Layer for layer (and named like) MatConvNet's ``imagenet-vgg-m.mat`` (its pool2 pad at
+    the bottom/right is ``ceil_mode=True``); convert it with
+    ``scripts/convert_matconvnet.py``.
 
     Args:
         pretrained: Must be False (raises with instructions otherwise).
@@ -98,11 +111,12 @@ class VGGM(Backbone):
             divided by N, unlike Caffe and ``torch.nn.LocalResponseNorm``).
     """
 
+    @checked
     def __init__(
         self,
         pretrained: bool = False,
-        weights: str | None = None,
-        lrn: Sequence[float] = (5, 2.0, 1e-4, 0.75),
+        weights: WeightsFile | None = None,
+        lrn: LRN = (5, 2.0, 1e-4, 0.75),
     ) -> None:
         super().__init__()
         if pretrained:
@@ -113,6 +127,7 @@ class VGGM(Backbone):
                 "-o vgg_m.safetensors` and pass backbone.weights=vgg_m.safetensors "
                 "(backbone.pretrained=false)."
             )
+        self.lrn = list(lrn)
         n, kappa, alpha, beta = lrn
         n = int(n)
 
@@ -149,15 +164,19 @@ class VGGM(Backbone):
         """(B, 3, H, W) -> (B, 512, H', W'); 448 -> 27, 224 -> 13."""
         return self.features(x)
 
+    def divergence_hints(self) -> list[str]:
+        """The LRN setting, which can make training diverge (kappa 0 divides by ~0)."""
+        return [f"lrn={self.lrn}"]
 
-def _fc_stack(pool5: nn.Module, in_channels: int, window: int, dim: int, dropout: float):
+
+def _fc_stack(pool5: nn.Module, window: int, dim: int, dropout: float) -> nn.Sequential:
     """pool5, then fc6 and fc7 as convolutions (+ ReLU, dropout): a 224 image gives (B, dim,
     1, 1), the fc7 activations; larger images a map of fc7 activations."""
-    return nn.Sequential(
+    stack = nn.Sequential(
         OrderedDict(
             [
                 ("pool5", pool5),
-                ("fc6", nn.Conv2d(in_channels, dim, window)),
+                ("fc6", nn.Conv2d(512, dim, window)),
                 ("relu6", nn.ReLU(inplace=True)),
                 ("drop6", nn.Dropout(dropout)),
                 ("fc7", nn.Conv2d(dim, dim, 1)),
@@ -165,9 +184,11 @@ def _fc_stack(pool5: nn.Module, in_channels: int, window: int, dim: int, dropout
             ]
         )
     )
+    _init_like_torchvision(stack)
+    return stack
 
 
-def _torchvision_classifier_as_conv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _classifier_as_conv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """torchvision VGG-16 keys -> ``VGG16FC7`` keys: Linear fc6/fc7 reshaped to convolutions,
     fc8 (``classifier.6``) dropped. Files already in our layout pass unchanged."""
     out = {k: v for k, v in state.items() if not k.startswith("classifier.")}
@@ -181,14 +202,11 @@ def _torchvision_classifier_as_conv(state: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-class VGG16FC7(Backbone):
+class VGG16FC7(VGG16):
     """VGG-D through fc7 + ReLU, the FC-CNN [D] features of ICCV 2015: 224 -> (B, 4096, 1, 1).
 
-    ``features`` is torchvision's VGG-16 ``features`` (pool5 included); fc6 and fc7 are
-    torchvision's ``classifier.0`` / ``classifier.3`` written as 7x7 and 1x1 convolutions,
-    which equal the linear layers on the 7x7 pool5 map of a 224 image (torchvision's
-    adaptive pooling to 7x7 is then the identity). The papers use 224 x 224 inputs; larger
-    images give a map of fc7 activations, which ``pooling=avg`` averages.
+    fc6 and fc7 are torchvision's ``classifier.0`` / ``classifier.3`` as 7x7 and 1x1
+    convolutions after pool5 (larger images give a map, which ``pooling=avg`` averages).
 
     Args:
         pretrained: Load torchvision's ImageNet weights through its download cache.
@@ -198,27 +216,18 @@ class VGG16FC7(Backbone):
         fc_dim: Width of fc6 and fc7 (4096; smaller only for tests).
     """
 
+    @checked
     def __init__(
         self,
         pretrained: bool = False,
-        weights: str | None = None,
-        dropout: float = 0.5,
-        fc_dim: int = 4096,
+        weights: WeightsFile | None = None,
+        dropout: Dropout = 0.5,
+        fc_dim: Channels = 4096,
     ) -> None:
         super().__init__()
-        check_weight_source("vgg_d_fc7", pretrained, weights)
-        features = tv_vgg.make_layers(tv_vgg.cfgs["D"], batch_norm=False)
-        self.features = features[:_VGG16_RELU5_3]
-        self.fc = _fc_stack(features[_VGG16_RELU5_3], 512, 7, int(fc_dim), dropout)
-        _init_like_torchvision(self)
+        self.fc = _fc_stack(nn.MaxPool2d(2, 2), 7, int(fc_dim), dropout)
         self.out_channels = int(fc_dim)
-        self.input_spec = IMAGENET
-        if pretrained:
-            tv_weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
-            with torchvision_download("VGG-16 (torchvision)", tv_weights):
-                state = tv_weights.get_state_dict(progress=False)
-            self.load_state_dict(_torchvision_classifier_as_conv(state), strict=False)
-        self.load_weights_file(weights, remap=_torchvision_classifier_as_conv)
+        self._load(pretrained, weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 4096, H / 32 - 6, W / 32 - 6); 224 -> 1 x 1."""
@@ -228,10 +237,8 @@ class VGG16FC7(Backbone):
 class VGGMFC7(VGGM):
     """VGG-M through fc7 + ReLU, the FC-CNN [M] features of ICCV 2015: 224 -> (B, 4096, 1, 1).
 
-    ``VGGM``'s layers, then MatConvNet's pool5 (3x3, stride 2, pad [0 1 0 1]), fc6 (a 6x6
-    convolution) and fc7 (1x1), under the keys ``fc.*`` that ``scripts/convert_matconvnet.py``
-    writes when the .mat holds them (``VGGM`` ignores them, so one converted file serves
-    both backbones).
+    ``VGGM``'s layers, then MatConvNet's pool5 (3x3, stride 2, pad [0 1 0 1]), fc6 (6x6) and
+    fc7 (1x1), keys ``fc.*`` of the converted file (which ``VGGM`` ignores).
 
     Args:
         pretrained: Must be False (see ``VGGM``).
@@ -241,18 +248,17 @@ class VGGMFC7(VGGM):
         fc_dim: Width of fc6 and fc7 (4096; smaller only for tests).
     """
 
+    @checked
     def __init__(
         self,
         pretrained: bool = False,
-        weights: str | None = None,
-        lrn: Sequence[float] = (5, 2.0, 1e-4, 0.75),
-        dropout: float = 0.5,
-        fc_dim: int = 4096,
+        weights: WeightsFile | None = None,
+        lrn: LRN = (5, 2.0, 1e-4, 0.75),
+        dropout: Dropout = 0.5,
+        fc_dim: Channels = 4096,
     ) -> None:
         super().__init__(pretrained=pretrained, weights=None, lrn=lrn)
-        pool5 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
-        self.fc = _fc_stack(pool5, 512, 6, int(fc_dim), dropout)
-        _init_like_torchvision(self.fc)
+        self.fc = _fc_stack(nn.MaxPool2d(3, stride=2, ceil_mode=True), 6, int(fc_dim), dropout)
         self.out_channels = int(fc_dim)
         self.load_weights_file(weights)
 
