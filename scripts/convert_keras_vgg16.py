@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from convert_matconvnet import save_weights  # scripts/, beside this file
 from torch import nn
 
 from bcnn.models.backbones import VGG16
 from bcnn.models.backbones.base import input_spec_to_meta
 from bcnn.models.inputs import InputSpec
-from bcnn.models.matconvnet import save_weights
 
 # keras.applications.imagenet_utils.preprocess_input(mode="caffe"), in BGR order.
 KERAS_CAFFE_MEAN = (103.939, 116.779, 123.68)
