@@ -260,7 +260,7 @@ def _inverse_targets(classes: Sequence[str], chosen: Any, max_classes: int) -> l
 
 def _inverse_size(
     cfg: DictConfig, runs: list[TrainedModel]
-) -> tuple[tuple[int, ...], Dataset | None]:
+) -> tuple[tuple[int, int], Dataset | None]:
     """``viz.inverse.size``, else the size of the first test image.
 
     Returns:
@@ -272,14 +272,15 @@ def _inverse_size(
     dataset = load_dataset(cfg, runs, "test")
     if dataset is None:
         raise ValueError("viz.inverse.size: set it ([H, W]) when the run has no dataset")
-    return tuple(int(s) for s in dataset[0][0].shape[-2:]), dataset
+    height, width = dataset[0][0].shape[-2:]
+    return (int(height), int(width)), dataset
 
 
 def _texture_starts(
     cfg: DictConfig,
     runs: list[TrainedModel],
     dataset: Dataset | None,
-    size: tuple[int, ...],
+    size: tuple[int, int],
     targets: list[int],
     device: torch.device,
 ) -> torch.Tensor:

@@ -85,8 +85,7 @@ def draw_overlay(
     grey = to_numpy_image(image).astype(np.float32).mean(-1) / 255.0
     heat = F.interpolate(
         values.detach().float().reshape(1, 1, *grid).cpu(), size=grey.shape, mode="bilinear"
-    )
-    heat = heat[0, 0].numpy()
+    )[0, 0].numpy()
     ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     lim = float(np.abs(heat).max()) or 1.0
     cmap, low = ("RdBu_r", -lim) if signed else ("inferno", 0.0)

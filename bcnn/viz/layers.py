@@ -131,8 +131,9 @@ class FeatureTaps(nn.Module):
             )
         return_nodes = {aliases.get(n, n): n for n in self.layers}
         self.extractor = create_feature_extractor(backbone, return_nodes=return_nodes).eval()
-        spec = input_spec or getattr(backbone, "input_spec", InputSpec())
-        self.input_norm = InputNormalizer(spec)
+        if input_spec is None:
+            input_spec = getattr(backbone, "input_spec", None) or InputSpec()
+        self.input_norm = InputNormalizer(input_spec)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) floats in [0, 1] -> {layer: (B, C_l, H_l, W_l)}."""

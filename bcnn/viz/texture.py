@@ -49,15 +49,13 @@ def gram_loss(
     Returns:
         (B,) the loss of each image.
     """
-    total, norm = 0.0, 0.0
-    for name, g in grams.items():
-        w, t = 1.0 if weights is None else float(weights[name]), targets[name]
-        total = total + w * (g - t).square().sum((-2, -1)) / t.square().sum((-2, -1)).clamp_min(
-            1e-30
-        )
-        norm += w
-    assert isinstance(total, torch.Tensor), "gram_loss: no layers"
-    return total / norm
+    w = {name: 1.0 if weights is None else float(weights[name]) for name in grams}
+    terms = [
+        w[name] * (g - t).square().sum((-2, -1)) / t.square().sum((-2, -1)).clamp_min(1e-30)
+        for name, g in grams.items()
+        for t in [targets[name]]
+    ]
+    return torch.stack(terms).sum(0) / sum(w.values())
 
 
 @dataclass
@@ -194,14 +192,14 @@ def _optimize(
         squash = torch.nn.Identity()
     grams: list[float] = []
 
-    def closure() -> torch.Tensor:
+    def closure() -> float:
         opt.zero_grad(set_to_none=True)
         pixels = squash(param)
         gram = gram_loss(gram_matrices(taps(pixels)), targets, weights).sum()
         grams.append(float(gram.detach()))
         loss = gram + tv_weight * total_variation(pixels).sum()
         loss.backward()
-        return loss
+        return float(loss.detach())
 
     for _ in tqdm(range(steps), desc=desc, disable=desc is None, leave=False):
         # One iteration per call (L-BFGS keeps its curvature history in its state); its
