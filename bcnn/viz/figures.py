@@ -86,13 +86,10 @@ def draw_overlay(
     heat = F.interpolate(
         values.detach().float().reshape(1, 1, *grid).cpu(), size=grey.shape, mode="bilinear"
     )[0, 0].numpy()
-    ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    draw_image(ax, torch.from_numpy(grey).expand(3, -1, -1), title)
     lim = float(np.abs(heat).max()) or 1.0
     cmap, low = ("RdBu_r", -lim) if signed else ("inferno", 0.0)
     ax.imshow(heat, cmap=cmap, vmin=low, vmax=lim, alpha=opacity)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=7)
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
@@ -137,8 +134,7 @@ def loss_curve(
     fig = figure(5, 3.2)
     ax = fig.subplots()
     ax.plot(np.arange(len(losses)), losses, "-", lw=1.2)
-    positive = all(v > 0 for v in losses)
-    if positive:
+    if all(v > 0 for v in losses):
         ax.set_yscale("log")
     for start in list(scale_starts)[1:]:
         ax.axvline(start, color="0.6", ls=":", lw=1)
