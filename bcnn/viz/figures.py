@@ -49,15 +49,7 @@ def load_image(path: str | Path) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"viz.texture.image: no such image file: {path}")
     with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def upsample_map(values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """Per-location values (n,) on an (h, w) grid -> (H, W), bilinear (the map's cells
-    centred on the image's)."""
-    m = values.detach().float().reshape(1, 1, *grid).cpu()
-    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def draw_image(ax: Axes, image: torch.Tensor, title: str | None = None) -> None:
@@ -78,7 +70,8 @@ def draw_overlay(
     signed: bool = False,
     opacity: float = 0.55,
 ) -> None:
-    """A per-location map over a grey version of the image.
+    """A per-location map over a grey version of the image, upsampled bilinearly (cells
+    centred on the image's).
 
     Args:
         ax: Where to draw.
@@ -89,18 +82,14 @@ def draw_overlay(
         signed: Diverging colours symmetric around 0 (blue < 0 < red); else 0 .. max.
         opacity: Of the map over the image.
     """
-    rgb = to_numpy_image(image).astype(np.float32) / 255.0
-    grey = rgb.mean(-1)
-    heat = upsample_map(values, grid, tuple(rgb.shape[:2]))
-    ax.imshow(grey, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    if signed:
-        lim = float(np.abs(heat).max()) or 1.0
-        ax.imshow(heat, cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=opacity)
-    else:
-        ax.imshow(heat, cmap="inferno", vmin=0, vmax=float(heat.max()) or 1.0, alpha=opacity)
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=7)
+    grey = to_numpy_image(image).astype(np.float32).mean(-1) / 255.0
+    heat = F.interpolate(
+        values.detach().float().reshape(1, 1, *grid).cpu(), size=grey.shape, mode="bilinear"
+    )[0, 0].numpy()
+    draw_image(ax, torch.from_numpy(grey).expand(3, -1, -1), title)
+    lim = float(np.abs(heat).max()) or 1.0
+    cmap, low = ("RdBu_r", -lim) if signed else ("inferno", 0.0)
+    ax.imshow(heat, cmap=cmap, vmin=low, vmax=lim, alpha=opacity)
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
@@ -145,8 +134,7 @@ def loss_curve(
     fig = figure(5, 3.2)
     ax = fig.subplots()
     ax.plot(np.arange(len(losses)), losses, "-", lw=1.2)
-    positive = all(v > 0 for v in losses)
-    if positive:
+    if all(v > 0 for v in losses):
         ax.set_yscale("log")
     for start in list(scale_starts)[1:]:
         ax.axvline(start, color="0.6", ls=":", lw=1)

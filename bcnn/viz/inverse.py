@@ -1,35 +1,25 @@
-"""Maximal ("inverse") images of classes (Lin & Maji, CVPR 2016).
+"""Maximal ("inverse") images of classes (Lin & Maji, CVPR 2016; docs/visualize.md).
 
-For a class c the maximal image is
-
-    I*_c = arg max_I  sum_m log P_m(c | I)  -  lambda_tv TV_beta(I)  -  lambda_p N_p(I),
-           subject to 0 <= I <= 1,
-
-over one model or several (m: e.g. linear classifiers on the bilinear descriptors of
-several layers, each trained with the ordinary trainer), where the natural-image prior
-log Gamma(I) is the sum of
-
-* TV_beta(I) = mean over pixels and channels of ((I[y+1,x] - I[y,x])^2 + (I[y,x+1] -
-  I[y,x])^2)^(beta/2): total variation (beta = 1) or its smooth square (beta = 2),
-* N_p(I) = mean over pixels and channels of |2 I - 1|^p: a soft p-norm bound on the
-  distance to mid-grey (p = 6 in Mahendran & Vedaldi),
-
-and the box 0 <= I <= 1 is a hard (L-infinity) bound, enforced by clamping after each
-step. The optimizer is Adam in pixel space.
+For a class c, I*_c = arg max_I sum_m log P_m(c | I) - lambda_tv TV_beta(I) - lambda_p N_p(I)
+over 0 <= I <= 1, for one model or several (m: e.g. classifiers on the bilinear descriptors
+of several layers); TV_beta and N_p are the natural-image prior below, and the box is a hard
+bound enforced by clamping after each Adam step in pixel space.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from annotated_types import Ge
 from torch import nn
 from tqdm import tqdm
 
 
 def total_variation(images: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
-    """TV_beta of each image (module docstring).
+    """TV_beta: the mean over pixels and channels of (dx^2 + dy^2)^(beta/2).
 
     Args:
         images: (B, 3, H, W).
@@ -47,21 +37,15 @@ def total_variation(images: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
 
 
 def norm_penalty(images: torch.Tensor, p: float = 6.0) -> torch.Tensor:
-    """N_p of each image: mean |2 I - 1|^p, (B, 3, H, W) -> (B,)."""
+    """N_p, a soft bound on the distance to mid-grey: mean |2 I - 1|^p, (B, 3, H, W) -> (B,)."""
     return (2 * images - 1).abs().pow(p).flatten(1).mean(1)
 
 
 @dataclass
 class InverseResult:
-    """Maximal images and how far they got.
-
-    Attributes:
-        images: (K, 3, H, W) in [0, 1], one per target class.
-        targets: The K class indices.
-        probs: (K, M) P_m(c_k | I_k) of each model m at the end.
-        objective: The mean objective over the K images before the first and after every
-            step (log-probabilities minus penalties: what is maximized).
-    """
+    """Maximal ``images`` (K, 3, H, W) in [0, 1] of the ``targets`` (K class indices), their
+    ``probs`` P_m(c_k | I_k) (K, M) at the end, and the mean ``objective`` (maximized) before
+    the first and after every step."""
 
     images: torch.Tensor
     targets: list[int]
@@ -81,11 +65,11 @@ def maximal_images(
     targets: Sequence[int],
     size: tuple[int, int],
     *,
-    steps: int = 200,
+    steps: Annotated[int, Ge(0)] = 200,
     lr: float = 0.05,
-    tv_weight: float = 0.5,
+    tv_weight: Annotated[float, Ge(0)] = 0.5,
     tv_beta: float = 2.0,
-    norm_weight: float = 0.05,
+    norm_weight: Annotated[float, Ge(0)] = 0.05,
     norm_p: float = 6.0,
     init: torch.Tensor | None = None,
     seed: int = 0,
@@ -100,30 +84,20 @@ def maximal_images(
         size: (H, W) of the images.
         steps: Adam steps.
         lr: Adam step size (pixel units).
-        tv_weight: lambda_tv.
-        tv_beta: beta of the TV term.
-        norm_weight: lambda_p.
-        norm_p: p of the norm bound.
+        tv_weight, tv_beta: lambda_tv and beta of the TV term.
+        norm_weight, norm_p: lambda_p and p of the norm bound.
         init: (K, 3, H, W) start images in [0, 1] (e.g. synthesized textures); ``None``:
             mid-grey plus small uniform noise.
         seed: Seed of the noise.
         desc: The label of a progress bar; ``None``: no bar.
 
-    Returns:
-        ``InverseResult``.
-
     Raises:
-        ValueError: no models or targets, or bad weights.
+        ValueError: no models or targets, or an ``init`` of another shape.
     """
     if not models:
         raise ValueError("maximal_images: no model given (run=<training run dir>)")
     if not targets:
         raise ValueError("viz.inverse.classes: no class selected")
-    for key, value in (("tv_weight", tv_weight), ("norm_weight", norm_weight)):
-        if not value >= 0:
-            raise ValueError(f"viz.inverse.{key} must be >= 0, got {value}")
-    if steps < 0:
-        raise ValueError(f"viz.inverse.steps must be >= 0, got {steps}")
     device = next(iter(models[0].parameters())).device
     for m in models:
         m.eval()
@@ -131,15 +105,12 @@ def maximal_images(
     t = torch.as_tensor(list(targets), device=device)
     if init is None:
         gen = torch.Generator().manual_seed(seed)
-        start = 0.5 + 0.1 * (torch.rand((k, 3, *size), generator=gen) - 0.5)
-    else:
-        if tuple(init.shape) != (k, 3, *size):
-            raise ValueError(
-                f"maximal_images: init must be ({k}, 3, {size[0]}, {size[1]}), got "
-                f"{tuple(init.shape)}"
-            )
-        start = init.float()
-    x = start.to(device).clamp(0, 1).requires_grad_(True)
+        init = 0.5 + 0.1 * (torch.rand((k, 3, *size), generator=gen) - 0.5)
+    elif tuple(init.shape) != (k, 3, *size):
+        raise ValueError(
+            f"maximal_images: init must be ({k}, 3, {size[0]}, {size[1]}), got {tuple(init.shape)}"
+        )
+    x = init.float().to(device).clamp(0, 1).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     history: list[float] = []
 
@@ -152,8 +123,7 @@ def maximal_images(
         value = objective()
         history.append(float(value.detach().mean()))
         # autograd.grad, not backward: no gradient is accumulated in the models' weights.
-        (grad,) = torch.autograd.grad(-value.sum(), x)
-        x.grad = grad
+        (x.grad,) = torch.autograd.grad(-value.sum(), x)
         opt.step()
         with torch.no_grad():
             x.clamp_(0, 1)

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision.models import vgg as tv_vgg
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from bcnn.models.backbones import VGG16, VGGM, SmallCNN, TimmBackbone
@@ -23,28 +22,6 @@ from bcnn.models.inputs import InputNormalizer, InputSpec
 
 # The texture layers of Gatys et al. and Lin & Maji (CVPR 2016) for VGG-D.
 VGG16_TEXTURE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-
-
-def _vgg16_aliases() -> dict[str, str]:
-    """``relu<block>_<i>`` / ``conv<block>_<i>`` / ``pool<block>`` -> ``features.<index>``."""
-    aliases: dict[str, str] = {}
-    index, block, conv = 0, 1, 0
-    for item in tv_vgg.cfgs["D"]:
-        if item == "M":
-            aliases[f"pool{block}"] = f"features.{index}"
-            index, block, conv = index + 1, block + 1, 0
-            continue
-        conv += 1
-        aliases[f"conv{block}_{conv}"] = f"features.{index}"
-        aliases[f"relu{block}_{conv}"] = f"features.{index + 1}"
-        index += 2
-    return aliases
-
-
-def _sequential_relu_aliases(features: nn.Sequential, prefix: str) -> dict[str, str]:
-    """``relu1``, ``relu2``, ... -> the ReLU modules of ``features`` in order."""
-    names = [name for name, m in features.named_children() if isinstance(m, nn.ReLU)]
-    return {f"relu{i + 1}": f"{prefix}.{name}" for i, name in enumerate(names)}
 
 
 def layer_aliases(backbone: nn.Module) -> dict[str, str]:
@@ -57,18 +34,26 @@ def layer_aliases(backbone: nn.Module) -> dict[str, str]:
         VGG-D: ``conv1_1``/``relu1_1``/``pool1`` ...; VGG-M and the small CNN:
         ``relu1`` ...; timm: ``level0`` ... (its feature levels up to the one it returns).
     """
-    if isinstance(backbone, VGG16):
-        n = len(backbone.features)
-        return {k: v for k, v in _vgg16_aliases().items() if int(v.split(".")[1]) < n}
     if isinstance(backbone, (VGGM, SmallCNN)):
-        return _sequential_relu_aliases(backbone.features, "features")
+        relus = [n for n, m in backbone.features.named_children() if isinstance(m, nn.ReLU)]
+        return {f"relu{i + 1}": f"features.{name}" for i, name in enumerate(relus)}
+    if isinstance(backbone, VGG16):
+        aliases, block, conv = {}, 1, 0
+        for name, m in backbone.features.named_children():
+            if isinstance(m, nn.Conv2d):
+                conv += 1
+                aliases[f"conv{block}_{conv}"] = f"features.{name}"
+            elif isinstance(m, nn.ReLU):
+                aliases[f"relu{block}_{conv}"] = f"features.{name}"
+            else:  # max pooling, or average pooling in FeatureTaps(avg_pool=True)
+                aliases[f"pool{block}"], block, conv = f"features.{name}", block + 1, 0
+        return aliases
     if isinstance(backbone, TimmBackbone):
         info = backbone.model.feature_info
-        last = max(info.out_indices)
         # FeatureListNet flattens module paths: "features.3" becomes the child "features_3".
         return {
             f"level{i}": "model." + info.info[i]["module"].replace(".", "_")
-            for i in range(last + 1)
+            for i in range(max(info.out_indices) + 1)
         }
     return {}
 
@@ -108,6 +93,8 @@ class FeatureTaps(nn.Module):
         layers: Layer names: aliases of ``layer_aliases`` or FX node names; ``None`` for
             ``default_layers``.
         input_spec: The pixel convention of the backbone (default: its ``input_spec``).
+        avg_pool: Replace its max-pooling modules by average pooling of the same window, as
+            Gatys et al. do for synthesis: gradients reach every pixel of a window, not one.
 
     Raises:
         ValueError: an unknown layer name, listing the valid ones.
@@ -118,12 +105,17 @@ class FeatureTaps(nn.Module):
         backbone: nn.Module,
         layers: Sequence[str] | None = None,
         input_spec: InputSpec | None = None,
+        avg_pool: bool = False,
     ) -> None:
         super().__init__()
         backbone = copy.deepcopy(backbone).eval()
         for module in backbone.modules():
             if isinstance(module, nn.ReLU):
                 module.inplace = False
+            for name, child in module.named_children():
+                if avg_pool and isinstance(child, nn.MaxPool2d):
+                    k, s, p, c = child.kernel_size, child.stride, child.padding, child.ceil_mode
+                    setattr(module, name, nn.AvgPool2d(k, s, p, c, count_include_pad=False))
         backbone.requires_grad_(False)
         self.layers = list(layers) if layers is not None else default_layers(backbone)
         if not self.layers:
@@ -139,8 +131,9 @@ class FeatureTaps(nn.Module):
             )
         return_nodes = {aliases.get(n, n): n for n in self.layers}
         self.extractor = create_feature_extractor(backbone, return_nodes=return_nodes).eval()
-        spec = input_spec or getattr(backbone, "input_spec", InputSpec())
-        self.input_norm = InputNormalizer(spec)
+        if input_spec is None:
+            input_spec = getattr(backbone, "input_spec", None) or InputSpec()
+        self.input_norm = InputNormalizer(input_spec)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) floats in [0, 1] -> {layer: (B, C_l, H_l, W_l)}."""

@@ -1,17 +1,9 @@
-"""Contribution maps of a batch of images (``bcnn-viz kind=maps``).
+"""Contribution maps of a batch of images (``bcnn-viz kind=maps``; definitions in
+``bcnn.viz.contributions``): the shares of sum pooling, of gamma-democratic pooling and of
+the matrix-normalized descriptor, the democratic weights and the class map S_c(x).
 
-For each image, on the features of the trained model (definitions in
-``bcnn.viz.contributions``):
-
-* ``sum``: the shares w(x) C(x) / ||A||^2 of sum pooling,
-* ``democratic``: the same for gamma-democratic pooling,
-* ``alpha``: the democratic weights, as n w(x) (1 = the weight of sum pooling),
-* ``matrix``: the shares (1/n) C_f(x) / <A, f(A)> of the matrix-normalized descriptor,
-* ``class``: S_c(x) for the predicted class c.
-
-Shares are shown times n, so 1 everywhere means every location contributes equally; the
-spread of the shares (their coefficient of variation, std / mean) measures how unequal the
-contributions are.
+Shares are shown times n, so 1 everywhere means every location contributes equally; their
+coefficient of variation (std / mean) measures how unequal the contributions are.
 """
 
 from __future__ import annotations
@@ -30,7 +22,7 @@ from bcnn.viz.contributions import (
     democratic_contributions,
     local_features,
     matrix_contributions,
-    matrix_steps,
+    steps,
     sum_contributions,
 )
 from bcnn.viz.figures import draw_image, draw_overlay, figure
@@ -38,17 +30,11 @@ from bcnn.viz.figures import draw_image, draw_overlay, figure
 
 @dataclass
 class ImageMaps:
-    """All maps of a batch of B images, each (B, n) on a (h, w) grid.
-
-    Attributes:
-        sum, democratic, matrix: shares times n.
-        alpha: n w(x) of democratic pooling.
-        class_map: S_c(x) of the explained class.
-        explained: ``ClassContributions`` behind ``class_map``.
-        checks: {name: (B,) relative error of the identity sum_x w C = <xi', xi>}.
-        gamma: The democratic exponent used.
-        matrix_label: What f is (``"A^0.5"``, or the model's matrix steps).
-    """
+    """Every map of B images, each (B, n) on the ``grid`` (h, w): the shares times n of
+    ``sum``, ``democratic`` (exponent ``gamma``) and ``matrix`` pooling (f named by
+    ``matrix_label``), the democratic weights n w(x) (``alpha``), the class map S_c(x)
+    (``class_map``, from ``explained``) and ``checks``: {name: (B,) relative error of the
+    identity sum_x w C = <xi', xi>}."""
 
     sum: torch.Tensor
     democratic: torch.Tensor
@@ -85,41 +71,30 @@ def compute_maps(
         tau, iters: Sinkhorn damping and iterations.
         power: p of the matrix map f(A) = A^p; ``None``: the model's matrix steps if it
             has any, else 0.5.
-
-    Returns:
-        ``ImageMaps``.
     """
     model.eval()
     feats = local_features(model, images)
-    X = feats.X
-    n = X.shape[1]
-    head = model.pooling
+    X, n = feats.X, feats.X.shape[1]
     if gamma is None:
-        gamma = head.gamma if isinstance(head, DemocraticPool) else 0.5
-    steps = matrix_steps(model)
-    if power is None and len(steps):
-        mat = matrix_contributions(X, steps)
+        gamma = model.pooling.gamma if isinstance(model.pooling, DemocraticPool) else 0.5
+    matrix = steps(model, "matrix")
+    if power is None and len(matrix):
+        mat = matrix_contributions(X, matrix)
         names = [k for k, s in model.normalization.steps.items() if s.phase == "matrix"]
         label = "f = " + "+".join(names) + " (model)"
     else:
         p = 0.5 if power is None else float(power)
-        mat = matrix_contributions(X, p=p)
-        label = f"A^{p:g}"
+        mat, label = matrix_contributions(X, p=p), f"A^{p:g}"
     total = sum_contributions(X)
     demo = democratic_contributions(X, gamma=gamma, tau=tau, iters=iters)
     explained = class_contributions(model, images)
     checks = {
-        "sum": _relative_error(
-            (total.weights * total.values).sum(1), total.descriptor.square().sum((1, 2))
-        ),
-        "democratic": _relative_error(
-            (demo.weights * demo.values).sum(1), demo.descriptor.square().sum((1, 2))
-        ),
-        "class": _relative_error(
-            explained.values.sum(1) + explained.bias + explained.ridge, explained.score
-        ),
+        name: _relative_error((c.weights * c.values).sum(1), c.descriptor.square().sum((1, 2)))
+        for name, c in (("sum", total), ("democratic", demo))
     }
-    assert demo.alpha is not None
+    checks["class"] = _relative_error(
+        explained.values.sum(1) + explained.bias + explained.ridge, explained.score
+    )
     return ImageMaps(
         sum=total.shares() * n,
         democratic=demo.shares() * n,
@@ -165,33 +140,22 @@ def draw_maps(
     b = images.shape[0]
     probs = maps.explained.logits.float().softmax(1)
     top = probs.topk(min(top_k, probs.shape[1]), dim=1)
-    columns = 6
-    fig = figure(tile * columns, (tile + 0.55) * b)
-    axes = np.asarray(fig.subplots(b, columns)).reshape(b, columns)
-    spreads = {k: spread(getattr(maps, k)) for k in ("sum", "democratic", "matrix")}
+    fig = figure(tile * 6, (tile + 0.55) * b)
+    axes = np.asarray(fig.subplots(b, 6)).reshape(b, 6)
+    cv = {k: spread(getattr(maps, k)) for k in ("sum", "democratic", "matrix")}
     for i in range(b):
         lines = [f"true: {classes[labels[i]]}"] if labels is not None else []
-        lines += [
-            f"{classes[c]} {p:.2f}" for p, c in zip(top.values[i].tolist(), top.indices[i].tolist())
-        ]
+        lines += [f"{classes[c]} {p:.2f}" for p, c in zip(top.values[i], top.indices[i].tolist())]
         draw_image(axes[i, 0], images[i], "\n".join(lines))
         panels = [
-            (maps.sum[i], f"sum  cv {spreads['sum'][i]:.2f}", False),
-            (
-                maps.democratic[i],
-                f"democratic g={maps.gamma:g}  cv {spreads['democratic'][i]:.2f}",
-                False,
-            ),
-            (maps.alpha[i], "alpha (n w)", False),
-            (maps.matrix[i], f"{maps.matrix_label}  cv {spreads['matrix'][i]:.2f}", False),
-            (
-                maps.class_map[i],
-                f"class {classes[int(maps.explained.target[i])]}",
-                True,
-            ),
+            (maps.sum[i], f"sum  cv {cv['sum'][i]:.2f}"),
+            (maps.democratic[i], f"democratic g={maps.gamma:g}  cv {cv['democratic'][i]:.2f}"),
+            (maps.alpha[i], "alpha (n w)"),
+            (maps.matrix[i], f"{maps.matrix_label}  cv {cv['matrix'][i]:.2f}"),
+            (maps.class_map[i], f"class {classes[int(maps.explained.target[i])]}"),
         ]
-        for ax, (values, title, signed) in zip(axes[i, 1:], panels):
+        for k, (ax, (values, title)) in enumerate(zip(axes[i, 1:], panels)):
             draw_overlay(
-                ax, images[i], values, maps.grid, title=title, signed=signed, opacity=opacity
+                ax, images[i], values, maps.grid, title=title, signed=k == 4, opacity=opacity
             )
     return fig

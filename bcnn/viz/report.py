@@ -49,13 +49,8 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
 
 @dataclass
 class Predictions:
-    """Predictions of a model on (part of) a split.
-
-    Attributes:
-        indices: (N,) dataset indices.
-        labels: (N,) true classes.
-        probs: (N, K) softmax.
-    """
+    """A model's softmax ``probs`` (N, K) on the images ``indices`` (N,) of a split, whose
+    true classes are ``labels`` (N,)."""
 
     indices: np.ndarray
     labels: np.ndarray
