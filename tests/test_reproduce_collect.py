@@ -44,6 +44,7 @@ def _results(test: float, val: float | None = 50.0) -> dict:
         "num_classes": 12,
         "dataset": "synthetic",
         "output_dir": "/elsewhere",
+        "skipped_images": {"count": 0, "first": []},  # a list: unhashable for pandas
     }
 
 
@@ -68,6 +69,7 @@ def test_summarize_sweep_gives_one_row_per_job(tmp_path: Path) -> None:
     assert pd.read_csv(tmp_path / "summary.csv")["test_acc"].notna().sum() == 3
     md = (tmp_path / "summary.md").read_text()
     assert "3 of 4 jobs completed" in md and "| 82.25 |" in md
+    assert "| skipped_images.first |" in md  # its lists compared without hashing
 
     out = tmp_path / "elsewhere"
     assert summarize_script.main([str(tmp_path), str(out)]) == 0

@@ -141,7 +141,8 @@ def summarize_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None) ->
     # copies of the metrics, or what the jobs of a sweep rarely change.
     drop = {"overrides", "num_classes", "num_parameters"}
     shown = [c for c in df.columns if c not in drop and not c.startswith("stages.")]
-    same = [c for c in shown[2:] if len(df) > 1 and df[c].nunique(dropna=False) == 1]
+    # repr: list values (a searchpath override, per-stage lists in results) are not hashable.
+    same = [c for c in shown[2:] if len(df) > 1 and df[c].map(repr).nunique() == 1]
     done = int((df["status"] == COMPLETED).sum()) if len(df) else 0
     text = f"# Sweep {Path(sweep_dir).resolve()}\n\n{done} of {len(df)} jobs completed.\n\n"
     if same:
