@@ -60,6 +60,7 @@ def check_batch_sizes(trainer: DictConfig, train_size: int, split: str = "train"
         elif stage.grad_accum > batches:
             key, problem = "grad_accum", f"{stage.grad_accum} exceeds the {batches} batches"
             problem += f" of an epoch ({train_size} images of {split}); use at most {batches}"
+            problem += " (recipe=small_data steps every 16 images: made for a few hundred)"
         else:
             continue
         if limit is None:
