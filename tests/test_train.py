@@ -169,7 +169,7 @@ def test_plateau_schedule_in_min_mode_is_refused_before_any_work(tmp_path: Path)
 
 def test_grad_accum_above_the_batches_of_an_epoch_is_refused(tmp_path: Path) -> None:
     cfg = compose_config(["trainer.linear.batch_size=8", "trainer.linear.grad_accum=5"])
-    with pytest.raises(ConfigError, match="5 exceeds the 4 batches.*recipe=small_data") as err:
+    with pytest.raises(ConfigError, match=r"5 exceeds the 4 batches.*recipe=small_data") as err:
         check_batch_sizes(cfg.trainer, 32)
     assert err.value.key == "trainer.linear.grad_accum"
     cfg.trainer.linear.grad_accum = 4
