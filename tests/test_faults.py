@@ -504,8 +504,8 @@ def test_two_runs_sharing_a_cache_key_compute_it_once(tmp_path: Path) -> None:
     assert not any(n.endswith(".partial") for n in names)
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return start_train(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(args: list[str]):
+    return start_train(args)  # communicate() returns (stdout, stderr) as text
 
 
 @pytest.mark.slow

@@ -140,7 +140,8 @@ def test_joblib_multirun_runs_two_jobs(tmp_path: Path) -> None:
             "dataset.trainval_size=100",
             "dataset.test_size=40",
             f"hydra.sweep.dir={tmp_path}",
-        ]
+        ],
+        warm=False,  # the launcher's worker processes import the task from a new __main__
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     configs = sorted(tmp_path.glob("*/config.yaml"))
@@ -161,7 +162,8 @@ def test_submitit_local_launcher_runs_a_job(tmp_path: Path) -> None:
             "dataset.trainval_size=100",
             "dataset.test_size=40",
             f"hydra.sweep.dir={tmp_path}",
-        ]
+        ],
+        warm=False,  # as with joblib: the job runs in a process of the launcher's own
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list(tmp_path.glob("*/results.json"))) == 1

@@ -126,14 +126,17 @@ def test_killed_run_resumes_to_the_same_results(tmp_path: Path) -> None:
         "dataset.trainval_size=200",
         "dataset.test_size=60",
     ]
-    reference = run_train([*args, f"hydra.run.dir={tmp_path / 'full'}"])
+    # New interpreters all three, as start_train starts the killed one.
+    reference = run_train([*args, f"hydra.run.dir={tmp_path / 'full'}"], warm=False)
     assert reference.returncode == 0, reference.stderr[-2000:]
     expected = json.loads((tmp_path / "full" / "results.json").read_text())
 
     run_dir = tmp_path / "killed"
-    # The same thread settings as the reference and the resumed run (start_train).
     proc = start_train(
-        [*args, f"hydra.run.dir={run_dir}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*args, f"hydra.run.dir={run_dir}"],
+        warm=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     last = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 120
@@ -143,7 +146,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path: Path) -> None:
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (run_dir / "results.json").exists()
 
-    resumed = run_train(["trainer.progress=false", f"trainer.resume={run_dir}"])
+    resumed = run_train(["trainer.progress=false", f"trainer.resume={run_dir}"], warm=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = json.loads((run_dir / "results.json").read_text())
     assert _strip(got) == _strip(expected)
