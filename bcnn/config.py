@@ -44,7 +44,6 @@ from bcnn.limits import (
     problem,
     signature,
 )
-from bcnn.models.plan import check_dataset_memory
 
 STAGES = ("linear", "finetune")
 PRECISIONS = ("32", "bf16", "fp16")
@@ -330,6 +329,9 @@ def validate(cfg: DictConfig, files: bool = False) -> None:
             "trainer.cache_features", "this classifier fits on cached descriptors: use auto or true"
         )
     if files:
+        # Here, not at the top: the configs compose without torch (bcnn-reproduce's list).
+        from bcnn.models.plan import check_dataset_memory
+
         check_dataset_memory(cfg.dataset)
     for name in STAGES:
         _check_schedule(cfg.trainer[name], f"trainer.{name}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import benchlib as bench
 import pytest
 
-from tests.conftest import REPO_ROOT, load_script, subprocess_env
+from tests.conftest import REPO_ROOT, load_script, run_train
 
 
 def _load_script():
@@ -20,20 +20,34 @@ def _load_script():
 bench_gpu = _load_script()
 
 
+def test_make_bench_gpu_runs_the_script_with_its_arguments() -> None:
+    if not shutil.which("make"):  # pragma: no cover  (make is there wherever `make test` runs)
+        pytest.skip("no make")
+    args = "--device cpu --quick --out results"
+    command = ["make", "-s", "-n", "bench-gpu", "BENCH_PYTHON=python9", f"ARGS={args}"]
+    dry = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert dry.stdout.strip() == f"python9 scripts/bench_gpu.py {args}"
+
+
 @pytest.mark.slow
-def test_make_bench_gpu_quick_runs_every_part_and_checks_every_target(tmp_path: Path) -> None:
+def test_bench_gpu_quick_runs_every_part_and_checks_every_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each part forked from a warm interpreter (tests/_warm.py) rather than started anew;
+    # run_part itself, its process group and timeout, is the test below.
+    def warm_part(command: list[str], timeout_s: float, label: str) -> tuple[str, list[str]]:
+        proc = run_train([], timeout=timeout_s, script=command)
+        code = proc.returncode
+        tail = (proc.stdout + proc.stderr).splitlines()[-40:]
+        return ("ok" if code == 0 else f"failed (exit code {code})"), tail
+
+    monkeypatch.setattr(bench_gpu, "run_part", warm_part)
     args = f"--device cpu --quick --out {tmp_path}"
-    if shutil.which("make"):
-        command = ["make", "-s", "bench-gpu", f"BENCH_PYTHON={sys.executable}", f"ARGS={args}"]
-    else:  # pragma: no cover  (make is there wherever `make test` runs)
-        command = [sys.executable, "scripts/bench_gpu.py", *args.split()]
-    proc = subprocess.run(
-        command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
-        timeout=540, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code = bench_gpu.main(args.split())
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
     for part in bench_gpu.PARTS:
-        assert f"== {part.name}: ok in" in proc.stdout
+        assert f"== {part.name}: ok in" in out
     files = [
         "training_cpu.csv", "training_cpu_cache.csv", "training_cpu.md", "model_heads_cpu.csv",
         "model_heads_cpu.md", "small_side_cpu.csv", "small_side_cpu.md",

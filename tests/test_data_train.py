@@ -68,7 +68,9 @@ def test_a_bad_image_read_by_a_worker_stops_the_run_with_one_line(tmp_path: Path
         ds[[r.path for r in ds.records].index("crow/img_00.jpg")]
     args = ["dataset=folder", f"dataset.root={truth.root}", "debug=smoke", "backbone=small"]
     args += ["dataset.transform.size=32", "trainer.num_workers=2"]
-    proc = run_train([*args, f"hydra.run.dir={tmp_path / 'run'}"], full_error=False)
+    # A new interpreter: forked from the warm one, the loader's workers outlive the error by
+    # the loader's 5-second join timeout each.
+    proc = run_train([*args, f"hydra.run.dir={tmp_path / 'run'}"], full_error=False, warm=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert [line for line in proc.stderr.splitlines() if "error" in line] == [
         f"bcnn-train: error: {in_process.value}"

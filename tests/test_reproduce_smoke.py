@@ -3,30 +3,52 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from hydra import compose, initialize_config_module
 
+from bcnn.cli.reproduce import reproduce
 from bcnn.engine import train
 from bcnn.reproduce import launch
 from bcnn.reproduce.tables import TABLES
 from tests.conftest import REPO_ROOT, compose_config, run_train
 
 
+def _reproduce(overrides: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bcnn-reproduce *overrides`` in this process, its multirun of train.py forked from
+    a warm interpreter (tests/_warm.py) rather than started anew.
+
+    The command end to end, one new interpreter launching another, is
+    test_smoke_report_of_iccv15_table1_differs_across_dataset_columns.
+    """
+
+    def run(cmd: list[str], check: bool = False) -> subprocess.CompletedProcess:
+        proc = run_train([], cwd=cwd, timeout=400, script=cmd)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc
+
+    monkeypatch.setattr(launch.subprocess, "run", run)
+    with initialize_config_module("bcnn.configs", version_base="1.3"):
+        cfg = compose("reproduce", overrides=overrides)
+    assert reproduce(cfg) == 0
+
+
 @pytest.mark.slow
-def test_smoke_talk_table_tells_first_from_second_order_and_reports(tmp_path: Path) -> None:
+def test_smoke_talk_table_tells_first_from_second_order_and_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Two rows of the talk's fine-grained table: FC [D] (average pooling) and Bilinear
     # [D+M] (x_a x_b^T of a two-stream model: smoke mode builds two small CNNs). On the
     # built-in dataset, whose classes differ only in co-occurrences, the bilinear row
     # must score above the first-order one.
     sweep = tmp_path / "sweep"
-    script = [sys.executable, str(REPO_ROOT / "scripts" / "reproduce.py")]
     rows = ["fc_d__birds", "bilinear_d_plus_m__birds"]
     args = ["table=talk_fine_grained", "smoke=true", "collect=true", f"sweep_dir={sweep}"]
-    proc = run_train([*args, f"rows=[{','.join(rows)}]"], cwd=tmp_path, timeout=400, script=script)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _reproduce([*args, f"rows=[{','.join(rows)}]"], tmp_path, monkeypatch)
 
     acc = {}
     for row_id in rows:
@@ -77,15 +99,15 @@ def test_smoke_rows_with_different_normalizations_score_differently(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_smoke_of_the_new_tables_runs_lrbp_and_splits(tmp_path: Path) -> None:
+def test_smoke_of_the_new_tables_runs_lrbp_and_splits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # BMVC 2017 Table 4's LRBP row (a projection and a low-rank classifier), and one ECCV
     # 2018 Tables 2-5 cell (compact pooling) repeated over two smoke splits (two synthetic
     # datasets): every job runs, the report gives the split mean and standard deviation.
-    script = [sys.executable, str(REPO_ROOT / "scripts" / "reproduce.py")]
     t4 = tmp_path / "t4"
     args = ["table=bmvc17_table4", "smoke=true", "collect=true", f"sweep_dir={t4}"]
-    proc = run_train([*args, "rows=lrbp*__cub"], cwd=tmp_path, timeout=400, script=script)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _reproduce([*args, "rows=lrbp*__cub"], tmp_path, monkeypatch)
     report = pd.read_csv(t4 / "report" / "bmvc17_table4.csv").set_index("row_id")
     assert report.loc["lrbp_vgg_d__cub", "status"] == "ok"
     assert 25 < report.loc["lrbp_vgg_d__cub", "ours"] <= 100  # 4 classes: above chance
@@ -97,9 +119,7 @@ def test_smoke_of_the_new_tables_runs_lrbp_and_splits(tmp_path: Path) -> None:
 
     t25 = tmp_path / "t25"
     args = ["table=eccv18_tables2_5", "smoke=true", "collect=true", f"sweep_dir={t25}"]
-    proc = run_train([*args, "rows=ts_plus_gamma_democratic__dtd"], cwd=tmp_path, timeout=400,
-                     script=script)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _reproduce([*args, "rows=ts_plus_gamma_democratic__dtd"], tmp_path, monkeypatch)
     cell = pd.read_csv(t25 / "report" / "eccv18_tables2_5.csv").set_index("row_id")
     cell = cell.loc["ts_plus_gamma_democratic__dtd"]
     accs = [

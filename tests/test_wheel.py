@@ -17,7 +17,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from torchvision.transforms.functional import to_pil_image
 
+from bcnn.data.synthetic import SyntheticDataset
 from tests.conftest import REPO_ROOT, subprocess_env
 
 # What the build reads; copied so that building leaves nothing in the checkout.
@@ -129,19 +131,9 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path: Path, smoke_ov
     # The trained model's users: predict on image files, evaluate, export and predict again.
     images = tmp_path / "images"
     images.mkdir()
-    _run(
-        [
-            str(bin_dir / "python"),
-            "-c",
-            "import sys; from bcnn.data.synthetic import SyntheticDataset; "
-            "from torchvision.transforms.functional import to_pil_image; "
-            "ds = SyntheticDataset(split='test', test_size=2); "
-            "[to_pil_image(ds[i][0]).save(f'{sys.argv[1]}/img{i}.png') for i in range(2)]",
-            str(images),
-        ],
-        work,
-        env,
-    )
+    test_set = SyntheticDataset(split="test", test_size=2)
+    for i in range(2):
+        to_pil_image(test_set[i][0]).save(images / f"img{i}.png")
     preds = tmp_path / "preds.csv"
     predicted = _run(
         [
