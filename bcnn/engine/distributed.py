@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -57,7 +58,15 @@ def init() -> DistEnv:
             torch.cuda.set_device(env.local_rank)
             backend = "cpu:gloo,cuda:nccl"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        # Left to the interpreter's own teardown, the group's C++ threads can be destroyed
+        # while still joinable: std::terminate, and a run that finished exits with SIGABRT.
+        atexit.register(_destroy)
     return env
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
