@@ -551,13 +551,14 @@ def test_a_refused_start_writes_nothing_into_the_run_directory(tmp_path: Path) -
     run_dir = tmp_path / "run"
     _finished_run(run_dir)
     before = _files(run_dir)
-    code = (
+    script = tmp_path / "late_start.py"
+    script.write_text(
         "import hydra, bcnn.config; from bcnn.engine import trainer; "
         "hydra.main(version_base='1.3', config_path='pkg://bcnn.configs', "
-        "config_name='train')(trainer.train)()"
+        "config_name='train')(trainer.train)()\n"
     )
     proc = run_train(
-        [*LINEAR, "seed=2", f"hydra.run.dir={run_dir}"], script=[sys.executable, "-c", code]
+        [*LINEAR, "seed=2", f"hydra.run.dir={run_dir}"], script=[sys.executable, str(script)]
     )
     assert proc.returncode != 0
     assert "already holds a run" in proc.stderr and f"trainer.resume={run_dir}" in proc.stderr

@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -126,18 +125,13 @@ def test_killed_run_resumes_to_the_same_results(tmp_path: Path) -> None:
         "dataset.trainval_size=200",
         "dataset.test_size=60",
     ]
-    # New interpreters all three, as start_train starts the killed one.
-    reference = run_train([*args, f"hydra.run.dir={tmp_path / 'full'}"], warm=False)
+    # All three started the same way (tests/_warm.py): one thread setting for all.
+    reference = run_train([*args, f"hydra.run.dir={tmp_path / 'full'}"])
     assert reference.returncode == 0, reference.stderr[-2000:]
     expected = json.loads((tmp_path / "full" / "results.json").read_text())
 
     run_dir = tmp_path / "killed"
-    proc = start_train(
-        [*args, f"hydra.run.dir={run_dir}"],
-        warm=False,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_train([*args, f"hydra.run.dir={run_dir}"])
     last = run_dir / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while not last.exists() and proc.poll() is None and time.time() < deadline:
@@ -146,7 +140,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path: Path) -> None:
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (run_dir / "results.json").exists()
 
-    resumed = run_train(["trainer.progress=false", f"trainer.resume={run_dir}"], warm=False)
+    resumed = run_train(["trainer.progress=false", f"trainer.resume={run_dir}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = json.loads((run_dir / "results.json").read_text())
     assert _strip(got) == _strip(expected)
