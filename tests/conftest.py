@@ -10,7 +10,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 import torch
@@ -141,18 +140,11 @@ def train_command() -> list[str]:
     return [sys.executable, str(REPO_ROOT / "train.py")]
 
 
-def start_train(args: Sequence[str], warm: bool = True, **popen: object) -> Any:
-    """``python train.py *args`` started in the background, with :func:`subprocess_env`.
-
-    Forked from a warm interpreter (tests/_warm.py) when ``warm``, else a new one; both
-    handles have ``pid``, ``poll``, ``wait``, ``communicate``, ``send_signal`` and ``kill``.
-    The warm one captures stdout and stderr as text (``communicate`` returns them).
-    """
-    if warm:
-        return _warm.Process([*train_command(), *args], REPO_ROOT, subprocess_env())
-    return subprocess.Popen(  # type: ignore[call-overload]
-        [*train_command(), *args], cwd=REPO_ROOT, env=subprocess_env(), **popen
-    )
+def start_train(args: Sequence[str]) -> _warm.Process:
+    """``python train.py *args`` started in the background, with :func:`subprocess_env`,
+    forked like :func:`run_train`'s runs (tests/_warm.py); ``communicate`` returns the
+    output as text."""
+    return _warm.Process([*train_command(), *args], REPO_ROOT, subprocess_env())
 
 
 @pytest.fixture
