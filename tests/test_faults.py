@@ -504,15 +504,11 @@ def test_two_runs_sharing_a_cache_key_compute_it_once(tmp_path: Path) -> None:
     assert not any(n.endswith(".partial") for n in names)
 
 
-def _start(args: list[str]):
-    return start_train(args)  # communicate() returns (stdout, stderr) as text
-
-
 @pytest.mark.slow
 def test_concurrent_runs_on_one_cache_directory_both_succeed(tmp_path: Path) -> None:
     shared = tmp_path / "cache"
     common = [*LINEAR, "trainer.cache_features=true", f"trainer.cache_dir={shared}"]
-    procs = [_start([*common, f"hydra.run.dir={tmp_path / name}"]) for name in ("a", "b")]
+    procs = [start_train([*common, f"hydra.run.dir={tmp_path / name}"]) for name in ("a", "b")]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
     logs = "".join((tmp_path / n / "train.log").read_text() for n in ("a", "b"))
@@ -577,7 +573,7 @@ def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_runs_into_one_directory_at_once(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    procs = [_start([*LINEAR, f"seed={seed}", f"hydra.run.dir={run_dir}"]) for seed in (1, 2)]
+    procs = [start_train([*LINEAR, f"seed={seed}", f"hydra.run.dir={run_dir}"]) for seed in (1, 2)]
     outs = [p.communicate(timeout=300) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes[0] == 0 and codes[1] != 0, [o[1][-1500:] for o in outs]
