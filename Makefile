@@ -20,11 +20,15 @@ $(READY): pyproject.toml setup.py scripts/install_torch.py
 train: $(READY)
 	$(BIN)/python train.py $(ARGS)
 
+# mypy (one core, ~25 s) runs beside the tests; its report follows theirs, and either
+# failing fails the target.
 test: $(READY)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
-	$(BIN)/python -m pytest -n 2 --dist load --maxschedchunk 2 -m "not real" $(ARGS)
+	@log=$$(mktemp); $(BIN)/mypy >$$log 2>&1 & mypy=$$!; \
+	$(BIN)/python -m pytest -n 2 --dist load --maxschedchunk 2 -m "not real" $(ARGS); \
+	tests=$$?; wait $$mypy; types=$$?; echo "mypy:"; cat $$log; rm -f $$log; \
+	[ $$tests -eq 0 ] && [ $$types -eq 0 ]
 
 # The real tier (tests/real/): a pretrained VGG-16 (fetched once with pip into
 # BCNN_REAL_CACHE, default ~/.cache/bcnn/real) on photographs; about 5 minutes on 2 idle cores.

@@ -41,15 +41,23 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
-def _cache_packaged_configs() -> None:
-    """Makes Hydra parse each packaged YAML file once per test process, not per compose.
+def _speed_up_composition() -> list[tuple[object, str, object]]:
+    """Two shortcuts in Hydra's composition for this test process; results are unchanged.
 
-    The suite composes configs about a thousand times; Hydra reads and parses every file of
-    the defaults tree again each time (0.1 s of a 0.2 s compose). Files of the installed
-    ``bcnn.configs`` package do not change during a test session; a result is deep-copied
-    on the way out because Hydra builds on it. Other sources (a test's own ``file://``
-    search path) are read as usual.
+    The suite composes configs about a thousand times, a quarter of its CPU time.
+
+    - Hydra reads and parses every file of the defaults tree again on each compose. Files
+      of the installed ``bcnn.configs`` package do not change during a test session: each
+      is parsed once per process and deep-copied on the way out, because Hydra builds on
+      it. Other sources (a test's own ``file://`` search path) are read as usual.
+    - For each config of the tree, Hydra turns every group choice made so far into an
+      OmegaConf config, which only a defaults-list interpolation (``- db: ${choice}``)
+      reads: built only where the defaults list has one (a fifth of a compose's time).
+
+    Returns (owner, attribute, original) of what it replaced, for the test that composes
+    with and without the shortcuts.
     """
+    from hydra._internal import defaults_list
     from hydra._internal.config_repository import ConfigRepository
     from hydra._internal.core_plugins.file_config_source import FileConfigSource
 
@@ -66,8 +74,22 @@ def _cache_packaged_configs() -> None:
 
     ConfigRepository.load_config = load_config  # type: ignore[method-assign]
 
+    interpolation_map = defaults_list._create_interpolation_map
 
-_cache_packaged_configs()
+    def create_interpolation_map(overrides, defaults, self_added):  # type: ignore[no-untyped-def]
+        # Its one caller reads the map only for the interpolated entries of ``defaults``.
+        if not any(d.is_interpolation() for d in defaults):
+            return None
+        return interpolation_map(overrides, defaults, self_added)
+
+    defaults_list._create_interpolation_map = create_interpolation_map
+    return [
+        (ConfigRepository, "load_config", load),
+        (defaults_list, "_create_interpolation_map", interpolation_map),
+    ]
+
+
+HYDRA_ORIGINALS = _speed_up_composition()
 
 
 @pytest.fixture(autouse=True, scope="session")

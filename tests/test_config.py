@@ -6,14 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 
 from bcnn.config import instantiate, validate
 from bcnn.engine import train
 from bcnn.errors import ConfigError
 from bcnn.models import build_model
 from bcnn.models.backbones.base import read_weights
-from tests.conftest import CONFIG_DIR, compose_config, run_train
+from tests.conftest import CONFIG_DIR, HYDRA_ORIGINALS, compose_config, run_train
 
 GROUPS = (
     "backbone", "pooling", "normalization", "classifier", "dataset", "trainer", "logger",
@@ -24,6 +26,39 @@ GROUPS = (
 def _options(group: str) -> list[str]:
     # Files starting with "_" are shared parts of the options, not options.
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if p.stem[0] != "_")
+
+
+def test_the_suites_composition_shortcuts_change_no_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tests/conftest.py shortens Hydra's composition for the suite; every other test relies
+    # on it composing what train.py composes. A defaults list with an interpolation (the
+    # one case where the second shortcut defers to Hydra) and two of the packaged configs.
+    for group, option in (("dataset", "imagenet"), ("model", "alexnet")):
+        (tmp_path / group).mkdir()
+        (tmp_path / group / f"{option}.yaml").write_text(f"{group}_name: {option}\n")
+    (tmp_path / "pair").mkdir()
+    (tmp_path / "pair" / "imagenet_alexnet.yaml").write_text("lr: 0.01\n")
+    (tmp_path / "main.yaml").write_text(
+        "defaults:\n  - dataset: imagenet\n  - model: alexnet\n  - pair: ${dataset}_${model}\n"
+    )
+
+    def configs() -> list:
+        with initialize_config_dir(str(tmp_path), version_base="1.3"):
+            interpolated = compose("main")
+        packaged = [
+            compose_config(["experiment=iccv15_t1_bcnn_dm", "dataset=cars"]),
+            compose_config(
+                ["pooling=democratic", "normalization=sqrt_l2", "trainer.finetune.lr=0.5"]
+            ),
+        ]
+        return [OmegaConf.to_container(c) for c in (interpolated, *packaged)]
+
+    fast = configs()
+    assert fast[0]["pair"] == {"lr": 0.01}
+    for owner, name, original in HYDRA_ORIGINALS:
+        monkeypatch.setattr(owner, name, original)
+    assert configs() == fast
 
 
 @pytest.mark.parametrize(
