@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from collections import namedtuple
 from pathlib import Path
@@ -16,6 +15,7 @@ from omegaconf import OmegaConf
 
 from bcnn.engine import cache, train
 from bcnn.models import build_model
+from tests import _warm
 from tests.conftest import REPO_ROOT, compose_config, run_train, subprocess_env
 
 LINEAR = [
@@ -106,14 +106,14 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
     ]
     one = run_train([*args, f"hydra.run.dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
+    # torchrun forked warm; the two ranks it starts are new interpreters.
+    two = _warm.run(
         [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
             "--standalone",
             str(REPO_ROOT / "train.py"), *args, f"hydra.run.dir={tmp_path / 'two'}",
         ],
-        cwd=REPO_ROOT, env=subprocess_env(threads=1), capture_output=True, text=True,
-        timeout=300, check=False,
+        REPO_ROOT, subprocess_env(threads=1), timeout=300,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())
@@ -162,9 +162,8 @@ def test_submitit_local_launcher_runs_a_job(tmp_path: Path) -> None:
             "dataset.trainval_size=100",
             "dataset.test_size=40",
             f"hydra.sweep.dir={tmp_path}",
-        ],
-        warm=False,  # as with joblib: the job runs in a process of the launcher's own
-    )
+        ]
+    )  # the job itself runs in a new interpreter that submitit starts
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(list(tmp_path.glob("*/results.json"))) == 1
 
@@ -183,15 +182,17 @@ def test_slurm_preset_composes() -> None:
 
 
 def test_missing_launcher_plugin_gives_install_hint(tmp_path: Path) -> None:
-    # A fake plugin path hides the installed one from this subprocess.
-    code = (
-        "import importlib.util, sys; real = importlib.util.find_spec; "
-        "importlib.util.find_spec = lambda n, *a: None if n.startswith('hydra_plugins') "
-        "else real(n, *a); sys.argv = ['train.py', '-m', 'hydra/launcher=joblib']; "
-        "from bcnn.train import main; main()"
+    # The check asks the import system for the plugin: here it answers "not installed".
+    script = tmp_path / "no_plugins.py"
+    script.write_text(
+        "import sys\n"
+        "import bcnn.cli.overrides as cli\n"
+        "real = cli.find_spec\n"
+        "cli.find_spec = lambda n, *a: None if n.startswith('hydra_plugins') else real(n, *a)\n"
+        "sys.argv = ['train.py', '-m', 'hydra/launcher=joblib']\n"
+        "from bcnn.train import main\n"
+        "main()\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
-    )
+    proc = run_train([], cwd=tmp_path, script=[sys.executable, str(script)])
     assert proc.returncode != 0
     assert "pip install 'bcnn[launchers]'" in proc.stderr

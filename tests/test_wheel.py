@@ -128,7 +128,7 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path: Path, smoke_ov
     assert (run_dir / "checkpoints" / "last.pt").stat().st_size > 0
     assert not list(work.iterdir()), "the run wrote into the working folder"
 
-    # The trained model's users: predict on image files, evaluate, export and predict again.
+    # The trained model's users: predict on image files, evaluate, export.
     images = tmp_path / "images"
     images.mkdir()
     test_set = SyntheticDataset(split="test", test_size=2)
@@ -158,10 +158,8 @@ def test_wheel_installs_and_trains_outside_the_checkout(tmp_path: Path, smoke_ov
     assert "top-1" in evaluated.stdout and (tmp_path / "eval" / "confusion_matrix.png").is_file()
     export = tmp_path / "export"
     _run([str(bin_dir / "bcnn-export"), str(run_dir), "--out", str(export)], work, env)
-    again = _run(
-        [str(bin_dir / "bcnn-predict"), str(export / "model.onnx"), str(images)], work, env
-    )
-    assert again.stdout.splitlines()[1].split()[:2] == predicted.stdout.splitlines()[1].split()[:2]
+    # (Predicting from the exported file: tests/test_cli_predict.py.)
+    assert (export / "model.onnx").stat().st_size > 0
     assert not list(work.iterdir()), "a command wrote into the working folder"
 
     listing = _run([str(bin_dir / "bcnn-reproduce")], work, env)
