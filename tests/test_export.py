@@ -29,7 +29,6 @@ from bcnn.export import (
     read_metadata,
 )
 from bcnn.export.graph import (
-    ExportTensorSketch,
     newton_schulz_log,
     newton_schulz_power,
     newton_schulz_sqrt,
@@ -175,6 +174,15 @@ def test_exportable_leaves_the_model_alone_and_names_what_it_approximates(
     assert "normalization.sqrt" in note and f"{iters} Newton-Schulz" in note and "eigh" in note
 
 
+def test_the_exported_tensor_sketch_takes_the_pooled_route(tmp_path: Path) -> None:
+    # Eager calls pick a route per map size; the graph has no FFT whatever the size.
+    trained = _trained(tmp_path, ["pooling=compact", "pooling.sketch.out_dim=512"])
+    copy, _ = exportable(trained.model)
+    sketches = [m for m in copy.modules() if isinstance(m, TensorSketch)]
+    assert [m.route for m in sketches] == ["pooled"]
+    assert trained.model.pooling.sketch.route is None
+
+
 def test_a_step_without_exportable_form_fails_naming_its_key(tmp_path: Path) -> None:
     class Cube(Step):
         def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -277,13 +285,6 @@ def test_exact_iterations_follow_the_conditioning() -> None:
     assert exact_iterations(512, 1e-4, "trace") > exact_iterations(64, 1e-4, "trace")
     # Without a relative ridge, float32's precision bounds the ratio that matters.
     assert exact_iterations(64, 0.0, "trace") == exact_iterations(64, 1.0, "abs") == 20 + 6
-
-
-def test_tensor_sketch_as_a_scatter_equals_the_fft_form() -> None:
-    sketch = TensorSketch(16, 64, seed=3, in_dim2=8)
-    x = torch.randn(2, 20, 16, dtype=torch.float64)
-    y = torch.randn(2, 20, 8, dtype=torch.float64)
-    torch.testing.assert_close(ExportTensorSketch(sketch)(x, y), sketch(x, y), atol=1e-12, rtol=0)
 
 
 def photographs(*sizes: int) -> list[torch.Tensor]:

@@ -91,3 +91,28 @@ def test_gradients_shapes_and_bf16_autocast(cls) -> None:
         m(torch.randn(2, 9, 15))
     with pytest.raises(ValueError):
         cls(16, 32, in_dim2=8)(torch.randn(2, 9, 16))  # two-input module needs y
+
+
+def test_tensor_sketch_routes_agree_in_values_and_gradients() -> None:
+    # The per-location FFTs and the scatter of the pooled matrix are one linear map.
+    sketch = TensorSketch(16, 64, seed=3, in_dim2=8)
+    x = torch.randn(2, 20, 16, dtype=F64, requires_grad=True)
+    y = torch.randn(2, 20, 8, dtype=F64, requires_grad=True)
+    results = {}
+    for route in ("fft", "pooled"):
+        sketch.route = route
+        out = sketch(x, y)
+        grads = torch.autograd.grad(out.sin().sum(), (x, y))
+        results[route] = (out, *grads)
+    for a, b in zip(results["fft"], results["pooled"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert results["fft"][0].abs().max() > 0.1
+
+
+def test_tensor_sketch_takes_the_route_holding_fewer_values() -> None:
+    vgg = TensorSketch(512, 8192)  # 512 x 512 matrix against 28 x 28 locations x 8192
+    assert vgg.route_for(28 * 28) == "pooled" and vgg.route_for(16) == "fft"
+    resnet = TensorSketch(2048, 8192)  # 4.2M matrix entries against 14 x 14 x 8192 = 1.6M
+    assert resnet.route_for(14 * 14) == "fft"
+    resnet.route = "pooled"  # what the exporter sets
+    assert resnet.route_for(14 * 14) == "pooled"
