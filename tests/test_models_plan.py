@@ -83,14 +83,21 @@ def test_the_minimum_input_size_is_the_real_one():
         backbone(torch.zeros(1, 3, 127, 127))
 
 
+RM = "bcnn.ops.RandomMaclaurin"
+
+
 @pytest.mark.usefixtures("machine_16gb")
 @pytest.mark.parametrize(
     ("overrides", "key", "estimate"),
     [
         # The 65536 x 65536 matrix of an image, and a 4.3e9 x 12 classifier weight.
         (["pooling.proj_dim=65536"], "pooling.proj_dim", "206.2 GB"),
-        # A 16.7M-wide count sketch of every location of the 32 x 32 map.
-        (["pooling=compact", "pooling.sketch.out_dim=16777216"], "pooling.sketch.out_dim", None),
+        # 16.7M-wide Random Maclaurin projections of every location of the 32 x 32 map.
+        (
+            ["pooling=compact", f"pooling.sketch._target_={RM}", "pooling.sketch.out_dim=16777216"],
+            "pooling.sketch.out_dim",
+            None,
+        ),
         (["dataset=cub", "dataset.transform.size=8192"], "dataset.transform.size", None),
     ],
 )
