@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -48,8 +49,8 @@ def _speed_up_composition() -> list[tuple[object, str, object]]:
 
     - Hydra reads and parses every file of the defaults tree again on each compose. Files
       of the installed ``bcnn.configs`` package do not change during a test session: each
-      is parsed once per process and deep-copied on the way out, because Hydra builds on
-      it. Other sources (a test's own ``file://`` search path) are read as usual.
+      is parsed once per process and copied on the way out, because Hydra builds on it.
+      Other sources (a test's own ``file://`` search path) are read as usual.
     - For each config of the tree, Hydra turns every group choice made so far into an
       OmegaConf config, which only a defaults-list interpolation (``- db: ${choice}``)
       reads: built only where the defaults list has one (a fifth of a compose's time).
@@ -62,15 +63,22 @@ def _speed_up_composition() -> list[tuple[object, str, object]]:
     from hydra._internal.core_plugins.file_config_source import FileConfigSource
 
     load = ConfigRepository.load_config
-    cache: dict[tuple[tuple[str, ...], str], object] = {}
+    # Pickled where it pickles: unpickling is ~8 times faster than deepcopy. Structured
+    # configs (the train schema's dataclass) do not pickle and are deep-copied.
+    cache: dict[tuple[tuple[str, ...], str], tuple[bytes | None, object]] = {}
 
     def load_config(self: ConfigRepository, config_path: str):  # type: ignore[no-untyped-def]
         if any(isinstance(source, FileConfigSource) for source in self.sources):
             return load(self, config_path)
         key = (tuple(source.full_path() for source in self.sources), config_path)
         if key not in cache:
-            cache[key] = load(self, config_path)
-        return copy.deepcopy(cache[key])
+            result = load(self, config_path)
+            try:
+                cache[key] = (pickle.dumps(result), None)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                cache[key] = (None, result)
+        pickled, result = cache[key]
+        return pickle.loads(pickled) if pickled is not None else copy.deepcopy(result)
 
     ConfigRepository.load_config = load_config  # type: ignore[method-assign]
 
