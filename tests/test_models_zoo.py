@@ -3,8 +3,8 @@
 Every pair of pooling x normalization, pooling x classifier and normalization x classifier
 options runs on the small backbone; VGG-D (one stream and two) runs with every pooling, the
 fc7 backbones with their papers' two (224x224 inputs) and the other backbones with three
-that cover matrix, weighted and sketched descriptors (random weights, 64x64 inputs). Incompatible combinations must fail at build time with a
-ValueError that says what to change.
+that cover matrix, weighted and sketched descriptors (random weights, 64x64 inputs).
+Incompatible combinations must fail at build time with a ValueError that says what to change.
 """
 
 from __future__ import annotations
