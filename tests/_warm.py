@@ -23,7 +23,7 @@ from pathlib import Path
 
 # What every command the tests run imports first (train.py, bcnn.cli.*, scripts/*.py), and
 # what a run imports at its end: the Hydra callback's sweep summary and the matplotlib of
-# its training curves (0.8 s a run).
+# its training curves (0.7 s less a run).
 PRELOAD = ["torch", "torchvision", "hydra", "omegaconf", "bcnn.train", "tests._warm"]
 PRELOAD += ["bcnn.cli.callbacks", "matplotlib.figure", "matplotlib.backends.backend_agg"]
 _context: multiprocessing.context.ForkServerContext | None = None
